@@ -1,0 +1,22 @@
+"""longattn: fused long-sequence attention (banded local, global tokens, LongT5 TGlobal) for PyTorch.
+
+Public API (DESIGN.md section 2): :func:`local_attention`, :func:`longformer_attention`,
+:func:`tglobal_attention`, :func:`block_aggregate`, :func:`tglobal_block_ids`, :func:`available_backends`.
+Nothing here touches the GPU at import time.
+"""
+
+from . import _ops  # noqa: F401  (registers the torch.ops.longattn custom ops)
+from .api import block_aggregate, local_attention, longformer_attention, tglobal_attention, tglobal_block_ids
+from .dispatch import BackendUnavailableError, available_backends
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "available_backends",
+    "block_aggregate",
+    "local_attention",
+    "longformer_attention",
+    "tglobal_attention",
+    "tglobal_block_ids",
+]

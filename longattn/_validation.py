@@ -1,0 +1,164 @@
+"""Input checks shared by every public function.
+
+Every check runs before any compute and raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong
+shape, value, device or layout) with a message that names the argument, what was expected and what was
+given. Value checks that need the data (ranges of index tensors) force a host sync, so they are skipped
+while ``torch.compile`` traces; the kernels clamp such indices, so a bad value can never read out of bounds.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, x, *, ndim: int, dtypes=FLOAT_DTYPES, device=None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {_describe(x)}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype in ({allowed}), got {x.dtype}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (like q), got one on {x.device}")
+    return x
+
+
+def check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(
+            f"{name}: the last dimension must be contiguous (stride 1), got strides {tuple(x.stride())}; "
+            f"call .contiguous() or pass a view whose last dim is dense"
+        )
+
+
+def check_qkv(q, k, v, *, names=("q", "k", "v")) -> tuple[int, int, int, int]:
+    """q, k, v: (B, S, H, D) of one float dtype on one device, last dim contiguous. Returns (B, S, H, D)."""
+    check_tensor(names[0], q, ndim=4)
+    if min(q.shape) == 0:
+        raise ValueError(f"{names[0]}: expected a non-empty (B, S, H, D) tensor, got shape {tuple(q.shape)}")
+    for name, x in zip(names, (q, k, v)):
+        check_tensor(name, x, ndim=4, device=q.device)
+        if x.shape != q.shape:
+            raise ValueError(
+                f"{name}: expected shape (B, S, H, D) = {tuple(q.shape)} like {names[0]}, "
+                f"got {tuple(x.shape)}"
+            )
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like {names[0]}, got {x.dtype}")
+        check_last_dim_contiguous(name, x)
+    return tuple(q.shape)
+
+
+def check_side_kv(side_k, side_v, q: torch.Tensor) -> int:
+    """side_k, side_v: (B, G, H, D) matching q's B, H, D, dtype and device. Returns G."""
+    B, _, H, D = q.shape
+    for name, x in (("side_k", side_k), ("side_v", side_v)):
+        check_tensor(name, x, ndim=4, device=q.device)
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {x.dtype}")
+        if x.shape[0] != B or x.shape[2] != H or x.shape[3] != D:
+            raise ValueError(
+                f"{name}: expected shape (B, G, H, D) = ({B}, G, {H}, {D}) to match q, got {tuple(x.shape)}"
+            )
+        check_last_dim_contiguous(name, x)
+    if side_k.shape != side_v.shape:
+        raise ValueError(
+            f"side_v: expected the same shape as side_k {tuple(side_k.shape)}, got {tuple(side_v.shape)}"
+        )
+    return side_k.shape[1]
+
+
+def _as_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name}: expected an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {_describe(value)}") from None
+
+
+def normalize_window(window) -> tuple[int, int]:
+    """``w`` -> ``(w, w)``; ``(left, right)`` -> itself. Both must be non-negative ints."""
+    if isinstance(window, Sequence) and not isinstance(window, str):
+        if len(window) != 2:
+            raise ValueError(f"window: expected an int or a pair (left, right), got {window!r}")
+        left, right = (_as_int("window", w) for w in window)
+    else:
+        left = right = _as_int("window", window)
+    if left < 0 or right < 0:
+        raise ValueError(f"window: expected non-negative sizes (left, right), got ({left}, {right})")
+    return left, right
+
+
+def check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+    """A bool or 0/1 integer mask of ``shape`` (True = keep). Returns a contiguous bool tensor or None."""
+    if mask is None:
+        return None
+    check_tensor(name, mask, ndim=len(shape), dtypes=(torch.bool, *INT_DTYPES), device=device)
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if not _is_compiling() and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(f"{name}: an integer mask must hold only 0 and 1")
+        mask = mask != 0
+    return mask.contiguous()
+
+
+def check_scale(scale, head_dim: int, default: float | None) -> float:
+    if scale is None:
+        return default if default is not None else head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float or None, got {_describe(scale)}")
+    scale = float(scale)
+    if not (scale == scale and abs(scale) != float("inf")):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+    return scale
+
+
+def check_bias_table(name: str, table, rows: int, cols: int, q: torch.Tensor) -> torch.Tensor | None:
+    """A per-head bias table (rows=H, cols) of a float dtype on q's device."""
+    if table is None:
+        return None
+    check_tensor(name, table, ndim=2, device=q.device)
+    if tuple(table.shape) != (rows, cols):
+        raise ValueError(f"{name}: expected shape (H, {cols}) = ({rows}, {cols}), got {tuple(table.shape)}")
+    return table
+
+
+def check_index_tensor(
+    name: str, ids, shape: tuple[int, ...], device: torch.device, low: int, high: int
+) -> torch.Tensor:
+    """An integer index tensor of ``shape`` with values in [low, high]; returned as contiguous int32."""
+    check_tensor(name, ids, ndim=len(shape), dtypes=INT_DTYPES, device=device)
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ids.shape)}")
+    if not _is_compiling() and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < low or hi > high:
+            raise ValueError(f"{name}: expected values in [{low}, {high}], got values in [{lo}, {hi}]")
+    return ids.to(torch.int32).contiguous()
+
+
+def check_backend_name(backend) -> str:
+    from .dispatch import BACKEND_NAMES
+
+    if not isinstance(backend, str) or backend not in ("auto", *BACKEND_NAMES):
+        raise ValueError(f"backend: expected one of {('auto', *BACKEND_NAMES)}, got {backend!r}")
+    return backend

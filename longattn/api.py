@@ -1,0 +1,309 @@
+"""The public attention functions of longattn (DESIGN.md section 2).
+
+Layout everywhere is ``(B, S, H, D)``: batch, sequence, heads, head dim. Any strides are accepted as long
+as the last dim is contiguous (a ``(B, H, S, D).transpose(1, 2)`` view needs no copy). Every function
+validates its inputs before computing (``TypeError`` / ``ValueError`` naming the argument), then resolves
+``backend`` ("auto", "cuda", "triton", "torch") in ``longattn.dispatch`` and runs the custom ops of
+``longattn._ops``, so autograd, ``torch.compile`` and autocast all work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _ops
+from ._validation import (
+    FLOAT_DTYPES,
+    INT_DTYPES,
+    _as_int,
+    _is_compiling,
+    check_backend_name,
+    check_bias_table,
+    check_index_tensor,
+    check_mask,
+    check_qkv,
+    check_scale,
+    check_side_kv,
+    check_tensor,
+    normalize_window,
+)
+from .dispatch import resolve_backend
+
+
+def _cast_for_autocast(*tensors):
+    """Under CUDA/CPU autocast, run in the autocast dtype (attention is a matmul-like op)."""
+    device = tensors[0].device.type
+    if torch.is_autocast_enabled(device) and tensors[0].dtype == torch.float32:
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) if t is not None else None for t in tensors)
+    return tensors
+
+
+def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask, query_block, band_bias,
+               side_bias, scale, backend) -> Tensor:
+    """Run the primitive on validated inputs: clamp the window to [0, S-1] and pick the backend.
+
+    A window reaching past the sequence is the same as one reaching exactly to its edge, so the kernels
+    only ever see ``left, right <= S - 1``; the band bias table is sliced to the offsets that remain.
+    """
+    S = q.shape[1]
+    left_eff, right_eff = min(left, S - 1), min(right, S - 1)
+    if band_bias is not None and (left_eff, right_eff) != (left, right):
+        band_bias = band_bias[:, left - left_eff : left + right_eff + 1]
+    if band_bias is not None:
+        band_bias = band_bias.contiguous()
+    if side_bias is not None:
+        side_bias = side_bias.contiguous()
+    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], op="band_side")
+    out, _ = _ops.band_side_attention(q, k, v, side_k, side_v, band_key_mask, side_mask,
+                                      query_block if side_bias is not None else None, band_bias, side_bias,
+                                      left_eff, right_eff, scale, name)
+    return out
+
+
+def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask: Tensor | None = None,
+                    rel_bias: Tensor | None = None, scale: float | None = None, backend: str = "auto") -> Tensor:
+    """Sliding-window (banded) attention.
+
+    Query ``i`` attends keys ``j`` with ``i - left <= j <= i + right`` (and ``0 <= j < S``) whose
+    ``key_padding_mask`` is true: ``out_i = softmax_j(scale * <q_i, k_j> + rel_bias[h, j - i + left]) @ v``.
+
+    Args:
+        q, k, v: ``(B, S, H, D)`` float16 / bfloat16 / float32 / float64, last dim contiguous.
+        window: ``w`` (same as ``(w, w)``) or ``(left, right)`` non-negative ints, as flash-attn's
+            ``window_size``; ``(w, 0)`` is causal. Windows ``>= S`` give dense attention.
+        key_padding_mask: ``(B, S)`` bool or 0/1 ints, True = a real token (padding is never a key).
+            Padding *query* rows still attend the real keys of their window; mask them yourself if needed.
+        rel_bias: ``(H, left + right + 1)`` additive bias by offset ``j - i`` (LongT5's bucketed bias);
+            gets a gradient.
+        scale: score scale, default ``1 / sqrt(D)``.
+        backend: "auto", "cuda", "triton" or "torch".
+
+    Returns:
+        ``(B, S, H, D)`` in q's dtype; a query with no key to attend gets zeros.
+    """
+    B, S, H, D = check_qkv(q, k, v)
+    left, right = normalize_window(window)
+    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
+    rel_bias = check_bias_table("rel_bias", rel_bias, H, left + right + 1, q)
+    scale = check_scale(scale, D, None)
+    check_backend_name(backend)
+    q, k, v = _cast_for_autocast(q, k, v)
+    side = q.new_empty(B, 0, H, D)
+    return _band_side(q, k, v, side, side, left, right, band_key_mask=key_padding_mask, side_mask=None,
+                      query_block=None, band_bias=rel_bias, side_bias=None, scale=scale, backend=backend)
+
+
+def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: Tensor, window, query_block: Tensor,
+                      *, key_padding_mask: Tensor | None = None, side_mask: Tensor | None = None,
+                      rel_bias: Tensor | None = None, side_bias: Tensor | None = None, scale: float = 1.0,
+                      backend: str = "auto") -> Tensor:
+    """Band attention plus ``G`` side keys attended by every query (LongT5 transient-global).
+
+    Query ``i`` attends, in one softmax, its band keys (as :func:`local_attention`) and every side key
+    ``g`` with ``side_mask[b, g]``, scored ``scale * <q_i, side_k_g> + side_bias[h, g - query_block[b, i] + G]``.
+
+    Args:
+        q, k, v: ``(B, S, H, D)``, last dim contiguous.
+        side_k, side_v: ``(B, G, H, D)`` side keys / values (e.g. from :func:`block_aggregate`); G may be 0.
+        window: ``w`` or ``(left, right)``; LongT5's ``local_radius`` r is ``window=r``.
+        query_block: ``(B, S)`` integer block id of each query in ``[-1, G - 1]`` (-1 = padding), as from
+            :func:`tglobal_block_ids`; used to index ``side_bias``.
+        key_padding_mask: ``(B, S)`` bool / 0-1, True = a real token (a band key).
+        side_mask: ``(B, G)`` bool / 0-1, True = an attendable side key.
+        rel_bias: ``(H, left + right + 1)`` band bias by offset ``j - i``.
+        side_bias: ``(H, 2G + 1)`` side bias by block offset ``g - query_block[i]``.
+        scale: default 1.0 (T5 does not scale scores).
+        backend: "auto", "cuda", "triton" or "torch".
+
+    Returns:
+        ``(B, S, H, D)`` in q's dtype.
+    """
+    B, S, H, D = check_qkv(q, k, v)
+    G = check_side_kv(side_k, side_v, q)
+    left, right = normalize_window(window)
+    query_block = check_index_tensor("query_block", query_block, (B, S), q.device, -1, G - 1)
+    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
+    side_mask = check_mask("side_mask", side_mask, (B, G), q.device)
+    rel_bias = check_bias_table("rel_bias", rel_bias, H, left + right + 1, q)
+    side_bias = check_bias_table("side_bias", side_bias, H, 2 * G + 1, q)
+    scale = check_scale(scale, D, 1.0)
+    check_backend_name(backend)
+    q, k, v, side_k, side_v = _cast_for_autocast(q, k, v, side_k, side_v)
+    return _band_side(q, k, v, side_k, side_v, left, right, band_key_mask=key_padding_mask, side_mask=side_mask,
+                      query_block=query_block, band_bias=rel_bias, side_bias=side_bias, scale=scale,
+                      backend=backend)
+
+
+def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
+    """x (B, S, H, D), index (B, G) -> (B, G, H, D)."""
+    B, G = index.shape
+    return torch.gather(x, 1, index[:, :, None, None].expand(B, G, x.shape[2], x.shape[3]))
+
+
+def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: Tensor, *,
+                         key_padding_mask: Tensor | None = None, q_global: Tensor | None = None,
+                         k_global: Tensor | None = None, v_global: Tensor | None = None,
+                         scale: float | None = None, max_globals: int | None = None,
+                         backend: str = "auto") -> Tensor:
+    """Longformer / LED self-attention: sliding window plus global tokens.
+
+    - A local (non-global) real query attends, in one softmax, the real non-global keys of its window and
+      every global token's key (through ``k``, ``v``), as Hugging Face's ``LongformerSelfAttention``.
+    - A global query attends all real tokens, with its own projections ``q_global``, ``k_global``,
+      ``v_global`` (default: ``q``, ``k``, ``v``), and its row of the output is that result.
+    - Padding query rows are 0.
+
+    Args:
+        q, k, v: ``(B, S, H, D)``, last dim contiguous.
+        window: ``w`` or ``(left, right)``; HF's ``attention_window=512`` is ``window=256``.
+        global_mask: ``(B, S)`` bool / 0-1, True = a global token (padding tokens are never global).
+        key_padding_mask: ``(B, S)`` bool / 0-1, True = a real token.
+        q_global, k_global, v_global: ``(B, S, H, D)`` global projections of every token; only the rows of
+            global tokens of ``q_global`` are read.
+        scale: default ``1 / sqrt(D)``.
+        max_globals: an upper bound on the number of global tokens per row. Without it the count is read
+            from ``global_mask`` (one host sync); under ``torch.compile`` it is required.
+        backend: "auto", "cuda", "triton" or "torch" (for the windowed part; global rows use SDPA).
+
+    Returns:
+        ``(B, S, H, D)`` in q's dtype.
+    """
+    B, S, H, D = check_qkv(q, k, v)
+    left, right = normalize_window(window)
+    global_mask = check_mask("global_mask", global_mask, (B, S), q.device)
+    if global_mask is None:
+        raise TypeError("global_mask: expected a (B, S) bool or 0/1 tensor, got None")
+    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
+    q_global = q if q_global is None else q_global
+    k_global = k if k_global is None else k_global
+    v_global = v if v_global is None else v_global
+    check_qkv(q_global, k_global, v_global, names=("q_global", "k_global", "v_global"))
+    if q_global.shape != q.shape or q_global.dtype != q.dtype or q_global.device != q.device:
+        raise ValueError(
+            f"q_global/k_global/v_global: expected {tuple(q.shape)} {q.dtype} on {q.device} like q, "
+            f"got {tuple(q_global.shape)} {q_global.dtype} on {q_global.device}"
+        )
+    scale = check_scale(scale, D, None)
+    check_backend_name(backend)
+    q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
+
+    is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
+    num_global = is_global.sum(1)
+    if max_globals is None:
+        if _is_compiling():
+            raise ValueError("max_globals: required under torch.compile (the global count is data-dependent)")
+        G = int(num_global.max())
+    else:
+        G = _as_int("max_globals", max_globals)
+        if G < 0:
+            raise ValueError(f"max_globals: expected a non-negative int, got {G}")
+        if not _is_compiling() and int(num_global.max()) > G:
+            raise ValueError(f"max_globals: a row has {int(num_global.max())} global tokens, more than {G}")
+    band_key_mask = ~is_global if key_padding_mask is None else key_padding_mask & ~is_global
+
+    if G == 0:
+        side = q.new_empty(B, 0, H, D)
+        out = _band_side(q, k, v, side, side, left, right, band_key_mask=band_key_mask, side_mask=None,
+                         query_block=None, band_bias=None, side_bias=None, scale=scale, backend=backend)
+    else:
+        # Positions of the global tokens, in order, padded with non-global positions (a stable sort puts
+        # the globals first); slots past a row's count are masked out as side keys and never written.
+        slot_pos = torch.argsort((~is_global).to(torch.int8), dim=1, stable=True)[:, :G]
+        slot_used = torch.arange(G, device=q.device)[None, :] < num_global[:, None]
+        out = _band_side(q, k, v, _gather_tokens(k, slot_pos), _gather_tokens(v, slot_pos), left, right,
+                         band_key_mask=band_key_mask, side_mask=slot_used, query_block=None, band_bias=None,
+                         side_bias=None, scale=scale, backend=backend)
+        out = _overwrite_global_rows(out, q_global, k_global, v_global, slot_pos, is_global,
+                                     key_padding_mask, scale)
+    if key_padding_mask is not None:
+        out = torch.where(key_padding_mask[:, :, None, None], out, 0.0)
+    return out
+
+
+def _overwrite_global_rows(out, q_global, k_global, v_global, slot_pos, is_global, key_padding_mask, scale):
+    """Global rows attend every real token (a dense G x S attention) and replace the windowed result."""
+    qg = _gather_tokens(q_global, slot_pos).transpose(1, 2)  # (B, H, G, D)
+    mask = None
+    if key_padding_mask is not None:
+        # A row with no real token has no global slot in use; let it attend everything to avoid NaN.
+        keys = key_padding_mask | ~key_padding_mask.any(1, keepdim=True)
+        mask = keys[:, None, None, :]
+    glob = torch.nn.functional.scaled_dot_product_attention(
+        qg, k_global.transpose(1, 2), v_global.transpose(1, 2), attn_mask=mask, scale=scale
+    ).transpose(1, 2)  # (B, G, H, D)
+    B, G, H, D = glob.shape
+    placed = torch.zeros_like(out).scatter(1, slot_pos[:, :, None, None].expand(B, G, H, D), glob)
+    return torch.where(is_global[:, :, None, None], placed, out)
+
+
+def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Tensor | None = None,
+                    eps: float = 1e-6, backend: str = "auto") -> Tensor:
+    """Sum tokens into blocks, optionally RMS-normalised (LongT5's global aggregates + global layer norm).
+
+    ``sums[b, g] = sum of x[b, s] over s with block_ids[b, s] == g``; with ``weight``, the result is
+    ``weight * sums / sqrt(mean(sums**2, -1) + eps)`` (T5's RMS norm), computed in one fused pass.
+
+    Args:
+        x: ``(B, S, C)`` float, last dim contiguous.
+        block_ids: ``(B, S)`` integers in ``[-1, num_blocks - 1]``; -1 drops the token.
+        num_blocks: ``G >= 0``.
+        weight: ``(C,)`` norm weight, or None for plain sums.
+        eps: the norm's epsilon (> 0).
+        backend: "auto", "cuda", "triton" or "torch".
+
+    Returns:
+        ``(B, G, C)`` in x's dtype.
+    """
+    check_tensor("x", x, ndim=3)
+    if min(x.shape) == 0:
+        raise ValueError(f"x: expected a non-empty (B, S, C) tensor, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(f"x: the last dimension must be contiguous (stride 1), got strides {tuple(x.stride())}")
+    B, S, C = x.shape
+    num_blocks = _as_int("num_blocks", num_blocks)
+    if num_blocks < 0:
+        raise ValueError(f"num_blocks: expected a non-negative int, got {num_blocks}")
+    block_ids = check_index_tensor("block_ids", block_ids, (B, S), x.device, -1, num_blocks - 1)
+    if weight is not None:
+        check_tensor("weight", weight, ndim=1, device=x.device)
+        if weight.shape[0] != C:
+            raise ValueError(f"weight: expected shape ({C},) to match x's last dim, got {tuple(weight.shape)}")
+        weight = weight.contiguous()
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    check_backend_name(backend)
+    name = resolve_backend(backend, device=x.device, dtype=x.dtype, head_dim=C, op="block_aggregate")
+    out, _, _ = _ops.block_aggregate(x, block_ids, num_blocks, weight, float(eps), name)
+    return out
+
+
+def tglobal_block_ids(mask: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """LongT5's transient-global block ids, as ``_make_global_fixed_block_ids`` in transformers.
+
+    Token ``s`` of a real row belongs to block ``s // block_size``; tokens of a trailing partial block join
+    the last full block ("orphans"); padding gets -1; with no full block every token is -1.
+
+    Args:
+        mask: ``(B, S)`` bool / 0-1 integers, True = a real token.
+        block_size: LongT5's ``global_block_size`` (> 0).
+
+    Returns:
+        ``block_ids``: ``(B, S)`` int32 in ``[-1, G - 1]`` with ``G = S // block_size``;
+        ``block_mask``: ``(B, G)`` bool, True for the blocks of each row that hold a real token.
+    """
+    check_tensor("mask", mask, ndim=2, dtypes=(torch.bool, *INT_DTYPES, *FLOAT_DTYPES))
+    block_size = _as_int("block_size", block_size)
+    if block_size <= 0:
+        raise ValueError(f"block_size: expected a positive int, got {block_size}")
+    B, S = mask.shape
+    real = mask != 0
+    pos = torch.arange(S, device=mask.device)
+    ids = torch.where(real, (pos // block_size)[None, :], -1)
+    # Number of complete blocks = real tokens sitting at a block's last position (HF counts it so).
+    full_blocks = (real & (pos % block_size == block_size - 1)[None, :]).sum(-1, keepdim=True) - 1
+    ids = torch.minimum(ids, full_blocks)
+    G = S // block_size
+    block_mask = torch.arange(G, device=mask.device)[None, :] <= ids.amax(-1, keepdim=True)
+    return ids.to(torch.int32), block_mask

@@ -1,0 +1,68 @@
+"""The backends of longattn and the contract each one implements.
+
+A backend is a module in this package exposing ``NAME``, two capability functions and four compute
+functions. The one dispatch place (``longattn.dispatch``) is the only code that chooses among them; the
+custom ops (``longattn._ops``) call the chosen module's functions with inputs the public API has already
+validated and normalised, so a backend checks only what it alone cannot do.
+
+Capabilities
+------------
+``unavailable_reasons(device: torch.device) -> list[str]``
+    Why the backend cannot run at all on ``device`` (no GPU, no compiled extension, Triton missing, ...);
+    an empty list means it can. Must not initialise CUDA unless ``device`` is a CUDA device.
+``unsupported_reasons(device, dtype, head_dim, op) -> list[str]``
+    The same plus the reasons it cannot take this dtype / head dim for ``op`` ("band_side" or
+    "block_aggregate"; ``head_dim`` is the channel count C for "block_aggregate").
+
+The primitive ("band + side keys", DESIGN.md section 1)
+-------------------------------------------------------
+``band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
+                    left, right, scale) -> (out, lse)``
+
+- ``q, k, v``: (B, S, H, D), any strides with ``stride(-1) == 1``; one float dtype.
+- ``side_k, side_v``: (B, G, H, D), same dtype, ``G >= 0``; same stride rule.
+- ``band_key_mask``: None or contiguous bool (B, S), True = this token may be a band key.
+- ``side_mask``: None or contiguous bool (B, G), True = this side key may be attended.
+- ``query_block``: None or contiguous int32 (B, S) in [-1, G-1]; given whenever ``side_bias`` is.
+- ``band_bias``: None or contiguous (H, left + right + 1), any float dtype; entry ``[h, j - i + left]``.
+- ``side_bias``: None or contiguous (H, 2G + 1), any float dtype; entry ``[h, g - query_block[b, i] + G]``.
+- ``left, right``: ints in [0, S - 1] (the public API clamps larger windows, which are equivalent).
+- ``scale``: float multiplying ``<q, k>``.
+- returns ``out``: contiguous (B, S, H, D) in q's dtype; ``lse``: contiguous float32 (B, H, S) (float64
+  for float64 inputs, which only the torch backend takes), the
+  natural-log log-sum-exp of each row's scores, ``+inf`` for a row with no key (whose out is 0).
+
+``band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
+                     band_bias, side_bias, left, right, scale)
+    -> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias)``
+
+- ``dout``: (B, S, H, D), any strides with a contiguous last dim.
+- returns contiguous gradients shaped like their inputs, in the inputs' dtypes; ``dband_bias`` /
+  ``dside_bias`` are empty ``(0,)`` tensors when the table is None. Rows with ``lse == +inf`` contribute
+  nothing.
+
+Block aggregation (LongT5's side tokens)
+----------------------------------------
+``block_aggregate_forward(x, block_ids, num_blocks, weight, eps) -> (out, sums, rstd)``
+
+- ``x``: (B, S, C) float, stride(-1) == 1; ``block_ids``: contiguous int32 (B, S) in [-1, num_blocks-1]
+  (-1 = dropped); ``weight``: None or contiguous (C,).
+- ``sums[b, g] = sum of x[b, s] over s with block_ids[b, s] == g`` (accumulated in float32).
+- without weight: ``out = sums`` in x's dtype, and ``sums``/``rstd`` are returned empty ``(0,)``.
+- with weight: ``rstd = rsqrt(mean(sums**2, -1) + eps)`` (float32, (B, G)), ``out = weight * sums * rstd``
+  in x's dtype, and ``sums`` is returned as float32 (B, G, C) for the backward. (Statistics are float64
+  for float64 inputs, as for ``lse``.) Outputs never alias one another or the inputs.
+
+``block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps) -> (dx, dweight)``
+
+- ``dx``: contiguous (B, S, C) in x's dtype, 0 for dropped tokens; ``dweight``: (C,) in weight's dtype,
+  or empty ``(0,)`` when weight is None.
+"""
+
+from __future__ import annotations
+
+BACKEND_MODULES = {
+    "torch": "longattn.backends.torch_backend",
+    "triton": "longattn.backends.triton_backend",
+    "cuda": "longattn.backends.cuda_backend",
+}

@@ -1,0 +1,259 @@
+"""The portable torch backend: the CPU path and the semantic reference for every kernel.
+
+It follows the contract in ``longattn.backends`` with plain torch ops, processing queries in chunks of
+``n`` rows so memory stays O(B*S*H*D) plus one chunk's scores, never S x S and never HF's 2x-redundant
+overlapping-chunk layout.
+
+Chunk layout: queries ``i0 .. i0+n-1`` see band keys ``j = i0 - left + c`` for ``c in [0, n + left + right)``
+(rows outside [0, S) are zero-filled and masked). Query row ``r`` then finds its band offset
+``t = j - i + left`` at column ``c = r + t``, so the band of the chunk is the strided view
+``X[r, r + t]`` (``_band_view``): bias tables are added, and their gradients summed, through that view
+with no index tensors and no atomics.
+
+Precision: the two matmuls run in the input dtype (as a kernel's tensor-core MMAs would), scores, softmax
+and the log-sum-exp in float32, gradients are accumulated in float32 and cast at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAME = "torch"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# One chunk's float32 score tensor is kept near this many elements (~64 MiB).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def unavailable_reasons(device: torch.device) -> list[str]:
+    return []
+
+
+def unsupported_reasons(device, dtype, head_dim, op) -> list[str]:
+    if dtype not in SUPPORTED_DTYPES:
+        return [f"dtype {dtype} is not one of {SUPPORTED_DTYPES}"]
+    return []
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+lse_dtype = _acc_dtype
+
+
+def _chunk_rows(B: int, H: int, S: int, width: int, G: int) -> int:
+    """Query rows per chunk: about half a band wide (little wasted work), bounded by the memory budget."""
+    rows = max(64, -(-(width // 2) // 64) * 64)
+    budget = max(16, _CHUNK_ELEMENTS // max(1, B * H * (rows + width + G)))
+    return max(1, min(S, rows, budget))
+
+
+def _band_view(x: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, H, n, n + width - 1) chunk -> (B, H, n, width) view with ``view[..., r, t] = x[..., r, r + t]``."""
+    B, H, n, m = x.shape
+    sb, sh, sr, sc = x.stride()
+    return x.as_strided((B, H, n, width), (sb, sh, sr + sc, sc), x.storage_offset())
+
+
+def _band_keys(xt: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
+    """Rows k0..k1-1 of a (B, H, S, D) view, zero-filled where outside [0, S)."""
+    S = xt.shape[2]
+    if k0 >= 0 and k1 <= S:
+        return xt[:, :, k0:k1]
+    out = xt.new_zeros(xt.shape[0], xt.shape[1], k1 - k0, xt.shape[3])
+    lo, hi = max(k0, 0), min(k1, S)
+    if hi > lo:
+        out[:, :, lo - k0 : hi - k0] = xt[:, :, lo:hi]
+    return out
+
+
+class _Problem:
+    """The normalised inputs of one call, as (B, H, S, D) views, and the per-chunk score builder."""
+
+    def __init__(self, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
+                 left, right, scale):
+        self.B, self.S, self.H, self.D = q.shape
+        self.G = side_k.shape[1]
+        self.left, self.right, self.width = left, right, left + right + 1
+        self.scale = scale
+        self.dtype = q.dtype
+        self.acc = _acc_dtype(q.dtype)
+        self.qt, self.kt, self.vt = (x.transpose(1, 2) for x in (q, k, v))
+        self.skt, self.svt = side_k.transpose(1, 2), side_v.transpose(1, 2)
+        self.band_key_mask = band_key_mask
+        self.side_mask = side_mask
+        self.query_block = query_block
+        self.band_bias = None if band_bias is None else band_bias.to(self.acc)
+        self.side_bias = None if side_bias is None else side_bias.to(self.acc)
+        self.rows = _chunk_rows(self.B, self.H, self.S, self.width, self.G)
+
+    def chunks(self):
+        for i0 in range(0, self.S, self.rows):
+            yield i0, min(self.S, i0 + self.rows)
+
+    def band_kv(self, i0, i1):
+        k0, k1 = i0 - self.left, i1 + self.right
+        return _band_keys(self.kt, k0, k1), _band_keys(self.vt, k0, k1)
+
+    def scores(self, i0, i1, qc, kb):
+        """Masked float32 scores of queries i0..i1-1: band (B, H, n, n+L+R) and side (B, H, n, G)."""
+        n, S, width = i1 - i0, self.S, self.width
+        band = torch.matmul(qc, kb.transpose(-1, -2)).to(self.acc).mul_(self.scale)
+        if self.band_bias is not None:
+            _band_view(band, width).add_(self.band_bias[None, :, None, :])
+        cols = torch.arange(n + width - 1, device=qc.device)
+        rows = torch.arange(n, device=qc.device)
+        offset = cols[None, :] - rows[:, None]  # t = j - i + left
+        keep = (offset >= 0) & (offset < width)
+        key = cols + (i0 - self.left)
+        keep = keep & ((key >= 0) & (key < S))[None, :]
+        if self.band_key_mask is not None:
+            valid = torch.zeros(self.B, n + width - 1, dtype=torch.bool, device=qc.device)
+            lo, hi = max(i0 - self.left, 0), min(i1 + self.right, S)
+            valid[:, lo - (i0 - self.left) : hi - (i0 - self.left)] = self.band_key_mask[:, lo:hi]
+            keep = keep[None, None] & valid[:, None, None, :]
+        band = band.masked_fill_(~keep, float("-inf"))
+        if self.G == 0:
+            return band, None
+        side = torch.matmul(qc, self.skt.transpose(-1, -2)).to(self.acc).mul_(self.scale)
+        if self.side_bias is not None:
+            index = self._side_bias_index(i0, i1)  # (B, n, G)
+            side += self.side_bias[:, index].permute(1, 0, 2, 3)
+        if self.side_mask is not None:
+            side = side.masked_fill_(~self.side_mask[:, None, None, :], float("-inf"))
+        return band, side
+
+    def _side_bias_index(self, i0, i1):
+        g = torch.arange(self.G, device=self.query_block.device)
+        index = g[None, None, :] - self.query_block[:, i0:i1, None].long() + self.G
+        return index.clamp_(0, 2 * self.G)
+
+    def probabilities(self, band, side, lse):
+        """exp(score - lse) in place; rows with lse = +inf become 0."""
+        band = band.sub_(lse[..., None]).exp_()
+        if side is not None:
+            side = side.sub_(lse[..., None]).exp_()
+        return band, side
+
+
+def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
+                      left, right, scale):
+    P = _Problem(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
+                 left, right, scale)
+    out = torch.empty(P.B, P.S, P.H, P.D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(P.B, P.H, P.S, dtype=lse_dtype(q.dtype), device=q.device)
+    out_t = out.transpose(1, 2)
+    for i0, i1 in P.chunks():
+        qc = P.qt[:, :, i0:i1]
+        kb, vb = P.band_kv(i0, i1)
+        band, side = P.scores(i0, i1, qc, kb)
+        row_max = band.amax(-1)
+        if side is not None:
+            row_max = torch.maximum(row_max, side.amax(-1))
+        empty = row_max == float("-inf")
+        row_max = row_max.masked_fill(empty, 0.0)
+        total = (band - row_max[..., None]).exp_().sum(-1)
+        if side is not None:
+            total += (side - row_max[..., None]).exp_().sum(-1)
+        row_lse = (row_max + total.log()).masked_fill_(empty, float("inf"))
+        band, side = P.probabilities(band, side, row_lse)
+        oc = torch.matmul(band.to(q.dtype), vb)
+        if side is not None:
+            oc = oc + torch.matmul(side.to(q.dtype), P.svt)
+        out_t[:, :, i0:i1] = oc
+        lse[:, :, i0:i1] = row_lse
+    return out, lse
+
+
+def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
+                       band_bias, side_bias, left, right, scale):
+    P = _Problem(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
+                 left, right, scale)
+    acc, dt = P.acc, q.dtype
+    dout_t, out_t = dout.transpose(1, 2), out.transpose(1, 2)
+    dq = torch.empty(P.B, P.S, P.H, P.D, dtype=dt, device=q.device)
+    # Band gradients are accumulated over padded key rows [-left, S + right + rows) so every chunk adds
+    # into one dense slice; the padding is dropped at the end.
+    dk_pad = torch.zeros(P.B, P.H, P.S + P.width + P.rows, P.D, dtype=acc, device=q.device)
+    dv_pad = torch.zeros_like(dk_pad)
+    dsk = torch.zeros(P.B, P.H, P.G, P.D, dtype=acc, device=q.device)
+    dsv = torch.zeros_like(dsk)
+    dbb = torch.zeros(P.H, P.width, dtype=acc, device=q.device) if band_bias is not None else None
+    dsb = torch.zeros(P.H, 2 * P.G + 1, dtype=acc, device=q.device) if side_bias is not None else None
+    dq_t = dq.transpose(1, 2)
+    for i0, i1 in P.chunks():
+        qc, doc = P.qt[:, :, i0:i1], dout_t[:, :, i0:i1]
+        kb, vb = P.band_kv(i0, i1)
+        band, side = P.scores(i0, i1, qc, kb)
+        row_lse = lse[:, :, i0:i1].to(acc)
+        band, side = P.probabilities(band, side, row_lse)
+        delta = (doc.to(acc) * out_t[:, :, i0:i1].to(acc)).sum(-1, keepdim=True)
+        # dS = P * (dP - delta), in place over the probabilities once dV has used them.
+        rows = slice(i0, i0 + band.shape[-1])  # padded key rows of this chunk: [i0 - left, i1 + right)
+        dv_pad[:, :, rows] += torch.matmul(band.to(dt).transpose(-1, -2), doc).to(acc)
+        dband = band.mul_(torch.matmul(doc, vb.transpose(-1, -2)).to(acc).sub_(delta))
+        if dbb is not None:
+            dbb += _band_view(dband, P.width).sum(dim=(0, 2))
+        dband16 = dband.to(dt)
+        dqc = torch.matmul(dband16, kb).to(acc)
+        dk_pad[:, :, rows] += torch.matmul(dband16.transpose(-1, -2), qc).to(acc).mul_(scale)
+        if side is not None:
+            dsv += torch.matmul(side.to(dt).transpose(-1, -2), doc).to(acc)
+            dside = side.mul_(torch.matmul(doc, P.svt.transpose(-1, -2)).to(acc).sub_(delta))
+            if dsb is not None:
+                index = P._side_bias_index(i0, i1)  # (B, n, G)
+                flat = dside.permute(1, 0, 2, 3).reshape(P.H, -1)
+                dsb.index_add_(1, index.reshape(-1), flat)
+            dside16 = dside.to(dt)
+            dqc += torch.matmul(dside16, P.skt).to(acc)
+            dsk += torch.matmul(dside16.transpose(-1, -2), qc).to(acc).mul_(scale)
+        dq_t[:, :, i0:i1] = dqc.mul_(scale)
+    # Padded row r holds key r - left.
+    dk = dk_pad[:, :, left : left + P.S].transpose(1, 2).to(dt).contiguous()
+    dv = dv_pad[:, :, left : left + P.S].transpose(1, 2).to(dt).contiguous()
+    return (
+        dq,
+        dk,
+        dv,
+        dsk.transpose(1, 2).to(dt).contiguous(),
+        dsv.transpose(1, 2).to(dt).contiguous(),
+        q.new_empty(0) if dbb is None else dbb.to(band_bias.dtype),
+        q.new_empty(0) if dsb is None else dsb.to(side_bias.dtype),
+    )
+
+
+def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
+    B, S, C = x.shape
+    acc = _acc_dtype(x.dtype)
+    ids = block_ids.long()
+    keep = ids >= 0
+    # Dropped tokens go to an extra bin that is sliced off; index_add_ over the sequence is a segment sum.
+    bins = torch.where(keep, ids, num_blocks)
+    sums = torch.zeros(B, num_blocks + 1, C, dtype=acc, device=x.device)
+    sums.scatter_add_(1, bins[..., None].expand(B, S, C), x.to(acc))
+    sums = sums[:, :num_blocks].contiguous()
+    if weight is None:
+        empty = x.new_empty(0, dtype=acc)
+        return sums.to(x.dtype), empty, empty.clone()
+    rstd = torch.rsqrt(sums.pow(2).mean(-1) + eps)
+    out = (weight.to(acc) * sums * rstd[..., None]).to(x.dtype)
+    return out, sums, rstd
+
+
+def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps):
+    B, S, C = x.shape
+    acc = _acc_dtype(x.dtype)
+    dy = dout.to(acc)
+    if weight is None:
+        dsums, dweight = dy, x.new_empty(0)
+    else:
+        sums, rstd = sums.to(acc), rstd.to(acc)[..., None]
+        w = weight.to(acc)
+        dweight = (dy * sums * rstd).sum(dim=(0, 1)).to(weight.dtype)
+        wdy = w * dy
+        dsums = rstd * wdy - sums * rstd.pow(3) * (sums * wdy).mean(-1, keepdim=True)
+    ids = block_ids.long()
+    padded = torch.cat([dsums, dsums.new_zeros(B, 1, C)], dim=1)
+    bins = torch.where(ids >= 0, ids, num_blocks)
+    dx = torch.gather(padded, 1, bins[..., None].expand(B, S, C)).to(x.dtype)
+    return dx, dweight

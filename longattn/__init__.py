@@ -8,11 +8,14 @@ Nothing here touches the GPU at import time.
 from . import _ops  # noqa: F401  (registers the torch.ops.longattn custom ops)
 from .api import block_aggregate, local_attention, longformer_attention, tglobal_attention, tglobal_block_ids
 from .dispatch import BackendUnavailableError, available_backends
+from .models import apply_longattn, revert_longattn
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "apply_longattn",
+    "revert_longattn",
     "available_backends",
     "block_aggregate",
     "local_attention",

@@ -1,0 +1,5 @@
+"""``python -m longattn`` is the ``longattn`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""What ``longattn info`` reports: versions, the device, the backends and why any cannot run."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def cuda_extension_info() -> tuple[bool, str]:
+    """(built?, description): whether ``longattn._C`` was built, and for which CUDA archs."""
+    try:
+        from . import _C
+    except ImportError as exc:
+        return False, f"not built ({exc}); reinstall with a CUDA toolkit and a CUDA build of torch"
+    return True, f"built for TORCH_CUDA_ARCH_LIST={_C.cuda_archs} (CUDA {getattr(_C, 'cuda_version', '?')})"
+
+
+def _version(module_name: str) -> str:
+    try:
+        module = __import__(module_name)
+    except Exception as exc:  # report, never fail: info must always print
+        return f"not importable ({type(exc).__name__}: {exc})"
+    return getattr(module, "__version__", "?")
+
+
+def info_dict() -> dict:
+    from . import __version__
+    from .dispatch import available_backends
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        device = f"cuda:0 {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB)"
+    else:
+        device = "cpu (no CUDA device visible)"
+    built, ext = cuda_extension_info()
+    return {
+        "longattn": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "device": device,
+        "cuda_extension": ext,
+        "cuda_extension_built": built,
+        "backends": available_backends(),
+    }
+
+
+def format_info() -> str:
+    info = info_dict()
+    lines = [f"{key:<14} {info[key]}" for key in
+             ("longattn", "python", "torch", "torch_cuda", "triton", "transformers", "device", "cuda_extension")]
+    lines.append("backends (on the device above):")
+    for name, reasons in info["backends"].items():
+        lines.append(f"  {name:<8} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+    return "\n".join(lines)

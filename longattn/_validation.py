@@ -48,21 +48,24 @@ def check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
         )
 
 
-def check_qkv(q, k, v, *, names=("q", "k", "v")) -> tuple[int, int, int, int]:
+def check_like(name: str, x, ref: torch.Tensor, ref_name: str) -> None:
+    """``x`` must be a tensor of ``ref``'s shape, dtype and device with a contiguous last dim."""
+    check_tensor(name, x, ndim=ref.dim(), device=ref.device)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape (B, S, H, D) = {tuple(ref.shape)} like {ref_name}, "
+                         f"got {tuple(x.shape)}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} like {ref_name}, got {x.dtype}")
+    check_last_dim_contiguous(name, x)
+
+
+def check_qkv(q, k, v) -> tuple[int, int, int, int]:
     """q, k, v: (B, S, H, D) of one float dtype on one device, last dim contiguous. Returns (B, S, H, D)."""
-    check_tensor(names[0], q, ndim=4)
+    check_tensor("q", q, ndim=4)
     if min(q.shape) == 0:
-        raise ValueError(f"{names[0]}: expected a non-empty (B, S, H, D) tensor, got shape {tuple(q.shape)}")
-    for name, x in zip(names, (q, k, v)):
-        check_tensor(name, x, ndim=4, device=q.device)
-        if x.shape != q.shape:
-            raise ValueError(
-                f"{name}: expected shape (B, S, H, D) = {tuple(q.shape)} like {names[0]}, "
-                f"got {tuple(x.shape)}"
-            )
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name}: expected dtype {q.dtype} like {names[0]}, got {x.dtype}")
-        check_last_dim_contiguous(name, x)
+        raise ValueError(f"q: expected a non-empty (B, S, H, D) tensor, got shape {tuple(q.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_like(name, x, q, "q")
     return tuple(q.shape)
 
 

@@ -21,6 +21,7 @@ from ._validation import (
     check_backend_name,
     check_bias_table,
     check_index_tensor,
+    check_like,
     check_mask,
     check_qkv,
     check_scale,
@@ -179,12 +180,8 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
     q_global = q if q_global is None else q_global
     k_global = k if k_global is None else k_global
     v_global = v if v_global is None else v_global
-    check_qkv(q_global, k_global, v_global, names=("q_global", "k_global", "v_global"))
-    if q_global.shape != q.shape or q_global.dtype != q.dtype or q_global.device != q.device:
-        raise ValueError(
-            f"q_global/k_global/v_global: expected {tuple(q.shape)} {q.dtype} on {q.device} like q, "
-            f"got {tuple(q_global.shape)} {q_global.dtype} on {q_global.device}"
-        )
+    for name, x in (("q_global", q_global), ("k_global", k_global), ("v_global", v_global)):
+        check_like(name, x, q, "q")
     scale = check_scale(scale, D, None)
     check_backend_name(backend)
     q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)

@@ -53,6 +53,7 @@ def unsupported_reasons(name: str, device: torch.device, dtype: torch.dtype, hea
     return list(module.unsupported_reasons(device, dtype, head_dim, op))
 
 
+@torch.compiler.assume_constant_result  # a pure function of static metadata: resolved once while tracing
 def resolve_backend(requested: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, op: str) -> str:
     """The backend that will run ``op`` for these inputs (see module docstring)."""
     if requested != "auto":

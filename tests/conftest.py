@@ -1,0 +1,114 @@
+"""Shared fixtures: the GPU marker's skip, and random inputs for the primitive."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: torch.cuda.is_available() is False on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclasses.dataclass
+class Case:
+    """One call of the primitive: q, k, v (B, S, H, D), side keys (B, G, H, D) and the optional extras."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    side_k: torch.Tensor
+    side_v: torch.Tensor
+    window: tuple[int, int]
+    query_block: torch.Tensor
+    key_padding_mask: torch.Tensor | None = None
+    side_mask: torch.Tensor | None = None
+    rel_bias: torch.Tensor | None = None
+    side_bias: torch.Tensor | None = None
+    scale: float = 1.0
+
+    def leaves(self):
+        """The differentiable inputs, in a fixed order."""
+        return [x for x in (self.q, self.k, self.v, self.side_k, self.side_v, self.rel_bias, self.side_bias)
+                if x is not None]
+
+    def cast(self, dtype, device=None):
+        """A detached copy in ``dtype`` (floats only) with fresh leaves that require grad."""
+        def conv(x):
+            if x is None:
+                return None
+            y = x.detach().to(device=device or x.device)
+            if y.is_floating_point():
+                y = y.to(dtype).requires_grad_(True)
+            return y
+        return dataclasses.replace(self, **{f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def run(self, backend):
+        import longattn
+
+        return longattn.tglobal_attention(
+            self.q, self.k, self.v, self.side_k, self.side_v, self.window, self.query_block,
+            key_padding_mask=self.key_padding_mask, side_mask=self.side_mask, rel_bias=self.rel_bias,
+            side_bias=self.side_bias, scale=self.scale, backend=backend)
+
+    def run_oracle(self):
+        from tests import reference
+
+        return reference.band_side_attention(
+            self.q, self.k, self.v, self.side_k, self.side_v, self.window, band_key_mask=self.key_padding_mask,
+            side_mask=self.side_mask, query_block=self.query_block, band_bias=self.rel_bias,
+            side_bias=self.side_bias, scale=self.scale)
+
+
+def make_case(B=2, S=37, H=2, D=16, window=(4, 3), G=0, *, bias=False, padding=None, side_padding=False,
+              scale=None, layout="bshd", seed=0, dtype=torch.float64, device="cpu") -> Case:
+    """Random inputs. ``padding``: None, "tail" (row b loses its last tokens) or "rows" (row 0 all padding).
+
+    ``layout="bhsd"`` makes q, k, v non-contiguous ``(B, H, S, D).transpose(1, 2)`` views.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+
+    if layout == "bhsd":
+        q, k, v = (randn(B, H, S, D).transpose(1, 2) for _ in range(3))
+    else:
+        q, k, v = (randn(B, S, H, D) for _ in range(3))
+    side_k, side_v = randn(B, G, H, D), randn(B, G, H, D)
+    left, right = window
+    key_padding_mask = None
+    if padding == "tail":
+        lengths = torch.tensor([S - (b * S) // (2 * B) for b in range(B)])
+        key_padding_mask = (torch.arange(S)[None, :] < lengths[:, None]).to(device)
+    elif padding == "rows":
+        key_padding_mask = torch.ones(B, S, dtype=torch.bool)
+        key_padding_mask[0] = False
+        key_padding_mask = key_padding_mask.to(device)
+    side_mask = None
+    if side_padding and G > 0:
+        side_mask = (torch.rand(B, G, generator=gen) > 0.3).to(device)
+    if G > 0:
+        query_block = torch.randint(-1, G, (B, S), generator=gen).to(device)
+    else:
+        query_block = torch.full((B, S), -1, device=device)
+    rel_bias = randn(H, left + right + 1) if bias else None
+    side_bias = randn(H, 2 * G + 1) if bias and G > 0 else None
+    return Case(q, k, v, side_k, side_v, (left, right), query_block, key_padding_mask, side_mask, rel_bias,
+                side_bias, D**-0.5 if scale is None else scale).cast(dtype)
+
+
+def grads(out, leaves, seed=1):
+    """Gradients of <out, R> for a fixed random R, for every leaf (zeros where a leaf is unused)."""
+    gen = torch.Generator().manual_seed(seed)
+    cot = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
+    got = torch.autograd.grad(out, leaves, cot, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves)]

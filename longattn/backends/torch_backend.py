@@ -86,6 +86,7 @@ class _Problem:
         self.band_bias = None if band_bias is None else band_bias.to(self.acc)
         self.side_bias = None if side_bias is None else side_bias.to(self.acc)
         self.rows = _chunk_rows(self.B, self.H, self.S, self.width, self.G)
+        self._geometry_cache = {}
 
     def chunks(self):
         for i0 in range(0, self.S, self.rows):
@@ -95,32 +96,49 @@ class _Problem:
         k0, k1 = i0 - self.left, i1 + self.right
         return _band_keys(self.kt, k0, k1), _band_keys(self.vt, k0, k1)
 
+    def _band_mask(self, i0, i1, device):
+        """Additive float mask (0 / -inf) of the chunk's band: (1 or B, 1, n, n + L + R).
+
+        The geometry (offset in [0, L+R] and key inside [0, S)) is the same for every interior chunk of a
+        given size, so it is built once and reused; key padding adds a (B, 1, 1, m) term per chunk.
+        """
+        n, width, S = i1 - i0, self.width, self.S
+        k0 = i0 - self.left
+        interior = k0 >= 0 and i1 + self.right <= S
+        key = (n, device) if interior else None
+        geometry = self._geometry_cache.get(key) if key else None
+        if geometry is None:
+            cols = torch.arange(n + width - 1, device=device)
+            offset = cols[None, :] - torch.arange(n, device=device)[:, None]  # t = j - i + left
+            keep = (offset >= 0) & (offset < width) & ((cols + k0 >= 0) & (cols + k0 < S))[None, :]
+            geometry = torch.zeros(n, n + width - 1, dtype=self.acc, device=device).masked_fill_(~keep, -torch.inf)
+            if key:
+                self._geometry_cache[key] = geometry
+        if self.band_key_mask is None:
+            return geometry[None, None]
+        lo, hi = max(k0, 0), min(i1 + self.right, S)
+        keys = torch.full((self.B, n + width - 1), -torch.inf, dtype=self.acc, device=device)
+        keys[:, lo - k0 : hi - k0].masked_fill_(self.band_key_mask[:, lo:hi], 0.0)
+        return (geometry[None] + keys[:, None, :])[:, None]
+
     def scores(self, i0, i1, qc, kb):
         """Masked float32 scores of queries i0..i1-1: band (B, H, n, n+L+R) and side (B, H, n, G)."""
-        n, S, width = i1 - i0, self.S, self.width
-        band = torch.matmul(qc, kb.transpose(-1, -2)).to(self.acc).mul_(self.scale)
+        band = torch.matmul(qc, kb.transpose(-1, -2)).to(self.acc)
+        if self.scale != 1.0:
+            band.mul_(self.scale)
+        band += self._band_mask(i0, i1, qc.device)
         if self.band_bias is not None:
-            _band_view(band, width).add_(self.band_bias[None, :, None, :])
-        cols = torch.arange(n + width - 1, device=qc.device)
-        rows = torch.arange(n, device=qc.device)
-        offset = cols[None, :] - rows[:, None]  # t = j - i + left
-        keep = (offset >= 0) & (offset < width)
-        key = cols + (i0 - self.left)
-        keep = keep & ((key >= 0) & (key < S))[None, :]
-        if self.band_key_mask is not None:
-            valid = torch.zeros(self.B, n + width - 1, dtype=torch.bool, device=qc.device)
-            lo, hi = max(i0 - self.left, 0), min(i1 + self.right, S)
-            valid[:, lo - (i0 - self.left) : hi - (i0 - self.left)] = self.band_key_mask[:, lo:hi]
-            keep = keep[None, None] & valid[:, None, None, :]
-        band = band.masked_fill_(~keep, float("-inf"))
+            _band_view(band, self.width).add_(self.band_bias[None, :, None, :])
         if self.G == 0:
             return band, None
-        side = torch.matmul(qc, self.skt.transpose(-1, -2)).to(self.acc).mul_(self.scale)
+        side = torch.matmul(qc, self.skt.transpose(-1, -2)).to(self.acc)
+        if self.scale != 1.0:
+            side.mul_(self.scale)
         if self.side_bias is not None:
             index = self._side_bias_index(i0, i1)  # (B, n, G)
             side += self.side_bias[:, index].permute(1, 0, 2, 3)
         if self.side_mask is not None:
-            side = side.masked_fill_(~self.side_mask[:, None, None, :], float("-inf"))
+            side = side.masked_fill_(~self.side_mask[:, None, None, :], -torch.inf)
         return band, side
 
     def _side_bias_index(self, i0, i1):
@@ -150,16 +168,18 @@ def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_b
         row_max = band.amax(-1)
         if side is not None:
             row_max = torch.maximum(row_max, side.amax(-1))
-        empty = row_max == float("-inf")
-        row_max = row_max.masked_fill(empty, 0.0)
-        total = (band - row_max[..., None]).exp_().sum(-1)
+        empty = row_max == -torch.inf
+        row_max.masked_fill_(empty, 0.0)
+        # Unnormalised probabilities once; the division by the row sum happens on the (n, D) output.
+        band = band.sub_(row_max[..., None]).exp_()
+        total = band.sum(-1)
+        oc = torch.matmul(band.to(q.dtype), vb).to(P.acc)
         if side is not None:
-            total += (side - row_max[..., None]).exp_().sum(-1)
-        row_lse = (row_max + total.log()).masked_fill_(empty, float("inf"))
-        band, side = P.probabilities(band, side, row_lse)
-        oc = torch.matmul(band.to(q.dtype), vb)
-        if side is not None:
-            oc = oc + torch.matmul(side.to(q.dtype), P.svt)
+            side = side.sub_(row_max[..., None]).exp_()
+            total += side.sum(-1)
+            oc += torch.matmul(side.to(q.dtype), P.svt).to(P.acc)
+        oc /= total.masked_fill(empty, 1.0)[..., None]
+        row_lse = (row_max + total.log()).masked_fill_(empty, torch.inf)
         out_t[:, :, i0:i1] = oc
         lse[:, :, i0:i1] = row_lse
     return out, lse

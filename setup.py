@@ -23,9 +23,27 @@ PACKAGE_DIR = {"longattn.triton_kernels": "triton_kernels"}
 DEFAULT_ARCHS = "8.0;9.0"
 
 
+def _locate_cuda_home():
+    """Point CUDA_HOME at the real toolkit when torch would guess wrong.
+
+    Without CUDA_HOME/CUDA_PATH, torch derives the toolkit from the first ``nvcc`` on PATH; a wrapper
+    script such as /usr/local/bin/nvcc then yields CUDA_HOME=/usr/local, which has no CUDA headers or
+    libcudart, and the C++ sources (ATen/cuda headers) fail to compile. Must run before torch's
+    cpp_extension is imported (it reads the variable at import time).
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    if nvcc and os.path.exists(os.path.join(os.path.dirname(os.path.dirname(nvcc)), "include", "cuda_runtime_api.h")):
+        return
+    if os.path.exists("/usr/local/cuda/include/cuda_runtime_api.h"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
 def _want_cuda_extension():
     if os.environ.get("LONGATTN_SKIP_CUDA_BUILD", "0") == "1":
         return False, "LONGATTN_SKIP_CUDA_BUILD=1"
+    _locate_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
@@ -69,8 +87,8 @@ def _extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "-DNDEBUG", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
         },
         py_limited_api=False,
     )

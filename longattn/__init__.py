@@ -5,7 +5,10 @@ Public API (DESIGN.md section 2): :func:`local_attention`, :func:`longformer_att
 Nothing here touches the GPU at import time.
 """
 
-from . import _ops  # noqa: F401  (registers the torch.ops.longattn custom ops)
+from . import (
+    _ops,  # noqa: F401  (registers the torch.ops.longattn custom ops)
+    nn,  # noqa: F401  (drop-in modules: longattn.nn.SlidingWindowAttention, ...)
+)
 from .api import block_aggregate, local_attention, longformer_attention, tglobal_attention, tglobal_block_ids
 from .dispatch import BackendUnavailableError, available_backends
 from .models import apply_longattn, revert_longattn

@@ -112,3 +112,29 @@ def grads(out, leaves, seed=1):
     cot = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
     got = torch.autograd.grad(out, leaves, cot, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(got, leaves)]
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dside_k", "dside_v", "drel_bias", "dside_bias")
+
+
+def check_backend_against_oracle(case: Case, backend: str, dtype: torch.dtype, device=None) -> None:
+    """The tolerance rule for one case: ``backend`` in ``dtype`` vs the fp64 oracle, outputs and all grads.
+
+    The baseline is the torch backend on the same inputs in the same dtype (DESIGN.md section 4).
+    """
+    from tests.tolerance import assert_within_rule
+
+    oracle_case = case.cast(torch.float64, device="cpu")
+    oracle = oracle_case.run_oracle()
+    oracle_grads = grads(oracle, oracle_case.leaves())
+    results = {}
+    for name in ("torch", backend):
+        run_case = case.cast(dtype, device=device)
+        out = run_case.run(name)
+        results[name] = (out, grads(out, run_case.leaves()))
+    (out, got), (base, base_grads) = results[backend], results["torch"]
+    assert out.dtype == dtype and torch.isfinite(out).all(), f"{backend}: non-finite output"
+    assert_within_rule("out", out.cpu(), base.cpu(), oracle)
+    for name, g, b, want in zip(GRAD_NAMES, got, base_grads, oracle_grads):
+        assert torch.isfinite(g).all(), f"{backend}: non-finite {name}"
+        assert_within_rule(name, g.cpu(), b.cpu(), want, grad=True)

@@ -1,0 +1,174 @@
+"""The one table of patch specs, and ``apply_longattn`` / ``revert_longattn`` driven by it.
+
+Patching is per module *instance*: each matching attention module gets an instance-level ``forward`` (a
+method bound to it, so ``copy.deepcopy`` rebinds it to the copy) and a ``PatchState`` remembering what to
+restore. Parameters never move, so state dicts, ``save_pretrained`` / ``from_pretrained`` are untouched.
+transformers is imported lazily: it is not a dependency of longattn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import types
+from collections.abc import Callable
+
+from .._validation import check_backend_name
+from . import longformer, longt5
+from ._common import _STATE_ATTR, PatchState, patch_state, warn_once
+
+TESTED_MAJOR = 5  # transformers 5.x (checked against 5.23)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSpec:
+    """Replace ``<package>.<cls>.forward`` on every instance by ``forward`` (a function of ``self``).
+
+    ``params``: the stock forward's parameter names, in order, that ``forward`` mirrors; a transformers version
+    whose stock forward has other parameters is refused rather than silently mis-patched.
+    """
+
+    package: str
+    cls: str
+    forward: Callable
+    params: tuple[str, ...]
+    method: str = "forward"
+
+
+# module class -> replacement. LED's encoder self-attention is Longformer's, line for line: same forward.
+PATCHES = (
+    PatchSpec("longformer", "LongformerSelfAttention", longformer.longformer_forward, longformer.FORWARD_PARAMS),
+    PatchSpec("led", "LEDEncoderSelfAttention", longformer.longformer_forward, longformer.FORWARD_PARAMS),
+    PatchSpec("longt5", "LongT5LocalAttention", longt5.longt5_local_forward, longt5.FORWARD_PARAMS),
+    PatchSpec("longt5", "LongT5TransientGlobalAttention", longt5.longt5_tglobal_forward, longt5.FORWARD_PARAMS),
+)
+
+# With pad_to_window=False: the modules that pad S to a multiple of attention_window before the layers, and what
+# their _pad_to_window_size returns after padding_len (it takes the same names as parameters, plus pad_token_id).
+_LONGFORMER_PAD = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
+_LED_PAD = ("input_ids", "attention_mask", "inputs_embeds")
+NO_PAD_PATCHES = (
+    PatchSpec("longformer", "LongformerModel", longformer.no_pad_to_window_size(_LONGFORMER_PAD),
+              (*_LONGFORMER_PAD, "pad_token_id"), method="_pad_to_window_size"),
+    PatchSpec("led", "LEDEncoder", longformer.no_pad_to_window_size(_LED_PAD), (*_LED_PAD, "pad_token_id"),
+              method="_pad_to_window_size"),
+)
+
+
+def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True):
+    """Run the long-sequence attention of a Hugging Face model instance on longattn ops, in place.
+
+    Supported: ``LongformerModel`` and every Longformer head; ``LEDModel`` / ``LEDForConditionalGeneration`` /
+    ``LEDForQuestionAnswering`` / ``LEDForSequenceClassification`` (where transformers still has it): the encoder
+    self-attention, the decoder is ordinary attention and stays; ``LongT5Model`` /
+    ``LongT5ForConditionalGeneration`` / ``LongT5EncoderModel`` with ``encoder_attention_type`` "local" or
+    "transient-global". Any module tree containing those attention modules works (the match is by module class).
+
+    Outputs and gradients equal the stock model's (within rounding). The stock forward still runs, with a
+    one-time warning, for ``output_attentions=True`` and for attention dropout > 0 in training mode (the fused
+    ops have no dropout; this keeps the stock distribution exactly).
+
+    Args:
+        model: an ``nn.Module``; patched in place and returned.
+        backend: "auto", "cuda", "triton" or "torch", passed to every op.
+        pad_to_window: False skips Longformer/LED's padding of S to a multiple of ``attention_window`` (the
+            kernels need none); outputs on real tokens are unchanged. Ignored for LongT5.
+
+    Raises:
+        ValueError: nothing in ``model`` to patch.
+        RuntimeError: an installed transformers whose attention forwards differ from the tested 5.x ones.
+    """
+    check_backend_name(backend)
+    specs = list(PATCHES) + ([] if pad_to_window else list(NO_PAD_PATCHES))
+    matched = _matches(model, specs)
+    if not any(spec in PATCHES for spec, _ in matched):
+        names = ", ".join(spec.cls for spec in PATCHES)
+        raise ValueError(f"apply_longattn: {type(model).__name__} contains none of the attention modules longattn "
+                         f"patches ({names})")
+    for spec, module in matched:
+        _patch(module, spec, backend)
+    if pad_to_window:  # a second apply with the default undoes an earlier pad_to_window=False
+        for spec, module in _matches(model, NO_PAD_PATCHES):
+            _unpatch(module, spec.method)
+    return model
+
+
+def revert_longattn(model):
+    """Undo :func:`apply_longattn` in place (restores each module's previous ``forward`` exactly); returns model.
+
+    Raises ValueError if nothing in ``model`` is patched.
+    """
+    reverted = 0
+    for module in model.modules():
+        for attr in [a for a in module.__dict__ if a.startswith(_STATE_ATTR)]:
+            reverted += _unpatch(module, attr[len(_STATE_ATTR) + 1 :] or "forward")
+    if reverted == 0:
+        raise ValueError(f"revert_longattn: nothing in {type(model).__name__} was patched by apply_longattn")
+    return model
+
+
+def _state_attr(method: str) -> str:
+    # "forward" keeps the plain name so the forwards can find their state with patch_state(module).
+    return _STATE_ATTR if method == "forward" else f"{_STATE_ATTR}_{method}"
+
+
+def _unpatch(module, method: str) -> bool:
+    state = module.__dict__.pop(_state_attr(method), None)
+    if state is None:
+        return False
+    if state.original is None:
+        module.__dict__.pop(method, None)
+    else:
+        module.__dict__[method] = state.original
+    return True
+
+
+def _patch(module, spec: PatchSpec, backend: str) -> None:
+    attr = _state_attr(spec.method)
+    state = module.__dict__.get(attr)
+    if state is None:  # a second apply keeps the first original and only updates the settings
+        state = PatchState(original=module.__dict__.get(spec.method), backend=backend)
+        module.__dict__[attr] = state
+    state.backend = backend
+    module.__dict__[spec.method] = types.MethodType(spec.forward, module)
+
+
+def _matches(model, specs):
+    """``(spec, module)`` for every module of ``model`` that is an instance of a spec's class."""
+    classes = [(spec, _resolve(spec)) for spec in specs]
+    return [(spec, module) for module in model.modules() for spec, cls in classes
+            if cls is not None and isinstance(module, cls)]
+
+
+@functools.cache
+def _resolve(spec: PatchSpec):
+    """The transformers class of ``spec`` (None if transformers or the model family is missing), checked once."""
+    try:
+        modeling = importlib.import_module(f"transformers.models.{spec.package}.modeling_{spec.package}")
+    except ImportError:
+        return None
+    cls = getattr(modeling, spec.cls, None)
+    if cls is None:
+        return None
+    _check_version(spec, cls)
+    return cls
+
+
+def _check_version(spec: PatchSpec, cls) -> None:
+    import transformers
+
+    params = tuple(inspect.signature(getattr(cls, spec.method)).parameters)[1:]
+    if params != spec.params:
+        raise RuntimeError(
+            f"apply_longattn: unsupported transformers {transformers.__version__}: {spec.cls}.{spec.method} takes "
+            f"{params}, longattn's replacement was written for {spec.params} (tested with transformers "
+            f"{TESTED_MAJOR}.x)")
+    major = int(transformers.__version__.split(".")[0])
+    if major != TESTED_MAJOR:
+        warn_once("transformers-version", f"longattn: apply_longattn was tested with transformers {TESTED_MAJOR}.x, "
+                                          f"found {transformers.__version__}; the patched signatures match")
+
+
+__all__ = ["PATCHES", "NO_PAD_PATCHES", "PatchSpec", "apply_longattn", "revert_longattn", "patch_state"]

@@ -5,6 +5,7 @@
 // them as torch.ops.longattn.*. This file also makes the shared object importable as a Python module
 // (`import longattn._C` loads the library and runs the registrations) and records how it was built.
 #include <Python.h>
+#include <cuda.h>  // CUDA_VERSION
 #include <torch/library.h>
 
 #ifndef LONGATTN_CUDA_ARCHS
@@ -13,8 +14,25 @@
 
 // Schemas of the raw CUDA ops. A fragment, because the Python-side custom ops (longattn/_ops.py)
 // live in the same namespace.
+// The raw ops take the backend contract's arguments (longattn/backends/__init__.py) minus `backend`;
+// their CUDA implementations live in band_side_api.cpp and block_aggregate_api.cpp, their fake (meta)
+// implementations in longattn/backends/cuda_backend.py.
 TORCH_LIBRARY_FRAGMENT(longattn, m) {
-  (void)m;  // kernel schemas are added with the kernels (csrc/*.cu)
+  m.def(
+      "cuda_band_side_fwd(Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor? band_key_mask, "
+      "Tensor? side_mask, Tensor? query_block, Tensor? band_bias, Tensor? side_bias, int left, int right, "
+      "float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor out, "
+      "Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, "
+      "Tensor? side_bias, int left, int right, float scale) -> (Tensor dq, Tensor dk, Tensor dv, "
+      "Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias)");
+  m.def(
+      "cuda_block_aggregate_fwd(Tensor x, Tensor block_ids, int num_blocks, Tensor? weight, float eps) "
+      "-> (Tensor out, Tensor sums, Tensor rstd)");
+  m.def(
+      "cuda_block_aggregate_bwd(Tensor dout, Tensor x, Tensor block_ids, int num_blocks, Tensor? weight, "
+      "Tensor sums, Tensor rstd, float eps) -> (Tensor dx, Tensor dweight)");
 }
 
 static struct PyModuleDef longattn_c_module = {

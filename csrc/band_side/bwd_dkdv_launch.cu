@@ -1,0 +1,19 @@
+// Instantiates and launches the backward's dK/dV kernel (band key tiles, then side tiles x query chunks,
+// in one grid).
+#include "band_side/bwd_kernel.h"
+#include "band_side/launch.h"
+#include "band_side/launch_template.h"
+
+namespace longattn {
+
+cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  return dispatch_traits(bf16, p.D, [&](auto traits) {
+    using Traits = decltype(traits);
+    const int band_ctas = (p.S + Traits::kBlockN - 1) / Traits::kBlockN;
+    const int side_ctas = ((p.G + Traits::kBlockN - 1) / Traits::kBlockN) * p.side_chunks;
+    return launch_kernel(band_side_bwd_dkdv_kernel<Traits>, dim3(band_ctas + side_ctas, p.B, p.H),
+                         Traits::kThreads, Traits::kBwdDkvSmem, p, stream);
+  });
+}
+
+}  // namespace longattn

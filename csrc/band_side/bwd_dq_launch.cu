@@ -1,0 +1,28 @@
+// Instantiates and launches the backward's delta and dQ kernels.
+#include "band_side/bwd_kernel.h"
+#include "band_side/launch.h"
+#include "band_side/launch_template.h"
+
+namespace longattn {
+
+cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  constexpr int kWarps = 8;  // one row per warp
+  const int64_t rows = (int64_t)p.B * p.S * p.H;
+  const dim3 grid((unsigned)((rows + kWarps - 1) / kWarps));
+  if (bf16) {
+    band_side_bwd_delta_kernel<__nv_bfloat16><<<grid, kWarps * 32, 0, stream>>>(p);
+  } else {
+    band_side_bwd_delta_kernel<__half><<<grid, kWarps * 32, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  return dispatch_traits(bf16, p.D, [&](auto traits) {
+    using Traits = decltype(traits);
+    return launch_kernel(band_side_bwd_dq_kernel<Traits>, query_tile_grid<Traits>(p), Traits::kThreads,
+                         Traits::kBwdDqSmem, p, stream);
+  });
+}
+
+}  // namespace longattn

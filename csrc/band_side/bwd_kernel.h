@@ -1,0 +1,308 @@
+// Backward kernels of the band + side keys primitive. No atomics anywhere, so results are bitwise
+// reproducible:
+//
+//   band_side_bwd_delta_kernel   delta = rowsum(dO * O) per query row (float32, (B, H, S)).
+//   band_side_bwd_dq_kernel      one CTA per query tile walks the same key tiles as the forward
+//                                (walk_key_tiles) and accumulates dQ = scale * dS K in registers.
+//   band_side_bwd_dkdv_kernel    one CTA per key tile: a band key tile iterates over the query tiles that
+//                                see it and writes its dK, dV rows directly; a side-key tile iterates over
+//                                one chunk of query tiles and writes float32 partials that the host sums
+//                                over chunks in a fixed order. Bias-table gradients: each CTA reduces its
+//                                dS tile by table entry in shared memory, one thread per entry in a fixed
+//                                order, into its own row of a partial buffer (host sums rows in fixed order).
+//
+// P is recomputed from the saved lse with the forward's score_log2, so masked entries (score -inf) and
+// rows with no key (lse +inf) give P = 0 and hence zero gradients.
+#pragma once
+
+#include "band_side/tile_ops.h"
+
+namespace longattn {
+
+// ------------------------------------------------------------------------------------------------
+// delta = rowsum(dO * O): one warp per (b, s, h) row.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
+  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= (int64_t)p.B * p.S * p.H) return;
+  const int h = row % p.H;
+  const int s = (row / p.H) % p.S;
+  const int b = row / ((int64_t)p.H * p.S);
+  const T* dO = reinterpret_cast<const T*>(p.dout) + b * p.do_st.batch + s * p.do_st.row + h * p.do_st.head;
+  const T* O = reinterpret_cast<const T*>(p.o) + b * p.o_st.batch + s * p.o_st.row + h * p.o_st.head;
+  float acc = 0.f;
+  for (int d = lane; d < p.D; d += 32) acc += to_float(dO[d]) * to_float(O[d]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) p.delta[((int64_t)b * p.H + h) * p.S + s] = acc;
+}
+
+// The lse in log2 units, +inf for rows past the end (so their P is 0 with no extra test).
+__device__ __forceinline__ float lse_log2(const BandSideParams& p, int b, int h, int i) {
+  return i < p.S ? p.lse_in[((int64_t)b * p.H + h) * p.S + i] * kLog2e : INFINITY;
+}
+__device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h, int i) {
+  return i < p.S ? p.delta[((int64_t)b * p.H + h) * p.S + i] : 0.f;
+}
+
+// ------------------------------------------------------------------------------------------------
+// dQ
+// ------------------------------------------------------------------------------------------------
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
+  using T = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + Traits::kTileElems;
+  T* sK = sdO + Traits::kTileElems;     // 2 buffers
+  T* sV = sK + 2 * Traits::kTileElems;  // 2 buffers
+
+  const int m0 = blockIdx.x * Traits::kBlockM, b = blockIdx.y, h = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  load_tile_async<Traits>(sQ, p.q, p.q_st, b, h, m0, p.S, tid);
+  load_tile_async<Traits>(sdO, p.dout, p.do_st, b, h, m0, p.S, tid);
+
+  const int i0 = m0 + warp * 16 + lane / 4, i1 = i0 + 8;
+  const int qb[2] = {clamp_query_block(p, b, i0), clamp_query_block(p, b, i1)};
+  const float lse2[2] = {lse_log2(p, b, h, i0), lse_log2(p, b, h, i1)};
+  const float delta[2] = {delta_at(p, b, h, i0), delta_at(p, b, h, i1)};
+
+  float acc_dq[D / 8][4];
+  zero(acc_dq);
+
+  walk_key_tiles<Traits>(p, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt, const T* sVt) {
+    float s[BN / 8][4], dp[BN / 8][4];
+    zero(s);
+    zero(dp);
+    gemm_nt<T, D, BN, LDS>(s, sQ + warp * 16 * LDS, sKt, lane);
+    gemm_nt<T, D, BN, LDS>(dp, sdO + warp * 16 * LDS, sVt, lane);
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float sc = score_log2(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, qb[r]);
+        const float prob = exp2f(sc - lse2[r]);
+        s[n][e] = prob * (dp[n][e] - delta[r]);  // dS, the gradient of the score
+      }
+    }
+    uint32_t pa[BN / 16][4];
+    acc_to_a<T, BN>(s, pa);
+    gemm_rs<T, BN, D, LDS>(acc_dq, pa, sKt, lane);
+  });
+
+  T* dq = reinterpret_cast<T*>(p.dq) + ((int64_t)b * p.S * p.H + h) * D;
+  store_rows<T, D>(acc_dq, dq, (int64_t)p.H * D, m0 + warp * 16, p.S, lane, p.scale, p.scale);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Bias-table gradients from one dS^T tile in shared memory (sDs[key_local][query_local]).
+// Each table entry touched by the tile is owned by one thread, which sums its elements in a fixed order
+// and adds the sum into this CTA's private partial row: deterministic and race-free (the row is only
+// touched by this CTA, and consecutive tiles are separated by __syncthreads).
+// ------------------------------------------------------------------------------------------------
+template <typename Traits>
+__device__ __forceinline__ void band_bias_grad_tile(const BandSideParams& p, const float* sDs, int key0, int q0,
+                                                    float* partial_row, int tid) {
+  constexpr int BM = Traits::kBlockM, BN = Traits::kBlockN, LD = Traits::kDsStride;
+  static_assert(BM - 1 + BN <= Traits::kThreads, "one pass over the tile's diagonals");
+  // Entry t = key - i + left is constant along a diagonal d = key_local - query_local.
+  const int d = tid - (BM - 1);
+  if (d > BN - 1) return;
+  const int t = p.left + key0 - q0 + d;
+  if (t < 0 || t >= p.band_width) return;
+  float acc = 0.f;
+  const int il_lo = max(0, -d), il_hi = min(BM, BN - d);
+  for (int il = il_lo; il < il_hi; ++il) acc += sDs[(il + d) * LD + il];
+  partial_row[t] += acc;
+}
+
+template <typename Traits>
+__device__ __forceinline__ void side_bias_grad_tile(const BandSideParams& p, const float* sDs, const int* sQb,
+                                                    int key0, int q0, float* partial_row, int tid) {
+  constexpr int BN = Traits::kBlockN, LD = Traits::kDsStride;
+  const int nq = min(Traits::kBlockM, p.S - q0);
+  int qb_min = p.G, qb_max = -1;
+  for (int il = 0; il < nq; ++il) {
+    qb_min = min(qb_min, sQb[il]);
+    qb_max = max(qb_max, sQb[il]);
+  }
+  // Entry u = g - qb + G (qb clamped to [-1, G-1], so u in [1, 2G]); for a given u and query there is at
+  // most one g, so each u is a plain fixed-order sum over the tile's queries.
+  const int u_lo = key0 - qb_max + p.G;
+  const int u_hi = min(key0 + BN, p.G) - 1 - qb_min + p.G;
+  for (int u = u_lo + tid; u <= u_hi; u += Traits::kThreads) {
+    float acc = 0.f;
+    for (int il = 0; il < nq; ++il) {
+      const int kl = u - p.G + sQb[il] - key0;
+      if (kl >= 0 && kl < BN) acc += sDs[kl * LD + il];
+    }
+    partial_row[u] += acc;
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// dK, dV (band key tiles and side-key tiles x query chunks)
+// ------------------------------------------------------------------------------------------------
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
+  using T = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + Traits::kTileElems;
+  T* sQ = sV + Traits::kTileElems;       // 2 buffers
+  T* sdO = sQ + 2 * Traits::kTileElems;  // 2 buffers
+  float* sLse2 = reinterpret_cast<float*>(sdO + 2 * Traits::kTileElems);  // 2 x BM
+  float* sDelta = sLse2 + 2 * BM;                                         // 2 x BM
+  int* sQb = reinterpret_cast<int*>(sDelta + 2 * BM);                     // 2 x BM
+  float* sDs = reinterpret_cast<float*>(sQb + 2 * BM);                    // BN x kDsStride
+
+  const int b = blockIdx.y, h = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int n_band_ctas = (p.S + BN - 1) / BN;
+  const int n_query_tiles = (p.S + BM - 1) / BM;
+
+  KeyTile kt;
+  int q_first, q_count;
+  float* bias_partial = nullptr;
+  int side_cta = 0, chunk = 0;
+  kt.side = (int)blockIdx.x >= n_band_ctas;
+  if (!kt.side) {
+    kt.key0 = blockIdx.x * BN;
+    const BandQueryTiles<BM, BN> qt(p, kt.key0);
+    q_first = qt.first;
+    q_count = qt.count;
+    if (p.band_bias != nullptr)
+      bias_partial = p.dband_bias_partial + (((int64_t)b * p.H + h) * n_band_ctas + blockIdx.x) * p.band_width;
+    load_tile_async<Traits>(sK, p.k, p.k_st, b, h, kt.key0, p.S, tid);
+    load_tile_async<Traits>(sV, p.v, p.v_st, b, h, kt.key0, p.S, tid);
+  } else {
+    side_cta = blockIdx.x - n_band_ctas;
+    kt.key0 = (side_cta / p.side_chunks) * BN;
+    chunk = side_cta % p.side_chunks;
+    q_first = chunk * p.side_chunk_tiles;
+    q_count = min(p.side_chunk_tiles, n_query_tiles - q_first);
+    const int n_side_ctas = ((p.G + BN - 1) / BN) * p.side_chunks;
+    if (p.side_bias != nullptr)
+      bias_partial = p.dside_bias_partial + (((int64_t)b * p.H + h) * n_side_ctas + side_cta) * (2 * p.G + 1);
+    kt.check_range = kt.key0 + BN > p.G;
+    load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, kt.key0, p.G, tid);
+    load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, kt.key0, p.G, tid);
+  }
+
+  // Query tile t's Q and dO go async; its per-row lse / delta / block id are plain stores (visible after
+  // the __syncthreads that precedes their use).
+  auto load_query_tile = [&](int t, int buf) {
+    const int q0 = (q_first + t) * BM;
+    load_tile_async<Traits>(sQ + buf * Traits::kTileElems, p.q, p.q_st, b, h, q0, p.S, tid);
+    load_tile_async<Traits>(sdO + buf * Traits::kTileElems, p.dout, p.do_st, b, h, q0, p.S, tid);
+    if (tid < BM) {
+      const int i = q0 + tid;
+      sLse2[buf * BM + tid] = lse_log2(p, b, h, i);
+      sDelta[buf * BM + tid] = delta_at(p, b, h, i);
+      sQb[buf * BM + tid] = clamp_query_block(p, b, i);
+    }
+  };
+  load_query_tile(0, 0);
+  cp_async_commit();
+
+  // This thread's two key rows.
+  const int k0 = kt.key0 + warp * 16 + lane / 4, k1 = k0 + 8;
+  float acc_dk[D / 8][4], acc_dv[D / 8][4];
+  zero(acc_dk);
+  zero(acc_dv);
+
+  for (int t = 0; t < q_count; ++t) {
+    const int buf = t & 1;
+    const int q0 = (q_first + t) * BM;
+    if (t + 1 < q_count) {
+      load_query_tile(t + 1, buf ^ 1);  // buffer last read in iteration t - 1, which ended with a barrier
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const T* sQt = sQ + buf * Traits::kTileElems;
+    const T* sdOt = sdO + buf * Traits::kTileElems;
+    const float* lse2 = sLse2 + buf * BM;
+    const float* delta = sDelta + buf * BM;
+    const int* qb = sQb + buf * BM;
+    if (!kt.side) kt.check_range = !band_tile_is_interior<BM, BN>(p, q0, kt.key0);
+
+    // Transposed products: rows are this warp's 16 keys, columns the tile's 64 queries.
+    float pt[BM / 8][4], dpt[BM / 8][4];
+    zero(pt);
+    zero(dpt);
+    gemm_nt<T, D, BM, LDS>(pt, sK + warp * 16 * LDS, sQt, lane);
+    gemm_nt<T, D, BM, LDS>(dpt, sV + warp * 16 * LDS, sdOt, lane);
+#pragma unroll
+    for (int n = 0; n < BM / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int il = frag_col(lane, n, e);
+        const float sc = score_log2(p, kt, pt[n][e], q0 + il, e >= 2 ? k1 : k0, b, h, qb[il]);
+        pt[n][e] = exp2f(sc - lse2[il]);
+      }
+    }
+    uint32_t pa[BM / 16][4];
+    acc_to_a<T, BM>(pt, pa);
+    gemm_rs<T, BM, D, LDS>(acc_dv, pa, sdOt, lane);  // dV += P^T dO
+
+#pragma unroll
+    for (int n = 0; n < BM / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dpt[n][e] = pt[n][e] * (dpt[n][e] - delta[frag_col(lane, n, e)]);  // dS^T
+    }
+    if (bias_partial != nullptr) {
+#pragma unroll
+      for (int n = 0; n < BM / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          sDs[(warp * 16 + frag_row(lane, e)) * Traits::kDsStride + frag_col(lane, n, e)] = dpt[n][e];
+      }
+      __syncthreads();
+      if (!kt.side) {
+        band_bias_grad_tile<Traits>(p, sDs, kt.key0, q0, bias_partial, tid);
+      } else {
+        side_bias_grad_tile<Traits>(p, sDs, qb, kt.key0, q0, bias_partial, tid);
+      }
+    }
+    acc_to_a<T, BM>(dpt, pa);
+    gemm_rs<T, BM, D, LDS>(acc_dk, pa, sQt, lane);  // dK += dS^T Q (scaled at the end)
+    __syncthreads();  // buffer buf and sDs are free for the next iteration
+  }
+
+  if (!kt.side) {
+    const int64_t off = ((int64_t)b * p.S * p.H + h) * D;
+    store_rows<T, D>(acc_dk, reinterpret_cast<T*>(p.dk) + off, (int64_t)p.H * D, kt.key0 + warp * 16, p.S,
+                     lane, p.scale, p.scale);
+    store_rows<T, D>(acc_dv, reinterpret_cast<T*>(p.dv) + off, (int64_t)p.H * D, kt.key0 + warp * 16, p.S,
+                     lane, 1.f, 1.f);
+  } else {
+    // float32 partials (side_chunks, B, G, H, D) of this chunk.
+    const int64_t off = (((int64_t)chunk * p.B + b) * p.G * p.H + h) * D;
+    const int64_t row_stride = (int64_t)p.H * D;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int g = (half ? k1 : k0);
+      if (g >= p.G) continue;
+      float* dk_row = p.dsk_partial + off + g * row_stride;
+      float* dv_row = p.dsv_partial + off + g * row_stride;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const int col = n * 8 + (lane % 4) * 2;
+        *reinterpret_cast<float2*>(dk_row + col) =
+            make_float2(acc_dk[n][2 * half] * p.scale, acc_dk[n][2 * half + 1] * p.scale);
+        *reinterpret_cast<float2*>(dv_row + col) = make_float2(acc_dv[n][2 * half], acc_dv[n][2 * half + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace longattn

@@ -1,0 +1,106 @@
+// Forward kernel of the band + side keys primitive (flash-attention 2 style).
+//
+// Grid (query tiles, B, H); one CTA owns 64 queries of one (b, h). walk_key_tiles feeds it one sequence
+// of key tiles -- first the band tiles that intersect its queries' windows, then the side-key tiles --
+// with the next tile's K and V arriving by cp.async while the current one is multiplied. Per tile:
+// S = Q K^T on tensor cores, score_log2 (scale, bias, masks; range tests only on edge tiles), online
+// softmax in registers, O += P V with P re-packed from the S accumulators. The row log-sum-exp is written
+// for the backward pass; nothing of size S x keys ever reaches global memory.
+#pragma once
+
+#include "band_side/tile_ops.h"
+
+namespace longattn {
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
+  using T = typename Traits::Element;
+  constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + Traits::kTileElems;      // 2 buffers
+  T* sV = sK + 2 * Traits::kTileElems;  // 2 buffers
+
+  const int m0 = blockIdx.x * Traits::kBlockM, b = blockIdx.y, h = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+
+  load_tile_async<Traits>(sQ, p.q, p.q_st, b, h, m0, p.S, tid);  // joins the first K/V group
+
+  // This thread's two query rows (fragment rows lane/4 and lane/4 + 8 of the warp's 16).
+  const int i0 = m0 + warp * 16 + lane / 4, i1 = i0 + 8;
+  const int qb0 = clamp_query_block(p, b, i0), qb1 = clamp_query_block(p, b, i1);
+
+  float acc_o[D / 8][4];
+  zero(acc_o);
+  float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
+  float row_sum[2] = {0.f, 0.f};              // this thread's partial; quad-reduced at the end
+
+  walk_key_tiles<Traits>(p, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt, const T* sVt) {
+    float s[BN / 8][4];
+    zero(s);
+    gemm_nt<T, D, BN, LDS>(s, sQ + warp * 16 * LDS, sKt, lane);
+
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        s[n][e] = score_log2(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, r ? qb1 : qb0);
+        tile_max[r] = fmaxf(tile_max[r], s[n][e]);
+      }
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      // The 4 lanes of a quad share a row.
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float new_max = fmaxf(row_max[r], tile_max[r]);
+      // A row with no key yet keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+      base[r] = new_max == -INFINITY ? 0.f : new_max;
+      alpha[r] = exp2f(row_max[r] - base[r]);
+      row_max[r] = new_max;
+      row_sum[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+        row_sum[e >> 1] += s[n][e];
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      acc_o[n][0] *= alpha[0];
+      acc_o[n][1] *= alpha[0];
+      acc_o[n][2] *= alpha[1];
+      acc_o[n][3] *= alpha[1];
+    }
+    uint32_t pa[BN / 16][4];
+    acc_to_a<T, BN>(s, pa);
+    gemm_rs<T, BN, D, LDS>(acc_o, pa, sVt, lane);
+  });
+
+  // Epilogue: normalise, write out and the natural-log lse (+inf and a zero row when nothing was seen).
+  float inv[2], lse[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const bool empty = !(l > 0.f);
+    inv[r] = empty ? 0.f : 1.f / l;
+    lse[r] = empty ? INFINITY : row_max[r] * kLn2 + logf(l);
+  }
+  T* out = reinterpret_cast<T*>(p.out) + ((int64_t)b * p.S * p.H + h) * D;
+  store_rows<T, D>(acc_o, out, (int64_t)p.H * D, m0 + warp * 16, p.S, lane, inv[0], inv[1]);
+  if (lane % 4 == 0) {
+    float* lse_row = p.lse + ((int64_t)b * p.H + h) * p.S;
+    if (i0 < p.S) lse_row[i0] = lse[0];
+    if (i1 < p.S) lse_row[i1] = lse[1];
+  }
+}
+
+}  // namespace longattn

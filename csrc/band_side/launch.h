@@ -1,0 +1,20 @@
+// Host-side entry points of the band + side attention kernels (one per launch file), callable from the
+// torch-facing API without it seeing any kernel template. Each returns the launch's cudaError_t.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "band_side/params.h"
+
+namespace longattn {
+
+// Forward: fills p.out and p.lse.
+cudaError_t run_band_side_fwd(const BandSideParams& p, bool bf16, cudaStream_t stream);
+// Backward, step 1: p.delta = rowsum(dout * out).
+cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStream_t stream);
+// Backward, step 2: p.dq.
+cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream);
+// Backward, step 3: p.dk, p.dv, side-key partials and bias-gradient partials.
+cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStream_t stream);
+
+}  // namespace longattn

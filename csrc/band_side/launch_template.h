@@ -1,0 +1,48 @@
+// Shared by the launch files: the (dtype, head dim) dispatch and the dynamic-shared-memory opt-in.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "band_side/kernel_traits.h"
+#include "band_side/params.h"
+
+namespace longattn {
+
+// Calls F.template operator()<Traits>() for the runtime (dtype, head dim); the only instantiations that
+// exist are these six per kernel.
+template <typename F>
+cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
+  if (bf16) {
+    switch (head_dim) {
+      case 32: return f(BandSideTraits<__nv_bfloat16, 32>{});
+      case 64: return f(BandSideTraits<__nv_bfloat16, 64>{});
+      case 128: return f(BandSideTraits<__nv_bfloat16, 128>{});
+    }
+  } else {
+    switch (head_dim) {
+      case 32: return f(BandSideTraits<__half, 32>{});
+      case 64: return f(BandSideTraits<__half, 64>{});
+      case 128: return f(BandSideTraits<__half, 128>{});
+    }
+  }
+  return cudaErrorInvalidValue;  // the API checks head_dim first; never reached
+}
+
+// Above 48 KiB of dynamic shared memory a kernel must opt in (once per kernel and device; cheap).
+template <typename Kernel>
+cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, int smem, const BandSideParams& p,
+                          cudaStream_t stream) {
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename Traits>
+dim3 query_tile_grid(const BandSideParams& p) {
+  return dim3((p.S + Traits::kBlockM - 1) / Traits::kBlockM, p.B, p.H);
+}
+
+}  // namespace longattn

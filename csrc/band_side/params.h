@@ -1,0 +1,64 @@
+// Plain-old-data description of one band + side keys call, filled by the C++ API (band_side_api.cpp)
+// and passed by value to every kernel. Kept free of torch types so the .cu files compile without the
+// (slow) torch headers.
+//
+// Layouts (elements, not bytes): q/k/v/dout/out rows are addressed as
+//   base + b * batch_stride + s * row_stride + h * head_stride + d        (d contiguous)
+// and side_k/side_v the same with g in place of s. All offsets are computed in int64.
+#pragma once
+
+#include <cstdint>
+
+namespace longattn {
+
+struct Strides {
+  int64_t batch, row, head;
+};
+
+struct BandSideParams {
+  // ---- inputs ---------------------------------------------------------------------------------
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* side_k;
+  const void* side_v;
+  Strides q_st, k_st, v_st, sk_st, sv_st;
+
+  const uint8_t* band_key_mask;  // (B, S) bool or nullptr
+  const uint8_t* side_mask;      // (B, G) bool or nullptr
+  const int32_t* query_block;    // (B, S) or nullptr (only read when side_bias is given)
+  const float* band_bias;        // (H, band_width) float32 or nullptr
+  const float* side_bias;        // (H, 2G + 1) float32 or nullptr
+
+  int B, S, H, G, D;
+  int left, right, band_width;  // band_width = left + right + 1
+  float scale;                  // multiplies <q, k>
+
+  // ---- forward outputs: out contiguous (B, S, H, D), lse contiguous float32 (B, H, S) ------------
+  void* out;
+  float* lse;
+
+  // ---- backward ---------------------------------------------------------------------------------
+  const void* dout;
+  Strides do_st;
+  const void* o;  // the forward output (strided like dout may be)
+  Strides o_st;
+  const float* lse_in;  // (B, H, S) natural-log lse from the forward
+  float* delta;         // (B, H, S) scratch: rowsum(dout * out)
+
+  void* dq;  // contiguous (B, S, H, D)
+  void* dk;
+  void* dv;
+  // Side-key gradients are produced per (query chunk) as float32 partials (n_chunks, B, G, H, D) and
+  // summed in a fixed order on the host side: no atomics, deterministic.
+  float* dsk_partial;
+  float* dsv_partial;
+  int side_chunks;       // number of query chunks per side-key tile
+  int side_chunk_tiles;  // query tiles per chunk
+  // Bias-table gradient partials, one row per (b, h, key CTA), reduced in fixed order afterwards:
+  //   band: (B, H, n_band_key_tiles, band_width);  side: (B, H, n_side_tiles * side_chunks, 2G + 1)
+  float* dband_bias_partial;
+  float* dside_bias_partial;
+};
+
+}  // namespace longattn

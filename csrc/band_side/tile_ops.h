@@ -1,0 +1,265 @@
+// Device building blocks shared by the forward, dQ and dK/dV kernels: which key tiles a query tile
+// visits, async tile loads, the score function (scale, masks, biases) and the two warp-level GEMMs.
+// Writing them once is what keeps the three kernels consistent with each other: the backward recomputes
+// exactly the scores the forward produced.
+#pragma once
+
+#include <math.h>
+
+#include "band_side/kernel_traits.h"
+#include "band_side/params.h"
+
+namespace longattn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ------------------------------------------------------------------------------------------------
+// Which tiles meet which.
+// ------------------------------------------------------------------------------------------------
+
+// The key tiles of the band of query tile [m0, m0 + BM): keys j with i - left <= j <= i + right for some
+// i in the tile, clipped to [0, S). Tiles outside the band are never visited.
+template <int BM, int BN>
+struct BandKeyTiles {
+  int first, count;
+  __device__ BandKeyTiles(const BandSideParams& p, int m0) {
+    const int lo = max(0, m0 - p.left);
+    const int hi = min(p.S - 1, min(p.S - 1, m0 + BM - 1) + p.right);
+    first = lo / BN;
+    count = hi / BN - first + 1;
+  }
+};
+
+// The query tiles that see band key tile [n0, n0 + BN): i with j - right <= i <= j + left.
+template <int BM, int BN>
+struct BandQueryTiles {
+  int first, count;
+  __device__ BandQueryTiles(const BandSideParams& p, int n0) {
+    const int lo = max(0, n0 - p.right);
+    const int hi = min(p.S - 1, min(p.S - 1, n0 + BN - 1) + p.left);
+    first = lo / BM;
+    count = hi / BM - first + 1;
+  }
+};
+
+// True when every (query, key) pair of the tile is inside the band and every key < S, so the per-element
+// range test can be skipped (interior tiles: all of them except the band's two edges and the last tile).
+// Query rows >= S need no test: their output is never stored and their lse is +inf in the backward.
+template <int BM, int BN>
+__device__ __forceinline__ bool band_tile_is_interior(const BandSideParams& p, int m0, int n0) {
+  return n0 + BN <= p.S && n0 >= m0 + BM - 1 - p.left && n0 + BN - 1 <= m0 + p.right;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Scores.
+// ------------------------------------------------------------------------------------------------
+
+// Where a tile's keys come from: band keys (rows of k/v, limit S) or side keys (rows of side_k/side_v,
+// limit G). Resolved once per tile.
+struct KeyTile {
+  bool side;
+  int key0;          // first key (band position j, or side index g)
+  bool check_range;  // edge tile: test each element's key range
+};
+
+__device__ __forceinline__ int clamp_query_block(const BandSideParams& p, int b, int i) {
+  // Values outside [-1, G-1] would index outside the (2G+1)-entry table; clamping the block id keeps
+  // the table index g - qb + G inside [1, 2G] for every g in [0, G).
+  if (p.side_bias == nullptr || i >= p.S) return -1;
+  const int qb = p.query_block[(int64_t)b * p.S + i];
+  return min(max(qb, -1), p.G - 1);
+}
+
+// The score of (query i, key) in log2 units, or -inf when the pair is masked. `acc` is <q_i, k>.
+__device__ __forceinline__ float score_log2(const BandSideParams& p, const KeyTile& t, float acc, int i,
+                                            int key, int b, int h, int qb) {
+  float s = acc * p.scale;
+  if (!t.side) {
+    if (t.check_range && (key < i - p.left || key > i + p.right || key >= p.S)) return -INFINITY;
+    if (p.band_key_mask != nullptr && !p.band_key_mask[(int64_t)b * p.S + key]) return -INFINITY;
+    if (p.band_bias != nullptr) s += __ldg(p.band_bias + (int64_t)h * p.band_width + (key - i + p.left));
+  } else {
+    if (t.check_range && key >= p.G) return -INFINITY;
+    if (p.side_mask != nullptr && !p.side_mask[(int64_t)b * p.G + key]) return -INFINITY;
+    if (p.side_bias != nullptr) s += __ldg(p.side_bias + (int64_t)h * (2 * p.G + 1) + (key - qb + p.G));
+  }
+  return s * kLog2e;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Global -> shared tile loads (cp.async, zero-filled past `limit`).
+// ------------------------------------------------------------------------------------------------
+
+// Rows row0 .. row0 + 63 of one (b, h) slice into a padded smem tile. Rows >= limit become zeros.
+template <typename Traits>
+__device__ __forceinline__ void load_tile_async(typename Traits::Element* smem, const void* base,
+                                                const Strides& st, int b, int h, int row0, int limit,
+                                                int tid) {
+  using T = typename Traits::Element;
+  const T* gbase = reinterpret_cast<const T*>(base) + (int64_t)b * st.batch + (int64_t)h * st.head;
+#pragma unroll
+  for (int it = 0; it < Traits::kChunksPerThread; ++it) {
+    const int chunk = tid + it * Traits::kThreads;
+    const int r = chunk / Traits::kRowChunks;
+    const int c = (chunk % Traits::kRowChunks) * 8;
+    const int row = row0 + r;
+    const bool valid = row < limit;
+    // An invalid row reads nothing; point it at the slice base so the address is still a legal one.
+    const T* src = valid ? gbase + (int64_t)row * st.row + c : gbase;
+    cp_async_16(smem + r * Traits::kSmemStride + c, src, valid);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Warp GEMMs on mma.sync.m16n8k16. A warp computes 16 output rows.
+// ------------------------------------------------------------------------------------------------
+
+// acc[16 x N] += A[16 x K] * B[N x K]^T with A's 16 rows at sA and B's N rows at sB (both row-major
+// over K in padded smem): the Q K^T / dO V^T / K Q^T / V dO^T products.
+template <typename T, int K, int N, int LDS>
+__device__ __forceinline__ void gemm_nt(float (&acc)[N / 8][4], const T* sA, const T* sB, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    // matrices 0..3 = rows 0-7 / 8-15 x cols 0-7 / 8-15, in the a0..a3 order of the fragment.
+    ldmatrix_x4(a, sA + (lane % 16) * LDS + kk * 16 + (lane / 16) * 8);
+#pragma unroll
+    for (int nn = 0; nn < N / 16; ++nn) {
+      uint32_t bf[4];
+      // non-transposed: (rows 0-7, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 0-7), (rows 8-15, k 8-15)
+      ldmatrix_x4(bf, sB + (nn * 16 + (lane % 8) + (lane / 16) * 8) * LDS + kk * 16 + ((lane / 8) % 2) * 8);
+      mma_16816<T>(acc[2 * nn], a, bf[0], bf[1]);
+      mma_16816<T>(acc[2 * nn + 1], a, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc[16 x K] += P[16 x N] * B[N x K] with P already in A-fragment registers (see acc_to_a) and B's N
+// rows at sB, loaded transposed: the P V / P^T dO / dS K / dS^T Q products.
+template <typename T, int N, int K, int LDS>
+__device__ __forceinline__ void gemm_rs(float (&acc)[K / 8][4], const uint32_t (&pa)[N / 16][4], const T* sB,
+                                        int lane) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+#pragma unroll
+    for (int nn = 0; nn < K / 16; ++nn) {
+      uint32_t bf[4];
+      // transposed: (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, 8-15)
+      ldmatrix_x4_trans(bf, sB + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LDS + nn * 16 + (lane / 16) * 8);
+      mma_16816<T>(acc[2 * nn], pa[kk], bf[0], bf[1]);
+      mma_16816<T>(acc[2 * nn + 1], pa[kk], bf[2], bf[3]);
+    }
+  }
+}
+
+// The C fragments of a 16 x N product are, two n-tiles at a time, exactly the A fragments of a 16 x 16
+// k-step (same rows, columns 2*(lane%4) and +8): convert in registers, no shared-memory round trip.
+template <typename T, int N>
+__device__ __forceinline__ void acc_to_a(const float (&c)[N / 8][4], uint32_t (&a)[N / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < N / 16; ++kk) {
+    a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void zero(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+
+// Row / column of element e of n-tile n in a warp's C fragment (rows relative to the warp's 16).
+__device__ __forceinline__ int frag_row(int lane, int e) { return lane / 4 + (e >= 2 ? 8 : 0); }
+__device__ __forceinline__ int frag_col(int lane, int n, int e) { return n * 8 + (lane % 4) * 2 + (e & 1); }
+
+// Store a warp's 16 x D fp32 accumulator as rows of T (row-major, `row_stride` elements apart), rows
+// >= limit skipped. `scale` folds in the softmax scale (dK, dQ) or 1/l (out).
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], T* base, int64_t row_stride,
+                                           int row0, int limit, int lane, float scale0, float scale1) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + lane / 4 + half * 8;
+    if (row >= limit) continue;
+    const float sc = half ? scale1 : scale0;
+    T* dst = base + (int64_t)row * row_stride;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      const int col = n * 8 + (lane % 4) * 2;
+      *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(acc[n][2 * half] * sc, acc[n][2 * half + 1] * sc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Walking a query tile's key tiles.
+// ------------------------------------------------------------------------------------------------
+
+// Resolve virtual tile t of a query tile's walk into its source and edge-ness.
+template <int BM, int BN>
+__device__ __forceinline__ KeyTile key_tile_at(const BandSideParams& p, const BandKeyTiles<BM, BN>& band, int m0,
+                                               int t) {
+  KeyTile kt;
+  kt.side = t >= band.count;
+  if (!kt.side) {
+    kt.key0 = (band.first + t) * BN;
+    kt.check_range = !band_tile_is_interior<BM, BN>(p, m0, kt.key0);
+  } else {
+    kt.key0 = (t - band.count) * BN;
+    kt.check_range = kt.key0 + BN > p.G;
+  }
+  return kt;
+}
+
+// Issue the async loads of K and V tile t into buffer `buf`.
+template <typename Traits>
+__device__ __forceinline__ void load_kv_async(const BandSideParams& p, const KeyTile& kt,
+                                              typename Traits::Element* sK, typename Traits::Element* sV,
+                                              int b, int h, int tid) {
+  if (!kt.side) {
+    load_tile_async<Traits>(sK, p.k, p.k_st, b, h, kt.key0, p.S, tid);
+    load_tile_async<Traits>(sV, p.v, p.v_st, b, h, kt.key0, p.S, tid);
+  } else {
+    load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, kt.key0, p.G, tid);
+    load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, kt.key0, p.G, tid);
+  }
+}
+
+// The software pipeline shared by the forward and dQ kernels: walk a query tile's key tiles (band, then
+// side) with K/V tile t + 1 loading into the other buffer while body(tile, sK_t, sV_t) runs on tile t.
+// Anything else the caller loaded with cp.async before calling (its Q / dO tiles) joins the first
+// group and has landed before the first body call.
+template <typename Traits, typename Body>
+__device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, int m0, typename Traits::Element* sK,
+                                               typename Traits::Element* sV, int b, int h, int tid, Body&& body) {
+  constexpr int BM = Traits::kBlockM, BN = Traits::kBlockN;
+  const BandKeyTiles<BM, BN> band(p, m0);
+  const int n_tiles = band.count + (p.G + BN - 1) / BN;  // >= 1: every query's band holds itself
+  KeyTile cur = key_tile_at<BM, BN>(p, band, m0, 0);
+  load_kv_async<Traits>(p, cur, sK, sV, b, h, tid);
+  cp_async_commit();
+  for (int t = 0; t < n_tiles; ++t) {
+    const int buf = t & 1;
+    KeyTile next = cur;
+    if (t + 1 < n_tiles) {
+      // Buffer buf ^ 1 was last read in iteration t - 1, which ended with __syncthreads().
+      next = key_tile_at<BM, BN>(p, band, m0, t + 1);
+      load_kv_async<Traits>(p, next, sK + (buf ^ 1) * Traits::kTileElems, sV + (buf ^ 1) * Traits::kTileElems,
+                            b, h, tid);
+      cp_async_commit();
+      cp_async_wait<1>();  // everything but the tile just issued has landed
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    body(cur, sK + buf * Traits::kTileElems, sV + buf * Traits::kTileElems);
+    cur = next;
+    __syncthreads();  // all warps are done with buffer buf before iteration t + 1 refills it
+  }
+}
+
+}  // namespace longattn

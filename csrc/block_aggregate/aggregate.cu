@@ -1,0 +1,136 @@
+// Kernels of block aggregation; see aggregate.h for the contract and the determinism argument.
+#include "block_aggregate/aggregate.h"
+#include "common/ptx.h"
+
+namespace longattn {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Sum of one value per thread over the block, in a fixed order (shuffle tree, then warp sums in order);
+// every thread gets the result.
+__device__ float block_sum(float v, float* scratch) {
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+    scratch[kThreads / 32] = total;
+  }
+  __syncthreads();
+  return scratch[kThreads / 32];
+}
+
+// One CTA per (g, b): segment sum per channel, then (with weight) the RMS norm of the row.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) aggregate_fwd_kernel(const AggregateParams p) {
+  __shared__ float scratch[kThreads / 32 + 1];
+  const int g = blockIdx.x, b = blockIdx.y;
+  const int64_t row = (int64_t)b * p.G + g;
+  const int64_t start = p.seg[b * (int64_t)(p.G + 1) + g], end = p.seg[b * (int64_t)(p.G + 1) + g + 1];
+  const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_sb;
+  const int64_t* perm = p.perm + (int64_t)b * p.S;
+  T* out = reinterpret_cast<T*>(p.out) + row * p.C;
+  float sq = 0.f;
+  for (int c = threadIdx.x; c < p.C; c += kThreads) {
+    float acc = 0.f;
+    for (int64_t r = start; r < end; ++r) acc += to_float(x[perm[r] * p.x_ss + c]);
+    if (p.weight != nullptr) {
+      p.sums[row * p.C + c] = acc;  // re-read below by this same thread
+      sq += acc * acc;
+    } else {
+      out[c] = from_float<T>(acc);
+    }
+  }
+  if (p.weight == nullptr) return;  // uniform across the CTA
+  const float rs = rsqrtf(block_sum(sq, scratch) / p.C + p.eps);
+  if (threadIdx.x == 0) p.rstd[row] = rs;
+  for (int c = threadIdx.x; c < p.C; c += kThreads) out[c] = from_float<T>(p.weight[c] * p.sums[row * p.C + c] * rs);
+}
+
+// With weight: dsums = rstd * w * dy - sums * rstd^3 * mean(sums * w * dy), one CTA per (g, b).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) aggregate_dsums_kernel(const AggregateParams p) {
+  __shared__ float scratch[kThreads / 32 + 1];
+  const int g = blockIdx.x, b = blockIdx.y;
+  const int64_t row = (int64_t)b * p.G + g;
+  const T* dy = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + g * p.do_sg;
+  const float* sums = p.sums_in + row * p.C;
+  float dot = 0.f;
+  for (int c = threadIdx.x; c < p.C; c += kThreads) dot += sums[c] * p.weight[c] * to_float(dy[c]);
+  const float mean = block_sum(dot, scratch) / p.C;
+  const float rs = p.rstd_in[row];
+  for (int c = threadIdx.x; c < p.C; c += kThreads)
+    p.dsums[row * p.C + c] = rs * p.weight[c] * to_float(dy[c]) - sums[c] * rs * rs * rs * mean;
+}
+
+// dx[b, s] = dsums[b, id] (or dout[b, id] without weight); 0 for dropped tokens. One CTA per (s, b).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) aggregate_dx_kernel(const AggregateParams p) {
+  const int s = blockIdx.x, b = blockIdx.y;
+  const int id = p.ids[(int64_t)b * p.S + s];
+  T* dx = reinterpret_cast<T*>(p.dx) + ((int64_t)b * p.S + s) * p.C;
+  const bool keep = id >= 0 && id < p.G;  // out-of-range ids are dropped, never read through
+  for (int c = threadIdx.x; c < p.C; c += kThreads) {
+    float v = 0.f;
+    if (keep) {
+      v = p.weight != nullptr ? p.dsums[((int64_t)b * p.G + id) * p.C + c]
+                              : to_float(reinterpret_cast<const T*>(p.dout)[b * p.do_sb + id * p.do_sg + c]);
+    }
+    dx[c] = from_float<T>(v);
+  }
+}
+
+// dweight[c] = sum over (b, g) of dy * sums * rstd: one thread per channel, rows in order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) aggregate_dweight_kernel(const AggregateParams p) {
+  const int c = blockIdx.x * kThreads + threadIdx.x;
+  if (c >= p.C) return;
+  float acc = 0.f;
+  for (int b = 0; b < p.B; ++b) {
+    const T* dy = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + c;
+    for (int g = 0; g < p.G; ++g) {
+      const int64_t row = (int64_t)b * p.G + g;
+      acc += to_float(dy[g * p.do_sg]) * p.sums_in[row * p.C + c] * p.rstd_in[row];
+    }
+  }
+  p.dweight[c] = acc;
+}
+
+template <typename F>
+cudaError_t dispatch_dtype(AggDType dtype, F&& f) {
+  switch (dtype) {
+    case AggDType::kFloat32: return f(float{});
+    case AggDType::kFloat16: return f(__half{});
+    case AggDType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t run_block_aggregate_fwd(const AggregateParams& p, cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    aggregate_fwd_kernel<T><<<dim3(p.G, p.B), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t run_block_aggregate_bwd(const AggregateParams& p, cudaStream_t stream) {
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // A zero-sized grid is a launch error, so empty dimensions skip their kernel (nothing to compute).
+    if (p.weight != nullptr && p.G > 0 && p.B > 0)
+      aggregate_dsums_kernel<T><<<dim3(p.G, p.B), kThreads, 0, stream>>>(p);
+    if (p.weight != nullptr && p.C > 0)
+      aggregate_dweight_kernel<T><<<dim3((p.C + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
+    if (p.S > 0 && p.B > 0) aggregate_dx_kernel<T><<<dim3(p.S, p.B), kThreads, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace longattn

@@ -1,0 +1,17 @@
+"""``longattn bench``: time longattn's ops and the baselines people would otherwise use (DESIGN.md section 5).
+
+Modules, one job each:
+
+- ``cases``    the benchmark inputs of each op (shapes, masks, bias tables), built from the settings;
+- ``flops``    the mean number of attended keys and the useful FLOP count of a case;
+- ``impls``    the implementations timed: each longattn backend and each baseline (HF, FlexAttention, SDPA);
+- ``timing``   forward / backward / forward+backward timings and peak memory, on CPU and GPU;
+- ``oracle``   ``--check``: comparison with the float64 oracle of ``tests/reference.py``;
+- ``runner``   the sweep over ops x sequence lengths x implementations;
+- ``output``   the table, JSON, CSV and plot;
+- ``model``    ``--model``: stacks of stock vs patched LED / LongT5 encoder layers;
+- ``report``   the README results section from the saved GPU runs in ``benchmarks/results/``;
+- ``cli``      argument parsing.
+
+Nothing here touches the GPU at import time.
+"""

@@ -1,12 +1,199 @@
-"""``longattn bench``: argument parsing and entry point (the benchmark itself lives beside this file)."""
+"""``longattn bench``: argument parsing and the entry point (the work lives in the sibling modules).
+
+Three modes:
+
+- ops (default): ``longattn bench [--op local,longformer,tglobal,aggregate] [--seqlen 4096,16384] ...``
+  times each longattn backend and each baseline on each op (see ``runner`` and ``impls``).
+- model: ``longattn bench --model led|longt5-local|longt5-tglobal [--layers 2] ...`` times a stack of
+  stock vs patched encoder layers (see ``model``).
+- report: ``longattn bench --report`` writes the README results table and plot from the latest GPU run
+  saved in ``benchmarks/results/`` (see ``report``).
+
+Defaults: on a GPU, DESIGN.md section 5's standard shapes (B=1, H=12, D=64, S=4096,16384,65536, bf16,
+Longformer window 256 with 1 global token, LongT5 window 127 and block 16). On CPU, a small shape that
+finishes in under 2 minutes on 2 cores: B=1, H=4, D=64, S=1024, float32, same windows (S=2048 took
+~2 minutes of CPU time, 4.5 minutes of wall time on a 2-core machine shared with other jobs).
+"""
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
+
+from .cases import DEFAULT_WINDOW, OPS
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+GPU_DEFAULTS = {"seqlen": "4096,16384,65536", "heads": 12, "dtype": "bfloat16", "min_run_time": 0.5}
+CPU_DEFAULTS = {"seqlen": "1024", "heads": 4, "dtype": "float32", "min_run_time": 0.1}
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def _csv_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in _csv_list(text)]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="time the backends and baselines")
-    parser.set_defaults(func=run)
+    p = subparsers.add_parser(
+        "bench", help="time the backends and baselines",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to time")
+    g.add_argument("--op", default=",".join(OPS), help=f"comma list of {', '.join(OPS)} (default: all)")
+    g.add_argument("--backend", default="all", help="comma list of longattn backends, or 'all' / 'none' (default all: "
+                   "the unavailable ones are listed with the reason)")
+    g.add_argument("--baseline", default="all", help="comma list of hf, flex, sdpa_mask, sdpa_dense, or 'all' / "
+                   "'none' (default all)")
+    g.add_argument("--pass", dest="passes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd")
+    g.add_argument("--model", choices=("led", "longt5-local", "longt5-tglobal"),
+                   help="model mode: a stack of stock vs patched encoder layers instead of the ops")
+    g.add_argument("--report", action="store_true", help="write the README results section from the latest GPU "
+                   "run in benchmarks/results/ and exit")
+    s = p.add_argument_group("shapes (defaults: GPU standard shapes, or the small CPU shape; see above)")
+    s.add_argument("--seqlen", type=_int_list, help="comma list of sequence lengths")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--heads", type=int)
+    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--window", type=int, help="one-sided window (default: "
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_WINDOW.items() if k != "aggregate") + ")")
+    s.add_argument("--globals", type=int, default=1, help="Longformer global tokens (default 1)")
+    s.add_argument("--block-size", type=int, default=16, help="LongT5 global block size (default 16)")
+    s.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on GPU, float32 on CPU")
+    s.add_argument("--device", help="cuda or cpu (default: cuda when visible)")
+    s.add_argument("--layers", type=int, default=2, help="model mode: encoder layers (default 2)")
+    s.add_argument("--d-model", type=int, help="model mode: hidden size (default heads x head-dim)")
+    o = p.add_argument_group("measurement and output")
+    o.add_argument("--check", action="store_true", help="compare each output with the float64 oracle first")
+    o.add_argument("--min-run-time", type=float, help="seconds of timed calls per measurement "
+                   "(default 0.5 GPU, 0.1 CPU)")
+    o.add_argument("--json", help="write the run (metadata, settings, every row) as JSON")
+    o.add_argument("--csv", help="write the rows as CSV")
+    o.add_argument("--plot", help="write time and TFLOP/s vs S as a PNG")
+    o.add_argument("--save", action="store_true", help="also write the JSON and plot under benchmarks/results/ "
+                   "(GPU runs only)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--results-dir", default=str(RESULTS_DIR), help="--report/--save: the results directory")
+    o.add_argument("--out", help="--report: the markdown file to write (default: print it)")
+    p.set_defaults(func=run)
+
+
+def resolve_settings(args) -> dict:
+    """Fill the device-dependent defaults; returns every setting of the run (recorded in the JSON)."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    defaults = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    ops = _csv_list(args.op)
+    bad = [op for op in ops if op not in OPS]
+    if bad:
+        raise SystemExit(f"longattn bench: --op: unknown {bad}; expected some of {OPS}")
+    passes = _csv_list(args.passes)
+    if not passes or any(p not in ("fwd", "bwd", "fwdbwd") for p in passes):
+        raise SystemExit(f"longattn bench: --pass: expected some of fwd, bwd, fwdbwd, got {args.passes!r}")
+    from ..dispatch import BACKEND_NAMES
+    from .impls import BASELINES
+
+    backends = _pick(args.backend, BACKEND_NAMES, "--backend")
+    baselines = _pick(args.baseline, BASELINES, "--baseline")
+    return {
+        "mode": "model" if args.model else "ops",
+        "ops": ops, "model": args.model, "layers": args.layers, "d_model": args.d_model,
+        "seqlens": args.seqlen or _int_list(defaults["seqlen"]),
+        "batch": args.batch, "heads": args.heads or defaults["heads"], "head_dim": args.head_dim,
+        "window": args.window, "globals": args.globals, "block_size": args.block_size,
+        "dtype": args.dtype or defaults["dtype"], "device": device, "passes": passes,
+        "backends": backends, "baselines": baselines, "check": args.check,
+        "min_run_time": args.min_run_time or defaults["min_run_time"],
+    }
+
+
+def _pick(text: str, names, flag: str) -> list[str]:
+    if text == "all":
+        return list(names)
+    if text == "none":
+        return []
+    chosen = _csv_list(text)
+    bad = [c for c in chosen if c not in names]
+    if bad:
+        raise SystemExit(f"longattn bench: {flag}: unknown {bad}; expected some of {list(names)}, 'all' or 'none'")
+    return chosen
 
 
 def run(args) -> int:
-    raise SystemExit("longattn bench: not implemented yet")
+    if args.report:
+        from .report import main as report_main
+
+        return report_main(args.results_dir, args.out)
+    settings = resolve_settings(args)
+    import torch
+
+    from . import output
+    from .cases import Settings
+
+    shape = Settings(batch=settings["batch"], heads=settings["heads"], head_dim=settings["head_dim"],
+                     window=settings["window"], globals=settings["globals"], block_size=settings["block_size"],
+                     dtype=getattr(torch, settings["dtype"]), device=settings["device"])
+    info = output.run_info(settings)
+    _print_backends(info, settings)
+    if settings["mode"] == "model":
+        from .model import run_model
+
+        records = run_model(settings, shape, progress=not args.no_progress)
+    else:
+        from .impls import impl_names
+        from .runner import run_sweep
+
+        records = run_sweep(settings["ops"], settings["seqlens"], shape,
+                            impl_names(settings["backends"], settings["baselines"]), settings["passes"],
+                            check=settings["check"], min_run_time=settings["min_run_time"],
+                            progress=not args.no_progress)
+    note = ("peak MiB = peak bytes allocated during the call beyond its inputs ("
+            + ("torch.cuda.max_memory_allocated" if settings["device"].startswith("cuda")
+               else "torch profiler's record of CPU-allocator allocations; memory outside torch's allocator "
+                    "is not seen") + ").")
+    print(output.format_table(records, memory_note=note))
+    title = (f"{info['device']} | {settings['dtype']} B={shape.batch} H={shape.heads} D={shape.head_dim} | "
+             f"{info['timestamp']}")
+    for path, write in ((args.json, lambda p: output.write_json(p, info, records)),
+                        (args.csv, lambda p: output.write_csv(p, records)),
+                        (args.plot, lambda p: output.write_plot(p, records, title))):
+        if path:
+            write(path)
+            print(f"wrote {path}", file=sys.stderr)
+    if args.save:
+        return _save(args.results_dir, info, records, title, settings)
+    return 0
+
+
+def _print_backends(info: dict, settings: dict) -> None:
+    print(f"device: {info['device']}; torch {info['versions']['torch']}; {settings['dtype']}", file=sys.stderr)
+    for name in settings["backends"]:
+        reasons = info["backends"].get(name, [])
+        if reasons:
+            print(f"skipping backend {name}: {'; '.join(reasons)}", file=sys.stderr)
+
+
+def _save(results_dir: str, info: dict, records: list[dict], title: str, settings: dict) -> int:
+    """Write ``<results_dir>/<date>_<gpu>_<mode>.json`` and its plot; refuses CPU runs (the README shows GPUs)."""
+    from . import output
+
+    if not settings["device"].startswith("cuda"):
+        print("longattn bench --save: benchmarks/results/ holds GPU runs only; use --json for this CPU run",
+              file=sys.stderr)
+        return 2
+    gpu = info["device"].split("(")[0].split(" ", 1)[-1].strip().replace(" ", "-") or "gpu"
+    stem = f"{info['timestamp'][:19].replace(':', '')}_{gpu}_{settings['mode']}"
+    base = Path(results_dir) / stem
+    output.write_json(f"{base}.json", info, records)
+    output.write_plot(f"{base}.png", records, title)
+    print(f"saved {base}.json and {base}.png", file=sys.stderr)
+    return 0

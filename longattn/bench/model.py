@@ -1,0 +1,144 @@
+"""``longattn bench --model``: a stack of stock vs patched Hugging Face encoder layers, end to end.
+
+Models (random weights, no dropout, a tiny vocabulary since inputs go in as embeddings):
+
+- ``led``:            ``LEDModel``'s encoder, ``attention_window = 2 * window`` (default window 256) and
+                      ``--globals`` global tokens (default 1, the first token);
+- ``longt5-local``:   ``LongT5EncoderModel`` with ``encoder_attention_type="local"``, ``local_radius=window``
+                      (default 127);
+- ``longt5-tglobal``: the same with ``"transient-global"`` and ``global_block_size=--block-size``.
+
+Size: ``--layers`` (default 2), ``--d-model`` (default heads x head-dim), ``--heads``, FFN 4 x d_model.
+Rows: ``stock`` (HF's own attention) and ``patched:<backend>`` (a deep copy through
+``longattn.apply_longattn(model, backend=...)``) for each requested backend; a patch that raises (e.g. before
+the patchers land) is listed with the exception instead of a number. Passes: ``fwd`` (no grad) and
+``fwdbwd`` (loss gradient into every weight and the input embeddings); memory as in ``timing``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+
+from . import timing
+from .cases import DEFAULT_WINDOW, Settings, global_positions
+from .runner import _reason
+
+MODEL_WINDOW = {"led": DEFAULT_WINDOW["longformer"], "longt5-local": DEFAULT_WINDOW["local"],
+                "longt5-tglobal": DEFAULT_WINDOW["tglobal"]}
+
+
+def build_model(kind: str, S: int, shape: Settings, layers: int, d_model: int | None):
+    """(model, call): the stock model and ``call(model, embeds) -> last hidden state``."""
+    E = d_model or shape.heads * shape.head_dim
+    w = MODEL_WINDOW[kind] if shape.window is None else shape.window
+    device = torch.device(shape.device)
+    if kind == "led":
+        from transformers import LEDConfig, LEDModel
+
+        config = LEDConfig(vocab_size=128, d_model=E, encoder_layers=layers, decoder_layers=1,
+                           encoder_attention_heads=shape.heads, decoder_attention_heads=shape.heads,
+                           encoder_ffn_dim=4 * E, decoder_ffn_dim=4 * E, attention_window=2 * w,
+                           max_encoder_position_embeddings=S, max_decoder_position_embeddings=16, dropout=0.0,
+                           attention_dropout=0.0, activation_dropout=0.0)
+        model = LEDModel(config)
+        glob = torch.zeros(shape.batch, S, dtype=torch.long, device=device)
+        glob[:, global_positions(S, shape.globals)] = 1
+        mask = torch.ones(shape.batch, S, dtype=torch.long, device=device)
+
+        def call(m, embeds):
+            return m.get_encoder()(inputs_embeds=embeds, attention_mask=mask, global_attention_mask=glob)[0]
+    else:
+        from transformers import LongT5Config, LongT5EncoderModel
+
+        config = LongT5Config(vocab_size=128, d_model=E, d_kv=E // shape.heads, num_heads=shape.heads,
+                              num_layers=layers, d_ff=4 * E, local_radius=w, global_block_size=shape.block_size,
+                              dropout_rate=0.0, encoder_attention_type="local" if kind == "longt5-local"
+                              else "transient-global")
+        model = LongT5EncoderModel(config)
+        mask = torch.ones(shape.batch, S, dtype=torch.long, device=device)
+
+        def call(m, embeds):
+            return m(inputs_embeds=embeds, attention_mask=mask)[0]
+    return model.to(device=device, dtype=shape.dtype).eval(), call, E
+
+
+def run_model(settings: dict, shape: Settings, progress: bool = True) -> list[dict]:
+    """Time stock and patched models at every sequence length; records like the ops sweep's."""
+    from tqdm import tqdm
+
+    import longattn
+
+    kind, device = settings["model"], torch.device(shape.device)
+    rows = ["stock"] + [f"patched:{b}" for b in settings["backends"]]
+    passes = [p for p in settings["passes"] if p in ("fwd", "fwdbwd")] or ["fwd", "fwdbwd"]
+    available = longattn.available_backends(device)
+    records = []
+    bar = tqdm(total=len(settings["seqlens"]) * len(rows), file=sys.stderr, disable=not progress,
+               desc=f"longattn bench --model {kind}", unit="model")
+    for S in settings["seqlens"]:
+        try:
+            stock, call, E = build_model(kind, S, shape, settings["layers"], settings["d_model"])
+        except Exception as exc:
+            records += [{"op": f"model:{kind}", "S": S, "impl": r, "kind": "model", "pass": p, "status": "error",
+                         "reason": _reason(exc)} for r in rows for p in passes]
+            bar.update(len(rows))
+            continue
+        embeds = torch.randn(shape.batch, S, E, generator=torch.Generator().manual_seed(S)).to(device, shape.dtype)
+        for row in rows:
+            bar.set_postfix_str(f"S={S} {row}")
+            base = {"op": f"model:{kind}", "S": S, "impl": row, "kind": "model", "layers": settings["layers"],
+                    "d_model": E}
+            model, reason = stock, None
+            if row != "stock":
+                backend = row.split(":", 1)[1]
+                if available.get(backend):
+                    reason = "; ".join(available[backend])
+                else:
+                    try:
+                        model = copy.deepcopy(stock)
+                        longattn.apply_longattn(model, backend=backend)
+                    except Exception as exc:
+                        reason = f"apply_longattn failed: {_reason(exc)}"
+            for which in passes:
+                rec = {**base, "pass": which}
+                if reason:
+                    rec.update(status="unavailable", reason=reason)
+                else:
+                    rec.update(_time_model(model, call, embeds, which, device, settings["min_run_time"]))
+                records.append(rec)
+            bar.update(1)
+        del stock
+    bar.close()
+    _add_speedups(records)
+    return records
+
+
+def _time_model(model, call, embeds, which, device, min_run_time) -> dict:
+    try:
+        if which == "fwd":
+            def fn():
+                with torch.no_grad():
+                    return call(model, embeds)
+        else:
+            x = embeds.detach().requires_grad_(True)
+            dout = torch.randn_like(embeds)
+
+            def fn():
+                model.zero_grad(set_to_none=True)  # no accumulation into the previous call's grads
+                call(model, x).backward(dout)
+        t = timing.time_call(fn, device, min_run_time=min_run_time, warmup=1, memory=True)
+        return {"status": "ok", "time_ms": t.median_s * 1e3, "runs": t.runs, "peak_mem_bytes": t.peak_mem_bytes}
+    except Exception as exc:
+        return {"status": "error", "reason": _reason(exc)}
+
+
+def _add_speedups(records: list[dict]) -> None:
+    """``vs_best_baseline`` here = stock time / this time (the stock model is the baseline)."""
+    stock = {(r["S"], r["pass"]): r["time_ms"] for r in records if r["impl"] == "stock" and r["status"] == "ok"}
+    for r in records:
+        if r["status"] == "ok" and (r["S"], r["pass"]) in stock:
+            r["best_baseline"] = "stock"
+            r["vs_best_baseline"] = stock[(r["S"], r["pass"])] / r["time_ms"]

@@ -22,10 +22,10 @@ TINY = ["bench", "--seqlen", "64", "--heads", "2", "--head-dim", "16", "--window
 
 
 def _run(tmp_path, *extra):
-    json_path, csv_path, png_path = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
-    rc = main([*TINY, "--json", str(json_path), "--csv", str(csv_path), "--plot", str(png_path), *extra])
+    json_path, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+    rc = main([*TINY, "--json", str(json_path), "--csv", str(csv_path), *extra])
     assert rc == 0
-    return json_path, csv_path, png_path
+    return json_path, csv_path
 
 
 @pytest.fixture(scope="module")
@@ -86,12 +86,28 @@ def test_unavailable_backends_listed_with_reason(checked_run):
     assert agg and all(r["status"] == "unavailable" and r["reason"] for r in agg)
 
 
-def test_csv_and_png_written(checked_run):
-    (json_path, csv_path, png_path), run = checked_run
+def test_csv_written(checked_run):
+    (json_path, csv_path), run = checked_run
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(run["results"]) and {"op", "S", "impl", "pass", "time_ms", "tflops"} <= set(rows[0])
+
+
+def test_png_written(tmp_path):
+    pytest.importorskip("matplotlib", reason="plots need the bench extra (matplotlib)")
+    png_path = tmp_path / "r.png"
+    assert main([*TINY, "--op", "local", "--baseline", "none", "--pass", "fwd", "--plot", str(png_path)]) == 0
     assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png_path.stat().st_size > 1000
+
+
+def test_plot_without_matplotlib_fails_before_timing(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit, match="matplotlib"):
+        main([*TINY, "--plot", str(tmp_path / "r.png")])
+    assert "longattn:torch" not in capsys.readouterr().out
 
 
 def test_table_printed_and_skips_explained(tmp_path, capsys):
@@ -103,7 +119,7 @@ def test_table_printed_and_skips_explained(tmp_path, capsys):
 
 
 def test_flex_on_cpu_forward_or_reason(tmp_path):
-    json_path, _, _ = _run(tmp_path, "--op", "local", "--backend", "none", "--baseline", "flex")
+    json_path, _ = _run(tmp_path, "--op", "local", "--backend", "none", "--baseline", "flex")
     rows = json.loads(json_path.read_text())["results"]
     for r in rows:
         assert r["status"] == "ok" or r["reason"]

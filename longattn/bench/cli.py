@@ -18,6 +18,7 @@ finishes in under 2 minutes on 2 cores: B=1, H=4, D=64, S=1024, float32, same wi
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -134,6 +135,9 @@ def run(args) -> int:
 
         return report_main(args.results_dir, args.out)
     settings = resolve_settings(args)
+    if (args.plot or args.save) and importlib.util.find_spec("matplotlib") is None:
+        # Fail before minutes of timing, not after.
+        raise SystemExit("longattn bench: --plot/--save need matplotlib; pip install 'longattn[bench]'")
     import torch
 
     from . import output

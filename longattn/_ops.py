@@ -11,17 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _fake
 from .dispatch import get_backend
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of saved softmax / norm statistics: float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _empty_like_bias(table: Tensor | None, like: Tensor) -> Tensor:
-    return like.new_empty(0) if table is None else torch.empty_like(table, memory_format=torch.contiguous_format)
-
 
 # --------------------------------------------------------------------------------------------------------
 # band + side keys attention
@@ -54,8 +45,7 @@ def band_side_attention(
 @band_side_attention.register_fake
 def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
       scale, backend):
-    B, S, H, D = q.shape
-    return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=stat_dtype(q.dtype))
+    return _fake.band_side_forward(q)
 
 
 @torch.library.custom_op("longattn::band_side_attention_backward", mutates_args=())
@@ -90,16 +80,7 @@ def band_side_attention_backward(
 @band_side_attention_backward.register_fake
 def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
       left, right, scale, backend):
-    dense = torch.contiguous_format
-    return (
-        torch.empty_like(q, memory_format=dense),
-        torch.empty_like(k, memory_format=dense),
-        torch.empty_like(v, memory_format=dense),
-        torch.empty_like(side_k, memory_format=dense),
-        torch.empty_like(side_v, memory_format=dense),
-        _empty_like_bias(band_bias, q),
-        _empty_like_bias(side_bias, q),
-    )
+    return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
 
 
 def _band_side_setup_context(ctx, inputs, output):
@@ -144,13 +125,7 @@ def block_aggregate(
 
 @block_aggregate.register_fake
 def _(x, block_ids, num_blocks, weight, eps, backend):
-    B, _, C = x.shape
-    stat = stat_dtype(x.dtype)
-    if weight is None:
-        return x.new_empty(B, num_blocks, C), x.new_empty(0, dtype=stat), x.new_empty(0, dtype=stat)
-    return x.new_empty(B, num_blocks, C), x.new_empty(B, num_blocks, C, dtype=stat), x.new_empty(
-        B, num_blocks, dtype=stat
-    )
+    return _fake.block_aggregate_forward(x, num_blocks, weight)
 
 
 @torch.library.custom_op("longattn::block_aggregate_backward", mutates_args=())
@@ -173,7 +148,7 @@ def block_aggregate_backward(
 
 @block_aggregate_backward.register_fake
 def _(dout, x, block_ids, num_blocks, weight, sums, rstd, eps, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), _empty_like_bias(weight, x)
+    return _fake.block_aggregate_backward(x, weight)
 
 
 def _aggregate_setup_context(ctx, inputs, output):

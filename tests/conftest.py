@@ -34,10 +34,16 @@ class Case:
     side_bias: torch.Tensor | None = None
     scale: float = 1.0
 
+    def _differentiable(self):
+        return (self.q, self.k, self.v, self.side_k, self.side_v, self.rel_bias, self.side_bias)
+
     def leaves(self):
         """The differentiable inputs, in a fixed order."""
-        return [x for x in (self.q, self.k, self.v, self.side_k, self.side_v, self.rel_bias, self.side_bias)
-                if x is not None]
+        return [x for x in self._differentiable() if x is not None]
+
+    def grad_names(self):
+        """Names of the gradients of ``leaves()``, in the same order."""
+        return [n for n, x in zip(GRAD_NAMES, self._differentiable()) if x is not None]
 
     def cast(self, dtype, device=None):
         """A detached copy in ``dtype`` (floats only) with fresh leaves that require grad."""
@@ -117,24 +123,32 @@ def grads(out, leaves, seed=1):
 GRAD_NAMES = ("dq", "dk", "dv", "dside_k", "dside_v", "drel_bias", "dside_bias")
 
 
-def check_backend_against_oracle(case: Case, backend: str, dtype: torch.dtype, device=None) -> None:
-    """The tolerance rule for one case: ``backend`` in ``dtype`` vs the fp64 oracle, outputs and all grads.
+def check_backend_against_oracle(case: Case, backend: str, dtype: torch.dtype, oracle=None):
+    """The tolerance rule (DESIGN.md section 4) for one case: ``backend`` in ``dtype``, output and every grad.
 
-    The baseline is the torch backend on the same inputs in the same dtype (DESIGN.md section 4).
+    The error bound comes from the torch backend on the same inputs in the same dtype, both measured
+    against ``oracle`` = (output, grads), by default the fp64 dense oracle on ``case``. Also checks that
+    outputs and grads have the input's dtype and shape, the output is contiguous, and all are finite.
+    Returns (the case run on ``backend``, its output, its grads).
     """
     from tests.tolerance import assert_within_rule
 
-    oracle_case = case.cast(torch.float64, device="cpu")
-    oracle = oracle_case.run_oracle()
-    oracle_grads = grads(oracle, oracle_case.leaves())
-    results = {}
+    if oracle is None:
+        ref = case.run_oracle()
+        oracle = (ref, grads(ref, case.leaves()))
+    ref, ref_grads = oracle
+    runs = {}
     for name in ("torch", backend):
-        run_case = case.cast(dtype, device=device)
+        run_case = case.cast(dtype)
         out = run_case.run(name)
-        results[name] = (out, grads(out, run_case.leaves()))
-    (out, got), (base, base_grads) = results[backend], results["torch"]
-    assert out.dtype == dtype and torch.isfinite(out).all(), f"{backend}: non-finite output"
-    assert_within_rule("out", out.cpu(), base.cpu(), oracle)
-    for name, g, b, want in zip(GRAD_NAMES, got, base_grads, oracle_grads):
+        runs[name] = (run_case, out, grads(out, run_case.leaves()))
+    _, base_out, base_grads = runs["torch"]
+    test, out, got = runs[backend]
+    assert out.dtype == dtype and out.shape == case.q.shape and out.is_contiguous()
+    assert torch.isfinite(out).all(), f"{backend}: non-finite output"
+    assert_within_rule("out", out, base_out, ref)
+    for name, g, b, r, leaf in zip(case.grad_names(), got, base_grads, ref_grads, test.leaves()):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
         assert torch.isfinite(g).all(), f"{backend}: non-finite {name}"
-        assert_within_rule(name, g.cpu(), b.cpu(), want, grad=True)
+        assert_within_rule(name, g, b, r, grad=True)
+    return test, out, got

@@ -18,7 +18,7 @@ import torch
 import longattn
 from longattn.backends import cuda_backend
 from tests import reference
-from tests.conftest import grads, make_case
+from tests.conftest import GRAD_NAMES, check_backend_against_oracle, grads, make_case
 from tests.tolerance import assert_within_rule
 
 BUILT = cuda_backend._C is not None
@@ -145,7 +145,6 @@ def test_fake_shapes_of_raw_ops():
 # GPU
 # --------------------------------------------------------------------------------------------------------
 
-GRAD_NAMES = ["dq", "dk", "dv", "dside_k", "dside_v", "drel_bias", "dside_bias"]
 DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 
 # DESIGN.md section 4 shapes, with 64 x 64 kernel tiles in mind: odd S crossing several tiles, windows
@@ -171,28 +170,7 @@ CASES = {
 
 
 def _check(case, dtype, oracle=None):
-    """Forward and every gradient of ``case`` on the cuda backend within the tolerance rule."""
-    if oracle is None:
-        ref = case.run_oracle()
-        ref_grads = grads(ref, case.leaves())
-    else:
-        ref, ref_grads = oracle
-    base = case.cast(dtype)
-    base_out = base.run("torch")
-    base_grads = grads(base_out, base.leaves())
-    test = case.cast(dtype)
-    out = test.run("cuda")
-    assert out.dtype == dtype and out.shape == case.q.shape and out.is_contiguous()
-    assert torch.isfinite(out).all()
-    assert_within_rule("out", out, base_out, ref)
-    got = grads(out, test.leaves())
-    names = [n for n, x in zip(GRAD_NAMES, (case.q, case.k, case.v, case.side_k, case.side_v, case.rel_bias,
-                                            case.side_bias)) if x is not None]
-    for name, g, b, r, leaf in zip(names, got, base_grads, ref_grads, test.leaves()):
-        assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
-        assert torch.isfinite(g).all(), name
-        assert_within_rule(name, g, b, r, grad=True)
-    return test, out, got
+    return check_backend_against_oracle(case, "cuda", dtype, oracle)
 
 
 @pytest.mark.gpu

@@ -135,40 +135,25 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
 
 
 def _register_fakes():
-    dense = torch.contiguous_format
+    from .. import _fake
 
     @torch.library.register_fake("longattn::cuda_band_side_fwd")
     def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
           scale):
-        B, S, H, D = q.shape
-        return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=torch.float32)
+        return _fake.band_side_forward(q)
 
     @torch.library.register_fake("longattn::cuda_band_side_bwd")
     def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
           side_bias, left, right, scale):
-        return (
-            torch.empty_like(q, memory_format=dense),
-            torch.empty_like(q, memory_format=dense),
-            torch.empty_like(q, memory_format=dense),
-            torch.empty_like(side_k, memory_format=dense),
-            torch.empty_like(side_k, memory_format=dense),
-            q.new_empty(0) if band_bias is None else torch.empty_like(band_bias, memory_format=dense),
-            q.new_empty(0) if side_bias is None else torch.empty_like(side_bias, memory_format=dense),
-        )
+        return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
 
     @torch.library.register_fake("longattn::cuda_block_aggregate_fwd")
     def _(x, block_ids, num_blocks, weight, eps):
-        B, _, C = x.shape
-        if weight is None:
-            empty = x.new_empty(0, dtype=torch.float32)
-            return x.new_empty(B, num_blocks, C), empty, empty.clone()
-        return (x.new_empty(B, num_blocks, C), x.new_empty(B, num_blocks, C, dtype=torch.float32),
-                x.new_empty(B, num_blocks, dtype=torch.float32))
+        return _fake.block_aggregate_forward(x, num_blocks, weight)
 
     @torch.library.register_fake("longattn::cuda_block_aggregate_bwd")
     def _(dout, x, block_ids, num_blocks, weight, sums, rstd, eps):
-        dweight = x.new_empty(0) if weight is None else torch.empty_like(weight, memory_format=dense)
-        return torch.empty_like(x, memory_format=dense), dweight
+        return _fake.block_aggregate_backward(x, weight)
 
 
 if _C is not None and hasattr(torch.ops.longattn, "cuda_band_side_fwd"):

@@ -1,16 +1,102 @@
-"""The Triton backend (kernels in the top-level ``triton_kernels/``, installed as ``longattn.triton_kernels``).
+"""The Triton backend: fused kernels from ``longattn.triton_kernels`` (sources in the top-level ``triton_kernels/``).
 
-Placeholder until the fused kernels land: it reports itself unavailable with the reason.
+Implements the contract of ``longattn.backends``. Triton is imported only when a kernel runs or a
+capability is asked for, so ``import longattn`` works without Triton; nothing here initialises CUDA for a
+CPU device. On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``, a test
+vehicle, not a fast path).
+
+What it takes:
+- dtypes float16, bfloat16 (CUDA only: the interpreter cannot run bf16) and float32 (exact fp32 products,
+  no TF32); float64 is left to the torch backend.
+- band_side: head dims 1..128 (padded to a power of two >= 16 inside the kernels, masked), any S >= 1,
+  any G >= 0, any strides with a unit last stride.
+- block_aggregate: any channel count C.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+import torch
+
 NAME = "triton"
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 128
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def unavailable_reasons(device) -> list[str]:
-    return ["the fused Triton kernels are not implemented yet"]
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return ["Triton is not installed (pip install triton)"]
+    try:
+        import triton  # noqa: F401  (does not touch the GPU)
+    except Exception as exc:  # a broken install says why
+        return [f"importing Triton failed: {exc!r}"]
+    if device.type == "cpu":
+        if _interpret():
+            return []
+        return ["Triton kernels need a CUDA device; on CPU they run only under TRITON_INTERPRET=1 (tests)"]
+    if device.type != "cuda":
+        return [f"Triton kernels need a CUDA device, got {device.type!r}"]
+    if not torch.cuda.is_available():
+        return ["no CUDA device is visible (torch.cuda.is_available() is False)"]
+    return []
 
 
 def unsupported_reasons(device, dtype, head_dim, op) -> list[str]:
-    return unavailable_reasons(device)
+    reasons = unavailable_reasons(device)
+    if dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} is not one of {SUPPORTED_DTYPES} (float64 runs on the torch backend)")
+    elif dtype == torch.bfloat16 and torch.device(device).type == "cpu":
+        reasons.append("bfloat16 cannot run under Triton's CPU interpreter (TRITON_INTERPRET=1)")
+    elif dtype == torch.bfloat16 and not reasons and torch.cuda.get_device_capability(device) < (8, 0):
+        reasons.append("bfloat16 tensor-core products need compute capability >= 8.0")
+    if op == "band_side" and not 1 <= head_dim <= MAX_HEAD_DIM:
+        reasons.append(f"head_dim {head_dim} is not in [1, {MAX_HEAD_DIM}] (tiles are sized for D <= 128)")
+    elif op not in ("band_side", "block_aggregate"):
+        reasons.append(f"unknown op {op!r}")
+    return reasons
+
+
+def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
+                      left, right, scale):
+    from longattn.triton_kernels import band_side
+
+    return band_side.forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
+                             side_bias, left, right, scale)
+
+
+def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
+                       band_bias, side_bias, left, right, scale):
+    from longattn.triton_kernels import band_side, bias_grad
+
+    dq, dk, dv, dsk, dsv, delta = band_side.backward(
+        dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
+        left, right, scale)
+    lse = lse.contiguous()
+    dbb = q.new_empty(0)
+    if band_bias is not None:
+        dbb = bias_grad.bias_grad(False, q, k, v, dout, lse, delta, band_key_mask, side_mask, query_block,
+                                  band_bias, left, right, scale)
+    dsb = q.new_empty(0)
+    if side_bias is not None:
+        dsb = bias_grad.bias_grad(True, q, side_k, side_v, dout, lse, delta, band_key_mask, side_mask,
+                                  query_block, side_bias, left, right, scale)
+    return dq, dk, dv, dsk, dsv, dbb, dsb
+
+
+def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
+    from longattn.triton_kernels import block_aggregate
+
+    return block_aggregate.forward(x, block_ids, num_blocks, weight, eps)
+
+
+def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps):
+    from longattn.triton_kernels import block_aggregate
+
+    return block_aggregate.backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps)

@@ -1,0 +1,339 @@
+"""Fused band + side-keys attention (DESIGN.md section 1): forward, dQ, and dK/dV kernels.
+
+Kernels:
+
+- ``_rows_kernel``: one program per (query tile, batch * head). It walks the key tiles of its band, then the
+  side-key tiles, in one loop structure; ``BACKWARD`` picks the per-tile step: the online softmax (forward,
+  saving the row log-sum-exp) or the dQ accumulation (backward).
+- ``_keys_kernel``: one program per (key tile, batch * head), walking the query tiles that see it and
+  accumulating dK and dV in registers, so no atomics. With ``SIDE`` its key tile is a side-key tile and it
+  walks its share of the query tiles (each query attends every side key; the shares' float32 partials are
+  summed by torch in a fixed order, see ``backward``).
+- ``_delta_kernel``: ``delta = rowsum(dout * out)``, the softmax-backward row term read by both.
+
+Bias-table gradients come from ``bias_grad``; both use the score helpers of ``_common``. Layouts: q, k, v,
+dout (B, S, H, D) and side_k, side_v (B, G, H, D) with any strides and a unit last stride (strides are passed
+to the kernels, no copies); out, dq, dk, dv, dside_k, dside_v are written contiguous; lse and delta are
+contiguous float32 (B, H, S).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LOG2E,
+    as_u8,
+    attention_tiles,
+    band_scores,
+    band_tile_interior,
+    batch_head_offset,
+    dot_precision,
+    head_dim_block,
+    interpreting,
+    load_rows,
+    side_scores,
+    store_rows,
+    strides3,
+)
+
+
+@triton.jit
+def _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key tile of a query tile: online-softmax update (forward) or dQ accumulation (backward)."""
+    if BACKWARD:
+        p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (no key) gives p = 0
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with no key so far keeps m = -inf; shift by 0 instead so no inf - inf appears.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_i - m_safe) * LOG2E)
+        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # P is rounded to the input dtype before the PV product, as the torch backend does.
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _rows_kernel(
+    Q, K, V, SK, SV, DO, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_skb, stride_sks, stride_skh, stride_svb, stride_svs, stride_svh,
+    stride_dob, stride_dos, stride_doh, stride_rb, stride_rs, stride_rh,
+    S, H, G, D, left, right, scale,
+    BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
+    HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Lse, Delta) of one query tile."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m[:, None]
+    row_ok = offs_m < S
+
+    q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), offs_m, S, stride_qs, offs_d, D)
+    k_base = K + batch_head_offset(pid_bh, H, stride_kb, stride_kh)
+    v_base = V + batch_head_offset(pid_bh, H, stride_vb, stride_vh)
+    stat_ptrs = pid_bh.to(tl.int64) * S + offs_m  # (B, H, S) contiguous statistics
+    do = q  # unused in the forward
+    lse = tl.zeros([BLOCK_M], dtype=tl.float32)
+    delta = lse
+    if BACKWARD:
+        do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
+        lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + stat_ptrs, mask=row_ok, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S).
+    n_start = m0 - left
+    t_lo = tl.maximum(0, -n_start) // BLOCK_N
+    t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+    for t in range(t_lo, t_hi):
+        n0 = n_start + t * BLOCK_N
+        cols = n0 + offs_n
+        k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
+        v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
+        s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
+                        KMask + b * S, HAS_BBIAS, HAS_KMASK)
+        m_i, l_i, acc = _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, DOT_PREC)
+
+    # Side keys: extra tiles of the same loop (always masked: g < G and side_mask).
+    if G > 0:
+        qblock = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+        if HAS_SBIAS:
+            qblock = tl.load(QBlock + b * S + offs_m, mask=row_ok, other=0)[:, None]
+        sk_base = SK + batch_head_offset(pid_bh, H, stride_skb, stride_skh)
+        sv_base = SV + batch_head_offset(pid_bh, H, stride_svb, stride_svh)
+        for g0 in range(0, G, BLOCK_N):
+            g = g0 + offs_n
+            k = load_rows(sk_base, g, G, stride_sks, offs_d, D)
+            v = load_rows(sv_base, g, G, stride_svs, offs_d, D)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            s = side_scores(qk, qblock, g[None, :], G, scale, SBias + h * (2 * G + 1), SMask + b * G,
+                            HAS_SBIAS, HAS_SMASK)
+            m_i, l_i, acc = _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, DOT_PREC)
+
+    res_base = Res + batch_head_offset(pid_bh, H, stride_rb, stride_rh)
+    if BACKWARD:
+        store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
+    else:
+        has_key = l_i > 0.0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
+        store_rows(res_base, out, offs_m, S, stride_rs, offs_d, D)
+        row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
+        tl.store(Lse + stat_ptrs, row_lse, mask=row_ok)
+
+
+@triton.jit
+def _keys_kernel(
+    Q, K, V, DO, Lse, Delta, DK, DV, KMask, SMask, QBlock, BBias, SBias,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_gb, stride_gs, stride_gh, stride_split,
+    S, N, H, G, D, left, right, scale, tiles_per_split,
+    SIDE: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
+    HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles.
+
+    K, V are the band (B, S, H, D) or side (B, G, H, D) tensors. DK and DV are contiguous, (B, N, H, D) for
+    band keys, (splits, B, G, H, D) for side keys, where program (., ., z) sums query tiles
+    ``[z * tiles_per_split, (z + 1) * tiles_per_split)`` into slice z (``stride_split`` elements apart).
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(K + batch_head_offset(pid_bh, H, stride_kb, stride_kh), offs_n, N, stride_ks, offs_d, D)
+    v = load_rows(V + batch_head_offset(pid_bh, H, stride_vb, stride_vh), offs_n, N, stride_vs, offs_d, D)
+    q_base = Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh)
+    do_base = DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    if SIDE:  # every query attends every side key: this program's chunk of all query tiles
+        m_start = 0
+        t_lo = tl.program_id(2) * tiles_per_split
+        t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(S, BLOCK_M))
+    else:  # queries i with i - left <= j <= i + right for some key j of the tile, as tiles from n0 - right
+        m_start = n0 - right
+        t_lo = tl.maximum(0, -m_start) // BLOCK_M
+        t_hi = (tl.minimum(S - 1, n0 + BLOCK_N - 1 + left) - m_start) // BLOCK_M + 1
+    for t in range(t_lo, t_hi):
+        m0 = m_start + t * BLOCK_M
+        rows = m0 + offs_m
+        row_ok = (rows >= 0) & (rows < S)
+        q = load_rows(q_base, rows, S, stride_qs, offs_d, D)
+        do = load_rows(do_base, rows, S, stride_dos, offs_d, D)
+        stat_ptrs = pid_bh.to(tl.int64) * S + rows
+        lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))  # rows outside [0, S): p = 0
+        delta = tl.load(Delta + stat_ptrs, mask=row_ok, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if SIDE:
+            qblock = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+            if HAS_SBIAS:
+                qblock = tl.load(QBlock + b * S + rows, mask=row_ok, other=0)[:, None]
+            s = side_scores(qk, qblock, offs_n[None, :], G, scale, SBias + h * (2 * G + 1), SMask + b * G,
+                            HAS_SBIAS, HAS_SMASK)
+        else:
+            edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
+            s = band_scores(qk, rows[:, None], offs_n[None, :], edge, S, left, right, scale,
+                            BBias + h * (left + right + 1), KMask + b * S, HAS_BBIAS, HAS_KMASK)
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+
+    out_offset = tl.program_id(2).to(tl.int64) * stride_split + batch_head_offset(pid_bh, H, stride_gb, stride_gh)
+    store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
+    store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
+
+
+@triton.jit
+def _delta_kernel(DO, Out, Delta, stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, S, H, D,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[b, h, i] = <dout[b, i, h], out[b, i, h]> in float32 (the softmax-backward row term)."""
+    pid_bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
+    o = load_rows(Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), offs_m, S, stride_os, offs_d, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
+
+
+# --------------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _side_or_dummy(side_k, side_v, q):
+    """side_k, side_v, or q twice when G = 0: an empty tensor may have a null data pointer (never read)."""
+    return (side_k, side_v) if side_k.shape[1] > 0 else (q, q)
+
+
+def _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, dummy):
+    """Pointers of the optional inputs, with ``dummy`` standing in for absent ones (flags keep them unread)."""
+    return (
+        as_u8(band_key_mask, dummy), as_u8(side_mask, dummy),
+        dummy if query_block is None else query_block,
+        dummy if band_bias is None else band_bias,
+        dummy if side_bias is None else side_bias,
+    )
+
+
+def _flags(band_key_mask, side_mask, band_bias, side_bias):
+    return dict(HAS_KMASK=band_key_mask is not None, HAS_SMASK=side_mask is not None,
+                HAS_BBIAS=band_bias is not None, HAS_SBIAS=side_bias is not None)
+
+
+def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
+            scale):
+    """-> (out (B, S, H, D) contiguous in q's dtype, lse (B, H, S) float32); see ``longattn.backends``."""
+    B, S, H, D = q.shape
+    G = side_k.shape[1]
+    out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    BLOCK_M, BLOCK_N, warps = attention_tiles(D)
+    extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
+    grid = (triton.cdiv(S, BLOCK_M), B * H)
+    _rows_kernel[grid](
+        q, k, v, *_side_or_dummy(side_k, side_v, q), q, out, lse, lse, *extra,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
+        *strides3(q), *strides3(out),
+        S, H, G, D, left, right, float(scale),
+        BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias), BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
+    )
+    return out, lse
+
+
+def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
+             left, right, scale):
+    """-> (dq, dk, dv, dside_k, dside_v, delta): contiguous gradients in the inputs' dtype, delta (B, H, S).
+
+    Side keys' dK/dV: every query attends every side key, so one program per side-key tile would walk all S
+    queries (e.g. Longformer's single global token: B * H programs for the whole GPU). The query range is
+    therefore split into ``side_splits`` chunks whose float32 partials torch sums in a fixed order.
+    """
+    B, S, H, D = q.shape
+    G = side_k.shape[1]
+    BLOCK_M, BLOCK_N, warps = attention_tiles(D)
+    delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
+    _delta_kernel[(triton.cdiv(S, BLOCK_M), B * H)](
+        dout, out, delta, *strides3(dout), *strides3(out), S, H, D, BLOCK_M=BLOCK_M, BLOCK_D=head_dim_block(D),
+    )
+    dq = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
+    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
+    meta = dict(**_flags(band_key_mask, side_mask, band_bias, side_bias), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps)
+    lse = lse.contiguous()
+    _rows_kernel[(triton.cdiv(S, BLOCK_M), B * H)](
+        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, dq, lse, delta, *extra,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
+        *strides3(dout), *strides3(dq),
+        S, H, G, D, left, right, float(scale), BACKWARD=True, **meta,
+    )
+    _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H, 1)](
+        q, k, v, dout, lse, delta, dk, dv, *extra,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0,
+        S, S, H, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, **meta,
+    )
+    dsk, dsv = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta)
+    return dq, dk, dv, dsk, dsv, delta
+
+
+def side_splits(n_programs: int, n_query_tiles: int) -> int:
+    """Query-range chunks for the side-key dK/dV so that about four waves of an H100 (132 SMs) are busy."""
+    if interpreting():
+        return min(2, n_query_tiles)  # still exercises the partial-sum path
+    return max(1, min(n_query_tiles, triton.cdiv(4 * 132, n_programs), 16))
+
+
+def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta):
+    """(dside_k, dside_v) contiguous in q's dtype, from float32 partials over query chunks (see ``backward``)."""
+    B, S, H, D = q.shape
+    G = side_k.shape[1]
+    if G == 0:
+        return torch.empty_like(side_k, memory_format=torch.contiguous_format), torch.empty_like(
+            side_v, memory_format=torch.contiguous_format)
+    n_tiles = triton.cdiv(S, meta["BLOCK_M"])
+    grid = (triton.cdiv(G, meta["BLOCK_N"]), B * H)
+    splits = side_splits(grid[0] * grid[1], n_tiles)
+    per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, per_split)
+    # One split writes the result directly; several write float32 partials summed below in a fixed order.
+    dtype = q.dtype if splits == 1 else torch.float32
+    dsk = torch.empty(splits, B, G, H, D, dtype=dtype, device=q.device)
+    dsv = torch.empty_like(dsk)
+    _keys_kernel[(*grid, splits)](
+        q, side_k, side_v, dout, lse, delta, dsk, dsv, *extra,
+        *strides3(q), *strides3(side_k), *strides3(side_v), *strides3(dout), *strides3(dsk[0]), dsk[0].numel(),
+        S, G, H, G, D, 0, 0, float(scale), per_split, SIDE=True, **meta,
+    )
+    if splits == 1:
+        return dsk[0], dsv[0]
+    return dsk.sum(0).to(q.dtype), dsv.sum(0).to(q.dtype)

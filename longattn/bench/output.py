@@ -109,15 +109,18 @@ def write_plot(path, records: list[dict], title: str = "") -> None:
 
     ok = [r for r in records if r["status"] == "ok"]
     panels = sorted({(r["op"], r["pass"]) for r in ok}, key=lambda p: (p[0], list(PASS_TITLES).index(p[1])))
+    # One colour per implementation across all panels, so a line is recognisable without its legend.
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {impl: palette[i % len(palette)] for i, impl in enumerate(dict.fromkeys(r["impl"] for r in ok))}
     fig, axes = plt.subplots(max(1, len(panels)), 2, figsize=(11, 3.2 * max(1, len(panels))), squeeze=False)
     for row, (op, which) in enumerate(panels):
         sel = [r for r in ok if r["op"] == op and r["pass"] == which]
         for impl in dict.fromkeys(r["impl"] for r in sel):
             pts = sorted((r["S"], r["time_ms"], r.get("tflops")) for r in sel if r["impl"] == impl)
-            style = "-o" if not impl.startswith("longattn") else "-s"
-            axes[row, 0].plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
+            style = dict(marker="s" if impl.startswith("longattn") else "o", color=colors[impl], label=impl)
+            axes[row, 0].plot([p[0] for p in pts], [p[1] for p in pts], **style)
             if all(p[2] is not None for p in pts):
-                axes[row, 1].plot([p[0] for p in pts], [p[2] for p in pts], style, label=impl)
+                axes[row, 1].plot([p[0] for p in pts], [p[2] for p in pts], **style)
         for col, ylabel in enumerate(("time (ms)", "useful TFLOP/s")):
             ax = axes[row, col]
             ax.set_xscale("log", base=2)

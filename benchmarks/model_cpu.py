@@ -7,9 +7,10 @@
 Each variant runs in its own subprocess, so its peak resident memory (``ru_maxrss``) is its own: the reported
 peak is that high-water mark minus the resident memory just before the first forward (model and inputs already
 built). ``--layers-only`` times the encoder layers alone, fed the (B, S) masks they receive: the stock
-``LEDEncoder.forward`` first builds its 2-D mask by materialising a (B, 1, S, S) float tensor (several
-temporaries of 4 S^2 bytes), which a patched model pays too. Time is the median of ``--repeats`` forwards
-after one warm-up, under ``torch.no_grad()``. Not a test: numbers depend on the machine and its load.
+``LEDEncoder.forward`` first builds its 2-D mask by materialising (B, 1, S, S) float tensors (4 S^2 bytes
+each), which the patched model avoids (``apply_longattn`` swaps that mask helper for one computing the row
+alone). Time is the median of ``--repeats`` forwards after one warm-up, under ``torch.no_grad()``. Not a test:
+numbers depend on the machine and its load.
 """
 
 from __future__ import annotations

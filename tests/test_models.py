@@ -58,9 +58,9 @@ def led_config(windows=(8, 12), **kw):
     return transformers.LEDConfig(
         vocab_size=VOCAB, d_model=32, encoder_layers=len(windows), decoder_layers=1, encoder_attention_heads=2,
         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, attention_window=list(windows),
-        max_encoder_position_embeddings=200, max_decoder_position_embeddings=64, dropout=0.0,
-        activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, init_std=0.2,
-        **{"attention_dropout": 0.0, **kw})
+        max_decoder_position_embeddings=64, dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, init_std=0.2,
+        **{"attention_dropout": 0.0, "max_encoder_position_embeddings": 200, **kw})
 
 
 def longt5_config(attention_type, **kw):
@@ -503,11 +503,29 @@ def test_second_apply_updates_settings_and_revert_restores_the_first_original():
 
 
 # ------------------------------------------------------------------------------------- no S x window tensors
-@pytest.mark.parametrize("family", ["led", "local", "transient-global"])
-def test_patched_attention_forms_no_s_by_window_tensor(family):
-    """Every tensor the patched attention module creates (forward and backward) is smaller than ``S x band``."""
+def largest_tensor_created(fn) -> int:
+    """The largest storage (in elements) of any tensor an aten op returns while ``fn()`` runs: what it
+    allocates, so a broadcast view counts as the storage it views."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.untyped_storage().nbytes() // t.element_size())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.largest
+
+
+@pytest.mark.parametrize("family", ["led", "local", "transient-global"])
+def test_patched_attention_forms_no_s_by_window_tensor(family):
+    """Every tensor the patched attention module allocates (forward and backward) is smaller than ``S x band``."""
     S, B = 512, 1
     if family == "led":
         model = build(transformers.LEDModel, led_config(windows=(64,)), 0)
@@ -527,19 +545,8 @@ def test_patched_attention_forms_no_s_by_window_tensor(family):
     x = torch.randn(B, S, 32, requires_grad=True)
     limit = B * H * S * band
 
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor):
-                    Largest.largest = max(Largest.largest, t.numel())
-            return out
-
-    with Largest():
-        attn(x, **args)[0].sum().backward()
-    assert 0 < Largest.largest < limit, f"a {Largest.largest}-element tensor >= B*H*S*band = {limit}"
+    largest = largest_tensor_created(lambda: attn(x, **args)[0].sum().backward())
+    assert 0 < largest < limit, f"a {largest}-element tensor >= B*H*S*band = {limit}"
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile
@@ -568,3 +575,31 @@ def test_torch_compile_patched_led_encoder():
     got = torch.compile(model, backend="aot_eager")(**kw).last_hidden_state
     real = kw["attention_mask"].bool()
     assert_rel_close("compiled encoder", got[real], want[real])
+
+
+def test_patched_led_encoder_forms_no_s_by_s_mask():
+    """Stock LEDEncoder.forward materialises (B, 1, S, S) mask tensors to keep one row; once an LED model is
+    patched, the mask helper computes that row alone, with bitwise the same values."""
+    S = 1024
+    model = build(transformers.LEDModel, led_config(windows=(16,), max_encoder_position_embeddings=S), 0)
+    ids, mask = token_batch([S, S - 100], S, 0, model.config.pad_token_id)
+    glob = torch.zeros_like(mask)
+    glob[:, [0, 500]] = 1
+    encoder = model.get_encoder()
+
+    def run():
+        with torch.no_grad():
+            return encoder(input_ids=ids, attention_mask=mask, global_attention_mask=glob).last_hidden_state
+
+    want = run()
+    longattn.apply_longattn(model)
+    helper = transformers.models.led.modeling_led._prepare_4d_attention_mask_inverted
+    merged = (mask * (glob + 1)).float()  # LEDEncoder._merge_to_attention_mask's 0 / 1 / 2 values
+    stock_helper = helper.__wrapped__
+    assert stock_helper is not helper
+    assert largest_tensor_created(lambda: stock_helper(merged, torch.float32)) >= 2 * S * S  # what is avoided
+    assert torch.equal(helper(merged, torch.float32), stock_helper(merged, torch.float32))
+    got, patched_largest = run(), largest_tensor_created(run)
+    assert patched_largest < S * S // 4, f"patched LED encoder allocated a {patched_largest}-element tensor"
+    real = mask.bool()
+    assert_rel_close("last_hidden_state", got[real], want[real])

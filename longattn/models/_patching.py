@@ -45,6 +45,27 @@ PATCHES = (
     PatchSpec("longt5", "LongT5TransientGlobalAttention", longt5.longt5_tglobal_forward, longt5.FORWARD_PARAMS),
 )
 
+@dataclasses.dataclass(frozen=True)
+class FunctionPatch:
+    """Replace the module-level function ``<package>.<name>`` by ``make(stock)``, process-wide, the first time
+    ``apply_longattn`` patches a model with modules of ``package``; ``revert_longattn`` leaves it in place.
+
+    For helpers the stock *model* forwards call outside the attention modules. A replacement must return the
+    stock values bitwise (it only saves memory), so leaving it installed changes no output of any model.
+    ``params``: the stock function's parameters (a transformers version with others is refused).
+    """
+
+    package: str
+    name: str
+    make: Callable
+    params: tuple[str, ...]
+
+
+# LEDEncoder.forward's mask preparation materialises (B, 1, S, S) tensors to keep one row of them.
+FUNCTION_PATCHES = (
+    FunctionPatch("led", "_prepare_4d_attention_mask_inverted", longformer.row_mask_only, ("mask", "dtype", "tgt_len")),
+)
+
 # With pad_to_window=False: the modules that pad S to a multiple of attention_window before the layers, and what
 # their _pad_to_window_size returns after padding_len (it takes the same names as parameters, plus pad_token_id).
 _LONGFORMER_PAD = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds")
@@ -65,6 +86,10 @@ def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True):
     self-attention, the decoder is ordinary attention and stays; ``LongT5Model`` /
     ``LongT5ForConditionalGeneration`` / ``LongT5EncoderModel`` with ``encoder_attention_type`` "local" or
     "transient-global". Any module tree containing those attention modules works (the match is by module class).
+
+    Patching an LED model also replaces, process-wide and for good, LED's module-level mask helper that
+    ``LEDEncoder.forward`` calls with one returning bitwise the same values without its ``(B, 1, S, S)``
+    temporaries (see ``FUNCTION_PATCHES``).
 
     Outputs and gradients equal the stock model's (within rounding). The stock forward still runs, with a
     one-time warning, for ``output_attentions=True`` and for attention dropout > 0 in training mode (the fused
@@ -89,6 +114,9 @@ def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True):
                          f"patches ({names})")
     for spec, module in matched:
         _patch(module, spec, backend)
+    for patch in FUNCTION_PATCHES:
+        if any(spec.package == patch.package for spec, _ in matched):
+            _install(patch)
     if pad_to_window:  # a second apply with the default undoes an earlier pad_to_window=False
         for spec, module in _matches(model, NO_PAD_PATCHES):
             _unpatch(module, spec.method)
@@ -107,6 +135,15 @@ def revert_longattn(model):
     if reverted == 0:
         raise ValueError(f"revert_longattn: nothing in {type(model).__name__} was patched by apply_longattn")
     return model
+
+
+@functools.cache
+def _install(patch: FunctionPatch) -> None:
+    """Install ``patch`` once per process (cached: a second call would wrap the replacement)."""
+    modeling = _modeling(patch.package)
+    stock = getattr(modeling, patch.name)
+    _check_params(patch.name, stock, patch.params)
+    setattr(modeling, patch.name, patch.make(stock))
 
 
 def _state_attr(method: str) -> str:
@@ -142,14 +179,19 @@ def _matches(model, specs):
             if cls is not None and isinstance(module, cls)]
 
 
+def _modeling(package: str):
+    """``transformers.models.<package>.modeling_<package>``, or None if transformers or the family is missing."""
+    try:
+        return importlib.import_module(f"transformers.models.{package}.modeling_{package}")
+    except ImportError:
+        return None
+
+
 @functools.cache
 def _resolve(spec: PatchSpec):
     """The transformers class of ``spec`` (None if transformers or the model family is missing), checked once."""
-    try:
-        modeling = importlib.import_module(f"transformers.models.{spec.package}.modeling_{spec.package}")
-    except ImportError:
-        return None
-    cls = getattr(modeling, spec.cls, None)
+    modeling = _modeling(spec.package)
+    cls = None if modeling is None else getattr(modeling, spec.cls, None)
     if cls is None:
         return None
     _check_version(spec, cls)
@@ -159,16 +201,23 @@ def _resolve(spec: PatchSpec):
 def _check_version(spec: PatchSpec, cls) -> None:
     import transformers
 
-    params = tuple(inspect.signature(getattr(cls, spec.method)).parameters)[1:]
-    if params != spec.params:
-        raise RuntimeError(
-            f"apply_longattn: unsupported transformers {transformers.__version__}: {spec.cls}.{spec.method} takes "
-            f"{params}, longattn's replacement was written for {spec.params} (tested with transformers "
-            f"{TESTED_MAJOR}.x)")
+    _check_params(f"{spec.cls}.{spec.method}", getattr(cls, spec.method), spec.params, skip_self=True)
     major = int(transformers.__version__.split(".")[0])
     if major != TESTED_MAJOR:
         warn_once("transformers-version", f"longattn: apply_longattn was tested with transformers {TESTED_MAJOR}.x, "
                                           f"found {transformers.__version__}; the patched signatures match")
 
 
-__all__ = ["PATCHES", "NO_PAD_PATCHES", "PatchSpec", "apply_longattn", "revert_longattn", "patch_state"]
+def _check_params(what: str, fn, expected: tuple[str, ...], skip_self: bool = False) -> None:
+    """Refuse a transformers version whose ``fn`` takes other parameters than the replacement was written for."""
+    import transformers
+
+    params = tuple(inspect.signature(fn).parameters)[1 if skip_self else 0 :]
+    if params != expected:
+        raise RuntimeError(
+            f"apply_longattn: unsupported transformers {transformers.__version__}: {what} takes {params}, "
+            f"longattn's replacement was written for {expected} (tested with transformers {TESTED_MAJOR}.x)")
+
+
+__all__ = ["PATCHES", "NO_PAD_PATCHES", "FUNCTION_PATCHES", "FunctionPatch", "PatchSpec", "apply_longattn",
+           "revert_longattn", "patch_state"]

@@ -11,6 +11,7 @@ so one forward serves both. What the layer receives (transformers 5.x, DESIGN.md
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -123,3 +124,20 @@ def no_pad_to_window_size(returns: tuple[str, ...]):
         return (0, *(bound.arguments.get(name) for name in returns))
 
     return _pad_to_window_size
+
+
+def row_mask_only(stock):
+    """LED's ``_prepare_4d_attention_mask_inverted`` without its ``(B, 1, T, S)`` temporaries.
+
+    ``LEDEncoder.forward`` builds its ``(B, S)`` float mask as ``stock(mask, dtype)[:, 0, 0, :]``: the stock
+    function materialises ``(B, 1, S, S)`` tensors first (1 GiB each at S = 16384 in fp32) to keep one row of
+    them. Every element of the result depends only on ``mask[b, j]``, so the stock arithmetic on one target row,
+    broadcast to ``T`` rows, gives bitwise the same values with O(B * S) memory (as a read-only expanded view).
+    """
+
+    @functools.wraps(stock)  # also keeps the stock function as ``prepare.__wrapped__``
+    def prepare(mask, dtype, tgt_len=None):
+        bsz, src_len = mask.size()
+        return stock(mask, dtype, tgt_len=1).expand(bsz, 1, src_len if tgt_len is None else tgt_len, src_len)
+
+    return prepare

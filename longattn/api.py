@@ -21,6 +21,7 @@ from ._validation import (
     check_backend_name,
     check_bias_table,
     check_index_tensor,
+    check_last_dim_contiguous,
     check_like,
     check_mask,
     check_qkv,
@@ -177,27 +178,32 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
     if global_mask is None:
         raise TypeError("global_mask: expected a (B, S) bool or 0/1 tensor, got None")
     key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
+    for name, x in (("q_global", q_global), ("k_global", k_global), ("v_global", v_global)):
+        if x is not None:
+            check_like(name, x, q, "q")
+    scale = check_scale(scale, D, None)
+    check_backend_name(backend)
+    if max_globals is not None:
+        max_globals = _as_int("max_globals", max_globals)
+        if max_globals < 0:
+            raise ValueError(f"max_globals: expected a non-negative int, got {max_globals}")
+    elif _is_compiling():
+        raise ValueError("max_globals: required under torch.compile (the global count is data-dependent)")
+    # Cast before defaulting the global projections, so q, k, v are cast once, not twice.
+    q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
     q_global = q if q_global is None else q_global
     k_global = k if k_global is None else k_global
     v_global = v if v_global is None else v_global
-    for name, x in (("q_global", q_global), ("k_global", k_global), ("v_global", v_global)):
-        check_like(name, x, q, "q")
-    scale = check_scale(scale, D, None)
-    check_backend_name(backend)
-    q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
 
     is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
     num_global = is_global.sum(1)
     if max_globals is None:
-        if _is_compiling():
-            raise ValueError("max_globals: required under torch.compile (the global count is data-dependent)")
         G = int(num_global.max())
     else:
-        G = _as_int("max_globals", max_globals)
-        if G < 0:
-            raise ValueError(f"max_globals: expected a non-negative int, got {G}")
-        if not _is_compiling() and int(num_global.max()) > G:
-            raise ValueError(f"max_globals: a row has {int(num_global.max())} global tokens, more than {G}")
+        if not _is_compiling() and int(num_global.max()) > max_globals:
+            raise ValueError(f"max_globals: a row has {int(num_global.max())} global tokens, more than "
+                             f"{max_globals}")
+        G = min(max_globals, S)  # a looser bound is fine; more than S slots could never be filled
     band_key_mask = ~is_global if key_padding_mask is None else key_padding_mask & ~is_global
 
     if G == 0:
@@ -256,8 +262,7 @@ def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Te
     check_tensor("x", x, ndim=3)
     if min(x.shape) == 0:
         raise ValueError(f"x: expected a non-empty (B, S, C) tensor, got shape {tuple(x.shape)}")
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        raise ValueError(f"x: the last dimension must be contiguous (stride 1), got strides {tuple(x.stride())}")
+    check_last_dim_contiguous("x", x)
     B, S, C = x.shape
     num_blocks = _as_int("num_blocks", num_blocks)
     if num_blocks < 0:

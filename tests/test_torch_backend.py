@@ -119,6 +119,9 @@ def test_longformer_matches_oracle_with_globals_everywhere():
     ref = reference.longformer_attention(q, k, v, 5, glob, **kwargs)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     assert torch.equal(out[2, 30:], torch.zeros_like(out[2, 30:]))
+    for bound in (20, S + 7):  # the exact maximum, and a bound beyond S (as many slots as tokens)
+        loose = longattn.longformer_attention(q, k, v, 5, glob, **kwargs, max_globals=bound, backend="torch")
+        torch.testing.assert_close(loose, out, atol=1e-12, rtol=0)
     leaves = [q, k, v, qg, kg, vg]
     for got, want in zip(grads(out, leaves), grads(ref, leaves)):
         torch.testing.assert_close(got, want, atol=1e-11, rtol=0)

@@ -92,7 +92,8 @@ def test_local_attention_api(dtype):
         assert_within_rule(name, g, b, r, grad=True)
 
 
-def test_longformer_api_with_globals():
+@pytest.mark.parametrize("max_globals", [None, 18, 50], ids=["counted", "exact", "more-than-S"])
+def test_longformer_api_with_globals(max_globals):
     B, S, H, D = 2, 45, 2, 16
     case = make_case(B=B, S=S, H=H, D=D, G=0, device=DEVICE)
     glob = torch.zeros(B, S, dtype=torch.bool, device=DEVICE)
@@ -105,7 +106,8 @@ def test_longformer_api_with_globals():
     results = {}
     for backend in ("torch", "triton"):
         c = case.cast(torch.float32)
-        out = longattn.longformer_attention(c.q, c.k, c.v, 4, glob, key_padding_mask=pad, backend=backend)
+        out = longattn.longformer_attention(c.q, c.k, c.v, 4, glob, key_padding_mask=pad, max_globals=max_globals,
+                                            backend=backend)
         results[backend] = (out, grads(out, [c.q, c.k, c.v]))
     assert_within_rule("out", results["triton"][0], results["torch"][0], ref)
     for name, g, b, r in zip(["dq", "dk", "dv"], results["triton"][1], results["torch"][1], ref_grads):

@@ -1,0 +1,162 @@
+"""Dropout keep bits for score tiles, bit-identical to ``longattn._dropout`` (see its module doc for the layout).
+
+``tl.philox(seed, c0, c1, c2, c3)`` is Random123's Philox4x32-10 with key ``(seed & 0xffffffff, seed >> 32)``
+(checked against the known-answer vectors in tests/test_dropout_rng.py); ``tl.randint`` / ``tl.rand`` are
+not used because they fix the counter to ``(offset_lo, offset_hi, 0, 0)``, a per-element linear index,
+while our layout spreads (b, h, row, key group) over the four counter words and uses all four outputs.
+
+Use in a kernel (rows = query positions, n0 = first key of a (BLOCK_M, BLOCK_N) score tile)::
+
+    seed, c0, c1 = dropout_counter_base(rng_ptr, pid_bh)                 # once per program
+    keep = keep_tile_aligned(seed, c0, c1, offs_m, n0, thresh, BLOCK_N, False, False)  # SIDE, GLOBAL_ROWS
+    p_dropped = tl.where(keep, p, 0.0) * keep_scale                          # keep_scale = 1 / (1 - p)
+
+The forward, dQ and dK/dV kernels call the same helper for the same (rows, keys), so they see the same bits
+whatever their tile shapes. ``keep_tile_aligned`` needs ``n0`` to be a multiple of 4 (key tiles that start
+at ``m0 - left`` must then start at ``floor((m0 - left) / 4) * 4``); ``keep_tile`` takes any int32 key
+positions, at 4x the Philox work. Longformer's global rows pass their slot indices as ``rows`` with
+``GLOBAL_ROWS`` and their keys (all tokens) with ``SIDE``. ``thresh`` is ``longattn._dropout.keep_threshold_i32(p)``,
+the int32 bits of the uint32 threshold (a Python int >= 2**31 would be typed int64). Keys outside ``[0, S)``
+(negative ``n0``, tiles hanging past the end) get well-defined bits that the caller masks anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+FLAG = tl.constexpr(0x80000000)  # side-key flag of the key-group word, global-row flag of the row word
+
+
+@triton.jit
+def dropout_counter_base(rng_ptr, bh):
+    """(seed uint64, c0 uint32, c1 uint32) of batch-head ``bh``: ``c0:c1 = (offset >> 2) + bh`` (uint64).
+
+    ``rng_ptr`` points at the int64 ``[seed, offset]`` pair (uint64 bit patterns); it is read from memory
+    so a CUDA-graph replay sees the values refilled for that replay.
+    """
+    seed = tl.load(rng_ptr).to(tl.uint64, bitcast=True)
+    offset = tl.load(rng_ptr + 1).to(tl.uint64, bitcast=True)
+    base = (offset >> 2) + bh.to(tl.uint64)
+    return seed, base.to(tl.uint32), (base >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _word(x, FLAGGED: tl.constexpr):
+    """int32 positions as uint32 counter words; ``FLAGGED`` sets the side-key / global-row bit."""
+    words = x.to(tl.uint32, bitcast=True)
+    if FLAGGED:
+        words = words | FLAG
+    return words
+
+
+@triton.jit
+def _philox_tile(seed, c0, c1, rows, groups, GLOBAL_ROWS: tl.constexpr):
+    """The four Philox words ``(len(rows), len(groups))`` of query rows ``rows`` and key-group words ``groups``."""
+    c2, c3 = tl.broadcast(groups[None, :], _word(rows, GLOBAL_ROWS)[:, None])
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def _interleave4(x0, x1, x2, x3):
+    """``out[:, 4q + lane] = x_lane[:, q]``: interleave(a, b) puts a[k] at 2k and b[k] at 2k + 1."""
+    return tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
+
+
+@triton.jit
+def _aligned_groups(n0, BLOCK_N: tl.constexpr, SIDE: tl.constexpr):
+    return _word((n0 >> 2) + tl.arange(0, BLOCK_N // 4), SIDE)
+
+
+@triton.jit
+def bits_tile_aligned(seed, c0, c1, rows, n0, BLOCK_N: tl.constexpr, SIDE: tl.constexpr,
+                      GLOBAL_ROWS: tl.constexpr):
+    """uint32 bits ``(len(rows), BLOCK_N)`` of keys ``n0 + [0, BLOCK_N)`` (``n0 % 4 == 0``) of query rows ``rows``.
+
+    One Philox call per 4 keys: call ``(row, q)`` gives keys ``4q .. 4q + 3`` its four words, which are
+    interleaved back into key order. ``rows``: int32 ``(BLOCK_M,)`` positions; ``n0``: int32 scalar
+    (band key position, or side-key index with ``SIDE``).
+    """
+    x0, x1, x2, x3 = _philox_tile(seed, c0, c1, rows, _aligned_groups(n0, BLOCK_N, SIDE), GLOBAL_ROWS)
+    return _interleave4(x0, x1, x2, x3)
+
+
+@triton.jit
+def keep_tile_aligned(seed, c0, c1, rows, n0, thresh, BLOCK_N: tl.constexpr, SIDE: tl.constexpr,
+                      GLOBAL_ROWS: tl.constexpr):
+    """Keep mask (bool) of ``bits_tile_aligned``; ``thresh``: int32 bits of the uint32 keep threshold.
+
+    The words are compared before interleaving, so the layout shuffle moves booleans, not 32-bit words.
+    """
+    t = thresh.to(tl.uint32, bitcast=True)
+    x0, x1, x2, x3 = _philox_tile(seed, c0, c1, rows, _aligned_groups(n0, BLOCK_N, SIDE), GLOBAL_ROWS)
+    return _interleave4(x0 >= t, x1 >= t, x2 >= t, x3 >= t)
+
+
+@triton.jit
+def bits_tile(seed, c0, c1, rows, cols, SIDE: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
+    """uint32 bits ``(len(rows), len(cols))`` for any int32 key positions ``cols`` (one Philox call per key)."""
+    x0, x1, x2, x3 = _philox_tile(seed, c0, c1, rows, _word(cols >> 2, SIDE), GLOBAL_ROWS)
+    lane = (cols & 3)[None, :]
+    return tl.where(lane == 0, x0, tl.where(lane == 1, x1, tl.where(lane == 2, x2, x3)))
+
+
+@triton.jit
+def keep_tile(seed, c0, c1, rows, cols, thresh, SIDE: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
+    """Keep mask (bool) of ``bits_tile``; ``thresh``: int32 bits of the uint32 keep threshold."""
+    return bits_tile(seed, c0, c1, rows, cols, SIDE, GLOBAL_ROWS) >= thresh.to(tl.uint32, bitcast=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# A materialised mask, for tests and debugging (the attention kernels never store one)
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tiles_kernel(rng_ptr, out_ptr, n_rows, n_cols, row0, col0, stride_bh, stride_row, thresh,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, KEEP: tl.constexpr,
+                  SIDE: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
+    pid_m, pid_n, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    seed, c0, c1 = dropout_counter_base(rng_ptr, bh)
+    rows = row0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n0 = col0 + pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    if KEEP:
+        if ALIGNED:
+            out = keep_tile_aligned(seed, c0, c1, rows, n0, thresh, BLOCK_N, SIDE, GLOBAL_ROWS).to(tl.int32)
+        else:
+            out = keep_tile(seed, c0, c1, rows, cols, thresh, SIDE, GLOBAL_ROWS).to(tl.int32)
+    else:
+        if ALIGNED:
+            out = bits_tile_aligned(seed, c0, c1, rows, n0, BLOCK_N, SIDE, GLOBAL_ROWS).to(tl.int32, bitcast=True)
+        else:
+            out = bits_tile(seed, c0, c1, rows, cols, SIDE, GLOBAL_ROWS).to(tl.int32, bitcast=True)
+    r = (rows - row0)[:, None]
+    c = (cols - col0)[None, :]
+    ptrs = out_ptr + bh.to(tl.int64) * stride_bh + r.to(tl.int64) * stride_row + c
+    tl.store(ptrs, out, mask=(r < n_rows) & (c < n_cols))
+
+
+def dropout_tiles(rng: torch.Tensor, BH: int, row0: int, n_rows: int, col0: int, n_cols: int, *,
+                  thresh: int | None = None, side: bool = False, global_rows: bool = False, aligned: bool = True,
+                  block: tuple[int, int] = (16, 16)) -> torch.Tensor:
+    """What the kernel helpers give for rows ``row0 + [0, n_rows)`` and keys ``col0 + [0, n_cols)`` (side-key
+    indices with ``side``) of every (b, h), computed tile by tile: ``(BH, n_rows, n_cols)`` uint32 bits (as
+    int64), or with ``thresh`` (``keep_threshold_i32(p)``) the bool keep mask.
+
+    ``aligned`` uses the 4-keys-per-call helpers and needs ``col0 % 4 == 0``. ``rng``: int64 ``(2,)`` on the
+    device.
+    """
+    if aligned and col0 % 4:
+        raise ValueError(f"col0: the aligned tiles need a multiple of 4, got {col0}")
+    out = torch.empty((BH, n_rows, n_cols), dtype=torch.int32, device=rng.device)
+    block_m, block_n = block
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n), BH)
+    _tiles_kernel[grid](rng, out, n_rows, n_cols, row0, col0, out.stride(0), out.stride(1),
+                        0 if thresh is None else thresh, BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned,
+                        KEEP=thresh is not None, SIDE=side, GLOBAL_ROWS=global_rows,
+                        num_warps=1 if interpreting() else 4)
+    return out.to(torch.int64) & 0xFFFFFFFF if thresh is None else out != 0

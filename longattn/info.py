@@ -26,7 +26,7 @@ def _version(module_name: str) -> str:
 
 def info_dict() -> dict:
     from . import __version__
-    from .dispatch import available_backends
+    from .dispatch import auto_table, available_backends
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -45,13 +45,22 @@ def info_dict() -> dict:
         "cuda_extension": ext,
         "cuda_extension_built": built,
         "backends": available_backends(),
+        "auto_table": _auto_table_summary(auto_table()),
     }
+
+
+def _auto_table_summary(table: dict) -> str:
+    """Where backend="auto"'s measured order comes from: the GPUs and the number of results files."""
+    gpus = ", ".join(f"{arch} ({entry['device'].split('(')[0].split(' ', 1)[-1].strip()})"
+                     for arch, entry in table["devices"].items())
+    return f"measured on {gpus}; from {len(table['sources'])} results file(s) (longattn auto-table)"
 
 
 def format_info() -> str:
     info = info_dict()
     lines = [f"{key:<14} {info[key]}" for key in
-             ("longattn", "python", "torch", "torch_cuda", "triton", "transformers", "device", "cuda_extension")]
+             ("longattn", "python", "torch", "torch_cuda", "triton", "transformers", "device", "cuda_extension",
+              "auto_table")]
     lines.append("backends (on the device above):")
     for name, reasons in info["backends"].items():
         lines.append(f"  {name:<8} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))

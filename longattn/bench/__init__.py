@@ -11,6 +11,7 @@ Modules, one job each:
 - ``output``   the table, JSON, CSV and plot;
 - ``model``    ``--model``: stacks of stock vs patched LED / LongT5 encoder layers;
 - ``report``   the README results section from the saved GPU runs in ``benchmarks/results/``;
+- ``autotable`` ``longattn auto-table``: ``backend="auto"``'s measured table from saved GPU runs;
 - ``cli``      argument parsing.
 
 Nothing here touches the GPU at import time.

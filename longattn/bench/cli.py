@@ -156,10 +156,12 @@ def run(args) -> int:
         from .impls import impl_names
         from .runner import run_sweep
 
+        # With --json the file is rewritten after each implementation: a run stopped early keeps its rows.
+        checkpoint = (lambda recs: output.write_json(args.json, info, recs)) if args.json else None
         records = run_sweep(settings["ops"], settings["seqlens"], shape,
                             impl_names(settings["backends"], settings["baselines"]), settings["passes"],
                             check=settings["check"], min_run_time=settings["min_run_time"],
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, checkpoint=checkpoint)
     note = ("peak MiB = peak bytes allocated during the call beyond its inputs ("
             + ("torch.cuda.max_memory_allocated" if settings["device"].startswith("cuda")
                else "torch profiler's record of CPU-allocator allocations; memory outside torch's allocator "
@@ -186,6 +188,13 @@ def _print_backends(info: dict, settings: dict) -> None:
             print(f"skipping backend {name}: {'; '.join(reasons)}", file=sys.stderr)
 
 
+def results_stem(info: dict, settings: dict) -> str:
+    """``<timestamp>_<gpu>_<mode>[-<model>]``: the name of a saved run under ``benchmarks/results/``."""
+    gpu = info["device"].split("(")[0].split(" ", 1)[-1].strip().replace(" ", "-") or "gpu"
+    mode = settings["mode"] + (f"-{settings['model']}" if settings.get("model") else "")
+    return f"{info['timestamp'][:19].replace(':', '')}_{gpu}_{mode}"
+
+
 def _save(results_dir: str, info: dict, records: list[dict], title: str, settings: dict) -> int:
     """Write ``<results_dir>/<date>_<gpu>_<mode>.json`` and its plot; refuses CPU runs (the README shows GPUs)."""
     from . import output
@@ -194,9 +203,11 @@ def _save(results_dir: str, info: dict, records: list[dict], title: str, setting
         print("longattn bench --save: benchmarks/results/ holds GPU runs only; use --json for this CPU run",
               file=sys.stderr)
         return 2
-    gpu = info["device"].split("(")[0].split(" ", 1)[-1].strip().replace(" ", "-") or "gpu"
-    stem = f"{info['timestamp'][:19].replace(':', '')}_{gpu}_{settings['mode']}"
+    stem = results_stem(info, settings)
     base = Path(results_dir) / stem
+    if not info.get("git_commit"):
+        print("longattn bench --save: warning: no git commit known (not a git checkout; set LONGATTN_GIT_COMMIT)",
+              file=sys.stderr)
     output.write_json(f"{base}.json", info, records)
     output.write_plot(f"{base}.png", records, title)
     print(f"saved {base}.json and {base}.png", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,17 +18,19 @@ PASS_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward+backward"
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (``+dirty`` when files differ), or None outside a git checkout."""
+    """The checkout's commit (``+dirty`` when files differ); outside a git checkout (a copy of the tree sent
+    to a GPU machine) the ``LONGATTN_GIT_COMMIT`` environment variable, else None."""
     root = Path(__file__).resolve().parents[2]
+    fallback = os.environ.get("LONGATTN_GIT_COMMIT") or None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if sha.returncode:
-            return None
+            return fallback
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
 
 
 def run_info(settings: dict) -> dict:

@@ -51,8 +51,11 @@ def _pass_fn(forward, case, which: str):
 
 
 def run_sweep(ops, seqlens, settings: Settings, names, passes=PASSES, *, check=False, min_run_time=0.2,
-              progress=True) -> list[dict]:
-    """Time every implementation in ``names`` (see ``impls.impl_names``) on every op and length."""
+              progress=True, checkpoint=None) -> list[dict]:
+    """Time every implementation in ``names`` (see ``impls.impl_names``) on every op and length.
+
+    ``checkpoint(records)``, if given, is called after each implementation with the records so far (ratios
+    filled in), so a run stopped from outside (a time budget) keeps what it measured."""
     from tqdm import tqdm
 
     device = torch.device(settings.device)
@@ -77,6 +80,9 @@ def run_sweep(ops, seqlens, settings: Settings, names, passes=PASSES, *, check=F
                         "fwd_flops": flops.dense_flops(case) if name == "sdpa_dense" else fwd_flops}
                 records.extend(_run_impl(case, name, base, passes, reference, check, check_reason, min_run_time))
                 bar.update(1)
+                if checkpoint is not None:
+                    add_ratios(records)
+                    checkpoint(records)
             del case, reference
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -104,8 +110,8 @@ def _run_impl(case, name, base, passes, reference, check, check_reason, min_run_
             rec.update(status="ok", time_ms=t.median_s * 1e3, runs=t.runs, peak_mem_bytes=t.peak_mem_bytes)
             pf = flops.pass_flops(base["fwd_flops"], which)
             rec["tflops"] = None if pf is None else pf / t.median_s / 1e12
-        except Exception as exc:
-            rec.update(status="error", reason=_reason(exc))
+        except Exception as exc:  # Unavailable here: a pass this implementation lacks (Flex's CPU backward)
+            rec.update(status="unavailable" if isinstance(exc, impls.Unavailable) else "error", reason=_reason(exc))
         finally:
             fn = None
         out.append(rec)
@@ -127,13 +133,17 @@ def _check(case, name, forward, reference, check_reason) -> dict:
 
 def add_ratios(records: list[dict]) -> None:
     """Add ``vs_best_baseline`` (fastest same-function baseline time / this time: >1 = faster than it) and
-    ``vs_sdpa_rate`` (this TFLOP/s / dense SDPA's TFLOP/s) to the timed records of each op x S x pass."""
+    ``vs_sdpa_rate`` (this TFLOP/s / dense SDPA's TFLOP/s) to the timed records of each op x S x pass.
+
+    A baseline record carrying a ``caveat`` (e.g. a formulation found unfair after the run) is never the
+    best baseline."""
     groups: dict = {}
     for r in records:
         if r["status"] == "ok":
             groups.setdefault((r["op"], r["S"], r["pass"]), []).append(r)
     for group in groups.values():
-        same_function = [r for r in group if r["kind"] == "baseline" and r["impl"] != "sdpa_dense"]
+        same_function = [r for r in group if r["kind"] == "baseline" and r["impl"] != "sdpa_dense"
+                         and not r.get("caveat")]
         best = min(same_function, key=lambda r: r["time_ms"], default=None)
         dense = next((r for r in group if r["impl"] == "sdpa_dense"), None)
         for r in group:

@@ -1,8 +1,11 @@
-"""Timing and peak memory of one callable, on GPU (CUDA events) or CPU (``torch.utils.benchmark``).
+"""Timing and peak memory of one callable, on GPU (CUDA events) or CPU (``time.perf_counter`` blocks).
 
 - GPU: warm-up calls, then each call timed with its own pair of CUDA events; the median is reported.
-- CPU: one warm-up call (compiles, caches), then ``Timer.blocked_autorange`` with every intra-op thread
-  (``Timer`` defaults to one thread, which would not be how anyone runs it); its median is reported.
+- CPU: one warm-up call (compiles, caches), then blocks of calls timed with ``time.perf_counter`` (each
+  block long enough for the clock's resolution not to matter) until ``min_run_time`` has passed; the
+  median per-call time of the blocks is reported, with every intra-op thread torch has. (Not
+  ``torch.utils.benchmark``: importing it imports ``torch.utils.cpp_extension``, which logs "No CUDA runtime
+  is found, using CUDA_HOME=..." on a machine without a GPU; the bench prints no such noise.)
 - Peak memory is the peak of bytes allocated *during* the call above what was allocated before it (the
   inputs and anything saved from an earlier forward are not counted). GPU: ``max_memory_allocated``.
   CPU: the torch profiler's record of every CPU-allocator allocation and free during one extra call,
@@ -23,6 +26,7 @@ import torch
 
 # Kineto prints start/stop banners on every profile (its log level is read before we could set it).
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+CPU_BLOCK_S = 0.01  # a CPU timing block lasts about this long (many calls of a fast function, one of a slow)
 
 
 @contextlib.contextmanager
@@ -70,14 +74,22 @@ def time_call(fn, device: torch.device, *, min_run_time: float = 0.2, warmup: in
     peak = peak_memory(fn, device) if memory else None
     if device.type == "cuda":
         return _time_cuda(fn, device, min_run_time, peak)
-    from torch.utils import benchmark
-
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     if warm_s >= min_run_time:
-        return Timing(median_s=timer.timeit(1).median, runs=1, peak_mem_bytes=peak)
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return Timing(median_s=measurement.median, runs=len(measurement.times) * measurement.number_per_run,
-                  peak_mem_bytes=peak)
+        return Timing(median_s=_time_block(fn, 1), runs=1, peak_mem_bytes=peak)
+    # Calls per block: enough for a block to last ~CPU_BLOCK_S (perf_counter's resolution is far finer).
+    number = max(1, int(CPU_BLOCK_S / max(warm_s, 1e-9)))
+    times, deadline = [], time.perf_counter() + min_run_time
+    while not times or time.perf_counter() < deadline:
+        times.append(_time_block(fn, number))
+    return Timing(median_s=statistics.median(times), runs=len(times) * number, peak_mem_bytes=peak)
+
+
+def _time_block(fn, number: int) -> float:
+    """Seconds per call of ``number`` back-to-back calls of ``fn``."""
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
 
 
 def _time_cuda(fn, device, min_run_time: float, peak) -> Timing:

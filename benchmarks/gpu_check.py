@@ -1,0 +1,291 @@
+"""The whole GPU verification in one command, sized for a short GPU lease (``benchmarks/gpu_check.sh``).
+
+    benchmarks/gpu_check.sh OUTDIR [--budget SECONDS] [--skip STEP,...] [--commit SHA] [--python PY]
+
+On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
+
+1. ``env``        versions, GPU, nvcc, commit (each step logs to ``OUTDIR/<step>.log``);
+2. ``build``      the CUDA extension for the visible GPU's arch only (``pip install --no-build-isolation
+                  --no-deps -e .`` with ``TORCH_CUDA_ARCH_LIST`` set to it);
+3. ``tests``      ``pytest -m "gpu and not slow"`` (junit XML in OUTDIR);
+4. ``memcheck``, ``racecheck``  compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once,
+                  small shapes);
+5. ``bench-16384``, ``bench-4096``, ``bench-65536``  ``longattn bench --check`` on DESIGN.md's standard shapes
+                  (local, longformer, tglobal, aggregate; fwd and fwd+bwd; every backend and baseline), the most
+                  telling length first; at S=65536 without the slow torch backend and HF (seconds per call);
+6. ``results``    the bench JSONs merged into ``OUTDIR/bench.json``, copied to ``benchmarks/results/``, the
+                  refreshed ``auto`` table (``OUTDIR/auto_table.json``) and README section (``OUTDIR/results.md``).
+
+Then a short summary table, printed last. Each step gets the budget that remains (minus a small reserve for
+the summary), capped at its own limit; a step whose minimum no longer fits is skipped and listed, a step that
+runs out of time is stopped (its process group terminated) and listed as such. The bench rewrites its JSON
+after each implementation, so a stopped bench keeps what it measured. Without a GPU the GPU steps are
+skipped with the reason (this is how the plumbing is tested on CPU). Exit status: 0 when every step that ran
+passed, 1 otherwise, 2 for bad arguments.
+
+Expected time on an H100, from the first GPU run's logs (2026-11-24): build 39 s; ``longattn bench`` at
+one length about 2 minutes, most of it FlexAttention's compiles (20-37 s per op). With the GPU test set
+(under 3 minutes) the three bench lengths may not all fit in 480 s: the last one (S=65536) is then skipped
+or stopped, and the summary says so; give ``--budget`` more, or ``--skip`` steps, to get it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BUDGET_S = 480  # 8 minutes, the build included
+SUMMARY_RESERVE_S = 10  # kept back for merging results and printing the summary
+BENCH_SEQLENS = (16384, 4096, 65536)  # most telling first: a stopped run still has the H100 reference length
+SLOW_ABOVE = 16384  # above this length the torch backend and HF take seconds per call: not benched
+
+
+@dataclass
+class Step:
+    """One step: ``cmd`` run with its output in ``OUTDIR/<name>.log``, or ``fn(ctx)`` (returns a note)."""
+
+    name: str
+    min_s: float  # start only with at least this much budget left
+    cap_s: float  # never run longer than this, whatever the budget
+    needs_gpu: bool = False
+    cmd: list | None = None
+    fn: object = None
+    env: dict = field(default_factory=dict)
+    ok_codes: tuple = (0,)
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # "ok", "FAILED (rc N)", "stopped at budget", "skipped: ..."
+    seconds: float = 0.0
+    note: str = ""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="benchmarks/gpu_check.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("outdir", help="directory for the results JSON, logs and summary (created)")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds for everything, the build included (default {DEFAULT_BUDGET_S})")
+    parser.add_argument("--skip", default="", help="comma list of steps not to run (e.g. build,racecheck)")
+    parser.add_argument("--commit", help="git commit to record when the tree is not a git checkout")
+    parser.add_argument("--python", default=sys.executable, help="the Python that has torch (default: this one)")
+    args = parser.parse_args(argv)
+    if not args.budget > 0:
+        parser.error(f"--budget: expected a positive number of seconds, got {args.budget}")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return args
+
+
+def gpu_arch(python: str) -> tuple[str | None, str]:
+    """("9.0", device name) of the visible GPU, or (None, why not)."""
+    code = ("import torch\nif torch.cuda.is_available():\n    p = torch.cuda.get_device_properties(0)\n"
+            "    print(f'{p.major}.{p.minor}|{p.name}')\nelse:\n    print('|torch.cuda.is_available() is False')")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        return None, f"cannot ask torch for the GPU ({exc})"
+    arch, _, name = out.rpartition("\n")[2].partition("|")
+    return (arch or None), (name or "no answer from torch")
+
+
+def git_commit(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("LONGATTN_GIT_COMMIT")
+    return out.stdout.strip() or os.environ.get("LONGATTN_GIT_COMMIT")
+
+
+def bench_cmd(python: str, outdir: Path, S: int) -> list[str]:
+    slow = S > SLOW_ABOVE
+    return [python, "-m", "longattn", "bench", "--op", "local,longformer,tglobal,aggregate", "--seqlen", str(S),
+            "--pass", "fwd,fwdbwd", "--check", "--no-progress", "--min-run-time", "0.1",
+            "--backend", "triton,cuda" if slow else "all",
+            "--baseline", "flex,sdpa_mask,sdpa_dense" if slow else "all",
+            "--json", str(outdir / f"bench-{S}.json")]
+
+
+def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
+    py = args.python
+    sanitizer = shutil.which("compute-sanitizer") or next(
+        (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), "compute-sanitizer")
+    sanitize_script = str(ROOT / "benchmarks" / "sanitize_cuda.py")
+    steps = [
+        Step("env", 5, 60, cmd=["bash", "-c", f"{py} -m longattn info; nvidia-smi -L; nvcc --version | tail -2; "
+                                              f"echo commit: ${{LONGATTN_GIT_COMMIT:-unknown}}"], ok_codes=(0, 127)),
+        Step("build", 60, 300, needs_gpu=True,
+             cmd=[py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", str(ROOT)],
+             env={"TORCH_CUDA_ARCH_LIST": arch or "", "MAX_JOBS": str(os.cpu_count() or 4)}),
+        Step("tests", 60, 240, needs_gpu=True,
+             cmd=[py, "-m", "pytest", "-q", "-m", "gpu and not slow", "-p", "no:cacheprovider",
+                  "--junitxml", str(outdir / "pytest.xml"), str(ROOT / "tests")]),
+        Step("memcheck", 30, 120, needs_gpu=True,
+             cmd=[sanitizer, "--tool", "memcheck", "--error-exitcode", "3", py, sanitize_script]),
+        Step("racecheck", 30, 150, needs_gpu=True,
+             cmd=[sanitizer, "--tool", "racecheck", "--error-exitcode", "3", py, sanitize_script]),
+    ]
+    steps += [Step(f"bench-{S}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, S)) for S in BENCH_SEQLENS]
+    steps.append(Step("results", 1, 60, fn=lambda: collect_results(py, outdir)))
+    return steps
+
+
+def run_command(step: Step, outdir: Path, limit_s: float, env: dict) -> tuple[str, str]:
+    """Run ``step.cmd`` for at most ``limit_s`` seconds (its whole process group stopped after)."""
+    log = outdir / f"{step.name}.log"
+    with open(log, "w") as f:
+        try:
+            proc = subprocess.Popen(step.cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                    env={**env, **step.env}, start_new_session=True)
+        except OSError as exc:
+            f.write(f"cannot start: {exc}\n")
+            return f"FAILED (cannot start: {exc.strerror})", log.name
+        try:
+            rc = proc.wait(timeout=limit_s)
+        except subprocess.TimeoutExpired:
+            for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    proc.wait(timeout=grace)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+            return f"stopped at budget ({limit_s:.0f} s)", log.name
+    return ("ok" if rc in step.ok_codes else f"FAILED (rc {rc})"), log.name
+
+
+def run_steps(steps: list[Step], outdir: Path, budget_s: float, *, have_gpu: str | None, skip=(),
+              env=None, clock=time.monotonic) -> list[Outcome]:
+    """Run the steps in order within ``budget_s`` (see module docstring); returns one outcome per step."""
+    env = dict(os.environ if env is None else env)
+    deadline = clock() + budget_s - SUMMARY_RESERVE_S
+    outcomes = []
+    for step in steps:
+        left = deadline - clock()
+        if step.name in skip:
+            outcomes.append(Outcome(step.name, "skipped: --skip"))
+        elif step.needs_gpu and have_gpu is None:
+            outcomes.append(Outcome(step.name, "skipped: no CUDA GPU visible"))
+        elif left < step.min_s:
+            outcomes.append(Outcome(step.name, f"skipped: would not fit ({max(left, 0):.0f} s left, needs "
+                                               f"{step.min_s:.0f} s)"))
+        else:
+            start = clock()
+            if step.fn is not None:
+                try:
+                    status, note = "ok", step.fn()
+                except Exception as exc:  # a results step that breaks must not hide the summary
+                    status, note = "FAILED", f"{type(exc).__name__}: {exc}"
+            else:
+                status, note = run_command(step, outdir, min(left, step.cap_s), env)
+            outcomes.append(Outcome(step.name, status, clock() - start, note))
+    return outcomes
+
+
+def merge_bench(outdir: Path) -> dict | None:
+    """The per-length bench JSONs in OUTDIR as one run (settings' seqlens = those measured), or None."""
+    runs = [json.loads(p.read_text()) for S in BENCH_SEQLENS if (p := outdir / f"bench-{S}.json").is_file()]
+    if not runs:
+        return None
+    merged = {**runs[0], "results": [r for run in runs for r in run["results"]]}
+    seqlens = sorted({s for run in runs for s in run["settings"]["seqlens"]})
+    merged["settings"] = {**runs[0]["settings"], "seqlens": seqlens,
+                          "gpu_check": f"backend torch and baseline hf not run above S={SLOW_ABOVE}"}
+    return merged
+
+
+def collect_results(python: str, outdir: Path) -> str:
+    """Merge the bench runs, keep a copy under benchmarks/results/, refresh the auto table and README section."""
+    merged = merge_bench(outdir)
+    if merged is None:
+        return "no bench results"
+    (outdir / "bench.json").write_text(json.dumps(merged, indent=1, default=str) + "\n")
+    notes = ["bench.json"]
+    if merged.get("device_type") != "cuda":
+        return "bench.json (CPU run: not saved under benchmarks/results/)"
+    sys.path.insert(0, str(ROOT))
+    from longattn.bench.cli import results_stem
+
+    saved = ROOT / "benchmarks" / "results" / f"{results_stem(merged, merged['settings'])}.json"
+    saved.write_text(json.dumps(merged, indent=1, default=str) + "\n")
+    rel = saved.relative_to(ROOT)
+    notes.append(str(rel))
+    for what, cmd in (("auto_table.json", [python, "-m", "longattn", "auto-table", str(rel), "--out",
+                                           str(outdir / "auto_table.json")]),
+                      ("results.md", [python, "-m", "longattn", "bench", "--report", "--out",
+                                      str(outdir / "results.md"), "--results-dir", str(saved.parent)])):
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        notes.append(what if proc.returncode == 0 else f"{what} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return ", ".join(notes)
+
+
+def bench_summary(run: dict | None) -> list[str]:
+    """Per op, S and pass: the fastest longattn backend against the fastest fair baseline, and --check."""
+    if not run:
+        return ["bench: no results"]
+    lines = [f"{'op':<11}{'S':>7} {'pass':<7}{'best longattn':>22}{'best baseline':>22}{'speed-up':>10}  check"]
+    groups: dict = {}
+    for r in run["results"]:
+        groups.setdefault((r["op"], r["S"], r["pass"]), []).append(r)
+    for (op, S, which), rows in sorted(groups.items(), key=lambda g: (g[0][0], g[0][1], g[0][2])):
+        ok = [r for r in rows if r["status"] == "ok"]
+        ours = min((r for r in ok if r["kind"] == "longattn"), key=lambda r: r["time_ms"], default=None)
+        base = min((r for r in ok if r["kind"] == "baseline" and r["impl"] != "sdpa_dense" and not r.get("caveat")),
+                   key=lambda r: r["time_ms"], default=None)
+        fails = sorted({r["impl"] for r in rows if str(r.get("check", "")).startswith(("FAIL", "error"))}
+                       | {r["impl"] for r in rows if r["status"] == "error"})
+        fmt = lambda r: "-" if r is None else f"{r['impl'].replace('longattn:', '')} {r['time_ms']:.3f} ms"
+        ratio = f"{base['time_ms'] / ours['time_ms']:.2f}x" if ours and base else "-"
+        lines.append(f"{op:<11}{S:>7} {which:<7}{fmt(ours):>22}{fmt(base):>22}{ratio:>10}  "
+                     + ("FAIL: " + ", ".join(fails) if fails else "ok"))
+    return lines
+
+
+def summary(outcomes: list[Outcome], outdir: Path, elapsed: float, budget: float) -> str:
+    lines = ["", f"== gpu_check summary ({elapsed:.0f} s of {budget:.0f} s budget; logs in {outdir}) ==",
+             f"{'step':<12}{'status':<48}{'s':>6}  note"]
+    lines += [f"{o.name:<12}{o.status:<48}{o.seconds:>6.0f}  {o.note}" for o in outcomes]
+    lines.append("")
+    lines += bench_summary(merge_bench(outdir))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    start = time.monotonic()
+    outdir = Path(args.outdir).resolve()
+    outdir.mkdir(parents=True, exist_ok=True)
+    arch, gpu = gpu_arch(args.python)
+    commit = git_commit(args.commit)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PIP_NO_INDEX": "1",
+           **({"LONGATTN_GIT_COMMIT": commit} if commit else {})}
+    print(f"gpu_check: GPU {gpu} (arch {arch}), commit {commit}, budget {args.budget:.0f} s, out {outdir}",
+          flush=True)
+    steps = make_steps(args, outdir, arch)
+    unknown = args.skip - {s.name for s in steps}
+    if unknown:
+        print(f"gpu_check: --skip: unknown steps {sorted(unknown)}; steps are {[s.name for s in steps]}",
+              file=sys.stderr)
+        return 2
+    remaining = args.budget - (time.monotonic() - start)
+    outcomes = run_steps(steps, outdir, remaining, have_gpu=arch, skip=args.skip, env=env)
+    text = summary(outcomes, outdir, time.monotonic() - start, args.budget)
+    (outdir / "summary.txt").write_text(text + "\n")
+    print(text)
+    return 1 if any(o.status.startswith(("FAILED", "stopped")) for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""``benchmarks/gpu_check.sh``'s plumbing on CPU: arguments, the time budget, skipped GPU steps, the summary.
+
+The GPU steps themselves (build, GPU tests, compute-sanitizer, bench) only run on a GPU machine; here they
+are skipped (CUDA_VISIBLE_DEVICES="" hides any GPU) or replaced by small shell commands.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load()
+
+
+def _script(*args, timeout=300):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [((), "outdir"), (("OUT", "--budget", "0"), "--budget"),
+                                          (("OUT", "--budget", "ten"), "--budget")])
+def test_bad_arguments_exit_2(tmp_path, args, message):
+    args = tuple(str(tmp_path / a) if a == "OUT" else a for a in args)
+    proc = _script(*args)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_cpu_run_skips_gpu_steps_and_prints_summary_last(tmp_path):
+    out = tmp_path / "out"
+    proc = _script(str(out), "--budget", "120", "--skip", "racecheck")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    outcomes = {line.split()[0]: line for line in proc.stdout.splitlines()
+                if line.split() and line.split()[0] in {"env", "build", "tests", "memcheck", "racecheck", "results"}
+                or line.startswith("bench-")}
+    assert outcomes["env"].split()[1] == "ok"
+    for step in ("build", "tests", "memcheck", "bench-16384", "bench-4096", "bench-65536"):
+        assert "skipped: no CUDA GPU visible" in outcomes[step], outcomes[step]
+    assert "skipped: --skip" in outcomes["racecheck"]
+    assert "no bench results" in outcomes["results"]
+    assert proc.stdout.rstrip().endswith("bench: no results")  # the summary is the last thing printed
+    assert (out / "summary.txt").read_text().strip() == proc.stdout[proc.stdout.index("== gpu_check"):].strip()
+    assert "longattn" in (out / "env.log").read_text()
+
+
+def test_unknown_skip_is_refused(tmp_path):
+    proc = _script(str(tmp_path), "--skip", "nosuchstep")
+    assert proc.returncode == 2 and "nosuchstep" in proc.stderr
+
+
+def test_budget_skips_what_cannot_fit_and_stops_what_overruns(tmp_path):
+    steps = [
+        gc.Step("quick", 0, 60, cmd=["bash", "-c", "echo hello"]),
+        gc.Step("fails", 0, 60, cmd=["bash", "-c", "exit 4"]),
+        gc.Step("gpu", 0, 60, needs_gpu=True, cmd=["true"]),
+        gc.Step("huge", 10_000, 60, cmd=["true"]),
+        gc.Step("broken", 0, 60, fn=lambda: 1 / 0),
+        gc.Step("overrun", 0, 60, cmd=["bash", "-c", "sleep 60 & wait"]),  # a child too: the group is stopped
+        gc.Step("late", 0, 60, fn=lambda: "ran"),
+    ]
+    outcomes = gc.run_steps(steps, tmp_path, budget_s=gc.SUMMARY_RESERVE_S + 3, have_gpu=None)
+    status = {o.name: o.status for o in outcomes}
+    assert status["quick"] == "ok" and (tmp_path / "quick.log").read_text() == "hello\n"
+    assert status["fails"] == "FAILED (rc 4)"
+    assert status["gpu"] == "skipped: no CUDA GPU visible"
+    assert status["huge"].startswith("skipped: would not fit")
+    assert status["overrun"].startswith("stopped at budget")
+    assert status["broken"] == "FAILED" and "ZeroDivisionError" in outcomes[4].note
+    # The budget is spent: what comes after an overrun cannot start.
+    assert status["late"].startswith("skipped: would not fit")
+
+
+def _record(op, S, impl, which, ms, **extra):
+    kind = "longattn" if impl.startswith("longattn:") else "baseline"
+    return {"op": op, "S": S, "impl": impl, "kind": kind, "pass": which, "status": "ok", "time_ms": ms,
+            "check": "ok", **extra}
+
+
+def test_summary_compares_best_backend_with_best_fair_baseline(tmp_path):
+    for S, records in {4096: [_record("local", 4096, "longattn:cuda", "fwd", 1.0),
+                              _record("local", 4096, "flex", "fwd", 2.0)],
+                       16384: [_record("longformer", 16384, "longattn:triton", "fwd", 2.0),
+                               _record("longformer", 16384, "longattn:cuda", "fwd", 4.0, check="FAIL"),
+                               _record("longformer", 16384, "flex", "fwd", 0.5, caveat="unfair"),
+                               _record("longformer", 16384, "sdpa_dense", "fwd", 0.1),
+                               _record("longformer", 16384, "sdpa_mask", "fwd", 3.0)]}.items():
+        run = {"device_type": "cuda", "settings": {"seqlens": [S]}, "results": records}
+        (tmp_path / f"bench-{S}.json").write_text(json.dumps(run))
+    merged = gc.merge_bench(tmp_path)
+    assert merged["settings"]["seqlens"] == [4096, 16384] and len(merged["results"]) == 7
+    lines = gc.bench_summary(merged)
+    local = next(line for line in lines if line.startswith("local"))
+    longformer = next(line for line in lines if line.startswith("longformer"))
+    assert "cuda 1.000 ms" in local and "flex 2.000 ms" in local and "2.00x" in local and local.endswith("ok")
+    # The caveated Flex row and dense SDPA (another function) are never "the best baseline".
+    assert "triton 2.000 ms" in longformer and "sdpa_mask 3.000 ms" in longformer and "1.50x" in longformer
+    assert longformer.endswith("FAIL: longattn:cuda")
+
+
+def test_results_step_saves_run_refreshes_table_and_report(tmp_path, monkeypatch):
+    """The last step on a GPU run's bench output (the saved H100 run stands in for it)."""
+    pytest.importorskip("matplotlib", reason="the report writes a plot (the bench extra)")
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    monkeypatch.setattr(gc, "ROOT", repo)
+    out = tmp_path / "out"
+    out.mkdir()
+    h100 = json.loads(next((ROOT / "benchmarks" / "results").glob("*_NVIDIA-H100-80GB-HBM3_ops.json")).read_text())
+    (out / "bench-16384.json").write_text(json.dumps(h100))
+    note = gc.collect_results(sys.executable, out)
+    assert "failed" not in note, note
+    saved = list((repo / "benchmarks" / "results").glob("*_ops.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text())["results"] == h100["results"]
+    table = json.loads((out / "auto_table.json").read_text())
+    assert table["sources"][0]["file"] == str(saved[0].relative_to(repo))
+    assert table["size_classes"]["measured_seqlens"] == [16384]
+    report = (out / "results.md").read_text()
+    assert saved[0].name in report and "longattn:cuda" in report
+
+
+def test_bench_commands_parse_and_cover_the_standard_shapes(tmp_path):
+    from longattn.bench.cli import resolve_settings
+    from longattn.cli import build_parser
+
+    steps = {s.name: s for s in gc.make_steps(gc.parse_args([str(tmp_path)]), tmp_path, "9.0")}
+    assert steps["build"].env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    seen = set()
+    for S in gc.BENCH_SEQLENS:
+        cmd = steps[f"bench-{S}"].cmd
+        assert cmd[1:3] == ["-m", "longattn"]
+        st = resolve_settings(build_parser().parse_args(cmd[3:]))
+        assert st["ops"] == ["local", "longformer", "tglobal", "aggregate"] and st["passes"] == ["fwd", "fwdbwd"]
+        assert st["check"] and st["seqlens"] == [S]
+        slow_ones = {"torch", "hf"} & {*st["backends"], *st["baselines"]}
+        assert slow_ones == (set() if S > gc.SLOW_ABOVE else {"torch", "hf"})
+        assert {"triton", "cuda"} <= set(st["backends"]) and {"flex", "sdpa_dense"} <= set(st["baselines"])
+        seen.add(S)
+    assert seen == {4096, 16384, 65536}

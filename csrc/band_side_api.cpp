@@ -1,28 +1,121 @@
 // Torch-facing API of the band + side attention kernels: argument checks, output allocation, the
 // side-key chunking choice, and the fixed-order reductions of the partial buffers. Registered as the
-// CUDA implementations of longattn::cuda_band_side_fwd / cuda_band_side_bwd (schemas in extension.cpp).
+// CUDA implementations of longattn::cuda_band_side_fwd / cuda_band_side_bwd (schemas in extension.cpp),
+// and as CPU implementations that run the same checks and then say the op needs CUDA tensors.
 //
 // The checks repeat what the Python API validates because the raw ops are callable directly
 // (torch.ops.longattn.cuda_band_side_fwd): whatever they are given, the kernels must not read or write
-// out of bounds.
+// out of bounds. All of them (check_fwd_args / check_bwd_args) run before any copy, allocation or CUDA
+// call. Strides: q, k, v, side_k, side_v, dout and out must have a dense last dim (checked; the others are
+// free, and an operand whose row starts break cp.async's 16-byte alignment is copied); masks, query_block,
+// the bias tables and lse are copied to the dense layout the kernels index when they are not in it. Values
+// inside tensors are not checked (that would cost a device sync): query_block entries are clamped to
+// [-1, G-1] in the kernels, and masks are bool by type.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "band_side/launch.h"
+#include "common/arg_checks.h"
 
 namespace longattn {
 namespace {
 
-constexpr int kTile = 64;  // BandSideTraits::kBlockM == kBlockN; the host needs it for grid / buffer sizes
+using namespace argcheck;
+using OptTensor = std::optional<at::Tensor>;
 
+constexpr int kTile = 64;  // BandSideTraits::kBlockM == kBlockN; the host needs it for grid / buffer sizes
+constexpr const char* kFwd = "cuda_band_side_fwd";
+constexpr const char* kBwd = "cuda_band_side_bwd";
+
+struct Dims {
+  int64_t B, S, H, D, G;
+};
+
+// A (B, rows, H, D) operand like q: device, dtype, shape, dense last dim.
+void check_operand(const char* op, const at::Tensor& t, const char* name, const at::Tensor& q, int64_t rows,
+                   const char* dims) {
+  same_device(op, t, name, q, "q");
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
+              ", got ", t.scalar_type());
+  shape_is(op, t, name, {q.size(0), rows, q.size(2), q.size(3)}, dims);
+  last_dim_contiguous(op, t, name);
+}
+
+void check_optional(const char* op, const OptTensor& t, const char* name, const at::Tensor& q,
+                    std::optional<at::ScalarType> dtype, std::initializer_list<int64_t> shape, const char* dims) {
+  if (!t.has_value()) return;
+  same_device(op, *t, name, q, "q");
+  if (dtype.has_value())
+    dtype_is(op, *t, name, *dtype);
+  else
+    floating(op, *t, name);
+  shape_is(op, *t, name, shape, dims);
+}
+
+// Every argument the two passes share, in dependency order (q first: its sizes define the others').
+Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& side_k, const at::Tensor& side_v, const OptTensor& band_key_mask,
+                    const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
+                    const OptTensor& side_bias, int64_t left, int64_t right, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
+              ": q must be float16 or bfloat16 (the kernels' tensor-core types), got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, S, H, D), got ", q.sizes());
+  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": q's head dim D must be 32, 64 or 128, got ", D);
+  TORCH_CHECK(B <= 65535 && H <= 65535, op, ": q's B and H must be <= 65535 (CUDA grid limits), got B = ", B,
+              ", H = ", H);
+  TORCH_CHECK(S < (int64_t(1) << 30), op, ": q's S must be < 2^30, got ", S);
+  last_dim_contiguous(op, q, "q");
+  check_operand(op, k, "k", q, S, "(B, S, H, D)");
+  check_operand(op, v, "v", q, S, "(B, S, H, D)");
+  TORCH_CHECK(side_k.dim() == 4, op, ": side_k must have shape (B, G, H, D), got ", side_k.sizes());
+  const int64_t G = side_k.size(1);
+  TORCH_CHECK(G < (int64_t(1) << 28), op, ": side_k's G must be < 2^28, got ", G);
+  check_operand(op, side_k, "side_k", q, G, "(B, G, H, D)");
+  check_operand(op, side_v, "side_v", q, G, "(B, G, H, D)");
+  const int64_t max_offset = std::max<int64_t>(S - 1, 0);
+  TORCH_CHECK(0 <= left && left <= max_offset, op, ": left must be in [0, S - 1] = [0, ", max_offset, "], got ",
+              left);
+  TORCH_CHECK(0 <= right && right <= max_offset, op, ": right must be in [0, S - 1] = [0, ", max_offset,
+              "], got ", right);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+  check_optional(op, band_key_mask, "band_key_mask", q, at::kBool, {B, S}, "(B, S)");
+  check_optional(op, side_mask, "side_mask", q, at::kBool, {B, G}, "(B, G)");
+  check_optional(op, query_block, "query_block", q, at::kInt, {B, S}, "(B, S)");
+  TORCH_CHECK(!side_bias.has_value() || query_block.has_value(), op, ": query_block is required with side_bias");
+  check_optional(op, band_bias, "band_bias", q, std::nullopt, {H, left + right + 1}, "(H, left + right + 1)");
+  check_optional(op, side_bias, "side_bias", q, std::nullopt, {H, 2 * G + 1}, "(H, 2G + 1)");
+  return {B, S, H, D, G};
+}
+
+Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse,
+                    const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
+                    const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right,
+                    double scale) {
+  const Dims d = check_fwd_args(kBwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
+                                side_bias, left, right, scale);
+  check_operand(kBwd, dout, "dout", q, d.S, "(B, S, H, D)");
+  check_operand(kBwd, out, "out", q, d.S, "(B, S, H, D)");
+  same_device(kBwd, lse, "lse", q, "q");
+  dtype_is(kBwd, lse, "lse", at::kFloat);
+  shape_is(kBwd, lse, "lse", {d.B, d.H, d.S}, "(B, H, S)");
+  // The delta kernel runs one warp per (b, s, h) row, 8 rows per CTA, on a 1-D grid.
+  TORCH_CHECK(d.B * d.S * d.H <= int64_t(8) * std::numeric_limits<int32_t>::max(), kBwd,
+              ": q's B * S * H must be <= 8 * (2^31 - 1) (CUDA grid limit), got ", d.B * d.S * d.H);
+  return d;
+}
+
+// cp.async moves 16-byte chunks: the base and every row start must be 16-byte aligned (8 elements).
 bool aligned_for_cp_async(const at::Tensor& t) {
-  // cp.async moves 16-byte chunks: the base and every row start must be 16-byte aligned (8 elements).
   if (t.numel() == 0) return true;
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
   for (int d = 0; d < t.dim() - 1; ++d) {
@@ -31,84 +124,35 @@ bool aligned_for_cp_async(const at::Tensor& t) {
   return true;
 }
 
-// A (B, rows, H, D) operand: checked, and copied (dense) only if its strides break the 16-byte rule.
-at::Tensor operand(const at::Tensor& t, const char* name, const at::Tensor& q, int64_t rows) {
-  TORCH_CHECK(t.device() == q.device(), name, " must be on ", q.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.dim() == 4 && t.size(0) == q.size(0) && t.size(1) == rows && t.size(2) == q.size(2) &&
-                  t.size(3) == q.size(3),
-              name, " must have shape (", q.size(0), ", ", rows, ", ", q.size(2), ", ", q.size(3), "), got ",
-              t.sizes());
-  TORCH_CHECK(t.numel() == 0 || t.stride(3) == 1, name, " must have a contiguous last dim");
-  return aligned_for_cp_async(t) ? t : t.clone(at::MemoryFormat::Contiguous);
-}
+// A checked operand, copied (dense) only if its strides break the 16-byte rule.
+at::Tensor loadable(const at::Tensor& t) { return aligned_for_cp_async(t) ? t : t.clone(at::MemoryFormat::Contiguous); }
 
-std::optional<at::Tensor> mask_arg(const std::optional<at::Tensor>& m, const char* name, const at::Tensor& q,
-                                   int64_t cols) {
-  if (!m.has_value()) return std::nullopt;
-  TORCH_CHECK(m->device() == q.device(), name, " must be on ", q.device());
-  TORCH_CHECK(m->scalar_type() == at::kBool, name, " must be bool, got ", m->scalar_type());
-  TORCH_CHECK(m->dim() == 2 && m->size(0) == q.size(0) && m->size(1) == cols, name, " must have shape (",
-              q.size(0), ", ", cols, "), got ", m->sizes());
-  return m->contiguous();
-}
+OptTensor contiguous(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
 
-std::optional<at::Tensor> table_arg(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& q,
-                                    int64_t width) {
-  if (!t.has_value()) return std::nullopt;
-  TORCH_CHECK(t->device() == q.device(), name, " must be on ", q.device());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), name, " must be a float tensor, got ", t->scalar_type());
-  TORCH_CHECK(t->dim() == 2 && t->size(0) == q.size(2) && t->size(1) == width, name, " must have shape (",
-              q.size(2), ", ", width, "), got ", t->sizes());
-  return t->to(at::kFloat).contiguous();  // a few KB; the kernels read float32
-}
+// Bias tables are a few KB; the kernels read float32.
+OptTensor float_table(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat).contiguous()) : std::nullopt; }
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// Everything both passes share: checks + the input half of the params. Tensors that had to be copied or
-// converted are kept alive in `keep`.
+// The input half of the params, from checked arguments. Tensors that had to be copied or converted are
+// kept alive in `keep`.
 struct Prepared {
   BandSideParams p{};
   std::vector<at::Tensor> keep;
 };
 
-Prepared prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& sk_in,
-                 const at::Tensor& sv_in, const std::optional<at::Tensor>& band_key_mask,
-                 const std::optional<at::Tensor>& side_mask, const std::optional<at::Tensor>& query_block,
-                 const std::optional<at::Tensor>& band_bias, const std::optional<at::Tensor>& side_bias,
-                 int64_t left, int64_t right, double scale) {
-  TORCH_CHECK(q_in.is_cuda(), "q must be a CUDA tensor");
-  TORCH_CHECK(q_in.scalar_type() == at::kHalf || q_in.scalar_type() == at::kBFloat16,
-              "the CUDA kernels take float16 / bfloat16, got ", q_in.scalar_type());
-  TORCH_CHECK(q_in.dim() == 4, "q must be (B, S, H, D), got ", q_in.sizes());
-  const int64_t B = q_in.size(0), S = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, "head dim must be 32, 64 or 128, got ", D);
-  TORCH_CHECK(B <= 65535 && H <= 65535, "B and H must be <= 65535 (grid limits)");
-  TORCH_CHECK(S < (int64_t(1) << 30), "S must be < 2^30");
-  TORCH_CHECK(sk_in.dim() == 4, "side_k must be (B, G, H, D), got ", sk_in.sizes());
-  const int64_t G = sk_in.size(1);
-  TORCH_CHECK(G < (int64_t(1) << 28), "G must be < 2^28");
-  TORCH_CHECK(S == 0 || (0 <= left && left < S && 0 <= right && right < S), "left and right must be in [0, S - 1]",
-              " (S = ", S, "), got ", left, ", ", right);
-
+Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                 const at::Tensor& sk_in, const at::Tensor& sv_in, const OptTensor& band_key_mask,
+                 const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
+                 const OptTensor& side_bias, int64_t left, int64_t right, double scale) {
   Prepared r;
-  at::Tensor q = operand(q_in, "q", q_in, S), k = operand(k_in, "k", q_in, S), v = operand(v_in, "v", q_in, S);
-  at::Tensor sk = operand(sk_in, "side_k", q_in, G), sv = operand(sv_in, "side_v", q_in, G);
-  auto bkm = mask_arg(band_key_mask, "band_key_mask", q_in, S);
-  auto sm = mask_arg(side_mask, "side_mask", q_in, G);
-  auto bb = table_arg(band_bias, "band_bias", q_in, left + right + 1);
-  auto sb = table_arg(side_bias, "side_bias", q_in, 2 * G + 1);
-  std::optional<at::Tensor> qb;
-  if (sb.has_value()) {
-    TORCH_CHECK(query_block.has_value(), "query_block is required with side_bias");
-    TORCH_CHECK(query_block->device() == q_in.device() && query_block->scalar_type() == at::kInt &&
-                    query_block->dim() == 2 && query_block->size(0) == B && query_block->size(1) == S,
-                "query_block must be int32 (B, S) on ", q_in.device());
-    qb = query_block->contiguous();  // values are clamped to [-1, G-1] in the kernels
-  }
+  const at::Tensor q = loadable(q_in), k = loadable(k_in), v = loadable(v_in);
+  const at::Tensor sk = loadable(sk_in), sv = loadable(sv_in);
+  const OptTensor bkm = contiguous(band_key_mask), sm = contiguous(side_mask);
+  const OptTensor bb = float_table(band_bias), sb = float_table(side_bias);
+  const OptTensor qb = side_bias ? contiguous(query_block) : std::nullopt;  // only read with side_bias
   r.keep = {q, k, v, sk, sv};
-  for (auto* t : {&bkm, &sm, &bb, &sb, &qb})
+  for (const auto* t : {&bkm, &sm, &bb, &sb, &qb})
     if (t->has_value()) r.keep.push_back(**t);
 
   BandSideParams& p = r.p;
@@ -127,11 +171,11 @@ Prepared prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tenso
   p.query_block = qb ? qb->data_ptr<int32_t>() : nullptr;
   p.band_bias = bb ? bb->data_ptr<float>() : nullptr;
   p.side_bias = sb ? sb->data_ptr<float>() : nullptr;
-  p.B = B;
-  p.S = S;
-  p.H = H;
-  p.G = G;
-  p.D = D;
+  p.B = d.B;
+  p.S = d.S;
+  p.H = d.H;
+  p.G = d.G;
+  p.D = d.D;
   p.left = left;
   p.right = right;
   p.band_width = left + right + 1;
@@ -139,15 +183,18 @@ Prepared prepare(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tenso
   return r;
 }
 
-std::tuple<at::Tensor, at::Tensor> band_side_fwd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& side_k,
-    const at::Tensor& side_v, const std::optional<at::Tensor>& band_key_mask,
-    const std::optional<at::Tensor>& side_mask, const std::optional<at::Tensor>& query_block,
-    const std::optional<at::Tensor>& band_bias, const std::optional<at::Tensor>& side_bias, int64_t left,
-    int64_t right, double scale) {
+std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& side_k, const at::Tensor& side_v,
+                                                 const OptTensor& band_key_mask, const OptTensor& side_mask,
+                                                 const OptTensor& query_block, const OptTensor& band_bias,
+                                                 const OptTensor& side_bias, int64_t left, int64_t right,
+                                                 double scale) {
+  const Dims d = check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
+                                side_bias, left, right, scale);
+  on_cuda(kFwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  Prepared r = prepare(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
-                       right, scale);
+  Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
+                       left, right, scale);
   BandSideParams& p = r.p;
   at::Tensor out = at::empty({p.B, p.S, p.H, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.S}, q.options().dtype(at::kFloat));
@@ -161,18 +208,17 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> band_side_bwd(
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const std::optional<at::Tensor>& band_key_mask, const std::optional<at::Tensor>& side_mask,
-    const std::optional<at::Tensor>& query_block, const std::optional<at::Tensor>& band_bias,
-    const std::optional<at::Tensor>& side_bias, int64_t left, int64_t right, double scale) {
+    const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
+    const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right, double scale) {
+  const Dims d = check_bwd_args(dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
+                                query_block, band_bias, side_bias, left, right, scale);
+  on_cuda(kBwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
-  Prepared r = prepare(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
-                       right, scale);
+  Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
+                       left, right, scale);
   BandSideParams& p = r.p;
-  const at::Tensor dout = operand(dout_in, "dout", q, p.S);
-  const at::Tensor out = operand(out_in, "out", q, p.S);
-  TORCH_CHECK(lse_in.device() == q.device() && lse_in.scalar_type() == at::kFloat && lse_in.dim() == 3 &&
-                  lse_in.size(0) == p.B && lse_in.size(1) == p.H && lse_in.size(2) == p.S,
-              "lse must be float32 (B, H, S) on ", q.device());
+  const at::Tensor dout = loadable(dout_in);
+  const at::Tensor out = loadable(out_in);
   const at::Tensor lse = lse_in.contiguous();
 
   const auto opts = q.options();
@@ -245,11 +291,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {dq, dk, dv, dsk, dsv, dbb, dsb};
 }
 
+// CPU: the same checks, so bad arguments are reported identically (and testable without a GPU), then
+// NotImplementedError.
+std::tuple<at::Tensor, at::Tensor> band_side_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     const at::Tensor& side_k, const at::Tensor& side_v,
+                                                     const OptTensor& band_key_mask, const OptTensor& side_mask,
+                                                     const OptTensor& query_block, const OptTensor& band_bias,
+                                                     const OptTensor& side_bias, int64_t left, int64_t right,
+                                                     double scale) {
+  check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
+                 right, scale);
+  needs_cuda(kFwd, q);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> band_side_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& side_k,
+    const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse, const OptTensor& band_key_mask,
+    const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
+    int64_t left, int64_t right, double scale) {
+  check_bwd_args(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
+                 side_bias, left, right, scale);
+  needs_cuda(kBwd, q);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longattn, CUDA, m) {
   m.impl("cuda_band_side_fwd", &band_side_fwd);
   m.impl("cuda_band_side_bwd", &band_side_bwd);
+}
+
+TORCH_LIBRARY_IMPL(longattn, CPU, m) {
+  m.impl("cuda_band_side_fwd", &band_side_fwd_cpu);
+  m.impl("cuda_band_side_bwd", &band_side_bwd_cpu);
 }
 
 }  // namespace longattn

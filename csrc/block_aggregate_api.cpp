@@ -1,49 +1,100 @@
 // Torch-facing API of block aggregation: checks, the stable sort of tokens by block id that makes the
 // kernels' segment sums deterministic, and allocation. CUDA implementations of
-// longattn::cuda_block_aggregate_fwd / cuda_block_aggregate_bwd (schemas in extension.cpp).
+// longattn::cuda_block_aggregate_fwd / cuda_block_aggregate_bwd (schemas in extension.cpp), and CPU
+// implementations that run the same checks and then say the ops need CUDA tensors.
+//
+// All checks (check_fwd_args / check_bwd_args) run before any copy, allocation or CUDA call. Strides: x and
+// dout must have a dense last dim (checked; their other strides are free); block_ids, weight, sums and rstd
+// are copied to the dense layout the kernels index when they are not in it. Block ids are not range-checked
+// (a device sync): ids outside [0, num_blocks) are dropped by construction (see below).
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
 
 #include "block_aggregate/aggregate.h"
+#include "common/arg_checks.h"
 
 namespace longattn {
 namespace {
 
+using namespace argcheck;
+using OptTensor = std::optional<at::Tensor>;
+
+constexpr const char* kFwd = "cuda_block_aggregate_fwd";
+constexpr const char* kBwd = "cuda_block_aggregate_bwd";
+
+struct Dims {
+  int64_t B, S, C, G;
+};
+
+Dims check_fwd_args(const char* op, const at::Tensor& x, const at::Tensor& block_ids, int64_t num_blocks,
+                    const OptTensor& weight, double eps) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": x must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape (B, S, C), got ", x.sizes());
+  const int64_t B = x.size(0), S = x.size(1), C = x.size(2);
+  TORCH_CHECK(B <= 65535, op, ": x's B must be <= 65535 (CUDA grid limit), got ", B);
+  TORCH_CHECK(S < (int64_t(1) << 31) && C < (int64_t(1) << 31), op, ": x's S and C must be < 2^31, got S = ", S,
+              ", C = ", C);
+  last_dim_contiguous(op, x, "x");
+  same_device(op, block_ids, "block_ids", x, "x");
+  dtype_is(op, block_ids, "block_ids", at::kInt);
+  shape_is(op, block_ids, "block_ids", {B, S}, "(B, S)");
+  TORCH_CHECK(num_blocks >= 0 && num_blocks < (int64_t(1) << 31), op, ": num_blocks must be in [0, 2^31), got ",
+              num_blocks);
+  if (weight.has_value()) {
+    same_device(op, *weight, "weight", x, "x");
+    floating(op, *weight, "weight");
+    shape_is(op, *weight, "weight", {C}, "(C,)");
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a finite positive float, got ", eps);
+  return {B, S, C, num_blocks};
+}
+
+Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& x, const at::Tensor& block_ids, int64_t num_blocks,
+                    const OptTensor& weight, const at::Tensor& sums, const at::Tensor& rstd, double eps) {
+  const Dims d = check_fwd_args(kBwd, x, block_ids, num_blocks, weight, eps);
+  same_device(kBwd, dout, "dout", x, "x");
+  TORCH_CHECK(dout.scalar_type() == x.scalar_type(), kBwd, ": dout must have x's dtype ", x.scalar_type(),
+              ", got ", dout.scalar_type());
+  shape_is(kBwd, dout, "dout", {d.B, d.G, d.C}, "(B, num_blocks, C)");
+  last_dim_contiguous(kBwd, dout, "dout");
+  // The forward's statistics: float32 always, shaped only with weight (without it they are empty and unread).
+  same_device(kBwd, sums, "sums", x, "x");
+  dtype_is(kBwd, sums, "sums", at::kFloat);
+  same_device(kBwd, rstd, "rstd", x, "x");
+  dtype_is(kBwd, rstd, "rstd", at::kFloat);
+  if (weight.has_value()) {
+    shape_is(kBwd, sums, "sums", {d.B, d.G, d.C}, "(B, num_blocks, C)");
+    shape_is(kBwd, rstd, "rstd", {d.B, d.G}, "(B, num_blocks)");
+  }
+  return d;
+}
+
 AggDType agg_dtype(const at::Tensor& x) {
   switch (x.scalar_type()) {
-    case at::kFloat: return AggDType::kFloat32;
     case at::kHalf: return AggDType::kFloat16;
     case at::kBFloat16: return AggDType::kBFloat16;
-    default: TORCH_CHECK(false, "block_aggregate takes float32 / float16 / bfloat16, got ", x.scalar_type());
+    default: return AggDType::kFloat32;  // the only other dtype check_fwd_args lets through
   }
 }
 
-// Shared checks; fills the input half of the params. `keep` holds converted tensors alive.
-AggregateParams prepare(const at::Tensor& x_in, const at::Tensor& block_ids, int64_t num_blocks,
-                        const std::optional<at::Tensor>& weight, double eps, std::vector<at::Tensor>& keep) {
-  TORCH_CHECK(x_in.is_cuda(), "x must be a CUDA tensor");
-  TORCH_CHECK(x_in.dim() == 3, "x must be (B, S, C), got ", x_in.sizes());
-  const int64_t B = x_in.size(0), S = x_in.size(1), C = x_in.size(2);
-  TORCH_CHECK(num_blocks >= 0 && num_blocks < (int64_t(1) << 31), "num_blocks out of range: ", num_blocks);
-  TORCH_CHECK(B <= 65535, "B must be <= 65535 (grid limit)");
-  TORCH_CHECK(S < (int64_t(1) << 31) && C < (int64_t(1) << 31), "S and C must fit in int32");
-  TORCH_CHECK(block_ids.device() == x_in.device() && block_ids.scalar_type() == at::kInt && block_ids.dim() == 2 &&
-                  block_ids.size(0) == B && block_ids.size(1) == S,
-              "block_ids must be int32 (B, S) on ", x_in.device());
-  const at::Tensor x = (x_in.numel() == 0 || x_in.stride(2) == 1) ? x_in : x_in.contiguous();
+// The input half of the params, from checked arguments. `keep` holds converted tensors alive.
+AggregateParams prepare(const Dims& d, const at::Tensor& x, const at::Tensor& block_ids,
+                        const OptTensor& weight, double eps, std::vector<at::Tensor>& keep) {
   const at::Tensor ids = block_ids.contiguous();
   keep = {x, ids};
   AggregateParams p{};
-  p.B = B;
-  p.S = S;
-  p.C = C;
-  p.G = num_blocks;
+  p.B = d.B;
+  p.S = d.S;
+  p.C = d.C;
+  p.G = d.G;
   p.dtype = agg_dtype(x);
   p.x = x.data_ptr();
   p.x_sb = x.stride(0);
@@ -51,9 +102,6 @@ AggregateParams prepare(const at::Tensor& x_in, const at::Tensor& block_ids, int
   p.ids = ids.data_ptr<int32_t>();
   p.eps = static_cast<float>(eps);
   if (weight.has_value()) {
-    TORCH_CHECK(weight->device() == x.device() && at::isFloatingType(weight->scalar_type()) && weight->dim() == 1 &&
-                    weight->size(0) == C,
-                "weight must be a float (C,) tensor on ", x.device());
     const at::Tensor w = weight->to(at::kFloat).contiguous();
     keep.push_back(w);
     p.weight = w.data_ptr<float>();
@@ -62,12 +110,13 @@ AggregateParams prepare(const at::Tensor& x_in, const at::Tensor& block_ids, int
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> block_aggregate_fwd(const at::Tensor& x, const at::Tensor& block_ids,
-                                                                   int64_t num_blocks,
-                                                                   const std::optional<at::Tensor>& weight,
+                                                                   int64_t num_blocks, const OptTensor& weight,
                                                                    double eps) {
+  const Dims d = check_fwd_args(kFwd, x, block_ids, num_blocks, weight, eps);
+  on_cuda(kFwd, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<at::Tensor> keep;
-  AggregateParams p = prepare(x, block_ids, num_blocks, weight, eps, keep);
+  AggregateParams p = prepare(d, x, block_ids, weight, eps, keep);
   const auto fopts = x.options().dtype(at::kFloat);
   at::Tensor out = at::empty({p.B, p.G, p.C}, x.options());
   at::Tensor sums = weight ? at::empty({p.B, p.G, p.C}, fopts) : at::empty({0}, fopts);
@@ -97,29 +146,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_aggregate_fwd(const at::Ten
   return {out, sums, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor> block_aggregate_bwd(const at::Tensor& dout_in, const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> block_aggregate_bwd(const at::Tensor& dout, const at::Tensor& x,
                                                        const at::Tensor& block_ids, int64_t num_blocks,
-                                                       const std::optional<at::Tensor>& weight,
-                                                       const at::Tensor& sums_in, const at::Tensor& rstd_in,
-                                                       double eps) {
+                                                       const OptTensor& weight, const at::Tensor& sums_in,
+                                                       const at::Tensor& rstd_in, double eps) {
+  const Dims d = check_bwd_args(dout, x, block_ids, num_blocks, weight, sums_in, rstd_in, eps);
+  on_cuda(kBwd, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   std::vector<at::Tensor> keep;
-  AggregateParams p = prepare(x, block_ids, num_blocks, weight, eps, keep);
-  TORCH_CHECK(dout_in.device() == x.device() && dout_in.scalar_type() == x.scalar_type() && dout_in.dim() == 3 &&
-                  dout_in.size(0) == p.B && dout_in.size(1) == p.G && dout_in.size(2) == p.C,
-              "dout must be (B, num_blocks, C) in x's dtype on ", x.device());
-  const at::Tensor dout = (dout_in.numel() == 0 || dout_in.stride(2) == 1) ? dout_in : dout_in.contiguous();
+  AggregateParams p = prepare(d, x, block_ids, weight, eps, keep);
   const auto fopts = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty({p.B, p.S, p.C}, x.options());
   at::Tensor dweight = weight ? at::zeros({p.C}, fopts) : x.new_empty({0});
   at::Tensor sums, rstd, dsums;
   if (weight) {
-    TORCH_CHECK(sums_in.device() == x.device() && sums_in.scalar_type() == at::kFloat && sums_in.dim() == 3 &&
-                    sums_in.size(0) == p.B && sums_in.size(1) == p.G && sums_in.size(2) == p.C,
-                "sums must be float32 (B, num_blocks, C)");
-    TORCH_CHECK(rstd_in.device() == x.device() && rstd_in.scalar_type() == at::kFloat && rstd_in.dim() == 2 &&
-                    rstd_in.size(0) == p.B && rstd_in.size(1) == p.G,
-                "rstd must be float32 (B, num_blocks)");
     sums = sums_in.contiguous();
     rstd = rstd_in.contiguous();
     dsums = at::empty({p.B, p.G, p.C}, fopts);
@@ -139,11 +179,34 @@ std::tuple<at::Tensor, at::Tensor> block_aggregate_bwd(const at::Tensor& dout_in
   return {dx, dweight};
 }
 
+// CPU: the same checks, so bad arguments are reported identically (and testable without a GPU), then
+// NotImplementedError.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> block_aggregate_fwd_cpu(const at::Tensor& x,
+                                                                       const at::Tensor& block_ids,
+                                                                       int64_t num_blocks, const OptTensor& weight,
+                                                                       double eps) {
+  check_fwd_args(kFwd, x, block_ids, num_blocks, weight, eps);
+  needs_cuda(kFwd, x);
+}
+
+std::tuple<at::Tensor, at::Tensor> block_aggregate_bwd_cpu(const at::Tensor& dout, const at::Tensor& x,
+                                                           const at::Tensor& block_ids, int64_t num_blocks,
+                                                           const OptTensor& weight, const at::Tensor& sums,
+                                                           const at::Tensor& rstd, double eps) {
+  check_bwd_args(dout, x, block_ids, num_blocks, weight, sums, rstd, eps);
+  needs_cuda(kBwd, x);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(longattn, CUDA, m) {
   m.impl("cuda_block_aggregate_fwd", &block_aggregate_fwd);
   m.impl("cuda_block_aggregate_bwd", &block_aggregate_bwd);
+}
+
+TORCH_LIBRARY_IMPL(longattn, CPU, m) {
+  m.impl("cuda_block_aggregate_fwd", &block_aggregate_fwd_cpu);
+  m.impl("cuda_block_aggregate_bwd", &block_aggregate_bwd_cpu);
 }
 
 }  // namespace longattn

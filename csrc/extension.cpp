@@ -1,9 +1,10 @@
 // longattn._C: the CUDA backend's native library.
 //
-// The ops themselves are registered with the dispatcher (TORCH_LIBRARY schemas here, CUDA
-// implementations under TORCH_LIBRARY_IMPL(longattn, CUDA, ...) beside their kernels); Python reaches
-// them as torch.ops.longattn.*. This file also makes the shared object importable as a Python module
-// (`import longattn._C` loads the library and runs the registrations) and records how it was built.
+// The ops themselves are registered with the dispatcher (TORCH_LIBRARY schemas here; CUDA
+// implementations under TORCH_LIBRARY_IMPL(longattn, CUDA, ...) beside their kernels, and CPU ones that run
+// the same argument checks and then raise "needs CUDA tensors"); Python reaches them as torch.ops.longattn.*.
+// This file also makes the shared object importable as a Python module (`import longattn._C` loads the
+// library and runs the registrations) and records how it was built.
 #include <Python.h>
 #include <cuda.h>  // CUDA_VERSION
 #include <torch/library.h>
@@ -15,7 +16,7 @@
 // Schemas of the raw CUDA ops. A fragment, because the Python-side custom ops (longattn/_ops.py)
 // live in the same namespace.
 // The raw ops take the backend contract's arguments (longattn/backends/__init__.py) minus `backend`;
-// their CUDA implementations live in band_side_api.cpp and block_aggregate_api.cpp, their fake (meta)
+// their CUDA and CPU implementations live in band_side_api.cpp and block_aggregate_api.cpp, their fake (meta)
 // implementations in longattn/backends/cuda_backend.py.
 TORCH_LIBRARY_FRAGMENT(longattn, m) {
   m.def(

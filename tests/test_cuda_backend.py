@@ -1,25 +1,35 @@
 """The CUDA backend (``longattn._C``, sources in ``csrc/``).
 
 CPU part (always runs): the extension imports when it was built, its raw ops are registered with the
-expected schemas and have fake implementations, and the backend says clearly why it cannot run on a CPU.
+expected schemas and have fake implementations, the backend says clearly why it cannot run on a CPU, and every
+argument of every raw op is checked: each bad call raises a RuntimeError naming the argument (the CPU
+registrations run the same checks as the CUDA ones), each in a child process so that a crash fails only its
+own test.
 
-GPU part (``@pytest.mark.gpu``, skipped with the reason when no CUDA device is visible): the DESIGN.md
-section 4 matrix against the fp64 oracle with the tolerance rule in fp16 / bf16 -- the baseline of the
-rule is the torch backend in the same dtype --, long sequences up to S = 131072 (oracle: the torch backend
-in float64, the dense oracle being S x S), bitwise determinism of the backward, block aggregation, and one
-``torch.library.opcheck`` per raw op.
+GPU part (``@pytest.mark.gpu``, skipped with the reason when no CUDA device is visible): the same bad calls
+on CUDA tensors, one ``torch.library.opcheck`` per raw op, and out-of-range block ids. The kernels themselves
+(oracle matrix, long sequences, determinism, 64-bit offsets, block aggregation) are tested for both kernel
+backends in tests/test_gpu_kernels.py.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import longattn
 from longattn.backends import cuda_backend
-from tests import reference
-from tests.conftest import GRAD_NAMES, check_backend_against_oracle, grads, make_case
-from tests.tolerance import assert_within_rule
+from tests.conftest import make_case
 
 BUILT = cuda_backend._C is not None
 needs_build = pytest.mark.skipif(
@@ -142,106 +152,315 @@ def test_fake_shapes_of_raw_ops():
 
 
 # --------------------------------------------------------------------------------------------------------
-# GPU
+# Raw-op argument checks. The CPU registrations of the raw ops run the same checks as the CUDA ones and then
+# raise NotImplementedError("needs CUDA tensors"), so every check is exercised here on CPU tensors. Each bad
+# call runs in a child process (batched, one process for all of them): a crash fails that call's test only,
+# and the calls after it run in a fresh child.
 # --------------------------------------------------------------------------------------------------------
 
-DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
-
-# DESIGN.md section 4 shapes, with 64 x 64 kernel tiles in mind: odd S crossing several tiles, windows
-# wide enough for mask-free interior tiles (W >= 127), windows inside one tile, side keys spanning tiles.
-CASES = {
-    "odd-S-side-bias-padded": dict(B=2, S=1000, H=3, D=64, window=(37, 21), G=3, bias=True, padding="tail",
-                                   side_padding=True),
-    "interior-tiles": dict(B=1, S=1531, H=2, D=64, window=(200, 150), G=2, bias=True),
-    "causal": dict(B=2, S=700, H=2, D=64, window=(130, 0), G=0),
-    "anti-causal-side": dict(B=1, S=333, H=2, D=32, window=(0, 70), G=4, bias=True),
-    "S<window": dict(B=2, S=50, H=2, D=64, window=(256, 256), G=1, bias=True),
-    "window>=S-dense": dict(B=1, S=300, H=2, D=64, window=(300, 400), G=0, bias=True),
-    "window-0": dict(B=2, S=129, H=2, D=64, window=(0, 0), G=0),
-    "S=1": dict(B=2, S=1, H=3, D=64, window=(2, 2), G=1, bias=True),
-    "all-padding-row": dict(B=2, S=200, H=2, D=64, window=(16, 16), G=3, padding="rows", side_padding=True),
-    "G=0": dict(B=2, S=257, H=2, D=128, window=(64, 64), G=0, bias=True),
-    "many-side-keys": dict(B=2, S=512, H=2, D=64, window=(8, 8), G=150, bias=True, side_padding=True),
-    "non-contiguous": dict(B=2, S=450, H=4, D=64, window=(60, 90), G=2, bias=True, layout="bhsd"),
-    "D=32": dict(B=2, S=260, H=2, D=32, window=(33, 33), G=2, bias=True),
-    "D=128": dict(B=1, S=400, H=2, D=128, window=(100, 27), G=70, bias=True, padding="tail"),
-    "scale=1": dict(B=1, S=300, H=2, D=64, window=(127, 127), G=20, bias=True, scale=1.0),
+RAW_OPS = tuple(SCHEMAS)
+# Valid sizes; expanded (stride-0) tensors make the huge ones free. left + right + 1 = 6 band offsets.
+DIMS = dict(B=2, S=10, H=2, D=32, G=3, left=3, right=2, C=8, num_blocks=4)
+_TENSOR_DIMS = {  # argument -> (dims by name, dtype); q-like operands use q's dtype
+    "q": ("BSHD", torch.float16), "k": ("BSHD", torch.float16), "v": ("BSHD", torch.float16),
+    "dout_band": ("BSHD", torch.float16), "out": ("BSHD", torch.float16),
+    "side_k": ("BGHD", torch.float16), "side_v": ("BGHD", torch.float16),
+    "band_key_mask": ("BS", torch.bool), "side_mask": ("BG", torch.bool), "query_block": ("BS", torch.int32),
+    "band_bias": ("HW", torch.float32), "side_bias": ("HT", torch.float32), "lse": ("BHS", torch.float32),
+    "x": ("BSC", torch.bfloat16), "block_ids": ("BS", torch.int32), "weight": ("C", torch.float32),
+    "dout_agg": ("BNC", torch.bfloat16), "sums": ("BNC", torch.float32), "rstd": ("BN", torch.float32),
 }
 
 
-def _check(case, dtype, oracle=None):
-    return check_backend_against_oracle(case, "cuda", dtype, oracle)
+def _sizes(letters, **dims):
+    d = {**DIMS, **dims}
+    size = dict(B=d["B"], S=d["S"], H=d["H"], D=d["D"], G=d["G"], W=d["left"] + d["right"] + 1,
+                T=2 * d["G"] + 1, C=d["C"], N=d["num_blocks"])
+    return [size[c] for c in letters]
 
 
-@pytest.mark.gpu
-@gpu_ready
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", CASES)
-def test_band_side_matches_oracle(name, dtype):
-    _check(make_case(**CASES[name], device="cuda"), dtype)
+def _zeros(shape, dtype, device):
+    """A zero tensor of `shape`, expanded from one row (no memory for huge shapes); the last dim is dense unless
+    it is huge itself (the size checks fire before the stride checks)."""
+    row = shape[-1] if shape[-1] <= 1 << 20 else 1
+    return torch.zeros(row, dtype=dtype, device=device).expand(*shape)
 
 
-@pytest.mark.gpu
-@gpu_ready
-def test_fully_masked_rows_give_zero_output_and_zero_grads():
-    case = make_case(B=2, S=300, H=2, D=64, window=(20, 20), G=0, padding="rows", device="cuda")
-    test, out, got = _check(case, torch.bfloat16)
-    assert out[0].abs().max().item() == 0.0
-    assert got[0][0].abs().max().item() == 0.0  # dq of the all-padding row
+def _arg_key(op, name):
+    return f"dout_{'band' if 'band' in op else 'agg'}" if name == "dout" else name
 
 
-@pytest.mark.gpu
-@gpu_ready
-@pytest.mark.parametrize("S", [8192, 32768, 131072])
-def test_long_sequences(S):
-    # The dense oracle is S x S; the torch backend in float64 (itself checked against the oracle) stands in.
-    case = make_case(B=1, S=S, H=2, D=64, window=(256, 256), G=1, bias=True, padding="tail", device="cuda")
-    ref = case.run("torch")
-    _check(case, torch.bfloat16, oracle=(ref, grads(ref, case.leaves())))
+def raw_op_args(op, device, **dims):
+    """A valid argument dict of raw op `op` on `device` (the checks read metadata only; values are zeros)."""
+    d = {**DIMS, **dims}
+    args = {}
+    for arg in getattr(torch.ops.longattn, op).default._schema.arguments:
+        if arg.name in ("left", "right", "num_blocks"):
+            args[arg.name] = d[arg.name]
+        elif arg.name in ("scale", "eps"):
+            args[arg.name] = 0.125 if arg.name == "scale" else 1e-6
+        else:
+            letters, dtype = _TENSOR_DIMS[_arg_key(op, arg.name)]
+            args[arg.name] = _zeros(_sizes(letters, **dims), dtype, device)
+    return args
 
 
-@pytest.mark.gpu
-@gpu_ready
-def test_backward_is_bitwise_deterministic():
-    case = make_case(B=2, S=2000, H=3, D=64, window=(127, 127), G=40, bias=True, side_padding=True,
-                     device="cuda").cast(torch.bfloat16)
-    runs = []
-    for _ in range(2):
-        out = case.run("cuda")
-        runs.append([out] + grads(out, case.leaves()))
-    for name, a, b in zip(["out"] + GRAD_NAMES, *runs):
-        assert torch.equal(a, b), f"{name} differs between two identical runs"
+@dataclasses.dataclass(frozen=True)
+class BadCall:
+    """One call of raw op `op` with a valid argument set changed by `mutate(args, device)`.
+
+    `pattern`: regex the RuntimeError's message must match (it names the argument), None for the valid call.
+    `dims`: sizes of the valid set. `other_device`: the change moves a tensor to another device; on CPU that
+    tensor goes to "meta", and the call goes straight to the CPU kernel (with a meta argument the dispatcher
+    would pick the fake implementation, which checks nothing).
+    """
+
+    op: str
+    mutate: object
+    pattern: str | None
+    dims: tuple = ()
+    other_device: bool = False
 
 
-def _aggregate_inputs(B, S, C, G, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, S, C, generator=gen).to(dtype).cuda().requires_grad_(True)
-    ids = torch.randint(-1, G, (B, S), generator=gen, dtype=torch.int32).cuda()
-    weight = (1 + 0.1 * torch.randn(C, generator=gen)).cuda().requires_grad_(True)
-    return x, ids, weight
+def _set(name, value):
+    def mutate(args, device):
+        args[name] = value(args[name], device) if callable(value) else value
+    return mutate
 
 
-@pytest.mark.gpu
-@gpu_ready
-@pytest.mark.parametrize("dtype", DTYPES + [pytest.param(torch.float32, id="fp32")])
-@pytest.mark.parametrize("weighted", [False, True], ids=["sum", "rmsnorm"])
-@pytest.mark.parametrize("shape", [(2, 1000, 96, 62), (1, 4096, 768, 256), (3, 17, 8, 0), (1, 5, 4, 9)])
-def test_block_aggregate_matches_oracle(shape, weighted, dtype):
-    B, S, C, G = shape
-    x, ids, weight = _aggregate_inputs(B, S, C, G, dtype)
-    w = weight if weighted else None
-    leaves = [x] + ([weight] if weighted else [])
-    ref = reference.block_aggregate(x, ids, G, weight=w)
-    ref_g = grads(ref, leaves)
-    results = {}
-    for backend in ("torch", "cuda"):
-        out = longattn.block_aggregate(x, ids, G, weight=w, backend=backend)
-        results[backend] = (out, grads(out, leaves))
-    assert_within_rule("out", results["cuda"][0], results["torch"][0], ref)
-    for name, g, b, r in zip(["dx", "dweight"], results["cuda"][1], results["torch"][1], ref_g):
-        assert_within_rule(name, g, b, r, grad=True)
-    again = longattn.block_aggregate(x, ids, G, weight=w, backend="cuda")
-    assert torch.equal(again, results["cuda"][0])
+def _resized(t, dim, size):
+    shape = list(t.shape)
+    shape[dim] = size
+    return _zeros(shape, t.dtype, t.device)
+
+
+def _strided_last_dim(t):
+    return torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)[..., ::2]
+
+
+_BAD_DTYPE = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16, torch.bool: torch.uint8,
+              torch.int32: torch.int64, torch.float32: torch.int32}
+_FLOAT_STATS = ("lse", "sums", "rstd")  # float32 exactly: a wrong dtype is float16
+
+
+def _tensor_cases(op, name, free_dims=(), dense_last_dim=False):
+    """Bad variants of tensor argument `name`: another device, dtype and rank, each size off by one (except
+    `free_dims`, which define a size the others follow), and a strided last dim where rows are read densely."""
+    letters, dtype = _TENSOR_DIMS[_arg_key(op, name)]
+    bad_dtype = torch.float16 if name in _FLOAT_STATS else _BAD_DTYPE[dtype]
+    p = f"{op}: {name} must"
+    cases = {
+        "device": BadCall(op, _set(name, lambda t, dev: t.to("meta" if dev == "cpu" else "cpu")),
+                          rf"{p} be on \w+'s device", other_device=True),
+        "dtype": BadCall(op, _set(name, lambda t, dev: t.to(bad_dtype)), rf"{p} (be (?!on)|have \w+'s dtype)"),
+        "rank": BadCall(op, _set(name, lambda t, dev: t.unsqueeze(0)), rf"{p} have shape"),
+    }
+    for dim, letter in enumerate(letters):
+        if dim not in free_dims:
+            cases[f"size{dim}-{letter}"] = BadCall(
+                op, _set(name, lambda t, dev, dim=dim: _resized(t, dim, t.shape[dim] + 1)), rf"{p} have shape")
+    if dense_last_dim:
+        cases["strided-last-dim"] = BadCall(op, _set(name, lambda t, dev: _strided_last_dim(t)),
+                                            rf"{p} have a contiguous last dim")
+    return {f"{name}-{k}": v for k, v in cases.items()}
+
+
+def _leader_cases(op, name, limits):
+    """q / x: their sizes define everyone else's, so only dtype, rank, size limits and the last-dim rule."""
+    letters, dtype = _TENSOR_DIMS[name]
+    p = f"{op}: {name}"
+    cases = {
+        "dtype": BadCall(op, _set(name, lambda t, dev: t.to(torch.float64)), rf"{p} must be (float|bfloat)"),
+        "rank": BadCall(op, _set(name, lambda t, dev: t[0]), rf"{p} must have shape \(B, S,"),
+        "strided-last-dim": BadCall(op, _set(name, lambda t, dev: _strided_last_dim(t)),
+                                    rf"{p} must have a contiguous last dim"),
+    }
+    for label, (letter, size, pattern) in limits.items():
+        dim = letters.index(letter)
+        cases[label] = BadCall(op, _set(name, lambda t, dev, dim=dim, size=size: _resized(t, dim, size)),
+                               rf"{p}'s {pattern}")
+    return {f"{name}-{k}": v for k, v in cases.items()}
+
+
+def _band_side_cases(op):
+    bwd = op.endswith("bwd")
+    cases = _leader_cases(op, "q", {"D=16": ("D", 16, "head dim D must be 32, 64 or 128"),
+                                    "B>65535": ("B", 65536, "B and H must be <= 65535"),
+                                    "H>65535": ("H", 65536, "B and H must be <= 65535"),
+                                    "S>=2^30": ("S", 1 << 30, "S must be < 2\\^30")})
+    for name in ("k", "v") + (("dout", "out") if bwd else ()):
+        cases.update(_tensor_cases(op, name, dense_last_dim=True))
+    cases.update(_tensor_cases(op, "side_k", free_dims=(1,), dense_last_dim=True))
+    cases.update(_tensor_cases(op, "side_v", dense_last_dim=True))
+    for name in ("band_key_mask", "side_mask", "query_block", "band_bias", "side_bias") + (("lse",) if bwd else ()):
+        cases.update(_tensor_cases(op, name))
+    for name in ("left", "right"):
+        for value in (-1, DIMS["S"]):
+            cases[f"{name}={value}"] = BadCall(op, _set(name, value), rf"{op}: {name} must be in \[0, S - 1\]")
+    for value in (math.inf, math.nan):
+        cases[f"scale={value}"] = BadCall(op, _set("scale", value), rf"{op}: scale must be finite")
+    cases["side_bias-without-query_block"] = BadCall(op, _set("query_block", None),
+                                                     rf"{op}: query_block is required with side_bias")
+    cases["side_k-G>=2^28"] = BadCall(op, _set("side_k", lambda t, dev: _resized(t, 1, 1 << 28)),
+                                      rf"{op}: side_k's G must be < 2\^28")
+    if bwd:  # B * S * H rows on the delta kernel's 1-D grid: 65535^2 * 5 > 8 * (2^31 - 1)
+        cases["B*S*H-grid"] = BadCall(op, lambda args, dev: None, rf"{op}: q's B \* S \* H must be",
+                                      dims=(("B", 65535), ("H", 65535), ("S", 5)))
+    return cases
+
+
+def _aggregate_cases(op):
+    bwd = op.endswith("bwd")
+    cases = _leader_cases(op, "x", {"B>65535": ("B", 65536, "B must be <= 65535"),
+                                    "S>=2^31": ("S", 1 << 31, "S and C must be < 2\\^31"),
+                                    "C>=2^31": ("C", 1 << 31, "S and C must be < 2\\^31")})
+    cases.update(_tensor_cases(op, "block_ids"))
+    cases.update(_tensor_cases(op, "weight"))
+    if bwd:
+        cases.update(_tensor_cases(op, "dout", dense_last_dim=True))
+        cases.update(_tensor_cases(op, "sums"))
+        cases.update(_tensor_cases(op, "rstd"))
+    for value in (-1, 1 << 31):
+        cases[f"num_blocks={value}"] = BadCall(op, _set("num_blocks", value), rf"{op}: num_blocks must be in")
+    for value in (0.0, -1.0, math.inf, math.nan):
+        cases[f"eps={value}"] = BadCall(op, _set("eps", value), rf"{op}: eps must be a finite positive float")
+    return cases
+
+
+def _all_calls():
+    calls = {}
+    for op in RAW_OPS:
+        calls[f"{op}/valid"] = BadCall(op, lambda args, dev: None, None)
+        cases = _band_side_cases(op) if "band_side" in op else _aggregate_cases(op)
+        calls.update({f"{op}/{k}": v for k, v in cases.items()})
+    return calls
+
+
+RAW_OP_CALLS = _all_calls()
+BAD_CALLS = [k for k, v in RAW_OP_CALLS.items() if v.pattern is not None]
+
+
+def _call(case_id, device):
+    """Run one call in this process; returns {"type": exception class name or None, "msg": message}."""
+    call = RAW_OP_CALLS[case_id]
+    args = raw_op_args(call.op, device, **dict(call.dims))
+    call.mutate(args, device)
+    op = getattr(torch.ops.longattn, call.op).default
+    positional = [args[a.name] for a in op._schema.arguments]
+    try:
+        if call.other_device and device == "cpu":
+            op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *positional)
+        else:
+            op(*positional)
+        return {"type": None, "msg": ""}
+    except Exception as exc:  # the outcome is the test's to judge
+        return {"type": type(exc).__name__, "msg": str(exc)[:2000]}
+
+
+def _child_main():
+    """Child process: run the calls named on stdin, one JSON line before and after each. `crash_at` (tests of
+    the harness only) names a call at which the child kills itself with SIGSEGV instead."""
+    request = json.load(sys.stdin)
+    for case_id in request["ids"]:
+        print(json.dumps({"start": case_id}), flush=True)
+        if case_id == request.get("crash_at"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        print(json.dumps({"id": case_id, **_call(case_id, request["device"])}), flush=True)
+
+
+def run_calls_in_children(device, ids, crash_at=None):
+    """{case id: outcome} for the calls `ids` of RAW_OP_CALLS, run in child processes on `device`. A child that
+    dies (e.g. a segfault) fails the call it was running with type "crash"; the calls after it run in a new
+    child."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = "from tests.test_cuda_backend import _child_main; _child_main()"
+    outcomes, remaining = {}, list(ids)
+    while remaining:
+        request = {"device": device, "ids": remaining, "crash_at": crash_at}
+        run = subprocess.run([sys.executable, "-c", code], input=json.dumps(request), cwd=root,
+                             capture_output=True, text=True, timeout=600)
+        started = None
+        for line in run.stdout.splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            if "start" in record:
+                started = record["start"]
+            else:
+                outcomes[record.pop("id")] = record
+                started = None
+        if run.returncode == 0 or started is None:  # done, or the child failed before its first call
+            for case_id in remaining:
+                outcomes.setdefault(case_id, {"type": "no result", "msg": run.stderr[-2000:]})
+            break
+        outcomes[started] = {"type": "crash", "msg": f"child exited with {run.returncode}: {run.stderr[-2000:]}"}
+        remaining = remaining[remaining.index(started) + 1:]
+    return outcomes
+
+
+@functools.cache
+def raw_op_outcomes(device):
+    """Outcomes of every call in RAW_OP_CALLS on `device` (run once per session)."""
+    return run_calls_in_children(device, list(RAW_OP_CALLS))
+
+
+# Every message ends with what was given ("..., got [2, 29]"), but one. A message cut short (e.g. "... = [")
+# is what an extension with its own static copy of libstdc++ produces (see README, Building from source).
+_COMPLETE_MESSAGE = re.compile(r"(, got \S.*|is required with side_bias)$")
+
+
+def rejection_problem(case_id, outcome):
+    """Why `outcome` is not a RuntimeError naming the argument as RAW_OP_CALLS[case_id].pattern says, with its
+    whole message; or None."""
+    pattern = RAW_OP_CALLS[case_id].pattern
+    message = outcome["msg"].split("\n")[0]
+    if outcome["type"] != "RuntimeError":  # NotImplementedError would mean the check did not fire
+        return f"{case_id}: expected RuntimeError matching {pattern!r}, got {outcome['type']}: {outcome['msg']}"
+    if not re.search(pattern, message) or not _COMPLETE_MESSAGE.search(message):
+        return f"{case_id}: message does not match {pattern!r} or is cut short: {outcome['msg']}"
+    return None
+
+
+@needs_build
+@pytest.mark.parametrize("case_id", BAD_CALLS)
+def test_raw_op_rejects_bad_argument_on_cpu(case_id):
+    problem = rejection_problem(case_id, raw_op_outcomes("cpu")[case_id])
+    assert problem is None, problem
+
+
+@needs_build
+@pytest.mark.parametrize("op", RAW_OPS)
+def test_raw_op_with_valid_cpu_arguments_needs_cuda(op):
+    # The valid set passes every check (so each bad call above fails on its own argument), then the CPU
+    # implementation refuses to compute.
+    outcome = raw_op_outcomes("cpu")[f"{op}/valid"]
+    assert outcome["type"] == "NotImplementedError", outcome
+    assert f"{op}: needs CUDA tensors, got cpu tensors" in outcome["msg"], outcome
+
+
+@needs_build
+def test_a_crashing_call_fails_alone():
+    # The harness itself: a child killed by SIGSEGV at the second call charges that call only; the third runs
+    # in a new child.
+    ids = [f"{op}/valid" for op in RAW_OPS[:3]]
+    outcomes = run_calls_in_children("cpu", ids, crash_at=ids[1])
+    assert outcomes[ids[1]]["type"] == "crash" and str(-signal.SIGSEGV) in outcomes[ids[1]]["msg"]
+    assert outcomes[ids[0]]["type"] == outcomes[ids[2]]["type"] == "NotImplementedError", outcomes
+
+
+@needs_build
+def test_every_raw_op_argument_has_a_bad_call():
+    for op in RAW_OPS:
+        covered = {case_id.split("/")[1].split("-")[0].split("=")[0] for case_id in BAD_CALLS
+                   if case_id.startswith(f"{op}/")}
+        names = {a.name for a in getattr(torch.ops.longattn, op).default._schema.arguments}
+        assert names <= covered, f"{op}: no bad call for {sorted(names - covered)}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU (the kernels against the oracle, determinism and 64-bit offsets are tested for both kernel backends in
+# tests/test_gpu_kernels.py; here: what is specific to the raw ops of longattn._C)
+# --------------------------------------------------------------------------------------------------------
 
 
 def _opcheck_inputs():
@@ -263,7 +482,10 @@ def test_opcheck_raw_ops():
     dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.longattn.cuda_band_side_bwd.default,
                           (dout, q, k, v, sk, sv, out, lse, bkm, sm, qb, bb, sb, 20, 9, 0.125))
-    x, ids, weight = (t.detach() for t in _aggregate_inputs(2, 100, 32, 7, torch.bfloat16))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 100, 32, generator=gen).to(torch.bfloat16).cuda()
+    ids = torch.randint(-1, 7, (2, 100), generator=gen, dtype=torch.int32).cuda()
+    weight = (1 + 0.1 * torch.randn(32, generator=gen)).cuda()
     torch.library.opcheck(torch.ops.longattn.cuda_block_aggregate_fwd.default, (x, ids, 7, weight, 1e-6))
     out, sums, rstd = torch.ops.longattn.cuda_block_aggregate_fwd(x, ids, 7, weight, 1e-6)
     torch.library.opcheck(torch.ops.longattn.cuda_block_aggregate_bwd.default,
@@ -272,17 +494,21 @@ def test_opcheck_raw_ops():
 
 @pytest.mark.gpu
 @gpu_ready
-def test_raw_op_rejects_bad_arguments():
+def test_raw_op_rejects_bad_arguments_on_gpu():
+    # The same calls as on CPU, with CUDA tensors (a tensor on the wrong device is a CPU one): the CUDA
+    # implementations raise the same errors before any CUDA work, and the valid sets compute.
+    outcomes = raw_op_outcomes("cuda")
+    problems = [rejection_problem(case_id, outcomes[case_id]) for case_id in BAD_CALLS]
+    problems += [f"{op}/valid: {outcomes[f'{op}/valid']}" for op in RAW_OPS if outcomes[f"{op}/valid"]["type"]]
+    assert not [p for p in problems if p], "\n".join(p for p in problems if p)
+
+
+@pytest.mark.gpu
+@gpu_ready
+def test_raw_op_clamps_out_of_range_query_block():
+    # Values inside tensors are not checked (a device sync); block ids outside [-1, G-1] are clamped in the
+    # kernels, never read out of bounds.
     q, k, v, sk, sv, bkm, sm, qb, bb, sb = _opcheck_inputs()
-    fwd = torch.ops.longattn.cuda_band_side_fwd
-    with pytest.raises(RuntimeError, match="band_bias must have shape"):
-        fwd(q, k, v, sk, sv, bkm, sm, qb, bb[:, :-1], sb, 20, 9, 0.125)
-    with pytest.raises(RuntimeError, match=r"left and right must be in \[0, S - 1\]"):
-        fwd(q, k, v, sk, sv, None, None, None, None, None, 150, 0, 0.125)
-    with pytest.raises(RuntimeError, match="head dim"):
-        fwd(q[..., :16], k[..., :16], v[..., :16], sk[..., :16], sv[..., :16], None, None, None, None, None, 2, 2,
-            0.25)
-    # Out-of-range block ids are clamped, never read out of bounds.
     bad = torch.full_like(qb, 10**6)
-    out, _ = fwd(q, k, v, sk, sv, bkm, sm, bad, bb, sb, 20, 9, 0.125)
+    out, _ = torch.ops.longattn.cuda_band_side_fwd(q, k, v, sk, sv, bkm, sm, bad, bb, sb, 20, 9, 0.125)
     assert torch.isfinite(out).all()

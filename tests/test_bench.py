@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from longattn import dispatch
-from longattn.bench import flops, impls, oracle
+from longattn.bench import flops, impls, oracle, report, timing
 from longattn.bench.cases import Settings, build_case, global_positions
 from longattn.cli import main
 
@@ -50,6 +50,19 @@ def test_json_has_metadata_settings_and_rows(checked_run):
     for r in timed:
         assert r["time_ms"] > 0 and r["runs"] >= 1
         assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
+        _assert_host_fields(r, st["device"])
+
+
+def _assert_host_fields(r, device):
+    """A timed row's host-overhead fields: the figures on a GPU, empty with the reason on CPU."""
+    assert {"call_wall_ms", "gpu_ms", "host_overhead_ms"} <= set(r), r
+    if device == "cpu":
+        assert r["host_overhead_ms"] is None and r["gpu_ms"] is None
+        assert r["host_overhead_reason"] == timing.HOST_OVERHEAD_CPU_REASON
+    else:
+        assert r["call_wall_ms"] > 0
+        if r.get("host_overhead_reason") != timing.HOST_OVERHEAD_SYNC_REASON:  # a baseline may sync the host
+            assert r["host_overhead_ms"] == pytest.approx(r["call_wall_ms"] - r["gpu_ms"]), r
 
 
 def test_torch_backend_and_baselines_timed(checked_run):
@@ -103,6 +116,7 @@ def test_csv_written(checked_run):
     with open(csv_path) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(run["results"]) and {"op", "S", "impl", "pass", "time_ms", "tflops"} <= set(rows[0])
+    assert {"host_overhead_ms", "call_wall_ms", "gpu_ms", "host_overhead_reason"} <= set(rows[0])
 
 
 def test_png_written(tmp_path):
@@ -126,6 +140,7 @@ def test_table_printed_and_skips_explained(tmp_path, capsys):
     main([*TINY, "--op", "local", "--baseline", "sdpa_dense", "--pass", "fwd", "--device", "cpu"])
     out = capsys.readouterr().out
     assert "longattn:torch" in out and "sdpa_dense" in out and "TFLOP/s" in out
+    assert "host µs" in out.splitlines()[0] and f"host µs n/a: {timing.HOST_OVERHEAD_CPU_REASON}" in out
     cpu = torch.device("cpu")
     skipped = [name for name in dispatch.BACKEND_NAMES
                if dispatch.unsupported_reasons(name, cpu, torch.float32, 16, "local")]
@@ -202,6 +217,30 @@ def test_report_without_gpu_results(tmp_path, capsys):
     assert "No GPU results" in capsys.readouterr().out
 
 
+def _gpu_run(results):
+    return {"device_type": "cuda", "device": "cuda:0 test GPU", "timestamp": "2026-01-01T00:00:00+00:00",
+            "settings": {"mode": "ops"}, "results": results}
+
+
+def test_report_host_overhead_column():
+    """A run with host overhead gets the column (µs; – with the reason where it is missing); one saved before
+    the field existed renders without it."""
+    base = {"op": "local", "pass": "fwd", "kind": "longattn", "time_ms": 0.5, "tflops": 1.0, "peak_mem_bytes": 2**20}
+    rows = [{**base, "S": 4096, "impl": "longattn:cuda", "status": "ok", "host_overhead_ms": 0.0425},
+            {**base, "S": 4096, "impl": "hf", "status": "ok", "host_overhead_ms": None,
+             "host_overhead_reason": timing.HOST_OVERHEAD_SYNC_REASON},
+            {**base, "S": 4096, "impl": "flex", "status": "unavailable", "reason": "no triton"}]
+    text = report.markdown(_gpu_run(rows), "x.json", None)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert "| host overhead (µs) |" in table[0] and len({line.count("|") for line in table}) == 1
+    assert "| 4096 | longattn:cuda | 0.500 | 1.0 | 1 | 42 |" in text
+    assert "| 4096 | hf | 0.500 | 1.0 | 1 | – |" in text
+    assert f"– where {timing.HOST_OVERHEAD_SYNC_REASON}" in text
+    old = report.markdown(_gpu_run([{k: v for k, v in r.items() if "host" not in k} for r in rows]), "x.json", None)
+    assert "host overhead" not in old.lower() and len({line.count("|") for line in old.splitlines()
+                                                       if line.startswith("|")}) == 1
+
+
 def test_readme_results_section_is_generated():
     """The README's results section is `longattn bench --report`'s output for the saved runs, verbatim."""
     from pathlib import Path
@@ -229,6 +268,23 @@ def test_save_writes_gpu_run_with_commit(tmp_path):
     assert rc == 0 and len(saved) == 1
     run = json.loads(saved[0].read_text())
     assert run["device_type"] == "cuda" and "git_commit" in run and run["settings"]["device"] == "cuda"
+    for r in run["results"]:
+        _assert_host_fields(r, "cuda")
+    assert "| host overhead (µs) |" in report.markdown(run, "x.json", None)
+
+
+@pytest.mark.gpu
+def test_host_overhead_on_gpu():
+    """Launch-only calls get the figures; a call that syncs the host (``.item()``) gets the reason instead."""
+    a = torch.randn(1 << 20, device="cuda")
+    out = torch.empty_like(a)
+    t = timing.time_call(lambda: torch.add(a, a, out=out), torch.device("cuda"), min_run_time=0.05,
+                         host_overhead=True)
+    assert t.host.reason is None and t.host.gpu_s > 0
+    assert t.host.overhead_s == pytest.approx(t.host.wall_s - t.host.gpu_s)
+    synced = timing.time_call(lambda: torch.add(a, a, out=out).sum().item(), torch.device("cuda"),
+                              min_run_time=0.05, host_overhead=True)
+    assert synced.host.reason == timing.HOST_OVERHEAD_SYNC_REASON and synced.host.wall_s > 0
 
 
 def test_model_mode_lists_patched_rows(tmp_path):
@@ -240,6 +296,9 @@ def test_model_mode_lists_patched_rows(tmp_path):
     rows = json.loads(json_path.read_text())["results"]
     assert {r["impl"] for r in rows} == {"stock", "patched:torch"}
     assert all(r["status"] == "ok" for r in rows if r["impl"] == "stock")
+    for r in rows:
+        if r["status"] == "ok":
+            _assert_host_fields(r, json.loads(json_path.read_text())["settings"]["device"])
     assert all(r["status"] == "ok" or r["reason"] for r in rows)
 
 
@@ -313,3 +372,69 @@ def test_cpu_defaults(capsys):
     args = sub.choices["bench"].parse_args([])
     st = resolve_settings(args)
     assert st["device"] == "cpu" and st["seqlens"] == [1024] and st["heads"] == 4 and st["dtype"] == "float32"
+
+
+# --- host overhead: the arithmetic, with fake timings -----------------------------------------------------
+
+def _fake_gpu(monkeypatch, walls, gpu_times):
+    """Replace (a) and (b) of ``timing.measure_host_overhead`` with fakes; returns the sleeps (b) was asked for."""
+    walls, gpu_times, covers = iter(walls), iter(gpu_times), []
+
+    def queued(fn, device, cover_s):
+        covers.append(cover_s)
+        return next(gpu_times)
+
+    monkeypatch.setattr(timing, "_isolated_call", lambda fn, device: next(walls))
+    monkeypatch.setattr(timing, "_queued_gpu_time", queued)
+    return covers
+
+
+def test_host_overhead_arithmetic_with_fake_timings(monkeypatch):
+    """overhead = median of the isolated walls - median of the back-to-back GPU times; (b)'s sleep covers
+    twice the median time the call took to return; fields in milliseconds."""
+    # (a): (seconds until the call returned, seconds until synchronised)
+    covers = _fake_gpu(monkeypatch, [(30e-6, 40e-6), (70e-6, 90e-6), (35e-6, 50e-6)], [12e-6, 10e-6, 11e-6])
+    host = timing.measure_host_overhead(None, torch.device("cuda"), per_call_s=1e-3, budget_s=12e-3)  # 3 calls
+    assert host.reason is None and host.wall_s == 50e-6 and host.gpu_s == 11e-6
+    assert host.overhead_s == pytest.approx(39e-6) and covers == [timing.SLEEP_COVER * 35e-6] * 3
+    f = host.fields()
+    assert f["call_wall_ms"] == pytest.approx(0.05) and f["gpu_ms"] == pytest.approx(0.011)
+    assert f["host_overhead_ms"] == pytest.approx(0.039) and "host_overhead_reason" not in f
+
+
+@pytest.mark.parametrize("per_call_s,calls", [(1.0, 1), (1e-3, 3), (1e-6, 25)])
+def test_host_overhead_calls_follow_the_budget(monkeypatch, per_call_s, calls):
+    """About budget / (4 calls' time) samples of each, at least 1 (a slow op), at most 25 (a fast one)."""
+    covers = _fake_gpu(monkeypatch, [(5e-5, 1e-4)] * 100, [1e-5] * 100)
+    timing.measure_host_overhead(None, torch.device("cuda"), per_call_s=per_call_s, budget_s=12e-3)
+    assert len(covers) == calls
+
+
+def test_host_overhead_retries_then_gives_the_sync_reason(monkeypatch):
+    """(b) None = the GPU caught up with the host: once more behind a 4x longer sleep, else no figure."""
+    covers = _fake_gpu(monkeypatch, [(5e-5, 1e-4)], [None, 2e-5])
+    host = timing.measure_host_overhead(None, torch.device("cuda"), per_call_s=1.0, budget_s=1e-3)
+    assert host.gpu_s == 2e-5 and covers == [1e-4, 4e-4]
+    _fake_gpu(monkeypatch, [(5e-5, 1e-4)], [None, None])
+    host = timing.measure_host_overhead(None, torch.device("cuda"), per_call_s=1.0, budget_s=1e-3)
+    assert host.wall_s == 1e-4 and host.gpu_s is None and host.reason == timing.HOST_OVERHEAD_SYNC_REASON
+    f = host.fields()
+    assert f["host_overhead_ms"] is None and f["call_wall_ms"] == pytest.approx(0.1)
+    assert f["host_overhead_reason"] == timing.HOST_OVERHEAD_SYNC_REASON
+
+
+def test_host_overhead_failure_keeps_the_row(monkeypatch):
+    def broken(fn, device):
+        raise RuntimeError("no sleep kernel\nmore")
+
+    monkeypatch.setattr(timing, "_isolated_call", broken)
+    host = timing.measure_host_overhead(None, torch.device("cuda"), per_call_s=1e-3, budget_s=1e-2)
+    assert host.overhead_s is None and host.reason == "not measured (RuntimeError: no sleep kernel)"
+
+
+def test_host_overhead_on_cpu_is_empty_with_the_reason():
+    t = timing.time_call(lambda: None, torch.device("cpu"), min_run_time=0.001, host_overhead=True)
+    assert t.host.reason == timing.HOST_OVERHEAD_CPU_REASON and t.host.overhead_s is None
+    fields = t.fields()
+    assert fields["host_overhead_ms"] is None and fields["host_overhead_reason"] == timing.HOST_OVERHEAD_CPU_REASON
+    assert "host_overhead_ms" not in timing.time_call(lambda: None, torch.device("cpu"), min_run_time=0.001).fields()

@@ -5,7 +5,8 @@ Modules, one job each:
 - ``cases``    the benchmark inputs of each op (shapes, masks, bias tables), built from the settings;
 - ``flops``    the mean number of attended keys and the useful FLOP count of a case;
 - ``impls``    the implementations timed: each longattn backend and each baseline (HF, FlexAttention, SDPA);
-- ``timing``   forward / backward / forward+backward timings and peak memory, on CPU and GPU;
+- ``timing``   forward / backward / forward+backward timings and peak memory, on CPU and GPU; host overhead
+               (wall minus GPU time of one call) on GPU;
 - ``oracle``   ``--check``: comparison with the float64 oracle of ``tests/reference.py``;
 - ``runner``   the sweep over ops x sequence lengths x implementations;
 - ``output``   the table, JSON, CSV and plot;

@@ -129,8 +129,8 @@ def _time_model(model, call, embeds, which, device, min_run_time) -> dict:
             def fn():
                 model.zero_grad(set_to_none=True)  # no accumulation into the previous call's grads
                 call(model, x).backward(dout)
-        t = timing.time_call(fn, device, min_run_time=min_run_time, warmup=1, memory=True)
-        return {"status": "ok", "time_ms": t.median_s * 1e3, "runs": t.runs, "peak_mem_bytes": t.peak_mem_bytes}
+        t = timing.time_call(fn, device, min_run_time=min_run_time, warmup=1, memory=True, host_overhead=True)
+        return {"status": "ok", **t.fields()}
     except Exception as exc:
         return {"status": "error", "reason": _reason(exc)}
 

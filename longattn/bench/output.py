@@ -11,9 +11,12 @@ from pathlib import Path
 
 import torch
 
-CSV_FIELDS = ("op", "S", "impl", "kind", "pass", "status", "time_ms", "tflops", "peak_mem_bytes",
-              "vs_best_baseline", "best_baseline", "vs_sdpa_rate", "mean_keys", "fwd_flops", "runs", "check",
-              "check_max_err", "reason")
+CSV_FIELDS = ("op", "S", "impl", "kind", "pass", "status", "time_ms", "tflops", "peak_mem_bytes", "host_overhead_ms",
+              "vs_best_baseline", "best_baseline", "vs_sdpa_rate", "mean_keys", "fwd_flops", "runs", "call_wall_ms",
+              "gpu_ms", "host_overhead_reason", "check", "check_max_err", "reason")
+HOST_OVERHEAD_DEFINITION = ("wall time of one call (GPU idle at its start, synchronised at its end) minus the GPU "
+                            "time of one call run back to back (its launches queued behind a GPU sleep, timed with "
+                            "CUDA events): what the call costs beyond its kernels")
 PASS_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward+backward"}
 
 
@@ -58,21 +61,24 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 def format_table(records: list[dict], memory_note: str = "") -> str:
     """A readable table of the timed rows, then every implementation that did not run and why."""
     head = (f"{'op':<11}{'S':>7}  {'implementation':<17}{'pass':<8}{'time ms':>10}{'TFLOP/s':>9}"
-            f"{'peak MiB':>10}{'vs best base':>13}{'vs SDPA rate':>13}  check")
+            f"{'peak MiB':>10}{'host µs':>9}{'vs best base':>13}{'vs SDPA rate':>13}  check")
     lines = [head, "-" * len(head)]
-    skipped = {}
+    skipped, host_reasons = {}, {}
     for r in records:
         if r["status"] != "ok":
             skipped.setdefault((r["op"], r["impl"], r["status"], r.get("reason", "")), []).append(
                 f"S={r['S']} {r['pass']}")
             continue
-        mem = r.get("peak_mem_bytes")
+        mem, host = r.get("peak_mem_bytes"), r.get("host_overhead_ms")
+        if r.get("host_overhead_reason"):
+            host_reasons.setdefault(r["host_overhead_reason"], []).append(r["impl"])
         check = r.get("check", "")
         if "check_max_err" in r:
             check = f"{check} (max err {r['check_max_err']:.1e})"
         lines.append(
             f"{r['op']:<11}{r['S']:>7}  {r['impl']:<17}{r['pass']:<8}{r['time_ms']:>10.2f}"
             f"{_fmt(r.get('tflops'), '.3f', 'n/a'):>9}{_fmt(None if mem is None else mem / 2**20, '.1f', 'n/a'):>10}"
+            f"{_fmt(None if host is None else host * 1e3, '.0f', 'n/a' if r.get('host_overhead_reason') else '-'):>9}"
             f"{_fmt(r.get('vs_best_baseline'), '.2f'):>12}x{_fmt(r.get('vs_sdpa_rate'), '.2f'):>12}x  {check}"
         )
     lines.append("")
@@ -80,6 +86,11 @@ def format_table(records: list[dict], memory_note: str = "") -> str:
     lines.append("vs SDPA rate = this TFLOP/s / dense no-mask SDPA's TFLOP/s (useful FLOPs, real mean keys).")
     if memory_note:
         lines.append(memory_note)
+    lines.append(f"host µs = host overhead: {HOST_OVERHEAD_DEFINITION}.")
+    timed = sum(r["status"] == "ok" for r in records)
+    for reason, impls in host_reasons.items():  # the implementations are named when only some lack the figure
+        where = "" if len(impls) == timed else f" [{', '.join(dict.fromkeys(impls))}]"
+        lines.append(f"host µs n/a: {reason}{where}")
     if skipped:
         lines.append("")
         lines.append("not run:")

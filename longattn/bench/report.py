@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from .output import PASS_TITLES, write_plot
+from .output import HOST_OVERHEAD_DEFINITION, PASS_TITLES, write_plot
 
 
 def saved_gpu_runs(results_dir) -> list[tuple[Path, dict]]:
@@ -42,9 +42,38 @@ def _num(value, spec):
     return "–" if value is None else format(value, spec)
 
 
+def _row(cells) -> str:
+    """A markdown table row; an empty cell is written ``| |`` (the saved README's spelling)."""
+    return "|" + "".join(f" {c} |" if c != "" else " |" for c in cells)
+
+
+def _rule(aligns) -> str:
+    """The row under a table's header: ``|---:|---|...``."""
+    return "|" + "".join(f"{a}|" for a in aligns)
+
+
+def _with_host(cells: list, at: int, host: bool, cell) -> list:
+    """``cells`` with the host-overhead cell inserted at ``at`` when the run measured it (runs saved before
+    ``longattn bench`` measured host overhead have no such column, and render as they always did)."""
+    return [*cells[:at], cell, *cells[at:]] if host else cells
+
+
+def _host_us(r: dict) -> str:
+    value = r.get("host_overhead_ms") if r["status"] == "ok" else ""
+    return value if value == "" else _num(None if value is None else value * 1e3, ".0f")
+
+
+def _mib(r: dict) -> str:
+    mem = r.get("peak_mem_bytes")
+    return _num(None if mem is None else mem / 2**20, ".0f")
+
+
 def markdown(run: dict, source: str, plot: str | None) -> str:
     """The results section for one saved run."""
-    v, st = run.get("versions", {}), run.get("settings", {})
+    v, st, records = run.get("versions", {}), run.get("settings", {}), run["results"]
+    host = any("host_overhead_ms" in r for r in records)
+    reasons = dict.fromkeys(r["host_overhead_reason"] for r in records if r.get("host_overhead_reason"))
+    host_text = f" Host overhead = {HOST_OVERHEAD_DEFINITION}" + "".join(f"; – where {r}" for r in reasons) + "."
     lines = [
         "### Results",
         "",
@@ -56,28 +85,27 @@ def markdown(run: dict, source: str, plot: str | None) -> str:
         f"window={st.get('window') or 'op default (Longformer 256, LongT5 127)'}, globals={st.get('globals')}, "
         f"block={st.get('block_size')}. Times are medians of CUDA-event timings after warm-up; TFLOP/s count "
         "useful FLOPs (4·B·H·S·keys·D forward, 2.5× that backward, keys = real mean attended keys); memory is the "
-        "peak allocated beyond the inputs.",
+        "peak allocated beyond the inputs." + (host_text if host else ""),
         "",
     ]
     if plot:
         lines += [f"![results]({plot})", ""]
-    records = run["results"]
     caveats = list(dict.fromkeys(r["caveat"] for r in records if r.get("caveat")))
     for key in dict.fromkeys((r["op"], r["pass"]) for r in records):
         op, which = key
         rows = [r for r in records if (r["op"], r["pass"]) == key]
+        head = ["S", "implementation", "time (ms)", "TFLOP/s", "peak MiB", "vs best baseline", "vs SDPA rate"]
+        rule = ["---:", "---", "---:", "---:", "---:", "---:", "---:"]
         lines += [f"#### {op}, {PASS_TITLES.get(which, which)}", "",
-                  "| S | implementation | time (ms) | TFLOP/s | peak MiB | vs best baseline | vs SDPA rate |",
-                  "|---:|---|---:|---:|---:|---:|---:|"]
+                  _row(_with_host(head, 5, host, "host overhead (µs)")), _rule(_with_host(rule, 5, host, "---:"))]
         for r in sorted(rows, key=lambda r: (r["S"], r["impl"])):
             impl = r["impl"] + (f" ⚠{caveats.index(r['caveat']) + 1}" if r.get("caveat") else "")
             if r["status"] == "ok":
-                mem = r.get("peak_mem_bytes")
-                lines.append(f"| {r['S']} | {impl} | {r['time_ms']:.3f} | {_num(r.get('tflops'), '.1f')} | "
-                             f"{_num(None if mem is None else mem / 2**20, '.0f')} | "
-                             f"{_num(r.get('vs_best_baseline'), '.2f')}× | {_num(r.get('vs_sdpa_rate'), '.2f')}× |")
+                cells = [r["S"], impl, f"{r['time_ms']:.3f}", _num(r.get("tflops"), ".1f"), _mib(r),
+                         f"{_num(r.get('vs_best_baseline'), '.2f')}×", f"{_num(r.get('vs_sdpa_rate'), '.2f')}×"]
             else:
-                lines.append(f"| {r['S']} | {impl} | {r['status']}: {r.get('reason', '')} | | | | |")
+                cells = [r["S"], impl, f"{r['status']}: {r.get('reason', '')}", "", "", "", ""]
+            lines.append(_row(_with_host(cells, 5, host, _host_us(r))))
         lines.append("")
         lines += [f"⚠{caveats.index(c) + 1} {c}" for c in dict.fromkeys(r["caveat"] for r in rows if r.get("caveat"))]
         if any(r.get("caveat") for r in rows):
@@ -88,18 +116,21 @@ def markdown(run: dict, source: str, plot: str | None) -> str:
 def model_markdown(run: dict, source: str) -> str:
     """The table of one saved ``--model`` run (stock vs patched encoder layers)."""
     st, records = run.get("settings", {}), run["results"]
+    host = any("host_overhead_ms" in r for r in records)
     seqlens = ", ".join(map(str, st.get("seqlens", [])))
     lines = [f"#### Model: {st.get('model')} ({st.get('layers')} encoder layers, S={seqlens}, {st.get('dtype')})", "",
              f"From `{source}` ({run.get('device', '?')}, {run.get('timestamp', '?')}, commit "
              f"`{run.get('git_commit') or '?'}`).", "",
-             "| S | implementation | pass | time (ms) | peak MiB | vs stock |", "|---:|---|---|---:|---:|---:|"]
+             _row(_with_host(["S", "implementation", "pass", "time (ms)", "peak MiB", "vs stock"], 5, host,
+                             "host overhead (µs)")),
+             _rule(_with_host(["---:", "---", "---", "---:", "---:", "---:"], 5, host, "---:"))]
     for r in records:
         if r["status"] == "ok":
-            mem = None if r.get("peak_mem_bytes") is None else r["peak_mem_bytes"] / 2**20
-            lines.append(f"| {r['S']} | {r['impl']} | {PASS_TITLES.get(r['pass'], r['pass'])} | {r['time_ms']:.2f} | "
-                         f"{_num(mem, '.0f')} | {_num(r.get('vs_best_baseline'), '.2f')}× |")
+            cells = [r["S"], r["impl"], PASS_TITLES.get(r["pass"], r["pass"]), f"{r['time_ms']:.2f}", _mib(r),
+                     f"{_num(r.get('vs_best_baseline'), '.2f')}×"]
         else:
-            lines.append(f"| {r['S']} | {r['impl']} | {r['pass']} | {r['status']}: {r.get('reason', '')} | | |")
+            cells = [r["S"], r["impl"], r["pass"], f"{r['status']}: {r.get('reason', '')}", "", ""]
+        lines.append(_row(_with_host(cells, 5, host, _host_us(r))))
     return "\n".join([*lines, ""])
 
 

@@ -106,8 +106,8 @@ def _run_impl(case, name, base, passes, reference, check, check_reason, min_run_
         rec = {**base, "pass": which, **checked}
         try:
             fn = _pass_fn(forward, case, which)
-            t = timing.time_call(fn, device, min_run_time=min_run_time, warmup=1, memory=True)
-            rec.update(status="ok", time_ms=t.median_s * 1e3, runs=t.runs, peak_mem_bytes=t.peak_mem_bytes)
+            t = timing.time_call(fn, device, min_run_time=min_run_time, warmup=1, memory=True, host_overhead=True)
+            rec.update(status="ok", **t.fields())
             pf = flops.pass_flops(base["fwd_flops"], which)
             rec["tflops"] = None if pf is None else pf / t.median_s / 1e12
         except Exception as exc:  # Unavailable here: a pass this implementation lacks (Flex's CPU backward)

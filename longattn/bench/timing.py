@@ -11,6 +11,18 @@
   CPU: the torch profiler's record of every CPU-allocator allocation and free during one extra call,
   summed in time order (allocations made outside torch's allocator, e.g. by oneDNN scratch pads, are
   not seen).
+- Host overhead (GPU only, ``measure_host_overhead``): what one call costs beyond its kernels, as a caller
+  running it once sees it. (a) Wall time of one call on the host clock, the GPU idle at its start
+  (synchronised before) and synchronised at its end. (b) GPU time of one call with its kernels back to
+  back: a ``torch.cuda._sleep`` enqueued first (twice as long as the call took to return in (a)) keeps the
+  GPU busy while the host launches the whole call, then CUDA events around the call time its kernels,
+  copies and memsets with no launch gaps between them.
+  Overhead = median (a) - median (b): validation, dispatch, launch latency, the GPU waiting between
+  launches, and the final synchronisation's latency. A call that waits for the GPU (a host sync, a full
+  launch queue) would let the GPU catch up during (b) and count launch gaps as GPU time: detected (the
+  sleep had ended when the call returned), the sleep lengthened once, then the figure is left empty with
+  the reason. Measured after the timing loop, on separate calls: the timed median is untouched. On CPU
+  the host runs the kernels: no separate kernel time, the fields are empty and ``reason`` says so.
 """
 
 from __future__ import annotations
@@ -44,11 +56,51 @@ def _quiet_native_stderr():
         os.close(saved)
 
 
+HOST_OVERHEAD_CPU_REASON = ("on CPU the host runs the kernels, so there is no separate kernel time "
+                            "(benchmarks/bench_host_overhead.py measures the host path alone)")
+HOST_OVERHEAD_SYNC_REASON = ("the call waits for the GPU (a host sync or a full launch queue), so its kernels "
+                             "cannot be timed back to back")
+HOST_CALLS = (1, 25)  # calls measured for (a) and for (b): at least, at most
+SLEEP_COVER = 2.0  # (b)'s sleep lasts this many times the host's part of the call (the time until it returns in (a))
+SLEEP_MIN_S = 50e-6
+
+
+@dataclass
+class HostOverhead:
+    """One call's wall time, its GPU time and their difference (see the module docstring); GPU only.
+
+    ``wall_s``: median wall time of one isolated call; ``gpu_s``: median GPU time of one call with its kernels
+    back to back; ``reason``: why a figure is missing."""
+
+    wall_s: float | None = None
+    gpu_s: float | None = None
+    reason: str | None = None
+
+    @property
+    def overhead_s(self) -> float | None:
+        """Wall minus GPU time (not clamped: a negative value would expose a measurement problem)."""
+        return None if self.wall_s is None or self.gpu_s is None else self.wall_s - self.gpu_s
+
+    def fields(self) -> dict:
+        """The record fields (milliseconds, like ``time_ms``)."""
+        ms = (lambda s: None if s is None else s * 1e3)
+        out = {"call_wall_ms": ms(self.wall_s), "gpu_ms": ms(self.gpu_s), "host_overhead_ms": ms(self.overhead_s)}
+        if self.reason:
+            out["host_overhead_reason"] = self.reason
+        return out
+
+
 @dataclass
 class Timing:
     median_s: float
     runs: int
     peak_mem_bytes: int | None = None
+    host: HostOverhead | None = None
+
+    def fields(self) -> dict:
+        """The fields of a results record this timing fills."""
+        out = {"time_ms": self.median_s * 1e3, "runs": self.runs, "peak_mem_bytes": self.peak_mem_bytes}
+        return {**out, **self.host.fields()} if self.host is not None else out
 
 
 def synchronize(device: torch.device) -> None:
@@ -57,8 +109,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_call(fn, device: torch.device, *, min_run_time: float = 0.2, warmup: int = 2,
-              memory: bool = False) -> Timing:
-    """Median wall time of ``fn()`` (seconds) after ``warmup`` calls; with ``memory``, its peak memory too.
+              memory: bool = False, host_overhead: bool = False) -> Timing:
+    """Median wall time of ``fn()`` (seconds) after ``warmup`` calls; with ``memory``, its peak memory too;
+    with ``host_overhead``, ``host`` holds its host overhead (``measure_host_overhead`` on a GPU, measured after
+    the timing loop; empty with the reason on CPU).
 
     The memory call comes after the warm-up (so compilation and first-call caches are not counted) and
     doubles as one more warm-up. On CPU, a call slower than ``min_run_time`` is timed once more on its own
@@ -73,15 +127,20 @@ def time_call(fn, device: torch.device, *, min_run_time: float = 0.2, warmup: in
     warm_s = (time.perf_counter() - start) / max(1, warmup)
     peak = peak_memory(fn, device) if memory else None
     if device.type == "cuda":
-        return _time_cuda(fn, device, min_run_time, peak)
+        timed = _time_cuda(fn, device, min_run_time, peak)
+        if host_overhead:
+            # About a tenth of the timing's budget: many isolated calls of a fast op, one of a slow one.
+            timed.host = measure_host_overhead(fn, device, per_call_s=timed.median_s, budget_s=min_run_time / 10)
+        return timed
+    host = HostOverhead(reason=HOST_OVERHEAD_CPU_REASON) if host_overhead else None
     if warm_s >= min_run_time:
-        return Timing(median_s=_time_block(fn, 1), runs=1, peak_mem_bytes=peak)
+        return Timing(median_s=_time_block(fn, 1), runs=1, peak_mem_bytes=peak, host=host)
     # Calls per block: enough for a block to last ~CPU_BLOCK_S (perf_counter's resolution is far finer).
     number = max(1, int(CPU_BLOCK_S / max(warm_s, 1e-9)))
     times, deadline = [], time.perf_counter() + min_run_time
     while not times or time.perf_counter() < deadline:
         times.append(_time_block(fn, number))
-    return Timing(median_s=statistics.median(times), runs=len(times) * number, peak_mem_bytes=peak)
+    return Timing(median_s=statistics.median(times), runs=len(times) * number, peak_mem_bytes=peak, host=host)
 
 
 def _time_block(fn, number: int) -> float:
@@ -109,6 +168,79 @@ def _time_cuda(fn, device, min_run_time: float, peak) -> Timing:
     torch.cuda.synchronize(device)
     return Timing(median_s=statistics.median(s.elapsed_time(e) for s, e in events) / 1e3, runs=runs,
                   peak_mem_bytes=peak)
+
+
+def measure_host_overhead(fn, device: torch.device, *, per_call_s: float, budget_s: float) -> HostOverhead:
+    """``fn``'s host overhead on a GPU (see the module docstring). ``per_call_s`` (the timed median) sizes the
+    number of calls of (a) and (b) so they last about ``budget_s``. A failure here never costs the row its
+    timing: the reason is recorded instead."""
+    if device.type != "cuda":
+        return HostOverhead(reason=HOST_OVERHEAD_CPU_REASON)
+    try:
+        return _measure_host_overhead(fn, device, per_call_s, budget_s)
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        return HostOverhead(reason=f"not measured ({type(exc).__name__}: {text[0] if text else ''})")
+
+
+def _measure_host_overhead(fn, device, per_call_s: float, budget_s: float) -> HostOverhead:
+    low, high = HOST_CALLS
+    # One sample of (a) and one of (b) take at most about 4 calls' time: a call; a sleep (<= 2 calls) and a call.
+    calls = int(min(high, max(low, budget_s / (4 * max(per_call_s, 1e-9)))))
+    returned, walls = zip(*(_isolated_call(fn, device) for _ in range(calls)))
+    wall, cover = statistics.median(walls), SLEEP_COVER * statistics.median(returned)
+    gpu = []
+    for _ in range(calls):
+        t = _queued_gpu_time(fn, device, cover)
+        if t is None:  # the GPU caught up with the host: once more behind a longer sleep
+            t = _queued_gpu_time(fn, device, 4 * cover)
+        if t is None:
+            return HostOverhead(wall_s=wall, reason=HOST_OVERHEAD_SYNC_REASON)
+        gpu.append(t)
+    return HostOverhead(wall_s=wall, gpu_s=statistics.median(gpu))
+
+
+def _isolated_call(fn, device) -> tuple[float, float]:
+    """(a): one call started on an idle GPU: seconds until it returned (the host's part, which (b)'s sleep
+    must outlast) and until it was synchronised (the wall time)."""
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    returned = time.perf_counter()
+    torch.cuda.synchronize(device)
+    return returned - start, time.perf_counter() - start
+
+
+def _queued_gpu_time(fn, device, cover_s: float) -> float | None:
+    """(b): GPU seconds of one call whose launches all queue behind a ``cover_s`` GPU sleep; None if the
+    sleep had ended by the time the call returned (the GPU may have idled between its kernels)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    torch.cuda._sleep(int(max(cover_s, SLEEP_MIN_S) * _sleep_cycles_per_s(device)))
+    start.record()
+    fn()
+    end.record()
+    queued = not start.query()  # the GPU was still asleep: every launch of the call was queued in time
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3 if queued else None
+
+
+_SLEEP_RATE: dict = {}
+
+
+def _sleep_cycles_per_s(device) -> float:
+    """``torch.cuda._sleep`` cycles per second on ``device`` (measured once per process)."""
+    key = torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
+    if key not in _SLEEP_RATE:
+        cycles = 10_000_000  # a few milliseconds at GPU clocks
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _SLEEP_RATE[key] = cycles / (start.elapsed_time(end) / 1e3)
+    return _SLEEP_RATE[key]
 
 
 def peak_memory(fn, device: torch.device) -> int | None:

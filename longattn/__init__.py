@@ -11,6 +11,7 @@ from . import (
 )
 from .api import block_aggregate, local_attention, longformer_attention, tglobal_attention, tglobal_block_ids
 from .dispatch import BackendUnavailableError, available_backends
+from .hf_attention import register_hf_attention  # imports transformers only when called
 from .models import apply_longattn, revert_longattn
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "BackendUnavailableError",
     "apply_longattn",
     "revert_longattn",
+    "register_hf_attention",
     "available_backends",
     "block_aggregate",
     "local_attention",

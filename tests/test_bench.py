@@ -438,3 +438,91 @@ def test_host_overhead_on_cpu_is_empty_with_the_reason():
     fields = t.fields()
     assert fields["host_overhead_ms"] is None and fields["host_overhead_reason"] == timing.HOST_OVERHEAD_CPU_REASON
     assert "host_overhead_ms" not in timing.time_call(lambda: None, torch.device("cpu"), min_run_time=0.001).fields()
+
+
+# --- --model modernbert|mistral|gemma3: attention implementations of one HF model --------------------------
+
+HF_TINY = ["bench", "--seqlen", "64", "--min-run-time", "0.01", "--no-progress", "--baseline", "sdpa,eager",
+           "--backend", "torch,cuda", "--device", "cpu"]
+
+
+def test_hf_model_mode_rows_reasons_and_longattn_count(tmp_path, capsys):
+    """ModernBERT tiny (one global, two sliding layers): every stock row timed, the longattn row timed with 2 of 3
+    attention calls counted on longattn's band op, the unavailable backend listed with its reason."""
+    json_path, csv_path = tmp_path / "m.json", tmp_path / "m.csv"
+    assert main([*HF_TINY, "--model", "modernbert", "--json", str(json_path), "--csv", str(csv_path)]) == 0
+    out = capsys.readouterr()
+    run = json.loads(json_path.read_text())
+    rows = run["results"]
+    assert run["settings"]["size"] == "tiny" and run["settings"]["layers"] == 3
+    assert "3 layers (2 sliding, 1 global)" in run["settings"]["model_config"] in out.err
+    assert {r["impl"] for r in rows} == {"sdpa", "eager", "longattn:torch", "longattn:cuda"}
+    assert {(r["impl"], r["pass"]) for r in rows if r["status"] == "ok"} == {
+        (i, p) for i in ("sdpa", "eager", "longattn:torch") for p in ("fwd", "fwdbwd")}
+    for r in rows:
+        if r["status"] == "ok":
+            assert r["time_ms"] > 0 and r["best_baseline"] in ("sdpa", "eager") and r["vs_best_baseline"] > 0
+    assert all(r["status"] == "unavailable" and "CUDA" in r["reason"] for r in rows if r["impl"] == "longattn:cuda")
+    torch_rows = [r for r in rows if r["impl"] == "longattn:torch"]
+    assert all(r["longattn_calls"] == 2 and r["attn_calls"] == 3 for r in torch_rows)
+    assert all("1x global attention" in r["delegated"] for r in torch_rows)
+    assert "longattn:torch   S=64: 2 of 3 attention calls per forward ran on longattn" in out.out
+    assert all("longattn_calls" not in r for r in rows if not r["impl"].startswith("longattn"))
+    with open(csv_path) as f:
+        assert {r["longattn_calls"] for r in csv.DictReader(f) if r["impl"] == "longattn:torch"} == {"2"}
+
+
+def test_hf_model_mode_grouped_kv_is_not_timed_as_longattn(tmp_path, capsys):
+    """Default: one K/V head per query head (said in the settings). With --kv-heads below the query heads every
+    layer delegates to sdpa, so the longattn row is listed with that reason instead of a time."""
+    json_path = tmp_path / "m.json"
+    argv = [*HF_TINY, "--model", "mistral", "--backend", "torch", "--pass", "fwd", "--json", str(json_path)]
+    assert main(argv) == 0
+    run = json.loads(json_path.read_text())
+    assert "num_key_value_heads=4 of 4 query heads" in run["settings"]["model_config"]
+    assert [r["longattn_calls"] for r in run["results"] if r["impl"] == "longattn:torch"] == [2]
+    assert main([*argv, "--kv-heads", "2"]) == 0
+    run = json.loads(json_path.read_text())
+    assert "num_key_value_heads=2 of 4 query heads" in run["settings"]["model_config"]
+    (row,) = [r for r in run["results"] if r["impl"] == "longattn:torch"]
+    assert row["status"] == "unavailable" and row["longattn_calls"] == 0 and "grouped" in row["reason"]
+    assert "0 of 2 attention calls" in capsys.readouterr().out
+
+
+def test_hf_model_pass_blockers():
+    """FlexAttention's missing CPU backward and eager's S x S weights past the memory budget are reasons, checked
+    before any timing."""
+    from longattn.bench.hf_model import HFModelBench, eager_bytes
+    from longattn.hf_models import build_hf_config
+
+    settings = {"model": "mistral", "size": "tiny", "baselines": ["sdpa", "flex_attention", "eager"],
+                "backends": []}
+    bench = HFModelBench(settings, Settings(device="cpu"))
+    model = type("M", (), {"config": build_hf_config("mistral", num_hidden_layers=2)})()
+    assert "no backward on CPU" in bench.pass_blocker("flex_attention", "fwdbwd", 64, model)
+    assert bench.pass_blocker("flex_attention", "fwd", 64, model) is None
+    assert bench.pass_blocker("eager", "fwdbwd", 64, model) is None
+    assert "GiB of S x S attention weights" in bench.pass_blocker("eager", "fwd", 1 << 22, model)
+    # fp32, 4 heads, S=8: per layer scores + fp32 softmax, 2 layers saved in fwd+bwd, plus the masks.
+    assert eager_bytes(model.config, 1, 8, torch.float32, "fwdbwd") == 4 * 64 * ((4 + 4) * 2 + 2 * 4) + 64 * 4
+
+
+def test_hf_model_options_only_in_hf_modes():
+    with pytest.raises(SystemExit, match="--kv-heads"):
+        main(["bench", "--model", "led", "--kv-heads", "2", "--no-progress"])
+
+
+def test_report_of_an_hf_model_run():
+    """A saved --model modernbert run renders its settings, the fastest stock baseline and the longattn count."""
+    rows = [{"S": 8192, "impl": "sdpa", "pass": "fwdbwd", "status": "ok", "time_ms": 10.0, "peak_mem_bytes": 2**20,
+             "vs_best_baseline": 1.0},
+            {"S": 8192, "impl": "longattn:cuda", "pass": "fwdbwd", "status": "ok", "time_ms": 5.0,
+             "peak_mem_bytes": 2**20, "vs_best_baseline": 2.0, "longattn_calls": 2, "attn_calls": 3},
+            {"S": 8192, "impl": "eager", "pass": "fwdbwd", "status": "unavailable", "reason": "too big"}]
+    run = {**_gpu_run(rows), "settings": {"mode": "model", "model": "modernbert", "layers": 3, "seqlens": [8192],
+                                          "dtype": "bfloat16", "model_config": "model: modernbert (base)\nK/V"}}
+    text = report.model_markdown(run, "x.json")
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert "(3 layers," in text and "model: modernbert (base). K/V" in text
+    assert "| vs best stock | on longattn |" in table[0] and len({line.count("|") for line in table}) == 1
+    assert "| 8192 | longattn:cuda | forward+backward | 5.00 | 1 | 2.00× | 2/3 |" in table

@@ -10,7 +10,8 @@ Modules, one job each:
 - ``oracle``   ``--check``: comparison with the float64 oracle of ``tests/reference.py``;
 - ``runner``   the sweep over ops x sequence lengths x implementations;
 - ``output``   the table, JSON, CSV and plot;
-- ``model``    ``--model``: stacks of stock vs patched LED / LongT5 encoder layers;
+- ``model``    ``--model``: stacks of stock vs patched LED / LongT5 encoder layers (the shared loop);
+- ``hf_model`` ``--model modernbert|mistral|gemma3``: one HF model under sdpa / flex_attention / eager / longattn;
 - ``report``   the README results section from the saved GPU runs in ``benchmarks/results/``;
 - ``autotable`` ``longattn auto-table``: ``backend="auto"``'s measured table from saved GPU runs;
 - ``cli``      argument parsing.

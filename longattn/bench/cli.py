@@ -5,14 +5,18 @@ Three modes:
 - ops (default): ``longattn bench [--op local,longformer,tglobal,aggregate] [--seqlen 4096,16384] ...``
   times each longattn backend and each baseline on each op (see ``runner`` and ``impls``).
 - model: ``longattn bench --model led|longt5-local|longt5-tglobal [--layers 2] ...`` times a stack of
-  stock vs patched encoder layers (see ``model``).
+  stock vs patched encoder layers (see ``model``); ``--model modernbert|mistral|gemma3 [--size base|tiny]
+  [--kv-heads N] [--sliding-only]`` times one random HF model under ``sdpa``, ``flex_attention``, ``eager`` and
+  ``attn_implementation="longattn"`` (see ``hf_model``).
 - report: ``longattn bench --report`` writes the README results table and plot from the latest GPU run
   saved in ``benchmarks/results/`` (see ``report``).
 
 Defaults: on a GPU, DESIGN.md section 5's standard shapes (B=1, H=12, D=64, S=4096,16384,65536, bf16,
 Longformer window 256 with 1 global token, LongT5 window 127 and block 16). On CPU, a small shape that
 finishes in under 2 minutes on 2 cores: B=1, H=4, D=64, S=1024, float32, same windows (S=2048 took
-~2 minutes of CPU time, 4.5 minutes of wall time on a 2-core machine shared with other jobs).
+~2 minutes of CPU time, 4.5 minutes of wall time on a 2-core machine shared with other jobs). HF model modes:
+``--size base`` on a GPU, ``tiny`` on CPU (the base configs take seconds per forward on 2 cores), S=1024 on CPU
+and 4096,8192,32768 on a GPU.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ import sys
 from pathlib import Path
 
 from .cases import DEFAULT_WINDOW, OPS
+from .hf_model import DEFAULT_LAYERS, STOCK_IMPLS
+from .hf_model import FAMILIES as HF_FAMILIES
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 GPU_DEFAULTS = {"seqlen": "4096,16384,65536", "heads": 12, "dtype": "bfloat16", "min_run_time": 0.5}
 CPU_DEFAULTS = {"seqlen": "1024", "heads": 4, "dtype": "float32", "min_run_time": 0.1}
+HF_GPU_SEQLEN, HF_CPU_SEQLEN = "4096,8192,32768", "1024"
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
@@ -52,26 +59,36 @@ def add_parser(subparsers) -> None:
     g.add_argument("--op", default=",".join(OPS), help=f"comma list of {', '.join(OPS)} (default: all)")
     g.add_argument("--backend", default="all", help="comma list of longattn backends, or 'all' / 'none' (default all: "
                    "the unavailable ones are listed with the reason)")
-    g.add_argument("--baseline", default="all", help="comma list of hf, flex, sdpa_mask, sdpa_dense, or 'all' / "
-                   "'none' (default all)")
+    g.add_argument("--baseline", default="all", help="comma list of hf, flex, sdpa_mask, sdpa_dense (--model "
+                   "modernbert|mistral|gemma3: sdpa, flex_attention, eager), or 'all' / 'none' (default all)")
     g.add_argument("--pass", dest="passes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd")
-    g.add_argument("--model", choices=("led", "longt5-local", "longt5-tglobal"),
-                   help="model mode: a stack of stock vs patched encoder layers instead of the ops")
+    g.add_argument("--model", choices=("led", "longt5-local", "longt5-tglobal", *HF_FAMILIES),
+                   help="model mode: a stack of stock vs longattn layers instead of the ops")
     g.add_argument("--report", action="store_true", help="write the README results section from the latest GPU "
                    "run in benchmarks/results/ and exit")
     s = p.add_argument_group("shapes (defaults: GPU standard shapes, or the small CPU shape; see above)")
     s.add_argument("--seqlen", type=_int_list, help="comma list of sequence lengths")
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--heads", type=int)
-    s.add_argument("--head-dim", type=int, default=64)
+    s.add_argument("--head-dim", type=int, help="default 64 (HF model modes: the config's)")
     s.add_argument("--window", type=int, help="one-sided window (default: "
-                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_WINDOW.items() if k != "aggregate") + ")")
+                   + ", ".join(f"{k} {v}" for k, v in DEFAULT_WINDOW.items() if k != "aggregate")
+                   + "); HF model modes: the config's own field, ModernBERT local_attention (full width), "
+                   "Mistral/Gemma 3 sliding_window (keys per query)")
     s.add_argument("--globals", type=int, default=1, help="Longformer global tokens (default 1)")
     s.add_argument("--block-size", type=int, default=16, help="LongT5 global block size (default 16)")
     s.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on GPU, float32 on CPU")
     s.add_argument("--device", help="cuda or cpu (default: cuda when visible)")
-    s.add_argument("--layers", type=int, default=2, help="model mode: encoder layers (default 2)")
-    s.add_argument("--d-model", type=int, help="model mode: hidden size (default heads x head-dim)")
+    s.add_argument("--layers", type=int, help="model mode: layers (default 2; modernbert 3: one global, two "
+                   "sliding)")
+    s.add_argument("--d-model", type=int, help="model mode: hidden size (default heads x head-dim; HF model "
+                   "modes: the config's)")
+    s.add_argument("--size", choices=("base", "tiny"), help="HF model modes: the real model's attention shapes or "
+                   "the test config (default base on GPU, tiny on CPU)")
+    s.add_argument("--kv-heads", type=int, help="HF model modes: num_key_value_heads (default: the number of query "
+                   "heads, since longattn's kernels take no grouped-query attention yet)")
+    s.add_argument("--sliding-only", action="store_true", help="HF model modes: every layer a sliding-window layer "
+                   "(default: the family's own pattern of sliding and global layers)")
     o = p.add_argument_group("measurement and output")
     o.add_argument("--check", action="store_true", help="compare each output with the float64 oracle first")
     o.add_argument("--min-run-time", type=float, help="seconds of timed calls per measurement "
@@ -103,18 +120,29 @@ def resolve_settings(args) -> dict:
     from ..dispatch import BACKEND_NAMES
     from .impls import BASELINES
 
+    hf = args.model in HF_FAMILIES
     backends = _pick(args.backend, BACKEND_NAMES, "--backend")
-    baselines = _pick(args.baseline, BASELINES, "--baseline")
-    return {
+    baselines = _pick(args.baseline, STOCK_IMPLS if hf else BASELINES, "--baseline")
+    gpu = device.startswith("cuda")
+    out = {
         "mode": "model" if args.model else "ops",
-        "ops": ops, "model": args.model, "layers": args.layers, "d_model": args.d_model,
-        "seqlens": args.seqlen or _int_list(defaults["seqlen"]),
-        "batch": args.batch, "heads": args.heads or defaults["heads"], "head_dim": args.head_dim,
+        "ops": ops, "model": args.model, "layers": args.layers or DEFAULT_LAYERS.get(args.model, 2),
+        "d_model": args.d_model,
+        "seqlens": args.seqlen or _int_list((HF_GPU_SEQLEN if gpu else HF_CPU_SEQLEN) if hf else defaults["seqlen"]),
+        "batch": args.batch, "heads": args.heads or (None if hf else defaults["heads"]),
+        "head_dim": args.head_dim or (None if hf else 64),
         "window": args.window, "globals": args.globals, "block_size": args.block_size,
         "dtype": args.dtype or defaults["dtype"], "device": device, "passes": passes,
         "backends": backends, "baselines": baselines, "check": args.check,
         "min_run_time": args.min_run_time or defaults["min_run_time"],
     }
+    if hf:
+        out.update(size=args.size or ("base" if gpu else "tiny"), kv_heads=args.kv_heads,
+                   sliding_only=args.sliding_only)
+    elif args.size or args.kv_heads or args.sliding_only:
+        raise SystemExit("longattn bench: --size, --kv-heads and --sliding-only apply to --model "
+                         f"{'|'.join(HF_FAMILIES)} only")
+    return out
 
 
 def _pick(text: str, names, flag: str) -> list[str]:
@@ -146,6 +174,13 @@ def run(args) -> int:
     shape = Settings(batch=settings["batch"], heads=settings["heads"], head_dim=settings["head_dim"],
                      window=settings["window"], globals=settings["globals"], block_size=settings["block_size"],
                      dtype=getattr(torch, settings["dtype"]), device=settings["device"])
+    if settings["model"] in HF_FAMILIES:
+        from .hf_model import describe
+
+        try:
+            settings["model_config"] = describe(settings)  # what the run times: recorded in the JSON too
+        except (TypeError, ValueError) as exc:  # a config the options make invalid: say so before any timing
+            raise SystemExit(f"longattn bench --model {settings['model']}: {exc}") from exc
     info = output.run_info(settings)
     _print_backends(info, settings)
     if settings["mode"] == "model":
@@ -167,8 +202,12 @@ def run(args) -> int:
                else "torch profiler's record of CPU-allocator allocations; memory outside torch's allocator "
                     "is not seen") + ").")
     print(output.format_table(records, memory_note=note))
-    title = (f"{info['device']} | {settings['dtype']} B={shape.batch} H={shape.heads} D={shape.head_dim} | "
-             f"{info['timestamp']}")
+    if settings["model"] in HF_FAMILIES:
+        from .hf_model import longattn_notes
+
+        print("\n".join(["", *longattn_notes(records)]))
+    shape_text = (f"H={shape.heads} D={shape.head_dim}" if shape.heads else f"{settings['model']} {settings['size']}")
+    title = f"{info['device']} | {settings['dtype']} B={shape.batch} {shape_text} | {info['timestamp']}"
     for path, write in ((args.json, lambda p: output.write_json(p, info, records)),
                         (args.csv, lambda p: output.write_csv(p, records)),
                         (args.plot, lambda p: output.write_plot(p, records, title))):
@@ -182,6 +221,8 @@ def run(args) -> int:
 
 def _print_backends(info: dict, settings: dict) -> None:
     print(f"device: {info['device']}; torch {info['versions']['torch']}; {settings['dtype']}", file=sys.stderr)
+    if settings.get("model_config"):
+        print(settings["model_config"], file=sys.stderr)
     for name in settings["backends"]:
         reasons = info["backends"].get(name, [])
         if reasons:

@@ -1,6 +1,10 @@
-"""``longattn bench --model``: a stack of stock vs patched Hugging Face encoder layers, end to end.
+"""``longattn bench --model``: a stack of Hugging Face layers, stock vs longattn, end to end.
 
-Models (random weights, no dropout, a tiny vocabulary since inputs go in as embeddings):
+The loop (``run_model``) is shared; what differs per model is a *bench*: its rows, its model and its calls.
+``PatchedBench`` (below) patches LED / LongT5 modules; ``hf_model.HFModelBench`` switches ModernBERT / Mistral /
+Gemma 3 between attention implementations (``sdpa``, ``flex_attention``, ``eager``, ``longattn``; see there).
+
+Patched models (random weights, no dropout, a tiny vocabulary since inputs go in as embeddings):
 
 - ``led``:            ``LEDModel``'s encoder, ``attention_window = 2 * window`` (default window 256) and
                       ``--globals`` global tokens (default 1, the first token);
@@ -12,7 +16,8 @@ Size: ``--layers`` (default 2), ``--d-model`` (default heads x head-dim), ``--he
 Rows: ``stock`` (HF's own attention) and ``patched:<backend>`` (a deep copy through
 ``longattn.apply_longattn(model, backend=...)``) for each requested backend; a patch that raises (e.g. before
 the patchers land) is listed with the exception instead of a number. Passes: ``fwd`` (no grad) and
-``fwdbwd`` (loss gradient into every weight and the input embeddings); memory as in ``timing``.
+``fwdbwd`` (loss gradient into every weight and the input embeddings); memory as in ``timing``. A row or pass
+that cannot run (``pass_blocker``) is listed with the reason; one that raises, with the exception.
 """
 
 from __future__ import annotations
@@ -65,22 +70,62 @@ def build_model(kind: str, S: int, shape: Settings, layers: int, d_model: int | 
     return model.to(device=device, dtype=shape.dtype).eval(), call, E
 
 
+class PatchedBench:
+    """The rows, model and calls of ``--model led|longt5-*``: ``stock`` and ``patched:<backend>`` (a deep copy
+    through ``longattn.apply_longattn``). ``hf_model.HFModelBench`` has the same interface."""
+
+    def __init__(self, settings: dict, shape: Settings):
+        import longattn
+
+        self.settings, self.shape = settings, shape
+        self.baselines = ["stock"]
+        self.rows = ["stock"] + [f"patched:{b}" for b in settings["backends"]]
+        self.available = longattn.available_backends(torch.device(shape.device))
+
+    def build(self, S: int):
+        return build_model(self.settings["model"], S, self.shape, self.settings["layers"], self.settings["d_model"])
+
+    def prepare(self, row: str, stock, call, embeds) -> tuple[object, str | None, dict]:
+        """(model, reason it cannot run or None, fields for the row's records)."""
+        import longattn
+
+        if row == "stock":
+            return stock, None, {}
+        backend = row.split(":", 1)[1]
+        if self.available.get(backend):
+            return stock, "; ".join(self.available[backend]), {}
+        try:
+            model = copy.deepcopy(stock)
+            longattn.apply_longattn(model, backend=backend)
+        except Exception as exc:
+            return stock, f"apply_longattn failed: {_reason(exc)}", {}
+        return model, None, {}
+
+    def pass_blocker(self, row: str, which: str, S: int, model) -> str | None:
+        return None
+
+
+def model_bench(settings: dict, shape: Settings):
+    """The bench of ``settings["model"]``: ``PatchedBench`` (LED, LongT5) or ``hf_model.HFModelBench``."""
+    from .hf_model import FAMILIES, HFModelBench
+
+    return (HFModelBench if settings["model"] in FAMILIES else PatchedBench)(settings, shape)
+
+
 def run_model(settings: dict, shape: Settings, progress: bool = True) -> list[dict]:
-    """Time stock and patched models at every sequence length; records like the ops sweep's."""
+    """Time every row's model at every sequence length; records like the ops sweep's."""
     from tqdm import tqdm
 
-    import longattn
-
     kind, device = settings["model"], torch.device(shape.device)
-    rows = ["stock"] + [f"patched:{b}" for b in settings["backends"]]
+    bench = model_bench(settings, shape)
+    rows = bench.rows
     passes = [p for p in settings["passes"] if p in ("fwd", "fwdbwd")] or ["fwd", "fwdbwd"]
-    available = longattn.available_backends(device)
     records = []
     bar = tqdm(total=len(settings["seqlens"]) * len(rows), file=sys.stderr, disable=not progress,
                desc=f"longattn bench --model {kind}", unit="model")
     for S in settings["seqlens"]:
         try:
-            stock, call, E = build_model(kind, S, shape, settings["layers"], settings["d_model"])
+            stock, call, E = bench.build(S)
         except Exception as exc:
             records += [{"op": f"model:{kind}", "S": S, "impl": r, "kind": "model", "pass": p, "status": "error",
                          "reason": _reason(exc)} for r in rows for p in passes]
@@ -89,30 +134,22 @@ def run_model(settings: dict, shape: Settings, progress: bool = True) -> list[di
         embeds = torch.randn(shape.batch, S, E, generator=torch.Generator().manual_seed(S)).to(device, shape.dtype)
         for row in rows:
             bar.set_postfix_str(f"S={S} {row}")
+            model, reason, fields = bench.prepare(row, stock, call, embeds)
             base = {"op": f"model:{kind}", "S": S, "impl": row, "kind": "model", "layers": settings["layers"],
-                    "d_model": E}
-            model, reason = stock, None
-            if row != "stock":
-                backend = row.split(":", 1)[1]
-                if available.get(backend):
-                    reason = "; ".join(available[backend])
-                else:
-                    try:
-                        model = copy.deepcopy(stock)
-                        longattn.apply_longattn(model, backend=backend)
-                    except Exception as exc:
-                        reason = f"apply_longattn failed: {_reason(exc)}"
+                    "d_model": E, **fields}
             for which in passes:
                 rec = {**base, "pass": which}
-                if reason:
-                    rec.update(status="unavailable", reason=reason)
+                blocked = reason or bench.pass_blocker(row, which, S, model)
+                if blocked:
+                    rec.update(status="unavailable", reason=blocked)
                 else:
                     rec.update(_time_model(model, call, embeds, which, device, settings["min_run_time"]))
                 records.append(rec)
+            del model
             bar.update(1)
         del stock
     bar.close()
-    _add_speedups(records)
+    _add_speedups(records, bench.baselines)
     return records
 
 
@@ -132,13 +169,20 @@ def _time_model(model, call, embeds, which, device, min_run_time) -> dict:
         t = timing.time_call(fn, device, min_run_time=min_run_time, warmup=1, memory=True, host_overhead=True)
         return {"status": "ok", **t.fields()}
     except Exception as exc:
+        if device.type == "cuda":  # e.g. out of memory: give the cached blocks back before the next row
+            torch.cuda.empty_cache()
         return {"status": "error", "reason": _reason(exc)}
 
 
-def _add_speedups(records: list[dict]) -> None:
-    """``vs_best_baseline`` here = stock time / this time (the stock model is the baseline)."""
-    stock = {(r["S"], r["pass"]): r["time_ms"] for r in records if r["impl"] == "stock" and r["status"] == "ok"}
+def _add_speedups(records: list[dict], baselines) -> None:
+    """``vs_best_baseline`` here = the fastest baseline row's time / this time (LED, LongT5: the stock model;
+    the HF families: the fastest of the stock attention implementations timed)."""
+    best: dict = {}
     for r in records:
-        if r["status"] == "ok" and (r["S"], r["pass"]) in stock:
-            r["best_baseline"] = "stock"
-            r["vs_best_baseline"] = stock[(r["S"], r["pass"])] / r["time_ms"]
+        key = (r["S"], r["pass"])
+        if r["impl"] in baselines and r["status"] == "ok" and r["time_ms"] < best.get(key, (None, float("inf")))[1]:
+            best[key] = (r["impl"], r["time_ms"])
+    for r in records:
+        if r["status"] == "ok" and (r["S"], r["pass"]) in best:
+            r["best_baseline"], t = best[(r["S"], r["pass"])]
+            r["vs_best_baseline"] = t / r["time_ms"]

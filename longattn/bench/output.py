@@ -13,7 +13,8 @@ import torch
 
 CSV_FIELDS = ("op", "S", "impl", "kind", "pass", "status", "time_ms", "tflops", "peak_mem_bytes", "host_overhead_ms",
               "vs_best_baseline", "best_baseline", "vs_sdpa_rate", "mean_keys", "fwd_flops", "runs", "call_wall_ms",
-              "gpu_ms", "host_overhead_reason", "check", "check_max_err", "reason")
+              "gpu_ms", "host_overhead_reason", "check", "check_max_err", "attn_calls", "longattn_calls", "delegated",
+              "reason")
 HOST_OVERHEAD_DEFINITION = ("wall time of one call (GPU idle at its start, synchronised at its end) minus the GPU "
                             "time of one call run back to back (its launches queued behind a GPU sleep, timed with "
                             "CUDA events): what the call costs beyond its kernels")
@@ -60,7 +61,8 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 
 def format_table(records: list[dict], memory_note: str = "") -> str:
     """A readable table of the timed rows, then every implementation that did not run and why."""
-    head = (f"{'op':<11}{'S':>7}  {'implementation':<17}{'pass':<8}{'time ms':>10}{'TFLOP/s':>9}"
+    w = max([11, *(len(r["op"]) + 1 for r in records)])  # "model:modernbert" is wider than the ops' names
+    head = (f"{'op':<{w}}{'S':>7}  {'implementation':<17}{'pass':<8}{'time ms':>10}{'TFLOP/s':>9}"
             f"{'peak MiB':>10}{'host µs':>9}{'vs best base':>13}{'vs SDPA rate':>13}  check")
     lines = [head, "-" * len(head)]
     skipped, host_reasons = {}, {}
@@ -76,7 +78,7 @@ def format_table(records: list[dict], memory_note: str = "") -> str:
         if "check_max_err" in r:
             check = f"{check} (max err {r['check_max_err']:.1e})"
         lines.append(
-            f"{r['op']:<11}{r['S']:>7}  {r['impl']:<17}{r['pass']:<8}{r['time_ms']:>10.2f}"
+            f"{r['op']:<{w}}{r['S']:>7}  {r['impl']:<17}{r['pass']:<8}{r['time_ms']:>10.2f}"
             f"{_fmt(r.get('tflops'), '.3f', 'n/a'):>9}{_fmt(None if mem is None else mem / 2**20, '.1f', 'n/a'):>10}"
             f"{_fmt(None if host is None else host * 1e3, '.0f', 'n/a' if r.get('host_overhead_reason') else '-'):>9}"
             f"{_fmt(r.get('vs_best_baseline'), '.2f'):>12}x{_fmt(r.get('vs_sdpa_rate'), '.2f'):>12}x  {check}"
@@ -95,7 +97,7 @@ def format_table(records: list[dict], memory_note: str = "") -> str:
         lines.append("")
         lines.append("not run:")
         for (op, impl, status, reason), where in skipped.items():
-            lines.append(f"  {op:<11}{impl:<17}{status}: {reason}  [{', '.join(where)}]")
+            lines.append(f"  {op:<{w}}{impl:<17}{status}: {reason}  [{', '.join(where)}]")
     return "\n".join(lines)
 
 

@@ -118,18 +118,29 @@ def model_markdown(run: dict, source: str) -> str:
     st, records = run.get("settings", {}), run["results"]
     host = any("host_overhead_ms" in r for r in records)
     seqlens = ", ".join(map(str, st.get("seqlens", [])))
-    lines = [f"#### Model: {st.get('model')} ({st.get('layers')} encoder layers, S={seqlens}, {st.get('dtype')})", "",
+    # Runs of the HF attention-implementation modes (hf_model) say what they timed: the model's settings, the
+    # fastest stock implementation as the baseline, and how many attention calls ran on longattn.
+    hf = bool(st.get("model_config"))
+    layers = "layers" if hf else "encoder layers"
+    lines = [f"#### Model: {st.get('model')} ({st.get('layers')} {layers}, S={seqlens}, {st.get('dtype')})", "",
              f"From `{source}` ({run.get('device', '?')}, {run.get('timestamp', '?')}, commit "
-             f"`{run.get('git_commit') or '?'}`).", "",
-             _row(_with_host(["S", "implementation", "pass", "time (ms)", "peak MiB", "vs stock"], 5, host,
-                             "host overhead (µs)")),
-             _rule(_with_host(["---:", "---", "---", "---:", "---:", "---:"], 5, host, "---:"))]
+             f"`{run.get('git_commit') or '?'}`).", ""]
+    if hf:
+        lines += [st["model_config"].replace("\n", ". "), "", "vs best stock = the fastest of the stock "
+                  "implementations timed / this time; on longattn = attention calls per forward that ran on "
+                  "longattn's band op.", ""]
+    head = ["S", "implementation", "pass", "time (ms)", "peak MiB", "vs best stock" if hf else "vs stock"]
+    lines += [_row(_with_host(head + (["on longattn"] if hf else []), 5, host, "host overhead (µs)")),
+              _rule(_with_host(["---:", "---", "---", "---:", "---:", "---:"] + (["---:"] if hf else []), 5, host,
+                               "---:"))]
     for r in records:
         if r["status"] == "ok":
             cells = [r["S"], r["impl"], PASS_TITLES.get(r["pass"], r["pass"]), f"{r['time_ms']:.2f}", _mib(r),
                      f"{_num(r.get('vs_best_baseline'), '.2f')}×"]
         else:
             cells = [r["S"], r["impl"], r["pass"], f"{r['status']}: {r.get('reason', '')}", "", ""]
+        if hf:
+            cells.append(f"{r['longattn_calls']}/{r['attn_calls']}" if "longattn_calls" in r else "")
         lines.append(_row(_with_host(cells, 5, host, _host_us(r))))
     return "\n".join([*lines, ""])
 

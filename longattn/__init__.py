@@ -9,6 +9,7 @@ from . import (
     _ops,  # noqa: F401  (registers the torch.ops.longattn custom ops)
     nn,  # noqa: F401  (drop-in modules: longattn.nn.SlidingWindowAttention, ...)
 )
+from ._validation import set_debug
 from .api import block_aggregate, local_attention, longformer_attention, tglobal_attention, tglobal_block_ids
 from .dispatch import BackendUnavailableError, available_backends
 from .hf_attention import register_hf_attention  # imports transformers only when called
@@ -22,6 +23,7 @@ __all__ = [
     "revert_longattn",
     "register_hf_attention",
     "available_backends",
+    "set_debug",
     "block_aggregate",
     "local_attention",
     "longformer_attention",

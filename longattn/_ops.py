@@ -1,9 +1,10 @@
-"""The torch.library custom ops behind the public API (namespace ``longattn``).
+"""The torch.library custom ops behind the public API (namespace ``longattn``): the one dispatch layer.
 
-Two forward ops (the band + side-keys primitive and block aggregation) and their backward ops, each with
-a fake (meta) implementation, and autograd formulas connecting them. The ``backend`` argument is already
-resolved to a concrete name ("torch", "triton", "cuda") by the public API; the op body hands the call to
-that backend module, whose contract is documented in ``longattn.backends``.
+Three forward ops (the band + side-keys primitive, Longformer attention, block aggregation) and their
+backward ops, each with a fake (meta) implementation, and autograd formulas connecting them. The ``backend``
+argument is already resolved to a concrete name ("torch", "triton", "cuda") by the public API; the op body
+hands the call to that backend module (contract in ``longattn.backends``), whose launcher starts the kernels.
+Each public call is one of these ops in the forward and one in the backward: nothing else touches the device.
 """
 
 from __future__ import annotations
@@ -12,7 +13,48 @@ import torch
 from torch import Tensor
 
 from . import _fake
+from .backends import _longformer
 from .dispatch import get_backend
+
+
+def _dense_grad(dout: Tensor | None, out: Tensor, shape=None) -> Tensor:
+    """The output gradient as the kernels take it: zeros when autograd passes none (grads are not
+    materialised, so the statistics outputs never cost a zero tensor), a dense last dim otherwise (e.g. the
+    expanded gradient of ``.sum()``)."""
+    if dout is None:
+        return out.new_zeros(out.shape if shape is None else shape)
+    return dout if dout.stride(-1) == 1 else dout.contiguous()
+
+
+def _autograd(op, backward, setup_context):
+    """Register ``op``'s autograd formula and return the function the public API calls.
+
+    Eager calls with gradients go through an ``autograd.Function`` carrying the same formula, not through the
+    custom op's own autograd wrapper: that wrapper re-reads the op's schema on every call
+    (``torch._library.utils.fill_defaults``, quadratic in the argument count: 41 us per call for band_side's
+    14 arguments, 9 us for block_aggregate's 6, measured on this project's CPU). Under ``torch.compile`` and
+    without gradients the op is called directly; both paths run the one op and the one formula.
+    """
+    op.register_autograd(backward, setup_context=setup_context)
+
+    class _Fn(torch.autograd.Function):
+        # forward(ctx, ...) style: the setup_context style binds the arguments with inspect on every call.
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = op(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+    _Fn.backward = staticmethod(backward)
+    _Fn.__name__ = _Fn.__qualname__ = f"{op._name.split('::')[-1]}_fn"
+
+    def call(*inputs):
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return op(*inputs)
+        return _Fn.apply(*inputs)
+
+    return call
+
 
 # --------------------------------------------------------------------------------------------------------
 # band + side keys attention
@@ -24,8 +66,8 @@ def band_side_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    side_k: Tensor,
-    side_v: Tensor,
+    side_k: Tensor | None,
+    side_v: Tensor | None,
     band_key_mask: Tensor | None,
     side_mask: Tensor | None,
     query_block: Tensor | None,
@@ -36,10 +78,20 @@ def band_side_attention(
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(out (B, S, H, D), lse (B, H, S)); see ``longattn.backends`` for the exact contract."""
+    """(out (B, S, H, D), lse (B, H, S)); see ``longattn.backends`` for the exact contract.
+
+    ``side_k = side_v = None`` means no side keys (G = 0; the local op passes None so that it allocates
+    nothing outside the op)."""
+    side_k, side_v = _side_or_empty(side_k, side_v, q)
     return get_backend(backend).band_side_forward(
         q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right, scale
     )
+
+
+def _side_or_empty(side_k, side_v, q):
+    if side_k is None:
+        side_k = side_v = q.new_empty(q.shape[0], 0, q.shape[2], q.shape[3])
+    return side_k, side_v
 
 
 @band_side_attention.register_fake
@@ -54,8 +106,8 @@ def band_side_attention_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    side_k: Tensor,
-    side_v: Tensor,
+    side_k: Tensor | None,
+    side_v: Tensor | None,
     out: Tensor,
     lse: Tensor,
     band_key_mask: Tensor | None,
@@ -69,6 +121,7 @@ def band_side_attention_backward(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias); absent bias tables get empty gradients."""
+    side_k, side_v = _side_or_empty(side_k, side_v, q)
     return tuple(
         get_backend(backend).band_side_backward(
             dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
@@ -90,24 +143,110 @@ def _band_side_setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
                           band_bias, side_bias)
     ctx.args = (left, right, scale, backend)
+    ctx.set_materialize_grads(False)
 
 
 def _band_side_backward(ctx, dout, dlse):
     (q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
      side_bias) = ctx.saved_tensors
-    if dout.stride(-1) != 1:  # e.g. an expanded gradient of .sum(); the kernels need a dense last dim
-        dout = dout.contiguous()
+    dout = _dense_grad(dout, out)
     dq, dk, dv, dsk, dsv, dbb, dsb = band_side_attention_backward(
         dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
         *ctx.args,
     )
-    return (dq, dk, dv, dsk, dsv, None, None, None,
+    return (dq, dk, dv, dsk if side_k is not None else None, dsv if side_v is not None else None, None, None, None,
             dbb if band_bias is not None else None,
             dsb if side_bias is not None else None,
             None, None, None, None)
 
 
-band_side_attention.register_autograd(_band_side_backward, setup_context=_band_side_setup_context)
+run_band_side = _autograd(band_side_attention, _band_side_backward, _band_side_setup_context)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Longformer / LED: band pass + global rows in one op (longattn.backends._longformer)
+# --------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("longattn::longformer_attention", mutates_args=())
+def longformer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_global: Tensor | None,
+    k_global: Tensor | None,
+    v_global: Tensor | None,
+    global_mask: Tensor,
+    key_padding_mask: Tensor | None,
+    left: int,
+    right: int,
+    scale: float,
+    num_slots: int,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(out (B, S, H, D), lse (B, H, S), glse (B, H, num_slots)); see ``longattn.backends._longformer``."""
+    return _longformer.forward(get_backend(backend), q, k, v, q_global, k_global, v_global, global_mask,
+                               key_padding_mask, left, right, scale, num_slots)
+
+
+@longformer_attention.register_fake
+def _(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, num_slots,
+      backend):
+    out, lse = _fake.band_side_forward(q)
+    return out, lse, lse.new_empty(q.shape[0], q.shape[2], num_slots)
+
+
+@torch.library.custom_op("longattn::longformer_attention_backward", mutates_args=())
+def longformer_attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_global: Tensor | None,
+    k_global: Tensor | None,
+    v_global: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    glse: Tensor,
+    global_mask: Tensor,
+    key_padding_mask: Tensor | None,
+    left: int,
+    right: int,
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dq_global, dk_global, dv_global); absent global projections get empty gradients."""
+    return _longformer.backward(get_backend(backend), dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
+                                global_mask, key_padding_mask, left, right, scale)
+
+
+@longformer_attention_backward.register_fake
+def _(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask, left, right,
+      scale, backend):
+    grads = _fake.band_side_backward(q, k, v, q, q, None, None)[:3]
+    return (*grads, *(q.new_empty(0) if x is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+                      for x in (q_global, k_global, v_global)))
+
+
+def _longformer_setup_context(ctx, inputs, output):
+    q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, _, backend = inputs
+    out, lse, glse = output
+    ctx.save_for_backward(q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask)
+    ctx.args = (left, right, scale, backend)
+    ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
+
+
+def _longformer_backward(ctx, dout, dlse, dglse):
+    q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask = ctx.saved_tensors
+    dout = _dense_grad(dout, out)
+    grads = longformer_attention_backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
+                                          global_mask, key_padding_mask, *ctx.args)
+    dq, dk, dv, dqg, dkg, dvg = grads
+    return (dq, dk, dv, dqg if q_global is not None else None, dkg if k_global is not None else None,
+            dvg if v_global is not None else None, None, None, None, None, None, None, None)
+
+
+run_longformer = _autograd(longformer_attention, _longformer_backward, _longformer_setup_context)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -156,15 +295,15 @@ def _aggregate_setup_context(ctx, inputs, output):
     _, sums, rstd = output
     ctx.save_for_backward(x, block_ids, weight, sums, rstd)
     ctx.args = (num_blocks, eps, backend)
+    ctx.set_materialize_grads(False)
 
 
 def _aggregate_backward(ctx, dout, dsums, drstd):
     x, block_ids, weight, sums, rstd = ctx.saved_tensors
     num_blocks, eps, backend = ctx.args
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    dout = _dense_grad(dout, x, (x.shape[0], num_blocks, x.shape[2]))
     dx, dweight = block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps, backend)
     return dx, None, None, (dweight if weight is not None else None), None, None
 
 
-block_aggregate.register_autograd(_aggregate_backward, setup_context=_aggregate_setup_context)
+run_block_aggregate = _autograd(block_aggregate, _aggregate_backward, _aggregate_setup_context)

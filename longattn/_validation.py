@@ -2,16 +2,24 @@
 
 Every check runs before any compute and raises ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong
 shape, value, device or layout) with a message that names the argument, what was expected and what was
-given. Value checks that need the data (ranges of index tensors) force a host sync, so they are skipped
-while ``torch.compile`` traces; the kernels clamp such indices, so a bad value can never read out of bounds.
+given. Shape, dtype, device and layout checks are host-side metadata checks and always run.
+
+Value checks that read tensor data (index ranges, integer masks holding only 0/1, ``max_globals`` against the
+real count) would force a device-to-host sync per call, so they run only in debug mode: ``LONGATTN_DEBUG=1`` in
+the environment or ``longattn.set_debug(True)`` (never while ``torch.compile`` traces). Without them every
+backend is safe for any index value: out-of-range indices are treated as padding (dropped), never read out of
+bounds (``longattn.backends`` states this in its contract).
 """
 
 from __future__ import annotations
 
 import operator
+import os
 from collections.abc import Sequence
 
 import torch
+
+from .backends import BACKEND_MODULES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -25,6 +33,23 @@ def _describe(x) -> str:
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+_DEBUG = [os.environ.get("LONGATTN_DEBUG", "") not in ("", "0")]
+
+
+def set_debug(enabled: bool = True) -> None:
+    """Turn debug mode on or off: value checks of index tensors / integer masks / ``max_globals`` that sync.
+
+    Off by default (``LONGATTN_DEBUG=1`` in the environment turns it on at import): a normal call never reads
+    device data on the host. Out-of-range values are then dropped by the kernels instead of raising.
+    """
+    _DEBUG[0] = bool(enabled)
+
+
+def debug_checks() -> bool:
+    """True when data-reading value checks should run: debug mode on and not tracing."""
+    return _DEBUG[0] and not _is_compiling()
 
 
 def check_tensor(name: str, x, *, ndim: int, dtypes=FLOAT_DTYPES, device=None) -> torch.Tensor:
@@ -64,8 +89,9 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int]:
     check_tensor("q", q, ndim=4)
     if min(q.shape) == 0:
         raise ValueError(f"q: expected a non-empty (B, S, H, D) tensor, got shape {tuple(q.shape)}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        check_like(name, x, q, "q")
+    check_last_dim_contiguous("q", q)
+    check_like("k", k, q, "q")
+    check_like("v", v, q, "q")
     return tuple(q.shape)
 
 
@@ -118,7 +144,7 @@ def check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) ->
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
-        if not _is_compiling() and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
+        if debug_checks() and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(f"{name}: an integer mask must hold only 0 and 1")
         mask = mask != 0
     return mask.contiguous()
@@ -148,20 +174,22 @@ def check_bias_table(name: str, table, rows: int, cols: int, q: torch.Tensor) ->
 def check_index_tensor(
     name: str, ids, shape: tuple[int, ...], device: torch.device, low: int, high: int
 ) -> torch.Tensor:
-    """An integer index tensor of ``shape`` with values in [low, high]; returned as contiguous int32."""
+    """An integer index tensor of ``shape``, values meant to be in [low, high] (checked in debug mode only;
+    the kernels drop others); returned as contiguous int32 (no copy when it already is)."""
     check_tensor(name, ids, ndim=len(shape), dtypes=INT_DTYPES, device=device)
     if tuple(ids.shape) != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ids.shape)}")
-    if not _is_compiling() and ids.numel():
+    if debug_checks() and ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < low or hi > high:
             raise ValueError(f"{name}: expected values in [{low}, {high}], got values in [{lo}, {hi}]")
     return ids.to(torch.int32).contiguous()
 
 
-def check_backend_name(backend) -> str:
-    from .dispatch import BACKEND_NAMES
+_BACKEND_CHOICES = ("auto", *BACKEND_MODULES)
 
-    if not isinstance(backend, str) or backend not in ("auto", *BACKEND_NAMES):
-        raise ValueError(f"backend: expected one of {('auto', *BACKEND_NAMES)}, got {backend!r}")
+
+def check_backend_name(backend) -> str:
+    if not isinstance(backend, str) or backend not in _BACKEND_CHOICES:
+        raise ValueError(f"backend: expected one of {_BACKEND_CHOICES}, got {backend!r}")
     return backend

@@ -3,8 +3,13 @@
 Layout everywhere is ``(B, S, H, D)``: batch, sequence, heads, head dim. Any strides are accepted as long
 as the last dim is contiguous (a ``(B, H, S, D).transpose(1, 2)`` view needs no copy). Every function
 validates its inputs before computing (``TypeError`` / ``ValueError`` naming the argument), then resolves
-``backend`` ("auto", "cuda", "triton", "torch") in ``longattn.dispatch`` and runs the custom ops of
-``longattn._ops``, so autograd, ``torch.compile`` and autocast all work.
+``backend`` ("auto", "cuda", "triton", "torch") in ``longattn.dispatch`` and runs one custom op of
+``longattn._ops`` (forward and backward), so autograd, ``torch.compile`` and autocast all work.
+
+No call reads device data on the host when its sizes are known (``max_globals`` for Longformer): checks of
+index values (``query_block``, ``block_ids``), of integer masks holding only 0/1 and of ``max_globals`` against
+the real count run only in debug mode (``longattn.set_debug(True)`` or ``LONGATTN_DEBUG=1``); otherwise every
+backend treats out-of-range values as padding (see ``longattn.backends``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ._validation import (
     check_scale,
     check_side_kv,
     check_tensor,
+    debug_checks,
     normalize_window,
 )
 from .dispatch import resolve_backend
@@ -36,7 +42,7 @@ from .dispatch import resolve_backend
 def _cast_for_autocast(*tensors):
     """Under CUDA/CPU autocast, run in the autocast dtype (attention is a matmul-like op)."""
     device = tensors[0].device.type
-    if torch.is_autocast_enabled(device) and tensors[0].dtype == torch.float32:
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and tensors[0].dtype == torch.float32:
         dtype = torch.get_autocast_dtype(device)
         return tuple(t.to(dtype) if t is not None else None for t in tensors)
     return tensors
@@ -57,8 +63,9 @@ def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask
         band_bias = band_bias.contiguous()
     if side_bias is not None:
         side_bias = side_bias.contiguous()
-    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], op="band_side")
-    out, _ = _ops.band_side_attention(q, k, v, side_k, side_v, band_key_mask, side_mask,
+    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
+                           op="local" if side_k is None else "tglobal", seqlen=S)
+    out, _ = _ops.run_band_side(q, k, v, side_k, side_v, band_key_mask, side_mask,
                                       query_block if side_bias is not None else None, band_bias, side_bias,
                                       left_eff, right_eff, scale, name)
     return out
@@ -92,8 +99,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask
     scale = check_scale(scale, D, None)
     check_backend_name(backend)
     q, k, v = _cast_for_autocast(q, k, v)
-    side = q.new_empty(B, 0, H, D)
-    return _band_side(q, k, v, side, side, left, right, band_key_mask=key_padding_mask, side_mask=None,
+    return _band_side(q, k, v, None, None, left, right, band_key_mask=key_padding_mask, side_mask=None,
                       query_block=None, band_bias=rel_bias, side_bias=None, scale=scale, backend=backend)
 
 
@@ -138,12 +144,6 @@ def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: T
                       backend=backend)
 
 
-def _gather_tokens(x: Tensor, index: Tensor) -> Tensor:
-    """x (B, S, H, D), index (B, G) -> (B, G, H, D)."""
-    B, G = index.shape
-    return torch.gather(x, 1, index[:, :, None, None].expand(B, G, x.shape[2], x.shape[3]))
-
-
 def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: Tensor, *,
                          key_padding_mask: Tensor | None = None, q_global: Tensor | None = None,
                          k_global: Tensor | None = None, v_global: Tensor | None = None,
@@ -165,9 +165,12 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
         q_global, k_global, v_global: ``(B, S, H, D)`` global projections of every token; only the rows of
             global tokens of ``q_global`` are read.
         scale: default ``1 / sqrt(D)``.
-        max_globals: an upper bound on the number of global tokens per row. Without it the count is read
-            from ``global_mask`` (one host sync); under ``torch.compile`` it is required.
-        backend: "auto", "cuda", "triton" or "torch" (for the windowed part; global rows use SDPA).
+        max_globals: an upper bound on the number of global tokens per row (a looser bound costs only
+            memory and time in the global-rows pass). Without it the count is read from ``global_mask`` (one
+            host sync); under ``torch.compile`` it is required. A row with more global tokens keeps its first
+            ``max_globals`` (the output rows of the others are undefined); debug mode
+            (``longattn.set_debug(True)``) raises instead.
+        backend: "auto", "cuda", "triton" or "torch".
 
     Returns:
         ``(B, S, H, D)`` in q's dtype.
@@ -189,56 +192,19 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
             raise ValueError(f"max_globals: expected a non-negative int, got {max_globals}")
     elif _is_compiling():
         raise ValueError("max_globals: required under torch.compile (the global count is data-dependent)")
-    # Cast before defaulting the global projections, so q, k, v are cast once, not twice.
+    if max_globals is None or debug_checks():
+        is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
+        count = int(is_global.sum(1).max())  # the one host sync, only without max_globals (or in debug mode)
+        if max_globals is not None and count > max_globals:
+            raise ValueError(f"max_globals: a row has {count} global tokens, more than {max_globals}")
+        max_globals = count if max_globals is None else max_globals
     q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
-    q_global = q if q_global is None else q_global
-    k_global = k if k_global is None else k_global
-    v_global = v if v_global is None else v_global
-
-    is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
-    num_global = is_global.sum(1)
-    if max_globals is None:
-        G = int(num_global.max())
-    else:
-        if not _is_compiling() and int(num_global.max()) > max_globals:
-            raise ValueError(f"max_globals: a row has {int(num_global.max())} global tokens, more than "
-                             f"{max_globals}")
-        G = min(max_globals, S)  # a looser bound is fine; more than S slots could never be filled
-    band_key_mask = ~is_global if key_padding_mask is None else key_padding_mask & ~is_global
-
-    if G == 0:
-        side = q.new_empty(B, 0, H, D)
-        out = _band_side(q, k, v, side, side, left, right, band_key_mask=band_key_mask, side_mask=None,
-                         query_block=None, band_bias=None, side_bias=None, scale=scale, backend=backend)
-    else:
-        # Positions of the global tokens, in order, padded with non-global positions (a stable sort puts
-        # the globals first); slots past a row's count are masked out as side keys and never written.
-        slot_pos = torch.argsort((~is_global).to(torch.int8), dim=1, stable=True)[:, :G]
-        slot_used = torch.arange(G, device=q.device)[None, :] < num_global[:, None]
-        out = _band_side(q, k, v, _gather_tokens(k, slot_pos), _gather_tokens(v, slot_pos), left, right,
-                         band_key_mask=band_key_mask, side_mask=slot_used, query_block=None, band_bias=None,
-                         side_bias=None, scale=scale, backend=backend)
-        out = _overwrite_global_rows(out, q_global, k_global, v_global, slot_pos, is_global,
-                                     key_padding_mask, scale)
-    if key_padding_mask is not None:
-        out = torch.where(key_padding_mask[:, :, None, None], out, 0.0)
+    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=D, op="longformer", seqlen=S)
+    left, right = min(left, S - 1), min(right, S - 1)
+    # More than S slots could never be filled: a looser bound is clamped (a size, not data: no sync).
+    out, _, _ = _ops.run_longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask,
+                                          left, right, scale, min(max_globals, S), name)
     return out
-
-
-def _overwrite_global_rows(out, q_global, k_global, v_global, slot_pos, is_global, key_padding_mask, scale):
-    """Global rows attend every real token (a dense G x S attention) and replace the windowed result."""
-    qg = _gather_tokens(q_global, slot_pos).transpose(1, 2)  # (B, H, G, D)
-    mask = None
-    if key_padding_mask is not None:
-        # A row with no real token has no global slot in use; let it attend everything to avoid NaN.
-        keys = key_padding_mask | ~key_padding_mask.any(1, keepdim=True)
-        mask = keys[:, None, None, :]
-    glob = torch.nn.functional.scaled_dot_product_attention(
-        qg, k_global.transpose(1, 2), v_global.transpose(1, 2), attn_mask=mask, scale=scale
-    ).transpose(1, 2)  # (B, G, H, D)
-    B, G, H, D = glob.shape
-    placed = torch.zeros_like(out).scatter(1, slot_pos[:, :, None, None].expand(B, G, H, D), glob)
-    return torch.where(is_global[:, :, None, None], placed, out)
 
 
 def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Tensor | None = None,
@@ -276,8 +242,8 @@ def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Te
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
     check_backend_name(backend)
-    name = resolve_backend(backend, device=x.device, dtype=x.dtype, head_dim=C, op="block_aggregate")
-    out, _, _ = _ops.block_aggregate(x, block_ids, num_blocks, weight, float(eps), name)
+    name = resolve_backend(backend, device=x.device, dtype=x.dtype, head_dim=C, op="aggregate", seqlen=S)
+    out, _, _ = _ops.run_block_aggregate(x, block_ids, num_blocks, weight, float(eps), name)
     return out
 
 

@@ -141,6 +141,35 @@ def t5_relative_bucket(relative_position: Tensor, *, bidirectional: bool = True,
     return buckets + torch.where(relative_position < max_exact, relative_position, large)
 
 
+def tglobal_heads(x: Tensor, blocks: tuple[Tensor, Tensor, Tensor], q_proj: nn.Module, k_proj: nn.Module,
+                  v_proj: nn.Module, norm_weight: Tensor, eps: float, num_heads: int, local_radius: int,
+                  rel_bias: Tensor | None, side_bias: Tensor | None, *, scale: float, backend: str) -> Tensor:
+    """LongT5 transient-global attention of ``x`` before the output projection: ``(B, S, H, D)``.
+
+    The one implementation behind :class:`TGlobalAttention` and the patched Hugging Face layer: block sums of
+    ``x`` RMS-normed by ``norm_weight`` (fused), projected by the same ``k_proj`` / ``v_proj`` as the tokens into
+    the side keys / values, then the band of radius ``local_radius`` plus the side keys in one softmax.
+
+    Args:
+        x: ``(B, S, E)``.
+        blocks: ``(real (B, S) bool, block_ids (B, S) int32, block_mask (B, G) bool)``, ``block_ids`` and
+            ``block_mask`` from :func:`longattn.tglobal_block_ids` of ``real``.
+        q_proj, k_proj, v_proj: ``E -> H * D`` projections.
+        norm_weight, eps: the global input RMS norm's ``(E,)`` weight and epsilon.
+        rel_bias: ``(H, 2 local_radius + 1)`` by offset ``j - i``; side_bias: ``(H, 2G + 1)`` by block offset
+            (cast to the projections' dtype here, as the stock layer adds them to its scores).
+    """
+    real, block_ids, block_mask = blocks
+    aggregates = api.block_aggregate(x, block_ids, block_mask.shape[1], weight=norm_weight, eps=eps,
+                                     backend=backend)  # (B, G, E)
+    q, k, v = (_split_heads(proj(x), num_heads) for proj in (q_proj, k_proj, v_proj))
+    side_k, side_v = (_split_heads(proj(aggregates), num_heads) for proj in (k_proj, v_proj))
+    rel_bias, side_bias = (None if t is None else t.to(q.dtype) for t in (rel_bias, side_bias))
+    return api.tglobal_attention(q, k, v, side_k, side_v, local_radius, block_ids, key_padding_mask=real,
+                                 side_mask=block_mask, rel_bias=rel_bias, side_bias=side_bias, scale=scale,
+                                 backend=backend)
+
+
 class TGlobalAttention(nn.Module):
     """LongT5 transient-global self-attention.
 
@@ -160,7 +189,9 @@ class TGlobalAttention(nn.Module):
         backend: "auto", "cuda", "triton" or "torch".
 
     Shapes:
-        ``forward(x (B, S, d_model), key_padding_mask (B, S) | None) -> (B, S, d_model)``.
+        ``forward(x (B, S, d_model), key_padding_mask (B, S) | None) -> (B, S, d_model)``. Padding rows are 0
+        before the output projection (unlike a patched Hugging Face LongT5 layer, whose padding rows attend like
+        real ones: see :mod:`longattn.models.longt5`).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, local_radius: int, global_block_size: int, *,
@@ -181,29 +212,24 @@ class TGlobalAttention(nn.Module):
         # Only its weight and eps are used, by the fused block_aggregate (T5's RMS norm, no mean, no bias).
         self.global_input_layer_norm = nn.RMSNorm(embed_dim, eps=eps)
 
-    def bias_table(self, embedding: nn.Embedding, radius: int, dtype: torch.dtype) -> Tensor:
+    def bias_table(self, embedding: nn.Embedding, radius: int) -> Tensor:
         """``(H, 2 radius + 1)``: ``embedding`` at the bucket of each offset in ``[-radius, radius]``."""
         offsets = torch.arange(-radius, radius + 1, device=embedding.weight.device)
         buckets = t5_relative_bucket(offsets, num_buckets=self.num_buckets, max_distance=self.max_distance)
-        return embedding(buckets).t().to(dtype)
+        return embedding(buckets).t()
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         B, S, _ = x.shape
-        H, G, r = self.num_heads, S // self.global_block_size, self.local_radius
         real = torch.ones(B, S, dtype=torch.bool, device=x.device) if key_padding_mask is None \
             else key_padding_mask != 0
-        block_ids, block_mask = api.tglobal_block_ids(real, self.global_block_size)
-        norm = self.global_input_layer_norm
-        aggregates = api.block_aggregate(x, block_ids, G, weight=norm.weight, eps=norm.eps,
-                                         backend=self.backend)  # (B, G, d_model)
-        q, k, v = (_split_heads(proj(x), H) for proj in (self.q, self.k, self.v))
-        side_k, side_v = _split_heads(self.k(aggregates), H), _split_heads(self.v(aggregates), H)
-        out = api.tglobal_attention(q, k, v, side_k, side_v, r, block_ids, key_padding_mask=real,
-                                    side_mask=block_mask,
-                                    rel_bias=self.bias_table(self.relative_attention_bias, r, q.dtype),
-                                    side_bias=self.bias_table(self.global_relative_attention_bias, G, q.dtype),
-                                    scale=self.scale, backend=self.backend)
-        out = torch.where(real[:, :, None, None], out, 0.0)
+        blocks = (real, *api.tglobal_block_ids(real, self.global_block_size))
+        r, G = self.local_radius, blocks[2].shape[1]
+        out = tglobal_heads(x, blocks, self.q, self.k, self.v, self.global_input_layer_norm.weight,
+                            self.global_input_layer_norm.eps, self.num_heads, r,
+                            self.bias_table(self.relative_attention_bias, r),
+                            self.bias_table(self.global_relative_attention_bias, G),
+                            scale=self.scale, backend=self.backend)
+        out = torch.where(real[:, :, None, None], out, 0.0)  # padding rows 0, as SlidingWindowAttention's
         return self.o(_merge_heads(out))
 
     def extra_repr(self) -> str:
@@ -211,4 +237,5 @@ class TGlobalAttention(nn.Module):
                 f"global_block_size={self.global_block_size}")
 
 
-__all__ = ["LongformerAttention", "SlidingWindowAttention", "TGlobalAttention", "t5_relative_bucket"]
+__all__ = ["LongformerAttention", "SlidingWindowAttention", "TGlobalAttention", "t5_relative_bucket",
+           "tglobal_heads"]

@@ -31,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 
 import longattn  # noqa: E402
 from longattn.models import _common, longt5  # noqa: E402
+from tests import reference  # noqa: E402
 from tests.tolerance import FLOORS, GRAD_FACTOR  # noqa: E402
 
 OUT_RTOL = 1e-5
@@ -280,6 +281,106 @@ def test_longt5_models_patched(cls, attention_type):
         assert_rel_close("last_hidden_state", got.last_hidden_state, want.last_hidden_state)
 
 
+# LongT5 padding query rows (longattn/models/longt5.py's docstring, README "Hugging Face models"): real rows equal
+# stock; padding rows follow longattn's rule, not stock's, and can reach no real token.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("attention_type", ["local", "transient-global"])
+@pytest.mark.parametrize("cls", ["LongT5EncoderModel", "LongT5ForConditionalGeneration"])
+def test_longt5_padding_rows_cannot_reach_real_tokens(cls, attention_type, dtype):
+    """Whatever the padding positions hold, the patched model's real-token outputs, its loss and every gradient
+    (w.r.t. the real inputs and every parameter) are bitwise the same."""
+    model = build(getattr(transformers, cls), longt5_config(attention_type), 3).to(dtype)
+    longattn.apply_longattn(model, backend="torch")
+    seq2seq = cls == "LongT5ForConditionalGeneration"
+    ids, mask = token_batch(T5_LENGTHS, 41, 3, pad_id=0)
+    real = mask.bool()
+    gen = torch.Generator().manual_seed(3)
+    embeds = model.get_input_embeddings()(ids).detach()
+    noise = 10 * torch.randn(embeds.shape, generator=gen, dtype=dtype)
+    weight = torch.randn(embeds.shape, generator=gen, dtype=dtype)[real]
+    labels = dict(labels=seq2seq_labels(len(T5_LENGTHS), 3)) if seq2seq else {}
+
+    def run(x):
+        model.zero_grad(set_to_none=True)
+        x = x.clone().requires_grad_(True)
+        out = model(inputs_embeds=x, attention_mask=mask, **labels)
+        hidden = out.encoder_last_hidden_state if seq2seq else out.last_hidden_state
+        loss = (hidden[real] * weight).sum() + (out.loss if seq2seq else 0)  # reads real rows only
+        loss.backward()
+        return hidden, loss, x.grad, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    hidden, loss, grad_x, grads = run(embeds)
+    hidden_n, loss_n, grad_x_n, grads_n = run(torch.where(real[..., None], embeds, noise))
+    assert not torch.equal(hidden[~real], hidden_n[~real])  # the padding rows did change
+    assert torch.equal(hidden[real], hidden_n[real]) and torch.equal(loss, loss_n)
+    assert torch.equal(grad_x[real], grad_x_n[real])
+    assert grads.keys() == grads_n.keys() and all(torch.equal(grads[n], grads_n[n]) for n in grads), \
+        [n for n in grads if not torch.equal(grads[n], grads_n[n])]
+
+
+@pytest.mark.parametrize("attention_type", ["local", "transient-global"])
+@pytest.mark.parametrize("S, lengths", [(41, [41, 27, 3]), (42, [42, 40])])
+def test_longt5_padding_rows_are_the_documented_values(attention_type, S, lengths):
+    """One attention layer in float64. Patched: every row (padding included) is the primitive with the real keys
+    of the band, the valid blocks and HF's block ids (-1 for padding), by the oracle. Stock: real rows equal that
+    too; padding rows are what the docstring says HF computes (its -1e10 mask swamps every score in the fp32
+    softmax): the mean of the values of the query's 3 local blocks; for transient-global, 0 when the row has a
+    block with no real token (S=41: 27 and 3 real tokens), else the mean of those values and all G aggregates
+    (S=42, 40 real tokens: 10 full blocks, G=10)."""
+    from transformers.models.longt5 import modeling_longt5 as hf
+
+    tglobal = attention_type == "transient-global"
+    model = build(transformers.LongT5EncoderModel, longt5_config(attention_type), 4).double()
+    layer = model.encoder.block[0].layer[0]
+    attn = layer.TransientGlobalSelfAttention if tglobal else layer.LocalSelfAttention
+    _, mask = token_batch(lengths, S, 4, pad_id=0)
+    real = mask.bool()
+    x = torch.randn(len(lengths), S, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    B, H, D, r, bl = len(lengths), attn.n_heads, attn.key_value_proj_dim, attn.local_radius, attn.block_len
+    with torch.no_grad():
+        stock = attn(x, mask=mask if tglobal else hf._get_local_attention_mask(mask, bl, x.device))[0]
+        patched = longattn.apply_longattn(copy.deepcopy(model), backend="torch").encoder.block[0].layer[0]
+        patched = (patched.TransientGlobalSelfAttention if tglobal else patched.LocalSelfAttention)(x, mask=mask)[0]
+
+        q, k, v = (proj(x).view(B, S, H, D) for proj in (attn.q, attn.k, attn.v))
+        side = dict(band_bias=attn.compute_bias(bl)[0, 0, :, 0, 1 : 2 * bl])  # query t=0 of a block: offsets -r..r
+        values = hf._concatenate_3_blocks(hf._split_into_blocks(v, bl, 1), 1, 2).sum(2)  # (B, blocks, H, D)
+        count = torch.full((B, 1, 1, 1), 3 * bl, dtype=torch.float64)
+        if tglobal:
+            G = S // attn.global_block_size
+            ids, valid = hf._make_global_fixed_block_ids(mask, attn.global_block_size)
+            norm = attn.global_input_layer_norm  # (HF's computes the variance in fp32: the oracle's norm instead)
+            agg = reference.block_aggregate(x, ids, G, weight=norm.weight, eps=norm.variance_epsilon)
+            side_k, side_v = attn.k(agg).view(B, G, H, D), attn.v(agg).view(B, G, H, D)
+            buckets = attn._relative_position_bucket(torch.arange(-G, G + 1),
+                                                     num_buckets=attn.relative_attention_num_buckets,
+                                                     max_distance=attn.relative_attention_max_distance)
+            side.update(side_k=side_k, side_v=side_v, side_mask=valid.bool(), query_block=ids,
+                        side_bias=attn.global_relative_attention_bias(buckets).t())
+            full = valid.bool().all(-1)[:, None, None, None]  # else the padding queries attend the empty blocks
+            values, count = torch.where(full, values + side_v.sum(1, keepdim=True), 0.0), count + G
+        rule = reference.band_side_attention(q, k, v, window=(r, r), band_key_mask=real, scale=1.0, **side)
+        rule = attn.o(rule.reshape(B, S, H * D))
+        hf_padding = attn.o((values / count).repeat_interleave(bl, 1)[:, :S].reshape(B, S, H * D))
+
+    torch.testing.assert_close(patched, rule, rtol=0, atol=1e-12)
+    assert_rel_close("stock real rows", stock[real], rule[real])  # HF's softmax runs in fp32
+    assert_rel_close("stock padding rows", stock[~real], hf_padding[~real])
+    assert (stock[~real] - rule[~real]).abs().max() > 0.1  # so the README's "padding rows differ" stays true
+
+
+@pytest.mark.parametrize("attention_type", ["local", "transient-global"])
+def test_longt5_fp16_padding_rows_stay_finite(attention_type):
+    """Stock fp16 local attention turns padding rows into NaN (-1e10 overflows to -inf on every score), and the
+    next layer spreads it to real tokens (0 x NaN); the patched rows are finite everywhere."""
+    model = build(transformers.LongT5EncoderModel, longt5_config(attention_type), 3).half()
+    longattn.apply_longattn(model, backend="torch")
+    ids, mask = token_batch(T5_LENGTHS, 41, 3, pad_id=0)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert all(h.isfinite().all() for h in out.hidden_states)
+
+
 def test_longt5_compact_position_bias_feeds_later_layers():
     """Layer 0 returns the compact (1, H, band + side) bias; the tables get gradients through every layer."""
     model = patched_copy(build(transformers.LongT5EncoderModel, longt5_config("transient-global"), 0))
@@ -292,6 +393,35 @@ def test_longt5_compact_position_bias_feeds_later_layers():
     later(x, mask=torch.ones(2, 30, dtype=torch.long), position_bias=bias)[0].sum().backward()
     assert attn.relative_attention_bias.weight.grad.abs().sum() > 0
     assert attn.global_relative_attention_bias.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attention_type", ["local", "transient-global"])
+def test_longt5_mask_derived_once_per_forward(attention_type, monkeypatch):
+    """Layer 0 derives the block ids (transient-global) / key padding mask (local) from the mask; the later layers
+    reuse them. A compact bias passed with another mask does not lend its values."""
+    name = "_unblock_local_mask" if attention_type == "local" else "tglobal_block_ids"
+    calls, derive = [], getattr(longt5, name)
+    monkeypatch.setattr(longt5, name, lambda *args: calls.append(args) or derive(*args))
+    model = build(transformers.LongT5EncoderModel, longt5_config(attention_type), 0)  # 2 layers
+    ids, mask = token_batch([41, 27], 41, 0, pad_id=0)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        longattn.apply_longattn(model)
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert len(calls) == 1
+        assert_rel_close("last hidden state", got[mask.bool()], want[mask.bool()])
+
+        attn, later = (block.layer[0].TransientGlobalSelfAttention if attention_type != "local" else
+                       block.layer[0].LocalSelfAttention for block in model.encoder.block[:2])
+        x = torch.randn(2, 41, 32)
+        masks = [mask.clone(), torch.ones_like(mask)]
+        if attention_type == "local":
+            from transformers.models.longt5.modeling_longt5 import _get_local_attention_mask
+            masks = [_get_local_attention_mask(m, attn.block_len, x.device) for m in masks]
+        _, bias = attn(x, mask=masks[0])
+        reused = later(x, mask=masks[1], position_bias=bias)[0]
+        fresh = later(x, mask=masks[1], position_bias=bias.detach().clone())[0]
+    assert len(calls) == 4 and torch.equal(reused, fresh)  # layer 0, then `later` twice: no reuse
 
 
 def test_longt5_mixed_train_eval_layers_refused():
@@ -547,6 +677,27 @@ def test_patched_attention_forms_no_s_by_window_tensor(family):
 
     largest = largest_tensor_created(lambda: attn(x, **args)[0].sum().backward())
     assert 0 < largest < limit, f"a {largest}-element tensor >= B*H*S*band = {limit}"
+
+
+@pytest.mark.parametrize("attention_type", ["local", "transient-global"])
+def test_patched_longt5_encoder_reads_no_device_data_on_the_host(attention_type):
+    """Forward and backward of the patched encoder dispatch no op that syncs with the device (the stock
+    transient-global forward does: a ``_local_scalar_dense`` in its block ids)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith(("aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.is_nonzero")):
+                Syncs.seen.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model = longattn.apply_longattn(build(transformers.LongT5EncoderModel, longt5_config(attention_type), 0))
+    ids, mask = token_batch([41, 27], 41, 0, pad_id=0)
+    with Syncs():
+        model(input_ids=ids, attention_mask=mask).last_hidden_state.sum().backward()
+    assert not Syncs.seen
 
 
 # ------------------------------------------------------------------------------------------------ torch.compile

@@ -148,3 +148,14 @@ def test_autocast_runs_in_low_precision():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert case.q.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("projections", [False, True], ids=["shared", "global-projections"])
+def test_opcheck_longformer(projections):
+    case = make_case(B=2, S=12, H=2, D=8, padding="tail")
+    glob = torch.zeros(2, 12, dtype=torch.bool)
+    glob[0, [0, 7]] = True
+    glob[1, 3] = True
+    extra = [torch.randn_like(case.q).requires_grad_() for _ in range(3)] if projections else [None] * 3
+    args = (case.q, case.k, case.v, *extra, glob, case.key_padding_mask, 2, 1, 0.5, 3, "torch")
+    torch.library.opcheck(OPS.longformer_attention, args)

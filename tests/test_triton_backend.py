@@ -224,7 +224,7 @@ def test_explicit_request_raises_with_reason():
 # --------------------------------------------------------------------------------------------------------
 
 _POINTER_TYPES = {
-    **dict.fromkeys(["Lse", "Delta", "Partial", "Sums", "Rstd", "Coef"], "*fp32"),
+    **dict.fromkeys(["Lse", "Delta", "Part", "Sums", "Rstd", "Coef"], "*fp32"),
     **dict.fromkeys(["KMask", "SMask"], "*u8"),
     **dict.fromkeys(["QBlock", "Order", "Bounds", "Ids"], "*i32"),
     **dict.fromkeys(["Q", "K", "V", "SK", "SV", "DO", "Res", "DK", "DV", "BBias", "SBias", "Bias", "X", "W", "Out",
@@ -236,7 +236,7 @@ def compile_all_for_sm90():
     """Compile each kernel (GPU tile shapes, all optional inputs on) to a cubin for sm_90 with Triton's bundled
     ptxas; raises on any code-generation error. Needs TRITON_INTERPRET unset (the interpreter replaces jit)."""
     import triton
-    from longattn.triton_kernels import _common, band_side, bias_grad, block_aggregate
+    from longattn.triton_kernels import _common, band_side, block_aggregate
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -256,10 +256,6 @@ def compile_all_for_sm90():
         for side in (False, True):
             build(band_side._keys_kernel, dict(SIDE=side, **flags, **tiles), warps)
         build(band_side._delta_kernel, dict(BLOCK_M=bm, BLOCK_D=D), warps)
-        bm, bt, dc, warps = bias_grad._GPU_TILES
-        for side in (False, True):
-            build(bias_grad._bias_grad_kernel, dict(SIDE=side, HAS_KMASK=True, HAS_SMASK=True, BLOCK_M=bm,
-                                                    BLOCK_T=bt, BLOCK_DC=dc, D_CHUNKS=D // dc), warps)
     for weighted in (False, True):
         meta = dict(HAS_WEIGHT=weighted, BLOCK_S=block_aggregate._GPU_BLOCK_S, BLOCK_C=block_aggregate._GPU_BLOCK_C)
         build(block_aggregate._aggregate_kernel, meta, 4)

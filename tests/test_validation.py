@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -100,8 +104,21 @@ CASES = [
 ]
 
 
+# Checks that read tensor values (a host sync) run only in debug mode (longattn.set_debug / LONGATTN_DEBUG=1).
+DEBUG_ONLY = {"mask-int-values", "query-block-range", "query-block-below", "max-globals-too-small", "agg-ids-range"}
+
+
+@pytest.fixture
+def debug_mode():
+    longattn.set_debug(True)
+    yield
+    longattn.set_debug(False)
+
+
 @pytest.mark.parametrize("call, error, argument", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_raises_naming_the_argument(call, error, argument):
+def test_bad_input_raises_naming_the_argument(call, error, argument, request):
+    if request.node.callspec.id in DEBUG_ONLY:
+        request.getfixturevalue("debug_mode")
     with pytest.raises(error) as info:
         call()
     assert str(info.value).startswith(f"{argument}:") or str(info.value).startswith(f"{argument}="), str(info.value)
@@ -121,3 +138,54 @@ def test_int_masks_are_accepted():
     out_bool = longattn.local_attention(q, k, v, 2, key_padding_mask=as_bool)
     out_int = longattn.local_attention(q, k, v, 2, key_padding_mask=as_bool.long())
     assert torch.equal(out_bool, out_int)
+
+
+@pytest.mark.parametrize("case", sorted(DEBUG_ONLY))
+def test_value_checks_are_off_by_default_and_bad_values_are_dropped(case):
+    """Without debug mode, out-of-range index values and non-0/1 masks run (no sync) and stay finite."""
+    call = dict((c[0], c[1]) for c in CASES)[case]
+    out = call()
+    assert torch.isfinite(out).all()
+
+
+def test_out_of_range_block_ids_are_dropped():
+    x = torch.randn(1, S, D)
+    ids = torch.tensor([[0, 0, 1, 7, -3, 1, 99, 0, 1, 1]])
+    got = longattn.block_aggregate(x, ids, 2, backend="torch")
+    keep = torch.tensor([[0, 0, 1, -1, -1, 1, -1, 0, 1, 1]])
+    torch.testing.assert_close(got, longattn.block_aggregate(x, keep, 2, backend="torch"), atol=0, rtol=0)
+
+
+def test_debug_mode_from_environment():
+    code = ("import torch, longattn; q = torch.randn(1, 4, 1, 16); "
+            "longattn.tglobal_attention(q, q, q, q[:, :1], q[:, :1], 1, torch.full((1, 4), 5))")
+    env = {**os.environ, "LONGATTN_DEBUG": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode != 0 and "query_block" in result.stderr
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1")
+def test_out_of_range_block_ids_are_dropped_by_triton():
+    x = torch.randn(1, S, D, requires_grad=True)
+    ids = torch.tensor([[0, 0, 1, 7, -3, 1, 99, 0, 1, 1]])
+    keep = torch.tensor([[0, 0, 1, -1, -1, 1, -1, 0, 1, 1]])
+    got = longattn.block_aggregate(x, ids, 2, backend="triton")
+    want = longattn.block_aggregate(x, keep, 2, backend="torch")
+    torch.testing.assert_close(got, want)
+    (dx,) = torch.autograd.grad(got.sum(), [x])
+    assert torch.equal(dx[0, [3, 4, 6]], torch.zeros(3, D))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU needs TRITON_INTERPRET=1")
+def test_out_of_range_query_block_is_clamped_by_triton():
+    """Without debug mode nothing checks query_block: every backend clamps it to [-1, G - 1] (same result)."""
+    q, k, v = (torch.randn(1, S, H, D, requires_grad=True) for _ in range(3))
+    sk, sv = (torch.randn(1, G, H, D, requires_grad=True) for _ in range(2))
+    sb = torch.randn(H, 2 * G + 1, requires_grad=True)
+    bad = torch.tensor([[-7, 0, 0, 1, 1, 2, 2, 9, 40, -1]])
+    results = []
+    for backend, ids in (("triton", bad), ("torch", bad.clamp(-1, G - 1))):
+        out = longattn.tglobal_attention(q, k, v, sk, sv, 2, ids, side_bias=sb, backend=backend)
+        results.append((out, *torch.autograd.grad(out.sum(), [q, sk, sb])))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

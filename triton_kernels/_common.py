@@ -18,6 +18,7 @@ exactly 0) and are never stored, so they need no score mask either.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,6 +52,31 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device=None) -> int:
+    """Streaming multiprocessors of ``device`` (default: the current CUDA device), read once per device."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    if device.type != "cuda":
+        return 1
+    return _sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+def split_count(n_programs: int, n_units: int, device=None, *, waves: int = 4, cap: int = 16) -> int:
+    """Chunks to cut a reduction over ``n_units`` tiles into, so that ``n_programs`` programs per chunk keep about
+    ``waves`` waves of the device's SMs busy (at most ``cap`` chunks: the partials are summed afterwards).
+
+    The one split heuristic of the kernels whose programs would otherwise walk a whole sequence (side-key dK/dV,
+    Longformer's global rows). Under the interpreter: 2 chunks, so tests still cross the partial-sum path.
+    """
+    if interpreting():
+        return min(2, n_units)
+    return max(1, min(n_units, triton.cdiv(waves * num_sms(device), n_programs), cap))
 
 
 def head_dim_block(D: int) -> int:
@@ -134,6 +160,13 @@ def side_scores(qk, qblock, g, G, scale, bias_ptr, smask_ptr, HAS_BIAS: tl.const
     if HAS_SMASK:
         keep = keep & (tl.load(smask_ptr + g, mask=keep, other=0) != 0)
     return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def load_query_block(ptr, rows, row_ok, G):
+    """Block ids of query ``rows`` (``ptr``: this batch row of ``query_block``), clamped to [-1, G - 1] as every
+    backend does: the values are not checked on the host (that would sync), so none may index out of range."""
+    return tl.minimum(tl.maximum(tl.load(ptr + rows, mask=row_ok, other=0), -1), G - 1)
 
 
 @triton.jit

@@ -4,14 +4,15 @@ Kernels:
 
 - ``_rows_kernel``: one program per (query tile, batch * head). It walks the key tiles of its band, then the
   side-key tiles, in one loop structure; ``BACKWARD`` picks the per-tile step: the online softmax (forward,
-  saving the row log-sum-exp) or the dQ accumulation (backward).
+  saving the row log-sum-exp) or the dQ accumulation (backward), which also sums each tile's dS by bias-table
+  entry in registers (``bias_grad``: one float32 partial row per program, reduced by torch in a fixed order).
 - ``_keys_kernel``: one program per (key tile, batch * head), walking the query tiles that see it and
   accumulating dK and dV in registers, so no atomics. With ``SIDE`` its key tile is a side-key tile and it
   walks its share of the query tiles (each query attends every side key; the shares' float32 partials are
   summed by torch in a fixed order, see ``backward``).
 - ``_delta_kernel``: ``delta = rowsum(dout * out)``, the softmax-backward row term read by both.
 
-Bias-table gradients come from ``bias_grad``; both use the score helpers of ``_common``. Layouts: q, k, v,
+All kernels use the score helpers of ``_common``. Layouts: q, k, v,
 dout (B, S, H, D) and side_k, side_v (B, G, H, D) with any strides and a unit last stride (strides are passed
 to the kernels, no copies); out, dq, dk, dv, dside_k, dside_v are written contiguous; lse and delta are
 contiguous float32 (B, H, S).
@@ -23,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import bias_grad
 from ._common import (
     LOG2E,
     as_u8,
@@ -32,21 +34,33 @@ from ._common import (
     batch_head_offset,
     dot_precision,
     head_dim_block,
-    interpreting,
+    load_query_block,
     load_rows,
     side_scores,
+    split_count,
     store_rows,
     strides3,
 )
+from .bias_grad import chain_add, chain_flush, grouped_column_sums, shifted_column_sums, side_group, zero_fill
+
+
+@triton.jit
+def _ds_tile(s, v, do, lse, delta, DOT_PREC: tl.constexpr):
+    """float32 dS = P * (dP - delta) of a tile from its scores (softmax backward; P recomputed from lse)."""
+    p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (no key) gives p = 0
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    return p * (dp - delta[:, None])
 
 
 @triton.jit
 def _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One key tile of a query tile: online-softmax update (forward) or dQ accumulation (backward)."""
+    """One key tile of a query tile: online-softmax update (forward) or dQ accumulation (backward).
+
+    Returns (m_i, l_i, acc, ds): the backward's dS tile feeds the bias-table sums (the forward's is unused).
+    """
+    ds = s
     if BACKWARD:
-        p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (no key) gives p = 0
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        ds = _ds_tile(s, v, do, lse, delta, DOT_PREC)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -58,21 +72,63 @@ def _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr, D
         # P is rounded to the input dtype before the PV product, as the torch backend does.
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
-    return m_i, l_i, acc
+    return m_i, l_i, acc, ds
+
+
+@triton.jit
+def _side_tile(q, g0, sk_base, sv_base, stride_sks, stride_svs, qblock, sbias_ptr, smask_ptr, G, D, scale,
+               HAS_SBIAS: tl.constexpr, HAS_SMASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """(k, v, scores) of side keys ``[g0, g0 + BLOCK_N)`` against the query tile ``q`` (qblock: its (BLOCK_M, 1)
+    block ids); the scores are masked (g < G, side_mask)."""
+    g = g0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(sk_base, g, G, stride_sks, offs_d, D)
+    v = load_rows(sv_base, g, G, stride_svs, offs_d, D)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s = side_scores(qk, qblock, g[None, :], G, scale, sbias_ptr, smask_ptr, HAS_SBIAS, HAS_SMASK)
+    return k, v, s
+
+
+@triton.jit
+def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width, side, G, D, scale,
+                      HAS_SMASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BIAS_L: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+    """Side-bias sums of the rows left out of the side loop's group, whose block ids lie ``SIDE_SPAN`` or more
+    below the tile's largest (e.g. padding rows, qb = -1, in a tile with others): per pass, the next group
+    (``side_group``), its dS recomputed over all side tiles and added into the row. Usually no pass runs.
+    The block ids are reloaded here rather than kept live through the side loop (which would spill)."""
+    row_ok = offs_m < S
+    qb = load_query_block(qb_ptr, offs_m, row_ok, G)
+    pending = side_group(qb, row_ok, BIAS_L)[2]
+    while tl.max(pending.to(tl.int32), 0) > 0:
+        qhi, shift, pending = side_group(qb, pending, BIAS_L)
+        tl.debug_barrier()  # the previous pass's stores are visible to every thread
+        carry = tl.zeros([BIAS_L], dtype=tl.float32)
+        for g0 in range(0, G, BLOCK_N):
+            k, v, s = _side_tile(q, g0, *side, G, D, scale, True, HAS_SMASK, BLOCK_N, BLOCK_D, DOT_PREC)
+            ds = _ds_tile(s, v, do, lse, delta, DOT_PREC)
+            sums = grouped_column_sums(ds, shift, BIAS_L, DOT_PREC)
+            carry = chain_add(carry, sums, side_row, G - qhi + g0, side_width, BLOCK_N, True)
+        chain_flush(carry, side_row, G - qhi + (tl.cdiv(G, BLOCK_N) - 1) * BLOCK_N, side_width, BLOCK_N, True)
 
 
 @triton.jit
 def _rows_kernel(
-    Q, K, V, SK, SV, DO, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias,
+    Q, K, V, SK, SV, DO, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias, Part,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_skb, stride_sks, stride_skh, stride_svb, stride_svs, stride_svh,
     stride_dob, stride_dos, stride_doh, stride_rb, stride_rs, stride_rh,
-    S, H, G, D, left, right, scale,
+    S, H, G, D, left, right, scale, band_width, side_width,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Lse, Delta) of one query tile."""
+    """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Lse, Delta) of one query tile.
+
+    The backward with a bias table also writes this program's row of bias-gradient partial sums into Part
+    (``bias_grad``: band_width + side_width float32 columns per (b, query tile, h)).
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -98,11 +154,17 @@ def _rows_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    BIAS_L: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # bias_grad's skewed tile width
+    bias_row = Part + ((b * tl.num_programs(0) + pid_m) * H + h) * (band_width + side_width)
 
     # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S).
     n_start = m0 - left
     t_lo = tl.maximum(0, -n_start) // BLOCK_N
     t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+    if BACKWARD and HAS_BBIAS:  # band entry t = tt * BLOCK_N + c - r in tile tt: column tt * BLOCK_N + c + shift
+        band_shift = (BLOCK_M - 1) - tl.arange(0, BLOCK_M)
+        zero_fill(bias_row, 0, t_lo * BLOCK_N, BLOCK_N)
+        carry = tl.zeros([BIAS_L], dtype=tl.float32)
     for t in range(t_lo, t_hi):
         n0 = n_start + t * BLOCK_N
         cols = n0 + offs_n
@@ -112,27 +174,44 @@ def _rows_kernel(
         edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
         s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
                         KMask + b * S, HAS_BBIAS, HAS_KMASK)
-        m_i, l_i, acc = _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, DOT_PREC)
+        m_i, l_i, acc, ds = _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, DOT_PREC)
+        if BACKWARD and HAS_BBIAS:
+            carry = chain_add(carry, shifted_column_sums(ds, band_shift, BIAS_L), bias_row, t * BLOCK_N, band_width,
+                              BLOCK_N, False)
+    if BACKWARD and HAS_BBIAS:
+        chain_flush(carry, bias_row, (t_hi - 1) * BLOCK_N, band_width, BLOCK_N, False)
+        zero_fill(bias_row, (t_hi - 1) * BLOCK_N + BIAS_L, band_width, BLOCK_N)
 
     # Side keys: extra tiles of the same loop (always masked: g < G and side_mask).
+    qb = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_SBIAS:
+        qb = load_query_block(QBlock + b * S, offs_m, row_ok, G)
+    sk_base = SK + batch_head_offset(pid_bh, H, stride_skb, stride_skh)
+    sv_base = SV + batch_head_offset(pid_bh, H, stride_svb, stride_svh)
+    side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G)
+    side_row = bias_row + band_width
     if G > 0:
-        qblock = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
-        if HAS_SBIAS:
-            qblock = tl.load(QBlock + b * S + offs_m, mask=row_ok, other=0)[:, None]
-        sk_base = SK + batch_head_offset(pid_bh, H, stride_skb, stride_skh)
-        sv_base = SV + batch_head_offset(pid_bh, H, stride_svb, stride_svh)
+        if BACKWARD and HAS_SBIAS:  # side entry g - qb + G: column (G - qhi + g0) + c + shift (see bias_grad)
+            qhi, side_shift, _ = side_group(qb, row_ok, BIAS_L)
+            zero_fill(side_row, 0, tl.minimum(G - qhi, side_width), BLOCK_N)
+            carry = tl.zeros([BIAS_L], dtype=tl.float32)
         for g0 in range(0, G, BLOCK_N):
-            g = g0 + offs_n
-            k = load_rows(sk_base, g, G, stride_sks, offs_d, D)
-            v = load_rows(sv_base, g, G, stride_svs, offs_d, D)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            s = side_scores(qk, qblock, g[None, :], G, scale, SBias + h * (2 * G + 1), SMask + b * G,
-                            HAS_SBIAS, HAS_SMASK)
-            m_i, l_i, acc = _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, DOT_PREC)
+            k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, BLOCK_N, BLOCK_D, DOT_PREC)
+            m_i, l_i, acc, ds = _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, DOT_PREC)
+            if BACKWARD and HAS_SBIAS:
+                carry = chain_add(carry, grouped_column_sums(ds, side_shift, BIAS_L, DOT_PREC), side_row, G - qhi + g0,
+                                  side_width, BLOCK_N, False)
+        if BACKWARD and HAS_SBIAS:
+            last = G - qhi + (tl.cdiv(G, BLOCK_N) - 1) * BLOCK_N
+            chain_flush(carry, side_row, last, side_width, BLOCK_N, False)
+            zero_fill(side_row, last + BIAS_L, side_width, BLOCK_N)
 
     res_base = Res + batch_head_offset(pid_bh, H, stride_rb, stride_rh)
     if BACKWARD:
         store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
+        if HAS_SBIAS:  # after dq's store: acc's registers are free for these (usually absent) passes
+            _side_bias_passes(q, do, lse, delta, QBlock + b * S, offs_m, S, side_row, side_width, side, G, D, scale,
+                              HAS_SMASK, BLOCK_N, BLOCK_D, BIAS_L, DOT_PREC)
     else:
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
@@ -193,7 +272,7 @@ def _keys_kernel(
         if SIDE:
             qblock = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
             if HAS_SBIAS:
-                qblock = tl.load(QBlock + b * S + rows, mask=row_ok, other=0)[:, None]
+                qblock = load_query_block(QBlock + b * S, rows, row_ok, G)[:, None]
             s = side_scores(qk, qblock, offs_n[None, :], G, scale, SBias + h * (2 * G + 1), SMask + b * G,
                             HAS_SBIAS, HAS_SMASK)
         else:
@@ -260,10 +339,10 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
     grid = (triton.cdiv(S, BLOCK_M), B * H)
     _rows_kernel[grid](
-        q, k, v, *_side_or_dummy(side_k, side_v, q), q, out, lse, lse, *extra,
+        q, k, v, *_side_or_dummy(side_k, side_v, q), q, out, lse, lse, *extra, lse,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(q), *strides3(out),
-        S, H, G, D, left, right, float(scale),
+        S, H, G, D, left, right, float(scale), 0, 0,
         BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
     )
@@ -272,11 +351,14 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
              left, right, scale):
-    """-> (dq, dk, dv, dside_k, dside_v, delta): contiguous gradients in the inputs' dtype, delta (B, H, S).
+    """-> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias): contiguous gradients in the inputs' dtypes
+    (a bias gradient is empty when its table is absent).
 
-    Side keys' dK/dV: every query attends every side key, so one program per side-key tile would walk all S
-    queries (e.g. Longformer's single global token: B * H programs for the whole GPU). The query range is
-    therefore split into ``side_splits`` chunks whose float32 partials torch sums in a fixed order.
+    The bias-table gradients are summed by the dQ kernel per query tile (``bias_grad``) and reduced over the
+    tiles by torch in a fixed order. Side keys' dK/dV: every query attends every side key, so one program per
+    side-key tile would walk all S queries (e.g. Longformer's single global token: B * H programs for the whole
+    GPU). The query range is therefore split into ``side_splits`` chunks whose float32 partials torch sums in a
+    fixed order.
     """
     B, S, H, D = q.shape
     G = side_k.shape[1]
@@ -291,26 +373,29 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     meta = dict(**_flags(band_key_mask, side_mask, band_bias, side_bias), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps)
     lse = lse.contiguous()
-    _rows_kernel[(triton.cdiv(S, BLOCK_M), B * H)](
-        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, dq, lse, delta, *extra,
+    n_tiles = triton.cdiv(S, BLOCK_M)
+    widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
+    part = bias_grad.partials(B, n_tiles, H, widths, delta)
+    _rows_kernel[(n_tiles, B * H)](
+        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, dq, lse, delta, *extra, part,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(dq),
-        S, H, G, D, left, right, float(scale), BACKWARD=True, **meta,
+        S, H, G, D, left, right, float(scale), *widths, BACKWARD=True, **meta,
     )
+    dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M)
+    dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
     _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra,
         *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0,
         S, S, H, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, **meta,
     )
     dsk, dsv = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta)
-    return dq, dk, dv, dsk, dsv, delta
+    return dq, dk, dv, dsk, dsv, dbb, dsb
 
 
 def side_splits(n_programs: int, n_query_tiles: int) -> int:
-    """Query-range chunks for the side-key dK/dV so that about four waves of an H100 (132 SMs) are busy."""
-    if interpreting():
-        return min(2, n_query_tiles)  # still exercises the partial-sum path
-    return max(1, min(n_query_tiles, triton.cdiv(4 * 132, n_programs), 16))
+    """Query-range chunks for the side-key dK/dV (``_common.split_count``: about four waves of the device's SMs)."""
+    return split_count(n_programs, n_query_tiles)
 
 
 def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta):

@@ -1,18 +1,44 @@
-"""Deterministic gradients of the band_bias (H, W) and side_bias (H, 2G + 1) tables.
+"""Gradients of the band_bias (H, W) and side_bias (H, 2G + 1) tables, reduced inside the dQ kernel.
 
 ``dbias[h, t] = sum over (b, i) of dS[b, h, i, key(i, t)]`` where ``key(i, t) = i + t - left`` (band) or
-``t - G + query_block[b, i]`` (side). Summing dS along the diagonals of the (query, key) tiles of the dQ/dK
-kernels would need a scatter or atomics, so this kernel works in *skewed* coordinates instead: a program
-owns a tile of table entries ``t`` of one head and walks a fixed share of the (batch, query tile) pairs;
-for each query row it gathers exactly the keys ``key(i, t)`` and recomputes their probabilities and dP
-(``<q_i, k_key>``, ``<dO_i, v_key>`` as elementwise products summed over D chunks), so each entry's sum is a
-plain register reduction. Every program writes its partial sums to a (splits, H, T) buffer that torch sums
-in a fixed order: two runs are bitwise equal, with no atomics.
+``t - G + query_block[b, i]`` (side). The dQ program of a query tile (``band_side._rows_kernel`` with
+``BACKWARD``) already holds dS for each of its key tiles; the helpers here sum it by table entry in registers
+and write one float32 row of partial sums per program (``partials``); ``reduce_partials`` sums the rows over
+programs in a fixed order. No atomics, no second pass over q/k/v: two runs are bitwise equal.
 
-Cost: the two recomputed dot products per (query, entry) pair run on the FMA units, not tensor cores
-(about half the FLOPs of the band part of the backward, paid only when a bias table is given). Not
-measured: no GPU was available when this was written; fusing the diagonal sums into the dQ kernel is
-the obvious next step if it shows in profiles.
+Row-shifted column sums. In a (BLOCK_M, BLOCK_N) tile, dS[r, c] belongs to table entry ``e0 + c + shift[r]``:
+- band key tile ``tt`` of query tile ``m0`` (its keys start at ``m0 - left + tt * BLOCK_N``, see ``_common``):
+  ``t = tt * BLOCK_N + c - r``, so ``e0 = tt * BLOCK_N - (BLOCK_M - 1)`` and ``shift[r] = BLOCK_M - 1 - r``, the
+  same for every query tile;
+- side tile ``g0``: ``e = g0 + c - qb[r] + G``, so ``e0 = g0 + G - qhi`` and ``shift[r] = qhi - qb[r]``, where
+  ``qhi`` is the largest block id among the program's rows.
+``shifted_column_sums`` (band) skews the tile by its row shifts with one ``tl.gather`` (warp shuffles) into
+``L = 2 * max(BLOCK_M, BLOCK_N)`` columns and sums the rows: ``v[x] = sum_r dS[r, x - shift[r]]`` is entry
+``e0 + x``. The side rows have few distinct shifts (a 64-row tile of LongT5, 16 tokens per block, has 4), so
+``grouped_column_sums`` first adds the rows of equal shift on tensor cores (a (16, BLOCK_M) one-hot product)
+and skews only those 16 rows. The tiles of a program's loop have ``e0`` ``BLOCK_N`` apart, so ``chain_add``
+keeps an L-entry carry: shifted by BLOCK_N, plus the new tile, its first BLOCK_N entries are final and stored.
+Side rows whose block id lies SIDE_SPAN or more below ``qhi`` (a tile mixing padding rows, qb = -1, with
+others; arbitrary ids) are summed after dQ's store by extra passes over the side tiles that recompute their dS
+and add into the row (``ACCUMULATE``); most programs run none.
+
+Precision: float32 sums of float32 dS; the one-hot product rounds dS to TF32 (10-bit mantissa, finer than the
+bf16/fp16 rounding of dS in dQ's own product) for 16-bit inputs and is exact ("ieee") for float32 inputs.
+
+Partial rows (``partials``): program (b, query tile, h) owns one row of ``band_width + side_width`` floats;
+band entry t is column ``t + BLOCK_M - 1``, side entry e is column ``band_width + e``. Every column is written
+by its program (the entries its tiles never reach with zeros), so the buffer needs no initialisation.
+LongT5 TGlobal at S = 16384, H = 12, G = 1024, W = 255 with 64 x 64 tiles (L = 128): 384 band + 2176 side
+columns x 256 query tiles x 12 heads = 30 MiB per batch row, written once and read once by the reduction
+(~20 us of HBM time on an H100, against a backward of several ms).
+
+Cost (static SASS of the sm_90 bf16 build, D = 64, 8 warps; not timed, no GPU): the band tile loop grows from
+1008 to 1391 instructions per tile, the side tile loop from 1056 to 1216 (8 extra HMMA for the one-hot
+product; the three 64 x 64 x 64 wgmma products are unchanged). For LongT5 (5 band + 16 side tiles per query
+tile in dQ, 5 + 16 in the dK/dV kernels at 1085 / 1175 per tile) that is 4475 extra instructions against
+45491 per query tile: 9 % of the backward if it is issue-bound, less where the tensor cores bound it. The
+separate kernel this replaced recomputed every score on the FMA units (12 ms per call on an H100, 88 % of the
+backward).
 """
 
 from __future__ import annotations
@@ -21,104 +47,109 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LOG2E, as_u8, band_scores, batch_head_offset, head_dim_block, interpreting, side_scores, strides3
 
-# (BLOCK_M, BLOCK_T, BLOCK_DC, num_warps): query rows x table entries per step, D chunk of the 3-D products.
-# Not timed (no GPU); chosen from ptxas register counts of an offline sm_90 compile (bf16): (16, 16, 16) with
-# 8 warps uses 179 registers and no spills for D = 64 and 128; BLOCK_T = 32 or 4 warps spill 200+ bytes.
-_GPU_TILES = (16, 16, 16, 8)
-_INTERPRET_TILES = (16, 16, 16, 1)
-_GPU_PROGRAMS = 4 * 132  # about four waves of an H100's SMs
+def row_widths(has_band: bool, has_side: bool, W: int, G: int, block_m: int, block_n: int) -> tuple[int, int]:
+    """(band_width, side_width) columns of a program's partial row; 0 for an absent table."""
+    L = 2 * max(block_m, block_n)
+    band = (triton.cdiv(block_m - 1 + W, block_n) - 1) * block_n + L if has_band else 0
+    side = 2 * G + L if has_side and G > 0 else 0
+    return band, side
+
+
+def partials(B, n_query_tiles, H, widths, like):
+    """Uninitialised float32 (B, query tiles, H, band_width + side_width) (the kernel writes every column);
+    ``like`` (never read) when there is no table to differentiate."""
+    if sum(widths) == 0:
+        return like
+    return torch.empty(B, n_query_tiles, H, sum(widths), dtype=torch.float32, device=like.device)
+
+
+def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m):
+    """(dband_bias, dside_bias), contiguous in the tables' dtypes (None when absent): the rows summed over
+    programs in a fixed order (torch's reduction), then the table's columns cut out."""
+    total = part.sum((0, 1)) if sum(widths) else None
+    dband = dside = None
+    if band_bias is not None:
+        dband = total[:, block_m - 1 : block_m - 1 + W].to(band_bias.dtype).contiguous()
+    if side_bias is not None:  # G = 0: the table (H, 1) scores no key
+        side = slice(widths[0], widths[0] + 2 * G + 1)
+        dside = total[:, side].to(side_bias.dtype).contiguous() if G else torch.zeros_like(side_bias)
+    return dband, dside
 
 
 @triton.jit
-def _gather_dot(a_base, rows, b_base, cols, valid, stride_a, stride_b, d, D):
-    """(BLOCK_M, BLOCK_T) float32 ``<a[rows[i]], b[cols[i, t]]>`` over the head-dim chunk ``d``."""
-    a = tl.load(a_base + rows.to(tl.int64)[:, None, None] * stride_a + d[None, None, :],
-                mask=(d < D)[None, None, :], other=0.0)
-    bm = valid[:, :, None] & (d < D)[None, None, :]
-    bv = tl.load(b_base + cols.to(tl.int64)[:, :, None] * stride_b + d[None, None, :], mask=bm, other=0.0)
-    return tl.sum(a.to(tl.float32) * bv.to(tl.float32), 2)
+def shifted_column_sums(ds, shift, L: tl.constexpr):
+    """(L,) float32 ``v[x] = sum_r ds[r, x - shift[r]]``; terms with ``x - shift[r]`` outside the tile are left out.
 
-
-@triton.jit
-def _bias_grad_kernel(
-    Q, K, V, DO, Lse, Delta, KMask, SMask, QBlock, Bias, Partial,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh,
-    B, S, H, G, D, left, right, scale, T, pairs_per_split,
-    SIDE: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_DC: tl.constexpr, D_CHUNKS: tl.constexpr,
-):
-    """Partial[split, h, t] = sum of dS over this split's (batch, query tile) pairs; K, V are band or side."""
-    pid_t = tl.program_id(0)
-    h = tl.program_id(1)
-    split = tl.program_id(2)
-    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_m = tl.arange(0, BLOCK_M)
-    n_mtiles = tl.cdiv(S, BLOCK_M)
-    n_keys = G if SIDE else S
-    acc = tl.zeros([BLOCK_T], dtype=tl.float32)
-    w_lo = split * pairs_per_split
-    w_hi = tl.minimum(w_lo + pairs_per_split, B * n_mtiles)
-    for w in range(w_lo, w_hi):
-        b = (w // n_mtiles).to(tl.int64)
-        rows = (w % n_mtiles) * BLOCK_M + offs_m
-        row_ok = rows < S
-        bh = b * H + h
-        if SIDE:
-            qblock = tl.load(QBlock + b * S + rows, mask=row_ok, other=0)[:, None]
-            cols = offs_t[None, :] - G + qblock  # side key g of table entry t
-        else:
-            cols = rows[:, None] + offs_t[None, :] - left  # band key j of offset t
-        valid = (cols >= 0) & (cols < n_keys) & row_ok[:, None]
-        qk = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
-        dp = tl.zeros([BLOCK_M, BLOCK_T], dtype=tl.float32)
-        q_base = Q + batch_head_offset(bh, H, stride_qb, stride_qh)
-        do_base = DO + batch_head_offset(bh, H, stride_dob, stride_doh)
-        k_base = K + batch_head_offset(bh, H, stride_kb, stride_kh)
-        v_base = V + batch_head_offset(bh, H, stride_vb, stride_vh)
-        safe_rows = tl.where(row_ok, rows, 0)
-        for c in range(D_CHUNKS):  # a loop, not unrolled: unrolling keeps every chunk live (spills)
-            d = c * BLOCK_DC + tl.arange(0, BLOCK_DC)
-            qk += _gather_dot(q_base, safe_rows, k_base, cols, valid, stride_qs, stride_ks, d, D)
-            dp += _gather_dot(do_base, safe_rows, v_base, cols, valid, stride_dos, stride_vs, d, D)
-        if SIDE:
-            s = side_scores(qk, qblock, cols, G, scale, Bias + h * T, SMask + b * G, True, HAS_SMASK)
-        else:
-            s = band_scores(qk, rows[:, None], cols, True, S, left, right, scale, Bias + h * T, KMask + b * S,
-                            True, HAS_KMASK)
-        stat = bh * S + rows
-        lse = tl.load(Lse + stat, mask=row_ok, other=float("inf"))
-        delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        acc += tl.sum(p * (dp - delta[:, None]), 0)
-    tl.store(Partial + (split * H + h).to(tl.int64) * T + offs_t, acc, mask=offs_t < T)
-
-
-def bias_grad(side: bool, q, keys, values, dout, lse, delta, band_key_mask, side_mask, query_block, table,
-              left, right, scale):
-    """Gradient of ``table`` (band_bias (H, W) or, with ``side``, side_bias (H, 2G + 1)) in its dtype.
-
-    ``keys``/``values``: k, v (B, S, H, D) or side_k, side_v (B, G, H, D); lse, delta: (B, H, S) float32.
+    ``ds``: (BLOCK_M, BLOCK_N) float32; ``shift``: (BLOCK_M,) int32, >= L drops a row.
     """
-    B, S, H, D = q.shape
-    G = keys.shape[1] if side else 0
-    T = table.shape[1]
-    BLOCK_M, BLOCK_T, BLOCK_DC, warps = _INTERPRET_TILES if interpreting() else _GPU_TILES
-    BLOCK_DC = min(BLOCK_DC, head_dim_block(D))
-    pairs = B * triton.cdiv(S, BLOCK_M)
-    programs = triton.cdiv(T, BLOCK_T) * H
-    splits = min(pairs, 2 if interpreting() else max(1, triton.cdiv(_GPU_PROGRAMS, programs)))
-    per_split = triton.cdiv(pairs, splits)
-    splits = triton.cdiv(pairs, per_split)
-    partial = torch.empty(splits, H, T, dtype=torch.float32, device=q.device)
-    _bias_grad_kernel[(triton.cdiv(T, BLOCK_T), H, splits)](
-        q, keys, values, dout, lse, delta, as_u8(band_key_mask, q), as_u8(side_mask, q),
-        q if query_block is None else query_block, table, partial,
-        *strides3(q), *strides3(keys), *strides3(values), *strides3(dout),
-        B, S, H, G, D, left, right, float(scale), T, per_split,
-        SIDE=side, HAS_KMASK=band_key_mask is not None, HAS_SMASK=side_mask is not None, BLOCK_M=BLOCK_M,
-        BLOCK_T=BLOCK_T, BLOCK_DC=BLOCK_DC, D_CHUNKS=head_dim_block(D) // BLOCK_DC, num_warps=warps,
-    )
-    return partial.sum(0).to(table.dtype)
+    x = tl.arange(0, L)
+    col = x[None, :] - shift[:, None]
+    ok = (col >= 0) & (col < ds.shape[1])
+    skewed = tl.gather(ds, tl.where(ok, col, 0), 1)
+    return tl.sum(tl.where(ok, skewed, 0.0), 0)
+
+
+# Side rows summed together: those whose block ids lie within SIDE_SPAN of the group's largest (a 64-row tile
+# of LongT5, 16 tokens per block, spans 4).
+SIDE_SPAN = tl.constexpr(16)
+
+
+@triton.jit
+def side_group(qb, pending, L: tl.constexpr):
+    """(qhi, shift, rest) for the ``pending`` rows (BLOCK_M,) of block ids ``qb``: the largest id ``qhi``, the
+    shifts ``qhi - qb`` of the rows within SIDE_SPAN of it (L, which drops a row, for the others) and the pending
+    rows left for a later group."""
+    qhi = tl.max(tl.where(pending, qb, -2147483647), 0)
+    shift = tl.where(pending & (qhi - qb < SIDE_SPAN), qhi - qb, L)
+    return qhi, shift, pending & (shift == L)
+
+
+@triton.jit
+def grouped_column_sums(ds, shift, L: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``shifted_column_sums`` for rows with ``shift < SIDE_SPAN`` (the others left out), the row sum on tensor
+    cores: ``z[k, c]`` = sum of ``ds[r, c]`` over the rows with shift k, a (SIDE_SPAN, BLOCK_M) one-hot product
+    (TF32 for 16-bit inputs, "ieee" for float32; 3xTF32 would be exact but spills), then only z is skewed."""
+    k = tl.arange(0, SIDE_SPAN)
+    onehot = (k[:, None] == shift[None, :]).to(tl.float32)
+    z = tl.dot(onehot, ds, input_precision=DOT_PREC)
+    return shifted_column_sums(z, k, L)
+
+
+@triton.jit
+def _store_entries(row_ptr, cols, values, mask, ACCUMULATE: tl.constexpr):
+    """Store (or, with ACCUMULATE, add to) columns ``cols`` of a partial row."""
+    if ACCUMULATE:
+        values += tl.load(row_ptr + cols, mask=mask, other=0.0)
+        tl.debug_barrier()  # every thread holding a replica of an entry has read it before any writes it
+    tl.store(row_ptr + cols, values, mask=mask)
+
+
+@triton.jit
+def chain_add(carry, v, row_ptr, base, row_width, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Adds tile sums ``v`` (entries ``[base, base + L)``) to the carry of the previous tile (entries from
+    ``base - BLOCK_N``, its first BLOCK_N already stored), stores entries ``[base, base + BLOCK_N)`` (now
+    final: later tiles start at ``base + BLOCK_N`` or beyond) and returns the new carry."""
+    L: tl.constexpr = v.shape[0]
+    x = tl.arange(0, L)
+    ahead = x + BLOCK_N
+    carry = tl.where(ahead < L, tl.gather(carry, tl.minimum(ahead, L - 1), 0), 0.0) + v
+    cols = base + x
+    _store_entries(row_ptr, cols, carry, (x < BLOCK_N) & (cols >= 0) & (cols < row_width), ACCUMULATE)
+    return carry
+
+
+@triton.jit
+def chain_flush(carry, row_ptr, base, row_width, BLOCK_N: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Stores the carry's entries not yet stored, ``[base + BLOCK_N, base + L)`` (``base``: the last tile's)."""
+    x = tl.arange(0, carry.shape[0])
+    cols = base + x
+    _store_entries(row_ptr, cols, carry, (x >= BLOCK_N) & (cols >= 0) & (cols < row_width), ACCUMULATE)
+
+
+@triton.jit
+def zero_fill(row_ptr, lo, hi, BLOCK: tl.constexpr):
+    """Zeros in columns ``[max(lo, 0), hi)`` of a partial row: the entries no tile of this program reaches."""
+    offs = tl.arange(0, BLOCK)
+    for c0 in range(tl.maximum(lo, 0), hi, BLOCK):
+        tl.store(row_ptr + c0 + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=c0 + offs < hi)

@@ -80,7 +80,7 @@ def _scatter_grad_kernel(DOut, Ids, W, Sums, Rstd, Coef, DX, stride_db, stride_d
     s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ids = tl.load(Ids + b * S + s, mask=s < S, other=-1)
-    keep = ids >= 0
+    keep = (ids >= 0) & (ids < G)  # out-of-range ids are dropped, never read through (no host check)
     gid = tl.where(keep, ids, 0).to(tl.int64)
     mask = keep[:, None] & (c < C)[None, :]
     dy = tl.load(DOut + b * stride_db + gid[:, None] * stride_dg + c[None, :], mask=mask, other=0.0)

@@ -23,7 +23,8 @@ The primitive ("band + side keys", DESIGN.md section 1)
 - ``side_k, side_v``: (B, G, H, D), same dtype, ``G >= 0``; same stride rule.
 - ``band_key_mask``: None or contiguous bool (B, S), True = this token may be a band key.
 - ``side_mask``: None or contiguous bool (B, G), True = this side key may be attended.
-- ``query_block``: None or contiguous int32 (B, S) in [-1, G-1]; given whenever ``side_bias`` is.
+- ``query_block``: None or contiguous int32 (B, S), meant to be in [-1, G-1] (other values are clamped to it);
+  given whenever ``side_bias`` is.
 - ``band_bias``: None or contiguous (H, left + right + 1), any float dtype; entry ``[h, j - i + left]``.
 - ``side_bias``: None or contiguous (H, 2G + 1), any float dtype; entry ``[h, g - query_block[b, i] + G]``.
 - ``left, right``: ints in [0, S - 1] (the public API clamps larger windows, which are equivalent).
@@ -41,12 +42,34 @@ The primitive ("band + side keys", DESIGN.md section 1)
   ``dside_bias`` are empty ``(0,)`` tensors when the table is None. Rows with ``lse == +inf`` contribute
   nothing.
 
+Longformer's global rows
+------------------------
+``longattn.backends._longformer`` assembles the Longformer op from ``band_side_forward`` / ``band_side_backward``
+and two functions every backend exposes (contract in ``_longformer.rows_by_gather``):
+
+``global_rows_forward(q, k, v, pos, used, key_mask, scale, out) -> glse``
+    rows ``pos`` (B, G) int64 of q (B, S, H, D) attend every real token of k, v; the ``used`` (B, G) slots'
+    results overwrite those rows of ``out`` in place; ``glse`` (B, H, G) float32 is +inf for unused slots.
+``global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into)
+    -> (dq, dk, dv)``: each gradient added into the given ``*_into`` tensor (and returned), or new.
+
+The torch backend splits the keys into chunks merged by log-sum-exp; Triton runs ``triton_kernels.global_rows``
+(split-KV kernels, deterministic); CUDA runs its band op with the slot queries as the sequence and the tokens
+as side keys (``_longformer.rows_via_band_side``).
+
+Index values
+------------
+Index tensors are never range-checked on the host outside debug mode (that would sync), so every backend
+must be safe for any value: ``query_block`` is clamped where it indexes ``side_bias``, ``block_ids`` outside
+``[0, num_blocks)`` are dropped like -1, global slots beyond ``max_globals`` are not attended. No value may
+cause an out-of-bounds access.
+
 Block aggregation (LongT5's side tokens)
 ----------------------------------------
 ``block_aggregate_forward(x, block_ids, num_blocks, weight, eps) -> (out, sums, rstd)``
 
-- ``x``: (B, S, C) float, stride(-1) == 1; ``block_ids``: contiguous int32 (B, S) in [-1, num_blocks-1]
-  (-1 = dropped); ``weight``: None or contiguous (C,).
+- ``x``: (B, S, C) float, stride(-1) == 1; ``block_ids``: contiguous int32 (B, S), -1 or any value outside
+  [0, num_blocks) = dropped; ``weight``: None or contiguous (C,).
 - ``sums[b, g] = sum of x[b, s] over s with block_ids[b, s] == g`` (accumulated in float32).
 - without weight: ``out = sums`` in x's dtype, and ``sums``/``rstd`` are returned empty ``(0,)``.
 - with weight: ``rstd = rsqrt(mean(sums**2, -1) + eps)`` (float32, (B, G)), ``out = weight * sums * rstd``

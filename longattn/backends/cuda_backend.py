@@ -129,6 +129,17 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
                                                              float(eps)))
 
 
+def _rows_passes():
+    from ._longformer import rows_via_band_side
+
+    return rows_via_band_side(band_side_forward, band_side_backward)
+
+
+# Longformer global rows (longattn.backends._longformer): the raw band op with the slot queries as the sequence
+# and all S tokens as side keys (no split-KV kernel in csrc yet: the side loop of one query tile walks all S).
+global_rows_forward, global_rows_backward = _rows_passes()
+
+
 # ------------------------------------------------------------------------------------------------------
 # Fake (meta) implementations of the raw ops: shapes and dtypes only, matching csrc/*_api.cpp.
 # ------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .._fake import stat_dtype
+from . import _longformer
 
 NAME = "torch"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -149,9 +150,9 @@ class _Problem:
         return band, side
 
     def _side_bias_index(self, i0, i1):
+        # Block ids are clamped to [-1, G - 1] (values are not checked on the host): the index is in [1, 2G].
         g = torch.arange(self.G, device=self.query_block.device)
-        index = g[None, None, :] - self.query_block[:, i0:i1, None].long() + self.G
-        return index.clamp_(0, 2 * self.G)
+        return g[None, None, :] - self.query_block[:, i0:i1, None].long().clamp(-1, self.G - 1) + self.G
 
     def probabilities(self, band, side, lse):
         """exp(score - lse) in place; rows with lse = +inf become 0."""
@@ -199,15 +200,14 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
     acc, dt = P.acc, q.dtype
     dout_t, out_t = dout.transpose(1, 2), out.transpose(1, 2)
     dq = torch.empty(P.B, P.S, P.H, P.D, dtype=dt, device=q.device)
-    # Band gradients are accumulated over padded key rows [-left, S + right + rows) so every chunk adds
-    # into one dense slice; the padding is dropped at the end.
-    dk_pad = torch.zeros(P.B, P.H, P.S + P.width + P.rows, P.D, dtype=acc, device=q.device)
-    dv_pad = torch.zeros_like(dk_pad)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
     dsk = torch.zeros(P.B, P.H, P.G, P.D, dtype=acc, device=q.device)
     dsv = torch.zeros_like(dsk)
     dbb = torch.zeros(P.H, P.width, dtype=acc, device=q.device) if band_bias is not None else None
     dsb = torch.zeros(P.H, 2 * P.G + 1, dtype=acc, device=q.device) if side_bias is not None else None
     dq_t = dq.transpose(1, 2)
+    band_keys = _KeyGradWindow(dk.transpose(1, 2), dv.transpose(1, 2), left, right)
     for i0, i1 in P.chunks():
         qc, doc = P.qt[:, :, i0:i1], dout_t[:, :, i0:i1]
         kb, vb = P.band_kv(i0, i1)
@@ -216,14 +216,14 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
         band, side = P.probabilities(band, side, row_lse)
         delta = (doc.to(acc) * out_t[:, :, i0:i1].to(acc)).sum(-1, keepdim=True)
         # dS = P * (dP - delta), in place over the probabilities once dV has used them.
-        rows = slice(i0, i0 + band.shape[-1])  # padded key rows of this chunk: [i0 - left, i1 + right)
-        dv_pad[:, :, rows] += torch.matmul(band.to(dt).transpose(-1, -2), doc).to(acc)
+        dvc = torch.matmul(band.to(dt).transpose(-1, -2), doc).to(acc)
         dband = band.mul_(torch.matmul(doc, vb.transpose(-1, -2)).to(acc).sub_(delta))
         if dbb is not None:
             dbb += _band_view(dband, P.width).sum(dim=(0, 2))
         dband16 = dband.to(dt)
         dqc = torch.matmul(dband16, kb).to(acc)
-        dk_pad[:, :, rows] += torch.matmul(dband16.transpose(-1, -2), qc).to(acc).mul_(scale)
+        dkc = torch.matmul(dband16.transpose(-1, -2), qc).to(acc).mul_(scale)
+        band_keys.add(i0, i1, dkc, dvc, last=i1 == P.S)
         if side is not None:
             dsv += torch.matmul(side.to(dt).transpose(-1, -2), doc).to(acc)
             dside = side.mul_(torch.matmul(doc, P.svt.transpose(-1, -2)).to(acc).sub_(delta))
@@ -235,9 +235,6 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
             dqc += torch.matmul(dside16, P.skt).to(acc)
             dsk += torch.matmul(dside16.transpose(-1, -2), qc).to(acc).mul_(scale)
         dq_t[:, :, i0:i1] = dqc.mul_(scale)
-    # Padded row r holds key r - left.
-    dk = _dense(dk_pad[:, :, left : left + P.S].transpose(1, 2), dt)
-    dv = _dense(dv_pad[:, :, left : left + P.S].transpose(1, 2), dt)
     return (
         dq,
         dk,
@@ -249,13 +246,124 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
     )
 
 
+class _KeyGradWindow:
+    """Band dK/dV accumulated in float32 over a sliding window of keys, written out once final.
+
+    Query chunk ``[i0, i1)`` touches keys ``[i0 - left, i1 + right)``; the next chunk starts at key
+    ``i1 - left``, so keys below it are complete and are written to ``dk`` / ``dv`` (in their dtype) at once,
+    and only the ``left + right`` overlapping keys are carried to the next chunk. Memory: one chunk's worth
+    of float32 rows instead of two full-length float32 buffers.
+    """
+
+    def __init__(self, dk_t, dv_t, left, right):
+        self.dk_t, self.dv_t = dk_t, dv_t  # (B, H, S, D) views of the outputs
+        self.left, self.overlap = left, left + right
+        self.carry = None
+
+    def add(self, i0, i1, dkc, dvc, last):
+        """dkc, dvc: (B, H, i1 - i0 + left + right, D) float32 gradients of keys ``[i0 - left, i1 + right)``."""
+        if self.carry is not None and self.overlap:
+            dkc[:, :, : self.overlap] += self.carry[0]
+            dvc[:, :, : self.overlap] += self.carry[1]
+        done = dkc.shape[2] if last else i1 - i0
+        k0, S = i0 - self.left, self.dk_t.shape[2]
+        lo, hi = max(k0, 0), min(k0 + done, S)
+        if hi > lo:
+            self.dk_t[:, :, lo:hi] = dkc[:, :, lo - k0 : hi - k0]
+            self.dv_t[:, :, lo:hi] = dvc[:, :, lo - k0 : hi - k0]
+        self.carry = (dkc[:, :, done:], dvc[:, :, done:])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Longformer global rows: G queries against all S keys, split over key chunks and merged by log-sum-exp
+# --------------------------------------------------------------------------------------------------------
+
+
+# Keys per chunk of the global-rows pass: its float32 dK/dV chunks stay a small fraction of a (B, S, H, D) tensor.
+_KEY_CHUNK = 256
+
+
+def _key_chunks(B, H, G, S):
+    n = max(16, min(_KEY_CHUNK, _CHUNK_ELEMENTS // max(1, B * H * G)))
+    return [(j0, min(S, j0 + n)) for j0 in range(0, S, n)]
+
+
+def _row_scores(qt, kt, key_mask, j0, j1, scale, acc):
+    """(B, H, G, j1 - j0) float scores of the slot queries against keys j0..j1-1; -inf for padding keys."""
+    s = torch.matmul(qt, kt[:, :, j0:j1].transpose(-1, -2)).to(acc)
+    if scale != 1.0:
+        s.mul_(scale)
+    if key_mask is not None:
+        s.masked_fill_(~key_mask[:, None, None, j0:j1], -torch.inf)
+    return s
+
+
+def _rows_forward(q_rows, k, v, key_mask, scale):
+    """-> (out (B, G, H, D), lse (B, H, G)): q_rows (B, G, H, D) attending every real token of k, v (B, S, H, D).
+
+    Each key chunk gives a partial (max, sum, out); partials are merged in key order by the log-sum-exp
+    rule (flash-decoding's split-KV combine, here sequential), so memory is one chunk's scores.
+    """
+    B, G, H, D = q_rows.shape
+    S, acc = k.shape[1], stat_dtype(q_rows.dtype)
+    qt, kt, vt = q_rows.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    m = torch.full((B, H, G), -torch.inf, dtype=acc, device=q_rows.device)
+    total = torch.zeros(B, H, G, dtype=acc, device=q_rows.device)
+    o = torch.zeros(B, H, G, D, dtype=acc, device=q_rows.device)
+    for j0, j1 in _key_chunks(B, H, G, S):
+        s = _row_scores(qt, kt, key_mask, j0, j1, scale, acc)
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = m_new.masked_fill(m_new == -torch.inf, 0.0)
+        alpha = (m - m_safe).exp_()
+        p = s.sub_(m_safe[..., None]).exp_()
+        total = total.mul_(alpha).add_(p.sum(-1))
+        o = o.mul_(alpha[..., None]).add_(torch.matmul(p.to(q_rows.dtype), vt[:, :, j0:j1]).to(acc))
+        m = m_new
+    empty = total == 0
+    out = _dense((o / total.masked_fill(empty, 1.0)[..., None]).transpose(1, 2), q_rows.dtype)
+    lse = (m + total.log()).masked_fill_(empty, torch.inf)
+    return out, lse
+
+
+def _rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None):
+    """-> (dq_rows, dk, dv) of ``global_rows_forward``; dk / dv are added into ``dk_into`` / ``dv_into``
+    (and returned) when given, one key chunk at a time, so no full-length temporary exists."""
+    B, G, H, D = q_rows.shape
+    S, acc, dt = k.shape[1], stat_dtype(q_rows.dtype), q_rows.dtype
+    qt, kt, vt, dot = (x.transpose(1, 2) for x in (q_rows, k, v, dout_rows))
+    delta = (dout_rows.to(acc) * out_rows.to(acc)).sum(-1).transpose(1, 2)[..., None]  # (B, H, G, 1)
+    dk = torch.empty(B, S, H, D, dtype=dt, device=k.device) if dk_into is None else dk_into
+    dv = torch.empty(B, S, H, D, dtype=dt, device=k.device) if dv_into is None else dv_into
+    dk_t, dv_t = dk.transpose(1, 2), dv.transpose(1, 2)
+    dq = torch.zeros(B, H, G, D, dtype=acc, device=k.device)
+    for j0, j1 in _key_chunks(B, H, G, S):
+        p = _row_scores(qt, kt, key_mask, j0, j1, scale, acc).sub_(lse[..., None]).exp_()  # lse = +inf: 0
+        dvc = torch.matmul(p.to(dt).transpose(-1, -2), dot).to(acc)
+        ds = p.mul_(torch.matmul(dot, vt[:, :, j0:j1].transpose(-1, -2)).to(acc).sub_(delta)).to(dt)
+        dq += torch.matmul(ds, kt[:, :, j0:j1]).to(acc)
+        dkc = torch.matmul(ds.transpose(-1, -2), qt).to(acc).mul_(scale)
+        if dk_into is not None:
+            dkc += dk_t[:, :, j0:j1]
+            dvc += dv_t[:, :, j0:j1]
+        dk_t[:, :, j0:j1] = dkc
+        dv_t[:, :, j0:j1] = dvc
+    return _dense(dq.mul_(scale).transpose(1, 2), dt), dk, dv
+
+
+# The global-rows contract of longattn.backends._longformer, on the gathered slot rows above.
+global_rows_forward, global_rows_backward = _longformer.rows_by_gather(_rows_forward, _rows_backward)
+
+
+def _bins(block_ids, num_blocks):
+    """Block id per token, with dropped (-1) and out-of-range ids sent to an extra bin ``num_blocks``."""
+    ids = block_ids.long()
+    return torch.where((ids >= 0) & (ids < num_blocks), ids, num_blocks)
+
+
 def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
     B, S, C = x.shape
     acc = stat_dtype(x.dtype)
-    ids = block_ids.long()
-    keep = ids >= 0
-    # Dropped tokens go to an extra bin that is sliced off; index_add_ over the sequence is a segment sum.
-    bins = torch.where(keep, ids, num_blocks)
+    bins = _bins(block_ids, num_blocks)
     sums = torch.zeros(B, num_blocks + 1, C, dtype=acc, device=x.device)
     sums.scatter_add_(1, bins[..., None].expand(B, S, C), x.to(acc))
     sums = sums[:, :num_blocks].contiguous()
@@ -279,8 +387,7 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
         dweight = (dy * sums * rstd).sum(dim=(0, 1)).to(weight.dtype)
         wdy = w * dy
         dsums = rstd * wdy - sums * rstd.pow(3) * (sums * wdy).mean(-1, keepdim=True)
-    ids = block_ids.long()
     padded = torch.cat([dsums, dsums.new_zeros(B, 1, C)], dim=1)
-    bins = torch.where(ids >= 0, ids, num_blocks)
+    bins = _bins(block_ids, num_blocks)
     dx = torch.gather(padded, 1, bins[..., None].expand(B, S, C)).to(x.dtype)
     return dx, dweight

@@ -73,21 +73,10 @@ def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_b
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
                        band_bias, side_bias, left, right, scale):
-    from longattn.triton_kernels import band_side, bias_grad
+    from longattn.triton_kernels import band_side
 
-    dq, dk, dv, dsk, dsv, delta = band_side.backward(
-        dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-        left, right, scale)
-    lse = lse.contiguous()
-    dbb = q.new_empty(0)
-    if band_bias is not None:
-        dbb = bias_grad.bias_grad(False, q, k, v, dout, lse, delta, band_key_mask, side_mask, query_block,
-                                  band_bias, left, right, scale)
-    dsb = q.new_empty(0)
-    if side_bias is not None:
-        dsb = bias_grad.bias_grad(True, q, side_k, side_v, dout, lse, delta, band_key_mask, side_mask,
-                                  query_block, side_bias, left, right, scale)
-    return dq, dk, dv, dsk, dsv, dbb, dsb
+    return band_side.backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
+                              band_bias, side_bias, left, right, scale)
 
 
 def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
@@ -100,3 +89,16 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
     from longattn.triton_kernels import block_aggregate
 
     return block_aggregate.backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps)
+
+
+def global_rows_forward(q, k, v, pos, used, key_mask, scale, out):
+    """Longformer's global rows (contract: ``longattn.backends._longformer.rows_by_gather``), split over keys."""
+    from longattn.triton_kernels import global_rows
+
+    return global_rows.forward(q, k, v, pos, used, key_mask, scale, out)
+
+
+def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into):
+    from longattn.triton_kernels import global_rows
+
+    return global_rows.backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into)

@@ -91,9 +91,12 @@ def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True):
     ``LEDEncoder.forward`` calls with one returning bitwise the same values without its ``(B, 1, S, S)``
     temporaries (see ``FUNCTION_PATCHES``).
 
-    Outputs and gradients equal the stock model's (within rounding). The stock forward still runs, with a
-    one-time warning, for ``output_attentions=True`` and for attention dropout > 0 in training mode (the fused
-    ops have no dropout; this keeps the stock distribution exactly).
+    Equal to the stock model's within rounding: every real token's hidden states, losses, logits, generated
+    tokens, and all gradients of a loss that reads no padding row (every HF head's loss). Padding query rows are 0
+    for Longformer/LED, as stock; the LongT5 encoder's differ from stock's (a rounding artifact of its ``-1e10``
+    mask, NaN in fp16) and can reach no real token: see :mod:`longattn.models.longt5`. The stock forward still
+    runs, with a one-time warning, for ``output_attentions=True`` and for attention dropout > 0 in training mode
+    (the fused ops have no dropout; this keeps the stock distribution exactly).
 
     Args:
         model: an ``nn.Module``; patched in place and returned.

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..api import longformer_attention
+from ..backends._longformer import global_slots
 from ._common import fallback_reason, patch_state, stock_forward, warn_fallback
 
 # The stock forward's parameters, in order; the patched forward takes the same ones.
@@ -79,7 +80,7 @@ def _project_global_queries(query_global, hidden_states, is_global, num_global):
     hold garbage that is never read (and so gets no gradient).
     """
     B, S, E = hidden_states.shape
-    slot_pos = torch.argsort((~is_global).to(torch.int8), dim=1, stable=True)[:, :num_global]  # (B, G)
+    _, slot_pos, _ = global_slots(is_global, None, num_global)  # (B, G): the op's own slot order
     index = slot_pos[:, :, None].expand(B, num_global, E)
     rows = query_global(torch.gather(hidden_states, 1, index))  # (B, G, E)
     return hidden_states.new_zeros(B, S, rows.shape[-1]).scatter(1, index, rows)

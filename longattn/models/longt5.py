@@ -13,15 +13,48 @@ layer 0 returns a dense blocked ``position_bias`` that later layers reuse. The p
 *compact* one, ``(1, H, 2r + 1)`` for local and ``(1, H, (2r + 1) + (2G + 1))`` for transient-global: the band
 table by offset ``j - i`` in ``[-r, r]``, then the side table by block offset ``g - block(i)`` in ``[-G, G]``.
 It is a Tensor (reentrant gradient checkpointing passes it positionally) and carries the embedding lookups'
-graph, so the tables get gradients from every layer. The masks are rebuilt per layer from ``mask`` (cheap,
-``(B, S)``), never baked into the bias.
+graph, so the tables get gradients from every layer. The masks are never baked into the bias: what the layers
+derive from ``mask`` (block ids, the key padding mask) is computed once per forward by layer 0 and handed to the
+later layers on the bias tensor as a Python attribute (``_once_per_forward``).
+
+Which rows equal stock. Every *real* token's row equals the stock forward's (within rounding), and so does
+everything computed from real rows: the loss, logits, generated tokens and every gradient. *Padding* query rows do
+not, by design:
+
+- Stock: every score of a padding query gets the ``-1e10`` mask, and in the softmax (fp32, even for fp64 models)
+  ``score - 1e10`` rounds to ``-1e10`` (for ``|score| < 512``), so the row's weights are uniform.
+  LocalAttention: the plain mean of the values of the 3 blocks around the query's block (``3 * block_len``
+  slots, zeros past either end): keys up to ``2 * block_len - 1`` away, padding included. TransientGlobalAttention:
+  HF's side mask compares the 0/1 token mask with the 0/1 valid-block flags, so a padding query attends exactly
+  the blocks that hold no real token, whose aggregates are 0: its output is 0 when its row has such a block (fewer
+  than ``G = S // global_block_size`` full blocks of real tokens), else the plain mean of those ``3 * block_len``
+  values and all ``G`` aggregate values. In fp16 ``-1e10`` overflows to ``-inf``: every padding row with all
+  its scores masked (all of LocalAttention's; TransientGlobalAttention's when its row has no empty block) is NaN,
+  and the next layer spreads the NaN to real rows (0 x NaN in the weighted sums).
+- Patched: a padding query attends like a real one: the real keys within ``local_radius``, with the band bias,
+  and for transient-global the valid blocks, with the side bias at block offset ``g + 1`` (HF's block id for
+  padding is -1); a row with nothing to attend is 0. Finite in every dtype. Matching stock would mean computing,
+  beside the kernel, a block-aligned uniform average that exists only because of how ``-1e10`` rounds.
+
+Why padding rows cannot reach real tokens (patched; stock too, except fp16 as above): a real query attends
+only real keys and valid blocks, whose aggregates sum real tokens only (padding has block id -1); everything else
+in the encoder (layer norms, feed-forward, residuals) is per token; the decoder's cross-attention masks the
+encoder's padding (an additive ``finfo.min``: weight exactly 0). So with a loss that reads no padding row (the
+seq2seq loss never does), real-token outputs, the loss and the gradients w.r.t. real tokens and parameters are
+bitwise the same whatever finite values the padding rows hold (``tests/test_models.py``:
+``test_longt5_padding_rows_cannot_reach_real_tokens``; the values above are pinned by
+``test_longt5_padding_rows_are_the_documented_values``). Read ``LongT5EncoderModel``'s ``last_hidden_state``
+through the attention mask, as with stock.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from ..api import block_aggregate, local_attention, tglobal_attention, tglobal_block_ids
+from ..api import local_attention, tglobal_block_ids
+from ..nn import tglobal_heads
 from ._common import fallback_reason, patch_state, stock_forward, warn_fallback
 
 FORWARD_PARAMS = ("hidden_states", "mask", "position_bias", "output_attentions")
@@ -31,7 +64,7 @@ def longt5_local_forward(self, hidden_states, mask=None, position_bias=None, out
     """Drop-in for ``LongT5LocalAttention.forward``: returns ``(attn_output (B, S, d_model), compact position_bias)``.
 
     ``mask=None`` means every token is real (the stock forward would instead attend the zero-padding of its last
-    block; the stack always passes a mask).
+    block; the stack always passes a mask). Rows of real tokens equal stock; padding rows do not (module docstring).
     """
     stock = _stock_if_needed(self, hidden_states, mask, position_bias, output_attentions)
     if stock is not None:
@@ -40,35 +73,72 @@ def longt5_local_forward(self, hidden_states, mask=None, position_bias=None, out
     r = self.local_radius
     if position_bias is None:
         position_bias = _compact_bias(self, G=None)
-    key_padding_mask = _unblock_local_mask(mask, S, self.block_len)
+    key_padding_mask = _once_per_forward(position_bias, mask, ("local", S, self.block_len),
+                                         lambda: _unblock_local_mask(mask, S, self.block_len))
     q, k, v = (_heads(proj(hidden_states), self) for proj in (self.q, self.k, self.v))
-    out = local_attention(q, k, v, r, key_padding_mask=key_padding_mask, rel_bias=_band_table(position_bias, r, q),
-                          scale=1.0, backend=patch_state(self).backend)
+    out = local_attention(q, k, v, r, key_padding_mask=key_padding_mask,
+                          rel_bias=_band_table(position_bias, r).to(q.dtype), scale=1.0,
+                          backend=patch_state(self).backend)
     return self.o(out.reshape(B, S, self.inner_dim)), position_bias
 
 
 def longt5_tglobal_forward(self, hidden_states, mask=None, position_bias=None, output_attentions=False):
-    """Drop-in for ``LongT5TransientGlobalAttention.forward``: returns ``(attn_output, compact position_bias)``."""
+    """Drop-in for ``LongT5TransientGlobalAttention.forward``: returns ``(attn_output, compact position_bias)``.
+
+    Rows of real tokens equal stock; padding rows do not (module docstring).
+    """
     stock = _stock_if_needed(self, hidden_states, mask, position_bias, output_attentions)
     if stock is not None:
         return stock
     B, S, _ = hidden_states.shape
     r, G = self.local_radius, S // self.global_block_size
-    real = torch.ones(B, S, dtype=torch.bool, device=hidden_states.device) if mask is None else mask != 0
-    block_ids, block_mask = tglobal_block_ids(real, self.global_block_size)  # (B, S), (B, G)
-    norm = self.global_input_layer_norm
-    # Block sums of the (already layer-normed) inputs, RMS-normed by global_input_layer_norm, in one pass.
-    aggregates = block_aggregate(hidden_states, block_ids, G, weight=norm.weight, eps=norm.variance_epsilon,
-                                 backend=patch_state(self).backend)  # (B, G, d_model)
     if position_bias is None:
         position_bias = _compact_bias(self, G=G)
-    q, k, v = (_heads(proj(hidden_states), self) for proj in (self.q, self.k, self.v))
-    side_k, side_v = _heads(self.k(aggregates), self), _heads(self.v(aggregates), self)
-    side_bias = _side_table(position_bias, r, G, q)
-    out = tglobal_attention(q, k, v, side_k, side_v, r, block_ids, key_padding_mask=real, side_mask=block_mask,
-                            rel_bias=_band_table(position_bias, r, q), side_bias=side_bias, scale=1.0,
-                            backend=patch_state(self).backend)
+    blocks = _once_per_forward(position_bias, mask, ("tglobal", B, S, self.global_block_size),
+                               lambda: _tglobal_blocks(mask, hidden_states, self.global_block_size))
+    norm = self.global_input_layer_norm
+    out = tglobal_heads(hidden_states, blocks, self.q, self.k, self.v, norm.weight, norm.variance_epsilon,
+                        self.n_heads, r, _band_table(position_bias, r), _side_table(position_bias, r, G),
+                        scale=1.0, backend=patch_state(self).backend)
     return self.o(out.reshape(B, S, self.inner_dim)), position_bias
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerForward:
+    """What a layer derived from ``mask`` (identified by ``key``), kept on layer 0's compact bias for later layers."""
+
+    mask: torch.Tensor | None
+    key: tuple
+    value: object
+
+
+_PER_FORWARD_ATTR = "_longattn_per_forward"
+
+
+def _once_per_forward(position_bias, mask, key: tuple, make):
+    """``make()``, computed by the first layer of a forward and reused by the others.
+
+    The stack hands every layer the same ``mask`` object and layer 0's compact ``position_bias``, so what a layer
+    derives from the mask (block ids, the key padding mask) rides on that bias as a plain Python attribute: no host
+    sync, nothing in the graph, gone with the bias. Reuse needs the layer's own ``mask`` object and ``key``, so a
+    bias from another call never lends its values. Where the attribute is missing (reentrant checkpointing
+    recomputes a layer on detached copies of its inputs) or under ``torch.compile`` (which traces every layer
+    anyway), the value is computed again.
+    """
+    if torch.compiler.is_compiling():
+        return make()
+    shared = getattr(position_bias, _PER_FORWARD_ATTR, None)
+    if shared is None or shared.mask is not mask or shared.key != key:
+        shared = _PerForward(mask, key, make())
+        setattr(position_bias, _PER_FORWARD_ATTR, shared)
+    return shared.value
+
+
+def _tglobal_blocks(mask, hidden_states, block_size: int):
+    """``(real (B, S) bool, block_ids (B, S) int32, block_mask (B, G) bool)`` as :func:`tglobal_heads` takes them."""
+    B, S, _ = hidden_states.shape
+    real = torch.ones(B, S, dtype=torch.bool, device=hidden_states.device) if mask is None else mask != 0
+    return (real, *tglobal_block_ids(real, block_size))
 
 
 def _heads(x, module):
@@ -134,15 +204,15 @@ def _bucketed(self, name: str, offsets):
     return getattr(self, name)(buckets).t()
 
 
-def _band_table(position_bias, r: int, q):
-    """``(H, 2r + 1)`` band table in q's dtype (the stock forward adds the bias in the scores' dtype)."""
-    return position_bias[0, :, : 2 * r + 1].to(q.dtype)
+def _band_table(position_bias, r: int):
+    """``(H, 2r + 1)`` band table (cast to the scores' dtype by the caller, as the stock forward adds it)."""
+    return position_bias[0, :, : 2 * r + 1]
 
 
-def _side_table(position_bias, r: int, G: int, q):
+def _side_table(position_bias, r: int, G: int):
     """``(H, 2G + 1)`` side table; checks that the compact bias was made for the same number of blocks."""
     side = position_bias[0, :, 2 * r + 1 :]
     if side.shape[-1] != 2 * G + 1:
         raise ValueError(f"position_bias: a compact transient-global bias for G={(side.shape[-1] - 1) // 2} blocks "
                          f"was passed to a layer that sees G={G} (S // global_block_size)")
-    return side.to(q.dtype)
+    return side

@@ -1,0 +1,114 @@
+"""Host cost per call of every public op (issue 12, target 3: <= 40 us forward, <= 80 us forward+backward).
+
+``pytest benchmarks/bench_host_overhead.py`` (pytest-benchmark records; nothing is asserted).
+
+- ``test_host_path_*``: tiny CPU tensors and a null backend whose kernels only allocate their outputs (the
+  fake implementations of ``longattn._fake``): a call runs everything longattn does on the host (validation,
+  backend resolution, the custom op and its autograd formula, the backend call) and no compute. This is the
+  figure for the target, minus the kernel launches themselves.
+- ``test_cpu_tiny_*``: the same calls with the real torch backend (host cost plus tiny matmuls), for comparison.
+
+On a GPU the host cost is wall time minus kernel time (``longattn bench``'s host-overhead column).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import longattn
+from longattn import _fake, _ops
+
+B, S, H, D, W, BLOCK = 1, 32, 2, 16, 4, 8
+
+
+def _inputs(device, requires_grad):
+    def t(*shape):
+        return torch.randn(*shape, device=device).requires_grad_(requires_grad)
+
+    mask = torch.ones(B, S, dtype=torch.bool, device=device)
+    glob = torch.zeros(B, S, dtype=torch.bool, device=device)
+    glob[:, 0] = True
+    qb = torch.zeros(B, S, dtype=torch.int32, device=device)
+    return dict(q=t(B, S, H, D), k=t(B, S, H, D), v=t(B, S, H, D), sk=t(B, S // BLOCK, H, D),
+                sv=t(B, S // BLOCK, H, D), rb=t(H, 2 * W + 1), sb=t(H, 2 * (S // BLOCK) + 1), x=t(B, S, 64),
+                w=t(64), mask=mask, glob=glob, qb=qb, bm=torch.ones(B, S // BLOCK, dtype=torch.bool, device=device))
+
+
+def _op(name, t):
+    if name == "local":
+        return lambda: longattn.local_attention(t["q"], t["k"], t["v"], W, key_padding_mask=t["mask"],
+                                                backend="torch")
+    if name == "longformer":
+        return lambda: longattn.longformer_attention(t["q"], t["k"], t["v"], W, t["glob"],
+                                                     key_padding_mask=t["mask"], max_globals=1, backend="torch")
+    if name == "tglobal":
+        return lambda: longattn.tglobal_attention(t["q"], t["k"], t["v"], t["sk"], t["sv"], W, t["qb"],
+                                                  key_padding_mask=t["mask"], side_mask=t["bm"], rel_bias=t["rb"],
+                                                  side_bias=t["sb"], backend="torch")
+    return lambda: longattn.block_aggregate(t["x"], t["qb"], S // BLOCK, weight=t["w"], backend="torch")
+
+
+OPS = ("local", "longformer", "tglobal", "block_aggregate")
+GRAD_LEAVES = {"local": ("q", "k", "v"), "longformer": ("q", "k", "v"),
+               "tglobal": ("q", "k", "v", "sk", "sv", "rb", "sb"), "block_aggregate": ("x", "w")}
+
+
+def _bench(benchmark, device, name, which):
+    t = _inputs(device, requires_grad=which == "fwd_bwd")
+    call = _op(name, t)
+    if which == "fwd":
+        def run():
+            with torch.no_grad():
+                return call()
+    else:
+        wrt = [t[n] for n in GRAD_LEAVES[name]]
+
+        def run():
+            out = call()
+            return torch.autograd.grad(out, wrt, torch.ones_like(out))
+    run()  # warm caches (backend resolution, op registration paths) outside the timing
+    benchmark.group = f"host-{device}-{which}"
+    benchmark(run)
+
+
+class _NullBackend:
+    """Kernels that only allocate their outputs (shapes and dtypes from ``longattn._fake``)."""
+
+    @staticmethod
+    def band_side_forward(q, *args):
+        return _fake.band_side_forward(q)
+
+    @staticmethod
+    def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, kmask, smask, qblock, band_bias, side_bias,
+                           *args):
+        return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
+
+    @staticmethod
+    def global_rows_forward(q, k, v, pos, used, key_mask, scale, out):
+        return out.new_empty(q.shape[0], q.shape[2], pos.shape[1], dtype=torch.float32)
+
+    @staticmethod
+    def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq, dk, dv):
+        return tuple(torch.empty_like(x) if into is None else into for x, into in ((q, dq), (k, dk), (v, dv)))
+
+    @staticmethod
+    def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
+        return _fake.block_aggregate_forward(x, num_blocks, weight)
+
+    @staticmethod
+    def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps):
+        return _fake.block_aggregate_backward(x, weight)
+
+
+@pytest.mark.parametrize("which", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("name", OPS)
+def test_host_path(benchmark, monkeypatch, name, which):
+    monkeypatch.setattr(_ops, "get_backend", lambda backend: _NullBackend)
+    _bench(benchmark, "cpu", name, which)
+
+
+@pytest.mark.parametrize("which", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("name", OPS)
+def test_cpu_tiny(benchmark, name, which):
+    _bench(benchmark, "cpu", name, which)

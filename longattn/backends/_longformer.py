@@ -1,0 +1,157 @@
+"""Longformer / LED attention as one backend call: the band pass with the global tokens as side keys, then
+the global rows (DESIGN.md section 1, the "Longformer / LED global" row).
+
+This module is the one place that orders global tokens into slots and that assembles the op from a
+backend's two passes, so every backend computes the same thing:
+
+1. **Slots.** ``global_slots`` gives each batch row's global tokens (``global_mask & key_padding_mask``) in
+   sequence order in slots ``0 .. count-1`` of ``G`` (``G`` is ``max_globals`` clamped to ``S``: a size
+   known on the host, so nothing syncs); the remaining slots point at distinct non-global positions and are
+   marked unused. A row with more than ``G`` globals keeps its first ``G`` (debug mode raises instead).
+2. **Band pass** (``backend.band_side_forward``): every query attends the real non-global keys of its window
+   plus the used slots' ``k``/``v`` as side keys, in one softmax. Padding rows are then zeroed, and the
+   saved ``lse`` of padding and global rows is set to ``+inf`` so the band backward ignores them.
+3. **Global rows** (``backend.global_rows_forward``): the slots' ``q_global`` rows attend every real token
+   through ``k_global``/``v_global`` (a G x S attention: split over key chunks and combined by log-sum-exp);
+   the result overwrites the global rows of ``out``. Unused slots get ``glse = +inf`` (no gradient).
+
+Backward mirrors it: the band backward (its side-key gradients land on the global tokens' rows of dk/dv,
+which the band leaves at exactly 0 because global tokens are never band keys), then the global-rows
+backward (its key gradients added into dk/dv when the global projections are the local ones).
+
+A backend without its own global-rows pass uses ``rows_via_band_side``: the slot queries against the S
+tokens as side keys of the band primitive (with an empty band), which every backend already runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_INF = float("inf")
+_DENSE = torch.contiguous_format
+
+
+def global_slots(global_mask, key_padding_mask, G: int):
+    """Slot layout of the global tokens.
+
+    Args:
+        global_mask: (B, S) bool; key_padding_mask: (B, S) bool or None (True = real token).
+        G: number of slots, ``0 <= G <= S``.
+
+    Returns:
+        ``band_rows`` (B, S) bool: real non-global tokens (the band keys, and the rows the band pass owns);
+        ``pos`` (B, G) int64: the slots' sequence positions, distinct within a row (globals first, in order;
+        unused slots point at non-global positions); ``used`` (B, G) bool: the slot holds a global token.
+    """
+    is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
+    band_rows = ~is_global if key_padding_mask is None else key_padding_mask & ~is_global
+    # A stable sort of "not global" puts the globals first, in sequence order, then every other position.
+    pos = torch.argsort((~is_global).view(torch.uint8), dim=1, stable=True)[:, :G]
+    return band_rows, pos, torch.gather(is_global, 1, pos)
+
+
+def _expand(pos, x):
+    """(B, G) positions -> (B, G, H, D) gather / scatter index for ``x`` (B, S, H, D)."""
+    return pos[:, :, None, None].expand(pos.shape[0], pos.shape[1], x.shape[2], x.shape[3])
+
+
+def forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
+            G):
+    """-> (out (B, S, H, D), lse (B, H, S), glse (B, H, G)); ``*_global`` may be None (= q, k, v)."""
+    B, S, H, D = q.shape
+    band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
+    index = _expand(pos, k)
+    side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
+    out, lse = backend.band_side_forward(q, k, v, side_k, side_v, band_rows, used, None, None, None, left, right,
+                                         scale)
+    lse.masked_fill_(~band_rows[:, None, :], _INF)
+    if key_padding_mask is not None:
+        out.masked_fill_(~key_padding_mask[:, :, None, None], 0.0)
+    if G == 0:
+        return out, lse, lse.new_empty(B, H, 0)
+    glse = backend.global_rows_forward(q if q_global is None else q_global, k if k_global is None else k_global,
+                                       v if v_global is None else v_global, pos, used, key_padding_mask, scale, out)
+    return out, lse, glse
+
+
+def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask,
+             key_padding_mask, left, right, scale):
+    """-> (dq, dk, dv, dq_global, dk_global, dv_global); the last three are empty (0,) when absent."""
+    G = glse.shape[-1]
+    band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
+    index = _expand(pos, k)
+    side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
+    dq, dk, dv, dsk, dsv, _, _ = backend.band_side_backward(
+        dout, q, k, v, side_k, side_v, out, lse, band_rows, used, None, None, None, left, right, scale)
+    if G == 0:
+        return dq, dk, dv, *(q.new_empty(0) if x is None else torch.zeros_like(x, memory_format=_DENSE)
+                             for x in (q_global, k_global, v_global))
+    # Global tokens are never band keys, so their dk/dv rows are 0 here: adding is exact (and the indices are
+    # distinct: deterministic).
+    dk.scatter_add_(1, index, dsk)
+    dv.scatter_add_(1, index, dsv)
+    # Global rows have lse = +inf in the band pass, so the band leaves dq = 0 there.
+    dqg, dkg, dvg = backend.global_rows_backward(
+        dout, q if q_global is None else q_global, k if k_global is None else k_global,
+        v if v_global is None else v_global, out, glse, pos, used, key_padding_mask, scale,
+        dq if q_global is None else None, dk if k_global is None else None, dv if v_global is None else None)
+    # Distinct empty tensors: a custom op's outputs may not alias one another.
+    return (dq, dk, dv, *(q.new_empty(0) if x is None else g for x, g in ((q_global, dqg), (k_global, dkg),
+                                                                          (v_global, dvg))))
+
+
+def rows_by_gather(rows_forward, rows_backward):
+    """The global-rows contract from functions on gathered slot rows.
+
+    ``rows_forward(q_rows, k, v, key_mask, scale) -> (out_rows (B, G, H, D), lse (B, H, G))`` and
+    ``rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into, dv_into)
+    -> (dq_rows, dk, dv)`` become
+
+    ``global_rows_forward(q, k, v, pos, used, key_mask, scale, out) -> glse``: rows ``pos`` of ``q`` attend every
+    real token of ``k``, ``v``; used slots' results overwrite those rows of ``out``; ``glse`` is ``+inf`` for
+    unused slots (so they get no gradient);
+
+    ``global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into)
+    -> (dq, dk, dv)``: each gradient added into the given ``*_into`` tensor (and returned), or new.
+    """
+
+    def global_rows_forward(q, k, v, pos, used, key_mask, scale, out):
+        index = _expand(pos, q)
+        rows_out, glse = rows_forward(torch.gather(q, 1, index), k, v, key_mask, scale)
+        glse.masked_fill_(~used[:, None, :], _INF)
+        # Unused slots write back what is there: the indices are distinct, so this is deterministic.
+        out.scatter_(1, index, torch.where(used[:, :, None, None], rows_out, torch.gather(out, 1, index)))
+        return glse
+
+    def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into):
+        index = _expand(pos, q)
+        dq_rows, dk, dv = rows_backward(torch.gather(dout, 1, index), torch.gather(q, 1, index), k, v,
+                                        torch.gather(out, 1, index), glse, key_mask, scale, dk_into, dv_into)
+        # Unused slots have glse = +inf: their dq_rows are 0.
+        if dq_into is None:
+            return torch.zeros_like(q, memory_format=_DENSE).scatter_(1, index, dq_rows), dk, dv
+        return dq_into.scatter_add_(1, index, dq_rows), dk, dv
+
+    return global_rows_forward, global_rows_backward
+
+
+def rows_via_band_side(band_side_forward, band_side_backward):
+    """The global-rows contract on a backend's band primitive (``rows_by_gather`` of the functions below).
+
+    The slot queries (B, G, H, D) are the "sequence" of the primitive, with an empty band (every band key
+    masked) and the S tokens as side keys masked by ``key_padding_mask``.
+    """
+
+    def rows_forward(q_rows, k, v, key_mask, scale):
+        no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
+        return band_side_forward(q_rows, q_rows, q_rows, k, v, no_band, key_mask, None, None, None, 0, 0, scale)
+
+    def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None):
+        no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
+        dq_rows, _, _, dk, dv, _, _ = band_side_backward(dout_rows, q_rows, q_rows, q_rows, k, v, out_rows, lse,
+                                                         no_band, key_mask, None, None, None, 0, 0, scale)
+        dk = dk if dk_into is None else dk_into.add_(dk)
+        dv = dv if dv_into is None else dv_into.add_(dv)
+        return dq_rows, dk, dv
+
+    return rows_by_gather(rows_forward, rows_backward)

@@ -1,0 +1,154 @@
+"""The Longformer op (band pass + global rows in one custom op) against the fp64 oracle.
+
+Covers globals at the start, middle and end, many globals (more than a 16-key interpreter tile, up to and
+beyond 64), rows without globals, padding (including a padding token marked global, which is never global),
+separate ``q/k/v_global`` projections, ``max_globals`` given (exact and loose) and not, the output and every
+gradient. The torch backend (the reference) runs in float64 against the oracle's floor; the Triton kernels
+(``TRITON_INTERPRET=1`` on CPU, or a GPU) follow the tolerance rule in fp32 and fp16 with the torch backend
+in the same dtype as the baseline.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import longattn
+from tests import reference
+from tests.conftest import grads
+from tests.tolerance import assert_close_to_oracle, assert_within_rule
+
+TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def _globals(B, S, layout):
+    glob = torch.zeros(B, S, dtype=torch.bool)
+    if layout == "start-middle-end":
+        glob[0, [0, S // 2, S - 1]] = True
+        glob[1, S - 1] = True  # the last token of row 1 is padding: never global
+    elif layout == "many":
+        glob[0, torch.arange(1, S, 2)[:40]] = True  # 40 globals spread out: several side-key tiles
+        glob[1, :20] = True  # a block at the start
+    elif layout == "more-than-64":
+        glob[0, torch.arange(S) % 4 != 1] = True  # 3/4 of the tokens: 72 globals
+        glob[1, 5] = True
+    return glob
+
+
+# (B, S, H, D, window, global layout, separate projections, max_globals)
+CASES = {
+    "start-middle-end": (2, 45, 2, 16, (4, 3), "start-middle-end", False, None),
+    "start-middle-end-projections": (2, 45, 2, 16, (4, 3), "start-middle-end", True, 3),
+    "many-loose-bound": (2, 90, 2, 16, (6, 6), "many", True, 64),
+    "more-than-64": (2, 96, 1, 32, (5, 2), "more-than-64", False, 80),
+    "no-globals": (2, 40, 2, 16, (3, 3), "none", False, 0),
+    "no-globals-counted": (2, 40, 2, 16, (3, 3), "none", True, None),
+}
+
+
+def _inputs(name, dtype, device):
+    B, S, H, D, window, layout, projections, max_globals = CASES[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+
+    def leaf():
+        return torch.randn(B, S, H, D, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+
+    q, k, v = leaf(), leaf(), leaf()
+    qg, kg, vg = (leaf(), leaf(), leaf()) if projections else (None, None, None)
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[1, S - 6 :] = False
+    kwargs = dict(key_padding_mask=pad.to(device), q_global=qg, k_global=kg, v_global=vg)
+    leaves = [x for x in (q, k, v, qg, kg, vg) if x is not None]
+    return (q, k, v, window, _globals(B, S, layout).to(device)), kwargs, leaves, max_globals
+
+
+def _run(name, dtype, backend, device="cpu"):
+    args, kwargs, leaves, max_globals = _inputs(name, dtype, device)
+    out = longattn.longformer_attention(*args, **kwargs, max_globals=max_globals, backend=backend)
+    return out, grads(out, leaves)
+
+
+def _oracle(name, device="cpu"):
+    args, kwargs, leaves, _ = _inputs(name, torch.float64, device)
+    ref = reference.longformer_attention(*args, **kwargs)
+    return ref, grads(ref, leaves)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_torch_backend_matches_oracle_float64(name):
+    out, got = _run(name, torch.float64, "torch")
+    ref, want = _oracle(name)
+    assert_close_to_oracle("out", out, ref)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close_to_oracle(f"grad {i}", g, w)
+
+
+def test_padding_rows_are_zero_and_get_no_gradient():
+    args, kwargs, leaves, _ = _inputs("start-middle-end", torch.float64, "cpu")
+    out = longattn.longformer_attention(*args, **kwargs, backend="torch")
+    assert torch.equal(out[1, -6:], torch.zeros_like(out[1, -6:]))
+    (dq,) = torch.autograd.grad(out, [leaves[0]], torch.randn_like(out))
+    assert torch.equal(dq[1, -6:], torch.zeros_like(dq[1, -6:]))
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", CASES)
+def test_triton_within_rule(name, dtype):
+    ref, want = _oracle(name, DEVICE)
+    out, got = _run(name, dtype, "triton", DEVICE)
+    base, base_grads = _run(name, dtype, "torch", DEVICE)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_within_rule("out", out, base, ref)
+    for i, (g, b, w) in enumerate(zip(got, base_grads, want)):
+        assert_within_rule(f"grad {i}", g, b, w, grad=True)
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter)")
+def test_triton_backward_is_deterministic():
+    runs = [_run("start-middle-end-projections", torch.float16, "triton", DEVICE)[1] for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def compile_global_rows_for_sm90():
+    """Compile every global-rows kernel (GPU tiles, bf16, D = 64 and 128) for sm_90 with Triton's bundled ptxas;
+    raises on a code-generation error. Needs TRITON_INTERPRET unset (the interpreter replaces jit)."""
+    import triton
+    from longattn.triton_kernels import _common
+    from longattn.triton_kernels import global_rows as gr
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {**dict.fromkeys(["GLse", "PartO", "PartL"], "*fp32"), **dict.fromkeys(["KMask", "Used"], "*u8"),
+             "Pos": "*i64", **dict.fromkeys(["Q", "K", "V", "DO", "Out", "Res", "DK", "DV"], "*bf16")}
+
+    def build(fn, constexprs, warps):
+        sig = {n: "constexpr" if n in constexprs else types.get(n, "fp32" if n == "scale" else "i32")
+               for n in fn.arg_names}
+        consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
+
+    for D in (64, 128):
+        bm, bn, warps = _common._GPU_TILES[D]
+        tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, DOT_PREC="tf32")
+        for backward in (False, True):
+            build(gr._split_kernel, dict(BACKWARD=backward, HAS_KMASK=True, **tiles), warps)
+            build(gr._combine_kernel, dict(BACKWARD=backward, BLOCK_M=bm, BLOCK_D=D), warps)
+        build(gr._keys_kernel, dict(ADD_DK=True, ADD_DV=False, HAS_KMASK=True, **tiles), warps)
+
+
+def test_global_rows_kernels_compile_for_sm90_bf16():
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "from tests.test_longformer_op import compile_global_rows_for_sm90; compile_global_rows_for_sm90()"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]

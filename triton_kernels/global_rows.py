@@ -1,0 +1,292 @@
+"""Longformer's global rows: G slot queries attending all S tokens, split over the keys (flash-decoding).
+
+A global row attends every real token, so one program per query tile would walk all S keys alone (Longformer's
+single global token: B * H programs for the whole GPU). Instead the keys are cut into ``splits`` chunks:
+
+- ``_split_kernel``, grid (slot tiles, B * H, splits): the partial (out, lse) of a tile of slot queries over one
+  key chunk, float32; with ``BACKWARD`` the chunk's partial dq;
+- ``_combine_kernel``, grid (slot tiles, B * H): merges the partials in chunk order by log-sum-exp and writes the
+  rows straight into ``out`` at the slots' positions, and ``glse``; forward (out) or backward (dq, summing
+  partial dq);
+- ``_keys_kernel``, grid (key tiles, B * H): dk, dv of one key tile over all slot queries (G is small), written or
+  added into dk / dv.
+
+Every sum runs in a fixed order in one program (no atomics): two runs are bitwise equal. Slot queries are read
+through their positions (``pos``, ``used``): no gathered copy of q, dout or out. Unused slots read as zero rows
+with ``lse = +inf`` and are never stored. Layouts: q, k, v, out, dout, dq, dk, dv (B, S, H, D) with a unit last
+stride; pos (B, G) int64, used (B, G) bool; key_mask (B, S) bool or None; glse (B, H, G) float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    LOG2E,
+    as_u8,
+    attention_tiles,
+    batch_head_offset,
+    dot_precision,
+    head_dim_block,
+    load_rows,
+    split_count,
+    store_rows,
+    strides3,
+)
+
+
+@triton.jit
+def _slot_rows(Pos, Used, b, offs_g, G, stride_pb):
+    """Sequence positions of slots ``offs_g`` of batch row b; -1 (never read nor stored) for unused slots.
+
+    ``Pos`` rows are ``stride_pb`` apart (a (B, G) slice of a (B, S) sort); ``Used`` is contiguous (B, G)."""
+    ok = offs_g < G
+    pos = tl.load(Pos + b * stride_pb + offs_g, mask=ok, other=-1)
+    used = tl.load(Used + b * G + offs_g, mask=ok, other=0)
+    return tl.where(used != 0, pos, -1)
+
+
+@triton.jit
+def _key_scores(q, k, cols, j_hi, kmask_ptr, scale, HAS_KMASK: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Float32 scores of the slot queries against key tile ``cols``; -inf for keys >= j_hi or masked."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
+    keep = cols < j_hi
+    if HAS_KMASK:
+        keep = keep & (tl.load(kmask_ptr + cols, mask=keep, other=0) != 0)
+    return tl.where(keep[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _combine_kernel(
+    PartO, PartL, Pos, Used, Res, GLse, stride_rb, stride_rs, stride_rh, S, H, G, D, splits, scale, stride_pb,
+    BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the splits of a slot tile in split order and write its rows of Res at the slots' positions.
+
+    Forward: log-sum-exp merge of the partial (out, lse) into ``out`` rows and ``glse`` (+inf for a row with
+    no key or an unused slot). Backward: the sum of the partial dq, times ``scale``, added to the rows of Res.
+    """
+    pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    offs_g = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = offs_g < G
+    rows = _slot_rows(Pos, Used, b, offs_g, G, stride_pb)
+    stride_split = tl.num_programs(1).to(tl.int64) * G
+    first = pid_bh.to(tl.int64) * G + offs_g
+    res_base = Res + batch_head_offset(pid_bh, H, stride_rb, stride_rh)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BACKWARD:
+        for z in range(splits):
+            acc += tl.load(PartO + (z * stride_split + first)[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None],
+                           other=0.0)
+        acc = acc * scale + load_rows(res_base, rows, S, stride_rs, offs_d, D).to(tl.float32)
+        store_rows(res_base, acc, rows, S, stride_rs, offs_d, D)
+    else:
+        m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for z in range(splits):
+            m = tl.maximum(m, tl.load(PartL + z * stride_split + first, mask=ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for z in range(splits):
+            w = tl.exp2((tl.load(PartL + z * stride_split + first, mask=ok, other=float("-inf")) - m_safe) * LOG2E)
+            total += w
+            acc += w[:, None] * tl.load(PartO + (z * stride_split + first)[:, None] * BLOCK_D + offs_d[None, :],
+                                        mask=ok[:, None], other=0.0)
+        has_key = (total > 0.0) & (rows >= 0)
+        store_rows(res_base, acc / tl.where(has_key, total, 1.0)[:, None], rows, S, stride_rs, offs_d, D)
+        lse = tl.where(has_key, m_safe + tl.log(tl.where(has_key, total, 1.0)), float("inf"))
+        tl.store(GLse + pid_bh.to(tl.int64) * G + offs_g, lse, mask=ok)
+
+
+@triton.jit
+def _slot_tile(Q, DO, Out, GLse, Pos, Used, pid_bh, b, offs_g, offs_d, stride_qb, stride_qs, stride_qh,
+               stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, S, H, G, D, stride_pb):
+    """(q, dout, lse, delta) of a tile of slot rows: delta = <dout, out> (the softmax-backward row term)."""
+    rows = _slot_rows(Pos, Used, b, offs_g, G, stride_pb)
+    q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), rows, S, stride_qs, offs_d, D)
+    do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), rows, S, stride_dos, offs_d, D)
+    o = load_rows(Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), rows, S, stride_os, offs_d, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse = tl.load(GLse + pid_bh.to(tl.int64) * G + offs_g, mask=offs_g < G, other=float("inf"))
+    return q, do, tl.where(rows >= 0, lse, float("inf")), delta
+
+
+@triton.jit
+def _split_kernel(
+    Q, K, V, DO, Out, GLse, Pos, Used, KMask, PartO, PartL,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh,
+    S, H, G, D, scale, keys_per_split, stride_pb,
+    BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One key chunk of a tile of slot queries, written as float32 partials at [split, b * H + h, g].
+
+    Forward: PartO = the chunk's softmax-weighted values (normalised within the chunk), PartL = its log-sum-exp
+    (-inf without a key). Backward (reads DO, Out, GLse): PartO = the chunk's dS @ k (unscaled), for dq.
+    """
+    pid_g, pid_bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (pid_bh // H).to(tl.int64)
+    offs_g = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    if BACKWARD:
+        q, do, lse, delta = _slot_tile(Q, DO, Out, GLse, Pos, Used, pid_bh, b, offs_g, offs_d, stride_qb,
+                                       stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_ob,
+                                       stride_os, stride_oh, S, H, G, D, stride_pb)
+    else:
+        rows = _slot_rows(Pos, Used, b, offs_g, G, stride_pb)
+        q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), rows, S, stride_qs, offs_d, D)
+    k_base = K + batch_head_offset(pid_bh, H, stride_kb, stride_kh)
+    v_base = V + batch_head_offset(pid_bh, H, stride_vb, stride_vh)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    j_lo = split * keys_per_split
+    j_hi = tl.minimum(j_lo + keys_per_split, S)
+    for n0 in range(j_lo, j_hi, BLOCK_N):
+        cols = n0 + offs_n
+        k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
+        v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
+        s = _key_scores(q, k, cols, j_hi, KMask + b * S, scale, HAS_KMASK, DOT_PREC)
+        if BACKWARD:
+            p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (unused slot, no key): p = 0
+            ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) - delta[:, None])
+            acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: shift by 0, never inf - inf
+            alpha = tl.exp2((m_i - m_safe) * LOG2E)
+            p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            # P is rounded to the input dtype before the PV product, as in the band kernels and the torch backend.
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+    part = (split * tl.num_programs(1) + pid_bh).to(tl.int64) * G + offs_g  # (splits, B * H, G) row index
+    ok = offs_g < G
+    if BACKWARD:
+        tl.store(PartO + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=ok[:, None])
+    else:
+        has_key = l_i > 0.0
+        tl.store(PartO + part[:, None] * BLOCK_D + offs_d[None, :], acc / tl.where(has_key, l_i, 1.0)[:, None],
+                 mask=ok[:, None])
+        tl.store(PartL + part, tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("-inf")),
+                 mask=ok)
+
+
+@triton.jit
+def _keys_kernel(
+    Q, K, V, DO, Out, GLse, Pos, Used, KMask, DK, DV,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh,
+    S, H, G, D, scale, stride_pb,
+    ADD_DK: tl.constexpr, ADD_DV: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dk, dv of key tile ``[n0, n0 + BLOCK_N)`` over every slot query; added to DK / DV with ADD_DK / ADD_DV."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(K + batch_head_offset(pid_bh, H, stride_kb, stride_kh), cols, S, stride_ks, offs_d, D)
+    v = load_rows(V + batch_head_offset(pid_bh, H, stride_vb, stride_vh), cols, S, stride_vs, offs_d, D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_M):
+        offs_g = g0 + tl.arange(0, BLOCK_M)
+        q, do, lse, delta = _slot_tile(Q, DO, Out, GLse, Pos, Used, pid_bh, b, offs_g, offs_d, stride_qb,
+                                       stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_ob,
+                                       stride_os, stride_oh, S, H, G, D, stride_pb)
+        s = _key_scores(q, k, cols, S, KMask + b * S, scale, HAS_KMASK, DOT_PREC)
+        p = tl.exp2((s - lse[:, None]) * LOG2E)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    dk = dk * scale
+    out_offset = batch_head_offset(pid_bh, H, stride_gb, stride_gh)
+    if ADD_DK:
+        dk += load_rows(DK + out_offset, cols, S, stride_gs, offs_d, D).to(tl.float32)
+    if ADD_DV:
+        dv += load_rows(DV + out_offset, cols, S, stride_gs, offs_d, D).to(tl.float32)
+    store_rows(DK + out_offset, dk, cols, S, stride_gs, offs_d, D)
+    store_rows(DV + out_offset, dv, cols, S, stride_gs, offs_d, D)
+
+
+# --------------------------------------------------------------------------------------------------------
+# launchers (the global-rows contract of longattn.backends._longformer)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _used_u8(used):
+    if not used.is_contiguous():
+        raise ValueError("used: expected a contiguous (B, G) bool tensor")
+    return used.view(torch.uint8)
+
+
+def _plan(q, G):
+    """(tiles (BLOCK_M, BLOCK_N, warps), slot tiles, splits, keys per split) for G slots over S keys."""
+    B, S, H, D = q.shape
+    BLOCK_M, BLOCK_N, warps = attention_tiles(D)
+    slot_tiles = triton.cdiv(G, BLOCK_M)
+    key_tiles = triton.cdiv(S, BLOCK_N)
+    splits = split_count(slot_tiles * B * H, key_tiles, q.device, cap=64)
+    keys_per_split = triton.cdiv(key_tiles, splits) * BLOCK_N
+    return (BLOCK_M, BLOCK_N, warps), slot_tiles, triton.cdiv(S, keys_per_split), keys_per_split
+
+
+def forward(q, k, v, pos, used, key_mask, scale, out):
+    """Rows ``pos`` (used slots) of ``q`` attend every real token of k, v; written into ``out``. -> glse (B, H, G)."""
+    B, S, H, D = q.shape
+    G = pos.shape[1]
+    (BLOCK_M, BLOCK_N, warps), slot_tiles, splits, keys_per_split = _plan(q, G)
+    BLOCK_D = head_dim_block(D)
+    part_o = torch.empty(splits, B * H, G, BLOCK_D, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(splits, B * H, G, dtype=torch.float32, device=q.device)
+    glse = torch.empty(B, H, G, dtype=torch.float32, device=q.device)
+    used8 = _used_u8(used)
+    _split_kernel[(slot_tiles, B * H, splits)](
+        q, k, v, q, q, part_l, pos, used8, as_u8(key_mask, used8), part_o, part_l,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(q), *strides3(q),
+        S, H, G, D, float(scale), keys_per_split, pos.stride(0),
+        BACKWARD=False, HAS_KMASK=key_mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        DOT_PREC=dot_precision(q.dtype), num_warps=warps,
+    )
+    _combine_kernel[(slot_tiles, B * H)](
+        part_o, part_l, pos, used8, out, glse, *strides3(out), S, H, G, D, splits, 1.0, pos.stride(0),
+        BACKWARD=False, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+    )
+    return glse
+
+
+def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into):
+    """-> (dq, dk, dv) of ``forward``, each added into the given ``*_into`` tensor (and returned) or new."""
+    B, S, H, D = q.shape
+    G = pos.shape[1]
+    (BLOCK_M, BLOCK_N, warps), slot_tiles, splits, keys_per_split = _plan(q, G)
+    BLOCK_D = head_dim_block(D)
+    used8 = _used_u8(used)
+    kmask = as_u8(key_mask, used8)
+    common = (*strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(out))
+    meta = dict(HAS_KMASK=key_mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+                DOT_PREC=dot_precision(q.dtype), num_warps=warps)
+    part_q = torch.empty(splits, B * H, G, BLOCK_D, dtype=torch.float32, device=q.device)
+    _split_kernel[(slot_tiles, B * H, splits)](
+        q, k, v, dout, out, glse, pos, used8, kmask, part_q, part_q, *common, S, H, G, D, float(scale),
+        keys_per_split, pos.stride(0), BACKWARD=True, **meta,
+    )
+    dq = torch.zeros(B, S, H, D, dtype=q.dtype, device=q.device) if dq_into is None else dq_into
+    _combine_kernel[(slot_tiles, B * H)](
+        part_q, part_q, pos, used8, dq, glse, *strides3(dq), S, H, G, D, splits, float(scale), pos.stride(0),
+        BACKWARD=True, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+    )
+    # dk and dv share one set of strides in the kernel: both contiguous (the band backward's or new ones).
+    dk, dv = (torch.empty(B, S, H, D, dtype=q.dtype, device=q.device) if into is None else into
+              for into in (dk_into, dv_into))
+    _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H)](
+        q, k, v, dout, out, glse, pos, used8, kmask, dk, dv, *common, *strides3(dk), S, H, G, D, float(scale),
+        pos.stride(0), ADD_DK=dk_into is not None, ADD_DV=dv_into is not None, **meta,
+    )
+    return dq, dk, dv

@@ -30,9 +30,9 @@ def band_side_forward(q: Tensor) -> tuple[Tensor, Tensor]:
 
 def band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias) -> tuple[Tensor, ...]:
     """(dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias), contiguous, like their inputs (side keys may be
-    None: no side keys, empty (B, 0, H, D) gradients)."""
+    None: no side keys, empty (B, 0, H_kv, D) gradients with k's head count)."""
     if side_k is None:
-        side_k = side_v = q.new_empty(q.shape[0], 0, q.shape[2], q.shape[3])
+        side_k = side_v = k.new_empty(k.shape[0], 0, k.shape[2], k.shape[3])
     return (
         *(torch.empty_like(x, memory_format=_DENSE) for x in (q, k, v, side_k, side_v)),
         _grad_like(band_bias, q),

@@ -5,6 +5,11 @@ backward ops, each with a fake (meta) implementation, and autograd formulas conn
 argument is already resolved to a concrete name ("torch", "triton", "cuda") by the public API; the op body
 hands the call to that backend module (contract in ``longattn.backends``), whose launcher starts the kernels.
 Each public call is one of these ops in the forward and one in the backward: nothing else touches the device.
+
+Attention dropout: the attention ops take ``dropout_p`` and ``rng`` (the int64 ``[seed, offset]`` tensor the public
+API drew, ``longattn._dropout``) as inputs, so each op stays a deterministic function of its inputs; the autograd
+context saves ``rng`` and the backward op regenerates the same keep mask from it (nothing S x window is saved).
+``dropout_p = 0`` (``rng`` None) calls the backends exactly as before, without dropout keywords.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from torch import Tensor
 
 from . import _fake
 from .backends import _longformer
+from .backends._longformer import dropout_kwargs
 from .dispatch import get_backend
 
 
@@ -77,26 +83,29 @@ def band_side_attention(
     right: int,
     scale: float,
     backend: str,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, S, H, D), lse (B, H, S)); see ``longattn.backends`` for the exact contract.
 
     ``side_k = side_v = None`` means no side keys (G = 0; the local op passes None so that it allocates
     nothing outside the op)."""
-    side_k, side_v = _side_or_empty(side_k, side_v, q)
+    side_k, side_v = _side_or_empty(side_k, side_v, k)
     return get_backend(backend).band_side_forward(
-        q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right, scale
+        q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right, scale,
+        **dropout_kwargs(dropout_p, rng),
     )
 
 
-def _side_or_empty(side_k, side_v, q):
-    if side_k is None:
-        side_k = side_v = q.new_empty(q.shape[0], 0, q.shape[2], q.shape[3])
+def _side_or_empty(side_k, side_v, k):
+    if side_k is None:  # with k's head count (side keys are keys: H_kv heads under grouped-query attention)
+        side_k = side_v = k.new_empty(k.shape[0], 0, k.shape[2], k.shape[3])
     return side_k, side_v
 
 
 @band_side_attention.register_fake
 def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-      scale, backend):
+      scale, backend, dropout_p=0.0, rng=None):
     return _fake.band_side_forward(q)
 
 
@@ -119,45 +128,47 @@ def band_side_attention_backward(
     right: int,
     scale: float,
     backend: str,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias); absent bias tables get empty gradients."""
-    side_k, side_v = _side_or_empty(side_k, side_v, q)
+    side_k, side_v = _side_or_empty(side_k, side_v, k)
     return tuple(
         get_backend(backend).band_side_backward(
             dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-            side_bias, left, right, scale,
+            side_bias, left, right, scale, **dropout_kwargs(dropout_p, rng),
         )
     )
 
 
 @band_side_attention_backward.register_fake
 def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-      left, right, scale, backend):
+      left, right, scale, backend, dropout_p=0.0, rng=None):
     return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
 
 
 def _band_side_setup_context(ctx, inputs, output):
     (q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-     scale, backend) = inputs
+     scale, backend, *dropout) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                          band_bias, side_bias)
-    ctx.args = (left, right, scale, backend)
+                          band_bias, side_bias, *dropout[1:])
+    ctx.args = (left, right, scale, backend, *dropout[:1])
     ctx.set_materialize_grads(False)
 
 
 def _band_side_backward(ctx, dout, dlse):
     (q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-     side_bias) = ctx.saved_tensors
+     side_bias, *rng) = ctx.saved_tensors
     dout = _dense_grad(dout, out)
     dq, dk, dv, dsk, dsv, dbb, dsb = band_side_attention_backward(
         dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-        *ctx.args,
+        *ctx.args, *rng,
     )
     return (dq, dk, dv, dsk if side_k is not None else None, dsv if side_v is not None else None, None, None, None,
             dbb if band_bias is not None else None,
             dsb if side_bias is not None else None,
-            None, None, None, None)
+            None, None, None, None, *(None for _ in rng), *(None for _ in ctx.args[4:]))
 
 
 run_band_side = _autograd(band_side_attention, _band_side_backward, _band_side_setup_context)
@@ -183,15 +194,17 @@ def longformer_attention(
     scale: float,
     num_slots: int,
     backend: str,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(out (B, S, H, D), lse (B, H, S), glse (B, H, num_slots)); see ``longattn.backends._longformer``."""
     return _longformer.forward(get_backend(backend), q, k, v, q_global, k_global, v_global, global_mask,
-                               key_padding_mask, left, right, scale, num_slots)
+                               key_padding_mask, left, right, scale, num_slots, dropout_p, rng)
 
 
 @longformer_attention.register_fake
 def _(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, num_slots,
-      backend):
+      backend, dropout_p=0.0, rng=None):
     out, lse = _fake.band_side_forward(q)
     return out, lse, lse.new_empty(q.shape[0], q.shape[2], num_slots)
 
@@ -214,36 +227,41 @@ def longformer_attention_backward(
     right: int,
     scale: float,
     backend: str,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dq_global, dk_global, dv_global); absent global projections get empty gradients."""
     return _longformer.backward(get_backend(backend), dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
-                                global_mask, key_padding_mask, left, right, scale)
+                                global_mask, key_padding_mask, left, right, scale, dropout_p, rng)
 
 
 @longformer_attention_backward.register_fake
 def _(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask, left, right,
-      scale, backend):
+      scale, backend, dropout_p=0.0, rng=None):
     grads = _fake.band_side_backward(q, k, v, q, q, None, None)[:3]
     return (*grads, *(q.new_empty(0) if x is None else torch.empty_like(x, memory_format=torch.contiguous_format)
                       for x in (q_global, k_global, v_global)))
 
 
 def _longformer_setup_context(ctx, inputs, output):
-    q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, _, backend = inputs
+    (q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, _, backend,
+     *dropout) = inputs
     out, lse, glse = output
-    ctx.save_for_backward(q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask)
-    ctx.args = (left, right, scale, backend)
+    ctx.save_for_backward(q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask,
+                          *dropout[1:])
+    ctx.args = (left, right, scale, backend, *dropout[:1])
     ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
 
 
 def _longformer_backward(ctx, dout, dlse, dglse):
-    q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask = ctx.saved_tensors
+    q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask, *rng = ctx.saved_tensors
     dout = _dense_grad(dout, out)
     grads = longformer_attention_backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
-                                          global_mask, key_padding_mask, *ctx.args)
+                                          global_mask, key_padding_mask, *ctx.args, *rng)
     dq, dk, dv, dqg, dkg, dvg = grads
     return (dq, dk, dv, dqg if q_global is not None else None, dkg if k_global is not None else None,
-            dvg if v_global is not None else None, None, None, None, None, None, None, None)
+            dvg if v_global is not None else None, None, None, None, None, None, None, None,
+            *(None for _ in rng), *(None for _ in ctx.args[4:]))
 
 
 run_longformer = _autograd(longformer_attention, _longformer_backward, _longformer_setup_context)

@@ -84,27 +84,48 @@ def check_like(name: str, x, ref: torch.Tensor, ref_name: str) -> None:
     check_last_dim_contiguous(name, x)
 
 
-def check_qkv(q, k, v) -> tuple[int, int, int, int]:
-    """q, k, v: (B, S, H, D) of one float dtype on one device, last dim contiguous. Returns (B, S, H, D)."""
+def check_qkv(q, k, v, *, grouped: bool = False) -> tuple[int, int, int, int]:
+    """q, k, v: (B, S, H, D) of one float dtype on one device, last dim contiguous. Returns (B, S, H, D).
+
+    With ``grouped``, k and v may have ``H_kv`` heads instead of H (grouped-query / multi-query attention,
+    query head h reading K/V head ``h // (H // H_kv)``): ``H % H_kv == 0`` and k, v of one shape.
+    """
     check_tensor("q", q, ndim=4)
     if min(q.shape) == 0:
         raise ValueError(f"q: expected a non-empty (B, S, H, D) tensor, got shape {tuple(q.shape)}")
     check_last_dim_contiguous("q", q)
-    check_like("k", k, q, "q")
-    check_like("v", v, q, "q")
+    if not grouped:
+        check_like("k", k, q, "q")
+        check_like("v", v, q, "q")
+        return tuple(q.shape)
+    B, S, H, D = q.shape
+    check_tensor("k", k, ndim=4, device=q.device)
+    kv_heads = k.shape[2]
+    if (k.shape[0], k.shape[1], k.shape[3]) != (B, S, D) or kv_heads == 0:
+        raise ValueError(f"k: expected shape (B, S, H_kv, D) = ({B}, {S}, H_kv, {D}) like q, got {tuple(k.shape)}")
+    if H % kv_heads:
+        raise ValueError(f"k: its {kv_heads} heads (H_kv) must divide q's {H} heads (H % H_kv == 0 for grouped-query "
+                         f"attention), got k of shape {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k: expected dtype {q.dtype} like q, got {k.dtype}")
+    check_last_dim_contiguous("k", k)
+    check_like("v", v, k, "k")
     return tuple(q.shape)
 
 
-def check_side_kv(side_k, side_v, q: torch.Tensor) -> int:
-    """side_k, side_v: (B, G, H, D) matching q's B, H, D, dtype and device. Returns G."""
+def check_side_kv(side_k, side_v, q: torch.Tensor, k: torch.Tensor | None = None) -> int:
+    """side_k, side_v: (B, G, H_kv, D) matching q's B, D, dtype and device and k's head count H_kv (side keys
+    are keys: with grouped-query attention, query head h reads side head ``h // (H // H_kv)`` too). Returns G."""
     B, _, H, D = q.shape
+    H = H if k is None else k.shape[2]
     for name, x in (("side_k", side_k), ("side_v", side_v)):
         check_tensor(name, x, ndim=4, device=q.device)
         if x.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {x.dtype}")
         if x.shape[0] != B or x.shape[2] != H or x.shape[3] != D:
             raise ValueError(
-                f"{name}: expected shape (B, G, H, D) = ({B}, G, {H}, {D}) to match q, got {tuple(x.shape)}"
+                f"{name}: expected shape (B, G, H_kv, D) = ({B}, G, {H}, {D}) to match q's B, D and k's heads, "
+                f"got {tuple(x.shape)}"
             )
         check_last_dim_contiguous(name, x)
     if side_k.shape != side_v.shape:

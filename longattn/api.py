@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from ._dropout import check_dropout_p, philox_increment, philox_seed_offset
 from ._validation import (
     FLOAT_DTYPES,
     INT_DTYPES,
@@ -48,8 +49,20 @@ def _cast_for_autocast(*tensors):
     return tensors
 
 
+def _dropout_rng(q: Tensor, dropout_p: float):
+    """``[seed, offset]`` of one dropout call, drawn from the device's generator (``longattn._dropout``), or None for
+    ``dropout_p = 0`` (no generator is touched). Counters are per (batch, query head)."""
+    if not dropout_p:
+        return None
+    return philox_seed_offset(q.device, philox_increment(q.shape[0], q.shape[2]))
+
+
+def _dropout_feature(dropout_p: float) -> tuple[str, ...]:
+    return ("dropout",) if dropout_p else ()
+
+
 def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask, query_block, band_bias,
-               side_bias, scale, backend) -> Tensor:
+               side_bias, scale, backend, dropout_p=0.0) -> Tensor:
     """Run the primitive on validated inputs: clamp the window to [0, S-1] and pick the backend.
 
     A window reaching past the sequence is the same as one reaching exactly to its edge, so the kernels
@@ -64,22 +77,28 @@ def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask
     if side_bias is not None:
         side_bias = side_bias.contiguous()
     name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
-                           op="local" if side_k is None else "tglobal", seqlen=S)
+                           op="local" if side_k is None else "tglobal", seqlen=S,
+                           features=(("grouped_kv",) if k.shape[2] != q.shape[2] else ()) + _dropout_feature(dropout_p))
+    drop = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p else ()  # p = 0: today's call, unchanged
     out, _ = _ops.run_band_side(q, k, v, side_k, side_v, band_key_mask, side_mask,
                                       query_block if side_bias is not None else None, band_bias, side_bias,
-                                      left_eff, right_eff, scale, name)
+                                      left_eff, right_eff, scale, name, *drop)
     return out
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask: Tensor | None = None,
-                    rel_bias: Tensor | None = None, scale: float | None = None, backend: str = "auto") -> Tensor:
+                    rel_bias: Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
+                    backend: str = "auto") -> Tensor:
     """Sliding-window (banded) attention.
 
     Query ``i`` attends keys ``j`` with ``i - left <= j <= i + right`` (and ``0 <= j < S``) whose
     ``key_padding_mask`` is true: ``out_i = softmax_j(scale * <q_i, k_j> + rel_bias[h, j - i + left]) @ v``.
 
     Args:
-        q, k, v: ``(B, S, H, D)`` float16 / bfloat16 / float32 / float64, last dim contiguous.
+        q: ``(B, S, H, D)`` float16 / bfloat16 / float32 / float64, last dim contiguous.
+        k, v: ``(B, S, H_kv, D)`` like q, with ``H % H_kv == 0``: ``H_kv < H`` is grouped-query attention
+            (``H_kv = 1``: multi-query), query head ``h`` reading K/V head ``h // (H // H_kv)`` as in HF and
+            flash-attn. K/V are never repeated in memory; their gradients have ``H_kv`` heads.
         window: ``w`` (same as ``(w, w)``) or ``(left, right)`` non-negative ints, as flash-attn's
             ``window_size``; ``(w, 0)`` is causal. Windows ``>= S`` give dense attention.
         key_padding_mask: ``(B, S)`` bool or 0/1 ints, True = a real token (padding is never a key).
@@ -87,34 +106,41 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask
         rel_bias: ``(H, left + right + 1)`` additive bias by offset ``j - i`` (LongT5's bucketed bias);
             gets a gradient.
         scale: score scale, default ``1 / sqrt(D)``.
+        dropout_p: attention-probability dropout in ``[0, 1)``, applied after the softmax (kept probabilities
+            scaled by ``1 / (1 - dropout_p)``); the keep mask is a Philox function of a seed/offset drawn from
+            torch's generator for q's device (``longattn._dropout``). 0 (default) draws nothing.
         backend: "auto", "cuda", "triton" or "torch".
 
     Returns:
         ``(B, S, H, D)`` in q's dtype; a query with no key to attend gets zeros.
     """
-    B, S, H, D = check_qkv(q, k, v)
+    B, S, H, D = check_qkv(q, k, v, grouped=True)
     left, right = normalize_window(window)
     key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
     rel_bias = check_bias_table("rel_bias", rel_bias, H, left + right + 1, q)
     scale = check_scale(scale, D, None)
+    dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
     q, k, v = _cast_for_autocast(q, k, v)
     return _band_side(q, k, v, None, None, left, right, band_key_mask=key_padding_mask, side_mask=None,
-                      query_block=None, band_bias=rel_bias, side_bias=None, scale=scale, backend=backend)
+                      query_block=None, band_bias=rel_bias, side_bias=None, scale=scale, backend=backend,
+                      dropout_p=dropout_p)
 
 
 def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: Tensor, window, query_block: Tensor,
                       *, key_padding_mask: Tensor | None = None, side_mask: Tensor | None = None,
                       rel_bias: Tensor | None = None, side_bias: Tensor | None = None, scale: float = 1.0,
-                      backend: str = "auto") -> Tensor:
+                      dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
     """Band attention plus ``G`` side keys attended by every query (LongT5 transient-global).
 
     Query ``i`` attends, in one softmax, its band keys (as :func:`local_attention`) and every side key
     ``g`` with ``side_mask[b, g]``, scored ``scale * <q_i, side_k_g> + side_bias[h, g - query_block[b, i] + G]``.
 
     Args:
-        q, k, v: ``(B, S, H, D)``, last dim contiguous.
-        side_k, side_v: ``(B, G, H, D)`` side keys / values (e.g. from :func:`block_aggregate`); G may be 0.
+        q, k, v: ``(B, S, H, D)``, last dim contiguous; k, v may have ``H_kv`` heads (grouped-query attention,
+            as :func:`local_attention`).
+        side_k, side_v: ``(B, G, H_kv, D)`` side keys / values (e.g. from :func:`block_aggregate`), with k's head
+            count (query head ``h`` reads side head ``h // (H // H_kv)``); G may be 0.
         window: ``w`` or ``(left, right)``; LongT5's ``local_radius`` r is ``window=r``.
         query_block: ``(B, S)`` integer block id of each query in ``[-1, G - 1]`` (-1 = padding), as from
             :func:`tglobal_block_ids`; used to index ``side_bias``.
@@ -123,13 +149,15 @@ def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: T
         rel_bias: ``(H, left + right + 1)`` band bias by offset ``j - i``.
         side_bias: ``(H, 2G + 1)`` side bias by block offset ``g - query_block[i]``.
         scale: default 1.0 (T5 does not scale scores).
+        dropout_p: attention-probability dropout over the band and side probabilities together (as
+            :func:`local_attention`; LongT5's ``dropout_rate`` in training).
         backend: "auto", "cuda", "triton" or "torch".
 
     Returns:
         ``(B, S, H, D)`` in q's dtype.
     """
-    B, S, H, D = check_qkv(q, k, v)
-    G = check_side_kv(side_k, side_v, q)
+    B, S, H, D = check_qkv(q, k, v, grouped=True)
+    G = check_side_kv(side_k, side_v, q, k)
     left, right = normalize_window(window)
     query_block = check_index_tensor("query_block", query_block, (B, S), q.device, -1, G - 1)
     key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
@@ -137,17 +165,18 @@ def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: T
     rel_bias = check_bias_table("rel_bias", rel_bias, H, left + right + 1, q)
     side_bias = check_bias_table("side_bias", side_bias, H, 2 * G + 1, q)
     scale = check_scale(scale, D, 1.0)
+    dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
     q, k, v, side_k, side_v = _cast_for_autocast(q, k, v, side_k, side_v)
     return _band_side(q, k, v, side_k, side_v, left, right, band_key_mask=key_padding_mask, side_mask=side_mask,
                       query_block=query_block, band_bias=rel_bias, side_bias=side_bias, scale=scale,
-                      backend=backend)
+                      backend=backend, dropout_p=dropout_p)
 
 
 def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: Tensor, *,
                          key_padding_mask: Tensor | None = None, q_global: Tensor | None = None,
                          k_global: Tensor | None = None, v_global: Tensor | None = None,
-                         scale: float | None = None, max_globals: int | None = None,
+                         scale: float | None = None, max_globals: int | None = None, dropout_p: float = 0.0,
                          backend: str = "auto") -> Tensor:
     """Longformer / LED self-attention: sliding window plus global tokens.
 
@@ -158,7 +187,8 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
     - Padding query rows are 0.
 
     Args:
-        q, k, v: ``(B, S, H, D)``, last dim contiguous.
+        q, k, v: ``(B, S, H, D)``, last dim contiguous (equal head counts: grouped-query K/V is taken by
+            :func:`local_attention` and :func:`tglobal_attention` only).
         window: ``w`` or ``(left, right)``; HF's ``attention_window=512`` is ``window=256``.
         global_mask: ``(B, S)`` bool / 0-1, True = a global token (padding tokens are never global).
         key_padding_mask: ``(B, S)`` bool / 0-1, True = a real token.
@@ -170,6 +200,9 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
             host sync); under ``torch.compile`` it is required. A row with more global tokens keeps its first
             ``max_globals`` (the output rows of the others are undefined); debug mode
             (``longattn.set_debug(True)``) raises instead.
+        dropout_p: attention-probability dropout (as :func:`local_attention`) on the band rows' probabilities
+            (band and global keys) and on the global rows' (HF's ``attention_probs_dropout_prob``); the two kinds
+            of rows draw independent bits from one seed/offset.
         backend: "auto", "cuda", "triton" or "torch".
 
     Returns:
@@ -185,6 +218,7 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
         if x is not None:
             check_like(name, x, q, "q")
     scale = check_scale(scale, D, None)
+    dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
     if max_globals is not None:
         max_globals = _as_int("max_globals", max_globals)
@@ -199,11 +233,13 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
             raise ValueError(f"max_globals: a row has {count} global tokens, more than {max_globals}")
         max_globals = count if max_globals is None else max_globals
     q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
-    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=D, op="longformer", seqlen=S)
+    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=D, op="longformer", seqlen=S,
+                           features=_dropout_feature(dropout_p))
     left, right = min(left, S - 1), min(right, S - 1)
+    drop = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p else ()  # p = 0: today's call, unchanged
     # More than S slots could never be filled: a looser bound is clamped (a size, not data: no sync).
     out, _, _ = _ops.run_longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask,
-                                          left, right, scale, min(max_globals, S), name)
+                                          left, right, scale, min(max_globals, S), name, *drop)
     return out
 
 

@@ -59,13 +59,19 @@ def unavailable_reasons(name: str, device: torch.device) -> list[str]:
     return list(module.unavailable_reasons(device))
 
 
-def unsupported_reasons(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, op: str):
-    """Why backend ``name`` cannot run ``op`` (a pattern or a kernel op) for these inputs (empty: it can)."""
+def unsupported_reasons(name: str, device: torch.device, dtype: torch.dtype, head_dim: int, op: str,
+                        features: tuple[str, ...] = ()):
+    """Why backend ``name`` cannot run ``op`` (a pattern or a kernel op) for these inputs (empty: it can).
+
+    ``features``: optional capabilities the call needs, e.g. ``"dropout"`` (``dropout_p > 0``); a backend's
+    ``unsupported_reasons`` gets them as the keyword ``features`` only when there are some.
+    """
     try:
         module = get_backend(name)
     except Exception as exc:
         return [f"importing {BACKEND_MODULES[name]} failed: {exc!r}"]
-    return list(module.unsupported_reasons(device, dtype, head_dim, OP_KERNEL.get(op, op)))
+    extra = {"features": tuple(features)} if features else {}
+    return list(module.unsupported_reasons(device, dtype, head_dim, OP_KERNEL.get(op, op), **extra))
 
 
 # --- the measured table -------------------------------------------------------------------------------------
@@ -123,30 +129,31 @@ def auto_order(device: torch.device, op: str, size_class_index: int) -> tuple[st
 # --- resolution ----------------------------------------------------------------------------------------------
 
 def resolve_backend(requested: str, *, device: torch.device, dtype: torch.dtype, head_dim: int, op: str,
-                    seqlen=None) -> str:
+                    seqlen=None, features: tuple[str, ...] = ()) -> str:
     """The backend that will run ``op`` for these inputs (see module docstring).
 
     ``op``: "local", "longformer", "tglobal" or "aggregate" (the patterns the table was measured on), or the
     kernel ops "band_side" / "block_aggregate". ``seqlen``: the sequence length S, an int or, under
     ``torch.compile`` with a dynamic S, a SymInt (only compared with the class bounds); None uses the middle
     size class. The other arguments must be static under ``torch.compile`` (they are: device, dtype, a head
-    dim the kernels specialise on).
+    dim the kernels specialise on). ``features``: capabilities the call needs (see ``unsupported_reasons``).
     """
-    return _resolve(requested, device, dtype, head_dim, op, size_class(seqlen))
+    return _resolve(requested, device, dtype, head_dim, op, size_class(seqlen), tuple(features))
 
 
 @torch.compiler.assume_constant_result  # a pure function of static metadata: resolved once while tracing
-def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, op: str, cls: int) -> str:
-    return _resolve_cached(requested, device, dtype, head_dim, op, cls)
+def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, op: str, cls: int,
+             features: tuple[str, ...] = ()) -> str:
+    return _resolve_cached(requested, device, dtype, head_dim, op, cls, features)
 
 
 @functools.lru_cache(maxsize=1024)
-def _resolve_cached(requested, device, dtype, head_dim, op, cls) -> str:
+def _resolve_cached(requested, device, dtype, head_dim, op, cls, features=()) -> str:
     # Exceptions are not cached: an impossible explicit request is re-examined (and raises) each call.
     if op not in OP_KERNEL:
         raise ValueError(f"op: expected one of {tuple(OP_KERNEL)}, got {op!r}")
     if requested != "auto":
-        reasons = unsupported_reasons(requested, device, dtype, head_dim, op)
+        reasons = unsupported_reasons(requested, device, dtype, head_dim, op, features)
         if reasons:
             raise BackendUnavailableError(
                 f"backend={requested!r} cannot run {op} for dtype={dtype}, head_dim={head_dim} on {device}: "
@@ -155,7 +162,7 @@ def _resolve_cached(requested, device, dtype, head_dim, op, cls) -> str:
         return requested
     tried = []
     for name in auto_order(device, op, cls):
-        reasons = unsupported_reasons(name, device, dtype, head_dim, op)
+        reasons = unsupported_reasons(name, device, dtype, head_dim, op, features)
         if not reasons:
             return name
         tried.append(f"{name}: " + "; ".join(reasons))

@@ -20,10 +20,14 @@ HF's window semantics, as the attention function maps them to longattn's ``windo
 Attention sinks (GPT-OSS ``s_aux``, one learnable logit per head in the softmax denominator) are one side key
 with zero key and value whose ``side_bias`` is the sink logit, so the sink gets its gradient from the op.
 
-Delegated (see :func:`fast_path_blocker`): global layers, grouped/multi-query attention (until the kernels take
-grouped K/V), KV-cache decoding and cross-attention (``q_len != kv_len``), extra mask patterns, dropout in
-training, ``output_attentions``; to HF's ``sdpa``, or to the model's own eager function where sdpa cannot express
-the call (softcap, sinks, ``output_attentions``).
+Grouped-query and multi-query attention (``num_key_value_heads < num_attention_heads``) run on the fast path:
+the ops take K/V with ``H_kv`` heads as they are (query head h reads K/V head ``h // (H // H_kv)``, as HF's
+``repeat_kv``), with no repeated K/V in memory.
+
+Delegated (see :func:`fast_path_blocker`): global layers, KV-cache decoding and cross-attention
+(``q_len != kv_len``), extra mask patterns, ``output_attentions`` (attention dropout in training runs in the op,
+``dropout_p``); to HF's ``sdpa``, or to
+the model's own eager function where sdpa cannot express the call (softcap, sinks, ``output_attentions``).
 
 Importing this module does not import transformers; :func:`register_hf_attention` does.
 """
@@ -152,13 +156,11 @@ def fast_path_blocker(module, query: Tensor, key: Tensor, attention_mask, *, sli
     if causal != m.causal or _layer_window(sliding_window, causal) != m.window():
         return (f"the layer's window (sliding_window={sliding_window}, causal={causal}) does not match its mask "
                 f"(local_size={m.local_size}, causal={m.causal})")
-    if key.shape[1] != query.shape[1]:
-        return "grouped/multi-query attention (fewer K/V heads than query heads) is not in the kernels yet"
     if softcap is not None:
         return "attention logit softcapping is not in the kernels"
     if position_bias is not None:
         return "a dense position_bias"
-    return fallback_reason(module, output_attentions, dropout)
+    return fallback_reason(module, output_attentions)  # dropout runs in the op (``banded_attention``)
 
 
 def _model_eager(module):
@@ -186,7 +188,7 @@ def delegate(reason: str, module, query, key, value, attention_mask, **kwargs):
 
 
 def banded_attention(query: Tensor, key: Tensor, value: Tensor, mask: LongattnMask, window: tuple[int, int],
-                     scaling: float | None, s_aux: Tensor | None) -> Tensor:
+                     scaling: float | None, s_aux: Tensor | None, dropout: float = 0.0) -> Tensor:
     """The fast path on HF's ``(B, H, S, D)`` tensors: returns ``(B, S, H, D)`` as HF's attention functions do.
 
     Sinks: one side key with zero key and value; ``query_block = 0`` everywhere, so the bias index
@@ -202,12 +204,13 @@ def banded_attention(query: Tensor, key: Tensor, value: Tensor, mask: LongattnMa
     scale = D**-0.5 if scaling is None else float(scaling)
     kpm = mask.key_padding_mask()
     if s_aux is None:
-        return local_attention(q, k, v, window, key_padding_mask=kpm, scale=scale, backend=_backend)
-    zeros = q.new_zeros(B, 1, H, D)
+        return local_attention(q, k, v, window, key_padding_mask=kpm, scale=scale, dropout_p=dropout,
+                               backend=_backend)
+    zeros = k.new_zeros(B, 1, k.shape[2], D)  # side keys have K's heads (grouped-query: H_kv < H)
     query_block = torch.zeros(B, S, dtype=torch.int32, device=q.device)
     side_bias = F.pad(s_aux.to(q.dtype).reshape(H, 1), (1, 1))  # (H, 2G + 1), G = 1: the sink sits at column 1
     return tglobal_attention(q, k, v, zeros, zeros, window, query_block, key_padding_mask=kpm,
-                             side_bias=side_bias, scale=scale, backend=_backend)
+                             side_bias=side_bias, scale=scale, dropout_p=dropout, backend=_backend)
 
 
 def longattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask,
@@ -234,4 +237,5 @@ def longattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
         return delegate(reason, module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         sliding_window=sliding_window, **extra, **kwargs)
     window = attention_mask.window()
-    return banded_attention(query, key, value, attention_mask, window, scaling, s_aux), None
+    # HF passes dropout = 0 in eval mode (``self.attention_dropout if self.training else 0.0``).
+    return banded_attention(query, key, value, attention_mask, window, scaling, s_aux, dropout), None

@@ -143,7 +143,8 @@ def t5_relative_bucket(relative_position: Tensor, *, bidirectional: bool = True,
 
 def tglobal_heads(x: Tensor, blocks: tuple[Tensor, Tensor, Tensor], q_proj: nn.Module, k_proj: nn.Module,
                   v_proj: nn.Module, norm_weight: Tensor, eps: float, num_heads: int, local_radius: int,
-                  rel_bias: Tensor | None, side_bias: Tensor | None, *, scale: float, backend: str) -> Tensor:
+                  rel_bias: Tensor | None, side_bias: Tensor | None, *, scale: float, backend: str,
+                  dropout_p: float = 0.0) -> Tensor:
     """LongT5 transient-global attention of ``x`` before the output projection: ``(B, S, H, D)``.
 
     The one implementation behind :class:`TGlobalAttention` and the patched Hugging Face layer: block sums of
@@ -158,6 +159,7 @@ def tglobal_heads(x: Tensor, blocks: tuple[Tensor, Tensor, Tensor], q_proj: nn.M
         norm_weight, eps: the global input RMS norm's ``(E,)`` weight and epsilon.
         rel_bias: ``(H, 2 local_radius + 1)`` by offset ``j - i``; side_bias: ``(H, 2G + 1)`` by block offset
             (cast to the projections' dtype here, as the stock layer adds them to its scores).
+        dropout_p: attention-probability dropout (LongT5's ``dropout_rate`` on the attention weights in training).
     """
     real, block_ids, block_mask = blocks
     aggregates = api.block_aggregate(x, block_ids, block_mask.shape[1], weight=norm_weight, eps=eps,
@@ -167,7 +169,7 @@ def tglobal_heads(x: Tensor, blocks: tuple[Tensor, Tensor, Tensor], q_proj: nn.M
     rel_bias, side_bias = (None if t is None else t.to(q.dtype) for t in (rel_bias, side_bias))
     return api.tglobal_attention(q, k, v, side_k, side_v, local_radius, block_ids, key_padding_mask=real,
                                  side_mask=block_mask, rel_bias=rel_bias, side_bias=side_bias, scale=scale,
-                                 backend=backend)
+                                 dropout_p=dropout_p, backend=backend)
 
 
 class TGlobalAttention(nn.Module):

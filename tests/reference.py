@@ -41,22 +41,33 @@ def dense_mask_and_bias(B, S, H, G, window, *, band_key_mask=None, side_mask=Non
     return mask, bias
 
 
-def masked_softmax_attention(scores, mask, values):
-    """softmax over the last dim of ``scores`` where ``mask``; rows with nothing to attend give 0."""
+def masked_softmax_attention(scores, mask, values, keep=None, dropout_p=0.0):
+    """softmax over the last dim of ``scores`` where ``mask``; rows with nothing to attend give 0.
+
+    ``keep`` (bool, broadcastable to the scores): attention dropout after the softmax, kept probabilities
+    scaled by ``1 / (1 - dropout_p)``."""
     scores = scores.masked_fill(~mask, float("-inf"))
     has_key = mask.any(-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(~has_key, 0.0), dim=-1) * has_key
+    if keep is not None:
+        probs = probs * keep / (1.0 - dropout_p)
     return probs @ values
 
 
 def band_side_attention(q, k, v, side_k=None, side_v=None, window=(0, 0), *, band_key_mask=None, side_mask=None,
-                        query_block=None, band_bias=None, side_bias=None, scale=None):
-    """DESIGN.md section 1 in float64. q, k, v (B, S, H, D); side_k, side_v (B, G, H, D). -> (B, S, H, D)."""
+                        query_block=None, band_bias=None, side_bias=None, scale=None, keep=None, dropout_p=0.0):
+    """DESIGN.md section 1 in float64 (``keep``: optional (B, H, S, S + G) dropout keep mask, columns band keys
+    then side keys, e.g. ``longattn._dropout.dense_keep_mask``).
+    q (B, S, H, D); k, v (B, S, H_kv, D); side_k, side_v (B, G, H_kv, D).
+    -> (B, S, H, D). Grouped-query attention (H_kv < H): query head h reads K/V head h // (H // H_kv); the oracle
+    simply repeats K/V (the backends must not)."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     B, S, H, D = q.shape
     if side_k is None:
-        side_k = side_v = q.new_zeros(B, 0, H, D)
+        side_k = side_v = k.new_zeros(B, 0, k.shape[2], D)
     side_k, side_v = _f64(side_k), _f64(side_v)
+    group = H // k.shape[2]
+    k, v, side_k, side_v = (x.repeat_interleave(group, dim=2) for x in (k, v, side_k, side_v))
     G = side_k.shape[1]
     scale = D**-0.5 if scale is None else scale
     if isinstance(window, int):
@@ -67,12 +78,34 @@ def band_side_attention(q, k, v, side_k=None, side_v=None, window=(0, 0), *, ban
     keys = torch.cat([k, side_k], 1).transpose(1, 2)  # (B, H, S+G, D)
     values = torch.cat([v, side_v], 1).transpose(1, 2)
     scores = scale * q.transpose(1, 2) @ keys.transpose(-1, -2) + bias
-    return masked_softmax_attention(scores, mask, values).transpose(1, 2)
+    return masked_softmax_attention(scores, mask, values, keep, dropout_p).transpose(1, 2)
+
+
+def longformer_keep_masks(rng, dropout_p, global_mask, key_padding_mask, H):
+    """Dense (B, H, S, S) dropout keep masks (local rows, global rows) in token positions for
+    ``longformer_attention``: a local row's global key j uses the side-key bits of j's slot (its rank among the
+    row's global tokens); the global row of the token in slot s uses the global-row bits of s."""
+    from longattn import _dropout
+
+    B, S = global_mask.shape
+    real = torch.ones(B, S, dtype=torch.bool) if key_padding_mask is None else key_padding_mask.bool()
+    glob = global_mask.bool() & real
+    slot = (glob.long().cumsum(1) - 1).clamp(min=0)  # (B, S): slot of each global token
+    dense = _dropout.dense_keep_mask(rng, dropout_p, B, H, S, S)  # band keys, then side keys 0..S-1
+    side_of_key = torch.gather(dense[..., S:], 3, slot[:, None, None, :].expand(B, H, S, S))
+    local = torch.where(glob[:, None, None, :], side_of_key, dense[..., :S])
+    rows = _dropout.global_rows_keep_mask(rng, dropout_p, B, H, S, S)  # slot s -> row s
+    global_rows = torch.gather(rows, 2, slot[:, None, :, None].expand(B, H, S, S))
+    return local, global_rows
 
 
 def longformer_attention(q, k, v, window, global_mask, *, key_padding_mask=None, q_global=None, k_global=None,
-                         v_global=None, scale=None):
-    """Longformer self-attention (HF semantics) with one explicit S x S mask per row type, in float64."""
+                         v_global=None, scale=None, keep=None, dropout_p=0.0):
+    """Longformer self-attention (HF semantics) with one explicit S x S mask per row type, in float64.
+
+    ``keep``: optional pair of (B, H, S, S) dropout keep masks (local rows, global rows), e.g.
+    ``longformer_keep_masks``."""
+    keep_local, keep_global = (None, None) if keep is None else keep
     q, k, v = _f64(q), _f64(k), _f64(v)
     B, S, H, D = q.shape
     scale = D**-0.5 if scale is None else scale
@@ -85,12 +118,13 @@ def longformer_attention(q, k, v, window, global_mask, *, key_padding_mask=None,
     # local rows: real non-global keys inside the window, plus every global key
     local_mask = (in_band[None] & (real & ~glob)[:, None, :]) | glob[:, None, :]
     local = masked_softmax_attention(scale * q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2),
-                                     local_mask[:, None], v.transpose(1, 2))
+                                     local_mask[:, None], v.transpose(1, 2), keep_local, dropout_p)
     qg = q if q_global is None else _f64(q_global)
     kg = k if k_global is None else _f64(k_global)
     vg = v if v_global is None else _f64(v_global)
     global_rows = masked_softmax_attention(scale * qg.transpose(1, 2) @ kg.transpose(1, 2).transpose(-1, -2),
-                                           real[:, None, None, :].expand(B, 1, S, S), vg.transpose(1, 2))
+                                           real[:, None, None, :].expand(B, 1, S, S), vg.transpose(1, 2),
+                                           keep_global, dropout_p)
     out = torch.where(glob[:, None, :, None], global_rows, local).transpose(1, 2)
     return torch.where(real[:, :, None, None], out, torch.zeros_like(out))
 

@@ -24,7 +24,7 @@ def fake_gpu(monkeypatch):
     """A visible sm_90 GPU on which every backend supports everything except what ``refuse`` lists."""
     refuse: dict[str, str] = {}
 
-    def unsupported(name, device, dtype, head_dim, op):
+    def unsupported(name, device, dtype, head_dim, op, features=()):
         return [refuse[name]] if name in refuse else []
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

@@ -125,23 +125,29 @@ def compile_global_rows_for_sm90():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from tests.test_triton_backend import ptxas_usage
+
     types = {**dict.fromkeys(["GLse", "PartO", "PartL"], "*fp32"), **dict.fromkeys(["KMask", "Used"], "*u8"),
-             "Pos": "*i64", **dict.fromkeys(["Q", "K", "V", "DO", "Out", "Res", "DK", "DV"], "*bf16")}
+             "Pos": "*i64", "Rng": "*i64", **dict.fromkeys(["Q", "K", "V", "DO", "Out", "Res", "DK", "DV"], "*bf16")}
 
     def build(fn, constexprs, warps):
-        sig = {n: "constexpr" if n in constexprs else types.get(n, "fp32" if n == "scale" else "i32")
+        sig = {n: "constexpr" if n in constexprs else types.get(n, "fp32" if n in ("scale", "drop_scale") else "i32")
                for n in fn.arg_names}
         consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps})
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps})
+        print(f"global_rows.{fn.__name__}{constexprs}: {ptxas_usage(kernel.asm['ptx'])}")
 
     for D in (64, 128):
         bm, bn, warps = _common._GPU_TILES[D]
         tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, DOT_PREC="tf32")
         for backward in (False, True):
-            build(gr._split_kernel, dict(BACKWARD=backward, HAS_KMASK=True, **tiles), warps)
             build(gr._combine_kernel, dict(BACKWARD=backward, BLOCK_M=bm, BLOCK_D=D), warps)
-        build(gr._keys_kernel, dict(ADD_DK=True, ADD_DV=False, HAS_KMASK=True, **tiles), warps)
+        for dropout in (False, True):
+            for backward in (False, True):
+                build(gr._split_kernel, dict(BACKWARD=backward, HAS_KMASK=True, **tiles, HAS_DROPOUT=dropout), warps)
+            build(gr._keys_kernel, dict(ADD_DK=True, ADD_DV=False, HAS_KMASK=True, **tiles, HAS_DROPOUT=dropout),
+                  warps)
 
 
 def test_global_rows_kernels_compile_for_sm90_bf16():

@@ -227,34 +227,58 @@ _POINTER_TYPES = {
     **dict.fromkeys(["Lse", "Delta", "Part", "Sums", "Rstd", "Coef"], "*fp32"),
     **dict.fromkeys(["KMask", "SMask"], "*u8"),
     **dict.fromkeys(["QBlock", "Order", "Bounds", "Ids"], "*i32"),
+    "Rng": "*i64",
     **dict.fromkeys(["Q", "K", "V", "SK", "SV", "DO", "Res", "DK", "DV", "BBias", "SBias", "Bias", "X", "W", "Out",
                      "DOut", "DX"], "*bf16"),
 }
 
 
+def ptxas_usage(ptx: str) -> str:
+    """ptxas -v's register / spill line for a kernel's PTX (sm_90a, Triton's bundled ptxas): n_regs and n_spills of a
+    compiled kernel are only filled in when it is loaded on a GPU."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        run = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    used = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+    return f"{used.group(1) if used else '?'} registers, spill stores/loads {spills[-1] if spills else '?'} bytes"
+
+
 def compile_all_for_sm90():
-    """Compile each kernel (GPU tile shapes, all optional inputs on) to a cubin for sm_90 with Triton's bundled
-    ptxas; raises on any code-generation error. Needs TRITON_INTERPRET unset (the interpreter replaces jit)."""
+    """Compile each kernel (GPU tile shapes, all optional inputs on, with and without dropout) to a cubin for sm_90
+    with Triton's bundled ptxas, printing registers / spills; raises on any code-generation error. Needs
+    TRITON_INTERPRET unset (the interpreter replaces jit)."""
     import triton
     from longattn.triton_kernels import _common, band_side, block_aggregate
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     def build(fn, constexprs, warps):
-        sig = {n: "constexpr" if n in constexprs else _POINTER_TYPES.get(n, "fp32" if n in ("scale", "eps") else "i32")
-               for n in fn.arg_names}
+        sig = {n: "constexpr" if n in constexprs else _POINTER_TYPES.get(
+                   n, "fp32" if n in ("scale", "eps", "drop_scale") else "i32") for n in fn.arg_names}
         consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": warps})
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": warps})
+        shown = ("BACKWARD", "SIDE", "HAS_DROPOUT", "BLOCK_D")
+        flags = ",".join(f"{n}={v}" for n, v in constexprs.items() if n in shown)
+        print(f"{fn.__module__.split('.')[-1]}.{fn.__name__}[{flags}]: {ptxas_usage(kernel.asm['ptx'])}")
 
     flags = dict(HAS_KMASK=True, HAS_SMASK=True, HAS_BBIAS=True, HAS_SBIAS=True)
     for D in (64, 128):
         bm, bn, warps = _common.attention_tiles(D)
         tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, DOT_PREC="tf32")
-        for backward in (False, True):
-            build(band_side._rows_kernel, dict(BACKWARD=backward, **flags, **tiles), warps)
-        for side in (False, True):
-            build(band_side._keys_kernel, dict(SIDE=side, **flags, **tiles), warps)
+        for dropout in (False, True):  # HAS_DROPOUT: the Philox keep mask in every attention kernel
+            for backward in (False, True):
+                build(band_side._rows_kernel, dict(BACKWARD=backward, **flags, **tiles, HAS_DROPOUT=dropout), warps)
+            for side in (False, True):
+                build(band_side._keys_kernel, dict(SIDE=side, **flags, **tiles, HAS_DROPOUT=dropout), warps)
         build(band_side._delta_kernel, dict(BLOCK_M=bm, BLOCK_D=D), warps)
     for weighted in (False, True):
         meta = dict(HAS_WEIGHT=weighted, BLOCK_S=block_aggregate._GPU_BLOCK_S, BLOCK_C=block_aggregate._GPU_BLOCK_C)

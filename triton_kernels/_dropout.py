@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longattn._dropout import dropout_scale, keep_threshold_i32
+
 from ._common import interpreting
 
 FLAG = tl.constexpr(0x80000000)  # side-key flag of the key-group word, global-row flag of the row word
@@ -108,6 +110,32 @@ def bits_tile(seed, c0, c1, rows, cols, SIDE: tl.constexpr, GLOBAL_ROWS: tl.cons
 def keep_tile(seed, c0, c1, rows, cols, thresh, SIDE: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
     """Keep mask (bool) of ``bits_tile``; ``thresh``: int32 bits of the uint32 keep threshold."""
     return bits_tile(seed, c0, c1, rows, cols, SIDE, GLOBAL_ROWS) >= thresh.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def keep_scale_tile(rng_ptr, bh, rows, n0, thresh, keep_scale, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
+                    SIDE: tl.constexpr, GLOBAL_ROWS: tl.constexpr):
+    """Dropout factors ``Z = keep / (1 - p)`` (float32 ``(len(rows), BLOCK_N)``) of batch-head ``bh``, query rows
+    ``rows`` and keys ``n0 + [0, BLOCK_N)``: what an attention kernel multiplies its probabilities by.
+
+    ``ALIGNED`` (``n0 % 4 == 0``) uses ``keep_tile_aligned`` (one Philox call per 4 keys), else ``keep_tile``;
+    ``keep_scale`` is ``1 / (1 - p)``. Reads ``[seed, offset]`` at ``rng_ptr`` (two cached scalar loads).
+    """
+    seed, c0, c1 = dropout_counter_base(rng_ptr, bh)
+    if ALIGNED:
+        keep = keep_tile_aligned(seed, c0, c1, rows, n0, thresh, BLOCK_N, SIDE, GLOBAL_ROWS)
+    else:
+        keep = keep_tile(seed, c0, c1, rows, n0 + tl.arange(0, BLOCK_N), thresh, SIDE, GLOBAL_ROWS)
+    return tl.where(keep, keep_scale, 0.0)
+
+
+def kernel_args(dropout_p: float, rng, dummy) -> dict:
+    """The attention kernels' dropout keywords ``Rng, drop_thresh, drop_scale, HAS_DROPOUT``: ``dropout_p = 0``
+    compiles them without any dropout code (``dummy``, any tensor, stands in for the unread ``rng``)."""
+    if not dropout_p:
+        return dict(Rng=dummy, drop_thresh=0, drop_scale=1.0, HAS_DROPOUT=False)
+    return dict(Rng=rng, drop_thresh=keep_threshold_i32(dropout_p), drop_scale=dropout_scale(dropout_p),
+                HAS_DROPOUT=True)
 
 
 # --------------------------------------------------------------------------------------------------------

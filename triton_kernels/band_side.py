@@ -41,26 +41,48 @@ from ._common import (
     store_rows,
     strides3,
 )
+from ._dropout import keep_scale_tile
+from ._dropout import kernel_args as _dropout_meta
 from .bias_grad import chain_add, chain_flush, grouped_column_sums, shifted_column_sums, side_group, zero_fill
 
 
 @triton.jit
-def _ds_tile(s, v, do, lse, delta, DOT_PREC: tl.constexpr):
-    """float32 dS = P * (dP - delta) of a tile from its scores (softmax backward; P recomputed from lse)."""
+def kv_program(pid_bh, H, GROUP):
+    """The (batch, K/V head) index, over ``B * H // GROUP``, of the (batch, query head) index ``pid_bh`` over
+    ``B * H`` (grouped-query attention: query head h reads K/V head ``h // GROUP``)."""
+    return (pid_bh // H) * (H // GROUP) + (pid_bh % H) // GROUP
+
+
+@triton.jit
+def _keep_scale(Rng, bh, rows, n0, drop_thresh, drop_scale, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
+                SIDE: tl.constexpr):
+    """Dropout factors of a band (or, with SIDE, side-key) tile: ``_dropout.keep_scale_tile`` of query rows ``rows``
+    (the bits of ``longattn._dropout``'s layout, so the forward, dQ and dK/dV kernels and every backend agree).
+    Band tiles starting at ``m0 - left`` are not 4-aligned (``ALIGNED`` False: 4x the Philox work)."""
+    return keep_scale_tile(Rng, bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, ALIGNED, SIDE, False)
+
+
+@triton.jit
+def _ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """float32 dS = P * (dP - delta) of a tile from its scores (softmax backward; P recomputed from lse); with
+    dropout (factors ``z``) dP = Z * (dO V^T)."""
     p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (no key) gives p = 0
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        dp = dp * z
     return p * (dp - delta[:, None])
 
 
 @triton.jit
-def _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr, DOT_PREC: tl.constexpr):
+def _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+               DOT_PREC: tl.constexpr):
     """One key tile of a query tile: online-softmax update (forward) or dQ accumulation (backward).
 
     Returns (m_i, l_i, acc, ds): the backward's dS tile feeds the bias-table sums (the forward's is unused).
     """
     ds = s
     if BACKWARD:
-        ds = _ds_tile(s, v, do, lse, delta, DOT_PREC)
+        ds = _ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -68,7 +90,9 @@ def _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr, D
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2((m_i - m_safe) * LOG2E)
         p = tl.exp2((s - m_safe[:, None]) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser is taken before dropout
+        if HAS_DROPOUT:
+            p = p * z
         # P is rounded to the input dtype before the PV product, as the torch backend does.
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -91,9 +115,9 @@ def _side_tile(q, g0, sk_base, sv_base, stride_sks, stride_svs, qblock, sbias_pt
 
 
 @triton.jit
-def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width, side, G, D, scale,
+def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width, side, G, D, scale, drop,
                       HAS_SMASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BIAS_L: tl.constexpr,
-                      DOT_PREC: tl.constexpr):
+                      HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Side-bias sums of the rows left out of the side loop's group, whose block ids lie ``SIDE_SPAN`` or more
     below the tile's largest (e.g. padding rows, qb = -1, in a tile with others): per pass, the next group
     (``side_group``), its dS recomputed over all side tiles and added into the row. Usually no pass runs.
@@ -107,7 +131,10 @@ def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width
         carry = tl.zeros([BIAS_L], dtype=tl.float32)
         for g0 in range(0, G, BLOCK_N):
             k, v, s = _side_tile(q, g0, *side, G, D, scale, True, HAS_SMASK, BLOCK_N, BLOCK_D, DOT_PREC)
-            ds = _ds_tile(s, v, do, lse, delta, DOT_PREC)
+            z = s
+            if HAS_DROPOUT:
+                z = _keep_scale(drop[0], drop[1], offs_m, g0, drop[2], drop[3], BLOCK_N, True, True)
+            ds = _ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
             sums = grouped_column_sums(ds, shift, BIAS_L, DOT_PREC)
             carry = chain_add(carry, sums, side_row, G - qhi + g0, side_width, BLOCK_N, True)
         chain_flush(carry, side_row, G - qhi + (tl.cdiv(G, BLOCK_N) - 1) * BLOCK_N, side_width, BLOCK_N, True)
@@ -119,15 +146,16 @@ def _rows_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_skb, stride_sks, stride_skh, stride_svb, stride_svs, stride_svh,
     stride_dob, stride_dos, stride_doh, stride_rb, stride_rs, stride_rh,
-    S, H, G, D, left, right, scale, band_width, side_width,
+    S, H, GROUP, G, D, left, right, scale, band_width, side_width, Rng, drop_thresh, drop_scale,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Lse, Delta) of one query tile.
 
     The backward with a bias table also writes this program's row of bias-gradient partial sums into Part
-    (``bias_grad``: band_width + side_width float32 columns per (b, query tile, h)).
+    (``bias_grad``: band_width + side_width float32 columns per (b, query tile, h)). Grouped-query attention:
+    K, V, SK, SV have ``H // GROUP`` heads; query head h reads K/V head ``h // GROUP``.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -141,8 +169,9 @@ def _rows_kernel(
     row_ok = offs_m < S
 
     q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), offs_m, S, stride_qs, offs_d, D)
-    k_base = K + batch_head_offset(pid_bh, H, stride_kb, stride_kh)
-    v_base = V + batch_head_offset(pid_bh, H, stride_vb, stride_vh)
+    pid_kv = kv_program(pid_bh, H, GROUP)
+    k_base = K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh)
+    v_base = V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh)
     stat_ptrs = pid_bh.to(tl.int64) * S + offs_m  # (B, H, S) contiguous statistics
     do = q  # unused in the forward
     lse = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -174,7 +203,10 @@ def _rows_kernel(
         edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
         s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
                         KMask + b * S, HAS_BBIAS, HAS_KMASK)
-        m_i, l_i, acc, ds = _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, DOT_PREC)
+        z = s
+        if HAS_DROPOUT:  # band tiles start at m0 - left: any alignment
+            z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, False, False)
+        m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT, DOT_PREC)
         if BACKWARD and HAS_BBIAS:
             carry = chain_add(carry, shifted_column_sums(ds, band_shift, BIAS_L), bias_row, t * BLOCK_N, band_width,
                               BLOCK_N, False)
@@ -186,8 +218,8 @@ def _rows_kernel(
     qb = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_SBIAS:
         qb = load_query_block(QBlock + b * S, offs_m, row_ok, G)
-    sk_base = SK + batch_head_offset(pid_bh, H, stride_skb, stride_skh)
-    sv_base = SV + batch_head_offset(pid_bh, H, stride_svb, stride_svh)
+    sk_base = SK + batch_head_offset(pid_kv, H // GROUP, stride_skb, stride_skh)
+    sv_base = SV + batch_head_offset(pid_kv, H // GROUP, stride_svb, stride_svh)
     side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G)
     side_row = bias_row + band_width
     if G > 0:
@@ -197,7 +229,11 @@ def _rows_kernel(
             carry = tl.zeros([BIAS_L], dtype=tl.float32)
         for g0 in range(0, G, BLOCK_N):
             k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, BLOCK_N, BLOCK_D, DOT_PREC)
-            m_i, l_i, acc, ds = _rows_step(s, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, DOT_PREC)
+            z = s
+            if HAS_DROPOUT:
+                z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True)
+            m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
+                                           DOT_PREC)
             if BACKWARD and HAS_SBIAS:
                 carry = chain_add(carry, grouped_column_sums(ds, side_shift, BIAS_L, DOT_PREC), side_row, G - qhi + g0,
                                   side_width, BLOCK_N, False)
@@ -211,7 +247,8 @@ def _rows_kernel(
         store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
         if HAS_SBIAS:  # after dq's store: acc's registers are free for these (usually absent) passes
             _side_bias_passes(q, do, lse, delta, QBlock + b * S, offs_m, S, side_row, side_width, side, G, D, scale,
-                              HAS_SMASK, BLOCK_N, BLOCK_D, BIAS_L, DOT_PREC)
+                              (Rng, pid_bh, drop_thresh, drop_scale), HAS_SMASK, BLOCK_N, BLOCK_D, BIAS_L,
+                              HAS_DROPOUT, DOT_PREC)
     else:
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
@@ -225,29 +262,31 @@ def _keys_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, KMask, SMask, QBlock, BBias, SBias,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_gb, stride_gs, stride_gh, stride_split,
-    S, N, H, G, D, left, right, scale, tiles_per_split,
+    S, N, H, GROUP, G, D, left, right, scale, tiles_per_split, Rng, drop_thresh, drop_scale,
     SIDE: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles.
 
     K, V are the band (B, S, H, D) or side (B, G, H, D) tensors. DK and DV are contiguous, (B, N, H, D) for
     band keys, (splits, B, G, H, D) for side keys, where program (., ., z) sums query tiles
     ``[z * tiles_per_split, (z + 1) * tiles_per_split)`` into slice z (``stride_split`` elements apart).
+
+    Grouped-query attention: K, V, DK, DV have ``H // GROUP`` heads and a program owns one (batch, K/V head);
+    it walks the query tiles of each of the GROUP query heads reading that K/V head (one flat loop over
+    (head, tile)), summing their dK/dV in registers: deterministic, no atomics, no repeated K/V.
     """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    pid_kv = tl.program_id(1)  # (batch, K/V head)
+    b = (pid_kv // (H // GROUP)).to(tl.int64)
+    pid_q0 = b * H + (pid_kv % (H // GROUP)) * GROUP  # its first query head's (batch, head) program index
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + batch_head_offset(pid_bh, H, stride_kb, stride_kh), offs_n, N, stride_ks, offs_d, D)
-    v = load_rows(V + batch_head_offset(pid_bh, H, stride_vb, stride_vh), offs_n, N, stride_vs, offs_d, D)
-    q_base = Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh)
-    do_base = DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh)
+    k = load_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh), offs_n, N, stride_ks, offs_d, D)
+    v = load_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh), offs_n, N, stride_vs, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -259,7 +298,13 @@ def _keys_kernel(
         m_start = n0 - right
         t_lo = tl.maximum(0, -m_start) // BLOCK_M
         t_hi = (tl.minimum(S - 1, n0 + BLOCK_N - 1 + left) - m_start) // BLOCK_M + 1
-    for t in range(t_lo, t_hi):
+    n_t = t_hi - t_lo
+    for it in range(0, GROUP * n_t):  # query head it // n_t of the group, its query tile t_lo + it % n_t
+        pid_bh = pid_q0 + it // n_t
+        h = pid_bh % H
+        q_base = Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh)
+        do_base = DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh)
+        t = t_lo + it % n_t
         m0 = m_start + t * BLOCK_M
         rows = m0 + offs_m
         row_ok = (rows >= 0) & (rows < S)
@@ -280,12 +325,19 @@ def _keys_kernel(
             s = band_scores(qk, rows[:, None], offs_n[None, :], edge, S, left, right, scale,
                             BBias + h * (left + right + 1), KMask + b * S, HAS_BBIAS, HAS_KMASK)
         p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+        pz = p
+        if HAS_DROPOUT:  # key tiles start at multiples of BLOCK_N: aligned
+            z = _keep_scale(Rng, pid_bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, True, SIDE)
+            pz = p * z
+        dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=DOT_PREC)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            dp = dp * z
         ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
 
-    out_offset = tl.program_id(2).to(tl.int64) * stride_split + batch_head_offset(pid_bh, H, stride_gb, stride_gh)
+    out_offset = tl.program_id(2).to(tl.int64) * stride_split + batch_head_offset(pid_kv, H // GROUP, stride_gb,
+                                                                                  stride_gh)
     store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
     store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
 
@@ -329,7 +381,7 @@ def _flags(band_key_mask, side_mask, band_bias, side_bias):
 
 
 def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-            scale):
+            scale, dropout_p=0.0, rng=None):
     """-> (out (B, S, H, D) contiguous in q's dtype, lse (B, H, S) float32); see ``longattn.backends``."""
     B, S, H, D = q.shape
     G = side_k.shape[1]
@@ -342,15 +394,16 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         q, k, v, *_side_or_dummy(side_k, side_v, q), q, out, lse, lse, *extra, lse,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(q), *strides3(out),
-        S, H, G, D, left, right, float(scale), 0, 0,
-        BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias), BLOCK_M=BLOCK_M,
+        S, H, H // k.shape[2], G, D, left, right, float(scale), 0, 0,
+        BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias),
+        **_dropout_meta(dropout_p, rng, lse), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
     )
     return out, lse
 
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-             left, right, scale):
+             left, right, scale, dropout_p=0.0, rng=None):
     """-> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias): contiguous gradients in the inputs' dtypes
     (a bias gradient is empty when its table is absent).
 
@@ -368,9 +421,12 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         dout, out, delta, *strides3(dout), *strides3(out), S, H, D, BLOCK_M=BLOCK_M, BLOCK_D=head_dim_block(D),
     )
     dq = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
-    dk, dv = torch.empty_like(dq), torch.empty_like(dq)
+    H_kv = k.shape[2]  # grouped-query attention: H_kv < H (dK, dV have k's heads)
+    dk = torch.empty(B, S, H_kv, D, dtype=q.dtype, device=q.device)
+    dv = torch.empty_like(dk)
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
-    meta = dict(**_flags(band_key_mask, side_mask, band_bias, side_bias), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+    meta = dict(**_flags(band_key_mask, side_mask, band_bias, side_bias), **_dropout_meta(dropout_p, rng, delta),
+                BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps)
     lse = lse.contiguous()
     n_tiles = triton.cdiv(S, BLOCK_M)
@@ -380,14 +436,14 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         q, k, v, *_side_or_dummy(side_k, side_v, q), dout, dq, lse, delta, *extra, part,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(dq),
-        S, H, G, D, left, right, float(scale), *widths, BACKWARD=True, **meta,
+        S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, **meta,
     )
     dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M)
     dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
-    _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H, 1)](
+    _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra,
         *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0,
-        S, S, H, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, **meta,
+        S, S, H, H // H_kv, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, **meta,
     )
     dsk, dsv = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta)
     return dq, dk, dv, dsk, dsv, dbb, dsb
@@ -401,23 +457,23 @@ def side_splits(n_programs: int, n_query_tiles: int) -> int:
 def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta):
     """(dside_k, dside_v) contiguous in q's dtype, from float32 partials over query chunks (see ``backward``)."""
     B, S, H, D = q.shape
-    G = side_k.shape[1]
+    G, H_kv = side_k.shape[1], side_k.shape[2]
     if G == 0:
         return torch.empty_like(side_k, memory_format=torch.contiguous_format), torch.empty_like(
             side_v, memory_format=torch.contiguous_format)
     n_tiles = triton.cdiv(S, meta["BLOCK_M"])
-    grid = (triton.cdiv(G, meta["BLOCK_N"]), B * H)
+    grid = (triton.cdiv(G, meta["BLOCK_N"]), B * H_kv)
     splits = side_splits(grid[0] * grid[1], n_tiles)
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
     # One split writes the result directly; several write float32 partials summed below in a fixed order.
     dtype = q.dtype if splits == 1 else torch.float32
-    dsk = torch.empty(splits, B, G, H, D, dtype=dtype, device=q.device)
+    dsk = torch.empty(splits, B, G, H_kv, D, dtype=dtype, device=q.device)
     dsv = torch.empty_like(dsk)
     _keys_kernel[(*grid, splits)](
         q, side_k, side_v, dout, lse, delta, dsk, dsv, *extra,
         *strides3(q), *strides3(side_k), *strides3(side_v), *strides3(dout), *strides3(dsk[0]), dsk[0].numel(),
-        S, G, H, G, D, 0, 0, float(scale), per_split, SIDE=True, **meta,
+        S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True, **meta,
     )
     if splits == 1:
         return dsk[0], dsv[0]

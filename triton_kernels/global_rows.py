@@ -35,6 +35,15 @@ from ._common import (
     store_rows,
     strides3,
 )
+from ._dropout import keep_scale_tile
+from ._dropout import kernel_args as _dropout_meta
+
+
+@triton.jit
+def _keep_scale(Rng, bh, offs_g, n0, drop_thresh, drop_scale, BLOCK_N: tl.constexpr):
+    """Dropout factors of global rows (slots ``offs_g``) against tokens ``n0 + [0, BLOCK_N)`` (``n0 % 4 == 0``): the
+    global-row counters of ``longattn._dropout`` (row = slot with the global-row flag, keys counted as side keys)."""
+    return keep_scale_tile(Rng, bh, offs_g, n0, drop_thresh, drop_scale, BLOCK_N, True, True, True)
 
 
 @triton.jit
@@ -119,9 +128,9 @@ def _split_kernel(
     Q, K, V, DO, Out, GLse, Pos, Used, KMask, PartO, PartL,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh,
-    S, H, G, D, scale, keys_per_split, stride_pb,
+    S, H, G, D, scale, keys_per_split, stride_pb, Rng, drop_thresh, drop_scale,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """One key chunk of a tile of slot queries, written as float32 partials at [split, b * H + h, g].
 
@@ -152,16 +161,23 @@ def _split_kernel(
         k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
         v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
         s = _key_scores(q, k, cols, j_hi, KMask + b * S, scale, HAS_KMASK, DOT_PREC)
+        if HAS_DROPOUT:  # n0 = split * keys_per_split + a multiple of BLOCK_N: aligned
+            z = _keep_scale(Rng, pid_bh, offs_g, n0, drop_thresh, drop_scale, BLOCK_N)
         if BACKWARD:
             p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (unused slot, no key): p = 0
-            ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) - delta[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if HAS_DROPOUT:
+                dp = dp * z
+            ds = p * (dp - delta[:, None])
             acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: shift by 0, never inf - inf
             alpha = tl.exp2((m_i - m_safe) * LOG2E)
             p = tl.exp2((s - m_safe[:, None]) * LOG2E)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser is taken before dropout
+            if HAS_DROPOUT:
+                p = p * z
             # P is rounded to the input dtype before the PV product, as in the band kernels and the torch backend.
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
@@ -182,9 +198,9 @@ def _keys_kernel(
     Q, K, V, DO, Out, GLse, Pos, Used, KMask, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh,
-    S, H, G, D, scale, stride_pb,
+    S, H, G, D, scale, stride_pb, Rng, drop_thresh, drop_scale,
     ADD_DK: tl.constexpr, ADD_DV: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     """dk, dv of key tile ``[n0, n0 + BLOCK_N)`` over every slot query; added to DK / DV with ADD_DK / ADD_DV."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -202,8 +218,14 @@ def _keys_kernel(
                                        stride_os, stride_oh, S, H, G, D, stride_pb)
         s = _key_scores(q, k, cols, S, KMask + b * S, scale, HAS_KMASK, DOT_PREC)
         p = tl.exp2((s - lse[:, None]) * LOG2E)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=DOT_PREC) - delta[:, None])
+        pz = p
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:
+            z = _keep_scale(Rng, pid_bh, offs_g, pid_n * BLOCK_N, drop_thresh, drop_scale, BLOCK_N)
+            pz = p * z
+            dp = dp * z
+        dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     dk = dk * scale
     out_offset = batch_head_offset(pid_bh, H, stride_gb, stride_gh)
@@ -237,7 +259,7 @@ def _plan(q, G):
     return (BLOCK_M, BLOCK_N, warps), slot_tiles, triton.cdiv(S, keys_per_split), keys_per_split
 
 
-def forward(q, k, v, pos, used, key_mask, scale, out):
+def forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None):
     """Rows ``pos`` (used slots) of ``q`` attend every real token of k, v; written into ``out``. -> glse (B, H, G)."""
     B, S, H, D = q.shape
     G = pos.shape[1]
@@ -252,7 +274,7 @@ def forward(q, k, v, pos, used, key_mask, scale, out):
         *strides3(q), *strides3(k), *strides3(v), *strides3(q), *strides3(q),
         S, H, G, D, float(scale), keys_per_split, pos.stride(0),
         BACKWARD=False, HAS_KMASK=key_mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-        DOT_PREC=dot_precision(q.dtype), num_warps=warps,
+        DOT_PREC=dot_precision(q.dtype), **_dropout_meta(dropout_p, rng, glse), num_warps=warps,
     )
     _combine_kernel[(slot_tiles, B * H)](
         part_o, part_l, pos, used8, out, glse, *strides3(out), S, H, G, D, splits, 1.0, pos.stride(0),
@@ -261,7 +283,8 @@ def forward(q, k, v, pos, used, key_mask, scale, out):
     return glse
 
 
-def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into):
+def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into, dropout_p=0.0,
+             rng=None):
     """-> (dq, dk, dv) of ``forward``, each added into the given ``*_into`` tensor (and returned) or new."""
     B, S, H, D = q.shape
     G = pos.shape[1]
@@ -271,7 +294,7 @@ def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_i
     kmask = as_u8(key_mask, used8)
     common = (*strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(out))
     meta = dict(HAS_KMASK=key_mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                DOT_PREC=dot_precision(q.dtype), num_warps=warps)
+                DOT_PREC=dot_precision(q.dtype), **_dropout_meta(dropout_p, rng, glse), num_warps=warps)
     part_q = torch.empty(splits, B * H, G, BLOCK_D, dtype=torch.float32, device=q.device)
     _split_kernel[(slot_tiles, B * H, splits)](
         q, k, v, dout, out, glse, pos, used8, kmask, part_q, part_q, *common, S, H, G, D, float(scale),

@@ -12,15 +12,19 @@ Capabilities
     an empty list means it can. Must not initialise CUDA unless ``device`` is a CUDA device.
 ``unsupported_reasons(device, dtype, head_dim, op) -> list[str]``
     The same plus the reasons it cannot take this dtype / head dim for ``op`` ("band_side" or
-    "block_aggregate"; ``head_dim`` is the channel count C for "block_aggregate").
+    "block_aggregate"; ``head_dim`` is the channel count C for "block_aggregate"). Calls that need an optional
+    capability pass it as the keyword ``features`` (only when there is one): ``"grouped_kv"`` (k, v with fewer
+    heads than q).
 
 The primitive ("band + side keys", DESIGN.md section 1)
 -------------------------------------------------------
 ``band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
                     left, right, scale) -> (out, lse)``
 
-- ``q, k, v``: (B, S, H, D), any strides with ``stride(-1) == 1``; one float dtype.
-- ``side_k, side_v``: (B, G, H, D), same dtype, ``G >= 0``; same stride rule.
+- ``q``: (B, S, H, D); ``k, v``: (B, S, H_kv, D) with ``H % H_kv == 0`` (grouped-query attention when
+  ``H_kv < H``: query head h reads K/V head ``h // (H // H_kv)``, without repeating K/V in memory); any strides
+  with ``stride(-1) == 1``; one float dtype.
+- ``side_k, side_v``: (B, G, H_kv, D), same dtype, ``G >= 0``; same stride rule.
 - ``band_key_mask``: None or contiguous bool (B, S), True = this token may be a band key.
 - ``side_mask``: None or contiguous bool (B, G), True = this side key may be attended.
 - ``query_block``: None or contiguous int32 (B, S), meant to be in [-1, G-1] (other values are clamped to it);
@@ -38,9 +42,17 @@ The primitive ("band + side keys", DESIGN.md section 1)
     -> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias)``
 
 - ``dout``: (B, S, H, D), any strides with a contiguous last dim.
-- returns contiguous gradients shaped like their inputs, in the inputs' dtypes; ``dband_bias`` /
+- returns contiguous gradients shaped like their inputs (dk, dv, dside_k, dside_v with H_kv heads: the sums over
+  each K/V head's query heads), in the inputs' dtypes; ``dband_bias`` /
   ``dside_bias`` are empty ``(0,)`` tensors when the table is None. Rows with ``lse == +inf`` contribute
   nothing.
+
+Attention dropout: a backend whose ``unsupported_reasons`` accepts the feature ``"dropout"`` (the keyword
+``features``, see ``dispatch.unsupported_reasons``) also takes the keywords ``dropout_p`` (in (0, 1)) and ``rng``
+(int64 ``(2,)`` ``[seed, offset]``) on all four attention functions (band and global rows): probabilities are
+multiplied by ``keep / (1 - dropout_p)`` after the softmax (``lse`` is the undropped one), with the keep bits of
+``longattn._dropout`` for (b * H + h, row, key); the backward regenerates them. Without dropout the keywords are
+not passed at all.
 
 Longformer's global rows
 ------------------------

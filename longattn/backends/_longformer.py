@@ -50,39 +50,51 @@ def global_slots(global_mask, key_padding_mask, G: int):
     return band_rows, pos, torch.gather(is_global, 1, pos)
 
 
+def dropout_kwargs(dropout_p: float, rng) -> dict:
+    """The backend functions' dropout keywords: none at all for ``dropout_p = 0`` (today's calls, unchanged, and
+    backends without dropout need not know the keywords), else ``dropout_p`` and the ``rng`` tensor."""
+    return {"dropout_p": dropout_p, "rng": rng} if dropout_p else {}
+
+
 def _expand(pos, x):
     """(B, G) positions -> (B, G, H, D) gather / scatter index for ``x`` (B, S, H, D)."""
     return pos[:, :, None, None].expand(pos.shape[0], pos.shape[1], x.shape[2], x.shape[3])
 
 
 def forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
-            G):
-    """-> (out (B, S, H, D), lse (B, H, S), glse (B, H, G)); ``*_global`` may be None (= q, k, v)."""
+            G, dropout_p=0.0, rng=None):
+    """-> (out (B, S, H, D), lse (B, H, S), glse (B, H, G)); ``*_global`` may be None (= q, k, v).
+
+    Dropout (``rng`` = ``[seed, offset]``): band rows use side key ids = slots, global rows the global-row
+    counters (``longattn._dropout``)."""
     B, S, H, D = q.shape
+    drop = dropout_kwargs(dropout_p, rng)
     band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
     index = _expand(pos, k)
     side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
     out, lse = backend.band_side_forward(q, k, v, side_k, side_v, band_rows, used, None, None, None, left, right,
-                                         scale)
+                                         scale, **drop)
     lse.masked_fill_(~band_rows[:, None, :], _INF)
     if key_padding_mask is not None:
         out.masked_fill_(~key_padding_mask[:, :, None, None], 0.0)
     if G == 0:
         return out, lse, lse.new_empty(B, H, 0)
     glse = backend.global_rows_forward(q if q_global is None else q_global, k if k_global is None else k_global,
-                                       v if v_global is None else v_global, pos, used, key_padding_mask, scale, out)
+                                       v if v_global is None else v_global, pos, used, key_padding_mask, scale, out,
+                                       **drop)
     return out, lse, glse
 
 
 def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask,
-             key_padding_mask, left, right, scale):
+             key_padding_mask, left, right, scale, dropout_p=0.0, rng=None):
     """-> (dq, dk, dv, dq_global, dk_global, dv_global); the last three are empty (0,) when absent."""
     G = glse.shape[-1]
+    drop = dropout_kwargs(dropout_p, rng)
     band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
     index = _expand(pos, k)
     side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
     dq, dk, dv, dsk, dsv, _, _ = backend.band_side_backward(
-        dout, q, k, v, side_k, side_v, out, lse, band_rows, used, None, None, None, left, right, scale)
+        dout, q, k, v, side_k, side_v, out, lse, band_rows, used, None, None, None, left, right, scale, **drop)
     if G == 0:
         return dq, dk, dv, *(q.new_empty(0) if x is None else torch.zeros_like(x, memory_format=_DENSE)
                              for x in (q_global, k_global, v_global))
@@ -94,7 +106,8 @@ def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, gls
     dqg, dkg, dvg = backend.global_rows_backward(
         dout, q if q_global is None else q_global, k if k_global is None else k_global,
         v if v_global is None else v_global, out, glse, pos, used, key_padding_mask, scale,
-        dq if q_global is None else None, dk if k_global is None else None, dv if v_global is None else None)
+        dq if q_global is None else None, dk if k_global is None else None, dv if v_global is None else None,
+        **drop)
     # Distinct empty tensors: a custom op's outputs may not alias one another.
     return (dq, dk, dv, *(q.new_empty(0) if x is None else g for x, g in ((q_global, dqg), (k_global, dkg),
                                                                           (v_global, dvg))))
@@ -113,20 +126,24 @@ def rows_by_gather(rows_forward, rows_backward):
 
     ``global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into)
     -> (dq, dk, dv)``: each gradient added into the given ``*_into`` tensor (and returned), or new.
+
+    Dropout keywords (``dropout_p``, ``rng``), when given, are passed on to both functions; row ``s`` of
+    ``q_rows`` is slot ``s`` (the global-row counters of ``longattn._dropout``).
     """
 
-    def global_rows_forward(q, k, v, pos, used, key_mask, scale, out):
+    def global_rows_forward(q, k, v, pos, used, key_mask, scale, out, **drop):
         index = _expand(pos, q)
-        rows_out, glse = rows_forward(torch.gather(q, 1, index), k, v, key_mask, scale)
+        rows_out, glse = rows_forward(torch.gather(q, 1, index), k, v, key_mask, scale, **drop)
         glse.masked_fill_(~used[:, None, :], _INF)
         # Unused slots write back what is there: the indices are distinct, so this is deterministic.
         out.scatter_(1, index, torch.where(used[:, :, None, None], rows_out, torch.gather(out, 1, index)))
         return glse
 
-    def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into):
+    def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into,
+                             **drop):
         index = _expand(pos, q)
         dq_rows, dk, dv = rows_backward(torch.gather(dout, 1, index), torch.gather(q, 1, index), k, v,
-                                        torch.gather(out, 1, index), glse, key_mask, scale, dk_into, dv_into)
+                                        torch.gather(out, 1, index), glse, key_mask, scale, dk_into, dv_into, **drop)
         # Unused slots have glse = +inf: their dq_rows are 0.
         if dq_into is None:
             return torch.zeros_like(q, memory_format=_DENSE).scatter_(1, index, dq_rows), dk, dv

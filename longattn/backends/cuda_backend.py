@@ -85,8 +85,16 @@ def unavailable_reasons(device) -> list[str]:
     return []
 
 
-def unsupported_reasons(device, dtype, head_dim, op) -> list[str]:
+DROPOUT_REASON = "dropout_p > 0 is not supported by the CUDA kernels yet"
+GROUPED_KV_REASON = "grouped-query attention (H_kv < H) is not supported by the CUDA kernels yet"
+
+
+def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
     reasons = unavailable_reasons(device)
+    if "dropout" in features and op == "band_side":
+        reasons.append(DROPOUT_REASON)  # csrc/common/philox.h is not wired into the kernels yet
+    if "grouped_kv" in features and op == "band_side":
+        reasons.append(GROUPED_KV_REASON)  # the csrc kernels index K/V by the query head
     if reasons:
         return reasons
     if op == "block_aggregate":

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _dropout
 from .._fake import stat_dtype
 from . import _longformer
 
@@ -34,7 +35,8 @@ def unavailable_reasons(device: torch.device) -> list[str]:
     return []
 
 
-def unsupported_reasons(device, dtype, head_dim, op) -> list[str]:
+def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
+    # Every feature (dropout included) is supported: this backend is the reference.
     if dtype not in SUPPORTED_DTYPES:
         return [f"dtype {dtype} is not one of {SUPPORTED_DTYPES}"]
     return []
@@ -75,12 +77,21 @@ def _band_keys(xt: torch.Tensor, k0: int, k1: int) -> torch.Tensor:
     return out
 
 
+def _by_kv_head(x: torch.Tensor, H_kv: int) -> torch.Tensor:
+    """(B, H, n, X) -> (B, H_kv, H // H_kv * n, X): the rows of the query heads sharing a K/V head, stacked
+    (a view for H_kv = H; otherwise a copy of this query-sized chunk, never of K/V)."""
+    B, H, n, X = x.shape
+    return x.reshape(B, H_kv, H // H_kv * n, X)
+
+
 class _Problem:
     """The normalised inputs of one call, as (B, H, S, D) views, and the per-chunk score builder."""
 
     def __init__(self, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale):
+                 left, right, scale, dropout_p=0.0, rng=None):
         self.B, self.S, self.H, self.D = q.shape
+        self.H_kv = k.shape[2]  # grouped-query attention: query head h reads K/V head h // (H // H_kv)
+        self.dropout_p, self.rng = dropout_p, rng
         self.G = side_k.shape[1]
         self.left, self.right, self.width = left, right, left + right + 1
         self.scale = scale
@@ -95,6 +106,20 @@ class _Problem:
         self.side_bias = None if side_bias is None else side_bias.to(self.acc)
         self.rows = _chunk_rows(self.B, self.H, self.S, self.width, self.G)
         self._geometry_cache = {}
+
+    def mm(self, a, b):
+        """``a @ b`` for ``a`` (B, H, n, X) per query head and ``b`` (B, H_kv, X, Y) per K/V head -> (B, H, n, Y).
+
+        Grouped-query attention without repeating K/V: the ``H // H_kv`` query heads of a K/V head are stacked
+        as rows of one matrix (``_by_kv_head``), so each K/V tile is read by one plain matmul.
+        """
+        out = torch.matmul(_by_kv_head(a, self.H_kv), b)
+        return out.view(self.B, self.H, a.shape[2], out.shape[-1])
+
+    def mm_kv(self, a, b):
+        """``a^T @ b`` summed over each K/V head's query heads: a (B, H, n, X), b (B, H, n, Y) -> (B, H_kv, X, Y)
+        (the K/V gradients of grouped-query attention, the group sum folded into the matmul's reduction)."""
+        return torch.matmul(_by_kv_head(a, self.H_kv).transpose(-1, -2), _by_kv_head(b, self.H_kv))
 
     def chunks(self):
         for i0 in range(0, self.S, self.rows):
@@ -131,7 +156,7 @@ class _Problem:
 
     def scores(self, i0, i1, qc, kb):
         """Masked float32 scores of queries i0..i1-1: band (B, H, n, n+L+R) and side (B, H, n, G)."""
-        band = torch.matmul(qc, kb.transpose(-1, -2)).to(self.acc)
+        band = self.mm(qc, kb.transpose(-1, -2)).to(self.acc)
         if self.scale != 1.0:
             band.mul_(self.scale)
         band += self._band_mask(i0, i1, qc.device)
@@ -139,7 +164,7 @@ class _Problem:
             _band_view(band, self.width).add_(self.band_bias[None, :, None, :])
         if self.G == 0:
             return band, None
-        side = torch.matmul(qc, self.skt.transpose(-1, -2)).to(self.acc)
+        side = self.mm(qc, self.skt.transpose(-1, -2)).to(self.acc)
         if self.scale != 1.0:
             side.mul_(self.scale)
         if self.side_bias is not None:
@@ -154,6 +179,19 @@ class _Problem:
         g = torch.arange(self.G, device=self.query_block.device)
         return g[None, None, :] - self.query_block[:, i0:i1, None].long().clamp(-1, self.G - 1) + self.G
 
+    def keep_scale(self, i0, i1):
+        """Dropout factors ``Z = keep / (1 - p)`` of the chunk (``_dropout``'s counter layout), in the accumulation
+        dtype: band (B, H, n, n + L + R) over keys ``i0 - left ..`` (sliced by ``_band_view`` like the scores) and
+        side (B, H, n, G); None without dropout."""
+        if not self.dropout_p:
+            return None, None
+        n, args = i1 - i0, (self.rng, self.dropout_p, self.B, self.H, i0, i1 - i0)
+        scale = _dropout.dropout_scale(self.dropout_p)
+        band = _dropout.keep_mask_rect(*args, i0 - self.left, n + self.width - 1).to(self.acc).mul_(scale)
+        if self.G == 0:
+            return band, None
+        return band, _dropout.keep_mask_rect(*args, 0, self.G, side=True).to(self.acc).mul_(scale)
+
     def probabilities(self, band, side, lse):
         """exp(score - lse) in place; rows with lse = +inf become 0."""
         band = band.sub_(lse[..., None]).exp_()
@@ -163,9 +201,9 @@ class _Problem:
 
 
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                      left, right, scale):
+                      left, right, scale, dropout_p=0.0, rng=None):
     P = _Problem(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale)
+                 left, right, scale, dropout_p, rng)
     out = torch.empty(P.B, P.S, P.H, P.D, dtype=q.dtype, device=q.device)
     lse = torch.empty(P.B, P.H, P.S, dtype=stat_dtype(q.dtype), device=q.device)
     out_t = out.transpose(1, 2)
@@ -180,12 +218,17 @@ def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_b
         row_max.masked_fill_(empty, 0.0)
         # Unnormalised probabilities once; the division by the row sum happens on the (n, D) output.
         band = band.sub_(row_max[..., None]).exp_()
-        total = band.sum(-1)
-        oc = torch.matmul(band.to(q.dtype), vb).to(P.acc)
+        total = band.sum(-1)  # the normaliser is taken before dropout (dropout acts on the probabilities)
+        zb, zs = P.keep_scale(i0, i1)
+        if zb is not None:
+            band.mul_(zb)
+        oc = P.mm(band.to(q.dtype), vb).to(P.acc)
         if side is not None:
             side = side.sub_(row_max[..., None]).exp_()
             total += side.sum(-1)
-            oc += torch.matmul(side.to(q.dtype), P.svt).to(P.acc)
+            if zs is not None:
+                side.mul_(zs)
+            oc += P.mm(side.to(q.dtype), P.svt).to(P.acc)
         oc /= total.masked_fill(empty, 1.0)[..., None]
         row_lse = (row_max + total.log()).masked_fill_(empty, torch.inf)
         out_t[:, :, i0:i1] = oc
@@ -194,15 +237,16 @@ def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_b
 
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                       band_bias, side_bias, left, right, scale):
+                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None):
+    """With dropout (``Z = keep / (1 - p)``): ``dV = (P Z)^T dO``, ``dS = P (Z dO V^T - delta)``."""
     P = _Problem(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale)
+                 left, right, scale, dropout_p, rng)
     acc, dt = P.acc, q.dtype
     dout_t, out_t = dout.transpose(1, 2), out.transpose(1, 2)
     dq = torch.empty(P.B, P.S, P.H, P.D, dtype=dt, device=q.device)
-    dk = torch.empty_like(dq)
-    dv = torch.empty_like(dq)
-    dsk = torch.zeros(P.B, P.H, P.G, P.D, dtype=acc, device=q.device)
+    dk = torch.empty(P.B, P.S, P.H_kv, P.D, dtype=dt, device=q.device)  # K/V's heads (grouped-query: H_kv < H)
+    dv = torch.empty_like(dk)
+    dsk = torch.zeros(P.B, P.H_kv, P.G, P.D, dtype=acc, device=q.device)
     dsv = torch.zeros_like(dsk)
     dbb = torch.zeros(P.H, P.width, dtype=acc, device=q.device) if band_bias is not None else None
     dsb = torch.zeros(P.H, 2 * P.G + 1, dtype=acc, device=q.device) if side_bias is not None else None
@@ -216,24 +260,25 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
         band, side = P.probabilities(band, side, row_lse)
         delta = (doc.to(acc) * out_t[:, :, i0:i1].to(acc)).sum(-1, keepdim=True)
         # dS = P * (dP - delta), in place over the probabilities once dV has used them.
-        dvc = torch.matmul(band.to(dt).transpose(-1, -2), doc).to(acc)
-        dband = band.mul_(torch.matmul(doc, vb.transpose(-1, -2)).to(acc).sub_(delta))
+        zb, zs = P.keep_scale(i0, i1)
+        dvc = P.mm_kv(_dropped(band, zb).to(dt), doc).to(acc)
+        dband = band.mul_(_dropped(P.mm(doc, vb.transpose(-1, -2)).to(acc), zb, True).sub_(delta))
         if dbb is not None:
             dbb += _band_view(dband, P.width).sum(dim=(0, 2))
         dband16 = dband.to(dt)
-        dqc = torch.matmul(dband16, kb).to(acc)
-        dkc = torch.matmul(dband16.transpose(-1, -2), qc).to(acc).mul_(scale)
+        dqc = P.mm(dband16, kb).to(acc)
+        dkc = P.mm_kv(dband16, qc).to(acc).mul_(scale)
         band_keys.add(i0, i1, dkc, dvc, last=i1 == P.S)
         if side is not None:
-            dsv += torch.matmul(side.to(dt).transpose(-1, -2), doc).to(acc)
-            dside = side.mul_(torch.matmul(doc, P.svt.transpose(-1, -2)).to(acc).sub_(delta))
+            dsv += P.mm_kv(_dropped(side, zs).to(dt), doc).to(acc)
+            dside = side.mul_(_dropped(P.mm(doc, P.svt.transpose(-1, -2)).to(acc), zs, True).sub_(delta))
             if dsb is not None:
                 index = P._side_bias_index(i0, i1)  # (B, n, G)
                 flat = dside.permute(1, 0, 2, 3).reshape(P.H, -1)
                 dsb.index_add_(1, index.reshape(-1), flat)
             dside16 = dside.to(dt)
-            dqc += torch.matmul(dside16, P.skt).to(acc)
-            dsk += torch.matmul(dside16.transpose(-1, -2), qc).to(acc).mul_(scale)
+            dqc += P.mm(dside16, P.skt).to(acc)
+            dsk += P.mm_kv(dside16, qc).to(acc).mul_(scale)
         dq_t[:, :, i0:i1] = dqc.mul_(scale)
     return (
         dq,
@@ -244,6 +289,13 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
         q.new_empty(0) if dbb is None else dbb.to(band_bias.dtype),
         q.new_empty(0) if dsb is None else dsb.to(side_bias.dtype),
     )
+
+
+def _dropped(x, z, inplace=False):
+    """``x * z`` (dropout factors ``z``, or None: ``x`` itself); in place with ``inplace``."""
+    if z is None:
+        return x
+    return x.mul_(z) if inplace else x * z
 
 
 class _KeyGradWindow:
@@ -298,11 +350,20 @@ def _row_scores(qt, kt, key_mask, j0, j1, scale, acc):
     return s
 
 
-def _rows_forward(q_rows, k, v, key_mask, scale):
+def _rows_keep_scale(dropout_p, rng, B, H, G, j0, j1, acc):
+    """Dropout factors (B, H, G, j1 - j0) of the global rows (slots) against keys j0..j1-1, or None."""
+    if not dropout_p:
+        return None
+    keep = _dropout.keep_mask_rect(rng, dropout_p, B, H, 0, G, j0, j1 - j0, side=True, global_rows=True)
+    return keep.to(acc).mul_(_dropout.dropout_scale(dropout_p))
+
+
+def _rows_forward(q_rows, k, v, key_mask, scale, dropout_p=0.0, rng=None):
     """-> (out (B, G, H, D), lse (B, H, G)): q_rows (B, G, H, D) attending every real token of k, v (B, S, H, D).
 
     Each key chunk gives a partial (max, sum, out); partials are merged in key order by the log-sum-exp
-    rule (flash-decoding's split-KV combine, here sequential), so memory is one chunk's scores.
+    rule (flash-decoding's split-KV combine, here sequential), so memory is one chunk's scores. Dropout
+    (global-row counters: row = slot) scales the probabilities after the sum is taken.
     """
     B, G, H, D = q_rows.shape
     S, acc = k.shape[1], stat_dtype(q_rows.dtype)
@@ -317,6 +378,7 @@ def _rows_forward(q_rows, k, v, key_mask, scale):
         alpha = (m - m_safe).exp_()
         p = s.sub_(m_safe[..., None]).exp_()
         total = total.mul_(alpha).add_(p.sum(-1))
+        p = _dropped(p, _rows_keep_scale(dropout_p, rng, B, H, G, j0, j1, acc), True)
         o = o.mul_(alpha[..., None]).add_(torch.matmul(p.to(q_rows.dtype), vt[:, :, j0:j1]).to(acc))
         m = m_new
     empty = total == 0
@@ -325,7 +387,8 @@ def _rows_forward(q_rows, k, v, key_mask, scale):
     return out, lse
 
 
-def _rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None):
+def _rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None,
+                   dropout_p=0.0, rng=None):
     """-> (dq_rows, dk, dv) of ``global_rows_forward``; dk / dv are added into ``dk_into`` / ``dv_into``
     (and returned) when given, one key chunk at a time, so no full-length temporary exists."""
     B, G, H, D = q_rows.shape
@@ -338,8 +401,10 @@ def _rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_i
     dq = torch.zeros(B, H, G, D, dtype=acc, device=k.device)
     for j0, j1 in _key_chunks(B, H, G, S):
         p = _row_scores(qt, kt, key_mask, j0, j1, scale, acc).sub_(lse[..., None]).exp_()  # lse = +inf: 0
-        dvc = torch.matmul(p.to(dt).transpose(-1, -2), dot).to(acc)
-        ds = p.mul_(torch.matmul(dot, vt[:, :, j0:j1].transpose(-1, -2)).to(acc).sub_(delta)).to(dt)
+        z = _rows_keep_scale(dropout_p, rng, B, H, G, j0, j1, acc)
+        dvc = torch.matmul(_dropped(p, z).to(dt).transpose(-1, -2), dot).to(acc)
+        dp = _dropped(torch.matmul(dot, vt[:, :, j0:j1].transpose(-1, -2)).to(acc), z, True)
+        ds = p.mul_(dp.sub_(delta)).to(dt)
         dq += torch.matmul(ds, kt[:, :, j0:j1]).to(acc)
         dkc = torch.matmul(ds.transpose(-1, -2), qt).to(acc).mul_(scale)
         if dk_into is not None:

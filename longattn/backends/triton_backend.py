@@ -9,7 +9,8 @@ What it takes:
 - dtypes float16, bfloat16 (CUDA only: the interpreter cannot run bf16) and float32 (exact fp32 products,
   no TF32); float64 is left to the torch backend.
 - band_side: head dims 1..128 (padded to a power of two >= 16 inside the kernels, masked), any S >= 1,
-  any G >= 0, any strides with a unit last stride.
+  any G >= 0, any strides with a unit last stride; grouped-query K/V (``H_kv`` dividing H: the kernels index
+  K/V by ``h // (H // H_kv)`` and sum dK/dV over each group in registers).
 - block_aggregate: any channel count C.
 """
 
@@ -48,7 +49,7 @@ def unavailable_reasons(device) -> list[str]:
     return []
 
 
-def unsupported_reasons(device, dtype, head_dim, op) -> list[str]:
+def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
     reasons = unavailable_reasons(device)
     if dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {dtype} is not one of {SUPPORTED_DTYPES} (float64 runs on the torch backend)")
@@ -64,19 +65,19 @@ def unsupported_reasons(device, dtype, head_dim, op) -> list[str]:
 
 
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                      left, right, scale):
+                      left, right, scale, dropout_p=0.0, rng=None):
     from longattn.triton_kernels import band_side
 
     return band_side.forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                             side_bias, left, right, scale)
+                             side_bias, left, right, scale, dropout_p, rng)
 
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                       band_bias, side_bias, left, right, scale):
+                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None):
     from longattn.triton_kernels import band_side
 
     return band_side.backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                              band_bias, side_bias, left, right, scale)
+                              band_bias, side_bias, left, right, scale, dropout_p, rng)
 
 
 def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
@@ -91,14 +92,16 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
     return block_aggregate.backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps)
 
 
-def global_rows_forward(q, k, v, pos, used, key_mask, scale, out):
+def global_rows_forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None):
     """Longformer's global rows (contract: ``longattn.backends._longformer.rows_by_gather``), split over keys."""
     from longattn.triton_kernels import global_rows
 
-    return global_rows.forward(q, k, v, pos, used, key_mask, scale, out)
+    return global_rows.forward(q, k, v, pos, used, key_mask, scale, out, dropout_p, rng)
 
 
-def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into):
+def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into,
+                         dropout_p=0.0, rng=None):
     from longattn.triton_kernels import global_rows
 
-    return global_rows.backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into)
+    return global_rows.backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into,
+                                dropout_p, rng)

@@ -85,8 +85,7 @@ def add_parser(subparsers) -> None:
                    "modes: the config's)")
     s.add_argument("--size", choices=("base", "tiny"), help="HF model modes: the real model's attention shapes or "
                    "the test config (default base on GPU, tiny on CPU)")
-    s.add_argument("--kv-heads", type=int, help="HF model modes: num_key_value_heads (default: the number of query "
-                   "heads, since longattn's kernels take no grouped-query attention yet)")
+    s.add_argument("--kv-heads", type=int, help="HF model modes: num_key_value_heads (default: the config's own)")
     s.add_argument("--sliding-only", action="store_true", help="HF model modes: every layer a sliding-window layer "
                    "(default: the family's own pattern of sliding and global layers)")
     o = p.add_argument_group("measurement and output")

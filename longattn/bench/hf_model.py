@@ -14,9 +14,9 @@ and records, per forward, how many attention calls ran on longattn's band op (``
 ``attn_calls``) and why the others delegated (``delegated``). A row where no call ran on longattn is not timed
 (it would time ``sdpa`` under the longattn label): it is listed with the delegation reason.
 
-Grouped-query attention: Mistral-7B and Gemma-3 have fewer K/V heads than query heads, which longattn's kernels
-do not take yet (those layers delegate to ``sdpa``). The bench therefore sets ``num_key_value_heads`` to the
-number of query heads for every row (``--kv-heads`` overrides) and prints it with the run's settings.
+Grouped-query attention: Mistral-7B and Gemma-3 have fewer K/V heads than query heads; every row uses the
+config's own ``num_key_value_heads`` (``--kv-heads`` overrides; longattn's ops take the grouped K/V as they are)
+and prints it with the run's settings.
 
 ``--sliding-only`` sets ``layer_types = ["sliding_attention"] * layers`` (the sliding layers alone); by default
 the family's own pattern applies (ModernBERT: a global layer every third; Gemma 3: every sixth).
@@ -55,7 +55,7 @@ def config_overrides(settings: dict, S: int | None = None) -> dict:
         out["layer_types"] = ["sliding_attention"] * layers
     config = build_hf_config(family, size=settings["size"], **out)
     if family != "modernbert":
-        out["num_key_value_heads"] = settings.get("kv_heads") or config.num_attention_heads
+        out["num_key_value_heads"] = settings.get("kv_heads") or config.num_key_value_heads
     if S is not None:
         out["max_position_embeddings"] = max(S, config.max_position_embeddings)
     return out
@@ -79,8 +79,7 @@ def describe(settings: dict) -> str:
         window = f"sliding_window={w} (longattn window ({w - 1}, 0), causal)"
         real = build_hf_config(family, size=settings["size"]).num_key_value_heads
         kv = (f"K/V heads: num_key_value_heads={config.num_key_value_heads} of {heads} query heads (the "
-              f"{settings['size']} config has {real}; longattn's kernels take no grouped-query attention yet, so the "
-              "bench defaults to one K/V head per query head; --kv-heads to override)")
+              f"{settings['size']} config has {real}; --kv-heads to override)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return (f"model: {family} ({settings['size']} config, random weights), {config.num_hidden_layers} layers "
             f"({sliding} sliding, {len(kinds) - sliding} global), hidden {config.hidden_size}, {heads} heads of "
@@ -179,8 +178,11 @@ class HFModelBench:
             return stock, f"set_attn_implementation({impl!r}) failed: {_reason(exc)}", {}
         if not backend:
             return stock, None, {}
-        with count_longattn_calls() as counts, torch.no_grad():
-            call(stock, embeds)
+        try:
+            with count_longattn_calls() as counts, torch.no_grad():
+                call(stock, embeds)
+        except longattn.BackendUnavailableError as exc:  # e.g. backend "cuda" with grouped-query K/V
+            return stock, str(exc), {}
         delegated = "; ".join(f"{n}x {reason}" for reason, n in counts["delegated"].items())
         fields = {"attn_calls": counts["longattn"] + sum(counts["delegated"].values()),
                   "longattn_calls": counts["longattn"], "delegated": delegated}

@@ -41,19 +41,21 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(message, stacklevel=3)
 
 
-def fallback_reason(module, output_attentions: bool, dropout_p: float) -> str | None:
+def fallback_reason(module, output_attentions: bool) -> str | None:
     """Why a fused kernel cannot stand in for ``module``'s stock forward on this call, or None.
 
-    - ``output_attentions=True`` asks for the attention probabilities, which a fused kernel never forms.
-    - Attention-probability dropout in training mode: the fused ops have no dropout, and the stock forward is
-      the only way to keep exactly the stock distribution (equal outputs are checked with dropout off).
+    ``output_attentions=True`` asks for the attention probabilities, which a fused kernel never forms.
+    (Attention dropout in training runs in the fused ops: ``attention_dropout``.)
     """
     if output_attentions:
         return "output_attentions=True: the fused kernels never form attention probabilities"
-    if module.training and dropout_p > 0:
-        return (f"training mode with attention dropout p={dropout_p}: the fused kernels have no dropout, so the "
-                "stock forward keeps the stock distribution (set the attention dropout to 0 to train on longattn)")
     return None
+
+
+def attention_dropout(module, p: float) -> float:
+    """The ``dropout_p`` of a patched layer's op: the stock module's attention-probability dropout ``p`` in
+    training mode (where stock applies ``nn.functional.dropout(probs, p, training=True)``), 0 in eval mode."""
+    return float(p) if module.training else 0.0
 
 
 def warn_fallback(module, reason: str) -> None:

@@ -95,8 +95,8 @@ def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True):
     tokens, and all gradients of a loss that reads no padding row (every HF head's loss). Padding query rows are 0
     for Longformer/LED, as stock; the LongT5 encoder's differ from stock's (a rounding artifact of its ``-1e10``
     mask, NaN in fp16) and can reach no real token: see :mod:`longattn.models.longt5`. The stock forward still
-    runs, with a one-time warning, for ``output_attentions=True`` and for attention dropout > 0 in training mode
-    (the fused ops have no dropout; this keeps the stock distribution exactly).
+    runs, with a one-time warning, for ``output_attentions=True``. Attention dropout in training mode runs in the
+    fused ops (``dropout_p``: same place, scaling and distribution as stock, not the same random draws).
 
     Args:
         model: an ``nn.Module``; patched in place and returned.

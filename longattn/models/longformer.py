@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..api import longformer_attention
 from ..backends._longformer import global_slots
-from ._common import fallback_reason, patch_state, stock_forward, warn_fallback
+from ._common import attention_dropout, fallback_reason, patch_state, stock_forward, warn_fallback
 
 # The stock forward's parameters, in order; the patched forward takes the same ones.
 FORWARD_PARAMS = ("hidden_states", "attention_mask", "is_index_masked", "is_index_global_attn", "is_global_attn",
@@ -31,9 +31,10 @@ def longformer_forward(self, hidden_states, attention_mask=None, is_index_masked
     """Drop-in for ``LongformerSelfAttention.forward`` / ``LEDEncoderSelfAttention.forward``.
 
     Returns ``(attn_output,)`` with ``attn_output`` ``(B, S, E)`` (padding rows exactly 0), as the stock forward
-    does without ``output_attentions``.
+    does without ``output_attentions``. In training mode the layer's ``dropout`` (``attention_probs_dropout_prob``
+    / LED's ``attention_dropout``) runs in the op on the local and the global rows' probabilities, as stock.
     """
-    reason = fallback_reason(self, output_attentions, self.dropout)
+    reason = fallback_reason(self, output_attentions)
     if reason is not None:
         warn_fallback(self, reason)
         return _stock_any_length(self, hidden_states, attention_mask, is_index_masked, is_index_global_attn,
@@ -56,7 +57,7 @@ def longformer_forward(self, hidden_states, attention_mask=None, is_index_masked
         v_global = self.value_global(hidden_states).view(B, S, H, D)
     out = longformer_attention(q, k, v, self.one_sided_attn_window_size, is_global, key_padding_mask=real,
                                q_global=q_global, k_global=k_global, v_global=v_global, max_globals=num_global,
-                               backend=patch_state(self).backend)
+                               dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend)
     return (out.reshape(B, S, E),)
 
 

@@ -55,7 +55,7 @@ import torch
 
 from ..api import local_attention, tglobal_block_ids
 from ..nn import tglobal_heads
-from ._common import fallback_reason, patch_state, stock_forward, warn_fallback
+from ._common import attention_dropout, fallback_reason, patch_state, stock_forward, warn_fallback
 
 FORWARD_PARAMS = ("hidden_states", "mask", "position_bias", "output_attentions")
 
@@ -78,7 +78,7 @@ def longt5_local_forward(self, hidden_states, mask=None, position_bias=None, out
     q, k, v = (_heads(proj(hidden_states), self) for proj in (self.q, self.k, self.v))
     out = local_attention(q, k, v, r, key_padding_mask=key_padding_mask,
                           rel_bias=_band_table(position_bias, r).to(q.dtype), scale=1.0,
-                          backend=patch_state(self).backend)
+                          dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend)
     return self.o(out.reshape(B, S, self.inner_dim)), position_bias
 
 
@@ -99,7 +99,7 @@ def longt5_tglobal_forward(self, hidden_states, mask=None, position_bias=None, o
     norm = self.global_input_layer_norm
     out = tglobal_heads(hidden_states, blocks, self.q, self.k, self.v, norm.weight, norm.variance_epsilon,
                         self.n_heads, r, _band_table(position_bias, r), _side_table(position_bias, r, G),
-                        scale=1.0, backend=patch_state(self).backend)
+                        scale=1.0, dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend)
     return self.o(out.reshape(B, S, self.inner_dim)), position_bias
 
 
@@ -157,7 +157,7 @@ def _stock_if_needed(self, hidden_states, mask, position_bias, output_attentions
     layer 0 with a stock later layer) only happens with per-layer train/eval states and is refused, since the
     stock forward would misread the compact bias.
     """
-    reason = fallback_reason(self, output_attentions, self.dropout)
+    reason = fallback_reason(self, output_attentions)
     if reason is None and _is_compact(position_bias):
         return None
     if not _is_compact(position_bias):

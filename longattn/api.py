@@ -57,6 +57,16 @@ def _dropout_rng(q: Tensor, dropout_p: float):
     return philox_seed_offset(q.device, philox_increment(q.shape[0], q.shape[2]))
 
 
+def _sequence_parallel(name: str, seq_parallel, *args, dropout_p: float = 0.0, **kwargs):
+    """Hand a call with ``seq_parallel`` to ``longattn.distributed.<name>`` (imported only then), which validates
+    the shard and runs this function on its shard plus the halo; see the README's "Sequence parallel"."""
+    if dropout_p:
+        raise ValueError("dropout_p: not supported together with seq_parallel yet; pass dropout_p=0.0")
+    from . import distributed
+
+    return getattr(distributed, name)(*args, seq_parallel=seq_parallel, **kwargs)
+
+
 def _dropout_feature(dropout_p: float) -> tuple[str, ...]:
     return ("dropout",) if dropout_p else ()
 
@@ -88,7 +98,7 @@ def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask: Tensor | None = None,
                     rel_bias: Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
-                    backend: str = "auto") -> Tensor:
+                    backend: str = "auto", seq_parallel=None) -> Tensor:
     """Sliding-window (banded) attention.
 
     Query ``i`` attends keys ``j`` with ``i - left <= j <= i + right`` (and ``0 <= j < S``) whose
@@ -110,10 +120,15 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask
             scaled by ``1 / (1 - dropout_p)``); the keep mask is a Philox function of a seed/offset drawn from
             torch's generator for q's device (``longattn._dropout``). 0 (default) draws nothing.
         backend: "auto", "cuda", "triton" or "torch".
+        seq_parallel: a ``longattn.distributed.SeqShards``: the sequence tensors are this rank's shard of one
+            sequence split over a process group, and the result is this rank's rows (``longattn.distributed``).
 
     Returns:
         ``(B, S, H, D)`` in q's dtype; a query with no key to attend gets zeros.
     """
+    if seq_parallel is not None:
+        return _sequence_parallel("local_attention", seq_parallel, q, k, v, window, dropout_p=dropout_p,
+                                  key_padding_mask=key_padding_mask, rel_bias=rel_bias, scale=scale, backend=backend)
     B, S, H, D = check_qkv(q, k, v, grouped=True)
     left, right = normalize_window(window)
     key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
@@ -130,7 +145,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask
 def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: Tensor, window, query_block: Tensor,
                       *, key_padding_mask: Tensor | None = None, side_mask: Tensor | None = None,
                       rel_bias: Tensor | None = None, side_bias: Tensor | None = None, scale: float = 1.0,
-                      dropout_p: float = 0.0, backend: str = "auto") -> Tensor:
+                      dropout_p: float = 0.0, backend: str = "auto", seq_parallel=None) -> Tensor:
     """Band attention plus ``G`` side keys attended by every query (LongT5 transient-global).
 
     Query ``i`` attends, in one softmax, its band keys (as :func:`local_attention`) and every side key
@@ -152,10 +167,16 @@ def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: T
         dropout_p: attention-probability dropout over the band and side probabilities together (as
             :func:`local_attention`; LongT5's ``dropout_rate`` in training).
         backend: "auto", "cuda", "triton" or "torch".
+        seq_parallel: a ``longattn.distributed.SeqShards``: the sequence tensors are this rank's shard of one
+            sequence split over a process group, and the result is this rank's rows (``longattn.distributed``).
 
     Returns:
         ``(B, S, H, D)`` in q's dtype.
     """
+    if seq_parallel is not None:
+        return _sequence_parallel("tglobal_attention", seq_parallel, q, k, v, side_k, side_v, window, query_block,
+                                  dropout_p=dropout_p, key_padding_mask=key_padding_mask, side_mask=side_mask,
+                                  rel_bias=rel_bias, side_bias=side_bias, scale=scale, backend=backend)
     B, S, H, D = check_qkv(q, k, v, grouped=True)
     G = check_side_kv(side_k, side_v, q, k)
     left, right = normalize_window(window)
@@ -177,7 +198,7 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
                          key_padding_mask: Tensor | None = None, q_global: Tensor | None = None,
                          k_global: Tensor | None = None, v_global: Tensor | None = None,
                          scale: float | None = None, max_globals: int | None = None, dropout_p: float = 0.0,
-                         backend: str = "auto") -> Tensor:
+                         backend: str = "auto", seq_parallel=None) -> Tensor:
     """Longformer / LED self-attention: sliding window plus global tokens.
 
     - A local (non-global) real query attends, in one softmax, the real non-global keys of its window and
@@ -204,10 +225,18 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
             (band and global keys) and on the global rows' (HF's ``attention_probs_dropout_prob``); the two kinds
             of rows draw independent bits from one seed/offset.
         backend: "auto", "cuda", "triton" or "torch".
+        seq_parallel: a ``longattn.distributed.SeqShards``: the sequence tensors are this rank's shard of one
+            sequence split over a process group (``max_globals`` bounds the whole sequence's rows), and the result
+            is this rank's rows (``longattn.distributed``).
 
     Returns:
         ``(B, S, H, D)`` in q's dtype.
     """
+    if seq_parallel is not None:
+        return _sequence_parallel("longformer_attention", seq_parallel, q, k, v, window, global_mask,
+                                  dropout_p=dropout_p, key_padding_mask=key_padding_mask, q_global=q_global,
+                                  k_global=k_global, v_global=v_global, scale=scale, max_globals=max_globals,
+                                  backend=backend)
     B, S, H, D = check_qkv(q, k, v)
     left, right = normalize_window(window)
     global_mask = check_mask("global_mask", global_mask, (B, S), q.device)
@@ -244,7 +273,8 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
 
 
 def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Tensor | None = None,
-                    eps: float = 1e-6, backend: str = "auto") -> Tensor:
+                    eps: float = 1e-6, backend: str = "auto", seq_parallel=None,
+                    block_size: int | None = None) -> Tensor:
     """Sum tokens into blocks, optionally RMS-normalised (LongT5's global aggregates + global layer norm).
 
     ``sums[b, g] = sum of x[b, s] over s with block_ids[b, s] == g``; with ``weight``, the result is
@@ -257,10 +287,19 @@ def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Te
         weight: ``(C,)`` norm weight, or None for plain sums.
         eps: the norm's epsilon (> 0).
         backend: "auto", "cuda", "triton" or "torch".
+        seq_parallel: a ``longattn.distributed.SeqShards``: ``x`` and ``block_ids`` are this rank's ``(B, S_r, ...)``
+            shard of one sequence (ids in the whole sequence's numbering); the result is replicated on every rank.
+        block_size: with ``seq_parallel`` only: the LongT5 block size the ids come from (consecutive blocks of
+            that size, as :func:`tglobal_block_ids`), which lets each block be owned by one rank (less traffic).
 
     Returns:
         ``(B, G, C)`` in x's dtype.
     """
+    if seq_parallel is not None:
+        return _sequence_parallel("block_aggregate", seq_parallel, x, block_ids, num_blocks, weight=weight, eps=eps,
+                                  block_size=block_size, backend=backend)
+    if block_size is not None:
+        raise ValueError("block_size: only used with seq_parallel; got it without")
     check_tensor("x", x, ndim=3)
     if min(x.shape) == 0:
         raise ValueError(f"x: expected a non-empty (B, S, C) tensor, got shape {tuple(x.shape)}")
@@ -283,7 +322,7 @@ def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Te
     return out
 
 
-def tglobal_block_ids(mask: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+def tglobal_block_ids(mask: Tensor, block_size: int, *, seq_parallel=None) -> tuple[Tensor, Tensor]:
     """LongT5's transient-global block ids, as ``_make_global_fixed_block_ids`` in transformers.
 
     Token ``s`` of a real row belongs to block ``s // block_size``; tokens of a trailing partial block join
@@ -292,11 +331,15 @@ def tglobal_block_ids(mask: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     Args:
         mask: ``(B, S)`` bool / 0-1 integers, True = a real token.
         block_size: LongT5's ``global_block_size`` (> 0).
+        seq_parallel: a ``longattn.distributed.SeqShards``: ``mask`` is this rank's ``(B, S_r)`` shard; the ids
+            returned are this rank's (in the whole sequence's numbering) and the block mask is replicated.
 
     Returns:
         ``block_ids``: ``(B, S)`` int32 in ``[-1, G - 1]`` with ``G = S // block_size``;
         ``block_mask``: ``(B, G)`` bool, True for the blocks of each row that hold a real token.
     """
+    if seq_parallel is not None:
+        return _sequence_parallel("tglobal_block_ids", seq_parallel, mask, block_size)
     check_tensor("mask", mask, ndim=2, dtypes=(torch.bool, *INT_DTYPES, *FLOAT_DTYPES))
     block_size = _as_int("block_size", block_size)
     if block_size <= 0:

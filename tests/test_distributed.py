@@ -392,8 +392,30 @@ def check_bad_input(P, group):
             ld.SeqShards(init_device_mesh("cpu", (2, 2)), (0, 1, 2))
 
 
+def check_public_keyword(P, group):
+    """``seq_parallel=`` on the public ops runs ``longattn.distributed``'s versions (bitwise the same result)."""
+    S = 23
+    sh = ld.SeqShards(group, make_bounds(S, P, "rand", seed=7))
+    g = _gen(13)
+    q, k, v = (_randn(g, B, S, H, D)[:, sh.start:sh.stop] for _ in range(3))
+    mask = (torch.rand(B, S, generator=g) > 0.2)[:, sh.start:sh.stop]
+    gm = (torch.rand(B, S, generator=g) > 0.8)[:, sh.start:sh.stop]
+    kw = dict(key_padding_mask=mask, seq_parallel=sh, backend="torch")
+    assert torch.equal(longattn.local_attention(q, k, v, (3, 5), **kw), ld.local_attention(q, k, v, (3, 5), **kw))
+    assert torch.equal(longattn.longformer_attention(q, k, v, 4, gm, max_globals=S, **kw),
+                       ld.longformer_attention(q, k, v, 4, gm, max_globals=S, **kw))
+    ids, bm = longattn.tglobal_block_ids(mask, 4, seq_parallel=sh)
+    assert all(torch.equal(x, y) for x, y in zip((ids, bm), ld.tglobal_block_ids(mask, 4, seq_parallel=sh)))
+    agg = longattn.block_aggregate(q.flatten(2), ids, S // 4, block_size=4, seq_parallel=sh, backend="torch")
+    assert torch.equal(agg, ld.block_aggregate(q.flatten(2), ids, S // 4, block_size=4, seq_parallel=sh,
+                                               backend="torch"))
+    side = agg.view(B, S // 4, H, D)
+    assert torch.equal(longattn.tglobal_attention(q, k, v, side, side, 2, ids, side_mask=bm, **kw),
+                       ld.tglobal_attention(q, k, v, side, side, 2, ids, side_mask=bm, **kw))
+
+
 CHECKS = [check_band, check_longformer, check_tglobal, check_low_precision, check_deterministic, check_traffic,
-          check_bad_input]
+          check_bad_input, check_public_keyword]
 WORLD = 4
 
 
@@ -492,3 +514,11 @@ def test_halo_plan_sends_what_each_rank_receives(P, left, right):
         S, a, b = bounds[-1], bounds[r], bounds[r + 1]
         assert (plans[r][3], plans[r][4]) == (min(left, a), min(right, S - b))
         assert sum(plans[r][2]) == plans[r][3] + plans[r][4]
+
+
+def test_seq_parallel_keyword_rejects_dropout_and_stray_block_size():
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(ValueError, match="dropout_p"):
+        longattn.local_attention(q, q, q, 2, dropout_p=0.1, seq_parallel=object())
+    with pytest.raises(ValueError, match="block_size"):
+        longattn.block_aggregate(q.flatten(2), torch.zeros(1, 8, dtype=torch.int32), 1, block_size=4)

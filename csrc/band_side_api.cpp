@@ -24,6 +24,7 @@
 
 #include "band_side/launch.h"
 #include "common/arg_checks.h"
+#include "common/philox.h"
 
 namespace longattn {
 namespace {
@@ -64,7 +65,8 @@ void check_optional(const char* op, const OptTensor& t, const char* name, const 
 Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& side_k, const at::Tensor& side_v, const OptTensor& band_key_mask,
                     const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
-                    const OptTensor& side_bias, int64_t left, int64_t right, double scale) {
+                    const OptTensor& side_bias, int64_t left, int64_t right, double scale, double dropout_p,
+                    const OptTensor& rng) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": q must be float16 or bfloat16 (the kernels' tensor-core types), got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, S, H, D), got ", q.sizes());
@@ -93,6 +95,12 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(!side_bias.has_value() || query_block.has_value(), op, ": query_block is required with side_bias");
   check_optional(op, band_bias, "band_bias", q, std::nullopt, {H, left + right + 1}, "(H, left + right + 1)");
   check_optional(op, side_bias, "side_bias", q, std::nullopt, {H, 2 * G + 1}, "(H, 2G + 1)");
+  // Dropout: the kernels read [seed, offset] from rng on the device (longattn/_dropout.py's layout).
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  TORCH_CHECK(dropout_p == 0.0 || rng.has_value(), op,
+              ": rng (the int64 [seed, offset] tensor) is required with dropout_p > 0, got None with dropout_p = ",
+              dropout_p);
+  check_optional(op, rng, "rng", q, at::kLong, {2}, "(2,)");
   return {B, S, H, D, G};
 }
 
@@ -100,9 +108,9 @@ Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse,
                     const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
                     const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right,
-                    double scale) {
+                    double scale, double dropout_p, const OptTensor& rng) {
   const Dims d = check_fwd_args(kBwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                                side_bias, left, right, scale);
+                                side_bias, left, right, scale, dropout_p, rng);
   check_operand(kBwd, dout, "dout", q, d.S, "(B, S, H, D)");
   check_operand(kBwd, out, "out", q, d.S, "(B, S, H, D)");
   same_device(kBwd, lse, "lse", q, "q");
@@ -144,7 +152,8 @@ struct Prepared {
 Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                  const at::Tensor& sk_in, const at::Tensor& sv_in, const OptTensor& band_key_mask,
                  const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
-                 const OptTensor& side_bias, int64_t left, int64_t right, double scale) {
+                 const OptTensor& side_bias, int64_t left, int64_t right, double scale, double dropout_p,
+                 const OptTensor& rng, bool dropout_global_rows) {
   Prepared r;
   const at::Tensor q = loadable(q_in), k = loadable(k_in), v = loadable(v_in);
   const at::Tensor sk = loadable(sk_in), sv = loadable(sv_in);
@@ -180,6 +189,14 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
   p.right = right;
   p.band_width = left + right + 1;
   p.scale = static_cast<float>(scale);
+  if (dropout_p > 0.0) {  // else p.rng = nullptr: the dropout-free kernels
+    const at::Tensor seed_offset = rng->contiguous();
+    r.keep.push_back(seed_offset);
+    p.rng = seed_offset.data_ptr<int64_t>();
+    p.drop_threshold = philox::keep_threshold(dropout_p);
+    p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+    p.drop_global_rows = dropout_global_rows;
+  }
   return r;
 }
 
@@ -188,13 +205,14 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
                                                  const OptTensor& band_key_mask, const OptTensor& side_mask,
                                                  const OptTensor& query_block, const OptTensor& band_bias,
                                                  const OptTensor& side_bias, int64_t left, int64_t right,
-                                                 double scale) {
+                                                 double scale, double dropout_p, const OptTensor& rng,
+                                                 bool dropout_global_rows) {
   const Dims d = check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                                side_bias, left, right, scale);
+                                side_bias, left, right, scale, dropout_p, rng);
   on_cuda(kFwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale);
+                       left, right, scale, dropout_p, rng, dropout_global_rows);
   BandSideParams& p = r.p;
   at::Tensor out = at::empty({p.B, p.S, p.H, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.S}, q.options().dtype(at::kFloat));
@@ -209,13 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out_in, const at::Tensor& lse_in,
     const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
-    const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right, double scale) {
+    const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right, double scale,
+    double dropout_p, const OptTensor& rng, bool dropout_global_rows) {
   const Dims d = check_bwd_args(dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
-                                query_block, band_bias, side_bias, left, right, scale);
+                                query_block, band_bias, side_bias, left, right, scale, dropout_p, rng);
   on_cuda(kBwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale);
+                       left, right, scale, dropout_p, rng, dropout_global_rows);
   BandSideParams& p = r.p;
   const at::Tensor dout = loadable(dout_in);
   const at::Tensor out = loadable(out_in);
@@ -298,9 +317,10 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd_cpu(const at::Tensor& q, const 
                                                      const OptTensor& band_key_mask, const OptTensor& side_mask,
                                                      const OptTensor& query_block, const OptTensor& band_bias,
                                                      const OptTensor& side_bias, int64_t left, int64_t right,
-                                                     double scale) {
+                                                     double scale, double dropout_p, const OptTensor& rng,
+                                                     bool /*dropout_global_rows*/) {
   check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
-                 right, scale);
+                 right, scale, dropout_p, rng);
   needs_cuda(kFwd, q);
 }
 
@@ -308,9 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& side_k,
     const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse, const OptTensor& band_key_mask,
     const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
-    int64_t left, int64_t right, double scale) {
+    int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng, bool /*dropout_global_rows*/) {
   check_bwd_args(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-                 side_bias, left, right, scale);
+                 side_bias, left, right, scale, dropout_p, rng);
   needs_cuda(kBwd, q);
 }
 

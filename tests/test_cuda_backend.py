@@ -45,11 +45,13 @@ SCHEMAS = {
     "cuda_band_side_fwd":
         "longattn::cuda_band_side_fwd(Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, "
         "Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, Tensor? side_bias, "
-        "int left, int right, float scale) -> (Tensor out, Tensor lse)",
+        "int left, int right, float scale, float dropout_p=0., Tensor? rng=None, bool dropout_global_rows=False) "
+        "-> (Tensor out, Tensor lse)",
     "cuda_band_side_bwd":
         "longattn::cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, "
         "Tensor out, Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, "
-        "Tensor? band_bias, Tensor? side_bias, int left, int right, float scale) -> (Tensor dq, Tensor dk, "
+        "Tensor? band_bias, Tensor? side_bias, int left, int right, float scale, float dropout_p=0., "
+        "Tensor? rng=None, bool dropout_global_rows=False) -> (Tensor dq, Tensor dk, "
         "Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias)",
     "cuda_block_aggregate_fwd":
         "longattn::cuda_block_aggregate_fwd(Tensor x, Tensor block_ids, int num_blocks, Tensor? weight, "
@@ -138,6 +140,11 @@ def test_fake_shapes_of_raw_ops():
     assert all(t.is_contiguous() for t in g)
     g = ops.cuda_band_side_bwd(out, q, q, q, side, side, out, lse, None, None, None, None, None, 4, 4, 0.125)
     assert g[5].shape == (0,) and g[6].shape == (0,)
+    rng = torch.empty(2, device="meta", dtype=torch.int64)  # dropout changes no shape
+    assert ops.cuda_band_side_fwd(q, q, q, side, side, None, None, qb, bb, sb, 4, 4, 0.125, 0.1, rng, True)[0].shape \
+        == (B, S, H, D)
+    g = ops.cuda_band_side_bwd(out, q, q, q, side, side, out, lse, None, None, qb, bb, sb, 4, 4, 0.125, 0.1, rng)
+    assert [tuple(t.shape) for t in g[:3]] == [(B, S, H, D)] * 3
 
     x = torch.empty(B, S, 48, device="meta", dtype=torch.float16)
     ids = torch.empty(B, S, device="meta", dtype=torch.int32)
@@ -169,13 +176,16 @@ _TENSOR_DIMS = {  # argument -> (dims by name, dtype); q-like operands use q's d
     "band_bias": ("HW", torch.float32), "side_bias": ("HT", torch.float32), "lse": ("BHS", torch.float32),
     "x": ("BSC", torch.bfloat16), "block_ids": ("BS", torch.int32), "weight": ("C", torch.float32),
     "dout_agg": ("BNC", torch.bfloat16), "sums": ("BNC", torch.float32), "rstd": ("BN", torch.float32),
+    "rng": ("R", torch.int64),  # [seed, offset] of attention dropout
 }
+# Arguments every value of whose type is valid (so no bad call exists).
+_NO_BAD_VALUE = {"dropout_global_rows"}
 
 
 def _sizes(letters, **dims):
     d = {**DIMS, **dims}
     size = dict(B=d["B"], S=d["S"], H=d["H"], D=d["D"], G=d["G"], W=d["left"] + d["right"] + 1,
-                T=2 * d["G"] + 1, C=d["C"], N=d["num_blocks"])
+                T=2 * d["G"] + 1, C=d["C"], N=d["num_blocks"], R=2)
     return [size[c] for c in letters]
 
 
@@ -199,6 +209,10 @@ def raw_op_args(op, device, **dims):
             args[arg.name] = d[arg.name]
         elif arg.name in ("scale", "eps"):
             args[arg.name] = 0.125 if arg.name == "scale" else 1e-6
+        elif arg.name == "dropout_p":  # valid with dropout, so that the rng checks run
+            args[arg.name] = 0.1
+        elif arg.name == "dropout_global_rows":
+            args[arg.name] = False
         else:
             letters, dtype = _TENSOR_DIMS[_arg_key(op, arg.name)]
             args[arg.name] = _zeros(_sizes(letters, **dims), dtype, device)
@@ -239,7 +253,7 @@ def _strided_last_dim(t):
 
 
 _BAD_DTYPE = {torch.float16: torch.bfloat16, torch.bfloat16: torch.float16, torch.bool: torch.uint8,
-              torch.int32: torch.int64, torch.float32: torch.int32}
+              torch.int32: torch.int64, torch.float32: torch.int32, torch.int64: torch.int32}
 _FLOAT_STATS = ("lse", "sums", "rstd")  # float32 exactly: a wrong dtype is float16
 
 
@@ -292,8 +306,12 @@ def _band_side_cases(op):
         cases.update(_tensor_cases(op, name, dense_last_dim=True))
     cases.update(_tensor_cases(op, "side_k", free_dims=(1,), dense_last_dim=True))
     cases.update(_tensor_cases(op, "side_v", dense_last_dim=True))
-    for name in ("band_key_mask", "side_mask", "query_block", "band_bias", "side_bias") + (("lse",) if bwd else ()):
+    for name in ("band_key_mask", "side_mask", "query_block", "band_bias", "side_bias", "rng") + (
+            ("lse",) if bwd else ()):
         cases.update(_tensor_cases(op, name))
+    for value in (-0.1, 1.0, math.nan):
+        cases[f"dropout_p={value}"] = BadCall(op, _set("dropout_p", value), rf"{op}: dropout_p must be in \[0, 1\)")
+    cases["rng-missing"] = BadCall(op, _set("rng", None), rf"{op}: rng .* is required with dropout_p > 0")
     for name in ("left", "right"):
         for value in (-1, DIMS["S"]):
             cases[f"{name}={value}"] = BadCall(op, _set(name, value), rf"{op}: {name} must be in \[0, S - 1\]")
@@ -453,7 +471,7 @@ def test_every_raw_op_argument_has_a_bad_call():
     for op in RAW_OPS:
         covered = {case_id.split("/")[1].split("-")[0].split("=")[0] for case_id in BAD_CALLS
                    if case_id.startswith(f"{op}/")}
-        names = {a.name for a in getattr(torch.ops.longattn, op).default._schema.arguments}
+        names = {a.name for a in getattr(torch.ops.longattn, op).default._schema.arguments} - _NO_BAD_VALUE
         assert names <= covered, f"{op}: no bad call for {sorted(names - covered)}"
 
 
@@ -482,6 +500,11 @@ def test_opcheck_raw_ops():
     dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.longattn.cuda_band_side_bwd.default,
                           (dout, q, k, v, sk, sv, out, lse, bkm, sm, qb, bb, sb, 20, 9, 0.125))
+    drop = (0.1, torch.tensor([123, 8], dtype=torch.int64, device="cuda"), False)  # dropout_p, rng, global rows
+    torch.library.opcheck(torch.ops.longattn.cuda_band_side_fwd.default, fwd_args + drop)
+    out, lse = torch.ops.longattn.cuda_band_side_fwd(*fwd_args, *drop)
+    torch.library.opcheck(torch.ops.longattn.cuda_band_side_bwd.default,
+                          (dout, q, k, v, sk, sv, out, lse, bkm, sm, qb, bb, sb, 20, 9, 0.125, *drop))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 100, 32, generator=gen).to(torch.bfloat16).cuda()
     ids = torch.randint(-1, 7, (2, 100), generator=gen, dtype=torch.int32).cuda()

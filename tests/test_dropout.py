@@ -18,7 +18,7 @@ import torch
 
 import longattn
 from longattn import _dropout
-from longattn.dispatch import BackendUnavailableError, unsupported_reasons
+from longattn.dispatch import unsupported_reasons
 from tests import reference
 from tests.conftest import grads, make_case
 from tests.tolerance import assert_close_to_oracle, assert_within_rule
@@ -151,17 +151,22 @@ def test_torch_backend_equals_dense_oracle_with_the_same_mask(op):
 def test_triton_drops_the_same_entries_as_torch(op, dtype):
     """For one seed, Triton and torch drop the same entries: outputs and every gradient within the rule
     (baseline: the torch backend in the same dtype; both against the fp64 oracle with that seed's mask)."""
-    run, oracle, make = OPS[op]
-    case = make().cast(torch.float64, DEVICE)
+    _assert_drops_like_torch(op, OPS[op][2]().cast(torch.float64, DEVICE), "triton", dtype)
+
+
+def _assert_drops_like_torch(op, case, backend, dtype):
+    """``backend`` against torch for seed 5: outputs and every gradient within the rule (baseline: torch in
+    ``dtype``; both against the fp64 oracle of the fp64 ``case`` with that seed's mask)."""
+    run, oracle, _ = OPS[op]
     B, H = case.q.shape[0], case.q.shape[2]
-    ref = oracle(case, P, _rng_of(5, B, H, DEVICE))
+    ref = oracle(case, P, _rng_of(5, B, H, case.q.device.type))
     ref_grads = grads(ref, _leaves(case, op))
     results = {}
-    for backend in ("torch", "triton"):
+    for name in ("torch", backend):
         c = case.cast(dtype)
-        out = _seeded(lambda c=c, backend=backend: run(c, backend, P), 5)
-        results[backend] = (out, grads(out, _leaves(c, op)))
-    (base, base_grads), (out, got) = results["torch"], results["triton"]
+        out = _seeded(lambda c=c, name=name: run(c, name, P), 5)
+        results[name] = (out, grads(out, _leaves(c, op)))
+    (base, base_grads), (out, got) = results["torch"], results[backend]
     assert_within_rule("out", out, base, ref)
     for g, b, r in zip(got, base_grads, ref_grads):
         assert_within_rule("grad", g, b, r, grad=True)
@@ -289,15 +294,48 @@ def test_bad_dropout_p_raises_naming_it(op, bad, error):
         run(make(), "torch", bad)
 
 
-def test_cuda_backend_states_dropout_unsupported():
-    reason = "dropout_p > 0 is not supported by the CUDA kernels yet"
+def test_cuda_backend_accepts_dropout():
+    """The CUDA kernels run dropout (csrc/band_side/dropout.h): no backend reason names it."""
     for op in ("local", "tglobal", "longformer"):
-        assert reason in unsupported_reasons("cuda", torch.device("cuda"), torch.float16, 64, op, ("dropout",))
-        assert reason not in unsupported_reasons("cuda", torch.device("cuda"), torch.float16, 64, op)
-    case = OPS["local"][2]()
-    with pytest.raises(BackendUnavailableError, match="not supported by the CUDA kernels"):
-        _local(case, "cuda", P)
-    _local(case, "auto", P)  # auto picks a backend that can
+        reasons = unsupported_reasons("cuda", torch.device("cuda"), torch.float16, 64, op, ("dropout",))
+        assert not any("dropout" in r for r in reasons), reasons
+
+
+# GPU cases for the CUDA kernels (D in 32/64/128): several 64-row query tiles, band windows that cross key tiles,
+# side keys over more than one 64-key tile (TGlobal, Longformer's global rows attend all S tokens).
+CUDA_CASES = {
+    "local": lambda: make_case(B=2, S=150, H=2, D=32, window=(37, 20), bias=True, padding="tail"),
+    "tglobal": lambda: make_case(B=2, S=150, H=2, D=64, window=(20, 9), G=70, bias=True, padding="tail",
+                                 side_padding=True),
+    "longformer": lambda: _longformer_case(S=150, H=2, D=32, window=(20, 20)),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_drops_the_same_entries_as_torch(op, dtype):
+    """For one seed, the CUDA kernels and the torch backend drop the same entries: outputs and every gradient
+    within the rule (baseline: torch in the same dtype; both against the fp64 oracle with that seed's mask)."""
+    _assert_drops_like_torch(op, CUDA_CASES[op]().cast(torch.float64, "cuda"), "cuda", dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "torch"])
+def test_cuda_keep_pattern_read_back_through_one_hot_values(backend):
+    """v[j] = e_(j mod 64) and a window narrower than 64: out[i, j mod 64] = P_ij * keep_ij / (1 - p), so the
+    exact zeros of the output are the dropped band entries. CUDA's are the dense mask's, entry by entry."""
+    B, S, H, D, (left, right) = 2, 200, 3, 64, (30, 20)
+    case = make_case(B=B, S=S, H=H, D=D, window=(left, right), dtype=torch.float16, device="cuda")
+    v = torch.nn.functional.one_hot(torch.arange(S, device="cuda") % D, D).to(torch.float16)
+    v = v[None, :, None, :].expand(B, S, H, D).contiguous()
+    out = _seeded(lambda: longattn.local_attention(case.q, case.k, v, case.window, scale=0.1, dropout_p=P,
+                                                   backend=backend), 9)
+    keep = _dropout.dense_keep_mask(_rng_of(9, B, H, "cuda"), P, B, H, S).to("cuda")  # (B, H, S, S) bool
+    i, j = torch.meshgrid(torch.arange(S, device="cuda"), torch.arange(S, device="cuda"), indexing="ij")
+    band = (j >= i - left) & (j <= i + right)
+    got_zero = out.permute(0, 2, 1, 3)[:, :, i, j % D] == 0  # (B, H, S, S) read back per (i, j)
+    assert torch.equal(got_zero & band, ~keep & band)
 
 
 def test_torch_compile_fullgraph_forward_backward():

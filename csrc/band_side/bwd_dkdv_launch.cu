@@ -11,8 +11,11 @@ cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStrea
     using Traits = decltype(traits);
     const int band_ctas = (p.S + Traits::kBlockN - 1) / Traits::kBlockN;
     const int side_ctas = ((p.G + Traits::kBlockN - 1) / Traits::kBlockN) * p.side_chunks;
-    return launch_kernel(band_side_bwd_dkdv_kernel<Traits>, dim3(band_ctas + side_ctas, p.B, p.H),
-                         Traits::kThreads, Traits::kBwdDkvSmem, p, stream);
+    // Dropout is a separate instantiation: without it the kernel is exactly the dropout-free code.
+    const auto kernel = p.rng != nullptr ? band_side_bwd_dkdv_kernel<Traits, true>
+                                         : band_side_bwd_dkdv_kernel<Traits, false>;
+    return launch_kernel(kernel, dim3(band_ctas + side_ctas, p.B, p.H), Traits::kThreads, Traits::kBwdDkvSmem, p,
+                         stream);
   });
 }
 

@@ -13,8 +13,12 @@
 //
 // P is recomputed from the saved lse with the forward's score_log2, so masked entries (score -inf) and
 // rows with no key (lse +inf) give P = 0 and hence zero gradients.
+//
+// kDropout (Z = keep / (1 - p), the forward's bits regenerated from the same counters, band_side/dropout.h):
+// dV = (P Z)^T dO and dS = P (Z dP - delta), dP = dO V^T; delta = rowsum(dO * O) is unchanged.
 #pragma once
 
+#include "band_side/dropout.h"
 #include "band_side/tile_ops.h"
 
 namespace longattn {
@@ -50,7 +54,7 @@ __device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h,
 // ------------------------------------------------------------------------------------------------
 // dQ
 // ------------------------------------------------------------------------------------------------
-template <typename Traits>
+template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
@@ -73,13 +77,25 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(cons
 
   float acc_dq[D / 8][4];
   zero(acc_dq);
+  DropoutCtx drop{};
+  if constexpr (kDropout) drop = dropout_ctx(p, b, h);
 
   walk_key_tiles<Traits>(p, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt, const T* sVt) {
+    // The keep bits depend on indices only: drawn before the products, while few registers are live.
+    uint32_t keep = 0;
+    if constexpr (kDropout) keep = keep_mask_query_rows<BN>(drop, kt.side, kt.key0, i0, i1, lane);
     float s[BN / 8][4], dp[BN / 8][4];
     zero(s);
     zero(dp);
     gemm_nt<T, D, BN, LDS>(s, sQ + warp * 16 * LDS, sKt, lane);
     gemm_nt<T, D, BN, LDS>(dp, sdO + warp * 16 * LDS, sVt, lane);
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[n][e] *= keep_scale(keep, n, e, p.drop_scale);  // Z dP
+      }
+    }
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
@@ -148,7 +164,7 @@ __device__ __forceinline__ void side_bias_grad_tile(const BandSideParams& p, con
 // ------------------------------------------------------------------------------------------------
 // dK, dV (band key tiles and side-key tiles x query chunks)
 // ------------------------------------------------------------------------------------------------
-template <typename Traits>
+template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
@@ -216,6 +232,8 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
   float acc_dk[D / 8][4], acc_dv[D / 8][4];
   zero(acc_dk);
   zero(acc_dv);
+  DropoutCtx drop{};
+  if constexpr (kDropout) drop = dropout_ctx(p, b, h);
 
   for (int t = 0; t < q_count; ++t) {
     const int buf = t & 1;
@@ -235,6 +253,9 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
     const int* qb = sQb + buf * BM;
     if (!kt.side) kt.check_range = !band_tile_is_interior<BM, BN>(p, q0, kt.key0);
 
+    // The keep bits depend on indices only: drawn before the products, while few registers are live.
+    uint32_t keep = 0;
+    if constexpr (kDropout) keep = keep_mask_key_rows<BM>(drop, kt.side, k0, q0, lane);
     // Transposed products: rows are this warp's 16 keys, columns the tile's 64 queries.
     float pt[BM / 8][4], dpt[BM / 8][4];
     zero(pt);
@@ -251,8 +272,22 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
       }
     }
     uint32_t pa[BM / 16][4];
-    acc_to_a<T, BM>(pt, pa);
-    gemm_rs<T, BM, D, LDS>(acc_dv, pa, sdOt, lane);  // dV += P^T dO
+    if constexpr (kDropout) {
+      // Z^T of this warp's 16 keys x 64 queries; P Z for dV, Z dP for dS.
+      // (Packed pair by pair, as acc_to_a does: no second 16 x 64 float tile in registers.)
+      const float zs = p.drop_scale;
+#pragma unroll
+      for (int n = 0; n < BM / 8; ++n) {
+        pa[n / 2][(n % 2) * 2] = pack2<T>(pt[n][0] * keep_scale(keep, n, 0, zs), pt[n][1] * keep_scale(keep, n, 1, zs));
+        pa[n / 2][(n % 2) * 2 + 1] =
+            pack2<T>(pt[n][2] * keep_scale(keep, n, 2, zs), pt[n][3] * keep_scale(keep, n, 3, zs));
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dpt[n][e] *= keep_scale(keep, n, e, zs);
+      }
+    } else {
+      acc_to_a<T, BM>(pt, pa);
+    }
+    gemm_rs<T, BM, D, LDS>(acc_dv, pa, sdOt, lane);  // dV += (P Z)^T dO
 
 #pragma unroll
     for (int n = 0; n < BM / 8; ++n) {

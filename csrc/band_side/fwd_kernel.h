@@ -6,13 +6,17 @@
 // S = Q K^T on tensor cores, score_log2 (scale, bias, masks; range tests only on edge tiles), online
 // softmax in registers, O += P V with P re-packed from the S accumulators. The row log-sum-exp is written
 // for the backward pass; nothing of size S x keys ever reaches global memory.
+//
+// kDropout: P (unnormalised, after its contribution to the row sum) is multiplied by keep / (1 - p) before the
+// P V product, so out = (P Z) V / l with the undropped normaliser l; the lse is the undropped one.
 #pragma once
 
+#include "band_side/dropout.h"
 #include "band_side/tile_ops.h"
 
 namespace longattn {
 
-template <typename Traits>
+template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
@@ -34,8 +38,13 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
   zero(acc_o);
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
   float row_sum[2] = {0.f, 0.f};              // this thread's partial; quad-reduced at the end
+  DropoutCtx drop{};
+  if constexpr (kDropout) drop = dropout_ctx(p, b, h);
 
   walk_key_tiles<Traits>(p, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt, const T* sVt) {
+    // The keep bits depend on indices only: drawn before the product, while few registers are live.
+    uint32_t keep = 0;
+    if constexpr (kDropout) keep = keep_mask_query_rows<BN>(drop, kt.side, kt.key0, i0, i1, lane);
     float s[BN / 8][4];
     zero(s);
     gemm_nt<T, D, BN, LDS>(s, sQ + warp * 16 * LDS, sKt, lane);
@@ -69,6 +78,13 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
       for (int e = 0; e < 4; ++e) {
         s[n][e] = exp2f(s[n][e] - base[e >> 1]);
         row_sum[e >> 1] += s[n][e];
+      }
+    }
+    if constexpr (kDropout) {
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[n][e] *= keep_scale(keep, n, e, p.drop_scale);
       }
     }
 #pragma unroll

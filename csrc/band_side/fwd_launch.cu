@@ -8,8 +8,9 @@ namespace longattn {
 cudaError_t run_band_side_fwd(const BandSideParams& p, bool bf16, cudaStream_t stream) {
   return dispatch_traits(bf16, p.D, [&](auto traits) {
     using Traits = decltype(traits);
-    return launch_kernel(band_side_fwd_kernel<Traits>, query_tile_grid<Traits>(p), Traits::kThreads,
-                         Traits::kFwdSmem, p, stream);
+    // Dropout is a separate instantiation: without it the kernel is exactly the dropout-free code.
+    const auto kernel = p.rng != nullptr ? band_side_fwd_kernel<Traits, true> : band_side_fwd_kernel<Traits, false>;
+    return launch_kernel(kernel, query_tile_grid<Traits>(p), Traits::kThreads, Traits::kFwdSmem, p, stream);
   });
 }
 

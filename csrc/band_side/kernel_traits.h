@@ -2,9 +2,10 @@
 //
 // One CTA = 4 warps = 128 threads working on a 64 x 64 (queries x keys) score tile; each warp owns 16
 // rows of it (16 queries in the forward and dQ kernels, 16 keys in the dK/dV kernel), so every softmax
-// row lives in one warp and no cross-warp reduction is needed. The only template parameters are the
-// element type and the head dim (2 x 3 instantiations per kernel) -- everything else (masks, biases,
-// side keys, edge tiles) is a runtime flag, which keeps the build to a few minutes.
+// row lives in one warp and no cross-warp reduction is needed. The template parameters are the element
+// type and the head dim (2 x 3), and on each kernel a kDropout flag (so the dropout-free instantiation is
+// exactly the code without dropout) -- everything else (masks, biases, side keys, edge tiles) is a runtime
+// flag, which keeps the build to a few minutes.
 #pragma once
 
 #include "common/ptx.h"

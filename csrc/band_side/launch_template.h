@@ -9,7 +9,7 @@
 namespace longattn {
 
 // Calls F.template operator()<Traits>() for the runtime (dtype, head dim); the only instantiations that
-// exist are these six per kernel.
+// exist are these six per kernel (times the kernels' kDropout flag, chosen by the launch files).
 template <typename F>
 cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
   if (bf16) {

@@ -34,6 +34,12 @@ struct BandSideParams {
   int left, right, band_width;  // band_width = left + right + 1
   float scale;                  // multiplies <q, k>
 
+  // ---- attention dropout (only read by the kDropout = true kernels; see band_side/dropout.h) -------
+  const int64_t* rng;         // [seed, offset] int64 on the device (CUDA-graph safe), or nullptr: no dropout
+  uint32_t drop_threshold;    // keep = bits >= threshold = ceil(p * 2^32)
+  float drop_scale;           // 1 / (1 - p)
+  bool drop_global_rows;      // rows are Longformer global rows (the global-row counter words)
+
   // ---- forward outputs: out contiguous (B, S, H, D), lse contiguous float32 (B, H, S) ------------
   void* out;
   float* lse;

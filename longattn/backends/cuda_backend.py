@@ -8,7 +8,9 @@ under ``torch.compile`` / FakeTensor, says when the backend cannot run, and maps
 Kernel design (see csrc/band_side/*.h): flash-attention-2 style tiles of 64 queries x 64 keys, 4 warps,
 ``mma.sync.m16n8k16`` + ``ldmatrix`` + ``cp.async`` double buffering, online softmax, lse saved; backward
 as three kernels (delta, dQ per query tile, dK/dV per key tile) with no atomics, so gradients are bitwise
-reproducible.
+reproducible. Attention dropout (``dropout_p > 0``) runs in separate instantiations of the same kernels
+(``csrc/band_side/dropout.h``: Philox bits of ``longattn._dropout``'s counter layout, regenerated in the
+backward), so ``dropout_p = 0`` runs exactly the dropout-free code.
 """
 
 from __future__ import annotations
@@ -85,14 +87,11 @@ def unavailable_reasons(device) -> list[str]:
     return []
 
 
-DROPOUT_REASON = "dropout_p > 0 is not supported by the CUDA kernels yet"
 GROUPED_KV_REASON = "grouped-query attention (H_kv < H) is not supported by the CUDA kernels yet"
 
 
 def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
     reasons = unavailable_reasons(device)
-    if "dropout" in features and op == "band_side":
-        reasons.append(DROPOUT_REASON)  # csrc/common/philox.h is not wired into the kernels yet
     if "grouped_kv" in features and op == "band_side":
         reasons.append(GROUPED_KV_REASON)  # the csrc kernels index K/V by the query head
     if reasons:
@@ -115,17 +114,18 @@ def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
 
 
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                      left, right, scale):
+                      left, right, scale, dropout_p=0.0, rng=None, global_rows=False):
+    """``global_rows``: the rows are Longformer global rows (slot s = row s; the global-row dropout counters)."""
     return tuple(torch.ops.longattn.cuda_band_side_fwd(
         q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-        float(scale)))
+        float(scale), float(dropout_p), rng, global_rows))
 
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                       band_bias, side_bias, left, right, scale):
+                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None, global_rows=False):
     return tuple(torch.ops.longattn.cuda_band_side_bwd(
         dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-        left, right, float(scale)))
+        left, right, float(scale), float(dropout_p), rng, global_rows))
 
 
 def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
@@ -138,9 +138,26 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
 
 
 def _rows_passes():
-    from ._longformer import rows_via_band_side
+    """``_longformer.rows_via_band_side`` plus dropout: the raw op with ``global_rows`` set, so row s uses the
+    global-row counters of slot s and its keys (the tokens, here side keys) the side-key ids."""
+    from ._longformer import rows_by_gather
 
-    return rows_via_band_side(band_side_forward, band_side_backward)
+    def rows_forward(q_rows, k, v, key_mask, scale, dropout_p=0.0, rng=None):
+        no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
+        return band_side_forward(q_rows, q_rows, q_rows, k, v, no_band, key_mask, None, None, None, 0, 0, scale,
+                                 dropout_p, rng, global_rows=True)
+
+    def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None,
+                      dropout_p=0.0, rng=None):
+        no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
+        dq_rows, _, _, dk, dv, _, _ = band_side_backward(dout_rows, q_rows, q_rows, q_rows, k, v, out_rows, lse,
+                                                         no_band, key_mask, None, None, None, 0, 0, scale,
+                                                         dropout_p, rng, global_rows=True)
+        dk = dk if dk_into is None else dk_into.add_(dk)
+        dv = dv if dv_into is None else dv_into.add_(dv)
+        return dq_rows, dk, dv
+
+    return rows_by_gather(rows_forward, rows_backward)
 
 
 # Longformer global rows (longattn.backends._longformer): the raw band op with the slot queries as the sequence
@@ -158,12 +175,12 @@ def _register_fakes():
 
     @torch.library.register_fake("longattn::cuda_band_side_fwd")
     def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-          scale):
+          scale, dropout_p=0.0, rng=None, dropout_global_rows=False):
         return _fake.band_side_forward(q)
 
     @torch.library.register_fake("longattn::cuda_band_side_bwd")
     def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-          side_bias, left, right, scale):
+          side_bias, left, right, scale, dropout_p=0.0, rng=None, dropout_global_rows=False):
         return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
 
     @torch.library.register_fake("longattn::cuda_block_aggregate_fwd")

@@ -67,9 +67,12 @@ def _inputs(name, dtype, device):
     return (q, k, v, window, _globals(B, S, layout).to(device)), kwargs, leaves, max_globals
 
 
-def _run(name, dtype, backend, device="cpu"):
+def _run(name, dtype, backend, device="cpu", dropout_p=0.0):
     args, kwargs, leaves, max_globals = _inputs(name, dtype, device)
-    out = longattn.longformer_attention(*args, **kwargs, max_globals=max_globals, backend=backend)
+    if dropout_p:
+        torch.manual_seed(0)  # the dropout seed is drawn from torch's generator
+    out = longattn.longformer_attention(*args, **kwargs, max_globals=max_globals, dropout_p=dropout_p,
+                                        backend=backend)
     return out, grads(out, leaves)
 
 
@@ -110,8 +113,9 @@ def test_triton_within_rule(name, dtype):
 
 
 @pytest.mark.skipif(not TRITON, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter)")
-def test_triton_backward_is_deterministic():
-    runs = [_run("start-middle-end-projections", torch.float16, "triton", DEVICE)[1] for _ in range(2)]
+@pytest.mark.parametrize("name, dropout_p", [("start-middle-end-projections", 0.0), ("start-middle-end", 0.2)])
+def test_triton_backward_is_deterministic(name, dropout_p):
+    runs = [_run(name, torch.float16, "triton", DEVICE, dropout_p)[1] for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
@@ -158,3 +162,26 @@ def test_global_rows_kernels_compile_for_sm90_bf16():
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter)")
+def test_triton_band_pass_reads_slots_in_place():
+    """Issue 12 target 2 inside the op: the Triton band pass reads the global tokens' k/v through the slot
+    positions and adds their side-key dK/dV into dk/dv in a kernel, and zeroes padding rows in the kernel: no
+    gathered copy of k/v, no scatter, no masked_fill (the one remaining gather is ``global_slots``' bool one)."""
+    from longattn.backends import _longformer
+    from longattn.dispatch import get_backend
+    from tests.test_host_sync import OpLog
+
+    (q, k, v, window, glob), kwargs, _, _ = _inputs("start-middle-end", torch.float32, DEVICE)
+    q, k, v = (x.detach() for x in (q, k, v))
+    pad = kwargs["key_padding_mask"]
+    backend = get_backend("triton")
+    with OpLog() as fwd:
+        out, lse, glse = _longformer.forward(backend, q, k, v, None, None, None, glob, pad, *window, 0.25, 3)
+    with OpLog() as bwd:
+        _longformer.backward(backend, torch.randn_like(out), q, k, v, None, None, None, out, lse, glse, glob, pad,
+                             *window, 0.25)
+    for log in (fwd, bwd):
+        assert not [op for op in log.ops if "scatter" in op or "masked_fill" in op], log.ops
+        assert log.ops.count("aten.gather") == 1, log.ops

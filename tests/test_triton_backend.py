@@ -224,8 +224,9 @@ def test_explicit_request_raises_with_reason():
 # --------------------------------------------------------------------------------------------------------
 
 _POINTER_TYPES = {
-    **dict.fromkeys(["Lse", "Delta", "Part", "Sums", "Rstd", "Coef"], "*fp32"),
-    **dict.fromkeys(["KMask", "SMask"], "*u8"),
+    **dict.fromkeys(["Lse", "Delta", "Part", "Sums", "Rstd", "Coef", "DSK", "DSV"], "*fp32"),
+    **dict.fromkeys(["KMask", "SMask", "QMask"], "*u8"),
+    "SIdx": "*i64",
     **dict.fromkeys(["QBlock", "Order", "Bounds", "Ids"], "*i32"),
     "Rng": "*i64",
     **dict.fromkeys(["Q", "K", "V", "SK", "SV", "DO", "Res", "DK", "DV", "BBias", "SBias", "Bias", "X", "W", "Out",
@@ -261,12 +262,14 @@ def compile_all_for_sm90():
     from triton.compiler import ASTSource
 
     def build(fn, constexprs, warps):
+        # constexpr parameters with a default (the Longformer options, off) are compiled at that default
+        constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
         sig = {n: "constexpr" if n in constexprs else _POINTER_TYPES.get(
                    n, "fp32" if n in ("scale", "eps", "drop_scale") else "i32") for n in fn.arg_names}
         consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
         kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                                 options={"num_warps": warps})
-        shown = ("BACKWARD", "SIDE", "HAS_DROPOUT", "BLOCK_D")
+        shown = ("BACKWARD", "SIDE", "HAS_DROPOUT", "BLOCK_D", "SIDE_INDEX")
         flags = ",".join(f"{n}={v}" for n, v in constexprs.items() if n in shown)
         print(f"{fn.__module__.split('.')[-1]}.{fn.__name__}[{flags}]: {ptxas_usage(kernel.asm['ptx'])}")
 
@@ -279,6 +282,14 @@ def compile_all_for_sm90():
                 build(band_side._rows_kernel, dict(BACKWARD=backward, **flags, **tiles, HAS_DROPOUT=dropout), warps)
             for side in (False, True):
                 build(band_side._keys_kernel, dict(SIDE=side, **flags, **tiles, HAS_DROPOUT=dropout), warps)
+        # Longformer's band pass: side keys read through the slot index, row masks in the kernel, no biases
+        lf = dict(HAS_KMASK=True, HAS_SMASK=True, HAS_BBIAS=False, HAS_SBIAS=False, SIDE_INDEX=True, **tiles)
+        for dropout in (False, True):
+            build(band_side._rows_kernel, dict(BACKWARD=False, HAS_QMASK=True, KMASK_ROWS=True, **lf,
+                                               HAS_DROPOUT=dropout), warps)
+            build(band_side._rows_kernel, dict(BACKWARD=True, **lf, HAS_DROPOUT=dropout), warps)
+            build(band_side._keys_kernel, dict(SIDE=True, **lf, HAS_DROPOUT=dropout), warps)
+        build(band_side._side_add_kernel, dict(HAS_SMASK=True, BLOCK_G=16, BLOCK_D=D), 4)
         build(band_side._delta_kernel, dict(BLOCK_M=bm, BLOCK_D=D), warps)
     for weighted in (False, True):
         meta = dict(HAS_WEIGHT=weighted, BLOCK_S=block_aggregate._GPU_BLOCK_S, BLOCK_C=block_aggregate._GPU_BLOCK_C)

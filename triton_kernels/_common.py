@@ -194,3 +194,54 @@ def batch_head_offset(pid_bh, H, stride_b, stride_h):
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     return b * stride_b + h * stride_h
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-tile attention steps, shared by the band + side kernels (band_side) and the global rows (global_rows).
+# ``z`` is the tile's dropout factor (0 or 1 / (1 - p)); it is read only with HAS_DROPOUT (pass any tensor).
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def softmax_step(s, z, v, m_i, l_i, acc, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update of a query tile's running (max ``m_i``, normaliser ``l_i``, ``acc``) by one key tile
+    of float32 scores ``s`` (BLOCK_M, BLOCK_N) and values ``v`` (BLOCK_N, BLOCK_D). -> (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with no key so far keeps m = -inf; shift by 0 instead so no inf - inf appears.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_safe) * LOG2E)
+    p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser is taken before dropout
+    if HAS_DROPOUT:
+        p = p * z
+    # P is rounded to the input dtype before the PV product, as the torch backend does.
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """float32 dS = P * (dP - delta) of a tile from its scores (softmax backward; P recomputed from the row
+    log-sum-exp ``lse``, +inf for a row with no key: P = 0); with dropout dP = Z * (dO V^T)."""
+    p = tl.exp2((s - lse[:, None]) * LOG2E)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        dp = dp * z
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
+def kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK (unscaled) and dV of a key tile accumulated over one query tile (q, do: (BLOCK_M, BLOCK_D); s: its
+    float32 scores against the key tile; lse, delta: the rows' statistics). -> (dk, dv)."""
+    p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (row outside [0, S), no key): p = 0
+    pz = p
+    if HAS_DROPOUT:
+        pz = p * z
+    dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    if HAS_DROPOUT:
+        dp = dp * z
+    ds = p * (dp - delta[:, None])
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+    return dk, dv

@@ -11,6 +11,11 @@ Kernels:
   walks its share of the query tiles (each query attends every side key; the shares' float32 partials are
   summed by torch in a fixed order, see ``backward``).
 - ``_delta_kernel``: ``delta = rowsum(dout * out)``, the softmax-backward row term read by both.
+- ``_side_add_kernel`` (only with ``side_index``, Longformer): sums the side keys' dK/dV partials in split order
+  and adds them into the rows of dk/dv that the index names, after the band dK/dV (no scatter, no atomics).
+
+With ``side_index`` (constexpr ``SIDE_INDEX``; Longformer's global tokens) side key g of batch row b is token
+``side_index[b, g]`` of k/v, read in place instead of from a gathered (B, G, H, D) copy.
 
 All kernels use the score helpers of ``_common``. Layouts: q, k, v,
 dout (B, S, H, D) and side_k, side_v (B, G, H, D) with any strides and a unit last stride (strides are passed
@@ -26,17 +31,19 @@ import triton.language as tl
 
 from . import bias_grad
 from ._common import (
-    LOG2E,
     as_u8,
     attention_tiles,
     band_scores,
     band_tile_interior,
     batch_head_offset,
     dot_precision,
+    ds_tile,
     head_dim_block,
+    kv_grad_step,
     load_query_block,
     load_rows,
     side_scores,
+    softmax_step,
     split_count,
     store_rows,
     strides3,
@@ -63,17 +70,6 @@ def _keep_scale(Rng, bh, rows, n0, drop_thresh, drop_scale, BLOCK_N: tl.constexp
 
 
 @triton.jit
-def _ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """float32 dS = P * (dP - delta) of a tile from its scores (softmax backward; P recomputed from lse); with
-    dropout (factors ``z``) dP = Z * (dO V^T)."""
-    p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (no key) gives p = 0
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    if HAS_DROPOUT:
-        dp = dp * z
-    return p * (dp - delta[:, None])
-
-
-@triton.jit
 def _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                DOT_PREC: tl.constexpr):
     """One key tile of a query tile: online-softmax update (forward) or dQ accumulation (backward).
@@ -82,33 +78,35 @@ def _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr
     """
     ds = s
     if BACKWARD:
-        ds = _ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
+        ds = ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with no key so far keeps m = -inf; shift by 0 instead so no inf - inf appears.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_i - m_safe) * LOG2E)
-        p = tl.exp2((s - m_safe[:, None]) * LOG2E)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser is taken before dropout
-        if HAS_DROPOUT:
-            p = p * z
-        # P is rounded to the input dtype before the PV product, as the torch backend does.
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(s, z, v, m_i, l_i, acc, HAS_DROPOUT, DOT_PREC)
     return m_i, l_i, acc, ds
 
 
 @triton.jit
-def _side_tile(q, g0, sk_base, sv_base, stride_sks, stride_svs, qblock, sbias_ptr, smask_ptr, G, D, scale,
-               HAS_SBIAS: tl.constexpr, HAS_SMASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               DOT_PREC: tl.constexpr):
+def side_rows(sidx_ptr, g, G, SIDE_INDEX: tl.constexpr):
+    """K/V rows of side keys ``g``: ``sidx_ptr[g]`` (this batch row of ``side_index``) with SIDE_INDEX, else g.
+    Index values are not checked (that would sync): ``load_rows`` reads rows outside the tensor as zeros."""
+    rows = g
+    if SIDE_INDEX:
+        rows = tl.load(sidx_ptr + g, mask=(g >= 0) & (g < G), other=-1)
+    return rows
+
+
+@triton.jit
+def _side_tile(q, g0, sk_base, sv_base, stride_sks, stride_svs, qblock, sbias_ptr, smask_ptr, sidx_ptr, n_side, G, D,
+               scale, HAS_SBIAS: tl.constexpr, HAS_SMASK: tl.constexpr, SIDE_INDEX: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """(k, v, scores) of side keys ``[g0, g0 + BLOCK_N)`` against the query tile ``q`` (qblock: its (BLOCK_M, 1)
-    block ids); the scores are masked (g < G, side_mask)."""
+    block ids); the scores are masked (g < G, side_mask). With SIDE_INDEX side key g is row ``sidx_ptr[g]`` of the
+    ``n_side``-row K/V (``side_rows``); else row g."""
     g = g0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(sk_base, g, G, stride_sks, offs_d, D)
-    v = load_rows(sv_base, g, G, stride_svs, offs_d, D)
+    rows = side_rows(sidx_ptr, g, G, SIDE_INDEX)
+    k = load_rows(sk_base, rows, n_side, stride_sks, offs_d, D)
+    v = load_rows(sv_base, rows, n_side, stride_svs, offs_d, D)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     s = side_scores(qk, qblock, g[None, :], G, scale, sbias_ptr, smask_ptr, HAS_SBIAS, HAS_SMASK)
     return k, v, s
@@ -116,8 +114,8 @@ def _side_tile(q, g0, sk_base, sv_base, stride_sks, stride_svs, qblock, sbias_pt
 
 @triton.jit
 def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width, side, G, D, scale, drop,
-                      HAS_SMASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BIAS_L: tl.constexpr,
-                      HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                      HAS_SMASK: tl.constexpr, SIDE_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BIAS_L: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """Side-bias sums of the rows left out of the side loop's group, whose block ids lie ``SIDE_SPAN`` or more
     below the tile's largest (e.g. padding rows, qb = -1, in a tile with others): per pass, the next group
     (``side_group``), its dS recomputed over all side tiles and added into the row. Usually no pass runs.
@@ -130,11 +128,12 @@ def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width
         tl.debug_barrier()  # the previous pass's stores are visible to every thread
         carry = tl.zeros([BIAS_L], dtype=tl.float32)
         for g0 in range(0, G, BLOCK_N):
-            k, v, s = _side_tile(q, g0, *side, G, D, scale, True, HAS_SMASK, BLOCK_N, BLOCK_D, DOT_PREC)
+            k, v, s = _side_tile(q, g0, *side, G, D, scale, True, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
+                                 DOT_PREC)
             z = s
             if HAS_DROPOUT:
                 z = _keep_scale(drop[0], drop[1], offs_m, g0, drop[2], drop[3], BLOCK_N, True, True)
-            ds = _ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
+            ds = ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
             sums = grouped_column_sums(ds, shift, BIAS_L, DOT_PREC)
             carry = chain_add(carry, sums, side_row, G - qhi + g0, side_width, BLOCK_N, True)
         chain_flush(carry, side_row, G - qhi + (tl.cdiv(G, BLOCK_N) - 1) * BLOCK_N, side_width, BLOCK_N, True)
@@ -142,20 +141,26 @@ def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width
 
 @triton.jit
 def _rows_kernel(
-    Q, K, V, SK, SV, DO, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias, Part,
+    Q, K, V, SK, SV, DO, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias, Part, SIdx, QMask,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_skb, stride_sks, stride_skh, stride_svb, stride_svs, stride_svh,
-    stride_dob, stride_dos, stride_doh, stride_rb, stride_rs, stride_rh,
+    stride_dob, stride_dos, stride_doh, stride_rb, stride_rs, stride_rh, stride_ib,
     S, H, GROUP, G, D, left, right, scale, band_width, side_width, Rng, drop_thresh, drop_scale,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, SIDE_INDEX: tl.constexpr = False,
+    HAS_QMASK: tl.constexpr = False, KMASK_ROWS: tl.constexpr = False,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Lse, Delta) of one query tile.
 
     The backward with a bias table also writes this program's row of bias-gradient partial sums into Part
     (``bias_grad``: band_width + side_width float32 columns per (b, query tile, h)). Grouped-query attention:
     K, V, SK, SV have ``H // GROUP`` heads; query head h reads K/V head ``h // GROUP``.
+
+    SIDE_INDEX: SK, SV are (B, S, H // GROUP, D) (the band K, V) and side key g of batch row b is row
+    ``SIdx[b, g]`` (rows ``stride_ib`` apart), read in place. Forward only: with HAS_QMASK rows i where
+    ``QMask[b, i]`` (uint8) is 0 store out = 0; with KMASK_ROWS rows that are not band keys (``KMask[b, i]`` 0)
+    store lse = +inf, so the backward gives them no gradient (Longformer's padding and global rows).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -220,7 +225,8 @@ def _rows_kernel(
         qb = load_query_block(QBlock + b * S, offs_m, row_ok, G)
     sk_base = SK + batch_head_offset(pid_kv, H // GROUP, stride_skb, stride_skh)
     sv_base = SV + batch_head_offset(pid_kv, H // GROUP, stride_svb, stride_svh)
-    side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G)
+    side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G,
+            SIdx + b * stride_ib, S if SIDE_INDEX else G)
     side_row = bias_row + band_width
     if G > 0:
         if BACKWARD and HAS_SBIAS:  # side entry g - qb + G: column (G - qhi + g0) + c + shift (see bias_grad)
@@ -228,7 +234,8 @@ def _rows_kernel(
             zero_fill(side_row, 0, tl.minimum(G - qhi, side_width), BLOCK_N)
             carry = tl.zeros([BIAS_L], dtype=tl.float32)
         for g0 in range(0, G, BLOCK_N):
-            k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, BLOCK_N, BLOCK_D, DOT_PREC)
+            k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
+                                 DOT_PREC)
             z = s
             if HAS_DROPOUT:
                 z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True)
@@ -247,31 +254,37 @@ def _rows_kernel(
         store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
         if HAS_SBIAS:  # after dq's store: acc's registers are free for these (usually absent) passes
             _side_bias_passes(q, do, lse, delta, QBlock + b * S, offs_m, S, side_row, side_width, side, G, D, scale,
-                              (Rng, pid_bh, drop_thresh, drop_scale), HAS_SMASK, BLOCK_N, BLOCK_D, BIAS_L,
+                              (Rng, pid_bh, drop_thresh, drop_scale), HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D, BIAS_L,
                               HAS_DROPOUT, DOT_PREC)
     else:
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
+        if HAS_QMASK:
+            out = tl.where((tl.load(QMask + b * S + offs_m, mask=row_ok, other=0) != 0)[:, None], out, 0.0)
         store_rows(res_base, out, offs_m, S, stride_rs, offs_d, D)
         row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
+        if KMASK_ROWS:
+            row_lse = tl.where(tl.load(KMask + b * S + offs_m, mask=row_ok, other=0) != 0, row_lse, float("inf"))
         tl.store(Lse + stat_ptrs, row_lse, mask=row_ok)
 
 
 @triton.jit
 def _keys_kernel(
-    Q, K, V, DO, Lse, Delta, DK, DV, KMask, SMask, QBlock, BBias, SBias,
+    Q, K, V, DO, Lse, Delta, DK, DV, KMask, SMask, QBlock, BBias, SBias, SIdx,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh, stride_gb, stride_gs, stride_gh, stride_split,
+    stride_dob, stride_dos, stride_doh, stride_gb, stride_gs, stride_gh, stride_split, stride_ib,
     S, N, H, GROUP, G, D, left, right, scale, tiles_per_split, Rng, drop_thresh, drop_scale,
     SIDE: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, SIDE_INDEX: tl.constexpr = False,
 ):
     """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles.
 
     K, V are the band (B, S, H, D) or side (B, G, H, D) tensors. DK and DV are contiguous, (B, N, H, D) for
     band keys, (splits, B, G, H, D) for side keys, where program (., ., z) sums query tiles
     ``[z * tiles_per_split, (z + 1) * tiles_per_split)`` into slice z (``stride_split`` elements apart).
+    With SIDE and SIDE_INDEX, K and V are the band (B, S, H // GROUP, D) tensors and side key g is row
+    ``SIdx[b, g]`` (``side_rows``); DK, DV are still per side key.
 
     Grouped-query attention: K, V, DK, DV have ``H // GROUP`` heads and a program owns one (batch, K/V head);
     it walks the query tiles of each of the GROUP query heads reading that K/V head (one flat loop over
@@ -285,8 +298,10 @@ def _keys_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh), offs_n, N, stride_ks, offs_d, D)
-    v = load_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh), offs_n, N, stride_vs, offs_d, D)
+    kv_rows = side_rows(SIdx + b * stride_ib, offs_n, G, SIDE and SIDE_INDEX)
+    n_kv = S if SIDE and SIDE_INDEX else N
+    k = load_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh), kv_rows, n_kv, stride_ks, offs_d, D)
+    v = load_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh), kv_rows, n_kv, stride_vs, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -324,22 +339,45 @@ def _keys_kernel(
             edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
             s = band_scores(qk, rows[:, None], offs_n[None, :], edge, S, left, right, scale,
                             BBias + h * (left + right + 1), KMask + b * S, HAS_BBIAS, HAS_KMASK)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        pz = p
+        z = s
         if HAS_DROPOUT:  # key tiles start at multiples of BLOCK_N: aligned
             z = _keep_scale(Rng, pid_bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, True, SIDE)
-            pz = p * z
-        dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=DOT_PREC)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        if HAS_DROPOUT:
-            dp = dp * z
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        dk, dv = kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT, DOT_PREC)
 
     out_offset = tl.program_id(2).to(tl.int64) * stride_split + batch_head_offset(pid_kv, H // GROUP, stride_gb,
                                                                                   stride_gh)
     store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
     store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
+
+
+@triton.jit
+def _side_add_kernel(DSK, DSV, SIdx, SMask, DK, DV, stride_split, stride_pb, stride_pg, stride_ph, stride_ib,
+                     stride_gb, stride_gs, stride_gh, S, H_kv, G, D, splits,
+                     HAS_SMASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Side keys' dK/dV added into the band's: float32 partials DSK, DSV (splits, B, G, H_kv, D), summed in split
+    order, added into rows ``SIdx[b, g]`` of DK, DV (B, S, H_kv, D) for the slots kept by ``SMask``.
+
+    Runs after the band dK/dV kernel (stream order), one program per (slot tile, batch * K/V head). The kept
+    slots of a batch row must name distinct rows (Longformer's do): every row is then read and written by one
+    program, so no atomics and bitwise-deterministic results."""
+    pid_g, pid_kv = tl.program_id(0), tl.program_id(1)
+    b = (pid_kv // H_kv).to(tl.int64)
+    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    part = batch_head_offset(pid_kv, H_kv, stride_pb, stride_ph)
+    dk = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for z in range(splits):
+        dk += load_rows(DSK + z * stride_split + part, offs_g, G, stride_pg, offs_d, D)
+        dv += load_rows(DSV + z * stride_split + part, offs_g, G, stride_pg, offs_d, D)
+    rows = side_rows(SIdx + b * stride_ib, offs_g, G, True)
+    if HAS_SMASK:
+        rows = tl.where(tl.load(SMask + b * G + offs_g, mask=offs_g < G, other=0) != 0, rows, -1)
+    out = batch_head_offset(pid_kv, H_kv, stride_gb, stride_gh)
+    dk += load_rows(DK + out, rows, S, stride_gs, offs_d, D).to(tl.float32)
+    dv += load_rows(DV + out, rows, S, stride_gs, offs_d, D).to(tl.float32)
+    store_rows(DK + out, dk, rows, S, stride_gs, offs_d, D)
+    store_rows(DV + out, dv, rows, S, stride_gs, offs_d, D)
 
 
 @triton.jit
@@ -365,6 +403,22 @@ def _side_or_dummy(side_k, side_v, q):
     return (side_k, side_v) if side_k.shape[1] > 0 else (q, q)
 
 
+def _side_count(side_k, side_index):
+    """G: side keys are rows of side_k, or with ``side_index`` (B, G) the rows of (B, S, H, D) K/V it names."""
+    if side_index is None:
+        return side_k.shape[1]
+    if side_index.dtype != torch.int64 or side_index.dim() != 2 or side_index.stride(1) != 1:
+        raise ValueError(f"side_index: expected (B, G) int64 with unit last stride, got {side_index.dtype} "
+                         f"{tuple(side_index.shape)} strides {tuple(side_index.stride())}")
+    return side_index.shape[1]
+
+
+def _index_args(side_index, dummy):
+    """(pointer, batch stride, SIDE_INDEX) of the optional side index."""
+    return (dummy, 0, False) if side_index is None or side_index.numel() == 0 else (
+        side_index, side_index.stride(0), True)
+
+
 def _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, dummy):
     """Pointers of the optional inputs, with ``dummy`` standing in for absent ones (flags keep them unread)."""
     return (
@@ -381,29 +435,38 @@ def _flags(band_key_mask, side_mask, band_bias, side_bias):
 
 
 def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-            scale, dropout_p=0.0, rng=None):
-    """-> (out (B, S, H, D) contiguous in q's dtype, lse (B, H, S) float32); see ``longattn.backends``."""
+            scale, dropout_p=0.0, rng=None, side_index=None, query_mask=None, band_rows_only=False):
+    """-> (out (B, S, H, D) contiguous in q's dtype, lse (B, H, S) float32); see ``longattn.backends``.
+
+    Options of the Longformer op (``longattn.backends._longformer``), all default off:
+    ``side_index`` (B, G) int64: side key g of batch row b is token ``side_index[b, g]`` of ``side_k``/``side_v``
+    (then (B, S, H_kv, D), normally k and v themselves), read in place, no gathered copy; ``query_mask`` (B, S)
+    bool: rows where it is False get out = 0; ``band_rows_only``: rows where ``band_key_mask`` is False get
+    lse = +inf (no gradient from the backward).
+    """
     B, S, H, D = q.shape
-    G = side_k.shape[1]
+    G = _side_count(side_k, side_index)
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
     grid = (triton.cdiv(S, BLOCK_M), B * H)
+    sidx, stride_ib, indexed = _index_args(side_index, q)
     _rows_kernel[grid](
-        q, k, v, *_side_or_dummy(side_k, side_v, q), q, out, lse, lse, *extra, lse,
+        q, k, v, *_side_or_dummy(side_k, side_v, q), q, out, lse, lse, *extra, lse, sidx, as_u8(query_mask, q),
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
-        *strides3(q), *strides3(out),
+        *strides3(q), *strides3(out), stride_ib,
         S, H, H // k.shape[2], G, D, left, right, float(scale), 0, 0,
         BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias),
         **_dropout_meta(dropout_p, rng, lse), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
+        SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
     )
     return out, lse
 
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-             left, right, scale, dropout_p=0.0, rng=None):
+             left, right, scale, dropout_p=0.0, rng=None, side_index=None):
     """-> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias): contiguous gradients in the inputs' dtypes
     (a bias gradient is empty when its table is absent).
 
@@ -412,9 +475,12 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     side-key tile would walk all S queries (e.g. Longformer's single global token: B * H programs for the whole
     GPU). The query range is therefore split into ``side_splits`` chunks whose float32 partials torch sums in a
     fixed order.
+
+    With ``side_index`` (see ``forward``) the side keys' dK/dV are added into dk/dv at the rows it names (kept
+    slots must name distinct rows) by ``_side_add_kernel``, and dside_k, dside_v are returned empty.
     """
     B, S, H, D = q.shape
-    G = side_k.shape[1]
+    G = _side_count(side_k, side_index)
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
     delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(S, BLOCK_M), B * H)](
@@ -432,19 +498,23 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     n_tiles = triton.cdiv(S, BLOCK_M)
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
     part = bias_grad.partials(B, n_tiles, H, widths, delta)
+    sidx, stride_ib, indexed = _index_args(side_index, q)
     _rows_kernel[(n_tiles, B * H)](
-        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, dq, lse, delta, *extra, part,
+        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, dq, lse, delta, *extra, part, sidx, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
-        *strides3(dout), *strides3(dq),
-        S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, **meta,
+        *strides3(dout), *strides3(dq), stride_ib,
+        S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, SIDE_INDEX=indexed, **meta,
     )
     dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M)
     dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
     _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H_kv, 1)](
-        q, k, v, dout, lse, delta, dk, dv, *extra,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0,
+        q, k, v, dout, lse, delta, dk, dv, *extra, q,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, 0,
         S, S, H, H // H_kv, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, **meta,
     )
+    if indexed:
+        _side_key_grads_into(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_index, side_mask, dk, dv)
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0), dbb, dsb
     dsk, dsv = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta)
     return dq, dk, dv, dsk, dsv, dbb, dsb
 
@@ -454,27 +524,51 @@ def side_splits(n_programs: int, n_query_tiles: int) -> int:
     return split_count(n_programs, n_query_tiles)
 
 
-def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta):
-    """(dside_k, dside_v) contiguous in q's dtype, from float32 partials over query chunks (see ``backward``)."""
+def _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, G, side_index, dtype):
+    """Side keys' (dK, dV), (splits, B, G, H_kv, D) in ``dtype``: slice z sums query chunk z (see ``backward``)."""
     B, S, H, D = q.shape
-    G, H_kv = side_k.shape[1], side_k.shape[2]
-    if G == 0:
-        return torch.empty_like(side_k, memory_format=torch.contiguous_format), torch.empty_like(
-            side_v, memory_format=torch.contiguous_format)
+    H_kv = side_k.shape[2]
     n_tiles = triton.cdiv(S, meta["BLOCK_M"])
     grid = (triton.cdiv(G, meta["BLOCK_N"]), B * H_kv)
     splits = side_splits(grid[0] * grid[1], n_tiles)
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
-    # One split writes the result directly; several write float32 partials summed below in a fixed order.
-    dtype = q.dtype if splits == 1 else torch.float32
+    # One split may write the result directly; several write float32 partials summed afterwards in a fixed order.
+    dtype = dtype or (q.dtype if splits == 1 else torch.float32)
     dsk = torch.empty(splits, B, G, H_kv, D, dtype=dtype, device=q.device)
     dsv = torch.empty_like(dsk)
+    sidx, stride_ib, indexed = _index_args(side_index, q)
     _keys_kernel[(*grid, splits)](
-        q, side_k, side_v, dout, lse, delta, dsk, dsv, *extra,
+        q, side_k, side_v, dout, lse, delta, dsk, dsv, *extra, sidx,
         *strides3(q), *strides3(side_k), *strides3(side_v), *strides3(dout), *strides3(dsk[0]), dsk[0].numel(),
-        S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True, **meta,
+        stride_ib, S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True, SIDE_INDEX=indexed, **meta,
     )
-    if splits == 1:
+    return dsk, dsv
+
+
+def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta):
+    """(dside_k, dside_v) contiguous in q's dtype, from float32 partials over query chunks (see ``backward``)."""
+    G = side_k.shape[1]
+    if G == 0:
+        return torch.empty_like(side_k, memory_format=torch.contiguous_format), torch.empty_like(
+            side_v, memory_format=torch.contiguous_format)
+    dsk, dsv = _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, G, None, None)
+    if dsk.shape[0] == 1:
         return dsk[0], dsv[0]
     return dsk.sum(0).to(q.dtype), dsv.sum(0).to(q.dtype)
+
+
+def _side_key_grads_into(q, k, v, dout, lse, delta, extra, scale, meta, side_index, side_mask, dk, dv):
+    """Side keys' dK/dV read through ``side_index`` and added into rows of dk, dv (contiguous, B, S, H_kv, D):
+    float32 partials over query chunks, then ``_side_add_kernel`` (fixed order, after the band dK/dV)."""
+    B, S, H, D = q.shape
+    G, H_kv = side_index.shape[1], k.shape[2]
+    if G == 0:
+        return
+    dsk, dsv = _side_partials(q, k, v, dout, lse, delta, extra, scale, meta, G, side_index, torch.float32)
+    BLOCK_G = 16  # G is small (a few global tokens); 16-row tiles keep both float32 sums in registers
+    _side_add_kernel[(triton.cdiv(G, BLOCK_G), B * H_kv)](
+        dsk, dsv, side_index, as_u8(side_mask, side_index), dk, dv, dsk[0].numel(), *strides3(dsk[0]),
+        side_index.stride(0), *strides3(dk), S, H_kv, G, D, dsk.shape[0], HAS_SMASK=side_mask is not None,
+        BLOCK_G=BLOCK_G, BLOCK_D=head_dim_block(D),
+    )

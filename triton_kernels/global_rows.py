@@ -29,8 +29,11 @@ from ._common import (
     attention_tiles,
     batch_head_offset,
     dot_precision,
+    ds_tile,
     head_dim_block,
+    kv_grad_step,
     load_rows,
+    softmax_step,
     split_count,
     store_rows,
     strides3,
@@ -161,26 +164,14 @@ def _split_kernel(
         k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
         v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
         s = _key_scores(q, k, cols, j_hi, KMask + b * S, scale, HAS_KMASK, DOT_PREC)
+        z = s
         if HAS_DROPOUT:  # n0 = split * keys_per_split + a multiple of BLOCK_N: aligned
             z = _keep_scale(Rng, pid_bh, offs_g, n0, drop_thresh, drop_scale, BLOCK_N)
-        if BACKWARD:
-            p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (unused slot, no key): p = 0
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            if HAS_DROPOUT:
-                dp = dp * z
-            ds = p * (dp - delta[:, None])
-            acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if BACKWARD:  # lse = +inf (unused slot, no key): p = 0
+            acc += tl.dot(ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC).to(k.dtype), k,
+                          input_precision=DOT_PREC)
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: shift by 0, never inf - inf
-            alpha = tl.exp2((m_i - m_safe) * LOG2E)
-            p = tl.exp2((s - m_safe[:, None]) * LOG2E)
-            l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser is taken before dropout
-            if HAS_DROPOUT:
-                p = p * z
-            # P is rounded to the input dtype before the PV product, as in the band kernels and the torch backend.
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+            m_i, l_i, acc = softmax_step(s, z, v, m_i, l_i, acc, HAS_DROPOUT, DOT_PREC)
     part = (split * tl.num_programs(1) + pid_bh).to(tl.int64) * G + offs_g  # (splits, B * H, G) row index
     ok = offs_g < G
     if BACKWARD:
@@ -217,16 +208,10 @@ def _keys_kernel(
                                        stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_ob,
                                        stride_os, stride_oh, S, H, G, D, stride_pb)
         s = _key_scores(q, k, cols, S, KMask + b * S, scale, HAS_KMASK, DOT_PREC)
-        p = tl.exp2((s - lse[:, None]) * LOG2E)
-        pz = p
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        z = s
         if HAS_DROPOUT:
             z = _keep_scale(Rng, pid_bh, offs_g, pid_n * BLOCK_N, drop_thresh, drop_scale, BLOCK_N)
-            pz = p * z
-            dp = dp * z
-        dv += tl.dot(tl.trans(pz.to(do.dtype)), do, input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+        dk, dv = kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT, DOT_PREC)
     dk = dk * scale
     out_offset = batch_head_offset(pid_bh, H, stride_gb, stride_gh)
     if ADD_DK:

@@ -69,6 +69,16 @@ The torch backend splits the keys into chunks merged by log-sum-exp; Triton runs
 (split-KV kernels, deterministic); CUDA runs its band op with the slot queries as the sequence and the tokens
 as side keys (``_longformer.rows_via_band_side``).
 
+Optionally, a backend may also run Longformer's band pass itself (the Triton backend does), in which case
+``_longformer`` calls these instead of gathering the global tokens' k, v, scattering their gradients back and
+masking rows around ``band_side_forward`` / ``band_side_backward``:
+
+``longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right, scale, dropout_p, rng)
+    -> (out, lse)``: the used slots' tokens ``pos`` (B, G) of k, v are the side keys, read in place; rows not
+    in ``key_padding_mask`` get out = 0, rows not in ``band_rows`` lse = +inf.
+``longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right, scale, dropout_p, rng)
+    -> (dq, dk, dv)``: the side keys' dK/dV added into the rows ``pos`` of dk, dv, deterministically.
+
 Index values
 ------------
 Index tensors are never range-checked on the host outside debug mode (that would sync), so every backend

@@ -19,6 +19,11 @@ Backward mirrors it: the band backward (its side-key gradients land on the globa
 which the band leaves at exactly 0 because global tokens are never band keys), then the global-rows
 backward (its key gradients added into dk/dv when the global projections are the local ones).
 
+A backend with ``longformer_band_forward`` / ``longformer_band_backward`` (Triton) runs step 2 in its kernels:
+the slots' tokens are read from ``k``/``v`` through ``pos`` (no gathered copy), padding rows are zeroed and the
+``lse`` of non-band rows set inside the kernel, and the side-key dK/dV are added into dk/dv by a kernel (no
+scatter). Others get the gather / ``masked_fill`` / ``scatter_add`` composition below.
+
 A backend without its own global-rows pass uses ``rows_via_band_side``: the slot queries against the S
 tokens as side keys of the band primitive (with an empty band), which every backend already runs.
 """
@@ -70,13 +75,17 @@ def forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_pad
     B, S, H, D = q.shape
     drop = dropout_kwargs(dropout_p, rng)
     band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
-    index = _expand(pos, k)
-    side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
-    out, lse = backend.band_side_forward(q, k, v, side_k, side_v, band_rows, used, None, None, None, left, right,
-                                         scale, **drop)
-    lse.masked_fill_(~band_rows[:, None, :], _INF)
-    if key_padding_mask is not None:
-        out.masked_fill_(~key_padding_mask[:, :, None, None], 0.0)
+    if hasattr(backend, "longformer_band_forward"):
+        out, lse = backend.longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right,
+                                                   scale, **drop)
+    else:
+        index = _expand(pos, k)
+        side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
+        out, lse = backend.band_side_forward(q, k, v, side_k, side_v, band_rows, used, None, None, None, left,
+                                             right, scale, **drop)
+        lse.masked_fill_(~band_rows[:, None, :], _INF)
+        if key_padding_mask is not None:
+            out.masked_fill_(~key_padding_mask[:, :, None, None], 0.0)
     if G == 0:
         return out, lse, lse.new_empty(B, H, 0)
     glse = backend.global_rows_forward(q if q_global is None else q_global, k if k_global is None else k_global,
@@ -91,17 +100,22 @@ def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, gls
     G = glse.shape[-1]
     drop = dropout_kwargs(dropout_p, rng)
     band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
-    index = _expand(pos, k)
-    side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
-    dq, dk, dv, dsk, dsv, _, _ = backend.band_side_backward(
-        dout, q, k, v, side_k, side_v, out, lse, band_rows, used, None, None, None, left, right, scale, **drop)
+    if hasattr(backend, "longformer_band_backward"):  # side-key dK/dV added into dk, dv by the backend
+        dq, dk, dv = backend.longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right,
+                                                      scale, **drop)
+    else:
+        index = _expand(pos, k)
+        side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
+        dq, dk, dv, dsk, dsv, _, _ = backend.band_side_backward(
+            dout, q, k, v, side_k, side_v, out, lse, band_rows, used, None, None, None, left, right, scale, **drop)
+        if G > 0:
+            # Global tokens are never band keys, so their dk/dv rows are 0 here: adding is exact (and the indices
+            # are distinct: deterministic).
+            dk.scatter_add_(1, index, dsk)
+            dv.scatter_add_(1, index, dsv)
     if G == 0:
         return dq, dk, dv, *(q.new_empty(0) if x is None else torch.zeros_like(x, memory_format=_DENSE)
                              for x in (q_global, k_global, v_global))
-    # Global tokens are never band keys, so their dk/dv rows are 0 here: adding is exact (and the indices are
-    # distinct: deterministic).
-    dk.scatter_add_(1, index, dsk)
-    dv.scatter_add_(1, index, dsv)
     # Global rows have lse = +inf in the band pass, so the band leaves dq = 0 there.
     dqg, dkg, dvg = backend.global_rows_backward(
         dout, q if q_global is None else q_global, k if k_global is None else k_global,
@@ -156,17 +170,21 @@ def rows_via_band_side(band_side_forward, band_side_backward):
     """The global-rows contract on a backend's band primitive (``rows_by_gather`` of the functions below).
 
     The slot queries (B, G, H, D) are the "sequence" of the primitive, with an empty band (every band key
-    masked) and the S tokens as side keys masked by ``key_padding_mask``.
+    masked) and the S tokens as side keys masked by ``key_padding_mask``. The band functions must take the
+    dropout keywords and ``global_rows=True`` (row s then draws slot s's global-row dropout counters, its keys
+    the side-key ids: the layout of ``longattn._dropout``).
     """
 
-    def rows_forward(q_rows, k, v, key_mask, scale):
+    def rows_forward(q_rows, k, v, key_mask, scale, **drop):
         no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
-        return band_side_forward(q_rows, q_rows, q_rows, k, v, no_band, key_mask, None, None, None, 0, 0, scale)
+        return band_side_forward(q_rows, q_rows, q_rows, k, v, no_band, key_mask, None, None, None, 0, 0, scale,
+                                 global_rows=True, **drop)
 
-    def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None):
+    def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None, **drop):
         no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
         dq_rows, _, _, dk, dv, _, _ = band_side_backward(dout_rows, q_rows, q_rows, q_rows, k, v, out_rows, lse,
-                                                         no_band, key_mask, None, None, None, 0, 0, scale)
+                                                         no_band, key_mask, None, None, None, 0, 0, scale,
+                                                         global_rows=True, **drop)
         dk = dk if dk_into is None else dk_into.add_(dk)
         dv = dv if dv_into is None else dv_into.add_(dv)
         return dq_rows, dk, dv

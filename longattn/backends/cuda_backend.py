@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from . import _longformer
+
 NAME = "cuda"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 # block_aggregate is a segment sum + RMS norm, no tensor cores: float32 is supported as well.
@@ -137,32 +139,9 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
                                                              float(eps)))
 
 
-def _rows_passes():
-    """``_longformer.rows_via_band_side`` plus dropout: the raw op with ``global_rows`` set, so row s uses the
-    global-row counters of slot s and its keys (the tokens, here side keys) the side-key ids."""
-    from ._longformer import rows_by_gather
-
-    def rows_forward(q_rows, k, v, key_mask, scale, dropout_p=0.0, rng=None):
-        no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
-        return band_side_forward(q_rows, q_rows, q_rows, k, v, no_band, key_mask, None, None, None, 0, 0, scale,
-                                 dropout_p, rng, global_rows=True)
-
-    def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None,
-                      dropout_p=0.0, rng=None):
-        no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
-        dq_rows, _, _, dk, dv, _, _ = band_side_backward(dout_rows, q_rows, q_rows, q_rows, k, v, out_rows, lse,
-                                                         no_band, key_mask, None, None, None, 0, 0, scale,
-                                                         dropout_p, rng, global_rows=True)
-        dk = dk if dk_into is None else dk_into.add_(dk)
-        dv = dv if dv_into is None else dv_into.add_(dv)
-        return dq_rows, dk, dv
-
-    return rows_by_gather(rows_forward, rows_backward)
-
-
 # Longformer global rows (longattn.backends._longformer): the raw band op with the slot queries as the sequence
 # and all S tokens as side keys (no split-KV kernel in csrc yet: the side loop of one query tile walks all S).
-global_rows_forward, global_rows_backward = _rows_passes()
+global_rows_forward, global_rows_backward = _longformer.rows_via_band_side(band_side_forward, band_side_backward)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -80,6 +80,28 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
                               band_bias, side_bias, left, right, scale, dropout_p, rng)
 
 
+def longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right, scale, dropout_p=0.0,
+                            rng=None):
+    """Longformer's band pass (``longattn.backends._longformer`` step 2) in one launch: the used slots' tokens
+    ``pos`` (B, G) of k, v read in place as side keys; rows not in ``key_padding_mask`` get out = 0 and rows not
+    in ``band_rows`` lse = +inf inside the kernel. -> (out, lse)."""
+    from longattn.triton_kernels import band_side
+
+    return band_side.forward(q, k, v, k, v, band_rows, used, None, None, None, left, right, scale, dropout_p, rng,
+                             side_index=pos, query_mask=key_padding_mask, band_rows_only=True)
+
+
+def longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right, scale, dropout_p=0.0,
+                             rng=None):
+    """Backward of ``longformer_band_forward`` -> (dq, dk, dv), the side keys' dK/dV added into the rows ``pos``
+    of dk, dv by a kernel (no scatter)."""
+    from longattn.triton_kernels import band_side
+
+    dq, dk, dv, *_ = band_side.backward(dout, q, k, v, k, v, out, lse, band_rows, used, None, None, None, left, right,
+                                        scale, dropout_p, rng, side_index=pos)
+    return dq, dk, dv
+
+
 def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
     from longattn.triton_kernels import block_aggregate
 

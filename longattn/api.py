@@ -4,12 +4,16 @@ Layout everywhere is ``(B, S, H, D)``: batch, sequence, heads, head dim. Any str
 as the last dim is contiguous (a ``(B, H, S, D).transpose(1, 2)`` view needs no copy). Every function
 validates its inputs before computing (``TypeError`` / ``ValueError`` naming the argument), then resolves
 ``backend`` ("auto", "cuda", "triton", "torch") in ``longattn.dispatch`` and runs one custom op of
-``longattn._ops`` (forward and backward), so autograd, ``torch.compile`` and autocast all work.
+``longattn._ops`` (forward and backward), so autograd, ``torch.compile`` and autocast all work. With
+``seq_parallel=`` (a ``longattn.distributed.SeqShards``) a call is handed to ``longattn.distributed`` instead,
+which runs the plain ops on this rank's shard and what it gathers from the others; ``dropout_p > 0`` with it
+raises.
 
 No call reads device data on the host when its sizes are known (``max_globals`` for Longformer): checks of
 index values (``query_block``, ``block_ids``), of integer masks holding only 0/1 and of ``max_globals`` against
 the real count run only in debug mode (``longattn.set_debug(True)`` or ``LONGATTN_DEBUG=1``); otherwise every
-backend treats out-of-range values as padding (see ``longattn.backends``).
+backend makes out-of-range values safe (clamped or dropped, never an out-of-bounds access; see
+``longattn.backends``).
 """
 
 from __future__ import annotations

@@ -7,13 +7,15 @@ backend able to run the call, or raises ``BackendUnavailableError`` listing why 
 per GPU architecture, per op (``local``, ``longformer``, ``tglobal``, ``aggregate``, and ``band_side`` for
 a caller that does not say which pattern) and per sequence-length class, the backends in order of measured
 forward+backward time, with the figures and the run they come from beside them. The first backend in that
-order that supports the call's device, dtype and head dim wins. A GPU run refreshes the table from its
-results JSON (``longattn auto-table RESULTS.json``); nothing here needs editing when the numbers change.
+order that supports the call's device, dtype, head dim and the features it needs (``"grouped_kv"``,
+``"dropout"``: see ``unsupported_reasons``) wins; the table was measured without those features. A GPU run
+refreshes the table from its results JSON (``longattn auto-table RESULTS.json``); nothing here needs editing
+when the numbers change.
 On CPU the only fast path is the torch backend (Triton runs there only under its interpreter, a test vehicle).
 
 Resolution is cached: per call it costs one size-class comparison and one dict lookup. The cache key is
-(requested backend, device, dtype, head dim, op, size class); ``clear_cache()`` drops it (after a backend's
-availability changed inside a process, e.g. a test toggling ``TRITON_INTERPRET``).
+(requested backend, device, dtype, head dim, op, size class, features); ``clear_cache()`` drops it (after a
+backend's availability changed inside a process, e.g. a test toggling ``TRITON_INTERPRET``).
 
 Adding a backend means adding its module to ``longattn.backends.BACKEND_MODULES`` and, for ``auto`` to
 pick it, measuring it so the table lists it.

@@ -22,12 +22,13 @@ with zero key and value whose ``side_bias`` is the sink logit, so the sink gets 
 
 Grouped-query and multi-query attention (``num_key_value_heads < num_attention_heads``) run on the fast path:
 the ops take K/V with ``H_kv`` heads as they are (query head h reads K/V head ``h // (H // H_kv)``, as HF's
-``repeat_kv``), with no repeated K/V in memory.
+``repeat_kv``), with no repeated K/V in memory, on the backends that take grouped K/V (torch, Triton; ``"auto"``
+skips CUDA for them, an explicit ``backend="cuda"`` raises).
 
 Delegated (see :func:`fast_path_blocker`): global layers, KV-cache decoding and cross-attention
-(``q_len != kv_len``), extra mask patterns, ``output_attentions`` (attention dropout in training runs in the op,
-``dropout_p``); to HF's ``sdpa``, or to
-the model's own eager function where sdpa cannot express the call (softcap, sinks, ``output_attentions``).
+(``q_len != kv_len``), extra mask patterns, softcap, ``output_attentions``; to HF's ``sdpa``, or to the model's
+own eager function where sdpa cannot express the call (softcap, sinks, ``output_attentions``). Attention dropout
+in training is not delegated: it runs in the op (``dropout_p``).
 
 Importing this module does not import transformers; :func:`register_hf_attention` does.
 """

@@ -14,7 +14,8 @@ Capabilities
     The same plus the reasons it cannot take this dtype / head dim for ``op`` ("band_side" or
     "block_aggregate"; ``head_dim`` is the channel count C for "block_aggregate"). Calls that need an optional
     capability pass it as the keyword ``features`` (only when there is one): ``"grouped_kv"`` (k, v with fewer
-    heads than q).
+    heads than q) and ``"dropout"`` (``dropout_p > 0``). Today all three backends accept ``"dropout"``; the CUDA
+    backend declines ``"grouped_kv"`` (its kernels index K/V by the query head).
 
 The primitive ("band + side keys", DESIGN.md section 1)
 -------------------------------------------------------
@@ -48,11 +49,11 @@ The primitive ("band + side keys", DESIGN.md section 1)
   nothing.
 
 Attention dropout: a backend whose ``unsupported_reasons`` accepts the feature ``"dropout"`` (the keyword
-``features``, see ``dispatch.unsupported_reasons``) also takes the keywords ``dropout_p`` (in (0, 1)) and ``rng``
-(int64 ``(2,)`` ``[seed, offset]``) on all four attention functions (band and global rows): probabilities are
-multiplied by ``keep / (1 - dropout_p)`` after the softmax (``lse`` is the undropped one), with the keep bits of
-``longattn._dropout`` for (b * H + h, row, key); the backward regenerates them. Without dropout the keywords are
-not passed at all.
+``features``, see ``dispatch.unsupported_reasons``; all three do) also takes the keywords ``dropout_p``
+(in (0, 1)) and ``rng`` (int64 ``(2,)`` ``[seed, offset]``) on all four attention functions (band and global
+rows): probabilities are multiplied by ``keep / (1 - dropout_p)`` after the softmax (``lse`` is the undropped
+one), with the keep bits of ``longattn._dropout`` for (b * H + h, row, key); the backward regenerates them.
+Without dropout the keywords are not passed at all.
 
 Longformer's global rows
 ------------------------

@@ -3,8 +3,9 @@
 Each rank passes its contiguous shard ``[bounds[r], bounds[r+1])`` of q, k, v and the masks and gets its rows
 of the output; windows, global positions and block ids mean what they mean on the whole sequence. The band
 moves only its ``left + right`` edge tokens between neighbours (one all-to-all), Longformer's global tokens are
-all-gathered and their rows computed split-KV with a log-sum-exp merge, TGlobal's block sums are reduce-scattered,
-normalised by their owner and all-gathered. Every collective is a torch functional collective with autograd.
+all-gathered and their rows computed split-KV with a log-sum-exp merge, TGlobal's block sums are completed by the
+block's owner (from the edge partials with ``block_size``, else reduce-scattered), normalised there and
+all-gathered. Every collective is a torch functional collective with autograd.
 
     from longattn.distributed import SeqShards, local_attention
     sh = SeqShards.even(S, group)                      # or SeqShards(group, bounds=(0, 5, 30, 37))

@@ -154,8 +154,9 @@ def _stock_if_needed(self, hidden_states, mask, position_bias, output_attentions
     """The stock forward's outputs when it must run instead (see ``fallback_reason``), else None.
 
     A stock layer 0 hands later layers HF's dense blocked bias: they then run stock too. The reverse (a patched
-    layer 0 with a stock later layer) only happens with per-layer train/eval states and is refused, since the
-    stock forward would misread the compact bias.
+    layer 0 with a stock later layer) only happens when layers get different ``output_attentions`` (e.g. modules
+    called one by one; attention dropout no longer makes a layer fall back) and is refused, since the stock
+    forward would misread the compact bias.
     """
     reason = fallback_reason(self, output_attentions)
     if reason is None and _is_compact(position_bias):
@@ -165,8 +166,8 @@ def _stock_if_needed(self, hidden_states, mask, position_bias, output_attentions
     elif position_bias is not None:
         raise RuntimeError(
             f"longattn: {type(self).__name__} must fall back to the stock forward ({reason}) but received the "
-            "compact position_bias of a patched first layer; put all encoder layers in the same train/eval mode "
-            "(or call longattn.revert_longattn(model))")
+            "compact position_bias of a patched first layer; pass the same output_attentions to every encoder "
+            "layer (or call longattn.revert_longattn(model))")
     warn_fallback(self, reason)
     return stock_forward(self)(hidden_states, mask=mask, position_bias=position_bias,
                                output_attentions=output_attentions)

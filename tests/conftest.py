@@ -152,3 +152,20 @@ def check_backend_against_oracle(case: Case, backend: str, dtype: torch.dtype, o
         assert torch.isfinite(g).all(), f"{backend}: non-finite {name}"
         assert_within_rule(name, g, b, r, grad=True)
     return test, out, got
+
+
+def run_sm90_compile(entry: str) -> None:
+    """Run ``entry`` ("module:function", e.g. "tests.test_triton_backend:compile_all_for_sm90") in a child Python
+    without TRITON_INTERPRET (the interpreter replaces ``triton.jit``, so nothing would compile) and fail with its
+    stderr if it raises. Skips when Triton's NVIDIA backend is not installed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
+    module, function = entry.split(":")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", f"from {module} import {function}; {function}()"], env=env,
+                         cwd=root, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]

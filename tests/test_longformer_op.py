@@ -11,15 +11,13 @@ in the same dtype as the baseline.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import longattn
 from tests import reference
-from tests.conftest import grads
+from tests.conftest import grads, run_sm90_compile
 from tests.tolerance import assert_close_to_oracle, assert_within_rule
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
@@ -155,13 +153,7 @@ def compile_global_rows_for_sm90():
 
 
 def test_global_rows_kernels_compile_for_sm90_bf16():
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.test_longformer_op import compile_global_rows_for_sm90; compile_global_rows_for_sm90()"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_sm90_compile("tests.test_longformer_op:compile_global_rows_for_sm90")
 
 
 @pytest.mark.skipif(not TRITON, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter)")

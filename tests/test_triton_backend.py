@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch
 import longattn
 from longattn.dispatch import BackendUnavailableError
 from tests import reference
-from tests.conftest import check_backend_against_oracle, grads, make_case
+from tests.conftest import check_backend_against_oracle, grads, make_case, run_sm90_compile
 from tests.tolerance import assert_within_rule
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -298,13 +297,7 @@ def compile_all_for_sm90():
 
 
 def test_kernels_compile_for_sm90_bf16():
-    pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's NVIDIA backend is not installed")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = "from tests.test_triton_backend import compile_all_for_sm90; compile_all_for_sm90()"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_sm90_compile("tests.test_triton_backend:compile_all_for_sm90")
 
 
 # GPU-sized shapes, bfloat16, long sequences, 64-bit offsets and determinism on the GPU: tests/test_gpu_kernels.py

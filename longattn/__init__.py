@@ -8,6 +8,7 @@ Nothing here touches the GPU at import time.
 from . import (
     _ops,  # noqa: F401  (registers the torch.ops.longattn custom ops)
     nn,  # noqa: F401  (drop-in modules: longattn.nn.SlidingWindowAttention, ...)
+    varlen,  # noqa: F401  (packed batches: longattn.varlen.pack / unpack / check_cu_seqlens)
 )
 from ._validation import set_debug
 from .api import block_aggregate, local_attention, longformer_attention, tglobal_attention, tglobal_block_ids

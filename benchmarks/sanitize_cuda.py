@@ -8,7 +8,8 @@ Shapes are chosen to hit every code path at least once while staying fast under 
 multiple of the 64-row tile (edge tiles, zero-filled rows), a band wide enough for mask-free interior tiles,
 side keys spanning two tiles with a partial one (and several query chunks in the side dK/dV pass), every
 mask and bias, a non-contiguous (B, H, S, D).transpose(1, 2) input, each head dim and dtype, and block
-aggregation with dropped tokens, with and without the RMS-norm weight. Exits non-zero on a CUDA error or a
+aggregation with dropped tokens, with and without the RMS-norm weight, and per-row key ranges (packed batches and
+arbitrary values). Exits non-zero on a CUDA error or a
 non-finite result; the sanitizer reports memory / race errors itself.
 """
 
@@ -19,7 +20,22 @@ import sys
 import torch
 
 
-def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=True, masks=True, bias=True):
+def packed_ranges(B, S, G, gen):
+    """Per-row (key_ranges, side_ranges) (B, S, 2) int32: packed sequences of random lengths in batch row 0 (the
+    varlen ops' layout: monotone, side keys split in order), arbitrary values in the others (empty, reversed, out
+    of range), so both the tile narrowing and the bounds safety run under the sanitizer."""
+    key = torch.randint(-5, S + 5, (B, S, 2), generator=gen, device="cuda", dtype=torch.int32)
+    side = torch.randint(-5, G + 5, (B, S, 2), generator=gen, device="cuda", dtype=torch.int32)
+    cuts = sorted({0, S, *torch.randint(1, S, (5,), generator=gen, device="cuda").tolist()})
+    side_cuts = [c * G // S for c in cuts]
+    for (a, b), (ga, gb) in zip(zip(cuts, cuts[1:]), zip(side_cuts, side_cuts[1:])):
+        key[0, a:b] = torch.tensor([a, b], dtype=torch.int32)
+        side[0, a:b] = torch.tensor([ga, gb], dtype=torch.int32)
+    return key.contiguous(), side.contiguous()
+
+
+def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=True, masks=True, bias=True,
+              ranges=False):
     ops = torch.ops.longattn
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -39,9 +55,13 @@ def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=Tru
     bb = torch.randn(H, left + right + 1, generator=gen, device="cuda") if bias else None
     sb = torch.randn(H, 2 * G + 1, generator=gen, device="cuda") if bias else None
     scale = D**-0.5
-    out, lse = ops.cuda_band_side_fwd(q, k, v, sk, sv, bkm, sm, qb, bb, sb, left, right, scale)
+    extra = {}
+    if ranges:
+        extra["key_ranges"], extra["side_ranges"] = packed_ranges(B, S, G, gen)
+    out, lse = ops.cuda_band_side_fwd(q, k, v, sk, sv, bkm, sm, qb, bb, sb, left, right, scale, **extra)
     dout = randn(B, S, H, D)
-    grads = ops.cuda_band_side_bwd(dout, q, k, v, sk, sv, out, lse, bkm, sm, qb, bb, sb, left, right, scale)
+    grads = ops.cuda_band_side_bwd(dout, q, k, v, sk, sv, out, lse, bkm, sm, qb, bb, sb, left, right, scale,
+                                   **extra)
     torch.cuda.synchronize()
     for name, t in zip(["out", "dq", "dk", "dv", "dside_k", "dside_v", "dband_bias", "dside_bias"], (out, *grads)):
         if not torch.isfinite(t).all():
@@ -78,6 +98,9 @@ def main() -> int:
     band_side(torch.bfloat16, 64, S=1, G=1, left=0, right=0)  # a single token
     band_side(torch.float16, 64, S=130, G=0, left=129, right=129)  # dense window
     print("band_side edge cases ok")
+    for D in (32, 64, 128):
+        band_side(torch.bfloat16, D, ranges=True)  # per-row key ranges (packed varlen batches)
+    print("band_side with key ranges ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weighted in (False, True):
             block_aggregate(dtype, weighted)

@@ -10,7 +10,8 @@
 // free, and an operand whose row starts break cp.async's 16-byte alignment is copied); masks, query_block,
 // the bias tables and lse are copied to the dense layout the kernels index when they are not in it. Values
 // inside tensors are not checked (that would cost a device sync): query_block entries are clamped to
-// [-1, G-1] in the kernels, and masks are bool by type.
+// [-1, G-1] in the kernels, masks are bool by type, and per-row key ranges (key_ranges / side_ranges, int32
+// (B, S, 2), checked contiguous) may hold any values: the kernels only ever mask with them.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,6 +22,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #include "band_side/launch.h"
 #include "common/arg_checks.h"
@@ -66,7 +68,7 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
                     const at::Tensor& side_k, const at::Tensor& side_v, const OptTensor& band_key_mask,
                     const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
                     const OptTensor& side_bias, int64_t left, int64_t right, double scale, double dropout_p,
-                    const OptTensor& rng) {
+                    const OptTensor& rng, const OptTensor& key_ranges, const OptTensor& side_ranges) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": q must be float16 or bfloat16 (the kernels' tensor-core types), got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, S, H, D), got ", q.sizes());
@@ -101,6 +103,11 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
               ": rng (the int64 [seed, offset] tensor) is required with dropout_p > 0, got None with dropout_p = ",
               dropout_p);
   check_optional(op, rng, "rng", q, at::kLong, {2}, "(2,)");
+  // Per-row key ranges: read by computed offsets (b * S + i) * 2, so contiguous.
+  for (const auto& [t, name] : {std::pair{&key_ranges, "key_ranges"}, std::pair{&side_ranges, "side_ranges"}}) {
+    check_optional(op, *t, name, q, at::kInt, {B, S, 2}, "(B, S, 2)");
+    if (t->has_value()) contiguous(op, **t, name);
+  }
   return {B, S, H, D, G};
 }
 
@@ -108,9 +115,10 @@ Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse,
                     const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
                     const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right,
-                    double scale, double dropout_p, const OptTensor& rng) {
+                    double scale, double dropout_p, const OptTensor& rng, const OptTensor& key_ranges,
+                    const OptTensor& side_ranges) {
   const Dims d = check_fwd_args(kBwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                                side_bias, left, right, scale, dropout_p, rng);
+                                side_bias, left, right, scale, dropout_p, rng, key_ranges, side_ranges);
   check_operand(kBwd, dout, "dout", q, d.S, "(B, S, H, D)");
   check_operand(kBwd, out, "out", q, d.S, "(B, S, H, D)");
   same_device(kBwd, lse, "lse", q, "q");
@@ -153,7 +161,8 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
                  const at::Tensor& sk_in, const at::Tensor& sv_in, const OptTensor& band_key_mask,
                  const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
                  const OptTensor& side_bias, int64_t left, int64_t right, double scale, double dropout_p,
-                 const OptTensor& rng, bool dropout_global_rows) {
+                 const OptTensor& rng, bool dropout_global_rows, const OptTensor& key_ranges,
+                 const OptTensor& side_ranges) {
   Prepared r;
   const at::Tensor q = loadable(q_in), k = loadable(k_in), v = loadable(v_in);
   const at::Tensor sk = loadable(sk_in), sv = loadable(sv_in);
@@ -180,6 +189,9 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
   p.query_block = qb ? qb->data_ptr<int32_t>() : nullptr;
   p.band_bias = bb ? bb->data_ptr<float>() : nullptr;
   p.side_bias = sb ? sb->data_ptr<float>() : nullptr;
+  // Checked contiguous int32 (B, S, 2): read in place; nullptr selects the kernels without ranges.
+  p.key_ranges = key_ranges ? key_ranges->data_ptr<int32_t>() : nullptr;
+  p.side_ranges = side_ranges ? side_ranges->data_ptr<int32_t>() : nullptr;
   p.B = d.B;
   p.S = d.S;
   p.H = d.H;
@@ -206,13 +218,14 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
                                                  const OptTensor& query_block, const OptTensor& band_bias,
                                                  const OptTensor& side_bias, int64_t left, int64_t right,
                                                  double scale, double dropout_p, const OptTensor& rng,
-                                                 bool dropout_global_rows) {
+                                                 bool dropout_global_rows, const OptTensor& key_ranges,
+                                                 const OptTensor& side_ranges) {
   const Dims d = check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                                side_bias, left, right, scale, dropout_p, rng);
+                                side_bias, left, right, scale, dropout_p, rng, key_ranges, side_ranges);
   on_cuda(kFwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale, dropout_p, rng, dropout_global_rows);
+                       left, right, scale, dropout_p, rng, dropout_global_rows, key_ranges, side_ranges);
   BandSideParams& p = r.p;
   at::Tensor out = at::empty({p.B, p.S, p.H, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.S}, q.options().dtype(at::kFloat));
@@ -228,13 +241,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out_in, const at::Tensor& lse_in,
     const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
     const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right, double scale,
-    double dropout_p, const OptTensor& rng, bool dropout_global_rows) {
+    double dropout_p, const OptTensor& rng, bool dropout_global_rows, const OptTensor& key_ranges,
+    const OptTensor& side_ranges) {
   const Dims d = check_bwd_args(dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
-                                query_block, band_bias, side_bias, left, right, scale, dropout_p, rng);
+                                query_block, band_bias, side_bias, left, right, scale, dropout_p, rng, key_ranges,
+                                side_ranges);
   on_cuda(kBwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale, dropout_p, rng, dropout_global_rows);
+                       left, right, scale, dropout_p, rng, dropout_global_rows, key_ranges, side_ranges);
   BandSideParams& p = r.p;
   const at::Tensor dout = loadable(dout_in);
   const at::Tensor out = loadable(out_in);
@@ -318,9 +333,10 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd_cpu(const at::Tensor& q, const 
                                                      const OptTensor& query_block, const OptTensor& band_bias,
                                                      const OptTensor& side_bias, int64_t left, int64_t right,
                                                      double scale, double dropout_p, const OptTensor& rng,
-                                                     bool /*dropout_global_rows*/) {
+                                                     bool /*dropout_global_rows*/, const OptTensor& key_ranges,
+                                                     const OptTensor& side_ranges) {
   check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
-                 right, scale, dropout_p, rng);
+                 right, scale, dropout_p, rng, key_ranges, side_ranges);
   needs_cuda(kFwd, q);
 }
 
@@ -328,9 +344,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& side_k,
     const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse, const OptTensor& band_key_mask,
     const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
-    int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng, bool /*dropout_global_rows*/) {
+    int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng, bool /*dropout_global_rows*/,
+    const OptTensor& key_ranges, const OptTensor& side_ranges) {
   check_bwd_args(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-                 side_bias, left, right, scale, dropout_p, rng);
+                 side_bias, left, right, scale, dropout_p, rng, key_ranges, side_ranges);
   needs_cuda(kBwd, q);
 }
 

@@ -22,14 +22,14 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
   m.def(
       "cuda_band_side_fwd(Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor? band_key_mask, "
       "Tensor? side_mask, Tensor? query_block, Tensor? band_bias, Tensor? side_bias, int left, int right, "
-      "float scale, float dropout_p=0.0, Tensor? rng=None, bool dropout_global_rows=False) "
-      "-> (Tensor out, Tensor lse)");
+      "float scale, float dropout_p=0.0, Tensor? rng=None, bool dropout_global_rows=False, "
+      "Tensor? key_ranges=None, Tensor? side_ranges=None) -> (Tensor out, Tensor lse)");
   m.def(
       "cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor out, "
       "Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, "
       "Tensor? side_bias, int left, int right, float scale, float dropout_p=0.0, Tensor? rng=None, "
-      "bool dropout_global_rows=False) -> (Tensor dq, Tensor dk, Tensor dv, "
-      "Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias)");
+      "bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None) -> (Tensor dq, "
+      "Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias)");
   m.def(
       "cuda_block_aggregate_fwd(Tensor x, Tensor block_ids, int num_blocks, Tensor? weight, float eps) "
       "-> (Tensor out, Tensor sums, Tensor rstd)");

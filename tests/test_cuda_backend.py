@@ -4,7 +4,8 @@ CPU part (always runs): the extension imports when it was built, its raw ops are
 expected schemas and have fake implementations, the backend says clearly why it cannot run on a CPU, and every
 argument of every raw op is checked: each bad call raises a RuntimeError naming the argument (the CPU
 registrations run the same checks as the CUDA ones), each in a child process so that a crash fails only its
-own test.
+own test; and the tiles the kernels visit with per-row key ranges (csrc/band_side/ranges.h), emulated and checked
+against brute force.
 
 GPU part (``@pytest.mark.gpu``, skipped with the reason when no CUDA device is visible): the same bad calls
 on CUDA tensors, one ``torch.library.opcheck`` per raw op, and out-of-range block ids. The kernels themselves
@@ -45,14 +46,14 @@ SCHEMAS = {
     "cuda_band_side_fwd":
         "longattn::cuda_band_side_fwd(Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, "
         "Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, Tensor? side_bias, "
-        "int left, int right, float scale, float dropout_p=0., Tensor? rng=None, bool dropout_global_rows=False) "
-        "-> (Tensor out, Tensor lse)",
+        "int left, int right, float scale, float dropout_p=0., Tensor? rng=None, bool dropout_global_rows=False, "
+        "Tensor? key_ranges=None, Tensor? side_ranges=None) -> (Tensor out, Tensor lse)",
     "cuda_band_side_bwd":
         "longattn::cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, "
         "Tensor out, Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, "
         "Tensor? band_bias, Tensor? side_bias, int left, int right, float scale, float dropout_p=0., "
-        "Tensor? rng=None, bool dropout_global_rows=False) -> (Tensor dq, Tensor dk, "
-        "Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias)",
+        "Tensor? rng=None, bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None) -> "
+        "(Tensor dq, Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias)",
     "cuda_block_aggregate_fwd":
         "longattn::cuda_block_aggregate_fwd(Tensor x, Tensor block_ids, int num_blocks, Tensor? weight, "
         "float eps) -> (Tensor out, Tensor sums, Tensor rstd)",
@@ -145,6 +146,12 @@ def test_fake_shapes_of_raw_ops():
         == (B, S, H, D)
     g = ops.cuda_band_side_bwd(out, q, q, q, side, side, out, lse, None, None, qb, bb, sb, 4, 4, 0.125, 0.1, rng)
     assert [tuple(t.shape) for t in g[:3]] == [(B, S, H, D)] * 3
+    ranges = torch.empty(B, S, 2, device="meta", dtype=torch.int32)  # neither do per-row key ranges
+    assert ops.cuda_band_side_fwd(q, q, q, side, side, None, None, qb, bb, sb, 4, 4, 0.125,
+                                  key_ranges=ranges, side_ranges=ranges)[1].shape == (B, H, S)
+    g = ops.cuda_band_side_bwd(out, q, q, q, side, side, out, lse, None, None, qb, bb, sb, 4, 4, 0.125,
+                               key_ranges=ranges, side_ranges=ranges)
+    assert [tuple(t.shape) for t in g] == [(B, S, H, D)] * 3 + [(B, G, H, D)] * 2 + [(H, 9), (H, 2 * G + 1)]
 
     x = torch.empty(B, S, 48, device="meta", dtype=torch.float16)
     ids = torch.empty(B, S, device="meta", dtype=torch.int32)
@@ -177,7 +184,9 @@ _TENSOR_DIMS = {  # argument -> (dims by name, dtype); q-like operands use q's d
     "x": ("BSC", torch.bfloat16), "block_ids": ("BS", torch.int32), "weight": ("C", torch.float32),
     "dout_agg": ("BNC", torch.bfloat16), "sums": ("BNC", torch.float32), "rstd": ("BN", torch.float32),
     "rng": ("R", torch.int64),  # [seed, offset] of attention dropout
+    "key_ranges": ("BSR", torch.int32), "side_ranges": ("BSR", torch.int32),  # per-row [lo, hi) key ranges
 }
+_CONTIGUOUS = {"key_ranges", "side_ranges"}  # read by computed offsets: must be contiguous (so no expanded zeros)
 # Arguments every value of whose type is valid (so no bad call exists).
 _NO_BAD_VALUE = {"dropout_global_rows"}
 
@@ -215,7 +224,9 @@ def raw_op_args(op, device, **dims):
             args[arg.name] = False
         else:
             letters, dtype = _TENSOR_DIMS[_arg_key(op, arg.name)]
-            args[arg.name] = _zeros(_sizes(letters, **dims), dtype, device)
+            shape = _sizes(letters, **dims)
+            args[arg.name] = (torch.zeros(shape, dtype=dtype, device=device) if arg.name in _CONTIGUOUS
+                              else _zeros(shape, dtype, device))
     return args
 
 
@@ -306,9 +317,13 @@ def _band_side_cases(op):
         cases.update(_tensor_cases(op, name, dense_last_dim=True))
     cases.update(_tensor_cases(op, "side_k", free_dims=(1,), dense_last_dim=True))
     cases.update(_tensor_cases(op, "side_v", dense_last_dim=True))
-    for name in ("band_key_mask", "side_mask", "query_block", "band_bias", "side_bias", "rng") + (
-            ("lse",) if bwd else ()):
+    for name in ("band_key_mask", "side_mask", "query_block", "band_bias", "side_bias", "rng", "key_ranges",
+                 "side_ranges") + (("lse",) if bwd else ()):
         cases.update(_tensor_cases(op, name))
+    for name in _CONTIGUOUS:  # (B, 2, S) transposed to (B, S, 2): right shape, not contiguous
+        cases[f"{name}-not-contiguous"] = BadCall(
+            op, _set(name, lambda t, dev: torch.zeros(t.shape[0], 2, t.shape[1], dtype=t.dtype, device=dev)
+                     .transpose(1, 2)), rf"{op}: {name} must be contiguous")
     for value in (-0.1, 1.0, math.nan):
         cases[f"dropout_p={value}"] = BadCall(op, _set("dropout_p", value), rf"{op}: dropout_p must be in \[0, 1\)")
     cases["rng-missing"] = BadCall(op, _set("rng", None), rf"{op}: rng .* is required with dropout_p > 0")
@@ -476,6 +491,143 @@ def test_every_raw_op_argument_has_a_bad_call():
 
 
 # --------------------------------------------------------------------------------------------------------
+# Per-row key ranges (csrc/band_side/ranges.h): the tiles the kernels visit, emulated on CPU statement by
+# statement and checked against brute force. For any values no tile holding an attendable pair is skipped and a
+# warp skips the element test only where every pair is inside its row's range; for packed sequences (monotone
+# ranges) exactly the tiles holding an attendable pair are visited: forward / dQ key tiles, dK/dV query tiles.
+# --------------------------------------------------------------------------------------------------------
+
+_TILE, _WARP_ROWS, _INT_MAX, _INT_MIN = 64, 16, 2**31 - 1, -(2**31)
+
+
+def _fold(ranges, rows):
+    """RangeFold: (union lo, union hi) of the non-empty ranges of `rows`, (inner lo, inner hi) of all of them."""
+    ulo, uhi, ilo, ihi = _INT_MAX, _INT_MIN, _INT_MIN, _INT_MAX
+    for i in rows:
+        lo, hi = ranges[i]
+        ilo, ihi = max(ilo, lo), min(ihi, hi)
+        if lo < hi:
+            ulo, uhi = min(ulo, lo), max(uhi, hi)
+    return ulo, uhi, ilo, ihi
+
+
+def _clip_tiles(lo, hi, ulo, uhi):
+    if ulo >= uhi:
+        return range(0)
+    lo, hi = max(lo, ulo), min(hi, uhi - 1)
+    return range(0) if lo > hi else range(lo // _TILE, hi // _TILE + 1)
+
+
+def _query_tile_walk(S, G, left, right, m0, key_ranges, side_ranges):
+    """query_tile_ranges: (band key tiles, side-key tiles) of query tile m0."""
+    rows = range(m0, min(m0 + _TILE, S))
+    win_lo, win_hi = max(0, m0 - left), min(S - 1, min(S - 1, m0 + _TILE - 1) + right)
+    band = (range(win_lo // _TILE, win_hi // _TILE + 1) if key_ranges is None
+            else _clip_tiles(win_lo, win_hi, *_fold(key_ranges, rows)[:2]))
+    side = (range((G + _TILE - 1) // _TILE) if side_ranges is None
+            else _clip_tiles(0, G - 1, *_fold(side_ranges, rows)[:2]))
+    return band, side
+
+
+def _narrowed(S, ranges, key0, limit, q_first, q_count):
+    """narrow_query_tiles: the dK/dV query tiles of key tile key0 (limit: S or G)."""
+    if ranges is None:
+        return range(q_first, q_first + q_count)
+    key_end = min(key0 + _TILE, limit)
+    hits = [i for i in range(q_first * _TILE, min(S, (q_first + q_count) * _TILE))
+            if max(ranges[i][0], key0) < min(ranges[i][1], key_end)]
+    return range(hits[0] // _TILE, hits[-1] // _TILE + 1) if hits else range(0)
+
+
+def _tiles_of(pairs, axis):
+    """Tiles holding a True pair of a bool (queries, keys) matrix: {query tile: key tiles} grouped by query tile
+    (axis 1) or {key tile: query tiles} (axis 0)."""
+    n, m = pairs.shape
+    padded = torch.zeros(-(-n // _TILE) * _TILE, -(-m // _TILE) * _TILE, dtype=torch.bool)
+    padded[:n, :m] = pairs
+    tiles = padded.view(padded.shape[0] // _TILE, _TILE, -1, _TILE).any(3).any(1)  # (query tiles, key tiles)
+    tiles = tiles if axis == 1 else tiles.T
+    return {r: set(row.nonzero().flatten().tolist()) for r, row in enumerate(tiles) if row.any()}
+
+
+def _check_tile_walks(S, G, left, right, key_ranges, side_ranges, exact, chunk_tiles=2):
+    i = torch.arange(S)[:, None]
+    j = torch.arange(S)[None, :]
+    band = (j >= i - left) & (j <= i + right)
+    side = torch.ones(S, G, dtype=torch.bool)
+    if key_ranges is not None:
+        band &= (j >= key_ranges[:, :1]) & (j < key_ranges[:, 1:])
+    if side_ranges is not None:
+        side &= (torch.arange(G)[None] >= side_ranges[:, :1]) & (torch.arange(G)[None] < side_ranges[:, 1:])
+    kr = None if key_ranges is None else key_ranges.tolist()
+    sr = None if side_ranges is None else side_ranges.tolist()
+    n_q = (S + _TILE - 1) // _TILE
+    need_band, need_side = _tiles_of(band, 1), _tiles_of(side, 1)  # query tile -> key tiles it needs
+    for m0 in range(0, S, _TILE):
+        got_band, got_side = (set(t) for t in _query_tile_walk(S, G, left, right, m0, kr, sr))
+        for need, got, what in ((need_band, got_band, "band"), (need_side, got_side, "side")):
+            want = need.get(m0 // _TILE, set())
+            assert want <= got, f"query tile {m0}: {what} key tiles {sorted(want - got)} skipped"
+            assert not exact or got == want, f"query tile {m0}: {what} key tiles {sorted(got - want)} not needed"
+        # A warp's element test is skipped only where its rows' ranges all hold the whole tile.
+        for w0 in range(m0, min(m0 + _TILE, S), _WARP_ROWS):
+            rows = range(w0, min(w0 + _WARP_ROWS, S))
+            for ranges, tiles, valid in ((kr, got_band, band), (sr, got_side, side)):
+                if ranges is None:
+                    continue
+                ilo, ihi = _fold(ranges, rows)[2:]
+                for t in tiles:
+                    first, last = t * _TILE, min(t * _TILE + _TILE, valid.shape[1]) - 1
+                    if ilo <= t * _TILE and t * _TILE + _TILE <= ihi:
+                        assert all(ranges[r][0] <= first and last < ranges[r][1] for r in rows)
+    need_q_band, need_q_side = _tiles_of(band, 0), _tiles_of(side, 0)  # key tile -> query tiles it needs
+    for n0 in range(0, S, _TILE):  # dK/dV band CTAs: BandQueryTiles, then narrowed
+        lo, hi = max(0, n0 - right), min(S - 1, min(S - 1, n0 + _TILE - 1) + left)
+        got = set(_narrowed(S, kr, n0, S, lo // _TILE, hi // _TILE - lo // _TILE + 1))
+        want = need_q_band.get(n0 // _TILE, set())
+        assert want <= got and (not exact or got == want), f"key tile {n0}: query tiles {sorted(got)} vs {sorted(want)}"
+    for n0 in range(0, G, _TILE):  # dK/dV side CTAs: one per chunk of query tiles
+        want_all = need_q_side.get(n0 // _TILE, set())
+        for q_first in range(0, n_q, chunk_tiles):
+            got = set(_narrowed(S, sr, n0, G, q_first, min(chunk_tiles, n_q - q_first)))
+            want = {t for t in want_all if q_first <= t < q_first + chunk_tiles}
+            assert want <= got and (not exact or got == want), f"side tile {n0}, chunk {q_first}: {got} vs {want}"
+
+
+def _packed_ranges(lengths, blocks_per_token=16):
+    """key_ranges / side_ranges (S, 2) of packed sequences: each row sees its own sequence's tokens and blocks."""
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    cu_blocks = torch.tensor([0] + [-(-n // blocks_per_token) for n in lengths]).cumsum(0)
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return (torch.stack([cu[seq], cu[seq + 1]], 1), torch.stack([cu_blocks[seq], cu_blocks[seq + 1]], 1),
+            int(cu[-1]), int(cu_blocks[-1]))
+
+
+@pytest.mark.parametrize("lengths,window", [
+    ([1, 63, 64, 65, 2, 130, 7], (20, 9)),  # length 1, < window, not tile multiples, tile-aligned
+    ([300], (100, 0)),
+    ([5] * 40, (70, 70)),  # many short sequences, window wider than each
+    ([129, 1, 1, 190], (0, 0)),
+])
+def test_range_tile_walks_on_packed_sequences_are_exact(lengths, window):
+    key_ranges, side_ranges, S, G = _packed_ranges(lengths)
+    _check_tile_walks(S, G, *window, key_ranges, side_ranges, exact=True)
+    _check_tile_walks(S, G, *window, key_ranges, None, exact=False)  # one kind given, the other unrestricted
+    _check_tile_walks(S, G, *window, None, side_ranges, exact=False)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_range_tile_walks_never_skip_a_pair_for_any_values(seed):
+    gen = torch.Generator().manual_seed(seed)
+    S, G = 200 + 37 * seed, 70 + 20 * seed
+    window = tuple(torch.randint(0, S, (2,), generator=gen).tolist())
+    # Non-monotone, empty, reversed and out-of-range values (the kernels only ever mask with them).
+    key_ranges = torch.randint(-30, S + 30, (S, 2), generator=gen)
+    side_ranges = torch.randint(-30, G + 30, (S, 2), generator=gen)
+    _check_tile_walks(S, G, *window, key_ranges, side_ranges, exact=False)
+
+
+# --------------------------------------------------------------------------------------------------------
 # GPU (the kernels against the oracle, determinism and 64-bit offsets are tested for both kernel backends in
 # tests/test_gpu_kernels.py; here: what is specific to the raw ops of longattn._C)
 # --------------------------------------------------------------------------------------------------------
@@ -505,6 +657,15 @@ def test_opcheck_raw_ops():
     out, lse = torch.ops.longattn.cuda_band_side_fwd(*fwd_args, *drop)
     torch.library.opcheck(torch.ops.longattn.cuda_band_side_bwd.default,
                           (dout, q, k, v, sk, sv, out, lse, bkm, sm, qb, bb, sb, 20, 9, 0.125, *drop))
+    B, S = q.shape[:2]  # per-row key ranges: sequences of 70 tokens, each seeing side keys [s, s + 1]
+    seq = torch.arange(S, device="cuda", dtype=torch.int32) // 70
+    key_ranges = torch.stack([seq * 70, (seq * 70 + 70).clamp(max=S)], -1).expand(B, S, 2).contiguous()
+    side_ranges = torch.stack([seq, seq + 2], -1).expand(B, S, 2).contiguous()
+    ranged = drop + (key_ranges, side_ranges)
+    torch.library.opcheck(torch.ops.longattn.cuda_band_side_fwd.default, fwd_args + ranged)
+    out, lse = torch.ops.longattn.cuda_band_side_fwd(*fwd_args, *ranged)
+    torch.library.opcheck(torch.ops.longattn.cuda_band_side_bwd.default,
+                          (dout, q, k, v, sk, sv, out, lse, bkm, sm, qb, bb, sb, 20, 9, 0.125, *ranged))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 100, 32, generator=gen).to(torch.bfloat16).cuda()
     ids = torch.randint(-1, 7, (2, 100), generator=gen, dtype=torch.int32).cuda()

@@ -256,3 +256,97 @@ def test_64bit_offsets(backend, layout):
     tail = run(*(t[:, S - OFFSET_TAIL:].contiguous() for t in (q, k, v, dout)))
     for name, a, b in zip(["out", "dq", "dk", "dv"], full, tail):
         assert torch.equal(a, b), f"{backend} {layout}: {name} rows past 2^31 elements differ from the tail's"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Per-row key ranges: what is specific to the CUDA kernels' kRanges instantiations (csrc/band_side/ranges.h).
+# Every backend's numerics against the oracle are in tests/test_ranges.py; these need no tolerance.
+# --------------------------------------------------------------------------------------------------------
+
+RANGE_RESULTS = ("out", "lse", "dq", "dk", "dv", "dside_k", "dside_v", "dband_bias", "dside_bias")
+
+
+def _cuda_band_side(case, dout, rows=slice(None), window=None, band_bias=None, **extra):
+    """[out, lse, *gradients] of the raw CUDA primitive on the tokens `rows` of `case` (with its side keys and
+    masks; `window` / the float32 `band_bias` table when given, else the case's), with the keywords `extra`."""
+    from longattn.backends import cuda_backend
+
+    q, k, v = (x.detach()[:, rows] for x in (case.q, case.k, case.v))
+    side_k, side_v = case.side_k.detach(), case.side_v.detach()
+    bb = band_bias if band_bias is not None else (None if case.rel_bias is None else case.rel_bias.detach().float())
+    sb = None if case.side_bias is None else case.side_bias.detach().float()
+    bkm = None if case.key_padding_mask is None else case.key_padding_mask[:, rows]
+    left, right = window or case.window
+    args = (bkm, case.side_mask, case.query_block[:, rows].to(torch.int32), bb, sb, left, right, case.scale)
+    out, lse = cuda_backend.band_side_forward(q, k, v, side_k, side_v, *args, **extra)
+    return [out, lse, *cuda_backend.band_side_backward(dout[:, rows], q, k, v, side_k, side_v, out, lse, *args,
+                                                       **extra)]
+
+
+def _full_ranges(B, S, n):
+    return torch.tensor([0, n], dtype=torch.int32, device="cuda").expand(B, S, 2).contiguous()
+
+
+@pytest.mark.parametrize("dropout", [False, True], ids=["no-dropout", "dropout"])
+def test_cuda_ranges_holding_every_key_equal_no_ranges_bitwise(dropout):
+    # Ranges that exclude nothing run the kRanges kernels over exactly the tiles (and in the order) of the
+    # kernels without ranges, and mask nothing more: every result must be bitwise the same.
+    require("cuda", torch.bfloat16, 64)
+    case = make_case(**CASES["odd-S-side-bias-padded"], device="cuda").cast(torch.bfloat16)
+    B, S, G = case.q.shape[0], case.q.shape[1], case.side_k.shape[1]
+    dout = torch.randn(case.q.shape, generator=torch.Generator("cuda").manual_seed(0), device="cuda").to(case.q.dtype)
+    extra = dict(dropout_p=0.1, rng=torch.tensor([7, 0], dtype=torch.int64, device="cuda")) if dropout else {}
+    plain = _cuda_band_side(case, dout, **extra)
+    ranged = _cuda_band_side(case, dout, key_ranges=_full_ranges(B, S, S), side_ranges=_full_ranges(B, S, G),
+                             **extra)
+    for name, a, b in zip(RANGE_RESULTS, plain, ranged):
+        assert torch.equal(a, b), f"{name} differs with ranges that exclude nothing"
+
+
+def test_cuda_packed_tile_aligned_sequences_equal_separate_runs_bitwise():
+    # Sequences starting on 64-token tiles, packed into one row with key_ranges, visit the same tiles in the same
+    # order as each sequence run alone (the other sequences' keys are masked, which adds exact zeros): out, lse,
+    # dq, dk, dv bitwise equal; the band-bias gradient sums the same terms in another order (close).
+    require("cuda", torch.bfloat16, 64)
+    lengths, (left, right) = (128, 64, 192, 100), (70, 30)
+    S = sum(lengths)
+    case = make_case(B=1, S=S, H=2, D=64, window=(left, right), G=0, bias=True, device="cuda").cast(torch.bfloat16)
+    dout = torch.randn(case.q.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda").to(case.q.dtype)
+    cu = [0]
+    key_ranges = torch.zeros(1, S, 2, dtype=torch.int32, device="cuda")
+    for n in lengths:  # every row sees its own sequence's tokens
+        key_ranges[0, cu[-1]:cu[-1] + n] = torch.tensor([cu[-1], cu[-1] + n], dtype=torch.int32, device="cuda")
+        cu.append(cu[-1] + n)
+    packed = _cuda_band_side(case, dout, key_ranges=key_ranges)
+    table = case.rel_bias.detach().float()
+    dband_bias = torch.zeros_like(table)
+    for s, n in enumerate(lengths):
+        rows = slice(cu[s], cu[s + 1])
+        lc, rc = min(left, n - 1), min(right, n - 1)  # the raw op takes windows up to S - 1 (equivalent)
+        alone = _cuda_band_side(case, dout, rows, window=(lc, rc), band_bias=table[:, left - lc:left + rc + 1])
+        for name, whole, part in zip(RANGE_RESULTS[:5], packed, alone):
+            got = whole[:, :, rows] if name == "lse" else whole[:, rows]
+            assert torch.equal(got, part), f"sequence {s}: {name} differs from the sequence run alone"
+        dband_bias[:, left - lc:left + rc + 1] += alone[7]
+    torch.testing.assert_close(packed[7], dband_bias, rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_arbitrary_ranges_are_safe_and_deterministic():
+    # Non-monotone, empty, reversed and out-of-range values: finite results, two runs bitwise equal, and rows
+    # left with no key at all get out = 0, lse = +inf and zero dq.
+    require("cuda", torch.bfloat16, 64)
+    case = make_case(**CASES["many-side-keys"], device="cuda").cast(torch.bfloat16)
+    B, S, G = case.q.shape[0], case.q.shape[1], case.side_k.shape[1]
+    gen = torch.Generator("cuda").manual_seed(2)
+    dout = torch.randn(case.q.shape, generator=gen, device="cuda").to(case.q.dtype)
+    key_ranges = torch.randint(-100, S + 100, (B, S, 2), generator=gen, device="cuda", dtype=torch.int32)
+    side_ranges = torch.randint(-100, G + 100, (B, S, 2), generator=gen, device="cuda", dtype=torch.int32)
+    key_ranges[:, 100:140] = torch.tensor([2**31 - 1, -(2**31)], dtype=torch.int32, device="cuda")  # reversed, extreme
+    side_ranges[:, 100:140] = torch.tensor([G, G], dtype=torch.int32, device="cuda")  # empty
+    runs = [_cuda_band_side(case, dout, key_ranges=key_ranges, side_ranges=side_ranges) for _ in range(2)]
+    for name, a, b in zip(RANGE_RESULTS, *runs):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+        assert torch.isfinite(a).all() or name == "lse", f"{name} is not finite"
+    out, lse, dq = runs[0][:3]
+    assert out[:, 100:140].abs().max().item() == 0.0 and dq[:, 100:140].abs().max().item() == 0.0
+    assert torch.isinf(lse[:, :, 100:140]).all()

@@ -245,3 +245,142 @@ def kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT: tl.constexpr, 
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
     return dk, dv
+
+
+# --------------------------------------------------------------------------------------------------------
+# per-row key ranges (packed variable-length batches; notes/ranges_contract.md). A range tensor is contiguous
+# int32 (B, R, 2): row r of batch row b may attend key j only if ranges[b, r, 0] <= j < ranges[b, r, 1]. The
+# kernels take it behind a constexpr HAS_RANGES, so without ranges nothing below is compiled in.
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def load_ranges(ptr, rows, row_ok, n):
+    """(lo, hi) of ``rows`` (``ptr``: this batch row of a (B, R, 2) range tensor), clamped to [0, n] so that any
+    value is safe and no bound arithmetic overflows; rows not ``row_ok`` get the empty range (0, 0)."""
+    lo = tl.load(ptr + 2 * rows, mask=row_ok, other=0)
+    hi = tl.load(ptr + 2 * rows + 1, mask=row_ok, other=0)
+    return tl.minimum(tl.maximum(lo, 0), n), tl.minimum(tl.maximum(hi, 0), n)
+
+
+@triton.jit
+def range_union(lo, hi, n):
+    """``[min lo, max hi)`` over the rows with a non-empty range: the keys a tile of rows may attend (``n``, 0 when
+    none has a key). Exact for the monotone ranges of packed batches, a superset for any others."""
+    nonempty = lo < hi
+    return tl.min(tl.where(nonempty, lo, n), 0), tl.max(tl.where(nonempty, hi, 0), 0)
+
+
+@triton.jit
+def range_tiles(t_lo, t_hi, start, lo, hi, BLOCK: tl.constexpr):
+    """``[t_lo, t_hi)`` cut to the tiles ``[start + t * BLOCK, start + (t + 1) * BLOCK)`` that meet keys ``[lo, hi)``
+    (``lo``, ``hi`` in [0, n]); the result stays inside ``[t_lo, t_hi]`` (empty: t_hi == t_lo)."""
+    first = tl.maximum(lo - start, 0) // BLOCK
+    last = (tl.maximum(hi - start, 0) + BLOCK - 1) // BLOCK
+    t_lo_new = tl.minimum(tl.maximum(t_lo, first), t_hi)
+    return t_lo_new, tl.maximum(tl.minimum(t_hi, last), t_lo_new)
+
+
+@triton.jit
+def range_mask(s, cols, lo, hi):
+    """Scores ``s`` (rows, cols) with -inf where key ``cols`` (1, BLOCK_N) lies outside the row's ``[lo, hi)``."""
+    return tl.where((cols >= lo[:, None]) & (cols < hi[:, None]), s, float("-inf"))
+
+
+@triton.jit
+def _tile_sees(ptr, row0, n_rows, key_lo, key_hi, n, BLOCK_M: tl.constexpr):
+    """True when some row of ``[row0, row0 + BLOCK_M)`` (of ``n_rows``) has a range meeting keys [key_lo, key_hi)."""
+    rows = row0 + tl.arange(0, BLOCK_M)
+    lo, hi = load_ranges(ptr, rows, (rows >= 0) & (rows < n_rows), n)
+    return tl.max(((lo < hi) & (lo < key_hi) & (hi > key_lo)).to(tl.int32), 0) > 0
+
+
+@triton.jit
+def trim_row_tiles(ptr, t_lo, t_hi, start, n_rows, key_lo, key_hi, n, BLOCK_M: tl.constexpr):
+    """``[t_lo, t_hi)`` of row tiles ``start + t * BLOCK_M`` without the tiles at either end none of whose rows may
+    attend keys ``[key_lo, key_hi)``: the key-side (dK/dV) passes skip them. For monotone ranges the rows that see a
+    key tile are one interval, so every tile skipped is skipped; for any others the tiles kept are a superset."""
+    while (t_lo < t_hi) & (_tile_sees(ptr, start + t_lo * BLOCK_M, n_rows, key_lo, key_hi, n, BLOCK_M) == 0):
+        t_lo += 1
+    while (t_lo < t_hi) & (_tile_sees(ptr, start + (t_hi - 1) * BLOCK_M, n_rows, key_lo, key_hi, n, BLOCK_M) == 0):
+        t_hi -= 1
+    return t_lo, t_hi
+
+
+@triton.jit
+def range_cover(lo, hi, row_ok, n):
+    """``[max lo, min hi)`` over the rows ``row_ok``: a key tile inside it is in every row's range (no range mask)."""
+    return tl.max(tl.where(row_ok, lo, 0), 0), tl.min(tl.where(row_ok, hi, n), 0)
+
+
+@triton.jit
+def ranged_scores(s, n0, cols, ptr, rows, row_ok, n, cover_lo, cover_hi, BLOCK_N: tl.constexpr):
+    """``range_mask`` of the key tile ``[n0, n0 + BLOCK_N)`` (``cols``: (1, BLOCK_N)) for ``rows`` (their ranges
+    reloaded from ``ptr``, see ``load_ranges``: cached, and not kept live through the loop, where registers are
+    short), skipped when the tile lies in the rows' cover (``range_cover``): for packed batches, every tile but
+    those at a sequence boundary."""
+    if (n0 < cover_lo) | (n0 + BLOCK_N > cover_hi):
+        s = range_mask(s, cols, *load_ranges(ptr, rows, row_ok, n))
+    return s
+
+
+def range_arg(ranges, name: str, rows: tuple[int, int], dummy):
+    """(pointer, flag) of an optional per-row range tensor, which must be contiguous int32 ``(*rows, 2)`` on
+    ``dummy``'s device (``dummy`` stands in, never read, when it is None or empty)."""
+    if ranges is None:
+        return dummy, False
+    if ranges.dtype != torch.int32 or tuple(ranges.shape) != (*rows, 2) or not ranges.is_contiguous() or (
+            ranges.device != dummy.device):
+        raise ValueError(f"{name}: expected a contiguous int32 {(*rows, 2)} tensor on {dummy.device}, got "
+                         f"{ranges.dtype} {tuple(ranges.shape)} strides {tuple(ranges.stride())} on {ranges.device}")
+    return (dummy, True) if ranges.numel() == 0 else (ranges, True)
+
+
+@triton.jit
+def _store_tile_bounds(out, ptr, rows, row_ok, n):
+    lo, hi = load_ranges(ptr, rows, row_ok, n)
+    u_lo, u_hi = range_union(lo, hi, n)
+    c_lo, c_hi = range_cover(lo, hi, row_ok, n)
+    tl.store(out, u_lo)
+    tl.store(out + 1, u_hi)
+    tl.store(out + 2, c_lo)
+    tl.store(out + 3, c_hi)
+
+
+@triton.jit
+def _tile_bounds_kernel(KRange, SRange, Used, Bounds, R, n_keys, n_side, HAS_K: tl.constexpr, HAS_S: tl.constexpr,
+                        HAS_USED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per (batch row, tile of BLOCK_M of the R rows): the union and the cover (``range_union``, ``range_cover``) of
+    its rows' key ranges (columns 0..3) and side ranges (4..7) into Bounds (B, row tiles, 8) int32; with HAS_USED
+    only the rows where ``Used`` (B, R) uint8 is set count."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < R
+    if HAS_USED:
+        row_ok = row_ok & (tl.load(Used + b * R + rows, mask=row_ok, other=0) != 0)
+    out = Bounds + (b * tl.num_programs(0) + pid_m) * 8
+    if HAS_K:
+        _store_tile_bounds(out, KRange + b * 2 * R, rows, row_ok, n_keys)
+    if HAS_S:
+        _store_tile_bounds(out + 4, SRange + b * 2 * R, rows, row_ok, n_side)
+
+
+def tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used=None):
+    """(B, cdiv(R, block_m), 8) int32 range bounds per tile of the R rows of the (B, R, 2) ``key_ranges`` (keys in
+    [0, n_keys)) / ``side_ranges`` (side keys in [0, n_side)) (``_tile_bounds_kernel``; the columns of an absent
+    tensor are left unset; ``used`` (B, R) uint8: rows that count), or ``like`` when there are no ranges. The
+    attention kernels read these scalars per tile instead of reducing the rows' ranges themselves: reductions
+    before the tile loop cost the dQ kernel (all biases on) ~100 registers' worth of spills on sm_90."""
+    if key_ranges is None and side_ranges is None:
+        return like
+    B, R = (key_ranges if key_ranges is not None else side_ranges).shape[:2]
+    n_tiles = triton.cdiv(R, block_m)
+    bounds = torch.empty(B, n_tiles, 8, dtype=torch.int32, device=like.device)
+    if bounds.numel():
+        _tile_bounds_kernel[(n_tiles, B)](like if key_ranges is None else key_ranges,
+                                          like if side_ranges is None else side_ranges,
+                                          like if used is None else used, bounds, R, n_keys, n_side,
+                                          HAS_K=key_ranges is not None, HAS_S=side_ranges is not None,
+                                          HAS_USED=used is not None, BLOCK_M=block_m)
+    return bounds

@@ -41,12 +41,19 @@ from ._common import (
     head_dim_block,
     kv_grad_step,
     load_query_block,
+    load_ranges,
     load_rows,
+    range_arg,
+    range_mask,
+    range_tiles,
+    ranged_scores,
     side_scores,
     softmax_step,
     split_count,
     store_rows,
     strides3,
+    tile_bounds,
+    trim_row_tiles,
 )
 from ._dropout import keep_scale_tile
 from ._dropout import kernel_args as _dropout_meta
@@ -113,30 +120,47 @@ def _side_tile(q, g0, sk_base, sv_base, stride_sks, stride_svs, qblock, sbias_pt
 
 
 @triton.jit
-def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width, side, G, D, scale, drop,
+def _side_span(bounds, G, BLOCK_N: tl.constexpr):
+    """(g_begin, g_end): the side tiles ``[g_begin, g_end)`` (steps of BLOCK_N from a multiple of it) that meet the
+    union of the query tile's side ranges (``bounds``: its row of ``_common.tile_bounds``)."""
+    gt_lo, gt_hi = range_tiles(0, tl.cdiv(G, BLOCK_N), 0, tl.load(bounds + 4), tl.load(bounds + 5), BLOCK_N)
+    return gt_lo * BLOCK_N, tl.minimum(gt_hi * BLOCK_N, G)
+
+
+@triton.jit
+def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width, side, G, D, scale, drop, ranges,
                       HAS_SMASK: tl.constexpr, SIDE_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BIAS_L: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+                      BIAS_L: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+                      HAS_RANGES: tl.constexpr):
     """Side-bias sums of the rows left out of the side loop's group, whose block ids lie ``SIDE_SPAN`` or more
     below the tile's largest (e.g. padding rows, qb = -1, in a tile with others): per pass, the next group
     (``side_group``), its dS recomputed over all side tiles and added into the row. Usually no pass runs.
-    The block ids are reloaded here rather than kept live through the side loop (which would spill)."""
+    The block ids (and side ranges, ``ranges``: (this batch row's, the tile's bounds)) are reloaded here rather
+    than kept live through the side loop (which would spill); the passes walk the side loop's tiles."""
     row_ok = offs_m < S
     qb = load_query_block(qb_ptr, offs_m, row_ok, G)
+    g_begin = 0
+    g_end = G
+    if HAS_RANGES:
+        g_begin, g_end = _side_span(ranges[1], G, BLOCK_N)
     pending = side_group(qb, row_ok, BIAS_L)[2]
     while tl.max(pending.to(tl.int32), 0) > 0:
         qhi, shift, pending = side_group(qb, pending, BIAS_L)
         tl.debug_barrier()  # the previous pass's stores are visible to every thread
         carry = tl.zeros([BIAS_L], dtype=tl.float32)
-        for g0 in range(0, G, BLOCK_N):
+        for g0 in range(g_begin, g_end, BLOCK_N):
             k, v, s = _side_tile(q, g0, *side, G, D, scale, True, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
                                  DOT_PREC)
+            if HAS_RANGES:
+                s = range_mask(s, g0 + tl.arange(0, BLOCK_N)[None, :], *load_ranges(ranges[0], offs_m, row_ok, G))
             z = s
             if HAS_DROPOUT:
                 z = _keep_scale(drop[0], drop[1], offs_m, g0, drop[2], drop[3], BLOCK_N, True, True)
             ds = ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
             sums = grouped_column_sums(ds, shift, BIAS_L, DOT_PREC)
             carry = chain_add(carry, sums, side_row, G - qhi + g0, side_width, BLOCK_N, True)
-        chain_flush(carry, side_row, G - qhi + (tl.cdiv(G, BLOCK_N) - 1) * BLOCK_N, side_width, BLOCK_N, True)
+        last = G - qhi + g_begin + (tl.cdiv(g_end - g_begin, BLOCK_N) - 1) * BLOCK_N
+        chain_flush(carry, side_row, last, side_width, BLOCK_N, True)
 
 
 @triton.jit
@@ -145,11 +169,13 @@ def _rows_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_skb, stride_sks, stride_skh, stride_svb, stride_svs, stride_svh,
     stride_dob, stride_dos, stride_doh, stride_rb, stride_rs, stride_rh, stride_ib,
-    S, H, GROUP, G, D, left, right, scale, band_width, side_width, Rng, drop_thresh, drop_scale,
+    S, H, GROUP, G, D, left, right, scale, band_width, side_width, Rng, drop_thresh, drop_scale, KRange, SRange,
+    TBounds,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, SIDE_INDEX: tl.constexpr = False,
-    HAS_QMASK: tl.constexpr = False, KMASK_ROWS: tl.constexpr = False,
+    HAS_QMASK: tl.constexpr = False, KMASK_ROWS: tl.constexpr = False, HAS_KRANGES: tl.constexpr = False,
+    HAS_SRANGES: tl.constexpr = False,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Lse, Delta) of one query tile.
 
@@ -161,6 +187,12 @@ def _rows_kernel(
     ``SIdx[b, g]`` (rows ``stride_ib`` apart), read in place. Forward only: with HAS_QMASK rows i where
     ``QMask[b, i]`` (uint8) is 0 store out = 0; with KMASK_ROWS rows that are not band keys (``KMask[b, i]`` 0)
     store lse = +inf, so the backward gives them no gradient (Longformer's padding and global rows).
+
+    HAS_KRANGES / HAS_SRANGES: row i of batch row b attends band keys in ``[KRange[b, i, 0], KRange[b, i, 1])`` /
+    side keys in ``[SRange[b, i, 0], SRange[b, i, 1])`` only (contiguous int32 (B, S, 2)). The tile loops visit
+    only the key / side tiles that meet the union of the tile's rows' ranges (``range_tiles``; the union and
+    the cover of each query tile are precomputed in ``TBounds``, ``_common.tile_bounds``); band tiles not inside
+    every row's range get the per-element mask (``ranged_scores``), side tiles all get it.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -195,6 +227,10 @@ def _rows_kernel(
     n_start = m0 - left
     t_lo = tl.maximum(0, -n_start) // BLOCK_N
     t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+    bounds = TBounds + (b * tl.num_programs(0) + pid_m) * 8  # this tile's row of _common.tile_bounds
+    if HAS_KRANGES:
+        t_lo, t_hi = range_tiles(t_lo, t_hi, n_start, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
+        cover_lo, cover_hi = tl.load(bounds + 2), tl.load(bounds + 3)
     if BACKWARD and HAS_BBIAS:  # band entry t = tt * BLOCK_N + c - r in tile tt: column tt * BLOCK_N + c + shift
         band_shift = (BLOCK_M - 1) - tl.arange(0, BLOCK_M)
         zero_fill(bias_row, 0, t_lo * BLOCK_N, BLOCK_N)
@@ -208,6 +244,9 @@ def _rows_kernel(
         edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
         s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
                         KMask + b * S, HAS_BBIAS, HAS_KMASK)
+        if HAS_KRANGES:
+            s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
+                              BLOCK_N)
         z = s
         if HAS_DROPOUT:  # band tiles start at m0 - left: any alignment
             z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, False, False)
@@ -229,13 +268,19 @@ def _rows_kernel(
             SIdx + b * stride_ib, S if SIDE_INDEX else G)
     side_row = bias_row + band_width
     if G > 0:
+        g_begin = 0  # side tiles [g_begin, g_end) in steps of BLOCK_N
+        g_end = G
+        if HAS_SRANGES:
+            g_begin, g_end = _side_span(bounds, G, BLOCK_N)
         if BACKWARD and HAS_SBIAS:  # side entry g - qb + G: column (G - qhi + g0) + c + shift (see bias_grad)
             qhi, side_shift, _ = side_group(qb, row_ok, BIAS_L)
-            zero_fill(side_row, 0, tl.minimum(G - qhi, side_width), BLOCK_N)
+            zero_fill(side_row, 0, tl.minimum(G - qhi + g_begin, side_width), BLOCK_N)
             carry = tl.zeros([BIAS_L], dtype=tl.float32)
-        for g0 in range(0, G, BLOCK_N):
+        for g0 in range(g_begin, g_end, BLOCK_N):
             k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
                                  DOT_PREC)
+            if HAS_SRANGES:  # every side tile masked: a cover test here costs the dQ kernel's bias sums spills
+                s = range_mask(s, (g0 + offs_n)[None, :], *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
             z = s
             if HAS_DROPOUT:
                 z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True)
@@ -245,7 +290,7 @@ def _rows_kernel(
                 carry = chain_add(carry, grouped_column_sums(ds, side_shift, BIAS_L, DOT_PREC), side_row, G - qhi + g0,
                                   side_width, BLOCK_N, False)
         if BACKWARD and HAS_SBIAS:
-            last = G - qhi + (tl.cdiv(G, BLOCK_N) - 1) * BLOCK_N
+            last = G - qhi + g_begin + (tl.cdiv(g_end - g_begin, BLOCK_N) - 1) * BLOCK_N  # the last tile's column
             chain_flush(carry, side_row, last, side_width, BLOCK_N, False)
             zero_fill(side_row, last + BIAS_L, side_width, BLOCK_N)
 
@@ -254,8 +299,8 @@ def _rows_kernel(
         store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
         if HAS_SBIAS:  # after dq's store: acc's registers are free for these (usually absent) passes
             _side_bias_passes(q, do, lse, delta, QBlock + b * S, offs_m, S, side_row, side_width, side, G, D, scale,
-                              (Rng, pid_bh, drop_thresh, drop_scale), HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D, BIAS_L,
-                              HAS_DROPOUT, DOT_PREC)
+                              (Rng, pid_bh, drop_thresh, drop_scale), (SRange + b * 2 * S, bounds), HAS_SMASK,
+                              SIDE_INDEX, BLOCK_N, BLOCK_D, BIAS_L, HAS_DROPOUT, DOT_PREC, HAS_SRANGES)
     else:
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
@@ -273,10 +318,11 @@ def _keys_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, KMask, SMask, QBlock, BBias, SBias, SIdx,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_gb, stride_gs, stride_gh, stride_split, stride_ib,
-    S, N, H, GROUP, G, D, left, right, scale, tiles_per_split, Rng, drop_thresh, drop_scale,
+    S, N, H, GROUP, G, D, left, right, scale, tiles_per_split, Rng, drop_thresh, drop_scale, Ranges,
     SIDE: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, SIDE_INDEX: tl.constexpr = False,
+    HAS_RANGES: tl.constexpr = False,
 ):
     """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles.
 
@@ -289,6 +335,10 @@ def _keys_kernel(
     Grouped-query attention: K, V, DK, DV have ``H // GROUP`` heads and a program owns one (batch, K/V head);
     it walks the query tiles of each of the GROUP query heads reading that K/V head (one flat loop over
     (head, tile)), summing their dK/dV in registers: deterministic, no atomics, no repeated K/V.
+
+    HAS_RANGES: ``Ranges`` (contiguous int32 (B, S, 2)) holds each query row's band key range, or with SIDE its
+    side key range. The query tiles at either end of the walk whose rows' ranges all miss this key tile are
+    dropped before it (``trim_row_tiles``); the pairs left are masked per element.
     """
     pid_n = tl.program_id(0)
     pid_kv = tl.program_id(1)  # (batch, K/V head)
@@ -313,6 +363,9 @@ def _keys_kernel(
         m_start = n0 - right
         t_lo = tl.maximum(0, -m_start) // BLOCK_M
         t_hi = (tl.minimum(S - 1, n0 + BLOCK_N - 1 + left) - m_start) // BLOCK_M + 1
+    if HAS_RANGES:
+        range_ptr = Ranges + b * 2 * S
+        t_lo, t_hi = trim_row_tiles(range_ptr, t_lo, t_hi, m_start, S, n0, n0 + BLOCK_N, N, BLOCK_M)
     n_t = t_hi - t_lo
     for it in range(0, GROUP * n_t):  # query head it // n_t of the group, its query tile t_lo + it % n_t
         pid_bh = pid_q0 + it // n_t
@@ -339,6 +392,8 @@ def _keys_kernel(
             edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
             s = band_scores(qk, rows[:, None], offs_n[None, :], edge, S, left, right, scale,
                             BBias + h * (left + right + 1), KMask + b * S, HAS_BBIAS, HAS_KMASK)
+        if HAS_RANGES:
+            s = range_mask(s, offs_n[None, :], *load_ranges(range_ptr, rows, row_ok, N))
         z = s
         if HAS_DROPOUT:  # key tiles start at multiples of BLOCK_N: aligned
             z = _keep_scale(Rng, pid_bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, True, SIDE)
@@ -434,9 +489,24 @@ def _flags(band_key_mask, side_mask, band_bias, side_bias):
                 HAS_BBIAS=band_bias is not None, HAS_SBIAS=side_bias is not None)
 
 
+def _range_args(key_ranges, side_ranges, B, S, G, block_m, dummy):
+    """(``_rows_kernel``'s range keywords, (key pointer, flag), (side pointer, flag)) of the optional (B, S, 2)
+    int32 per-row ranges (``notes/ranges_contract.md``); side ranges are moot without side keys."""
+    kr, has_kr = range_arg(key_ranges, "key_ranges", (B, S), dummy)
+    sr, has_sr = range_arg(side_ranges, "side_ranges", (B, S), dummy)
+    has_sr = has_sr and G > 0
+    bounds = tile_bounds(key_ranges if has_kr else None, side_ranges if has_sr else None, S, G, block_m, dummy)
+    rows = dict(KRange=kr, SRange=sr, TBounds=bounds, HAS_KRANGES=has_kr, HAS_SRANGES=has_sr)
+    return rows, (kr, has_kr), (sr, has_sr)
+
+
 def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-            scale, dropout_p=0.0, rng=None, side_index=None, query_mask=None, band_rows_only=False):
+            scale, dropout_p=0.0, rng=None, side_index=None, query_mask=None, band_rows_only=False, key_ranges=None,
+            side_ranges=None):
     """-> (out (B, S, H, D) contiguous in q's dtype, lse (B, H, S) float32); see ``longattn.backends``.
+
+    ``key_ranges`` / ``side_ranges``: None or contiguous int32 (B, S, 2), the band / side keys each row may attend
+    (packed variable-length batches).
 
     Options of the Longformer op (``longattn.backends._longformer``), all default off:
     ``side_index`` (B, G) int64: side key g of batch row b is token ``side_index[b, g]`` of ``side_k``/``side_v``
@@ -452,6 +522,7 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
     grid = (triton.cdiv(S, BLOCK_M), B * H)
     sidx, stride_ib, indexed = _index_args(side_index, q)
+    ranged, _, _ = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
     _rows_kernel[grid](
         q, k, v, *_side_or_dummy(side_k, side_v, q), q, out, lse, lse, *extra, lse, sidx, as_u8(query_mask, q),
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
@@ -461,12 +532,13 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         **_dropout_meta(dropout_p, rng, lse), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
+        **ranged,
     )
     return out, lse
 
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-             left, right, scale, dropout_p=0.0, rng=None, side_index=None):
+             left, right, scale, dropout_p=0.0, rng=None, side_index=None, key_ranges=None, side_ranges=None):
     """-> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias): contiguous gradients in the inputs' dtypes
     (a bias gradient is empty when its table is absent).
 
@@ -478,10 +550,13 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
 
     With ``side_index`` (see ``forward``) the side keys' dK/dV are added into dk/dv at the rows it names (kept
     slots must name distinct rows) by ``_side_add_kernel``, and dside_k, dside_v are returned empty.
+    ``key_ranges`` / ``side_ranges``: as in ``forward``; the key-side passes skip query tiles that cannot see
+    their key tile.
     """
     B, S, H, D = q.shape
     G = _side_count(side_k, side_index)
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
+    ranged, (kr, has_kr), side_ranges = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
     delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(S, BLOCK_M), B * H)](
         dout, out, delta, *strides3(dout), *strides3(out), S, H, D, BLOCK_M=BLOCK_M, BLOCK_D=head_dim_block(D),
@@ -503,19 +578,22 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         q, k, v, *_side_or_dummy(side_k, side_v, q), dout, dq, lse, delta, *extra, part, sidx, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(dq), stride_ib,
-        S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, SIDE_INDEX=indexed, **meta,
+        S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, SIDE_INDEX=indexed,
+        **ranged, **meta,
     )
     dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M)
     dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
     _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, 0,
-        S, S, H, H // H_kv, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, **meta,
+        S, S, H, H // H_kv, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
+        HAS_RANGES=has_kr, **meta,
     )
     if indexed:
-        _side_key_grads_into(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_index, side_mask, dk, dv)
+        _side_key_grads_into(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges, side_index,
+                             side_mask, dk, dv)
         return dq, dk, dv, q.new_empty(0), q.new_empty(0), dbb, dsb
-    dsk, dsv = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta)
+    dsk, dsv = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges)
     return dq, dk, dv, dsk, dsv, dbb, dsb
 
 
@@ -524,8 +602,9 @@ def side_splits(n_programs: int, n_query_tiles: int) -> int:
     return split_count(n_programs, n_query_tiles)
 
 
-def _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, G, side_index, dtype):
-    """Side keys' (dK, dV), (splits, B, G, H_kv, D) in ``dtype``: slice z sums query chunk z (see ``backward``)."""
+def _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges, G, side_index, dtype):
+    """Side keys' (dK, dV), (splits, B, G, H_kv, D) in ``dtype``: slice z sums query chunk z (see ``backward``).
+    ``ranges``: (pointer, flag) of the side ranges (``_range_args``)."""
     B, S, H, D = q.shape
     H_kv = side_k.shape[2]
     n_tiles = triton.cdiv(S, meta["BLOCK_M"])
@@ -541,31 +620,32 @@ def _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, G, s
     _keys_kernel[(*grid, splits)](
         q, side_k, side_v, dout, lse, delta, dsk, dsv, *extra, sidx,
         *strides3(q), *strides3(side_k), *strides3(side_v), *strides3(dout), *strides3(dsk[0]), dsk[0].numel(),
-        stride_ib, S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True, SIDE_INDEX=indexed, **meta,
+        stride_ib, S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True, SIDE_INDEX=indexed,
+        Ranges=ranges[0], HAS_RANGES=ranges[1], **meta,
     )
     return dsk, dsv
 
 
-def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta):
+def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges):
     """(dside_k, dside_v) contiguous in q's dtype, from float32 partials over query chunks (see ``backward``)."""
     G = side_k.shape[1]
     if G == 0:
         return torch.empty_like(side_k, memory_format=torch.contiguous_format), torch.empty_like(
             side_v, memory_format=torch.contiguous_format)
-    dsk, dsv = _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, G, None, None)
+    dsk, dsv = _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges, G, None, None)
     if dsk.shape[0] == 1:
         return dsk[0], dsv[0]
     return dsk.sum(0).to(q.dtype), dsv.sum(0).to(q.dtype)
 
 
-def _side_key_grads_into(q, k, v, dout, lse, delta, extra, scale, meta, side_index, side_mask, dk, dv):
+def _side_key_grads_into(q, k, v, dout, lse, delta, extra, scale, meta, ranges, side_index, side_mask, dk, dv):
     """Side keys' dK/dV read through ``side_index`` and added into rows of dk, dv (contiguous, B, S, H_kv, D):
     float32 partials over query chunks, then ``_side_add_kernel`` (fixed order, after the band dK/dV)."""
     B, S, H, D = q.shape
     G, H_kv = side_index.shape[1], k.shape[2]
     if G == 0:
         return
-    dsk, dsv = _side_partials(q, k, v, dout, lse, delta, extra, scale, meta, G, side_index, torch.float32)
+    dsk, dsv = _side_partials(q, k, v, dout, lse, delta, extra, scale, meta, ranges, G, side_index, torch.float32)
     BLOCK_G = 16  # G is small (a few global tokens); 16-row tiles keep both float32 sums in registers
     _side_add_kernel[(triton.cdiv(G, BLOCK_G), B * H_kv)](
         dsk, dsv, side_index, as_u8(side_mask, side_index), dk, dv, dsk[0].numel(), *strides3(dsk[0]),

@@ -15,6 +15,11 @@ Every sum runs in a fixed order in one program (no atomics): two runs are bitwis
 through their positions (``pos``, ``used``): no gathered copy of q, dout or out. Unused slots read as zero rows
 with ``lse = +inf`` and are never stored. Layouts: q, k, v, out, dout, dq, dk, dv (B, S, H, D) with a unit last
 stride; pos (B, G) int64, used (B, G) bool; key_mask (B, S) bool or None; glse (B, H, G) float32.
+
+Per-slot key ranges (``key_ranges``, contiguous int32 (B, G, 2), constexpr ``HAS_RANGES``; packed variable-length
+batches): slot s attends key j only if ``key_ranges[b, s, 0] <= j < key_ranges[b, s, 1]``. A slot tile's key chunk
+is walked only over the key tiles meeting the union of its used slots' ranges, and the dK/dV program of a key tile
+skips the slot tiles at either end that cannot see it; pairs are masked per element, so any values are safe.
 """
 
 from __future__ import annotations
@@ -32,11 +37,17 @@ from ._common import (
     ds_tile,
     head_dim_block,
     kv_grad_step,
+    load_ranges,
     load_rows,
+    range_arg,
+    range_mask,
+    range_tiles,
     softmax_step,
     split_count,
     store_rows,
     strides3,
+    tile_bounds,
+    trim_row_tiles,
 )
 from ._dropout import keep_scale_tile
 from ._dropout import kernel_args as _dropout_meta
@@ -131,14 +142,16 @@ def _split_kernel(
     Q, K, V, DO, Out, GLse, Pos, Used, KMask, PartO, PartL,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh,
-    S, H, G, D, scale, keys_per_split, stride_pb, Rng, drop_thresh, drop_scale,
+    S, H, G, D, scale, keys_per_split, stride_pb, Rng, drop_thresh, drop_scale, KRange, TBounds,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RANGES: tl.constexpr = False,
 ):
     """One key chunk of a tile of slot queries, written as float32 partials at [split, b * H + h, g].
 
     Forward: PartO = the chunk's softmax-weighted values (normalised within the chunk), PartL = its log-sum-exp
     (-inf without a key). Backward (reads DO, Out, GLse): PartO = the chunk's dS @ k (unscaled), for dq.
+    HAS_RANGES: ``TBounds`` holds the union of each slot tile's used slots' ranges (``_common.tile_bounds``), read
+    as two scalars (a reduction here would cost registers in the loop).
     """
     pid_g, pid_bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
@@ -159,11 +172,20 @@ def _split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     j_lo = split * keys_per_split
     j_hi = tl.minimum(j_lo + keys_per_split, S)
-    for n0 in range(j_lo, j_hi, BLOCK_N):
+    n_begin = j_lo
+    n_end = j_hi
+    if HAS_RANGES:  # only the chunk's key tiles that meet the used slots' ranges (tiles stay BLOCK_N-aligned)
+        bounds = TBounds + (b * tl.num_programs(0) + pid_g) * 8  # the slot tile's union (_common.tile_bounds)
+        t0, t1 = range_tiles(0, tl.cdiv(j_hi - j_lo, BLOCK_N), j_lo, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
+        n_begin = j_lo + t0 * BLOCK_N
+        n_end = tl.minimum(j_lo + t1 * BLOCK_N, j_hi)
+    for n0 in range(n_begin, n_end, BLOCK_N):
         cols = n0 + offs_n
         k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
         v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
         s = _key_scores(q, k, cols, j_hi, KMask + b * S, scale, HAS_KMASK, DOT_PREC)
+        if HAS_RANGES:  # reloaded (cached) rather than kept live through the loop
+            s = range_mask(s, cols[None, :], *load_ranges(KRange + b * 2 * G, offs_g, offs_g < G, S))
         z = s
         if HAS_DROPOUT:  # n0 = split * keys_per_split + a multiple of BLOCK_N: aligned
             z = _keep_scale(Rng, pid_bh, offs_g, n0, drop_thresh, drop_scale, BLOCK_N)
@@ -189,11 +211,13 @@ def _keys_kernel(
     Q, K, V, DO, Out, GLse, Pos, Used, KMask, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh,
-    S, H, G, D, scale, stride_pb, Rng, drop_thresh, drop_scale,
+    S, H, G, D, scale, stride_pb, Rng, drop_thresh, drop_scale, KRange,
     ADD_DK: tl.constexpr, ADD_DV: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RANGES: tl.constexpr = False,
 ):
-    """dk, dv of key tile ``[n0, n0 + BLOCK_N)`` over every slot query; added to DK / DV with ADD_DK / ADD_DV."""
+    """dk, dv of key tile ``[n0, n0 + BLOCK_N)`` over every slot query; added to DK / DV with ADD_DK / ADD_DV.
+    With HAS_RANGES the slot tiles at either end whose ranges all miss the key tile are skipped (unused slots'
+    ranges count here: they only make the walk longer, their lse = +inf gives them no gradient)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -202,12 +226,21 @@ def _keys_kernel(
     v = load_rows(V + batch_head_offset(pid_bh, H, stride_vb, stride_vh), cols, S, stride_vs, offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_M):
+    g_begin = 0
+    g_end = G
+    if HAS_RANGES:
+        t0, t1 = trim_row_tiles(KRange + b * 2 * G, tl.full([], 0, tl.int32), tl.cdiv(G, BLOCK_M), 0, G,
+                                pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N, S, BLOCK_M)
+        g_begin = t0 * BLOCK_M
+        g_end = t1 * BLOCK_M
+    for g0 in range(g_begin, g_end, BLOCK_M):
         offs_g = g0 + tl.arange(0, BLOCK_M)
         q, do, lse, delta = _slot_tile(Q, DO, Out, GLse, Pos, Used, pid_bh, b, offs_g, offs_d, stride_qb,
                                        stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_ob,
                                        stride_os, stride_oh, S, H, G, D, stride_pb)
         s = _key_scores(q, k, cols, S, KMask + b * S, scale, HAS_KMASK, DOT_PREC)
+        if HAS_RANGES:
+            s = range_mask(s, cols[None, :], *load_ranges(KRange + b * 2 * G, offs_g, offs_g < G, S))
         z = s
         if HAS_DROPOUT:
             z = _keep_scale(Rng, pid_bh, offs_g, pid_n * BLOCK_N, drop_thresh, drop_scale, BLOCK_N)
@@ -244,21 +277,25 @@ def _plan(q, G):
     return (BLOCK_M, BLOCK_N, warps), slot_tiles, triton.cdiv(S, keys_per_split), keys_per_split
 
 
-def forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None):
-    """Rows ``pos`` (used slots) of ``q`` attend every real token of k, v; written into ``out``. -> glse (B, H, G)."""
+def forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None, key_ranges=None):
+    """Rows ``pos`` (used slots) of ``q`` attend every real token of k, v (within ``key_ranges`` (B, G, 2) int32 per
+    slot when given); written into ``out``. -> glse (B, H, G)."""
     B, S, H, D = q.shape
     G = pos.shape[1]
+    kr, has_kr = range_arg(key_ranges, "key_ranges", (B, G), q)
     (BLOCK_M, BLOCK_N, warps), slot_tiles, splits, keys_per_split = _plan(q, G)
     BLOCK_D = head_dim_block(D)
+    used8 = _used_u8(used)
+    bounds = tile_bounds(key_ranges if has_kr else None, None, S, 0, BLOCK_M, q, used8)
     part_o = torch.empty(splits, B * H, G, BLOCK_D, dtype=torch.float32, device=q.device)
     part_l = torch.empty(splits, B * H, G, dtype=torch.float32, device=q.device)
     glse = torch.empty(B, H, G, dtype=torch.float32, device=q.device)
-    used8 = _used_u8(used)
     _split_kernel[(slot_tiles, B * H, splits)](
         q, k, v, q, q, part_l, pos, used8, as_u8(key_mask, used8), part_o, part_l,
         *strides3(q), *strides3(k), *strides3(v), *strides3(q), *strides3(q),
         S, H, G, D, float(scale), keys_per_split, pos.stride(0),
-        BACKWARD=False, HAS_KMASK=key_mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+        BACKWARD=False, HAS_KMASK=key_mask is not None, KRange=kr, TBounds=bounds, HAS_RANGES=has_kr,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         DOT_PREC=dot_precision(q.dtype), **_dropout_meta(dropout_p, rng, glse), num_warps=warps,
     )
     _combine_kernel[(slot_tiles, B * H)](
@@ -269,21 +306,24 @@ def forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None):
 
 
 def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into, dropout_p=0.0,
-             rng=None):
+             rng=None, key_ranges=None):
     """-> (dq, dk, dv) of ``forward``, each added into the given ``*_into`` tensor (and returned) or new."""
     B, S, H, D = q.shape
     G = pos.shape[1]
+    kr, has_kr = range_arg(key_ranges, "key_ranges", (B, G), q)
     (BLOCK_M, BLOCK_N, warps), slot_tiles, splits, keys_per_split = _plan(q, G)
     BLOCK_D = head_dim_block(D)
     used8 = _used_u8(used)
     kmask = as_u8(key_mask, used8)
     common = (*strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(out))
-    meta = dict(HAS_KMASK=key_mask is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
+    meta = dict(HAS_KMASK=key_mask is not None, KRange=kr, HAS_RANGES=has_kr, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                BLOCK_D=BLOCK_D,
                 DOT_PREC=dot_precision(q.dtype), **_dropout_meta(dropout_p, rng, glse), num_warps=warps)
     part_q = torch.empty(splits, B * H, G, BLOCK_D, dtype=torch.float32, device=q.device)
     _split_kernel[(slot_tiles, B * H, splits)](
         q, k, v, dout, out, glse, pos, used8, kmask, part_q, part_q, *common, S, H, G, D, float(scale),
-        keys_per_split, pos.stride(0), BACKWARD=True, **meta,
+        keys_per_split, pos.stride(0), BACKWARD=True,
+        TBounds=tile_bounds(key_ranges if has_kr else None, None, S, 0, BLOCK_M, q, used8), **meta,
     )
     dq = torch.zeros(B, S, H, D, dtype=q.dtype, device=q.device) if dq_into is None else dq_into
     _combine_kernel[(slot_tiles, B * H)](

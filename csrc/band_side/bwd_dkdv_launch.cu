@@ -11,11 +11,11 @@ cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStrea
     using Traits = decltype(traits);
     const int band_ctas = (p.S + Traits::kBlockN - 1) / Traits::kBlockN;
     const int side_ctas = ((p.G + Traits::kBlockN - 1) / Traits::kBlockN) * p.side_chunks;
-    // Dropout is a separate instantiation: without it the kernel is exactly the dropout-free code.
-    const auto kernel = p.rng != nullptr ? band_side_bwd_dkdv_kernel<Traits, true>
-                                         : band_side_bwd_dkdv_kernel<Traits, false>;
-    return launch_kernel(kernel, dim3(band_ctas + side_ctas, p.B, p.H), Traits::kThreads, Traits::kBwdDkvSmem, p,
-                         stream);
+    return dispatch_flags(p, [&]<bool kDropout, bool kRanges>() {
+      return launch_kernel(band_side_bwd_dkdv_kernel<Traits, kDropout, kRanges>,
+                           dim3(band_ctas + side_ctas, p.B, p.H), Traits::kThreads,
+                           kRanges ? Traits::kBwdDkvRangesSmem : Traits::kBwdDkvSmem, p, stream);
+    });
   });
 }
 

@@ -20,10 +20,10 @@ cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStre
 cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream) {
   return dispatch_traits(bf16, p.D, [&](auto traits) {
     using Traits = decltype(traits);
-    // Dropout is a separate instantiation: without it the kernel is exactly the dropout-free code.
-    const auto kernel = p.rng != nullptr ? band_side_bwd_dq_kernel<Traits, true>
-                                         : band_side_bwd_dq_kernel<Traits, false>;
-    return launch_kernel(kernel, query_tile_grid<Traits>(p), Traits::kThreads, Traits::kBwdDqSmem, p, stream);
+    return dispatch_flags(p, [&]<bool kDropout, bool kRanges>() {
+      return launch_kernel(band_side_bwd_dq_kernel<Traits, kDropout, kRanges>, query_tile_grid<Traits>(p),
+                           Traits::kThreads, Traits::kBwdDqSmem, p, stream);
+    });
   });
 }
 

@@ -16,9 +16,14 @@
 //
 // kDropout (Z = keep / (1 - p), the forward's bits regenerated from the same counters, band_side/dropout.h):
 // dV = (P Z)^T dO and dS = P (Z dP - delta), dP = dO V^T; delta = rowsum(dO * O) is unchanged.
+//
+// kRanges (per-row key ranges, band_side/ranges.h): dQ walks the forward's narrowed key tiles; a dK/dV CTA
+// visits only the query tiles from the first to the last whose rows' ranges meet its key tile. Pairs outside a
+// row's range get score -inf, hence P = 0 and no gradient.
 #pragma once
 
 #include "band_side/dropout.h"
+#include "band_side/ranges.h"
 #include "band_side/tile_ops.h"
 
 namespace longattn {
@@ -54,7 +59,7 @@ __device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h,
 // ------------------------------------------------------------------------------------------------
 // dQ
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout>
+template <typename Traits, bool kDropout, bool kRanges>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
@@ -79,11 +84,16 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(cons
   zero(acc_dq);
   DropoutCtx drop{};
   if constexpr (kDropout) drop = dropout_ctx(p, b, h);
+  QueryRanges ranges{};
+  const KeyTileWalk walk = query_tile_walk<Traits, kRanges>(p, b, m0, i0, i1, ranges);
 
-  walk_key_tiles<Traits>(p, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt, const T* sVt) {
+  walk_key_tiles<Traits, kRanges>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
+                                                                       const T* sVt) {
     // The keep bits depend on indices only: drawn before the products, while few registers are live.
     uint32_t keep = 0;
     if constexpr (kDropout) keep = keep_mask_query_rows<BN>(drop, kt.side, kt.key0, i0, i1, lane);
+    uint32_t in_range = ~0u;
+    if constexpr (kRanges) in_range = ranges.tile_mask<BN>(p, kt.side, kt.key0, b, i0, i1, lane);
     float s[BN / 8][4], dp[BN / 8][4];
     zero(s);
     zero(dp);
@@ -101,7 +111,10 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const float sc = score_log2(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, qb[r]);
+        float sc = score_log2(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, qb[r]);
+        if constexpr (kRanges) {
+          if (!mask_bit(in_range, n, e)) sc = -INFINITY;
+        }
         const float prob = exp2f(sc - lse2[r]);
         s[n][e] = prob * (dp[n][e] - delta[r]);  // dS, the gradient of the score
       }
@@ -164,7 +177,7 @@ __device__ __forceinline__ void side_bias_grad_tile(const BandSideParams& p, con
 // ------------------------------------------------------------------------------------------------
 // dK, dV (band key tiles and side-key tiles x query chunks)
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout>
+template <typename Traits, bool kDropout, bool kRanges>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
@@ -177,6 +190,11 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
   float* sDelta = sLse2 + 2 * BM;                                         // 2 x BM
   int* sQb = reinterpret_cast<int*>(sDelta + 2 * BM);                     // 2 x BM
   float* sDs = reinterpret_cast<float*>(sQb + 2 * BM);                    // BN x kDsStride
+  // kRanges only (Traits::kBwdDkvRangesSmem more): the query rows' ranges and, per buffer and loading warp,
+  // whether all its rows' ranges hold the whole key tile.
+  int* sRangeLo = reinterpret_cast<int*>(sDs + BN * Traits::kDsStride);  // 2 x BM
+  int* sRangeHi = sRangeLo + 2 * BM;                                      // 2 x BM
+  int* sHolds = sRangeHi + 2 * BM;                                        // 2 x 2
 
   const int b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -195,8 +213,11 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
     q_count = qt.count;
     if (p.band_bias != nullptr)
       bias_partial = p.dband_bias_partial + (((int64_t)b * p.H + h) * n_band_ctas + blockIdx.x) * p.band_width;
-    load_tile_async<Traits>(sK, p.k, p.k_st, b, h, kt.key0, p.S, tid);
-    load_tile_async<Traits>(sV, p.v, p.v_st, b, h, kt.key0, p.S, tid);
+    if constexpr (kRanges) narrow_query_tiles<Traits>(p, p.key_ranges, b, kt.key0, p.S, q_first, q_count);
+    if (!kRanges || q_count > 0) {
+      load_tile_async<Traits>(sK, p.k, p.k_st, b, h, kt.key0, p.S, tid);
+      load_tile_async<Traits>(sV, p.v, p.v_st, b, h, kt.key0, p.S, tid);
+    }
   } else {
     side_cta = blockIdx.x - n_band_ctas;
     kt.key0 = (side_cta / p.side_chunks) * BN;
@@ -207,9 +228,14 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
     if (p.side_bias != nullptr)
       bias_partial = p.dside_bias_partial + (((int64_t)b * p.H + h) * n_side_ctas + side_cta) * (2 * p.G + 1);
     kt.check_range = kt.key0 + BN > p.G;
-    load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, kt.key0, p.G, tid);
-    load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, kt.key0, p.G, tid);
+    if constexpr (kRanges) narrow_query_tiles<Traits>(p, p.side_ranges, b, kt.key0, p.G, q_first, q_count);
+    if (!kRanges || q_count > 0) {
+      load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, kt.key0, p.G, tid);
+      load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, kt.key0, p.G, tid);
+    }
   }
+  // This CTA's kind of range (kRanges only), re-read from the parameters where used: fewer live registers.
+  auto cta_ranges = [&] { return kt.side ? p.side_ranges : p.key_ranges; };
 
   // Query tile t's Q and dO go async; its per-row lse / delta / block id are plain stores (visible after
   // the __syncthreads that precedes their use).
@@ -222,9 +248,19 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
       sLse2[buf * BM + tid] = lse_log2(p, b, h, i);
       sDelta[buf * BM + tid] = delta_at(p, b, h, i);
       sQb[buf * BM + tid] = clamp_query_block(p, b, i);
+      if constexpr (kRanges) {
+        // Rows >= S: an empty range (their P is 0 anyway), counted as holding the key tile.
+        if (const int32_t* ranges = cta_ranges(); ranges != nullptr) {
+          const RowRange r = i < p.S ? load_range(ranges, p, b, i) : RowRange{0, 0};
+          sRangeLo[buf * BM + tid] = r.lo;
+          sRangeHi[buf * BM + tid] = r.hi;
+          const bool holds = __all_sync(0xffffffffu, i >= p.S || (r.lo <= kt.key0 && kt.key0 + BN <= r.hi));
+          if (lane == 0) sHolds[buf * 2 + warp] = holds;  // tid < BM: warps 0 and 1, whole
+        }
+      }
     }
   };
-  load_query_tile(0, 0);
+  if (!kRanges || q_count > 0) load_query_tile(0, 0);
   cp_async_commit();
 
   // This thread's two key rows.
@@ -256,6 +292,11 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
     // The keep bits depend on indices only: drawn before the products, while few registers are live.
     uint32_t keep = 0;
     if constexpr (kDropout) keep = keep_mask_key_rows<BM>(drop, kt.side, k0, q0, lane);
+    uint32_t in_range = ~0u;  // tested only when some query row's range does not hold the whole key tile
+    if constexpr (kRanges) {
+      if (cta_ranges() != nullptr && !(sHolds[buf * 2] && sHolds[buf * 2 + 1]))
+        in_range = range_mask_key_rows<BM>(sRangeLo + buf * BM, sRangeHi + buf * BM, k0, k1, lane);
+    }
     // Transposed products: rows are this warp's 16 keys, columns the tile's 64 queries.
     float pt[BM / 8][4], dpt[BM / 8][4];
     zero(pt);
@@ -267,7 +308,10 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = frag_col(lane, n, e);
-        const float sc = score_log2(p, kt, pt[n][e], q0 + il, e >= 2 ? k1 : k0, b, h, qb[il]);
+        float sc = score_log2(p, kt, pt[n][e], q0 + il, e >= 2 ? k1 : k0, b, h, qb[il]);
+        if constexpr (kRanges) {
+          if (!mask_bit(in_range, n, e)) sc = -INFINITY;
+        }
         pt[n][e] = exp2f(sc - lse2[il]);
       }
     }

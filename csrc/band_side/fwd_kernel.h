@@ -9,14 +9,18 @@
 //
 // kDropout: P (unnormalised, after its contribution to the row sum) is multiplied by keep / (1 - p) before the
 // P V product, so out = (P Z) V / l with the undropped normaliser l; the lse is the undropped one.
+//
+// kRanges (per-row key ranges, band_side/ranges.h): the walk covers only the key tiles meeting the tile's rows'
+// ranges, and on a range's edge tiles the scores outside a row's range become -inf.
 #pragma once
 
 #include "band_side/dropout.h"
+#include "band_side/ranges.h"
 #include "band_side/tile_ops.h"
 
 namespace longattn {
 
-template <typename Traits, bool kDropout>
+template <typename Traits, bool kDropout, bool kRanges>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
@@ -40,11 +44,16 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
   float row_sum[2] = {0.f, 0.f};              // this thread's partial; quad-reduced at the end
   DropoutCtx drop{};
   if constexpr (kDropout) drop = dropout_ctx(p, b, h);
+  QueryRanges ranges{};
+  const KeyTileWalk walk = query_tile_walk<Traits, kRanges>(p, b, m0, i0, i1, ranges);
 
-  walk_key_tiles<Traits>(p, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt, const T* sVt) {
+  walk_key_tiles<Traits, kRanges>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
+                                                                       const T* sVt) {
     // The keep bits depend on indices only: drawn before the product, while few registers are live.
     uint32_t keep = 0;
     if constexpr (kDropout) keep = keep_mask_query_rows<BN>(drop, kt.side, kt.key0, i0, i1, lane);
+    uint32_t in_range = ~0u;
+    if constexpr (kRanges) in_range = ranges.tile_mask<BN>(p, kt.side, kt.key0, b, i0, i1, lane);
     float s[BN / 8][4];
     zero(s);
     gemm_nt<T, D, BN, LDS>(s, sQ + warp * 16 * LDS, sKt, lane);
@@ -56,6 +65,9 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         s[n][e] = score_log2(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, r ? qb1 : qb0);
+        if constexpr (kRanges) {
+          if (!mask_bit(in_range, n, e)) s[n][e] = -INFINITY;
+        }
         tile_max[r] = fmaxf(tile_max[r], s[n][e]);
       }
     }

@@ -3,9 +3,9 @@
 // One CTA = 4 warps = 128 threads working on a 64 x 64 (queries x keys) score tile; each warp owns 16
 // rows of it (16 queries in the forward and dQ kernels, 16 keys in the dK/dV kernel), so every softmax
 // row lives in one warp and no cross-warp reduction is needed. The template parameters are the element
-// type and the head dim (2 x 3), and on each kernel a kDropout flag (so the dropout-free instantiation is
-// exactly the code without dropout) -- everything else (masks, biases, side keys, edge tiles) is a runtime
-// flag, which keeps the build to a few minutes.
+// type and the head dim (2 x 3), and on each kernel a kDropout and a kRanges flag (so the instantiation
+// without dropout and per-row key ranges is exactly the code without them) -- everything else (masks,
+// biases, side keys, edge tiles) is a runtime flag, which keeps the build to a few minutes.
 #pragma once
 
 #include "common/ptx.h"
@@ -41,6 +41,8 @@ struct BandSideTraits {
   // dS tile for the deterministic bias-gradient reduction (stride kBlockM + 1 against bank conflicts).
   static constexpr int kDsStride = kBlockM + 1;
   static constexpr int kBwdDkvSmem = 6 * kTileBytes + 2 * 3 * kBlockM * 4 + kBlockN * kDsStride * 4;
+  // With per-row key ranges, after those: the query rows' ranges (lo, hi x 2 buffers) and 2 x 2 tile flags.
+  static constexpr int kBwdDkvRangesSmem = kBwdDkvSmem + (2 * 2 * kBlockM + 4) * 4;
 };
 
 }  // namespace longattn

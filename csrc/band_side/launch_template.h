@@ -8,8 +8,8 @@
 
 namespace longattn {
 
-// Calls F.template operator()<Traits>() for the runtime (dtype, head dim); the only instantiations that
-// exist are these six per kernel (times the kernels' kDropout flag, chosen by the launch files).
+// Calls f(Traits{}) for the runtime (dtype, head dim); the only instantiations that exist are these six per
+// kernel (times the kernels' kDropout and kRanges flags, see dispatch_flags).
 template <typename F>
 cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
   if (bf16) {
@@ -26,6 +26,16 @@ cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
     }
   }
   return cudaErrorInvalidValue;  // the API checks head_dim first; never reached
+}
+
+// Calls f.template operator()<kDropout, kRanges>() for the call's attention dropout (p.rng) and per-row key
+// ranges (p.key_ranges / p.side_ranges). Both are template flags of every tile kernel, so a call without them
+// runs exactly the code without them.
+template <typename F>
+cudaError_t dispatch_flags(const BandSideParams& p, F&& f) {
+  const bool ranges = p.key_ranges != nullptr || p.side_ranges != nullptr;
+  if (p.rng != nullptr) return ranges ? f.template operator()<true, true>() : f.template operator()<true, false>();
+  return ranges ? f.template operator()<false, true>() : f.template operator()<false, false>();
 }
 
 // Above 48 KiB of dynamic shared memory a kernel must opt in (once per kernel and device; cheap).

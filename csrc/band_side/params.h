@@ -65,6 +65,13 @@ struct BandSideParams {
   //   band: (B, H, n_band_key_tiles, band_width);  side: (B, H, n_side_tiles * side_chunks, 2G + 1)
   float* dband_bias_partial;
   float* dside_bias_partial;
+
+  // ---- per-row key ranges (only read by the kRanges = true kernels; see band_side/ranges.h) ----------
+  // (B, S, 2) int32 or nullptr: row i of batch row b may attend band keys [key_ranges[b, i, 0],
+  // key_ranges[b, i, 1]) and side keys [side_ranges[b, i, 0], side_ranges[b, i, 1]). Last in the struct, so
+  // the other fields keep their offsets in the kernels' parameter space.
+  const int32_t* key_ranges;
+  const int32_t* side_ranges;
 };
 
 }  // namespace longattn

@@ -31,6 +31,12 @@ struct BandKeyTiles {
   }
 };
 
+// The tiles a query tile's walk visits (walk_key_tiles): band key tiles [band_first, + band_count), then
+// side-key tiles [side_first, + side_count).
+struct KeyTileWalk {
+  int band_first, band_count, side_first, side_count;
+};
+
 // The query tiles that see band key tile [n0, n0 + BN): i with j - right <= i <= j + left.
 template <int BM, int BN>
 struct BandQueryTiles {
@@ -199,17 +205,23 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], T* base
 // Walking a query tile's key tiles.
 // ------------------------------------------------------------------------------------------------
 
+// The walk of query tile [m0, m0 + BM) without ranges: its band tiles, then every side-key tile.
+template <int BM, int BN>
+__device__ __forceinline__ KeyTileWalk full_key_walk(const BandSideParams& p, int m0) {
+  const BandKeyTiles<BM, BN> band(p, m0);
+  return {band.first, band.count, 0, (p.G + BN - 1) / BN};
+}
+
 // Resolve virtual tile t of a query tile's walk into its source and edge-ness.
 template <int BM, int BN>
-__device__ __forceinline__ KeyTile key_tile_at(const BandSideParams& p, const BandKeyTiles<BM, BN>& band, int m0,
-                                               int t) {
+__device__ __forceinline__ KeyTile key_tile_at(const BandSideParams& p, const KeyTileWalk& walk, int m0, int t) {
   KeyTile kt;
-  kt.side = t >= band.count;
+  kt.side = t >= walk.band_count;
   if (!kt.side) {
-    kt.key0 = (band.first + t) * BN;
+    kt.key0 = (walk.band_first + t) * BN;
     kt.check_range = !band_tile_is_interior<BM, BN>(p, m0, kt.key0);
   } else {
-    kt.key0 = (t - band.count) * BN;
+    kt.key0 = (t - walk.band_count + walk.side_first) * BN;
     kt.check_range = kt.key0 + BN > p.G;
   }
   return kt;
@@ -229,17 +241,25 @@ __device__ __forceinline__ void load_kv_async(const BandSideParams& p, const Key
   }
 }
 
-// The software pipeline shared by the forward and dQ kernels: walk a query tile's key tiles (band, then
-// side) with K/V tile t + 1 loading into the other buffer while body(tile, sK_t, sV_t) runs on tile t.
+// The software pipeline shared by the forward and dQ kernels: walk a query tile's key tiles (`walk`: band,
+// then side) with K/V tile t + 1 loading into the other buffer while body(tile, sK_t, sV_t) runs on tile t.
 // Anything else the caller loaded with cp.async before calling (its Q / dO tiles) joins the first
-// group and has landed before the first body call.
-template <typename Traits, typename Body>
-__device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, int m0, typename Traits::Element* sK,
-                                               typename Traits::Element* sV, int b, int h, int tid, Body&& body) {
+// group and has landed before the first body call. kMayBeEmpty: the walk may have no tile (per-row key
+// ranges); without ranges every query's band holds itself, so it never is.
+template <typename Traits, bool kMayBeEmpty, typename Body>
+__device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, const KeyTileWalk& walk, int m0,
+                                               typename Traits::Element* sK, typename Traits::Element* sV, int b,
+                                               int h, int tid, Body&& body) {
   constexpr int BM = Traits::kBlockM, BN = Traits::kBlockN;
-  const BandKeyTiles<BM, BN> band(p, m0);
-  const int n_tiles = band.count + (p.G + BN - 1) / BN;  // >= 1: every query's band holds itself
-  KeyTile cur = key_tile_at<BM, BN>(p, band, m0, 0);
+  const int n_tiles = walk.band_count + walk.side_count;
+  if constexpr (kMayBeEmpty) {
+    if (n_tiles == 0) {  // nothing to see: let the caller's loads land (never leave cp.async pending)
+      cp_async_commit();
+      cp_async_wait<0>();
+      return;
+    }
+  }
+  KeyTile cur = key_tile_at<BM, BN>(p, walk, m0, 0);
   load_kv_async<Traits>(p, cur, sK, sV, b, h, tid);
   cp_async_commit();
   for (int t = 0; t < n_tiles; ++t) {
@@ -247,7 +267,7 @@ __device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, int m0, 
     KeyTile next = cur;
     if (t + 1 < n_tiles) {
       // Buffer buf ^ 1 was last read in iteration t - 1, which ended with __syncthreads().
-      next = key_tile_at<BM, BN>(p, band, m0, t + 1);
+      next = key_tile_at<BM, BN>(p, walk, m0, t + 1);
       load_kv_async<Traits>(p, next, sK + (buf ^ 1) * Traits::kTileElems, sV + (buf ^ 1) * Traits::kTileElems,
                             b, h, tid);
       cp_async_commit();

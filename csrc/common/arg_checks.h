@@ -42,6 +42,11 @@ inline void last_dim_contiguous(const char* op, const at::Tensor& t, const char*
               " must have a contiguous last dim (stride(-1) == 1), got strides ", t.strides());
 }
 
+// Tensors the kernels index as dense arrays by computed offsets (no strides passed).
+inline void contiguous(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+}
+
 // In the CUDA implementations, after the other checks: unreachable through the dispatcher (every tensor is on
 // `t`'s device, and the CUDA kernel only runs for CUDA tensors); the last line of defence before a CUDA call.
 inline void on_cuda(const char* op, const at::Tensor& t, const char* name) {

@@ -55,6 +55,19 @@ rows): probabilities are multiplied by ``keep / (1 - dropout_p)`` after the soft
 one), with the keep bits of ``longattn._dropout`` for (b * H + h, row, key); the backward regenerates them.
 Without dropout the keywords are not passed at all.
 
+Per-row key ranges (packed batches)
+-----------------------------------
+A backend whose ``unsupported_reasons`` accepts the feature ``"ranges"`` also takes, on ``band_side_forward`` /
+``band_side_backward``, the keywords ``key_ranges`` and ``side_ranges`` (passed only when given, like dropout's):
+contiguous int32 ``(B, S, 2)`` tensors; query ``i`` attends band key ``j`` only if ``key_ranges[b, i, 0] <= j <
+key_ranges[b, i, 1]`` and side key ``g`` only if ``side_ranges[b, i, 0] <= g < side_ranges[b, i, 1]``, on top of the
+window and the masks. Masked pairs contribute to no output and no gradient; dropout counters are unchanged. Any
+values are safe (empty, reversed or out-of-range ranges only exclude keys). Packed variable-length batches
+(``longattn.varlen_api``) give every row its sequence's bounds, so ranges are non-decreasing along ``i``; kernels
+are correct for any values and fast for those: a query tile visits only the key / side tiles its rows' ranges
+reach. ``global_rows_forward`` / ``global_rows_backward`` take per-slot ``key_ranges`` ``(B, G, 2)`` (slot ``s``
+attends keys in its range), and Triton's ``longformer_band_*`` the band pair.
+
 Longformer's global rows
 ------------------------
 ``longattn.backends._longformer`` assembles the Longformer op from ``band_side_forward`` / ``band_side_backward``

@@ -10,7 +10,10 @@ Kernel design (see csrc/band_side/*.h): flash-attention-2 style tiles of 64 quer
 as three kernels (delta, dQ per query tile, dK/dV per key tile) with no atomics, so gradients are bitwise
 reproducible. Attention dropout (``dropout_p > 0``) runs in separate instantiations of the same kernels
 (``csrc/band_side/dropout.h``: Philox bits of ``longattn._dropout``'s counter layout, regenerated in the
-backward), so ``dropout_p = 0`` runs exactly the dropout-free code.
+backward), so ``dropout_p = 0`` runs exactly the dropout-free code. Per-row key ranges (``key_ranges`` /
+``side_ranges``, the feature ``"ranges"`` of packed variable-length batches) likewise
+(``csrc/band_side/ranges.h``): a query tile walks only the key tiles its rows' ranges meet and masks element
+by element only on a range's edge tiles; a dK/dV key tile visits only the query tiles whose rows' ranges meet it.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ GROUPED_KV_REASON = "grouped-query attention (H_kv < H) is not supported by the 
 
 
 def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
+    """Accepts the features ``"dropout"`` and ``"ranges"`` (per-row key ranges); declines ``"grouped_kv"``."""
     reasons = unavailable_reasons(device)
     if "grouped_kv" in features and op == "band_side":
         reasons.append(GROUPED_KV_REASON)  # the csrc kernels index K/V by the query head
@@ -116,18 +120,22 @@ def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
 
 
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                      left, right, scale, dropout_p=0.0, rng=None, global_rows=False):
-    """``global_rows``: the rows are Longformer global rows (slot s = row s; the global-row dropout counters)."""
+                      left, right, scale, dropout_p=0.0, rng=None, global_rows=False, key_ranges=None,
+                      side_ranges=None):
+    """``global_rows``: the rows are Longformer global rows (slot s = row s; the global-row dropout counters).
+    ``key_ranges`` / ``side_ranges``: None or contiguous int32 (B, S, 2), row i's band / side keys [lo, hi)
+    (with ``global_rows``, ``side_ranges`` holds each slot's key range: the tokens are the side keys)."""
     return tuple(torch.ops.longattn.cuda_band_side_fwd(
         q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-        float(scale), float(dropout_p), rng, global_rows))
+        float(scale), float(dropout_p), rng, global_rows, key_ranges, side_ranges))
 
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None, global_rows=False):
+                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None, global_rows=False,
+                       key_ranges=None, side_ranges=None):
     return tuple(torch.ops.longattn.cuda_band_side_bwd(
         dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-        left, right, float(scale), float(dropout_p), rng, global_rows))
+        left, right, float(scale), float(dropout_p), rng, global_rows, key_ranges, side_ranges))
 
 
 def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
@@ -154,12 +162,13 @@ def _register_fakes():
 
     @torch.library.register_fake("longattn::cuda_band_side_fwd")
     def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-          scale, dropout_p=0.0, rng=None, dropout_global_rows=False):
+          scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None, side_ranges=None):
         return _fake.band_side_forward(q)
 
     @torch.library.register_fake("longattn::cuda_band_side_bwd")
     def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-          side_bias, left, right, scale, dropout_p=0.0, rng=None, dropout_global_rows=False):
+          side_bias, left, right, scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None,
+          side_ranges=None):
         return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
 
     @torch.library.register_fake("longattn::cuda_block_aggregate_fwd")

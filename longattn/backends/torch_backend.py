@@ -10,6 +10,12 @@ Chunk layout: queries ``i0 .. i0+n-1`` see band keys ``j = i0 - left + c`` for `
 ``X[r, r + t]`` (``_band_view``): bias tables are added, and their gradients summed, through that view
 with no index tensors and no atomics.
 
+Per-row key ranges (packed variable-length batches, ``key_ranges`` / ``side_ranges``): keys outside a row's range
+are masked like padding. On the CPU the ranges are also read once per call to plan the work: a chunk computes only
+the side keys its rows' ranges reach and skips the range mask where every row sees all the chunk's keys, and the
+global-rows pass computes a key chunk only for the slots whose ranges reach it. Elsewhere (that read would sync a
+GPU) every chunk is computed in full and masked.
+
 Precision: the two matmuls take inputs in the input dtype and their fp16/bf16 results are rounded to it
 before the float32 widening (torch's matmul output dtype; HF's einsum does the same), so half-precision
 scores here carry one more rounding than the kernels' float32 accumulators: the tolerance rule's baseline is
@@ -36,7 +42,7 @@ def unavailable_reasons(device: torch.device) -> list[str]:
 
 
 def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
-    # Every feature (dropout included) is supported: this backend is the reference.
+    # Every feature ("grouped_kv", "dropout", "ranges") is supported: this backend is the reference.
     if dtype not in SUPPORTED_DTYPES:
         return [f"dtype {dtype} is not one of {SUPPORTED_DTYPES}"]
     return []
@@ -56,6 +62,39 @@ def _chunk_rows(B: int, H: int, S: int, width: int, G: int) -> int:
     rows = max(64, -(-(width // 2) // 64) * 64)
     budget = max(16, _CHUNK_ELEMENTS // max(1, B * H * (rows + width + G)))
     return max(1, min(S, rows, budget))
+
+
+def _in_ranges(ranges: torch.Tensor, i0: int, i1: int, c0: int, c1: int) -> torch.Tensor:
+    """(B, i1 - i0, c1 - c0) bool: rows i0..i1-1 of ``ranges`` (B, R, 2) allow key ``c`` in [c0, c1), i.e.
+    ``ranges[b, i, 0] <= c < ranges[b, i, 1]`` (any values: an empty or reversed range allows nothing)."""
+    r = ranges[:, i0:i1].long()
+    c = torch.arange(c0, c1, device=ranges.device)
+    return (c >= r[..., 0:1]) & (c < r[..., 1:2])
+
+
+def _range_bounds(ranges: torch.Tensor | None, n: int, rows: int, S: int) -> list[tuple[int, ...]] | None:
+    """Per chunk of ``rows`` query rows (of ``ranges`` (B, S, 2), clamped to [0, n]): ``(lo, hi, lo_max, hi_min)``,
+    where ``[lo, hi)`` is the smallest span holding every key some row of the chunk (in any batch row) may see
+    (``(n, 0)`` when none) and every row's range holds ``[lo_max, hi_min)`` (a chunk's key columns inside it need
+    no mask).
+
+    None (masks everywhere, nothing skipped) without ranges or off the CPU: the bounds are read on the host (one
+    transfer per call), which on a GPU would be a device sync. Packed batches have monotone ranges, so a chunk's
+    span is its own sequences' keys (e.g. their side keys of a concatenated TGlobal batch: the rest is never
+    computed), and a chunk inside one sequence needs no range mask at all."""
+    if ranges is None or ranges.device.type != "cpu":
+        return None
+    lo, hi = ranges[..., 0].long().clamp(0, n), ranges[..., 1].long().clamp(0, n)  # (B, S)
+    live = hi > lo
+    pad = -S % rows
+
+    def per_chunk(x, fill):
+        return torch.nn.functional.pad(x, (0, pad), value=fill).view(x.shape[0], -1, rows)
+
+    stats = torch.stack([per_chunk(lo.masked_fill(~live, n), n).amin(dim=(0, 2)),
+                         per_chunk(hi.masked_fill(~live, 0), 0).amax(dim=(0, 2)),
+                         per_chunk(lo, 0).amax(dim=(0, 2)), per_chunk(hi, n).amin(dim=(0, 2))], 1)
+    return [tuple(row) for row in stats.tolist()]
 
 
 def _band_view(x: torch.Tensor, width: int) -> torch.Tensor:
@@ -88,7 +127,7 @@ class _Problem:
     """The normalised inputs of one call, as (B, H, S, D) views, and the per-chunk score builder."""
 
     def __init__(self, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale, dropout_p=0.0, rng=None):
+                 left, right, scale, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None):
         self.B, self.S, self.H, self.D = q.shape
         self.H_kv = k.shape[2]  # grouped-query attention: query head h reads K/V head h // (H // H_kv)
         self.dropout_p, self.rng = dropout_p, rng
@@ -106,6 +145,11 @@ class _Problem:
         self.side_bias = None if side_bias is None else side_bias.to(self.acc)
         self.rows = _chunk_rows(self.B, self.H, self.S, self.width, self.G)
         self._geometry_cache = {}
+        # Per-row key ranges (packed batches): band / side keys outside them are masked; each chunk computes only
+        # the side keys of its rows' ranges and skips masks its keys do not need (``_range_bounds``).
+        self.key_ranges, self.side_ranges = key_ranges, side_ranges
+        self._key_bounds = _range_bounds(key_ranges, self.S, self.rows, self.S)
+        self._side_bounds = _range_bounds(side_ranges, self.G, self.rows, self.S)
 
     def mm(self, a, b):
         """``a @ b`` for ``a`` (B, H, n, X) per query head and ``b`` (B, H_kv, X, Y) per K/V head -> (B, H, n, Y).
@@ -154,43 +198,67 @@ class _Problem:
         keys[:, lo - k0 : hi - k0].masked_fill_(self.band_key_mask[:, lo:hi], 0.0)
         return (geometry[None] + keys[:, None, :])[:, None]
 
+    def side_span(self, i0, i1):
+        """The side keys ``[g0, g1)`` the chunk computes: all G, or the span of its rows' ``side_ranges``."""
+        if self._side_bounds is None:
+            return 0, self.G
+        lo, hi = self._side_bounds[i0 // self.rows][:2]
+        return (lo, hi) if hi > lo else (0, 0)
+
+    @staticmethod
+    def _needs_range_mask(bounds, chunk, c0, c1):
+        """Whether some row of ``chunk`` may not see some key in [c0, c1) (always, without host bounds)."""
+        if bounds is None:
+            return True
+        _, _, lo_max, hi_min = bounds[chunk]
+        return c1 > c0 and not (lo_max <= c0 and hi_min >= c1)
+
     def scores(self, i0, i1, qc, kb):
-        """Masked float32 scores of queries i0..i1-1: band (B, H, n, n+L+R) and side (B, H, n, G)."""
+        """Masked float32 scores of queries i0..i1-1: band (B, H, n, n+L+R) and side (B, H, n, g1 - g0) for the
+        chunk's ``side_span`` (None when it is empty)."""
         band = self.mm(qc, kb.transpose(-1, -2)).to(self.acc)
         if self.scale != 1.0:
             band.mul_(self.scale)
         band += self._band_mask(i0, i1, qc.device)
+        k0, k1 = i0 - self.left, i1 + self.right
+        if self.key_ranges is not None and self._needs_range_mask(self._key_bounds, i0 // self.rows, max(k0, 0),
+                                                                  min(k1, self.S)):
+            band.masked_fill_(~_in_ranges(self.key_ranges, i0, i1, k0, k1)[:, None], -torch.inf)
         if self.band_bias is not None:
             _band_view(band, self.width).add_(self.band_bias[None, :, None, :])
-        if self.G == 0:
+        g0, g1 = self.side_span(i0, i1)
+        if g1 <= g0:
             return band, None
-        side = self.mm(qc, self.skt.transpose(-1, -2)).to(self.acc)
+        side = self.mm(qc, self.skt[:, :, g0:g1].transpose(-1, -2)).to(self.acc)
         if self.scale != 1.0:
             side.mul_(self.scale)
         if self.side_bias is not None:
-            index = self._side_bias_index(i0, i1)  # (B, n, G)
+            index = self._side_bias_index(i0, i1, g0, g1)  # (B, n, g1 - g0)
             side += self.side_bias[:, index].permute(1, 0, 2, 3)
         if self.side_mask is not None:
-            side = side.masked_fill_(~self.side_mask[:, None, None, :], -torch.inf)
+            side = side.masked_fill_(~self.side_mask[:, None, None, g0:g1], -torch.inf)
+        if self.side_ranges is not None and self._needs_range_mask(self._side_bounds, i0 // self.rows, g0, g1):
+            side.masked_fill_(~_in_ranges(self.side_ranges, i0, i1, g0, g1)[:, None], -torch.inf)
         return band, side
 
-    def _side_bias_index(self, i0, i1):
+    def _side_bias_index(self, i0, i1, g0, g1):
         # Block ids are clamped to [-1, G - 1] (values are not checked on the host): the index is in [1, 2G].
-        g = torch.arange(self.G, device=self.query_block.device)
+        g = torch.arange(g0, g1, device=self.query_block.device)
         return g[None, None, :] - self.query_block[:, i0:i1, None].long().clamp(-1, self.G - 1) + self.G
 
     def keep_scale(self, i0, i1):
         """Dropout factors ``Z = keep / (1 - p)`` of the chunk (``_dropout``'s counter layout), in the accumulation
         dtype: band (B, H, n, n + L + R) over keys ``i0 - left ..`` (sliced by ``_band_view`` like the scores) and
-        side (B, H, n, G); None without dropout."""
+        side (B, H, n, g1 - g0) over the chunk's ``side_span``; None without dropout."""
         if not self.dropout_p:
             return None, None
         n, args = i1 - i0, (self.rng, self.dropout_p, self.B, self.H, i0, i1 - i0)
         scale = _dropout.dropout_scale(self.dropout_p)
         band = _dropout.keep_mask_rect(*args, i0 - self.left, n + self.width - 1).to(self.acc).mul_(scale)
-        if self.G == 0:
+        g0, g1 = self.side_span(i0, i1)
+        if g1 <= g0:
             return band, None
-        return band, _dropout.keep_mask_rect(*args, 0, self.G, side=True).to(self.acc).mul_(scale)
+        return band, _dropout.keep_mask_rect(*args, g0, g1 - g0, side=True).to(self.acc).mul_(scale)
 
     def probabilities(self, band, side, lse):
         """exp(score - lse) in place; rows with lse = +inf become 0."""
@@ -201,9 +269,9 @@ class _Problem:
 
 
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                      left, right, scale, dropout_p=0.0, rng=None):
+                      left, right, scale, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None):
     P = _Problem(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale, dropout_p, rng)
+                 left, right, scale, dropout_p, rng, key_ranges, side_ranges)
     out = torch.empty(P.B, P.S, P.H, P.D, dtype=q.dtype, device=q.device)
     lse = torch.empty(P.B, P.H, P.S, dtype=stat_dtype(q.dtype), device=q.device)
     out_t = out.transpose(1, 2)
@@ -228,7 +296,8 @@ def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_b
             total += side.sum(-1)
             if zs is not None:
                 side.mul_(zs)
-            oc += P.mm(side.to(q.dtype), P.svt).to(P.acc)
+            g0, g1 = P.side_span(i0, i1)
+            oc += P.mm(side.to(q.dtype), P.svt[:, :, g0:g1]).to(P.acc)
         oc /= total.masked_fill(empty, 1.0)[..., None]
         row_lse = (row_max + total.log()).masked_fill_(empty, torch.inf)
         out_t[:, :, i0:i1] = oc
@@ -237,10 +306,11 @@ def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_b
 
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None):
+                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None, key_ranges=None,
+                       side_ranges=None):
     """With dropout (``Z = keep / (1 - p)``): ``dV = (P Z)^T dO``, ``dS = P (Z dO V^T - delta)``."""
     P = _Problem(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale, dropout_p, rng)
+                 left, right, scale, dropout_p, rng, key_ranges, side_ranges)
     acc, dt = P.acc, q.dtype
     dout_t, out_t = dout.transpose(1, 2), out.transpose(1, 2)
     dq = torch.empty(P.B, P.S, P.H, P.D, dtype=dt, device=q.device)
@@ -270,15 +340,16 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
         dkc = P.mm_kv(dband16, qc).to(acc).mul_(scale)
         band_keys.add(i0, i1, dkc, dvc, last=i1 == P.S)
         if side is not None:
-            dsv += P.mm_kv(_dropped(side, zs).to(dt), doc).to(acc)
-            dside = side.mul_(_dropped(P.mm(doc, P.svt.transpose(-1, -2)).to(acc), zs, True).sub_(delta))
+            g0, g1 = P.side_span(i0, i1)
+            dsv[:, :, g0:g1] += P.mm_kv(_dropped(side, zs).to(dt), doc).to(acc)
+            dside = side.mul_(_dropped(P.mm(doc, P.svt[:, :, g0:g1].transpose(-1, -2)).to(acc), zs, True).sub_(delta))
             if dsb is not None:
-                index = P._side_bias_index(i0, i1)  # (B, n, G)
+                index = P._side_bias_index(i0, i1, g0, g1)  # (B, n, g1 - g0)
                 flat = dside.permute(1, 0, 2, 3).reshape(P.H, -1)
                 dsb.index_add_(1, index.reshape(-1), flat)
             dside16 = dside.to(dt)
-            dqc += P.mm(dside16, P.skt).to(acc)
-            dsk += P.mm_kv(dside16, qc).to(acc).mul_(scale)
+            dqc += P.mm(dside16, P.skt[:, :, g0:g1]).to(acc)
+            dsk[:, :, g0:g1] += P.mm_kv(dside16, qc).to(acc).mul_(scale)
         dq_t[:, :, i0:i1] = dqc.mul_(scale)
     return (
         dq,
@@ -340,26 +411,49 @@ def _key_chunks(B, H, G, S):
     return [(j0, min(S, j0 + n)) for j0 in range(0, S, n)]
 
 
-def _row_scores(qt, kt, key_mask, j0, j1, scale, acc):
-    """(B, H, G, j1 - j0) float scores of the slot queries against keys j0..j1-1; -inf for padding keys."""
+def _row_scores(qt, kt, key_mask, j0, j1, scale, acc, key_ranges=None):
+    """(B, H, G, j1 - j0) float scores of the slot queries against keys j0..j1-1; -inf for padding keys and keys
+    outside the slot's ``key_ranges`` (B, G, 2)."""
     s = torch.matmul(qt, kt[:, :, j0:j1].transpose(-1, -2)).to(acc)
     if scale != 1.0:
         s.mul_(scale)
     if key_mask is not None:
         s.masked_fill_(~key_mask[:, None, None, j0:j1], -torch.inf)
+    if key_ranges is not None:
+        s.masked_fill_(~_in_ranges(key_ranges, 0, key_ranges.shape[1], j0, j1)[:, None], -torch.inf)
     return s
 
 
-def _rows_keep_scale(dropout_p, rng, B, H, G, j0, j1, acc):
-    """Dropout factors (B, H, G, j1 - j0) of the global rows (slots) against keys j0..j1-1, or None."""
+def _row_plan(B, H, G, S, key_ranges):
+    """``(j0, j1, s0, s1)`` per key chunk of the global-rows pass: slots ``s0 .. s1-1`` compute it. Without ranges
+    (or off the CPU: deciding reads the ranges on the host) every slot computes every chunk; with them a chunk is
+    computed only for the slots from the first to the last whose range reaches it, and skipped when none does
+    (packed batches: slots in sequence order, so a key chunk is computed by its own sequences' slots only)."""
+    chunks = _key_chunks(B, H, G, S)
+    if key_ranges is None or key_ranges.device.type != "cpu" or not chunks or G == 0:
+        return [(j0, j1, 0, G) for j0, j1 in chunks]
+    lo, hi = key_ranges[..., 0].long().clamp(0, S), key_ranges[..., 1].long().clamp(0, S)  # (B, G)
+    starts = torch.tensor([j0 for j0, _ in chunks])
+    ends = torch.tensor([j1 for _, j1 in chunks])
+    hit = ((lo[..., None] < ends) & (hi[..., None] > starts) & (hi > lo)[..., None]).any(0)  # (G, chunks)
+    slot = torch.arange(G)[:, None]
+    first = torch.where(hit, slot, G).amin(0).tolist()
+    last = torch.where(hit, slot, -1).amax(0).tolist()
+    return [(j0, j1, s0, s1 + 1) for (j0, j1), s0, s1 in zip(chunks, first, last) if s1 >= s0]
+
+
+def _rows_keep_scale(dropout_p, rng, B, H, s0, s1, j0, j1, acc):
+    """Dropout factors (B, H, s1 - s0, j1 - j0) of the global rows (slots s0..s1-1) against keys j0..j1-1, or
+    None."""
     if not dropout_p:
         return None
-    keep = _dropout.keep_mask_rect(rng, dropout_p, B, H, 0, G, j0, j1 - j0, side=True, global_rows=True)
+    keep = _dropout.keep_mask_rect(rng, dropout_p, B, H, s0, s1 - s0, j0, j1 - j0, side=True, global_rows=True)
     return keep.to(acc).mul_(_dropout.dropout_scale(dropout_p))
 
 
-def _rows_forward(q_rows, k, v, key_mask, scale, dropout_p=0.0, rng=None):
-    """-> (out (B, G, H, D), lse (B, H, G)): q_rows (B, G, H, D) attending every real token of k, v (B, S, H, D).
+def _rows_forward(q_rows, k, v, key_mask, scale, dropout_p=0.0, rng=None, key_ranges=None):
+    """-> (out (B, G, H, D), lse (B, H, G)): q_rows (B, G, H, D) attending every real token of k, v (B, S, H, D)
+    (of slot s's ``key_ranges[:, s]`` when given: contiguous int32 (B, G, 2), any values).
 
     Each key chunk gives a partial (max, sum, out); partials are merged in key order by the log-sum-exp
     rule (flash-decoding's split-KV combine, here sequential), so memory is one chunk's scores. Dropout
@@ -371,16 +465,18 @@ def _rows_forward(q_rows, k, v, key_mask, scale, dropout_p=0.0, rng=None):
     m = torch.full((B, H, G), -torch.inf, dtype=acc, device=q_rows.device)
     total = torch.zeros(B, H, G, dtype=acc, device=q_rows.device)
     o = torch.zeros(B, H, G, D, dtype=acc, device=q_rows.device)
-    for j0, j1 in _key_chunks(B, H, G, S):
-        s = _row_scores(qt, kt, key_mask, j0, j1, scale, acc)
-        m_new = torch.maximum(m, s.amax(-1))
+    for j0, j1, s0, s1 in _row_plan(B, H, G, S, key_ranges):
+        ranges = None if key_ranges is None else key_ranges[:, s0:s1]
+        m_old = m[:, :, s0:s1]
+        s = _row_scores(qt[:, :, s0:s1], kt, key_mask, j0, j1, scale, acc, ranges)
+        m_new = torch.maximum(m_old, s.amax(-1))
         m_safe = m_new.masked_fill(m_new == -torch.inf, 0.0)
-        alpha = (m - m_safe).exp_()
+        alpha = (m_old - m_safe).exp_()
         p = s.sub_(m_safe[..., None]).exp_()
-        total = total.mul_(alpha).add_(p.sum(-1))
-        p = _dropped(p, _rows_keep_scale(dropout_p, rng, B, H, G, j0, j1, acc), True)
-        o = o.mul_(alpha[..., None]).add_(torch.matmul(p.to(q_rows.dtype), vt[:, :, j0:j1]).to(acc))
-        m = m_new
+        total[:, :, s0:s1].mul_(alpha).add_(p.sum(-1))
+        p = _dropped(p, _rows_keep_scale(dropout_p, rng, B, H, s0, s1, j0, j1, acc), True)
+        o[:, :, s0:s1].mul_(alpha[..., None]).add_(torch.matmul(p.to(q_rows.dtype), vt[:, :, j0:j1]).to(acc))
+        m_old.copy_(m_new)
     empty = total == 0
     out = _dense((o / total.masked_fill(empty, 1.0)[..., None]).transpose(1, 2), q_rows.dtype)
     lse = (m + total.log()).masked_fill_(empty, torch.inf)
@@ -388,25 +484,29 @@ def _rows_forward(q_rows, k, v, key_mask, scale, dropout_p=0.0, rng=None):
 
 
 def _rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None,
-                   dropout_p=0.0, rng=None):
+                   dropout_p=0.0, rng=None, key_ranges=None):
     """-> (dq_rows, dk, dv) of ``global_rows_forward``; dk / dv are added into ``dk_into`` / ``dv_into``
     (and returned) when given, one key chunk at a time, so no full-length temporary exists."""
     B, G, H, D = q_rows.shape
     S, acc, dt = k.shape[1], stat_dtype(q_rows.dtype), q_rows.dtype
     qt, kt, vt, dot = (x.transpose(1, 2) for x in (q_rows, k, v, dout_rows))
     delta = (dout_rows.to(acc) * out_rows.to(acc)).sum(-1).transpose(1, 2)[..., None]  # (B, H, G, 1)
-    dk = torch.empty(B, S, H, D, dtype=dt, device=k.device) if dk_into is None else dk_into
-    dv = torch.empty(B, S, H, D, dtype=dt, device=k.device) if dv_into is None else dv_into
+    new = torch.empty if key_ranges is None else torch.zeros  # key chunks no slot reaches are skipped below
+    dk = new(B, S, H, D, dtype=dt, device=k.device) if dk_into is None else dk_into
+    dv = new(B, S, H, D, dtype=dt, device=k.device) if dv_into is None else dv_into
     dk_t, dv_t = dk.transpose(1, 2), dv.transpose(1, 2)
     dq = torch.zeros(B, H, G, D, dtype=acc, device=k.device)
-    for j0, j1 in _key_chunks(B, H, G, S):
-        p = _row_scores(qt, kt, key_mask, j0, j1, scale, acc).sub_(lse[..., None]).exp_()  # lse = +inf: 0
-        z = _rows_keep_scale(dropout_p, rng, B, H, G, j0, j1, acc)
-        dvc = torch.matmul(_dropped(p, z).to(dt).transpose(-1, -2), dot).to(acc)
-        dp = _dropped(torch.matmul(dot, vt[:, :, j0:j1].transpose(-1, -2)).to(acc), z, True)
-        ds = p.mul_(dp.sub_(delta)).to(dt)
-        dq += torch.matmul(ds, kt[:, :, j0:j1]).to(acc)
-        dkc = torch.matmul(ds.transpose(-1, -2), qt).to(acc).mul_(scale)
+    for j0, j1, s0, s1 in _row_plan(B, H, G, S, key_ranges):
+        ranges = None if key_ranges is None else key_ranges[:, s0:s1]
+        p = _row_scores(qt[:, :, s0:s1], kt, key_mask, j0, j1, scale, acc, ranges)
+        p = p.sub_(lse[:, :, s0:s1, None]).exp_()  # lse = +inf: 0
+        z = _rows_keep_scale(dropout_p, rng, B, H, s0, s1, j0, j1, acc)
+        dot_s = dot[:, :, s0:s1]
+        dvc = torch.matmul(_dropped(p, z).to(dt).transpose(-1, -2), dot_s).to(acc)
+        dp = _dropped(torch.matmul(dot_s, vt[:, :, j0:j1].transpose(-1, -2)).to(acc), z, True)
+        ds = p.mul_(dp.sub_(delta[:, :, s0:s1])).to(dt)
+        dq[:, :, s0:s1] += torch.matmul(ds, kt[:, :, j0:j1]).to(acc)
+        dkc = torch.matmul(ds.transpose(-1, -2), qt[:, :, s0:s1]).to(acc).mul_(scale)
         if dk_into is not None:
             dkc += dk_t[:, :, j0:j1]
             dvc += dv_t[:, :, j0:j1]

@@ -12,6 +12,8 @@ What it takes:
   any G >= 0, any strides with a unit last stride; grouped-query K/V (``H_kv`` dividing H: the kernels index
   K/V by ``h // (H // H_kv)`` and sum dK/dV over each group in registers).
 - block_aggregate: any channel count C.
+- features: ``"grouped_kv"``, ``"dropout"`` and ``"ranges"`` (per-row key ranges of packed variable-length batches,
+  ``key_ranges`` / ``side_ranges`` on the band and global-rows functions); any other is declined.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 NAME = "triton"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
+FEATURES = ("grouped_kv", "dropout", "ranges")
 
 
 def _interpret() -> bool:
@@ -57,6 +60,8 @@ def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
         reasons.append("bfloat16 cannot run under Triton's CPU interpreter (TRITON_INTERPRET=1)")
     elif dtype == torch.bfloat16 and not reasons and torch.cuda.get_device_capability(device) < (8, 0):
         reasons.append("bfloat16 tensor-core products need compute capability >= 8.0")
+    reasons += [f"feature {f!r} is not supported (the Triton backend takes {FEATURES})" for f in features
+                if f not in FEATURES]
     if op == "band_side" and not 1 <= head_dim <= MAX_HEAD_DIM:
         reasons.append(f"head_dim {head_dim} is not in [1, {MAX_HEAD_DIM}] (tiles are sized for D <= 128)")
     elif op not in ("band_side", "block_aggregate"):
@@ -65,40 +70,46 @@ def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
 
 
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                      left, right, scale, dropout_p=0.0, rng=None):
+                      left, right, scale, dropout_p=0.0, rng=None, *, key_ranges=None, side_ranges=None):
     from longattn.triton_kernels import band_side
 
     return band_side.forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                             side_bias, left, right, scale, dropout_p, rng)
+                             side_bias, left, right, scale, dropout_p, rng, key_ranges=key_ranges,
+                             side_ranges=side_ranges)
 
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None):
+                       band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None, *, key_ranges=None,
+                       side_ranges=None):
     from longattn.triton_kernels import band_side
 
     return band_side.backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                              band_bias, side_bias, left, right, scale, dropout_p, rng)
+                              band_bias, side_bias, left, right, scale, dropout_p, rng, key_ranges=key_ranges,
+                              side_ranges=side_ranges)
 
 
 def longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right, scale, dropout_p=0.0,
-                            rng=None):
+                            rng=None, *, key_ranges=None, side_ranges=None):
     """Longformer's band pass (``longattn.backends._longformer`` step 2) in one launch: the used slots' tokens
     ``pos`` (B, G) of k, v read in place as side keys; rows not in ``key_padding_mask`` get out = 0 and rows not
-    in ``band_rows`` lse = +inf inside the kernel. -> (out, lse)."""
+    in ``band_rows`` lse = +inf inside the kernel. -> (out, lse). ``key_ranges`` / ``side_ranges`` (B, S, 2) as
+    in ``band_side_forward`` (side key g = slot g)."""
     from longattn.triton_kernels import band_side
 
     return band_side.forward(q, k, v, k, v, band_rows, used, None, None, None, left, right, scale, dropout_p, rng,
-                             side_index=pos, query_mask=key_padding_mask, band_rows_only=True)
+                             side_index=pos, query_mask=key_padding_mask, band_rows_only=True, key_ranges=key_ranges,
+                             side_ranges=side_ranges)
 
 
 def longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right, scale, dropout_p=0.0,
-                             rng=None):
+                             rng=None, *, key_ranges=None, side_ranges=None):
     """Backward of ``longformer_band_forward`` -> (dq, dk, dv), the side keys' dK/dV added into the rows ``pos``
     of dk, dv by a kernel (no scatter)."""
     from longattn.triton_kernels import band_side
 
     dq, dk, dv, *_ = band_side.backward(dout, q, k, v, k, v, out, lse, band_rows, used, None, None, None, left, right,
-                                        scale, dropout_p, rng, side_index=pos)
+                                        scale, dropout_p, rng, side_index=pos, key_ranges=key_ranges,
+                                        side_ranges=side_ranges)
     return dq, dk, dv
 
 
@@ -114,16 +125,17 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
     return block_aggregate.backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps)
 
 
-def global_rows_forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None):
-    """Longformer's global rows (contract: ``longattn.backends._longformer.rows_by_gather``), split over keys."""
+def global_rows_forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None, *, key_ranges=None):
+    """Longformer's global rows (contract: ``longattn.backends._longformer.rows_by_gather``), split over keys;
+    ``key_ranges`` (B, G, 2) int32: the keys each slot may attend."""
     from longattn.triton_kernels import global_rows
 
-    return global_rows.forward(q, k, v, pos, used, key_mask, scale, out, dropout_p, rng)
+    return global_rows.forward(q, k, v, pos, used, key_mask, scale, out, dropout_p, rng, key_ranges=key_ranges)
 
 
 def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into,
-                         dropout_p=0.0, rng=None):
+                         dropout_p=0.0, rng=None, *, key_ranges=None):
     from longattn.triton_kernels import global_rows
 
     return global_rows.backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into,
-                                dropout_p, rng)
+                                dropout_p, rng, key_ranges=key_ranges)

@@ -242,6 +242,8 @@ def philox_bits(rng, bh: Tensor, rows: Tensor, keys: Tensor) -> Tensor:
 
 def check_dropout_p(dropout_p) -> float:
     """``dropout_p`` as a float in [0, 1); TypeError for a non-number or a tensor, ValueError outside."""
+    if type(dropout_p) is float and 0.0 <= dropout_p < 1.0:  # the common case, without the numbers.Real ABC check
+        return dropout_p
     if isinstance(dropout_p, (bool, Tensor)) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"dropout_p: expected a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
     p = float(dropout_p)

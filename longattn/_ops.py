@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _fake
 from .backends import _longformer
-from .backends._longformer import dropout_kwargs
+from .backends._longformer import dropout_kwargs, ranges_kwargs
 from .dispatch import get_backend
 
 
@@ -32,14 +32,34 @@ def _dense_grad(dout: Tensor | None, out: Tensor, shape=None) -> Tensor:
     return dout if dout.stride(-1) == 1 else dout.contiguous()
 
 
+def _plain_eager(x: Tensor) -> bool:
+    """True when calling an op's Python implementation directly runs exactly what calling the op would, only
+    without the C++ dispatcher's round trip into Python (11 us per op call on this project's CPU): eager mode (not
+    ``torch.compile`` / ``make_fx`` tracing), below autograd (grad mode off: an ``autograd.Function``'s forward, a
+    backward without ``create_graph``, ``no_grad``), no Python dispatch or function mode (a ``FakeTensorMode``, a
+    ``TorchDispatchMode`` that must see the op as one call), no functorch transform, no profiler (whose trace
+    then shows the op by name), and ``x`` (the op's first tensor) not on the meta device (where the op runs its
+    fake)."""
+    return not (torch.is_grad_enabled() or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+                or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+                or torch._C._autograd._profiler_enabled() or x.is_meta)
+
+
+def _call(op, *args):
+    """``op(*args)``, or in plain eager mode (``_plain_eager``) the op's one Python implementation called directly."""
+    return op._init_fn(*args) if _plain_eager(args[0]) else op(*args)
+
+
 def _autograd(op, backward, setup_context):
     """Register ``op``'s autograd formula and return the function the public API calls.
 
     Eager calls with gradients go through an ``autograd.Function`` carrying the same formula, not through the
     custom op's own autograd wrapper: that wrapper re-reads the op's schema on every call
     (``torch._library.utils.fill_defaults``, quadratic in the argument count: 41 us per call for band_side's
-    14 arguments, 9 us for block_aggregate's 6, measured on this project's CPU). Under ``torch.compile`` and
-    without gradients the op is called directly; both paths run the one op and the one formula.
+    14 arguments, 9 us for block_aggregate's 6, measured on this project's CPU). Under ``torch.compile`` the op
+    (and its registered formula) runs. Every other call of a forward or backward op goes through ``_call``: in
+    plain eager mode the op's implementation directly, else the op (so a dispatch mode sees it, fakes run on
+    fake tensors). Every path runs the one implementation and the one formula.
     """
     op.register_autograd(backward, setup_context=setup_context)
 
@@ -47,7 +67,7 @@ def _autograd(op, backward, setup_context):
         # forward(ctx, ...) style: the setup_context style binds the arguments with inspect on every call.
         @staticmethod
         def forward(ctx, *inputs):
-            output = op(*inputs)
+            output = _call(op, *inputs)
             setup_context(ctx, inputs, output)
             return output
 
@@ -55,9 +75,9 @@ def _autograd(op, backward, setup_context):
     _Fn.__name__ = _Fn.__qualname__ = f"{op._name.split('::')[-1]}_fn"
 
     def call(*inputs):
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return op(*inputs)
-        return _Fn.apply(*inputs)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return _Fn.apply(*inputs)
+        return _call(op, *inputs)
 
     return call
 
@@ -85,15 +105,18 @@ def band_side_attention(
     backend: str,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
+    key_ranges: Tensor | None = None,
+    side_ranges: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, S, H, D), lse (B, H, S)); see ``longattn.backends`` for the exact contract.
 
     ``side_k = side_v = None`` means no side keys (G = 0; the local op passes None so that it allocates
-    nothing outside the op)."""
+    nothing outside the op). ``key_ranges`` / ``side_ranges``: per-row (B, S, 2) int32 key bounds (packed batches,
+    ``longattn.varlen_api``)."""
     side_k, side_v = _side_or_empty(side_k, side_v, k)
     return get_backend(backend).band_side_forward(
         q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right, scale,
-        **dropout_kwargs(dropout_p, rng),
+        **dropout_kwargs(dropout_p, rng), **ranges_kwargs(key_ranges, side_ranges),
     )
 
 
@@ -105,7 +128,7 @@ def _side_or_empty(side_k, side_v, k):
 
 @band_side_attention.register_fake
 def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-      scale, backend, dropout_p=0.0, rng=None):
+      scale, backend, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None):
     return _fake.band_side_forward(q)
 
 
@@ -130,45 +153,57 @@ def band_side_attention_backward(
     backend: str,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
+    key_ranges: Tensor | None = None,
+    side_ranges: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias); absent bias tables get empty gradients."""
     side_k, side_v = _side_or_empty(side_k, side_v, k)
     return tuple(
         get_backend(backend).band_side_backward(
             dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-            side_bias, left, right, scale, **dropout_kwargs(dropout_p, rng),
+            side_bias, left, right, scale, **dropout_kwargs(dropout_p, rng), **ranges_kwargs(key_ranges, side_ranges),
         )
     )
 
 
 @band_side_attention_backward.register_fake
 def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-      left, right, scale, backend, dropout_p=0.0, rng=None):
+      left, right, scale, backend, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None):
     return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
+
+
+def _optional_tail(inputs, fixed: int, defaults: tuple) -> tuple:
+    """The optional trailing inputs of an op call (``inputs[fixed:]``), padded with their ``defaults``."""
+    tail = tuple(inputs[fixed:])
+    return tail + defaults[len(tail):]
+
+
+_BAND_SIDE_TAIL = (0.0, None, None, None)  # dropout_p, rng, key_ranges, side_ranges
 
 
 def _band_side_setup_context(ctx, inputs, output):
     (q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-     scale, backend, *dropout) = inputs
+     scale, backend) = inputs[:14]
+    dropout_p, rng, key_ranges, side_ranges = _optional_tail(inputs, 14, _BAND_SIDE_TAIL)
     out, lse = output
     ctx.save_for_backward(q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                          band_bias, side_bias, *dropout[1:])
-    ctx.args = (left, right, scale, backend, *dropout[:1])
+                          band_bias, side_bias, rng, key_ranges, side_ranges)
+    ctx.args = (left, right, scale, backend, dropout_p)
+    ctx.num_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
 
 def _band_side_backward(ctx, dout, dlse):
     (q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-     side_bias, *rng) = ctx.saved_tensors
+     side_bias, rng, key_ranges, side_ranges) = ctx.saved_tensors
     dout = _dense_grad(dout, out)
-    dq, dk, dv, dsk, dsv, dbb, dsb = band_side_attention_backward(
-        dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-        *ctx.args, *rng,
+    dq, dk, dv, dsk, dsv, dbb, dsb = _call(
+        band_side_attention_backward, dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
+        band_bias, side_bias, *ctx.args, rng, key_ranges, side_ranges,
     )
-    return (dq, dk, dv, dsk if side_k is not None else None, dsv if side_v is not None else None, None, None, None,
-            dbb if band_bias is not None else None,
-            dsb if side_bias is not None else None,
-            None, None, None, None, *(None for _ in rng), *(None for _ in ctx.args[4:]))
+    grads = (dq, dk, dv, dsk if side_k is not None else None, dsv if side_v is not None else None, None, None, None,
+             dbb if band_bias is not None else None, dsb if side_bias is not None else None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 run_band_side = _autograd(band_side_attention, _band_side_backward, _band_side_setup_context)
@@ -196,17 +231,23 @@ def longformer_attention(
     backend: str,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(out (B, S, H, D), lse (B, H, S), glse (B, H, num_slots)); see ``longattn.backends._longformer``."""
+    key_ranges: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(out (B, S, H, D), lse (B, H, S), glse (B, H, num_slots), band_rows (B, S) bool, pos (B, num_slots) int64,
+    used (B, num_slots) bool); see ``longattn.backends._longformer``. The last three, the slot layout, are saved
+    for the backward (no gradient: integer and bool outputs)."""
     return _longformer.forward(get_backend(backend), q, k, v, q_global, k_global, v_global, global_mask,
-                               key_padding_mask, left, right, scale, num_slots, dropout_p, rng)
+                               key_padding_mask, left, right, scale, num_slots, dropout_p, rng, key_ranges)
 
 
 @longformer_attention.register_fake
 def _(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, num_slots,
-      backend, dropout_p=0.0, rng=None):
+      backend, dropout_p=0.0, rng=None, key_ranges=None):
     out, lse = _fake.band_side_forward(q)
-    return out, lse, lse.new_empty(q.shape[0], q.shape[2], num_slots)
+    B, S = global_mask.shape
+    pos = q.new_empty(B, S, dtype=torch.int64)[:, :num_slots]  # a slice of the (B, S) sort, as global_slots
+    return (out, lse, lse.new_empty(B, q.shape[2], num_slots), global_mask.new_empty(B, S, dtype=torch.bool), pos,
+            global_mask.new_empty(B, num_slots, dtype=torch.bool))
 
 
 @torch.library.custom_op("longattn::longformer_attention_backward", mutates_args=())
@@ -221,6 +262,9 @@ def longformer_attention_backward(
     out: Tensor,
     lse: Tensor,
     glse: Tensor,
+    band_rows: Tensor,
+    pos: Tensor,
+    used: Tensor,
     global_mask: Tensor,
     key_padding_mask: Tensor | None,
     left: int,
@@ -229,39 +273,47 @@ def longformer_attention_backward(
     backend: str,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
+    key_ranges: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dq_global, dk_global, dv_global); absent global projections get empty gradients."""
     return _longformer.backward(get_backend(backend), dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
-                                global_mask, key_padding_mask, left, right, scale, dropout_p, rng)
+                                band_rows, pos, used, global_mask, key_padding_mask, left, right, scale, dropout_p,
+                                rng, key_ranges)
 
 
 @longformer_attention_backward.register_fake
-def _(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask, left, right,
-      scale, backend, dropout_p=0.0, rng=None):
+def _(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask,
+      key_padding_mask, left, right, scale, backend, dropout_p=0.0, rng=None, key_ranges=None):
     grads = _fake.band_side_backward(q, k, v, q, q, None, None)[:3]
     return (*grads, *(q.new_empty(0) if x is None else torch.empty_like(x, memory_format=torch.contiguous_format)
                       for x in (q_global, k_global, v_global)))
 
 
+_LONGFORMER_TAIL = (0.0, None, None)  # dropout_p, rng, key_ranges
+
+
 def _longformer_setup_context(ctx, inputs, output):
-    (q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, _, backend,
-     *dropout) = inputs
-    out, lse, glse = output
-    ctx.save_for_backward(q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask,
-                          *dropout[1:])
-    ctx.args = (left, right, scale, backend, *dropout[:1])
+    (q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, _,
+     backend) = inputs[:13]
+    dropout_p, rng, key_ranges = _optional_tail(inputs, 13, _LONGFORMER_TAIL)
+    out, lse, glse, band_rows, pos, used = output
+    ctx.save_for_backward(q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask,
+                          key_padding_mask, rng, key_ranges)
+    ctx.args = (left, right, scale, backend, dropout_p)
+    ctx.num_inputs = len(inputs)
     ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
 
 
-def _longformer_backward(ctx, dout, dlse, dglse):
-    q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask, key_padding_mask, *rng = ctx.saved_tensors
+def _longformer_backward(ctx, dout, dlse, dglse, *_):  # *_: the slot layout's (None) gradients
+    (q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask, key_padding_mask, rng,
+     key_ranges) = ctx.saved_tensors
     dout = _dense_grad(dout, out)
-    grads = longformer_attention_backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
-                                          global_mask, key_padding_mask, *ctx.args, *rng)
+    grads = _call(longformer_attention_backward, dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
+                  band_rows, pos, used, global_mask, key_padding_mask, *ctx.args, rng, key_ranges)
     dq, dk, dv, dqg, dkg, dvg = grads
-    return (dq, dk, dv, dqg if q_global is not None else None, dkg if k_global is not None else None,
-            dvg if v_global is not None else None, None, None, None, None, None, None, None,
-            *(None for _ in rng), *(None for _ in ctx.args[4:]))
+    grads = (dq, dk, dv, dqg if q_global is not None else None, dkg if k_global is not None else None,
+             dvg if v_global is not None else None)
+    return grads + (None,) * (ctx.num_inputs - len(grads))
 
 
 run_longformer = _autograd(longformer_attention, _longformer_backward, _longformer_setup_context)
@@ -320,7 +372,7 @@ def _aggregate_backward(ctx, dout, dsums, drstd):
     x, block_ids, weight, sums, rstd = ctx.saved_tensors
     num_blocks, eps, backend = ctx.args
     dout = _dense_grad(dout, x, (x.shape[0], num_blocks, x.shape[2]))
-    dx, dweight = block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps, backend)
+    dx, dweight = _call(block_aggregate_backward, dout, x, block_ids, num_blocks, weight, sums, rstd, eps, backend)
     return dx, None, None, (dweight if weight is not None else None), None, None
 
 

@@ -23,6 +23,7 @@ from .backends import BACKEND_MODULES
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+MASK_DTYPES = (torch.bool, *INT_DTYPES)
 
 
 def _describe(x) -> str:
@@ -66,15 +67,24 @@ def check_tensor(name: str, x, *, ndim: int, dtypes=FLOAT_DTYPES, device=None) -
 
 
 def check_last_dim_contiguous(name: str, x: torch.Tensor) -> None:
-    if x.shape[-1] > 1 and x.stride(-1) != 1:
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
         raise ValueError(
             f"{name}: the last dimension must be contiguous (stride 1), got strides {tuple(x.stride())}; "
             f"call .contiguous() or pass a view whose last dim is dense"
         )
 
 
+def _passes_like(x, ref: torch.Tensor) -> bool:
+    """Fast accept: ``x`` is a tensor of ``ref``'s shape, dtype and device with a unit last stride, so it passes
+    every check ``ref`` (already validated) passed. False sends the caller to its detailed checks, which raise."""
+    return (isinstance(x, torch.Tensor) and x.shape == ref.shape and x.dtype == ref.dtype and x.device == ref.device
+            and x.stride(-1) == 1)
+
+
 def check_like(name: str, x, ref: torch.Tensor, ref_name: str) -> None:
     """``x`` must be a tensor of ``ref``'s shape, dtype and device with a contiguous last dim."""
+    if _passes_like(x, ref):
+        return
     check_tensor(name, x, ndim=ref.dim(), device=ref.device)
     if x.shape != ref.shape:
         raise ValueError(f"{name}: expected shape (B, S, H, D) = {tuple(ref.shape)} like {ref_name}, "
@@ -91,9 +101,11 @@ def check_qkv(q, k, v, *, grouped: bool = False) -> tuple[int, int, int, int]:
     query head h reading K/V head ``h // (H // H_kv)``): ``H % H_kv == 0`` and k, v of one shape.
     """
     check_tensor("q", q, ndim=4)
-    if min(q.shape) == 0:
+    if 0 in q.shape:
         raise ValueError(f"q: expected a non-empty (B, S, H, D) tensor, got shape {tuple(q.shape)}")
     check_last_dim_contiguous("q", q)
+    if _passes_like(k, q) and _passes_like(v, q):  # the common case (H_kv = H), grouped or not
+        return tuple(q.shape)
     if not grouped:
         check_like("k", k, q, "q")
         check_like("v", v, q, "q")
@@ -119,6 +131,8 @@ def check_side_kv(side_k, side_v, q: torch.Tensor, k: torch.Tensor | None = None
     B, _, H, D = q.shape
     H = H if k is None else k.shape[2]
     for name, x in (("side_k", side_k), ("side_v", side_v)):
+        if name == "side_v" and _passes_like(side_v, side_k):  # side_k passed below, so does a tensor like it
+            break
         check_tensor(name, x, ndim=4, device=q.device)
         if x.dtype != q.dtype:
             raise TypeError(f"{name}: expected dtype {q.dtype} like q, got {x.dtype}")
@@ -146,6 +160,8 @@ def _as_int(name: str, value) -> int:
 
 def normalize_window(window) -> tuple[int, int]:
     """``w`` -> ``(w, w)``; ``(left, right)`` -> itself. Both must be non-negative ints."""
+    if type(window) is int and window >= 0:  # the common case, without the Sequence ABC check
+        return window, window
     if isinstance(window, Sequence) and not isinstance(window, str):
         if len(window) != 2:
             raise ValueError(f"window: expected an int or a pair (left, right), got {window!r}")
@@ -161,8 +177,8 @@ def check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) ->
     """A bool or 0/1 integer mask of ``shape`` (True = keep). Returns a contiguous bool tensor or None."""
     if mask is None:
         return None
-    check_tensor(name, mask, ndim=len(shape), dtypes=(torch.bool, *INT_DTYPES), device=device)
-    if tuple(mask.shape) != tuple(shape):
+    check_tensor(name, mask, ndim=len(shape), dtypes=MASK_DTYPES, device=device)
+    if mask.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
     if mask.dtype != torch.bool:
         if debug_checks() and mask.numel() and bool(((mask != 0) & (mask != 1)).any()):
@@ -198,13 +214,13 @@ def check_index_tensor(
     """An integer index tensor of ``shape``, values meant to be in [low, high] (checked in debug mode only;
     the kernels drop others); returned as contiguous int32 (no copy when it already is)."""
     check_tensor(name, ids, ndim=len(shape), dtypes=INT_DTYPES, device=device)
-    if tuple(ids.shape) != tuple(shape):
+    if ids.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ids.shape)}")
     if debug_checks() and ids.numel():
         lo, hi = int(ids.min()), int(ids.max())
         if lo < low or hi > high:
             raise ValueError(f"{name}: expected values in [{low}, {high}], got values in [{lo}, {hi}]")
-    return ids.to(torch.int32).contiguous()
+    return (ids if ids.dtype == torch.int32 else ids.to(torch.int32)).contiguous()  # .to dispatches even as a no-op
 
 
 _BACKEND_CHOICES = ("auto", *BACKEND_MODULES)

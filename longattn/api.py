@@ -46,6 +46,8 @@ from .dispatch import resolve_backend
 
 def _cast_for_autocast(*tensors):
     """Under CUDA/CPU autocast, run in the autocast dtype (attention is a matmul-like op)."""
+    if not torch._C._is_any_autocast_enabled():  # one cheap check for the common case
+        return tensors
     device = tensors[0].device.type
     if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and tensors[0].dtype == torch.float32:
         dtype = torch.get_autocast_dtype(device)
@@ -76,13 +78,15 @@ def _dropout_feature(dropout_p: float) -> tuple[str, ...]:
 
 
 def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask, query_block, band_bias,
-               side_bias, scale, backend, dropout_p=0.0) -> Tensor:
-    """Run the primitive on validated inputs: clamp the window to [0, S-1] and pick the backend.
+               side_bias, scale, backend, dropout_p=0.0, key_ranges=None, side_ranges=None, span=None) -> Tensor:
+    """Run the primitive on validated inputs: clamp the window to [0, span-1] and pick the backend.
 
     A window reaching past the sequence is the same as one reaching exactly to its edge, so the kernels
-    only ever see ``left, right <= S - 1``; the band bias table is sliced to the offsets that remain.
+    only ever see ``left, right <= span - 1``; the band bias table is sliced to the offsets that remain.
+    ``span``: the longest run of keys a row can see (S; a packed batch's ``max_seqlen``, whose rows see only
+    their sequence through ``key_ranges`` / ``side_ranges``, ``longattn.varlen_api``).
     """
-    S = q.shape[1]
+    S = q.shape[1] if span is None else min(span, q.shape[1])
     left_eff, right_eff = min(left, S - 1), min(right, S - 1)
     if band_bias is not None and (left_eff, right_eff) != (left, right):
         band_bias = band_bias[:, left - left_eff : left + right_eff + 1]
@@ -90,13 +94,16 @@ def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask
         band_bias = band_bias.contiguous()
     if side_bias is not None:
         side_bias = side_bias.contiguous()
+    ranged = key_ranges is not None or side_ranges is not None
     name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
                            op="local" if side_k is None else "tglobal", seqlen=S,
-                           features=(("grouped_kv",) if k.shape[2] != q.shape[2] else ()) + _dropout_feature(dropout_p))
-    drop = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p else ()  # p = 0: today's call, unchanged
+                           features=(("grouped_kv",) if k.shape[2] != q.shape[2] else ()) + _dropout_feature(dropout_p)
+                           + (("ranges",) if ranged else ()))
+    drop = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p or ranged else ()  # p = 0: today's call, unchanged
     out, _ = _ops.run_band_side(q, k, v, side_k, side_v, band_key_mask, side_mask,
                                       query_block if side_bias is not None else None, band_bias, side_bias,
-                                      left_eff, right_eff, scale, name, *drop)
+                                      left_eff, right_eff, scale, name, *drop,
+                                      *((key_ranges, side_ranges) if ranged else ()))
     return out
 
 
@@ -253,6 +260,17 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
     scale = check_scale(scale, D, None)
     dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
+    is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
+    max_globals = resolve_max_globals(max_globals, lambda: is_global.sum(1).max(), "a row has")
+    q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
+    return _longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
+                       max_globals, dropout_p, backend)
+
+
+def resolve_max_globals(max_globals, count, counted: str) -> int:
+    """``max_globals`` validated, or, when None (or in debug mode, to check it), ``count()`` (a 0-d tensor) read
+    on the host: the one sync of a Longformer call, only without ``max_globals``. ``counted`` names what was
+    counted in the error ("a row has", "the batch has")."""
     if max_globals is not None:
         max_globals = _as_int("max_globals", max_globals)
         if max_globals < 0:
@@ -260,19 +278,25 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
     elif _is_compiling():
         raise ValueError("max_globals: required under torch.compile (the global count is data-dependent)")
     if max_globals is None or debug_checks():
-        is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
-        count = int(is_global.sum(1).max())  # the one host sync, only without max_globals (or in debug mode)
-        if max_globals is not None and count > max_globals:
-            raise ValueError(f"max_globals: a row has {count} global tokens, more than {max_globals}")
-        max_globals = count if max_globals is None else max_globals
-    q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
-    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=D, op="longformer", seqlen=S,
-                           features=_dropout_feature(dropout_p))
+        found = int(count())
+        if max_globals is not None and found > max_globals:
+            raise ValueError(f"max_globals: {counted} {found} global tokens, more than {max_globals}")
+        max_globals = found if max_globals is None else max_globals
+    return max_globals
+
+
+def _longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
+                max_globals, dropout_p, backend, *, key_ranges=None, span=None) -> Tensor:
+    """Run the Longformer op on validated inputs (window clamped to ``span``, see :func:`_band_side`)."""
+    S = q.shape[1] if span is None else min(span, q.shape[1])
+    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], op="longformer", seqlen=S,
+                           features=_dropout_feature(dropout_p) + (("ranges",) if key_ranges is not None else ()))
     left, right = min(left, S - 1), min(right, S - 1)
-    drop = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p else ()  # p = 0: today's call, unchanged
+    drop = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p or key_ranges is not None else ()  # p = 0: unchanged
     # More than S slots could never be filled: a looser bound is clamped (a size, not data: no sync).
-    out, _, _ = _ops.run_longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask,
-                                          left, right, scale, min(max_globals, S), name, *drop)
+    out, *_ = _ops.run_longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask,
+                                    left, right, scale, min(max_globals, q.shape[1]), name, *drop,
+                                    *((key_ranges,) if key_ranges is not None else ()))
     return out
 
 

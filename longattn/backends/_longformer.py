@@ -49,9 +49,9 @@ def global_slots(global_mask, key_padding_mask, G: int):
         unused slots point at non-global positions); ``used`` (B, G) bool: the slot holds a global token.
     """
     is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
-    band_rows = ~is_global if key_padding_mask is None else key_padding_mask & ~is_global
-    # A stable sort of "not global" puts the globals first, in sequence order, then every other position.
-    pos = torch.argsort((~is_global).view(torch.uint8), dim=1, stable=True)[:, :G]
+    band_rows = ~is_global if key_padding_mask is None else key_padding_mask ^ is_global  # is_global <= real
+    # A stable descending sort of "global" puts the globals first, in sequence order, then every other position.
+    pos = torch.argsort(is_global.view(torch.uint8), dim=1, stable=True, descending=True)[:, :G]
     return band_rows, pos, torch.gather(is_global, 1, pos)
 
 
@@ -61,53 +61,91 @@ def dropout_kwargs(dropout_p: float, rng) -> dict:
     return {"dropout_p": dropout_p, "rng": rng} if dropout_p else {}
 
 
+def ranges_kwargs(key_ranges, side_ranges) -> dict:
+    """The backend functions' per-row range keywords (packed batches): only those given, so calls without ranges
+    are today's (and backends without the feature "ranges" never see them)."""
+    ranges = {}
+    if key_ranges is not None:
+        ranges["key_ranges"] = key_ranges
+    if side_ranges is not None:
+        ranges["side_ranges"] = side_ranges
+    return ranges
+
+
+def slot_ranges(global_mask, key_padding_mask, pos, used, G: int, key_ranges):
+    """Per-row ranges of a packed Longformer call, from the band rows' ``key_ranges`` (B, S, 2) int32.
+
+    Returns ``{"key_ranges", "side_ranges"}`` for the band pass (a row sees the slots of the globals inside its own
+    key range: slots are in sequence order, so they are the contiguous slots ``[#globals before lo, #globals
+    before hi)``) and the per-slot ``key_ranges`` (B, G, 2) of the global rows (a global token attends its own
+    range; an unused slot gets the empty range, so no kernel plans work for it). ``({}, {})`` without
+    ``key_ranges``.
+    """
+    if key_ranges is None:
+        return {}, {}
+    B, S = global_mask.shape
+    is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
+    before = torch.zeros(B, S + 1, dtype=torch.int32, device=global_mask.device)
+    before[:, 1:] = torch.cumsum(is_global, 1)
+    side = torch.gather(before, 1, key_ranges.clamp(0, S).reshape(B, 2 * S).long()).clamp_(max=G)
+    rows = torch.gather(key_ranges, 1, pos[:, :, None].expand(B, pos.shape[1], 2)).mul_(used[:, :, None])
+    return {"key_ranges": key_ranges, "side_ranges": side.view(B, S, 2)}, {"key_ranges": rows}
+
+
 def _expand(pos, x):
     """(B, G) positions -> (B, G, H, D) gather / scatter index for ``x`` (B, S, H, D)."""
-    return pos[:, :, None, None].expand(pos.shape[0], pos.shape[1], x.shape[2], x.shape[3])
+    B, G = pos.shape
+    return pos.view(B, G, 1, 1).expand(B, G, x.shape[2], x.shape[3])  # view(): half the host cost of [:, :, None]
 
 
 def forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
-            G, dropout_p=0.0, rng=None):
-    """-> (out (B, S, H, D), lse (B, H, S), glse (B, H, G)); ``*_global`` may be None (= q, k, v).
+            G, dropout_p=0.0, rng=None, key_ranges=None):
+    """-> (out (B, S, H, D), lse (B, H, S), glse (B, H, G), band_rows, pos, used); ``*_global`` may be None
+    (= q, k, v). The last three are the slot layout (``global_slots``), returned for ``backward``.
 
     Dropout (``rng`` = ``[seed, offset]``): band rows use side key ids = slots, global rows the global-row
-    counters (``longattn._dropout``)."""
+    counters (``longattn._dropout``). ``key_ranges`` (B, S, 2): each row's sequence bounds in a packed batch
+    (``slot_ranges``)."""
     B, S, H, D = q.shape
     drop = dropout_kwargs(dropout_p, rng)
     band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
+    band_ranges, row_ranges = slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
     if hasattr(backend, "longformer_band_forward"):
         out, lse = backend.longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right,
-                                                   scale, **drop)
+                                                   scale, **drop, **band_ranges)
     else:
         index = _expand(pos, k)
         side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
         out, lse = backend.band_side_forward(q, k, v, side_k, side_v, band_rows, used, None, None, None, left,
-                                             right, scale, **drop)
+                                             right, scale, **drop, **band_ranges)
         lse.masked_fill_(~band_rows[:, None, :], _INF)
         if key_padding_mask is not None:
             out.masked_fill_(~key_padding_mask[:, :, None, None], 0.0)
     if G == 0:
-        return out, lse, lse.new_empty(B, H, 0)
+        return out, lse, lse.new_empty(B, H, 0), band_rows, pos, used
     glse = backend.global_rows_forward(q if q_global is None else q_global, k if k_global is None else k_global,
                                        v if v_global is None else v_global, pos, used, key_padding_mask, scale, out,
-                                       **drop)
-    return out, lse, glse
+                                       **drop, **row_ranges)
+    return out, lse, glse, band_rows, pos, used
 
 
-def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, glse, global_mask,
-             key_padding_mask, left, right, scale, dropout_p=0.0, rng=None):
-    """-> (dq, dk, dv, dq_global, dk_global, dv_global); the last three are empty (0,) when absent."""
+def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask,
+             key_padding_mask, left, right, scale, dropout_p=0.0, rng=None, key_ranges=None):
+    """-> (dq, dk, dv, dq_global, dk_global, dv_global); the last three are empty (0,) when absent.
+
+    ``band_rows``, ``pos``, ``used``: the slot layout ``forward`` returned (not recomputed)."""
     G = glse.shape[-1]
     drop = dropout_kwargs(dropout_p, rng)
-    band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
+    band_ranges, row_ranges = slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
     if hasattr(backend, "longformer_band_backward"):  # side-key dK/dV added into dk, dv by the backend
         dq, dk, dv = backend.longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right,
-                                                      scale, **drop)
+                                                      scale, **drop, **band_ranges)
     else:
         index = _expand(pos, k)
         side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
         dq, dk, dv, dsk, dsv, _, _ = backend.band_side_backward(
-            dout, q, k, v, side_k, side_v, out, lse, band_rows, used, None, None, None, left, right, scale, **drop)
+            dout, q, k, v, side_k, side_v, out, lse, band_rows, used, None, None, None, left, right, scale, **drop,
+            **band_ranges)
         if G > 0:
             # Global tokens are never band keys, so their dk/dv rows are 0 here: adding is exact (and the indices
             # are distinct: deterministic).
@@ -121,7 +159,7 @@ def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, gls
         dout, q if q_global is None else q_global, k if k_global is None else k_global,
         v if v_global is None else v_global, out, glse, pos, used, key_padding_mask, scale,
         dq if q_global is None else None, dk if k_global is None else None, dv if v_global is None else None,
-        **drop)
+        **drop, **row_ranges)
     # Distinct empty tensors: a custom op's outputs may not alias one another.
     return (dq, dk, dv, *(q.new_empty(0) if x is None else g for x, g in ((q_global, dqg), (k_global, dkg),
                                                                           (v_global, dvg))))
@@ -141,8 +179,8 @@ def rows_by_gather(rows_forward, rows_backward):
     ``global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into)
     -> (dq, dk, dv)``: each gradient added into the given ``*_into`` tensor (and returned), or new.
 
-    Dropout keywords (``dropout_p``, ``rng``), when given, are passed on to both functions; row ``s`` of
-    ``q_rows`` is slot ``s`` (the global-row counters of ``longattn._dropout``).
+    Dropout keywords (``dropout_p``, ``rng``) and per-slot ``key_ranges`` (B, G, 2), when given, are passed on to
+    both functions; row ``s`` of ``q_rows`` is slot ``s`` (the global-row counters of ``longattn._dropout``).
     """
 
     def global_rows_forward(q, k, v, pos, used, key_mask, scale, out, **drop):
@@ -175,16 +213,17 @@ def rows_via_band_side(band_side_forward, band_side_backward):
     the side-key ids: the layout of ``longattn._dropout``).
     """
 
-    def rows_forward(q_rows, k, v, key_mask, scale, **drop):
+    def rows_forward(q_rows, k, v, key_mask, scale, key_ranges=None, **drop):
         no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
         return band_side_forward(q_rows, q_rows, q_rows, k, v, no_band, key_mask, None, None, None, 0, 0, scale,
-                                 global_rows=True, **drop)
+                                 global_rows=True, **drop, **ranges_kwargs(None, key_ranges))
 
-    def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None, **drop):
+    def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None,
+                      key_ranges=None, **drop):
         no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
         dq_rows, _, _, dk, dv, _, _ = band_side_backward(dout_rows, q_rows, q_rows, q_rows, k, v, out_rows, lse,
                                                          no_band, key_mask, None, None, None, 0, 0, scale,
-                                                         global_rows=True, **drop)
+                                                         global_rows=True, **drop, **ranges_kwargs(None, key_ranges))
         dk = dk if dk_into is None else dk_into.add_(dk)
         dv = dv if dv_into is None else dv_into.add_(dv)
         return dq_rows, dk, dv

@@ -45,8 +45,29 @@ def info_dict() -> dict:
         "cuda_extension": ext,
         "cuda_extension_built": built,
         "backends": available_backends(),
+        "features": backend_features(),
         "auto_table": _auto_table_summary(auto_table()),
     }
+
+
+OPTIONAL_FEATURES = ("dropout", "grouped_kv", "ranges")  # dropout_p > 0, H_kv < H, packed batches (*_varlen)
+
+
+def backend_features() -> dict[str, dict[str, str]]:
+    """Per backend, each optional feature of the attention kernels: "yes", or the reason it declines it (on the
+    default device, fp16, head dim 64)."""
+    from .dispatch import BACKEND_NAMES, unsupported_reasons
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    table = {}
+    for name in BACKEND_NAMES:
+        base = set(unsupported_reasons(name, device, torch.float16, 64, "band_side"))
+        table[name] = {}
+        for feature in OPTIONAL_FEATURES:
+            extra = [r for r in unsupported_reasons(name, device, torch.float16, 64, "band_side", (feature,))
+                     if r not in base]
+            table[name][feature] = "; ".join(extra) if extra else "yes"
+    return table
 
 
 def _auto_table_summary(table: dict) -> str:
@@ -64,4 +85,7 @@ def format_info() -> str:
     lines.append("backends (on the device above):")
     for name, reasons in info["backends"].items():
         lines.append(f"  {name:<8} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
+    lines.append("optional features (dropout: dropout_p > 0; grouped_kv: fewer K/V heads; ranges: *_varlen ops):")
+    for name, features in info["features"].items():
+        lines.append(f"  {name:<8} " + ", ".join(f"{f}: {v}" for f, v in features.items()))
     return "\n".join(lines)

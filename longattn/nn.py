@@ -19,18 +19,30 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import api
+from . import api, varlen_api
 from ._validation import normalize_window
 
 
 def _split_heads(x: Tensor, num_heads: int) -> Tensor:
-    """(B, S, H * D) -> (B, S, H, D) view."""
-    return x.view(*x.shape[:2], num_heads, x.shape[-1] // num_heads)
+    """(..., H * D) -> (..., H, D) view: (B, S, H, D), or (T, H, D) for packed tokens."""
+    return x.view(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
 
 
 def _merge_heads(x: Tensor) -> Tensor:
     """(B, S, H, D) -> (B, S, H * D)."""
     return x.reshape(*x.shape[:2], -1)
+
+
+def _dropout_p(module: nn.Module) -> float:
+    """The op's ``dropout_p``: the module's attention dropout in training mode, 0 in eval mode (as
+    ``nn.MultiheadAttention``'s ``dropout``)."""
+    return module.dropout if module.training else 0.0
+
+
+def _check_dropout(dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 def _check_heads(embed_dim: int, num_heads: int) -> int:
@@ -51,6 +63,7 @@ class SlidingWindowAttention(nn.Module):
         relative_bias: learn a per-head additive bias by offset ``j - i`` (parameter ``rel_bias``
             ``(H, left + right + 1)``, initialised to 0).
         scale: score scale, default ``1 / sqrt(D)``.
+        dropout: attention-probability dropout in training mode (fused in the op), 0.0 by default.
         backend: "auto", "cuda", "triton" or "torch".
 
     Shapes:
@@ -59,9 +72,10 @@ class SlidingWindowAttention(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, window, *, bias: bool = True, relative_bias: bool = False,
-                 scale: float | None = None, backend: str = "auto"):
+                 scale: float | None = None, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
         self.head_dim = _check_heads(embed_dim, num_heads)
+        self.dropout = _check_dropout(dropout)
         self.num_heads, self.window, self.scale, self.backend = num_heads, normalize_window(window), scale, backend
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -74,7 +88,7 @@ class SlidingWindowAttention(nn.Module):
         q, k, v = (_split_heads(proj(x), self.num_heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         rel_bias = None if self.rel_bias is None else self.rel_bias.to(q.dtype)
         out = api.local_attention(q, k, v, self.window, key_padding_mask=key_padding_mask, rel_bias=rel_bias,
-                                  scale=self.scale, backend=self.backend)
+                                  scale=self.scale, dropout_p=_dropout_p(self), backend=self.backend)
         if key_padding_mask is not None:
             out = torch.where(key_padding_mask.bool()[:, :, None, None], out, 0.0)
         return self.out_proj(_merge_heads(out))
@@ -94,6 +108,8 @@ class LongformerAttention(nn.Module):
         embed_dim: E; num_heads: H (``E % H == 0``).
         window: one-sided window ``w`` (HF's ``attention_window = 2 w``) or ``(left, right)``.
         bias: whether the projections have biases.
+        dropout: attention-probability dropout in training mode (local and global rows, as HF's
+            ``attention_probs_dropout_prob``), 0.0 by default.
         backend: "auto", "cuda", "triton" or "torch".
 
     Shapes:
@@ -102,9 +118,11 @@ class LongformerAttention(nn.Module):
         the mask with one host sync). Padding rows are 0 before the output projection.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, window, *, bias: bool = True, backend: str = "auto"):
+    def __init__(self, embed_dim: int, num_heads: int, window, *, bias: bool = True, dropout: float = 0.0,
+                 backend: str = "auto"):
         super().__init__()
         self.head_dim = _check_heads(embed_dim, num_heads)
+        self.dropout = _check_dropout(dropout)
         self.num_heads, self.window, self.backend = num_heads, normalize_window(window), backend
         for name in ("query", "key", "value", "query_global", "key_global", "value_global", "output"):
             setattr(self, name, nn.Linear(embed_dim, embed_dim, bias=bias))
@@ -116,7 +134,7 @@ class LongformerAttention(nn.Module):
         qg, kg, vg = (_split_heads(proj(x), H) for proj in (self.query_global, self.key_global, self.value_global))
         out = api.longformer_attention(q, k, v, self.window, global_mask, key_padding_mask=key_padding_mask,
                                        q_global=qg, k_global=kg, v_global=vg, max_globals=max_globals,
-                                       backend=self.backend)
+                                       dropout_p=_dropout_p(self), backend=self.backend)
         return self.output(_merge_heads(out))
 
     def extra_repr(self) -> str:
@@ -144,7 +162,8 @@ def t5_relative_bucket(relative_position: Tensor, *, bidirectional: bool = True,
 def tglobal_heads(x: Tensor, blocks: tuple[Tensor, Tensor, Tensor], q_proj: nn.Module, k_proj: nn.Module,
                   v_proj: nn.Module, norm_weight: Tensor, eps: float, num_heads: int, local_radius: int,
                   rel_bias: Tensor | None, side_bias: Tensor | None, *, scale: float, backend: str,
-                  dropout_p: float = 0.0) -> Tensor:
+                  dropout_p: float = 0.0, varlen: tuple[Tensor, int] | None = None, seq_parallel=None,
+                  block_size: int | None = None) -> Tensor:
     """LongT5 transient-global attention of ``x`` before the output projection: ``(B, S, H, D)``.
 
     The one implementation behind :class:`TGlobalAttention` and the patched Hugging Face layer: block sums of
@@ -160,16 +179,41 @@ def tglobal_heads(x: Tensor, blocks: tuple[Tensor, Tensor, Tensor], q_proj: nn.M
         rel_bias: ``(H, 2 local_radius + 1)`` by offset ``j - i``; side_bias: ``(H, 2G + 1)`` by block offset
             (cast to the projections' dtype here, as the stock layer adds them to its scores).
         dropout_p: attention-probability dropout (LongT5's ``dropout_rate`` on the attention weights in training).
+        varlen: ``(cu_seqlens, max_seqlen)`` for a packed batch: ``x`` is ``(T, E)``, ``blocks`` is
+            ``(block_ids (T,), block_mask (G,), cu_blocks)`` from :func:`longattn.tglobal_block_ids_varlen`, and the
+            result ``(T, H, D)`` (the ``*_varlen`` ops; side keys of all sequences concatenated).
+        seq_parallel, block_size: a ``longattn.distributed.SeqShards``: ``x`` and ``blocks`` are this rank's shard
+            (from ``tglobal_block_ids(..., seq_parallel=)``), and the LongT5 block size the ids come from.
     """
+    if varlen is not None:
+        return _tglobal_heads_varlen(x, blocks, q_proj, k_proj, v_proj, norm_weight, eps, num_heads, local_radius,
+                                     rel_bias, side_bias, scale=scale, backend=backend, dropout_p=dropout_p,
+                                     varlen=varlen)
     real, block_ids, block_mask = blocks
-    aggregates = api.block_aggregate(x, block_ids, block_mask.shape[1], weight=norm_weight, eps=eps,
-                                     backend=backend)  # (B, G, E)
+    aggregates = api.block_aggregate(x, block_ids, block_mask.shape[1], weight=norm_weight, eps=eps, backend=backend,
+                                     seq_parallel=seq_parallel,
+                                     block_size=None if seq_parallel is None else block_size)  # (B, G, E)
     q, k, v = (_split_heads(proj(x), num_heads) for proj in (q_proj, k_proj, v_proj))
     side_k, side_v = (_split_heads(proj(aggregates), num_heads) for proj in (k_proj, v_proj))
     rel_bias, side_bias = (None if t is None else t.to(q.dtype) for t in (rel_bias, side_bias))
     return api.tglobal_attention(q, k, v, side_k, side_v, local_radius, block_ids, key_padding_mask=real,
                                  side_mask=block_mask, rel_bias=rel_bias, side_bias=side_bias, scale=scale,
-                                 dropout_p=dropout_p, backend=backend)
+                                 dropout_p=dropout_p, backend=backend, seq_parallel=seq_parallel)
+
+
+def _tglobal_heads_varlen(x, blocks, q_proj, k_proj, v_proj, norm_weight, eps, num_heads, local_radius, rel_bias,
+                          side_bias, *, scale, backend, dropout_p, varlen):
+    """:func:`tglobal_heads` of a packed batch (see its ``varlen`` argument)."""
+    cu_seqlens, max_seqlen = varlen
+    block_ids, block_mask, cu_blocks = blocks
+    aggregates = varlen_api.block_aggregate_varlen(x, block_ids, block_mask.shape[0], weight=norm_weight, eps=eps,
+                                                   backend=backend)  # (G, E)
+    q, k, v = (_split_heads(proj(x), num_heads) for proj in (q_proj, k_proj, v_proj))
+    side_k, side_v = (_split_heads(proj(aggregates), num_heads) for proj in (k_proj, v_proj))
+    rel_bias, side_bias = (None if t is None else t.to(q.dtype) for t in (rel_bias, side_bias))
+    return varlen_api.tglobal_attention_varlen(q, k, v, side_k, side_v, cu_seqlens, max_seqlen, local_radius,
+                                               block_ids, cu_blocks, side_mask=block_mask, rel_bias=rel_bias,
+                                               side_bias=side_bias, scale=scale, dropout_p=dropout_p, backend=backend)
 
 
 class TGlobalAttention(nn.Module):
@@ -188,6 +232,8 @@ class TGlobalAttention(nn.Module):
         num_buckets, max_distance: T5 relative-position bucketing.
         eps: the global input norm's epsilon.
         scale: score scale; 1.0 as T5 (which folds the scaling into the initialisation of ``q``).
+        dropout: attention-probability dropout in training mode (LongT5's ``dropout_rate`` on the attention
+            weights), 0.0 by default.
         backend: "auto", "cuda", "triton" or "torch".
 
     Shapes:
@@ -198,8 +244,9 @@ class TGlobalAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, local_radius: int, global_block_size: int, *,
                  head_dim: int | None = None, num_buckets: int = 32, max_distance: int = 128, eps: float = 1e-6,
-                 scale: float = 1.0, backend: str = "auto"):
+                 scale: float = 1.0, dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
+        self.dropout = _check_dropout(dropout)
         head_dim = _check_heads(embed_dim, num_heads) if head_dim is None else head_dim
         inner = num_heads * head_dim
         self.num_heads, self.head_dim, self.local_radius = num_heads, head_dim, local_radius
@@ -230,7 +277,7 @@ class TGlobalAttention(nn.Module):
                             self.global_input_layer_norm.eps, self.num_heads, r,
                             self.bias_table(self.relative_attention_bias, r),
                             self.bias_table(self.global_relative_attention_bias, G),
-                            scale=self.scale, backend=self.backend)
+                            scale=self.scale, dropout_p=_dropout_p(self), backend=self.backend)
         out = torch.where(real[:, :, None, None], out, 0.0)  # padding rows 0, as SlidingWindowAttention's
         return self.o(_merge_heads(out))
 

@@ -162,3 +162,13 @@ def test_resolution_compiles_without_graph_break_for_dynamic_lengths():
         x = torch.randn(1, S, 2, 8)
         torch._dynamo.mark_dynamic(x, 1)  # S symbolic from the first call, as a model's varying lengths make it
         torch.testing.assert_close(compiled(x), x * 2)
+
+
+def test_info_lists_each_backends_optional_features():
+    from longattn import info
+
+    features = info.backend_features()
+    assert set(features) == {"torch", "triton", "cuda"}
+    assert features["torch"] == dict.fromkeys(info.OPTIONAL_FEATURES, "yes")  # the reference takes everything
+    assert "grouped-query" in features["cuda"]["grouped_kv"]  # a declined feature shows the backend's reason
+    assert "optional features" in info.format_info()

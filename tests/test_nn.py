@@ -186,3 +186,38 @@ def test_tglobal_attention_loads_hf_longt5_weights():
 def test_modules_validate_heads():
     with pytest.raises(ValueError, match="multiple of num_heads"):
         lnn.SlidingWindowAttention(30, 4, 3)
+
+
+def _module(name, dropout):
+    if name == "sliding":
+        return lnn.SlidingWindowAttention(E, H, 5, dropout=dropout), ()
+    if name == "longformer":
+        glob = torch.zeros(B, S, dtype=torch.bool)
+        glob[:, 0] = True
+        return lnn.LongformerAttention(E, H, 5, dropout=dropout), (glob,)
+    return lnn.TGlobalAttention(E, H, 5, 4, dropout=dropout), ()
+
+
+@pytest.mark.parametrize("name", ["sliding", "longformer", "tglobal"])
+def test_dropout_runs_fused_in_training_and_not_in_eval(name):
+    """``dropout`` reaches the op in training mode only: eval equals a module without dropout; training differs
+    from it, is finite, and is reproducible from the generator state."""
+    module, extra = _module(name, 0.5)
+    plain, _ = _module(name, 0.0)
+    randomize(module, torch.float32)
+    plain.load_state_dict(module.state_dict())
+    x, mask = inputs(torch.float32)
+    module.eval(), plain.eval()
+    assert torch.equal(module(x, *extra, mask), plain(x, *extra, mask))
+    module.train()
+    torch.manual_seed(3)
+    first = module(x, *extra, mask)
+    torch.manual_seed(3)
+    again = module(x, *extra, mask)
+    assert torch.equal(first, again) and first.isfinite().all()
+    assert not torch.allclose(first, plain(x, *extra, mask))
+
+
+def test_dropout_is_validated():
+    with pytest.raises(ValueError, match="dropout"):
+        lnn.SlidingWindowAttention(E, H, 5, dropout=1.0)

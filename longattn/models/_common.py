@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import warnings
 from collections.abc import Callable
 
+import torch
+
 _STATE_ATTR = "_longattn_patch"
 _warned: set[str] = set()
+# Set by longattn.distributed.sequence_parallel (a SeqParallelContext) for the duration of its block.
+SEQ_PARALLEL: contextvars.ContextVar = contextvars.ContextVar("longattn_sequence_parallel", default=None)
+
+
+def active_seq_parallel():
+    """The active ``longattn.distributed.sequence_parallel`` context (its ``.shards`` go to the ops'
+    ``seq_parallel=``), or None outside one: the one place the patched forwards learn they run sharded."""
+    return SEQ_PARALLEL.get()
 
 
 @dataclasses.dataclass
@@ -20,6 +31,7 @@ class PatchState:
 
     original: Callable | None
     backend: str
+    packed: bool = False  # apply_longattn(packed=True): run on the real tokens only (longattn.models._packing)
 
 
 def patch_state(module) -> PatchState | None:
@@ -59,5 +71,33 @@ def attention_dropout(module, p: float) -> float:
 
 
 def warn_fallback(module, reason: str) -> None:
+    if SEQ_PARALLEL.get() is not None:  # the stock forward would see one shard as the whole sequence
+        raise ValueError(f"sequence_parallel: {type(module).__name__} cannot run sharded ({reason})")
     warn_once(f"{type(module).__name__}:{reason}",
               f"longattn: {type(module).__name__} falls back to the stock Hugging Face forward ({reason}).")
+
+
+_PER_FORWARD_ATTR = "_longattn_per_forward"
+
+
+def once_per_forward(carrier, mask, key: tuple, make):
+    """``make()``, computed by the first layer of a forward and reused by the others.
+
+    The encoder hands every layer the same ``mask`` object and some object made once per forward (the
+    ``carrier``: LongT5 layer 0's compact ``position_bias``, Longformer's ``is_index_masked``), so what a layer
+    derives from the mask (block ids, the key padding mask, the packed layout) rides on the carrier as a plain Python
+    attribute, one entry per ``key``: no host sync after the first layer, nothing in the graph, gone with the
+    carrier. Reuse needs the layer's own ``mask`` object and ``key``, so a carrier from another call never lends its
+    values. Where the attribute is missing (reentrant checkpointing recomputes a layer on detached copies of its
+    inputs), the carrier is None, or under ``torch.compile`` (which traces every layer anyway), the value is computed
+    again.
+    """
+    if carrier is None or torch.compiler.is_compiling():
+        return make()
+    shared = getattr(carrier, _PER_FORWARD_ATTR, None)
+    if shared is None or shared[0] is not mask:
+        shared = (mask, {})
+        setattr(carrier, _PER_FORWARD_ATTR, shared)
+    if key not in shared[1]:
+        shared[1][key] = make()
+    return shared[1][key]

@@ -78,7 +78,7 @@ NO_PAD_PATCHES = (
 )
 
 
-def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True):
+def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True, packed: bool = False):
     """Run the long-sequence attention of a Hugging Face model instance on longattn ops, in place.
 
     Supported: ``LongformerModel`` and every Longformer head; ``LEDModel`` / ``LEDForConditionalGeneration`` /
@@ -103,6 +103,11 @@ def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True):
         backend: "auto", "cuda", "triton" or "torch", passed to every op.
         pad_to_window: False skips Longformer/LED's padding of S to a multiple of ``attention_window`` (the
             kernels need none); outputs on real tokens are unchanged. Ignored for LongT5.
+        packed: True runs each patched attention layer of a batch with padding on its real tokens only (packed
+            by the attention mask, the ``*_varlen`` ops, scattered back; see ``longattn.models._packing``): the
+            same real-token outputs and gradients, at the cost of the real tokens. Padding rows of the layer's
+            output are then 0 (for LongT5 too). Rows whose real tokens are not contiguous (and, for LongT5
+            transient-global, not starting at position 0) run the padded patch, with a one-time warning.
 
     Raises:
         ValueError: nothing in ``model`` to patch.
@@ -116,7 +121,7 @@ def apply_longattn(model, *, backend: str = "auto", pad_to_window: bool = True):
         raise ValueError(f"apply_longattn: {type(model).__name__} contains none of the attention modules longattn "
                          f"patches ({names})")
     for spec, module in matched:
-        _patch(module, spec, backend)
+        _patch(module, spec, backend, packed=bool(packed))
     for patch in FUNCTION_PATCHES:
         if any(spec.package == patch.package for spec, _ in matched):
             _install(patch)
@@ -165,13 +170,13 @@ def _unpatch(module, method: str) -> bool:
     return True
 
 
-def _patch(module, spec: PatchSpec, backend: str) -> None:
+def _patch(module, spec: PatchSpec, backend: str, packed: bool = False) -> None:
     attr = _state_attr(spec.method)
     state = module.__dict__.get(attr)
     if state is None:  # a second apply keeps the first original and only updates the settings
         state = PatchState(original=module.__dict__.get(spec.method), backend=backend)
         module.__dict__[attr] = state
-    state.backend = backend
+    state.backend, state.packed = backend, packed
     module.__dict__[spec.method] = types.MethodType(spec.forward, module)
 
 

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 
 from ..api import longformer_attention
 from ..backends._longformer import global_slots
-from ._common import attention_dropout, fallback_reason, patch_state, stock_forward, warn_fallback
+from ..varlen_api import longformer_attention_varlen
+from ._common import active_seq_parallel, attention_dropout, fallback_reason, patch_state, stock_forward, warn_fallback
+from ._packing import packed_layout
 
 # The stock forward's parameters, in order; the patched forward takes the same ones.
 FORWARD_PARAMS = ("hidden_states", "attention_mask", "is_index_masked", "is_index_global_attn", "is_global_attn",
@@ -42,6 +44,11 @@ def longformer_forward(self, hidden_states, attention_mask=None, is_index_masked
     B, S, E = hidden_states.shape
     H, D = self.num_heads, self.head_dim
     real, is_global = _token_masks(hidden_states, attention_mask, is_index_masked, is_index_global_attn)
+    if patch_state(self).packed:
+        # The encoder hands every layer the same is_index_masked: the layout is computed once per forward.
+        layout = packed_layout(self, is_index_masked, is_index_masked, real, is_global, aligned_start=False)
+        if layout is not None:
+            return (_packed_forward(self, hidden_states, is_global, layout),)
     if is_global_attn is None:
         is_global_attn = bool(is_global.any())
     q = self.query(hidden_states).view(B, S, H, D)
@@ -50,15 +57,38 @@ def longformer_forward(self, hidden_states, attention_mask=None, is_index_masked
     q_global = k_global = v_global = None
     # The encoder already synced once for is_global_attn; reading the per-row count costs one more sync
     # (and is a graph break under torch.compile), and only when some row has a global token.
-    num_global = int(is_global.sum(1).max()) if is_global_attn else 0
+    sp = active_seq_parallel()  # sequence-parallel: count over the whole sequence (is_global_attn is this rank's)
+    num_global = sp.max_globals(is_global) if sp is not None else int(is_global.sum(1).max()) if is_global_attn else 0
     if num_global > 0:
-        q_global = _project_global_queries(self.query_global, hidden_states, is_global, num_global).view(B, S, H, D)
+        q_global = _project_global_queries(self.query_global, hidden_states, is_global, min(num_global, S))
+        q_global = q_global.view(B, S, H, D)
         k_global = self.key_global(hidden_states).view(B, S, H, D)
         v_global = self.value_global(hidden_states).view(B, S, H, D)
     out = longformer_attention(q, k, v, self.one_sided_attn_window_size, is_global, key_padding_mask=real,
                                q_global=q_global, k_global=k_global, v_global=v_global, max_globals=num_global,
-                               dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend)
+                               dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend,
+                               seq_parallel=None if sp is None else sp.shards)
     return (out.reshape(B, S, E),)
+
+
+def _packed_forward(self, hidden_states, is_global, layout):
+    """``longformer_forward`` on the real tokens only (``apply_longattn(packed=True)``): ``(B, S, E)``, padding
+    rows 0 as the padded patch gives them."""
+    H, D = self.num_heads, self.head_dim
+    x = layout.pack(hidden_states)  # (T, E)
+    T, E = x.shape
+    q, k, v = (proj(x).view(T, H, D) for proj in (self.query, self.key, self.value))
+    glob = layout.pack(is_global)
+    q_global = k_global = v_global = None
+    if layout.num_global > 0:
+        q_global = _project_global_queries(self.query_global, x[None], glob[None], layout.num_global).view(T, H, D)
+        k_global, v_global = (proj(x).view(T, H, D) for proj in (self.key_global, self.value_global))
+    out = longformer_attention_varlen(q, k, v, layout.index.cu_seqlens, layout.index.max_seqlen,
+                                      self.one_sided_attn_window_size, glob, q_global=q_global, k_global=k_global,
+                                      v_global=v_global, max_globals=layout.num_global,
+                                      dropout_p=attention_dropout(self, self.dropout),
+                                      backend=patch_state(self).backend)
+    return layout.unpack(out.reshape(T, E))
 
 
 def _token_masks(hidden_states, attention_mask, is_index_masked, is_index_global_attn):

@@ -49,13 +49,21 @@ through the attention mask, as with stock.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..api import local_attention, tglobal_block_ids
 from ..nn import tglobal_heads
-from ._common import attention_dropout, fallback_reason, patch_state, stock_forward, warn_fallback
+from ..varlen_api import local_attention_varlen, tglobal_block_ids_varlen
+from ._common import (
+    active_seq_parallel,
+    attention_dropout,
+    fallback_reason,
+    once_per_forward,
+    patch_state,
+    stock_forward,
+    warn_fallback,
+)
+from ._packing import packed_layout
 
 FORWARD_PARAMS = ("hidden_states", "mask", "position_bias", "output_attentions")
 
@@ -73,12 +81,21 @@ def longt5_local_forward(self, hidden_states, mask=None, position_bias=None, out
     r = self.local_radius
     if position_bias is None:
         position_bias = _compact_bias(self, G=None)
-    key_padding_mask = _once_per_forward(position_bias, mask, ("local", S, self.block_len),
+    key_padding_mask = once_per_forward(position_bias, mask, ("local", S, self.block_len),
                                          lambda: _unblock_local_mask(mask, S, self.block_len))
+    layout = _packed_layout(self, position_bias, mask, key_padding_mask, aligned_start=False)
+    if layout is not None:
+        x = layout.pack(hidden_states)
+        q, k, v = (proj(x).view(x.shape[0], self.n_heads, self.key_value_proj_dim) for proj in (self.q, self.k, self.v))
+        out = local_attention_varlen(q, k, v, layout.index.cu_seqlens, layout.index.max_seqlen, r,
+                                     rel_bias=_band_table(position_bias, r).to(q.dtype), scale=1.0,
+                                     dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend)
+        return layout.unpack(self.o(out.reshape(x.shape[0], self.inner_dim))), position_bias
     q, k, v = (_heads(proj(hidden_states), self) for proj in (self.q, self.k, self.v))
     out = local_attention(q, k, v, r, key_padding_mask=key_padding_mask,
                           rel_bias=_band_table(position_bias, r).to(q.dtype), scale=1.0,
-                          dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend)
+                          dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend,
+                          seq_parallel=getattr(active_seq_parallel(), "shards", None))
     return self.o(out.reshape(B, S, self.inner_dim)), position_bias
 
 
@@ -91,54 +108,60 @@ def longt5_tglobal_forward(self, hidden_states, mask=None, position_bias=None, o
     if stock is not None:
         return stock
     B, S, _ = hidden_states.shape
-    r, G = self.local_radius, S // self.global_block_size
+    sp = getattr(active_seq_parallel(), "shards", None)  # sequence-parallel: G and block ids of the whole sequence
+    r, G = self.local_radius, (S if sp is None else sp.seq_len) // self.global_block_size
     if position_bias is None:
         position_bias = _compact_bias(self, G=G)
-    blocks = _once_per_forward(position_bias, mask, ("tglobal", B, S, self.global_block_size),
-                               lambda: _tglobal_blocks(mask, hidden_states, self.global_block_size))
     norm = self.global_input_layer_norm
+    real = None if mask is None else once_per_forward(position_bias, mask, ("real", B, S), lambda: mask != 0)
+    layout = _packed_layout(self, position_bias, mask, real, aligned_start=True)
+    if layout is not None:
+        x = layout.pack(hidden_states)
+        T, bs = x.shape[0], self.global_block_size
+        blocks = once_per_forward(position_bias, mask, ("tglobal-packed", T, bs),
+                                  lambda: tglobal_block_ids_varlen(layout.index.cu_seqlens, T, bs))
+        side = _recentre(_side_table(position_bias, r, G), T // bs)
+        out = tglobal_heads(x, blocks, self.q, self.k, self.v, norm.weight, norm.variance_epsilon, self.n_heads, r,
+                            _band_table(position_bias, r), side, scale=1.0,
+                            dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend,
+                            varlen=(layout.index.cu_seqlens, layout.index.max_seqlen))
+        return layout.unpack(self.o(out.reshape(T, self.inner_dim))), position_bias
+    blocks = once_per_forward(position_bias, mask, ("tglobal", B, S, self.global_block_size),
+                               lambda: _tglobal_blocks(mask, hidden_states, self.global_block_size, sp))
     out = tglobal_heads(hidden_states, blocks, self.q, self.k, self.v, norm.weight, norm.variance_epsilon,
                         self.n_heads, r, _band_table(position_bias, r), _side_table(position_bias, r, G),
-                        scale=1.0, dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend)
+                        scale=1.0, dropout_p=attention_dropout(self, self.dropout), backend=patch_state(self).backend,
+                        seq_parallel=sp, block_size=self.global_block_size)
     return self.o(out.reshape(B, S, self.inner_dim)), position_bias
 
 
-@dataclasses.dataclass(frozen=True)
-class _PerForward:
-    """What a layer derived from ``mask`` (identified by ``key``), kept on layer 0's compact bias for later layers."""
-
-    mask: torch.Tensor | None
-    key: tuple
-    value: object
-
-
-_PER_FORWARD_ATTR = "_longattn_per_forward"
+def _packed_layout(self, position_bias, mask, real, *, aligned_start: bool):
+    """The packed layout of this forward (``apply_longattn(packed=True)``; ``longattn.models._packing``), or None
+    to run padded (not packed, no mask, or a layout packing cannot serve)."""
+    if not patch_state(self).packed or real is None:
+        return None
+    return packed_layout(self, position_bias, mask, real, None, aligned_start=aligned_start)
 
 
-def _once_per_forward(position_bias, mask, key: tuple, make):
-    """``make()``, computed by the first layer of a forward and reused by the others.
+def _recentre(side_table, G: int):
+    """A ``(H, 2G' + 1)`` side table by block offset re-centred for ``G`` side keys: ``(H, 2G + 1)``.
 
-    The stack hands every layer the same ``mask`` object and layer 0's compact ``position_bias``, so what a layer
-    derives from the mask (block ids, the key padding mask) rides on that bias as a plain Python attribute: no host
-    sync, nothing in the graph, gone with the bias. Reuse needs the layer's own ``mask`` object and ``key``, so a
-    bias from another call never lends its values. Where the attribute is missing (reentrant checkpointing
-    recomputes a layer on detached copies of its inputs) or under ``torch.compile`` (which traces every layer
-    anyway), the value is computed again.
+    Packed, the side keys of all sequences are concatenated (``G = T // block_size`` of them), but a query only
+    scores its own sequence's blocks, at in-sequence offsets ``|g - block(i)| < G'``, so the entries added (zeros)
+    or cut are never read.
     """
-    if torch.compiler.is_compiling():
-        return make()
-    shared = getattr(position_bias, _PER_FORWARD_ATTR, None)
-    if shared is None or shared.mask is not mask or shared.key != key:
-        shared = _PerForward(mask, key, make())
-        setattr(position_bias, _PER_FORWARD_ATTR, shared)
-    return shared.value
+    old = (side_table.shape[-1] - 1) // 2
+    if G >= old:
+        return torch.nn.functional.pad(side_table, (G - old, G - old))
+    return side_table[:, old - G : old + G + 1]
 
 
-def _tglobal_blocks(mask, hidden_states, block_size: int):
+def _tglobal_blocks(mask, hidden_states, block_size: int, seq_parallel=None):
     """``(real (B, S) bool, block_ids (B, S) int32, block_mask (B, G) bool)`` as :func:`tglobal_heads` takes them."""
     B, S, _ = hidden_states.shape
     real = torch.ones(B, S, dtype=torch.bool, device=hidden_states.device) if mask is None else mask != 0
-    return (real, *tglobal_block_ids(real, block_size))
+    sharded = {} if seq_parallel is None else {"seq_parallel": seq_parallel}
+    return (real, *tglobal_block_ids(real, block_size, **sharded))
 
 
 def _heads(x, module):

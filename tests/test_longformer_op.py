@@ -130,7 +130,8 @@ def compile_global_rows_for_sm90():
     from tests.test_triton_backend import ptxas_usage
 
     types = {**dict.fromkeys(["GLse", "PartO", "PartL"], "*fp32"), **dict.fromkeys(["KMask", "Used"], "*u8"),
-             "Pos": "*i64", "Rng": "*i64", **dict.fromkeys(["Q", "K", "V", "DO", "Out", "Res", "DK", "DV"], "*bf16")}
+             "Pos": "*i64", "Rng": "*i64", **dict.fromkeys(["KRange", "TBounds"], "*i32"),
+             **dict.fromkeys(["Q", "K", "V", "DO", "Out", "Res", "DK", "DV"], "*bf16")}
 
     def build(fn, constexprs, warps):
         sig = {n: "constexpr" if n in constexprs else types.get(n, "fp32" if n in ("scale", "drop_scale") else "i32")
@@ -145,11 +146,11 @@ def compile_global_rows_for_sm90():
         tiles = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, DOT_PREC="tf32")
         for backward in (False, True):
             build(gr._combine_kernel, dict(BACKWARD=backward, BLOCK_M=bm, BLOCK_D=D), warps)
-        for dropout in (False, True):
+        for dropout, ranges in ((False, False), (True, False), (False, True)):
+            flags = dict(HAS_KMASK=True, **tiles, HAS_DROPOUT=dropout, HAS_RANGES=ranges)
             for backward in (False, True):
-                build(gr._split_kernel, dict(BACKWARD=backward, HAS_KMASK=True, **tiles, HAS_DROPOUT=dropout), warps)
-            build(gr._keys_kernel, dict(ADD_DK=True, ADD_DV=False, HAS_KMASK=True, **tiles, HAS_DROPOUT=dropout),
-                  warps)
+                build(gr._split_kernel, dict(BACKWARD=backward, **flags), warps)
+            build(gr._keys_kernel, dict(ADD_DK=True, ADD_DV=False, **flags), warps)
 
 
 def test_global_rows_kernels_compile_for_sm90_bf16():

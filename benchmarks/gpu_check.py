@@ -13,6 +13,8 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
 5. ``bench-16384``, ``bench-4096``, ``bench-65536``  ``longattn bench --check`` on DESIGN.md's standard shapes
                   (local, longformer, tglobal, aggregate; fwd and fwd+bwd; every backend and baseline), the most
                   telling length first; at S=65536 without the slow torch backend and HF (seconds per call);
+                  after the first, ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths
+                  2048,16384,4096,9000: padded vs packed vs one by one, Triton and CUDA);
 6. ``results``    the bench JSONs merged into ``OUTDIR/bench.json``, copied to ``benchmarks/results/``, the
                   refreshed ``auto`` table (``OUTDIR/auto_table.json``) and README section (``OUTDIR/results.md``).
 
@@ -118,6 +120,14 @@ def bench_cmd(python: str, outdir: Path, S: int) -> list[str]:
             "--json", str(outdir / f"bench-{S}.json")]
 
 
+def ragged_cmd(python: str, outdir: Path) -> list[str]:
+    """Issue 14's comparison at its GPU default lengths, the kernel backends only (the torch backend and HF take
+    seconds per call at 16384)."""
+    return [python, "-m", "longattn", "bench", "--ragged", "--op", "local,longformer,tglobal", "--pass", "fwd,fwdbwd",
+            "--check", "--no-progress", "--backend", "triton,cuda", "--baseline", "none",
+            "--json", str(outdir / "bench-ragged.json")]
+
+
 def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
     py = args.python
     sanitizer = shutil.which("compute-sanitizer") or next(
@@ -138,6 +148,8 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
              cmd=[sanitizer, "--tool", "racecheck", "--error-exitcode", "3", py, sanitize_script]),
     ]
     steps += [Step(f"bench-{S}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, S)) for S in BENCH_SEQLENS]
+    steps.insert(len(steps) - len(BENCH_SEQLENS) + 1, Step("bench-ragged", 45, 180, needs_gpu=True,
+                                                            cmd=ragged_cmd(py, outdir)))
     steps.append(Step("results", 1, 60, fn=lambda: collect_results(py, outdir)))
     return steps
 
@@ -208,11 +220,15 @@ def merge_bench(outdir: Path) -> dict | None:
 
 def collect_results(python: str, outdir: Path) -> str:
     """Merge the bench runs, keep a copy under benchmarks/results/, refresh the auto table and README section."""
+    notes = []
+    ragged = outdir / "bench-ragged.json"
+    if ragged.is_file():
+        notes.append(save_ragged(json.loads(ragged.read_text())))
     merged = merge_bench(outdir)
     if merged is None:
-        return "no bench results"
+        return ", ".join([*notes, "no bench results"])
     (outdir / "bench.json").write_text(json.dumps(merged, indent=1, default=str) + "\n")
-    notes = ["bench.json"]
+    notes.append("bench.json")
     if merged.get("device_type") != "cuda":
         return "bench.json (CPU run: not saved under benchmarks/results/)"
     sys.path.insert(0, str(ROOT))
@@ -229,6 +245,34 @@ def collect_results(python: str, outdir: Path) -> str:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
         notes.append(what if proc.returncode == 0 else f"{what} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return ", ".join(notes)
+
+
+def save_ragged(run: dict) -> str:
+    """Copy a GPU ``--ragged`` run to ``benchmarks/results/`` (its own file: the README report and the auto table
+    read the ops runs only)."""
+    if run.get("device_type") != "cuda":
+        return "bench-ragged.json (CPU run: not saved)"
+    sys.path.insert(0, str(ROOT))
+    from longattn.bench.cli import results_stem
+
+    saved = ROOT / "benchmarks" / "results" / f"{results_stem(run, run['settings'])}.json"
+    saved.write_text(json.dumps(run, indent=1, default=str) + "\n")
+    return str(saved.relative_to(ROOT))
+
+
+def ragged_summary(outdir: Path) -> list[str]:
+    """Per op, pass and backend: packed / one-by-one and padded / packed (issue 14's targets), and --check."""
+    path = outdir / "bench-ragged.json"
+    if not path.is_file():
+        return []
+    rows = [r for r in json.loads(path.read_text())["results"] if r.get("kind") == "packed" and r["status"] == "ok"]
+    lines = ["", f"ragged {rows[0]['lengths'] if rows else ''}: {'op':<11}{'pass':<8}{'impl':<18}"
+                 f"{'packed/1-by-1':>14}{'padded/packed':>14}  check"]
+    for r in rows:
+        fmt = lambda x: "-" if x is None else f"{x:.2f}x"
+        lines.append(f"{'':8}{r['op']:<11}{r['pass']:<8}{r['impl']:<18}{fmt(r.get('packed_vs_one_by_one')):>14}"
+                     f"{fmt(r.get('padded_vs_packed')):>14}  {r.get('check', '-')}")
+    return lines
 
 
 def bench_summary(run: dict | None) -> list[str]:
@@ -259,6 +303,7 @@ def summary(outcomes: list[Outcome], outdir: Path, elapsed: float, budget: float
     lines += [f"{o.name:<12}{o.status:<48}{o.seconds:>6.0f}  {o.note}" for o in outcomes]
     lines.append("")
     lines += bench_summary(merge_bench(outdir))
+    lines += ragged_summary(outdir)
     return "\n".join(lines)
 
 

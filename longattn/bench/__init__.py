@@ -12,6 +12,8 @@ Modules, one job each:
 - ``output``   the table, JSON, CSV and plot;
 - ``model``    ``--model``: stacks of stock vs patched LED / LongT5 encoder layers (the shared loop);
 - ``hf_model`` ``--model modernbert|mistral|gemma3``: one HF model under sdpa / flex_attention / eager / longattn;
+- ``ragged``   ``--ragged``: a right-padded ragged batch run padded, packed (``*_varlen`` ops,
+               ``apply_longattn(packed=True)``), one sequence at a time and by stock HF;
 - ``report``   the README results section from the saved GPU runs in ``benchmarks/results/``;
 - ``autotable`` ``longattn auto-table``: ``backend="auto"``'s measured table from saved GPU runs;
 - ``cli``      argument parsing.

@@ -148,6 +148,11 @@ def build_case(op: str, S: int, settings: Settings) -> Case:
     return case
 
 
+def padding_mask(lengths, S: int, device) -> torch.Tensor:
+    """``(B, S)`` bool, True at the first ``lengths[b]`` positions of row b (a right-padded ragged batch)."""
+    return (torch.arange(S)[None] < torch.tensor(list(lengths))[:, None]).to(device)
+
+
 def _block_ids(B: int, S: int, block_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     from ..api import tglobal_block_ids
 

@@ -8,6 +8,9 @@ Three modes:
   stock vs patched encoder layers (see ``model``); ``--model modernbert|mistral|gemma3 [--size base|tiny]
   [--kv-heads N] [--sliding-only]`` times one random HF model under ``sdpa``, ``flex_attention``, ``eager`` and
   ``attn_implementation="longattn"`` (see ``hf_model``).
+- ragged: ``longattn bench --ragged [2048,16384,4096,9000] [--op ...|--model led|longt5-local|longt5-tglobal]``
+  times a right-padded batch of those lengths padded, packed (the ``*_varlen`` ops / ``apply_longattn(packed=True)``),
+  one sequence at a time and by stock HF (see ``ragged``).
 - report: ``longattn bench --report`` writes the README results table and plot from the latest GPU run
   saved in ``benchmarks/results/`` (see ``report``).
 
@@ -16,7 +19,9 @@ Longformer window 256 with 1 global token, LongT5 window 127 and block 16). On C
 finishes in under 2 minutes on 2 cores: B=1, H=4, D=64, S=1024, float32, same windows (S=2048 took
 ~2 minutes of CPU time, 4.5 minutes of wall time on a 2-core machine shared with other jobs). HF model modes:
 ``--size base`` on a GPU, ``tiny`` on CPU (the base configs take seconds per forward on 2 cores), S=1024 on CPU
-and 4096,8192,32768 on a GPU.
+and 4096,8192,32768 on a GPU. ``--ragged`` without lengths: DESIGN.md's shapes and issue 14's lengths
+2048,16384,4096,9000 on a GPU; on CPU the same small shape (H=4, D=64, float32) with those lengths / 16,
+128,1024,256,562 (the same 52% padding; fwd and fwd+bwd of every row of the four ops, about a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 GPU_DEFAULTS = {"seqlen": "4096,16384,65536", "heads": 12, "dtype": "bfloat16", "min_run_time": 0.5}
 CPU_DEFAULTS = {"seqlen": "1024", "heads": 4, "dtype": "float32", "min_run_time": 0.1}
 HF_GPU_SEQLEN, HF_CPU_SEQLEN = "4096,8192,32768", "1024"
+# CPU: issue 14's lengths / 16, so the same share of the padded batch is padding (52%).
+RAGGED_GPU_LENGTHS, RAGGED_CPU_LENGTHS = "2048,16384,4096,9000", "128,1024,256,562"
+RAGGED_DEFAULT = "default"  # --ragged without lengths: the device's default lengths
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 
@@ -51,6 +59,21 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _lengths(text: str) -> list[int] | str:
+    """``--ragged``: comma-separated positive sequence lengths (or the device default)."""
+    if text == RAGGED_DEFAULT:
+        return text
+    parts = text.split(",")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive sequence lengths (e.g. "
+                                         f"{RAGGED_GPU_LENGTHS}), got {text!r}")
+    return values
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="time the backends and baselines",
@@ -61,9 +84,14 @@ def add_parser(subparsers) -> None:
                    "the unavailable ones are listed with the reason)")
     g.add_argument("--baseline", default="all", help="comma list of hf, flex, sdpa_mask, sdpa_dense (--model "
                    "modernbert|mistral|gemma3: sdpa, flex_attention, eager), or 'all' / 'none' (default all)")
-    g.add_argument("--pass", dest="passes", default="fwd,bwd,fwdbwd", help="comma list of fwd, bwd, fwdbwd")
+    g.add_argument("--pass", dest="passes", help="comma list of fwd, bwd, fwdbwd (default all three; --ragged: "
+                   "fwd,fwdbwd)")
     g.add_argument("--model", choices=("led", "longt5-local", "longt5-tglobal", *HF_FAMILIES),
                    help="model mode: a stack of stock vs longattn layers instead of the ops")
+    g.add_argument("--ragged", type=_lengths, nargs="?", const=RAGGED_DEFAULT, metavar="L1,L2,...",
+                   help="a right-padded batch of these sequence lengths: padded vs packed vs one-by-one vs stock HF, "
+                   f"per op (or --model led|longt5-*); no value: {RAGGED_GPU_LENGTHS} on GPU, {RAGGED_CPU_LENGTHS} "
+                   "on CPU")
     g.add_argument("--report", action="store_true", help="write the README results section from the latest GPU "
                    "run in benchmarks/results/ and exit")
     s = p.add_argument_group("shapes (defaults: GPU standard shapes, or the small CPU shape; see above)")
@@ -92,6 +120,8 @@ def add_parser(subparsers) -> None:
     o.add_argument("--check", action="store_true", help="compare each output with the float64 oracle first")
     o.add_argument("--min-run-time", type=float, help="seconds of timed calls per measurement "
                    "(default 0.5 GPU, 0.1 CPU)")
+    o.add_argument("--rounds", type=int, help="--ragged ops: time each op's rows this many times round-robin and keep "
+                   "each row's median round (for a shared machine whose load drifts; default 1)")
     o.add_argument("--json", help="write the run (metadata, settings, every row) as JSON")
     o.add_argument("--csv", help="write the rows as CSV")
     o.add_argument("--plot", help="write time and TFLOP/s vs S as a PNG")
@@ -113,7 +143,7 @@ def resolve_settings(args) -> dict:
     bad = [op for op in ops if op not in OPS]
     if bad:
         raise SystemExit(f"longattn bench: --op: unknown {bad}; expected some of {OPS}")
-    passes = _csv_list(args.passes)
+    passes = _csv_list(args.passes or ("fwd,fwdbwd" if args.ragged else "fwd,bwd,fwdbwd"))
     if not passes or any(p not in ("fwd", "bwd", "fwdbwd") for p in passes):
         raise SystemExit(f"longattn bench: --pass: expected some of fwd, bwd, fwdbwd, got {args.passes!r}")
     from ..dispatch import BACKEND_NAMES
@@ -135,6 +165,10 @@ def resolve_settings(args) -> dict:
         "backends": backends, "baselines": baselines, "check": args.check,
         "min_run_time": args.min_run_time or defaults["min_run_time"],
     }
+    if args.rounds is not None and (args.rounds < 1 or not args.ragged or args.model):
+        raise SystemExit("longattn bench: --rounds: a positive count, for --ragged without --model only")
+    if args.ragged:
+        _ragged_settings(args, out, gpu)
     if hf:
         out.update(size=args.size or ("base" if gpu else "tiny"), kv_heads=args.kv_heads,
                    sliding_only=args.sliding_only)
@@ -142,6 +176,35 @@ def resolve_settings(args) -> dict:
         raise SystemExit("longattn bench: --size, --kv-heads and --sliding-only apply to --model "
                          f"{'|'.join(HF_FAMILIES)} only")
     return out
+
+
+def _ragged_settings(args, out: dict, gpu: bool) -> None:
+    """``--ragged``: the lengths (``out["ragged"]``), mode "ragged", S = the longest; refuses what does not apply."""
+    from .ragged import RAGGED_BASELINES
+
+    lengths = args.ragged
+    if lengths == RAGGED_DEFAULT:
+        lengths = _int_list(RAGGED_GPU_LENGTHS if gpu else RAGGED_CPU_LENGTHS)
+    if args.model in HF_FAMILIES:
+        raise SystemExit(f"longattn bench: --ragged applies to the ops and to --model led|longt5-local|longt5-tglobal, "
+                         f"not --model {args.model}")
+    for flag, given in (("--seqlen", args.seqlen), ("--batch", args.batch != 1), ("--plot", args.plot)):
+        if given:
+            raise SystemExit(f"longattn bench: {flag} does not apply to --ragged (B and S come from its lengths"
+                             + ("; the plot is of time vs S" if flag == "--plot" else "") + ")")
+    if args.baseline not in ("all", "none"):
+        bad = [b for b in out["baselines"] if b not in RAGGED_BASELINES]
+        if bad:
+            raise SystemExit(f"longattn bench: --ragged: baselines {bad} take no padding; it compares with "
+                             f"{', '.join(RAGGED_BASELINES)} only")
+    if args.backend == "all":  # the ones that can run here (the others are named with the reason on stderr)
+        import longattn
+
+        available = longattn.available_backends(out["device"])
+        out["skipped_backends"] = [b for b in out["backends"] if available.get(b)]
+        out["backends"] = [b for b in out["backends"] if not available.get(b)]
+    out.update(mode="ragged", ragged=lengths, seqlens=[max(lengths)], batch=len(lengths), rounds=args.rounds or 1,
+               baselines=[b for b in out["baselines"] if b in RAGGED_BASELINES])
 
 
 def _pick(text: str, names, flag: str) -> list[str]:
@@ -182,6 +245,8 @@ def run(args) -> int:
             raise SystemExit(f"longattn bench --model {settings['model']}: {exc}") from exc
     info = output.run_info(settings)
     _print_backends(info, settings)
+    if settings["mode"] == "ragged":
+        return _run_ragged(args, settings, shape, info)
     if settings["mode"] == "model":
         from .model import run_model
 
@@ -196,11 +261,7 @@ def run(args) -> int:
                             impl_names(settings["backends"], settings["baselines"]), settings["passes"],
                             check=settings["check"], min_run_time=settings["min_run_time"],
                             progress=not args.no_progress, checkpoint=checkpoint)
-    note = ("peak MiB = peak bytes allocated during the call beyond its inputs ("
-            + ("torch.cuda.max_memory_allocated" if settings["device"].startswith("cuda")
-               else "torch profiler's record of CPU-allocator allocations; memory outside torch's allocator "
-                    "is not seen") + ").")
-    print(output.format_table(records, memory_note=note))
+    print(output.format_table(records, memory_note=_memory_note(settings)))
     if settings["model"] in HF_FAMILIES:
         from .hf_model import longattn_notes
 
@@ -218,11 +279,36 @@ def run(args) -> int:
     return 0
 
 
+def _memory_note(settings: dict) -> str:
+    return ("peak MiB = peak bytes allocated during the call beyond its inputs ("
+            + ("torch.cuda.max_memory_allocated" if settings["device"].startswith("cuda")
+               else "torch profiler's record of CPU-allocator allocations; memory outside torch's allocator "
+                    "is not seen") + ").")
+
+
+def _run_ragged(args, settings: dict, shape, info: dict) -> int:
+    """``--ragged``: time, print the ragged table, write ``--json`` / ``--csv`` (``--save``: the JSON, GPU only)."""
+    from . import output, ragged
+
+    if settings["model"]:
+        records = ragged.run_ragged_model(settings, shape, progress=not args.no_progress)
+    else:
+        checkpoint = (lambda recs: output.write_json(args.json, info, recs)) if args.json else None
+        records = ragged.run_ragged_ops(settings, shape, progress=not args.no_progress, checkpoint=checkpoint)
+    print(ragged.format_table(records, ragged.describe(settings, shape), memory_note=_memory_note(settings)))
+    for path, write in ((args.json, lambda p: output.write_json(p, info, records)),
+                        (args.csv, lambda p: output.write_csv(p, records, ragged.CSV_FIELDS))):
+        if path:
+            write(path)
+            print(f"wrote {path}", file=sys.stderr)
+    return _save(args.results_dir, info, records, None, settings) if args.save else 0
+
+
 def _print_backends(info: dict, settings: dict) -> None:
     print(f"device: {info['device']}; torch {info['versions']['torch']}; {settings['dtype']}", file=sys.stderr)
     if settings.get("model_config"):
         print(settings["model_config"], file=sys.stderr)
-    for name in settings["backends"]:
+    for name in settings["backends"] + settings.get("skipped_backends", []):
         reasons = info["backends"].get(name, [])
         if reasons:
             print(f"skipping backend {name}: {'; '.join(reasons)}", file=sys.stderr)
@@ -235,8 +321,9 @@ def results_stem(info: dict, settings: dict) -> str:
     return f"{info['timestamp'][:19].replace(':', '')}_{gpu}_{mode}"
 
 
-def _save(results_dir: str, info: dict, records: list[dict], title: str, settings: dict) -> int:
-    """Write ``<results_dir>/<date>_<gpu>_<mode>.json`` and its plot; refuses CPU runs (the README shows GPUs)."""
+def _save(results_dir: str, info: dict, records: list[dict], title: str | None, settings: dict) -> int:
+    """Write ``<results_dir>/<date>_<gpu>_<mode>.json`` and its plot (none for ``--ragged``: ``title`` None);
+    refuses CPU runs (the README shows GPUs)."""
     from . import output
 
     if not settings["device"].startswith("cuda"):
@@ -249,6 +336,9 @@ def _save(results_dir: str, info: dict, records: list[dict], title: str, setting
         print("longattn bench --save: warning: no git commit known (not a git checkout; set LONGATTN_GIT_COMMIT)",
               file=sys.stderr)
     output.write_json(f"{base}.json", info, records)
+    if title is None:
+        print(f"saved {base}.json", file=sys.stderr)
+        return 0
     output.write_plot(f"{base}.png", records, title)
     print(f"saved {base}.json and {base}.png", file=sys.stderr)
     return 0

@@ -5,6 +5,9 @@ built, block masks and dense masks built) and returns ``forward(inputs) -> out``
 of leaf tensors of ``cases.leaves``, ``out`` is in longattn's layout, ``(B, S, H, D)`` (``(B, G, C)`` for
 ``aggregate``). It raises ``Unavailable`` with the reason when the implementation cannot run the case.
 
+A case whose tensors hold a ``key_padding_mask`` ``(B, S)`` (right-padded ragged batches, ``ragged``) is run with
+it by the longattn and ``hf`` implementations; the other baselines do not take padding and say so.
+
 Baselines. Each is what an expert user of that library would write for the case (DESIGN.md section 5):
 everything that does not depend on the inputs' values (modules, masks, block masks, compiled code) is built
 once in ``make``, outside the timing, and only the call a model would make per step is timed.
@@ -71,29 +74,39 @@ def make(name: str, case: Case, grad: bool):
         return _make_hf(case)
     if case.op not in ATTENTION_OPS:
         raise Unavailable(f"{name} is an attention baseline; {case.op} is not attention")
+    if "key_padding_mask" in case.tensors:
+        raise Unavailable(f"{name} is built for unpadded batches (no key padding mask)")
     return {"flex": _make_flex, "sdpa_mask": _make_sdpa_mask, "sdpa_dense": _make_sdpa_dense}[name](case)
 
 
 # --- longattn ---------------------------------------------------------------------------------------------
 
-def _make_longattn(backend: str, case: Case):
+def require_backend(backend: str, case: Case, features: tuple[str, ...] = ()) -> None:
+    """Raise ``Unavailable`` with the reasons when longattn backend ``backend`` cannot run ``case``'s op
+    (``features``: as ``dispatch.unsupported_reasons``, e.g. ``("ranges",)`` for the packed ops)."""
     head_dim = case.H * case.D if case.op == "aggregate" else case.D
     op = "block_aggregate" if case.op == "aggregate" else "band_side"
-    reasons = dispatch.unsupported_reasons(backend, case.device, case.dtype, head_dim, op)
+    reasons = dispatch.unsupported_reasons(backend, case.device, case.dtype, head_dim, op, features)
     if reasons:
         raise Unavailable("; ".join(reasons))
+
+
+def _make_longattn(backend: str, case: Case):
+    require_backend(backend, case)
     window, t = case.window, case.tensors
+    kpm = t.get("key_padding_mask")  # None: no padding
     if case.op == "local":
-        return lambda x: api.local_attention(x["q"], x["k"], x["v"], window, rel_bias=x["rel_bias"],
-                                             scale=case.scale, backend=backend)
+        return lambda x: api.local_attention(x["q"], x["k"], x["v"], window, key_padding_mask=kpm,
+                                             rel_bias=x["rel_bias"], scale=case.scale, backend=backend)
     if case.op == "longformer":
         # max_globals given, as a model would (it knows its global count), so no host sync is timed.
         return lambda x: api.longformer_attention(x["q"], x["k"], x["v"], window, x["global_mask"],
-                                                  max_globals=case.globals, backend=backend)
+                                                  key_padding_mask=kpm, max_globals=case.globals, backend=backend)
     if case.op == "tglobal":
         return lambda x: api.tglobal_attention(x["q"], x["k"], x["v"], x["side_k"], x["side_v"], window,
-                                               x["query_block"], side_mask=x["side_mask"], rel_bias=x["rel_bias"],
-                                               side_bias=x["side_bias"], scale=case.scale, backend=backend)
+                                               x["query_block"], key_padding_mask=kpm, side_mask=x["side_mask"],
+                                               rel_bias=x["rel_bias"], side_bias=x["side_bias"], scale=case.scale,
+                                               backend=backend)
     return lambda x: api.block_aggregate(x["x"], x["block_ids"], case.num_blocks, weight=t["weight"],
                                          backend=backend)
 
@@ -135,7 +148,13 @@ def _hf_longformer(case: Case):
     config = mod.LongformerConfig(hidden_size=E, num_attention_heads=H, attention_window=[2 * w],
                                   attention_probs_dropout_prob=0.0)
     layer = mod.LongformerSelfAttention(config, layer_id=0).to(case.device, case.dtype).eval()
-    gpos = case.tensors["global_pos"]
+    gm, kpm = case.tensors["global_mask"], case.tensors.get("key_padding_mask")
+    counts = gm.sum(1)
+    if not bool((counts == counts[:1]).all()):
+        raise Unavailable("the rows have different numbers of global tokens (the feeder hands HF one count)")
+    # (B, n) positions of each row's global tokens, in HF's order (row-major nonzero).
+    gpos = gm.nonzero()[:, 1].view(B, -1)
+    rows = torch.arange(B, device=case.device)[:, None]
     feed = {}
     # HF works in (S, B, E) and divides its query in place: the feeders hand over copies (as its Linear
     # layers would hand over fresh outputs), never views of the case's tensors.
@@ -143,10 +162,10 @@ def _hf_longformer(case: Case):
     layer.query, layer.key, layer.value = (_Feeder(lambda h, n=n: to_sbe(feed["x"][n])) for n in "qkv")
     layer.key_global = _Feeder(lambda h: to_sbe(feed["x"]["k"]))
     layer.value_global = _Feeder(lambda h: to_sbe(feed["x"]["v"]))
-    layer.query_global = _Feeder(lambda h: to_sbe(feed["x"]["q"][:, gpos]))  # every row has the same globals
+    layer.query_global = _Feeder(lambda h: to_sbe(feed["x"]["q"][rows, gpos]))
     hidden = torch.zeros(B, S, E, device=case.device, dtype=case.dtype)
     # LongformerModel's mask inside the layers: <0 padding, 0 local, >0 global (only the sign is read).
-    mask = case.tensors["global_mask"].to(case.dtype)
+    mask = gm.to(case.dtype) if kpm is None else torch.where(kpm, gm.to(case.dtype), -1.0)
     is_masked, is_global = mask < 0, mask > 0
     has_global = bool(is_global.any())
 
@@ -183,10 +202,11 @@ def _hf_longt5(case: Case):
     layer.k = _Feeder(lambda h: flat(feed["x"]["k"] if h is hidden else feed["x"]["side_k"]))
     layer.v = _Feeder(lambda h: flat(feed["x"]["v"] if h is hidden else feed["x"]["side_v"]))
     layer.o = nn.Identity()
-    ones = torch.ones(B, S, device=case.device)
+    kpm = t.get("key_padding_mask")
+    real = torch.ones(B, S, device=case.device) if kpm is None else kpm.float()
     # The LongT5 stack hands the local module its blocked boolean mask (built once per model, not per layer)
     # and the TGlobal module the raw 2-D mask (DESIGN.md section 3).
-    mask = ones if tglobal else mod._get_local_attention_mask(ones, layer.block_len, case.device)
+    mask = real if tglobal else mod._get_local_attention_mask(real, layer.block_len, case.device)
 
     def forward(x):
         feed["x"] = x

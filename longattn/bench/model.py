@@ -28,18 +28,24 @@ import sys
 import torch
 
 from . import timing
-from .cases import DEFAULT_WINDOW, Settings, global_positions
+from .cases import DEFAULT_WINDOW, Settings, global_positions, padding_mask
 from .runner import _reason
 
 MODEL_WINDOW = {"led": DEFAULT_WINDOW["longformer"], "longt5-local": DEFAULT_WINDOW["local"],
                 "longt5-tglobal": DEFAULT_WINDOW["tglobal"]}
 
 
-def build_model(kind: str, S: int, shape: Settings, layers: int, d_model: int | None):
-    """(model, call): the stock model and ``call(model, embeds) -> last hidden state``."""
+def build_model(kind: str, S: int, shape: Settings, layers: int, d_model: int | None, lengths=None):
+    """(model, call, E): the stock model and ``call(model, embeds) -> last hidden state``.
+
+    ``lengths``: a right-padded ragged batch (``ragged``): row b holds ``lengths[b] <= S`` real tokens (its
+    attention mask), ``B = len(lengths)``; default ``shape.batch`` rows of S real tokens. LED's global tokens are
+    placed in each row's real tokens (``global_positions(lengths[b], globals)``)."""
     E = d_model or shape.heads * shape.head_dim
     w = MODEL_WINDOW[kind] if shape.window is None else shape.window
     device = torch.device(shape.device)
+    lengths = [S] * shape.batch if lengths is None else list(lengths)
+    mask = padding_mask(lengths, S, device).long()
     if kind == "led":
         from transformers import LEDConfig, LEDModel
 
@@ -49,9 +55,10 @@ def build_model(kind: str, S: int, shape: Settings, layers: int, d_model: int | 
                            max_encoder_position_embeddings=S, max_decoder_position_embeddings=16, dropout=0.0,
                            attention_dropout=0.0, activation_dropout=0.0)
         model = LEDModel(config)
-        glob = torch.zeros(shape.batch, S, dtype=torch.long, device=device)
-        glob[:, global_positions(S, shape.globals)] = 1
-        mask = torch.ones(shape.batch, S, dtype=torch.long, device=device)
+        glob = torch.zeros(len(lengths), S, dtype=torch.long)
+        for b, length in enumerate(lengths):
+            glob[b, global_positions(length, shape.globals)] = 1
+        glob = glob.to(device)
 
         def call(m, embeds):
             return m.get_encoder()(inputs_embeds=embeds, attention_mask=mask, global_attention_mask=glob)[0]
@@ -63,7 +70,6 @@ def build_model(kind: str, S: int, shape: Settings, layers: int, d_model: int | 
                               dropout_rate=0.0, encoder_attention_type="local" if kind == "longt5-local"
                               else "transient-global")
         model = LongT5EncoderModel(config)
-        mask = torch.ones(shape.batch, S, dtype=torch.long, device=device)
 
         def call(m, embeds):
             return m(inputs_embeds=embeds, attention_mask=mask)[0]
@@ -72,18 +78,23 @@ def build_model(kind: str, S: int, shape: Settings, layers: int, d_model: int | 
 
 class PatchedBench:
     """The rows, model and calls of ``--model led|longt5-*``: ``stock`` and ``patched:<backend>`` (a deep copy
-    through ``longattn.apply_longattn``). ``hf_model.HFModelBench`` has the same interface."""
+    through ``longattn.apply_longattn``). ``hf_model.HFModelBench`` has the same interface.
 
-    def __init__(self, settings: dict, shape: Settings):
+    ``lengths`` (``ragged``): the batch is right-padded to ``S = max(lengths)`` (see ``build_model``) and the rows
+    also hold ``packed:<backend>``, ``apply_longattn(model, packed=True)``."""
+
+    def __init__(self, settings: dict, shape: Settings, lengths=None):
         import longattn
 
-        self.settings, self.shape = settings, shape
+        self.settings, self.shape, self.lengths = settings, shape, lengths
         self.baselines = ["stock"]
-        self.rows = ["stock"] + [f"patched:{b}" for b in settings["backends"]]
+        kinds = ("patched", "packed") if lengths else ("patched",)
+        self.rows = ["stock"] + [f"{kind}:{b}" for kind in kinds for b in settings["backends"]]
         self.available = longattn.available_backends(torch.device(shape.device))
 
     def build(self, S: int):
-        return build_model(self.settings["model"], S, self.shape, self.settings["layers"], self.settings["d_model"])
+        return build_model(self.settings["model"], S, self.shape, self.settings["layers"], self.settings["d_model"],
+                           lengths=self.lengths)
 
     def prepare(self, row: str, stock, call, embeds) -> tuple[object, str | None, dict]:
         """(model, reason it cannot run or None, fields for the row's records)."""
@@ -91,12 +102,12 @@ class PatchedBench:
 
         if row == "stock":
             return stock, None, {}
-        backend = row.split(":", 1)[1]
+        kind, backend = row.split(":", 1)
         if self.available.get(backend):
             return stock, "; ".join(self.available[backend]), {}
         try:
             model = copy.deepcopy(stock)
-            longattn.apply_longattn(model, backend=backend)
+            longattn.apply_longattn(model, backend=backend, packed=kind == "packed")
         except Exception as exc:
             return stock, f"apply_longattn failed: {_reason(exc)}", {}
         return model, None, {}
@@ -112,12 +123,13 @@ def model_bench(settings: dict, shape: Settings):
     return (HFModelBench if settings["model"] in FAMILIES else PatchedBench)(settings, shape)
 
 
-def run_model(settings: dict, shape: Settings, progress: bool = True) -> list[dict]:
-    """Time every row's model at every sequence length; records like the ops sweep's."""
+def run_model(settings: dict, shape: Settings, progress: bool = True, bench=None) -> list[dict]:
+    """Time every row's model at every sequence length; records like the ops sweep's. ``bench``: default
+    ``model_bench(settings, shape)`` (``ragged`` passes its own)."""
     from tqdm import tqdm
 
     kind, device = settings["model"], torch.device(shape.device)
-    bench = model_bench(settings, shape)
+    bench = bench or model_bench(settings, shape)
     rows = bench.rows
     passes = [p for p in settings["passes"] if p in ("fwd", "fwdbwd")] or ["fwd", "fwdbwd"]
     records = []

@@ -65,11 +65,9 @@ def format_table(records: list[dict], memory_note: str = "") -> str:
     head = (f"{'op':<{w}}{'S':>7}  {'implementation':<17}{'pass':<8}{'time ms':>10}{'TFLOP/s':>9}"
             f"{'peak MiB':>10}{'host µs':>9}{'vs best base':>13}{'vs SDPA rate':>13}  check")
     lines = [head, "-" * len(head)]
-    skipped, host_reasons = {}, {}
+    host_reasons = {}
     for r in records:
         if r["status"] != "ok":
-            skipped.setdefault((r["op"], r["impl"], r["status"], r.get("reason", "")), []).append(
-                f"S={r['S']} {r['pass']}")
             continue
         mem, host = r.get("peak_mem_bytes"), r.get("host_overhead_ms")
         if r.get("host_overhead_reason"):
@@ -93,12 +91,22 @@ def format_table(records: list[dict], memory_note: str = "") -> str:
     for reason, impls in host_reasons.items():  # the implementations are named when only some lack the figure
         where = "" if len(impls) == timed else f" [{', '.join(dict.fromkeys(impls))}]"
         lines.append(f"host µs n/a: {reason}{where}")
-    if skipped:
-        lines.append("")
-        lines.append("not run:")
-        for (op, impl, status, reason), where in skipped.items():
-            lines.append(f"  {op:<{w}}{impl:<17}{status}: {reason}  [{', '.join(where)}]")
-    return "\n".join(lines)
+    return "\n".join(lines + not_run_lines(records, w))
+
+
+def not_run_lines(records: list[dict], width: int = 11, impl_width: int = 17) -> list[str]:
+    """The "not run:" section: each (op, implementation, status, reason) that did not run, with where."""
+    skipped: dict = {}
+    for r in records:
+        if r["status"] != "ok":
+            skipped.setdefault((r["op"], r["impl"], r["status"], r.get("reason", "")), []).append(
+                f"S={r['S']} {r['pass']}")
+    if not skipped:
+        return []
+    lines = ["", "not run:"]
+    for (op, impl, status, reason), where in skipped.items():
+        lines.append(f"  {op:<{width}}{impl:<{impl_width}}{status}: {reason}  [{', '.join(where)}]")
+    return lines
 
 
 def write_json(path, info: dict, records: list[dict]) -> None:
@@ -108,10 +116,10 @@ def write_json(path, info: dict, records: list[dict]) -> None:
         f.write("\n")
 
 
-def write_csv(path, records: list[dict]) -> None:
+def write_csv(path, records: list[dict], fields=CSV_FIELDS) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(records)
 

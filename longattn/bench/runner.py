@@ -27,8 +27,19 @@ def _grad_inputs(case, inputs):
     return [inputs[n] for n in case.grad_names]
 
 
+def _cotangent(out):
+    """A fixed random gradient for ``out``: a tensor, or a list / tuple of tensors (a list of per-sequence
+    outputs, ``ragged``'s one-by-one rows)."""
+    gen = torch.Generator().manual_seed(1)
+    make = lambda o: torch.randn(o.shape, generator=gen).to(o.device, o.dtype)  # noqa: E731
+    return [make(o) for o in out] if isinstance(out, (list, tuple)) else make(out)
+
+
 def _pass_fn(forward, case, which: str):
-    """The callable timed for pass ``which`` (its setup, e.g. the forward before a backward, runs here)."""
+    """The callable timed for pass ``which`` (its setup, e.g. the forward before a backward, runs here).
+
+    ``case`` needs only ``tensors`` and ``grad_names`` (see ``cases.leaves``); ``forward(inputs)`` returns a
+    tensor or a list of tensors."""
     if which == "fwd":
         inputs = leaves(case, requires_grad=False)
 
@@ -40,7 +51,7 @@ def _pass_fn(forward, case, which: str):
     inputs = leaves(case, requires_grad=True)
     wrt = _grad_inputs(case, inputs)
     out = forward(inputs)
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    dout = _cotangent(out)
     # autograd.grad returns the gradients without accumulating into .grad (no extra add is timed);
     # allow_unused: dense SDPA does not read TGlobal's side keys.
     if which == "bwd":
@@ -101,14 +112,21 @@ def _run_impl(case, name, base, passes, reference, check, check_reason, min_run_
     checked = {}
     if check:
         checked = _check(case, name, forward, reference, check_reason)
+    return time_passes(forward, case, {**base, **checked}, passes, device, min_run_time)
+
+
+def time_passes(forward, case, base: dict, passes, device, min_run_time) -> list[dict]:
+    """One record per pass: ``base`` plus the timing of ``forward`` on ``case``'s inputs (``_pass_fn``), the
+    TFLOP/s from ``base["fwd_flops"]`` when set, or the status and reason when the pass could not run."""
     out = []
     for which in passes:
-        rec = {**base, "pass": which, **checked}
+        rec = {**base, "pass": which}
+        fn = None
         try:
             fn = _pass_fn(forward, case, which)
             t = timing.time_call(fn, device, min_run_time=min_run_time, warmup=1, memory=True, host_overhead=True)
             rec.update(status="ok", **t.fields())
-            pf = flops.pass_flops(base["fwd_flops"], which)
+            pf = flops.pass_flops(base.get("fwd_flops"), which)
             rec["tflops"] = None if pf is None else pf / t.median_s / 1e12
         except Exception as exc:  # Unavailable here: a pass this implementation lacks (Flex's CPU backward)
             rec.update(status="unavailable" if isinstance(exc, impls.Unavailable) else "error", reason=_reason(exc))

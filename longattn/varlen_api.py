@@ -73,10 +73,11 @@ def token_ranges(cu_seqlens: Tensor, total: int) -> Tensor:
     return torch.stack([cu_seqlens[seq], cu_seqlens[seq + 1]], dim=-1)[None]
 
 
-def _side_ranges(cu_seqlens: Tensor, cu_side: Tensor, total: int) -> Tensor:
-    """``(1, T, 2)`` int32: the side-key range ``[cu_side[s], cu_side[s + 1])`` of each token's sequence."""
+def _key_and_side_ranges(cu_seqlens: Tensor, cu_side: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """``(key_ranges, side_ranges)``, each ``(1, T, 2)`` int32: the token's sequence bounds and that sequence's
+    side-key range ``[cu_side[s], cu_side[s + 1])``."""
     seq = _sequence_of_tokens(cu_seqlens, total)
-    return torch.stack([cu_side[seq], cu_side[seq + 1]], dim=-1)[None].to(torch.int32)
+    return tuple(torch.stack([cu[seq], cu[seq + 1]], dim=-1)[None] for cu in (cu_seqlens, cu_side))
 
 
 def _check_packed_qkv(q, k, v, *, grouped: bool) -> tuple[int, int, int]:
@@ -171,8 +172,8 @@ def block_aggregate_varlen(x: Tensor, block_ids: Tensor, num_blocks: int, *, wei
     """:func:`longattn.block_aggregate` of packed tokens ``x (T, C)`` into ``(G, C)`` by ``block_ids (T,)`` (as
     from :func:`tglobal_block_ids_varlen`: blocks never span two sequences, so this is the padded op on one row)."""
     check_tensor("x", x, ndim=2)
-    return api.block_aggregate(x[None], block_ids[None] if isinstance(block_ids, Tensor) else block_ids,
-                               num_blocks, weight=weight, eps=eps, backend=backend)[0]
+    check_tensor("block_ids", block_ids, ndim=1, dtypes=None, device=x.device)  # dtype / values: block_aggregate's
+    return api.block_aggregate(x[None], block_ids[None], num_blocks, weight=weight, eps=eps, backend=backend)[0]
 
 
 def tglobal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: Tensor, cu_seqlens: Tensor,
@@ -220,11 +221,11 @@ def tglobal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, si
     if T == 0:
         return _empty_like(q)
     q, k, v, side_k, side_v = api._cast_for_autocast(q, k, v, side_k, side_v)
+    key_ranges, side_ranges = _key_and_side_ranges(cu_seqlens, cu_blocks, T)
     out = api._band_side(q[None], k[None], v[None], side_k[None], side_v[None], left, right, band_key_mask=None,
                          side_mask=None if side_mask is None else side_mask[None], query_block=query_block[None],
                          band_bias=rel_bias, side_bias=side_bias, scale=scale, backend=backend, dropout_p=dropout_p,
-                         key_ranges=token_ranges(cu_seqlens, T),
-                         side_ranges=_side_ranges(cu_seqlens, cu_blocks, T), span=max_seqlen)
+                         key_ranges=key_ranges, side_ranges=side_ranges, span=max_seqlen)
     return out[0]
 
 

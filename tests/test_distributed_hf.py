@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 transformers = pytest.importorskip("transformers")
 
 import longattn  # noqa: E402
-from longattn.distributed import SeqShards, gather_sequence, sequence_parallel  # noqa: E402
+from longattn.distributed import SeqShards, gather_sequence, reset_stats, sequence_parallel, stats  # noqa: E402
 from tests.test_distributed import _start, summed  # noqa: E402
 from tests.test_models import (  # noqa: E402
     assert_grads_within_rule,
@@ -192,6 +192,13 @@ def check_errors():
     with pytest.raises(ValueError, match="cannot run sharded.*output_attentions"):  # no stock fallback on a shard
         with sequence_parallel(None, model=model, buffers=bufs):
             model(**dict(zip(inputs, bufs)), output_attentions=True)
+    # Ranks whose models differ (rank 1's second layer has another window): the entry check, which the layers'
+    # once-per-forward checks rely on, raises everywhere.
+    other = build(transformers.LongformerModel, longformer_config(windows=(8, 12 + 4 * dist.get_rank())), 4)
+    other = longattn.apply_longattn(other, backend="torch", pad_to_window=False)
+    with pytest.raises(ValueError, match="disagree on the arguments of sequence_parallel"):
+        with sequence_parallel(None, model=other, buffers=bufs):
+            pass
     sh = SeqShards(None, (0, 17, 45))
     with pytest.raises(ValueError, match="bounds"):
         with sequence_parallel(sh, model=model, bounds=(0, 20, 45)):
@@ -217,8 +224,48 @@ def check_buffers():
     assert torch.equal(got, x) and torch.allclose(mine.grad, P * W[:, sh.start:sh.stop].double())
 
 
+def _forward_calls(model, inputs, bounds) -> dict:
+    """Collective calls (by kind) of one forward of ``model`` under ``sequence_parallel`` (the same for the second
+    forward in the block: each forward checks its layers' arguments again)."""
+    bufs = {n: x.clone() for n, x in inputs.items()}
+    with sequence_parallel(None, model=model, buffers=list(bufs.values()), bounds=bounds):
+        calls = []
+        for _ in range(2):
+            reset_stats()
+            model(**bufs)
+            calls.append(stats()["calls"])
+    assert calls[0] == calls[1], calls
+    return calls[0]
+
+
+def check_collectives_per_layer():
+    """Inside ``sequence_parallel`` each op's agreement check runs once per forward (per kind of op and window),
+    not once per layer: the agreement all-gathers (``all_gather_ints``) of a 1- and a 3-layer encoder are equal,
+    and per layer only the data collectives remain (Longformer: the global-token all-gather, the halo and the
+    global-row all-to-alls; TGlobal: the halo all-to-all, the edge-partial and aggregate all-gathers). Per forward:
+    Longformer's position ids, global count and one check; TGlobal's block ids, their check and one check for each
+    of its two ops. (Before: one more all-gather per op call, 4 -> 3 collectives per Longformer layer, 5 -> 3 per
+    TGlobal layer.)"""
+    ids, mask = token_batch([48, 37], 48, 8, pad_id=1)
+    lf = dict(input_ids=ids, attention_mask=mask, global_attention_mask=_globals(2, 48, [[3], [30]]))
+    t5 = dict(zip(("input_ids", "attention_mask"), token_batch([40, 27], 40, 9, pad_id=0)))
+    calls = {}
+    for L in (1, 3):
+        model = build(transformers.LongformerModel, longformer_config(windows=(8,) * L), 0)
+        calls["longformer", L] = _forward_calls(longattn.apply_longattn(model, backend="torch", pad_to_window=False),
+                                                lf, (0, 20, 48))
+        config = longt5_config("transient-global")
+        config.num_layers = L
+        model = longattn.apply_longattn(build(transformers.LongT5EncoderModel, config, 3), backend="torch")
+        calls["tglobal", L] = _forward_calls(model, t5, (0, 18, 40))
+    for family, per_forward, per_layer in (("longformer", dict(all_gather_ints=3), dict(all_gather=1, all_to_all=2)),
+                                           ("tglobal", dict(all_gather_ints=4), dict(all_gather=2, all_to_all=1))):
+        for L in (1, 3):
+            assert calls[family, L] == {**per_forward, **{k: L * n for k, n in per_layer.items()}}, (family, calls)
+
+
 CHECKS = [check_longformer_even_shards, check_longformer_uneven_no_pad, check_led_encoder, check_longt5_tglobal,
-          check_longt5_local, check_errors, check_buffers]
+          check_longt5_local, check_errors, check_buffers, check_collectives_per_layer]
 
 
 def _worker(rank, store):

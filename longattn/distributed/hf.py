@@ -58,7 +58,15 @@ _DECODERS = (("led", "LEDDecoder"), ("longt5", "LongT5Stack"))
 
 
 class SeqParallelContext:
-    """What the patched forwards read inside :func:`sequence_parallel`: ``shards`` and per-forward helpers."""
+    """What the patched forwards read inside :func:`sequence_parallel`: ``shards`` and per-forward helpers.
+
+    ``shards`` runs each op's agreement all-gather once per distinct fingerprint and forward
+    (:meth:`SeqShards.agreed_once`; a pre-hook on the model forgets at every forward): an L-layer encoder pays one
+    check per kind of op and window instead of one per op call. Safe because what the layers' fingerprints hold
+    (batch, shard and head sizes, dtypes, windows, options) is fixed within a forward by its inputs and the model,
+    which the entry check compared across ranks; a rank whose input is bad (a shard the model padded) already
+    fails at the first layer's check, on every rank.
+    """
 
     def __init__(self, shards: SeqShards):
         self.shards = shards
@@ -148,9 +156,11 @@ def sequence_parallel(mesh_or_group, *, model, buffers: Sequence[Tensor] = (),
         error = e
     shards = _make_shards(mesh_or_group, buffers, dims, bounds, multiple_of)
     # Every rank checks its layout and model against the others' (one tiny all-gather): a bad one raises everywhere.
+    # The model's fingerprint (parameter shapes and dtypes, the attention modules' windows and modes) makes the
+    # layers' checks once per forward safe: see SeqParallelContext.
     device = next(model.parameters()).device  # (a CUDA tensor for the check's collective with NCCL)
-    shards.agree("sequence_parallel", (shards.bounds,), error, device)
-    ctx = SeqParallelContext(shards)
+    shards.agree("sequence_parallel", (shards.bounds, None if error else _model_fingerprint(model)), error, device)
+    ctx = SeqParallelContext(shards.agreed_once() if shards.verify else shards)
     keep = {id(b) for b in no_restore_buffers}
     originals = [None if id(b) in keep else b.clone() for b in buffers]
     hooks = _install_hooks(model, ctx)
@@ -231,15 +241,34 @@ def _check_model(model) -> None:
                              "apply_longattn(model, packed=False)")
 
 
+def _model_fingerprint(model) -> tuple:
+    """What must be equal on every rank for the layers' checks to run once per forward: parameter names, shapes and
+    dtypes; the attention modules' public scalar attributes (windows, radii, block sizes, dropout, training) and
+    patch options (backend)."""
+    from ..models._patching import PATCHES, _matches
+
+    params = tuple((n, tuple(p.shape), str(p.dtype)) for n, p in model.named_parameters())
+    attn = tuple((type(m).__name__, _common.patch_state(m).backend, _common.patch_state(m).packed,
+                  tuple(sorted((k, v) for k, v in vars(m).items()
+                               if not k.startswith("_") and isinstance(v, (bool, int, float, str)))))
+                 for _, m in _matches(model, PATCHES))
+    return params, attn
+
+
 def _install_hooks(model, ctx: SeqParallelContext) -> list:
-    """Forward pre-hooks on ``model``'s position embeddings and decoders (handles, removed on exit)."""
+    """Forward pre-hooks on ``model`` and its encoders (a new forward: the layers check their arguments again),
+    its position embeddings and decoders (handles, removed on exit)."""
     from ..models._patching import _modeling
 
-    hooks = []
     classes = {}
-    for package, name in (("longformer", "LongformerEmbeddings"), ("led", "LEDEncoder"), *_DECODERS):
+    for package, name in (("longformer", "LongformerEmbeddings"), ("longformer", "LongformerEncoder"),
+                          ("led", "LEDEncoder"), *_DECODERS):
         modeling = _modeling(package)
         classes[name] = None if modeling is None else getattr(modeling, name, None)
+    # A new forward (of the model, or of an encoder called directly: model.get_encoder()(...)) checks again.
+    encoders = tuple(c for c in (classes["LongformerEncoder"], classes["LEDEncoder"], classes["LongT5Stack"]) if c)
+    hooks = [m.register_forward_pre_hook(lambda module, args: ctx.shards.forget_agreed())
+             for m in model.modules() if m is model or isinstance(m, encoders)]
 
     def longformer_positions(module, args, kwargs):
         names = ("input_ids", "token_type_ids", "position_ids", "inputs_embeds")

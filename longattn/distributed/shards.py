@@ -7,11 +7,13 @@ Windows, block ids and global-token positions keep the meaning they have on the 
 Before any data moves, every op runs :meth:`SeqShards.agree`: one all-gather of a few int64 per rank that
 carries each rank's local-check verdict and a fingerprint of the call (sizes, window, dtype, options). A rank
 with bad input, or ranks that disagree, make *every* rank raise the same ``ValueError`` instead of leaving the
-others blocked in a collective until its timeout.
+others blocked in a collective until its timeout. Inside ``sequence_parallel`` the layers' checks run once per
+forward for each distinct fingerprint (:meth:`SeqShards.agreed_once`), after its entry check compared the models.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import zlib
 
@@ -64,6 +66,7 @@ class SeqShards:
             raise ValueError(f"bounds: expected 0 = b_0 < b_1 < ... < b_P = S (no empty shard), got {bounds}")
         self.bounds = bounds
         self.verify = bool(verify)
+        self._agreed: set | None = None  # see agreed_once
 
     @classmethod
     def even(cls, S: int, group=None, *, multiple_of: int = 1, verify: bool = True) -> SeqShards:
@@ -108,6 +111,26 @@ class SeqShards:
     def __repr__(self) -> str:
         return f"SeqShards(rank={self.rank}/{self.size}, bounds={self.bounds})"
 
+    def agreed_once(self) -> SeqShards:
+        """A copy whose :meth:`agree` runs its all-gather once per distinct call fingerprint, until
+        :meth:`forget_agreed` (``sequence_parallel`` calls it at every forward of its model).
+
+        Only for callers that know the ranks make the same sequence of calls with inputs that, once they agreed
+        for a fingerprint, cannot start to disagree before the next ``forget_agreed``: the layers of one
+        forward, whose shapes, dtypes and options are fixed by the forward's inputs and the model (both
+        checked by ``sequence_parallel``). A rank with a local error still runs the all-gather (so do the
+        others, at the first call of each fingerprint); were a rank to meet a fingerprint the others had
+        already agreed on while its own differs, it would block in the all-gather instead of raising.
+        """
+        other = copy.copy(self)
+        other._agreed = set()
+        return other
+
+    def forget_agreed(self) -> None:
+        """Make the next call of each fingerprint run the agreement all-gather again (no-op without a cache)."""
+        if self._agreed is not None:
+            self._agreed.clear()
+
     def agree(self, what: str, fingerprint: tuple, error: Exception | None, device) -> None:
         """Make all ranks raise together if any rank's input is bad or the ranks disagree on ``fingerprint``.
 
@@ -120,6 +143,8 @@ class SeqShards:
                 raise error
             return
         digest = zlib.crc32(repr((what, fingerprint)).encode())
+        if error is None and self._agreed is not None and digest in self._agreed:
+            return  # all ranks agreed on this fingerprint earlier in this forward (agreed_once)
         mine = torch.tensor([0 if error is None else 1, digest], dtype=torch.int64, device=device)
         allr = _comm.all_gather_ints(mine, self.group).cpu().tolist()
         if error is not None:
@@ -131,6 +156,8 @@ class SeqShards:
         if len({d for _, d in allr}) != 1:
             raise ValueError(f"seq_parallel: the ranks disagree on the arguments of {what} (window, sizes, dtype or "
                              f"options); this rank ({self.rank}) has {fingerprint}")
+        if self._agreed is not None:
+            self._agreed.add(digest)
 
 
 def check_shards(seq_parallel) -> SeqShards:

@@ -1,9 +1,10 @@
-"""The packed variable-length ops (``longattn.*_varlen``, issue 14) against the padded ops run on each sequence alone.
+"""The packed variable-length ops (``longattn.*_varlen``, issue 14) against each sequence computed alone.
 
-Every packed op must equal the padded op applied to each sequence by itself (no padding): outputs and every
-gradient. With the torch backend in float64 the two agree to rounding (1e-10); Triton (a GPU, or the interpreter on
-CPU) is held to the tolerance rule with the fp64 per-sequence result as the oracle and the torch backend's packed
-run in the same dtype as the baseline. Sequence sets cover length 1, lengths below the window and the block size,
+Every packed op must equal its op applied to each sequence by itself (no padding): outputs and every gradient. The
+per-sequence reference is the independent float64 dense oracle (``tests/reference.py``, explicit masks), never a
+backend. The torch backend in float64 must agree with it to rounding (1e-10); Triton (a GPU, or the interpreter on
+CPU) is held to the tolerance rule with the torch backend's packed run in the same dtype as the baseline.
+Sequence sets cover length 1, lengths below the window and the block size,
 lengths that are no tile multiple, zero-length sequences, globals at sequence edges and many sequences.
 """
 
@@ -18,6 +19,7 @@ import longattn
 from longattn import dispatch
 from longattn.varlen import cu_from_seqlens
 from longattn.varlen_api import token_ranges
+from tests import reference
 from tests.tolerance import FLOORS, assert_within_rule
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -65,7 +67,7 @@ def _grads(out, leaves, seed=7):
 
 
 def _compare(backend, dtype, packed_fn, per_sequence_fn, leaves64):
-    """``packed_fn(leaves, backend)`` vs the concatenation of ``per_sequence_fn(leaves)`` (torch, fp64)."""
+    """``packed_fn(leaves, backend)`` vs the concatenation of ``per_sequence_fn(leaves)`` (the fp64 oracle)."""
     want = per_sequence_fn(leaves64)
     want_grads = _grads(want, leaves64)
     device = _device(backend)
@@ -102,8 +104,8 @@ def test_local_varlen_equals_each_sequence_alone(backend, dtype, lengths, window
 
     def alone(x):
         q, k, v, bias = x
-        return torch.cat([longattn.local_attention(q[a:b][None], k[a:b][None], v[a:b][None], window,
-                                                   rel_bias=bias, backend="torch")[0] if b > a else q[a:b]
+        return torch.cat([reference.band_side_attention(q[a:b][None], k[a:b][None], v[a:b][None], window=window,
+                                                        band_bias=bias)[0] if b > a else q[a:b]
                           for a, b in seg])
 
     _compare(backend, dtype, packed, alone, leaves)
@@ -132,9 +134,9 @@ def test_longformer_varlen_equals_each_sequence_alone(backend, dtype, lengths, g
 
     def alone(x):
         q, k, v, qg, kg, vg = x
-        return torch.cat([longattn.longformer_attention(
+        return torch.cat([reference.longformer_attention(
             q[a:b][None], k[a:b][None], v[a:b][None], 3, is_global[a:b][None], q_global=qg[a:b][None],
-            k_global=kg[a:b][None], v_global=vg[a:b][None], backend="torch")[0] if b > a else q[a:b]
+            k_global=kg[a:b][None], v_global=vg[a:b][None])[0] if b > a else q[a:b]
             for a, b in seg])
 
     _compare(backend, dtype, packed, alone, leaves)
@@ -167,9 +169,9 @@ def test_tglobal_varlen_equals_each_sequence_alone(backend, dtype, lengths):
             ids, mask = longattn.tglobal_block_ids(torch.ones(1, b - a, dtype=torch.bool), bs)
             g0, g1 = cu_blocks[s].item(), cu_blocks[s + 1].item()
             Gs = g1 - g0
-            outs.append(longattn.tglobal_attention(
-                q[a:b][None], k[a:b][None], v[a:b][None], sk[g0:g1][None], sv[g0:g1][None], r, ids, side_mask=mask,
-                rel_bias=rb, side_bias=sb[:, G - Gs: G + Gs + 1], backend="torch")[0])
+            outs.append(reference.band_side_attention(
+                q[a:b][None], k[a:b][None], v[a:b][None], sk[g0:g1][None], sv[g0:g1][None], (r, r), side_mask=mask,
+                query_block=ids, band_bias=rb, side_bias=sb[:, G - Gs: G + Gs + 1], scale=1.0)[0])
         return torch.cat(outs)
 
     _compare(backend, dtype, packed, alone, leaves)

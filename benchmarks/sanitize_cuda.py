@@ -8,9 +8,11 @@ Shapes are chosen to hit every code path at least once while staying fast under 
 multiple of the 64-row tile (edge tiles, zero-filled rows), a band wide enough for mask-free interior tiles,
 side keys spanning two tiles with a partial one (and several query chunks in the side dK/dV pass), every
 mask and bias, a non-contiguous (B, H, S, D).transpose(1, 2) input, each head dim and dtype, and block
-aggregation with dropped tokens, with and without the RMS-norm weight, and per-row key ranges (packed batches and
-arbitrary values). Exits non-zero on a CUDA error or a
-non-finite result; the sanitizer reports memory / race errors itself.
+aggregation with dropped tokens, with and without the RMS-norm weight, per-row key ranges (packed batches and
+arbitrary values), halo keys (strided halo buffers read in place, halo masks, halos wider than S and than the
+window), dropout with halo keys and a dropout offset (the kHalo dropout kernels, also with an empty halo) and the lse
+gradient (NaN where lse = +inf, which must not reach any gradient). Exits non-zero on a CUDA
+error or a non-finite result; the sanitizer reports memory / race errors itself.
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def packed_ranges(B, S, G, gen):
 
 
 def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=True, masks=True, bias=True,
-              ranges=False):
+              ranges=False, halo=None, dlse=False, dropout=None):
+    """``halo``: None or (HL, HR), halo keys on both sides; ``dlse``: pass a random lse gradient; ``dropout``: None or
+    (dropout_p, dropout_offset)."""
     ops = torch.ops.longattn
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -58,12 +62,24 @@ def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=Tru
     extra = {}
     if ranges:
         extra["key_ranges"], extra["side_ranges"] = packed_ranges(B, S, G, gen)
+    if halo is not None:
+        n = sum(halo)
+        hk, hv = ((randn(B, H, n, D).transpose(1, 2) if strided else randn(B, n, H, D)) for _ in range(2))
+        hm = (torch.rand(B, n, generator=gen, device="cuda") > 0.2) if masks else None
+        extra.update(halo_k=hk, halo_v=hv, halo_mask=hm, halo_left=halo[0])
+    if dropout is not None:
+        extra.update(dropout_p=dropout[0], rng=torch.tensor([5, 8], dtype=torch.int64, device="cuda"))
+        if dropout[1]:
+            extra["dropout_offset"] = dropout[1]
     out, lse = ops.cuda_band_side_fwd(q, k, v, sk, sv, bkm, sm, qb, bb, sb, left, right, scale, **extra)
     dout = randn(B, S, H, D)
+    if dlse:
+        extra["dlse"] = torch.randn(B, H, S, generator=gen, device="cuda").masked_fill(torch.isinf(lse), float("nan"))
     grads = ops.cuda_band_side_bwd(dout, q, k, v, sk, sv, out, lse, bkm, sm, qb, bb, sb, left, right, scale,
                                    **extra)
     torch.cuda.synchronize()
-    for name, t in zip(["out", "dq", "dk", "dv", "dside_k", "dside_v", "dband_bias", "dside_bias"], (out, *grads)):
+    names = ["out", "dq", "dk", "dv", "dside_k", "dside_v", "dband_bias", "dside_bias", "dhalo_k", "dhalo_v"]
+    for name, t in zip(names, (out, *grads)):
         if not torch.isfinite(t).all():
             raise RuntimeError(f"non-finite {name} (dtype={dtype}, D={D})")
 
@@ -101,6 +117,23 @@ def main() -> int:
     for D in (32, 64, 128):
         band_side(torch.bfloat16, D, ranges=True)  # per-row key ranges (packed varlen batches)
     print("band_side with key ranges ok")
+    for D in (32, 64, 128):
+        band_side(torch.float16, D, halo=(70, 90))  # halo keys: windows across both edges, masked halo rows
+    band_side(torch.bfloat16, 64, S=37, left=300, right=200, halo=(300, 210))  # halos wider than S
+    band_side(torch.bfloat16, 64, S=130, left=10, right=5, halo=(100, 100))  # halo rows no window reaches
+    band_side(torch.float16, 64, G=0, masks=False, bias=False, strided=False, halo=(64, 0))  # one-sided, aligned
+    print("band_side with halo keys ok")
+    band_side(torch.float16, 64, dlse=True)
+    band_side(torch.bfloat16, 64, ranges=True, dlse=True)
+    band_side(torch.float16, 128, halo=(40, 40), dlse=True)
+    print("band_side with the lse gradient ok")
+    for D in (32, 64, 128):
+        band_side(torch.bfloat16, D, halo=(70, 90), dropout=(0.3, 72))  # halo keys + dropout offset
+    band_side(torch.float16, 64, S=37, left=300, right=200, halo=(300, 210), dropout=(0.2, 1 << 20))
+    band_side(torch.float16, 64, halo=(0, 0), dropout=(0.3, 4096), dlse=True)  # empty halo, offset: kHalo kernels
+    band_side(torch.bfloat16, 64, dropout=(0.3, 8))  # an offset without halo keys
+    band_side(torch.float16, 128, halo=(40, 40), dropout=(0.1, 0))  # halo keys + dropout, no offset
+    print("band_side with dropout, halo keys and the dropout offset ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weighted in (False, True):
             block_aggregate(dtype, weighted)

@@ -12,6 +12,13 @@
 // inside tensors are not checked (that would cost a device sync): query_block entries are clamped to
 // [-1, G-1] in the kernels, masks are bool by type, and per-row key ranges (key_ranges / side_ranges, int32
 // (B, S, 2), checked contiguous) may hold any values: the kernels only ever mask with them.
+//
+// Halo keys (halo_k / halo_v (B, HL + HR, H, D) strided like k, halo_mask (B, HL + HR) bool, halo_left = HL;
+// the backend contract's "halo") are read in place by the kHalo kernels; the backward returns their gradients
+// (dhalo_k, dhalo_v) after the usual seven (empty (0,) tensors without a halo). Not combined with per-row key
+// ranges. dlse ((B, H, S) float32, the lse output's gradient; "lse_grad") enters through delta. dropout_offset (a
+// multiple of 4, only with dropout, "dropout_offset"): query row i and band key j draw the dropout counters of
+// i + offset and j + offset (a sequence-parallel shard's start); a call with one runs the kHalo kernels.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,6 +30,7 @@
 #include <limits>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include "band_side/launch.h"
 #include "common/arg_checks.h"
@@ -40,7 +48,18 @@ constexpr const char* kBwd = "cuda_band_side_bwd";
 
 struct Dims {
   int64_t B, S, H, D, G;
+  int64_t HL, HR;  // halo keys left / right of the local ones (0, 0 without a halo)
 };
+
+// The halo-key arguments of both ops (all absent / 0 without a halo).
+struct HaloArgs {
+  const OptTensor& k;
+  const OptTensor& v;
+  const OptTensor& mask;
+  int64_t left;
+};
+
+const char* given(const OptTensor& t) { return t.has_value() ? "a tensor" : "None"; }
 
 // A (B, rows, H, D) operand like q: device, dtype, shape, dense last dim.
 void check_operand(const char* op, const at::Tensor& t, const char* name, const at::Tensor& q, int64_t rows,
@@ -63,12 +82,72 @@ void check_optional(const char* op, const OptTensor& t, const char* name, const 
   shape_is(op, *t, name, shape, dims);
 }
 
+// The dropout arguments of both ops.
+struct DropoutArgs {
+  double p;
+  const OptTensor& rng;
+  bool global_rows;
+  int64_t offset;  // dropout_offset
+};
+
+// Halo keys: (HL, HR), after q, k, v are checked. The kernels index keys j in [-HL, S + HR) with ints, so
+// S + HL + HR < 2^30 (also keeps left + right + 1 < 2^31).
+std::pair<int64_t, int64_t> check_halo_args(const char* op, const at::Tensor& q, const HaloArgs& halo,
+                                            const OptTensor& key_ranges, const OptTensor& side_ranges) {
+  TORCH_CHECK(halo.k.has_value() == halo.v.has_value(), op, ": halo_k and halo_v must be given together, got ",
+              given(halo.k), " and ", given(halo.v));
+  if (!halo.k.has_value()) {
+    TORCH_CHECK(!halo.mask.has_value(), op, ": halo_mask needs halo_k, got halo_k = None");
+    TORCH_CHECK(halo.left == 0, op, ": halo_left needs halo_k, got halo_left = ", halo.left, " with halo_k = None");
+    return {0, 0};
+  }
+  const at::Tensor& hk = *halo.k;
+  TORCH_CHECK(hk.dim() == 4, op, ": halo_k must have shape (B, HL + HR, H, D), got ", hk.sizes());
+  const int64_t rows = hk.size(1), S = q.size(1);
+  TORCH_CHECK(S + rows < (int64_t(1) << 30), op, ": S + halo_k's HL + HR must be < 2^30, got ", S, " + ", rows);
+  check_operand(op, hk, "halo_k", q, rows, "(B, HL + HR, H, D)");
+  check_operand(op, *halo.v, "halo_v", q, rows, "(B, HL + HR, H, D)");
+  TORCH_CHECK(0 <= halo.left && halo.left <= rows, op, ": halo_left must be in [0, HL + HR] = [0, ", rows,
+              "], got ", halo.left);
+  check_optional(op, halo.mask, "halo_mask", q, at::kBool, {q.size(0), rows}, "(B, HL + HR)");
+  if (halo.mask.has_value()) contiguous(op, *halo.mask, "halo_mask");
+  TORCH_CHECK(!key_ranges.has_value(), op, ": key_ranges must be None with halo keys (halo_k), got a tensor");
+  TORCH_CHECK(!side_ranges.has_value(), op, ": side_ranges must be None with halo keys (halo_k), got a tensor");
+  return {halo.left, rows - halo.left};
+}
+
+// Dropout (after the halo): p in [0, 1), rng on the device (the kernels read [seed, offset] from it, in
+// longattn/_dropout.py's layout) and the offset. Ids i + offset / j + offset are ints in the kernels: rows and keys
+// (up to the last tile's end) stay below 2^31. The offset runs the kHalo kernels, which have no ranges.
+void check_dropout_args(const char* op, const at::Tensor& q, const DropoutArgs& drop, int64_t HR,
+                        const OptTensor& key_ranges, const OptTensor& side_ranges) {
+  TORCH_CHECK(drop.p >= 0.0 && drop.p < 1.0, op, ": dropout_p must be in [0, 1), got ", drop.p);
+  TORCH_CHECK(drop.p == 0.0 || drop.rng.has_value(), op,
+              ": rng (the int64 [seed, offset] tensor) is required with dropout_p > 0, got None with dropout_p = ",
+              drop.p);
+  check_optional(op, drop.rng, "rng", q, at::kLong, {2}, "(2,)");
+  if (drop.offset == 0) return;
+  TORCH_CHECK(drop.p > 0.0, op, ": dropout_offset needs dropout_p > 0, got dropout_offset = ", drop.offset,
+              " with dropout_p = ", drop.p);
+  TORCH_CHECK(drop.offset > 0 && drop.offset % 4 == 0, op,
+              ": dropout_offset must be a non-negative multiple of 4 (the counters' groups of 4 keys), got ",
+              drop.offset);
+  const int64_t limit = (int64_t(1) << 31) - 2 * kTile - q.size(1) - HR;
+  TORCH_CHECK(drop.offset < limit, op, ": dropout_offset + S + HR must be < 2^31 - 128, got ", drop.offset, " + ",
+              q.size(1), " + ", HR);
+  TORCH_CHECK(!drop.global_rows, op, ": dropout_offset must be 0 with dropout_global_rows, got ", drop.offset);
+  TORCH_CHECK(!key_ranges.has_value() && !side_ranges.has_value(), op,
+              ": key_ranges / side_ranges must be None with dropout_offset, got a tensor with dropout_offset = ",
+              drop.offset);
+}
+
 // Every argument the two passes share, in dependency order (q first: its sizes define the others').
 Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& side_k, const at::Tensor& side_v, const OptTensor& band_key_mask,
                     const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
-                    const OptTensor& side_bias, int64_t left, int64_t right, double scale, double dropout_p,
-                    const OptTensor& rng, const OptTensor& key_ranges, const OptTensor& side_ranges) {
+                    const OptTensor& side_bias, int64_t left, int64_t right, double scale,
+                    const DropoutArgs& drop, const OptTensor& key_ranges, const OptTensor& side_ranges,
+                    const HaloArgs& halo) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": q must be float16 or bfloat16 (the kernels' tensor-core types), got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, S, H, D), got ", q.sizes());
@@ -85,11 +164,20 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(G < (int64_t(1) << 28), op, ": side_k's G must be < 2^28, got ", G);
   check_operand(op, side_k, "side_k", q, G, "(B, G, H, D)");
   check_operand(op, side_v, "side_v", q, G, "(B, G, H, D)");
-  const int64_t max_offset = std::max<int64_t>(S - 1, 0);
-  TORCH_CHECK(0 <= left && left <= max_offset, op, ": left must be in [0, S - 1] = [0, ", max_offset, "], got ",
-              left);
-  TORCH_CHECK(0 <= right && right <= max_offset, op, ": right must be in [0, S - 1] = [0, ", max_offset,
-              "], got ", right);
+  const auto [HL, HR] = check_halo_args(op, q, halo, key_ranges, side_ranges);
+  if (!halo.k.has_value()) {
+    const int64_t max_offset = std::max<int64_t>(S - 1, 0);
+    TORCH_CHECK(0 <= left && left <= max_offset, op, ": left must be in [0, S - 1] = [0, ", max_offset, "], got ",
+                left);
+    TORCH_CHECK(0 <= right && right <= max_offset, op, ": right must be in [0, S - 1] = [0, ", max_offset,
+                "], got ", right);
+  } else {  // the window may reach across the halo
+    const int64_t max_left = std::max<int64_t>(S + HL - 1, 0), max_right = std::max<int64_t>(S + HR - 1, 0);
+    TORCH_CHECK(0 <= left && left <= max_left, op, ": left must be in [0, S + HL - 1] = [0, ", max_left,
+                "] with halo keys, got ", left);
+    TORCH_CHECK(0 <= right && right <= max_right, op, ": right must be in [0, S + HR - 1] = [0, ", max_right,
+                "] with halo keys, got ", right);
+  }
   TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
   check_optional(op, band_key_mask, "band_key_mask", q, at::kBool, {B, S}, "(B, S)");
   check_optional(op, side_mask, "side_mask", q, at::kBool, {B, G}, "(B, G)");
@@ -97,33 +185,29 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(!side_bias.has_value() || query_block.has_value(), op, ": query_block is required with side_bias");
   check_optional(op, band_bias, "band_bias", q, std::nullopt, {H, left + right + 1}, "(H, left + right + 1)");
   check_optional(op, side_bias, "side_bias", q, std::nullopt, {H, 2 * G + 1}, "(H, 2G + 1)");
-  // Dropout: the kernels read [seed, offset] from rng on the device (longattn/_dropout.py's layout).
-  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
-  TORCH_CHECK(dropout_p == 0.0 || rng.has_value(), op,
-              ": rng (the int64 [seed, offset] tensor) is required with dropout_p > 0, got None with dropout_p = ",
-              dropout_p);
-  check_optional(op, rng, "rng", q, at::kLong, {2}, "(2,)");
+  check_dropout_args(op, q, drop, HR, key_ranges, side_ranges);
   // Per-row key ranges: read by computed offsets (b * S + i) * 2, so contiguous.
   for (const auto& [t, name] : {std::pair{&key_ranges, "key_ranges"}, std::pair{&side_ranges, "side_ranges"}}) {
     check_optional(op, *t, name, q, at::kInt, {B, S, 2}, "(B, S, 2)");
     if (t->has_value()) contiguous(op, **t, name);
   }
-  return {B, S, H, D, G};
+  return {B, S, H, D, G, HL, HR};
 }
 
 Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse,
                     const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
                     const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right,
-                    double scale, double dropout_p, const OptTensor& rng, const OptTensor& key_ranges,
-                    const OptTensor& side_ranges) {
+                    double scale, const DropoutArgs& drop, const OptTensor& key_ranges,
+                    const OptTensor& side_ranges, const HaloArgs& halo, const OptTensor& dlse) {
   const Dims d = check_fwd_args(kBwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                                side_bias, left, right, scale, dropout_p, rng, key_ranges, side_ranges);
+                                side_bias, left, right, scale, drop, key_ranges, side_ranges, halo);
   check_operand(kBwd, dout, "dout", q, d.S, "(B, S, H, D)");
   check_operand(kBwd, out, "out", q, d.S, "(B, S, H, D)");
   same_device(kBwd, lse, "lse", q, "q");
   dtype_is(kBwd, lse, "lse", at::kFloat);
   shape_is(kBwd, lse, "lse", {d.B, d.H, d.S}, "(B, H, S)");
+  check_optional(kBwd, dlse, "dlse", q, at::kFloat, {d.B, d.H, d.S}, "(B, H, S)");
   // The delta kernel runs one warp per (b, s, h) row, 8 rows per CTA, on a 1-D grid.
   TORCH_CHECK(d.B * d.S * d.H <= int64_t(8) * std::numeric_limits<int32_t>::max(), kBwd,
               ": q's B * S * H must be <= 8 * (2^31 - 1) (CUDA grid limit), got ", d.B * d.S * d.H);
@@ -150,6 +234,8 @@ OptTensor float_table(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloa
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
+int floor_div(int64_t a, int64_t b) { return static_cast<int>(a >= 0 ? a / b : -((-a + b - 1) / b)); }
+
 // The input half of the params, from checked arguments. Tensors that had to be copied or converted are
 // kept alive in `keep`.
 struct Prepared {
@@ -160,9 +246,8 @@ struct Prepared {
 Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                  const at::Tensor& sk_in, const at::Tensor& sv_in, const OptTensor& band_key_mask,
                  const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
-                 const OptTensor& side_bias, int64_t left, int64_t right, double scale, double dropout_p,
-                 const OptTensor& rng, bool dropout_global_rows, const OptTensor& key_ranges,
-                 const OptTensor& side_ranges) {
+                 const OptTensor& side_bias, int64_t left, int64_t right, double scale, const DropoutArgs& drop,
+                 const OptTensor& key_ranges, const OptTensor& side_ranges, const HaloArgs& halo) {
   Prepared r;
   const at::Tensor q = loadable(q_in), k = loadable(k_in), v = loadable(v_in);
   const at::Tensor sk = loadable(sk_in), sv = loadable(sv_in);
@@ -201,15 +286,41 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
   p.right = right;
   p.band_width = left + right + 1;
   p.scale = static_cast<float>(scale);
-  if (dropout_p > 0.0) {  // else p.rng = nullptr: the dropout-free kernels
-    const at::Tensor seed_offset = rng->contiguous();
+  if (drop.p > 0.0) {  // else p.rng = nullptr: the dropout-free kernels
+    const at::Tensor seed_offset = drop.rng->contiguous();
     r.keep.push_back(seed_offset);
     p.rng = seed_offset.data_ptr<int64_t>();
-    p.drop_threshold = philox::keep_threshold(dropout_p);
-    p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
-    p.drop_global_rows = dropout_global_rows;
+    p.drop_threshold = philox::keep_threshold(drop.p);
+    p.drop_scale = static_cast<float>(1.0 / (1.0 - drop.p));
+    p.drop_global_rows = drop.global_rows;
+    p.drop_offset = static_cast<int>(drop.offset);  // != 0 selects the kHalo kernels (dispatch_flags)
+  }
+  // Halo keys: p.halo_k != nullptr selects the kHalo kernels; an empty halo (HL = HR = 0) changes nothing, so it
+  // runs the plain ones. The dK/dV band CTAs cover the key tiles of [max(-HL, -left), min(S + HR, S + right)):
+  // every key some query's window reaches (halo rows beyond get no gradient; band_side_bwd zero-fills them).
+  p.band_tile0 = 0;
+  p.n_band_tiles = (d.S + kTile - 1) / kTile;
+  if (d.HL + d.HR > 0) {
+    const at::Tensor hk = loadable(*halo.k), hv = loadable(*halo.v);
+    r.keep.push_back(hk);
+    r.keep.push_back(hv);
+    p.halo_k = hk.data_ptr();
+    p.halo_v = hv.data_ptr();
+    p.hk_st = strides_of(hk);
+    p.hv_st = strides_of(hv);
+    p.halo_mask = halo.mask ? reinterpret_cast<const uint8_t*>(halo.mask->data_ptr<bool>()) : nullptr;  // contiguous
+    p.halo_left = d.HL;
+    p.halo_right = d.HR;
+    const int64_t key_lo = std::max(-d.HL, -left), key_hi = std::min(d.S + d.HR, d.S + right) - 1;
+    p.band_tile0 = floor_div(key_lo, kTile);
+    p.n_band_tiles = floor_div(key_hi, kTile) - p.band_tile0 + 1;
   }
   return r;
+}
+
+// Whether the dK/dV band CTAs write every halo row (else the rows no window reaches are zero-filled first).
+bool band_tiles_cover_halo(const BandSideParams& p, const Dims& d) {
+  return int64_t(p.band_tile0) * kTile <= -d.HL && int64_t(p.band_tile0 + p.n_band_tiles) * kTile >= d.S + d.HR;
 }
 
 std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -219,13 +330,17 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
                                                  const OptTensor& side_bias, int64_t left, int64_t right,
                                                  double scale, double dropout_p, const OptTensor& rng,
                                                  bool dropout_global_rows, const OptTensor& key_ranges,
-                                                 const OptTensor& side_ranges) {
+                                                 const OptTensor& side_ranges, const OptTensor& halo_k,
+                                                 const OptTensor& halo_v, const OptTensor& halo_mask,
+                                                 int64_t halo_left, int64_t dropout_offset) {
+  const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
+  const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
   const Dims d = check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                                side_bias, left, right, scale, dropout_p, rng, key_ranges, side_ranges);
+                                side_bias, left, right, scale, drop, key_ranges, side_ranges, halo);
   on_cuda(kFwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale, dropout_p, rng, dropout_global_rows, key_ranges, side_ranges);
+                       left, right, scale, drop, key_ranges, side_ranges, halo);
   BandSideParams& p = r.p;
   at::Tensor out = at::empty({p.B, p.S, p.H, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.S}, q.options().dtype(at::kFloat));
@@ -236,20 +351,27 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> band_side_bwd(
-    const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
-    const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right, double scale,
-    double dropout_p, const OptTensor& rng, bool dropout_global_rows, const OptTensor& key_ranges,
-    const OptTensor& side_ranges) {
+// (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias, dhalo_k, dhalo_v)
+using BwdGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                            at::Tensor, at::Tensor>;
+
+BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out_in,
+                       const at::Tensor& lse_in, const OptTensor& band_key_mask, const OptTensor& side_mask,
+                       const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
+                       int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng,
+                       bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
+                       const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
+                       int64_t halo_left, const OptTensor& dlse_in, int64_t dropout_offset) {
+  const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
+  const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
   const Dims d = check_bwd_args(dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
-                                query_block, band_bias, side_bias, left, right, scale, dropout_p, rng, key_ranges,
-                                side_ranges);
+                                query_block, band_bias, side_bias, left, right, scale, drop, key_ranges,
+                                side_ranges, halo, dlse_in);
   on_cuda(kBwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale, dropout_p, rng, dropout_global_rows, key_ranges, side_ranges);
+                       left, right, scale, drop, key_ranges, side_ranges, halo);
   BandSideParams& p = r.p;
   const at::Tensor dout = loadable(dout_in);
   const at::Tensor out = loadable(out_in);
@@ -262,11 +384,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dv = at::empty_like(dq);
   at::Tensor dbb = band_bias ? at::Tensor() : q.new_empty({0});
   at::Tensor dsb = side_bias ? at::Tensor() : q.new_empty({0});
+  // Halo-key gradients ((0,) without halo keys); rows outside the dK/dV CTAs' tiles (no window reaches them) and
+  // all rows when nothing runs are zeros.
+  at::Tensor dhk = q.new_empty({0}), dhv = q.new_empty({0});
+  if (halo_k) {
+    const std::vector<int64_t> shape{d.B, d.HL + d.HR, d.H, d.D};
+    const bool written = dq.numel() != 0 && band_tiles_cover_halo(p, d);
+    dhk = written ? at::empty(shape, opts) : at::zeros(shape, opts);
+    dhv = written ? at::empty(shape, opts) : at::zeros(shape, opts);
+  }
   if (dq.numel() == 0) {
     at::Tensor dside = at::zeros({p.B, p.G, p.H, p.D}, opts);
     if (band_bias) dbb = at::zeros_like(*band_bias, at::MemoryFormat::Contiguous);
     if (side_bias) dsb = at::zeros_like(*side_bias, at::MemoryFormat::Contiguous);
-    return {dq, dk, dv, dside, dside.clone(), dbb, dsb};
+    return {dq, dk, dv, dside, dside.clone(), dbb, dsb, dhk, dhv};
   }
 
   // Side-key tiles get split over chunks of query tiles (float32 partials summed below) so that few side
@@ -290,10 +421,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dsk_part = at::empty({chunks, p.B, p.G, p.H, p.D}, fopts);
   at::Tensor dsv_part = at::empty_like(dsk_part);
   // Bias partials: one row per key CTA, accumulated in place by that CTA, hence zero-initialised. Size
-  // B*H*ceil(S/64)*(L+R+1) floats for the band table (e.g. 3 MB for LongT5 r=127, S=16384, B*H=12).
-  const int64_t n_band_ctas = (p.S + kTile - 1) / kTile;
+  // B*H*n_band_tiles*(L+R+1) floats for the band table (n_band_tiles = ceil(S/64) without halo keys; e.g. 3 MB for
+  // LongT5 r=127, S=16384, B*H=12).
   at::Tensor dbb_part, dsb_part;
-  if (band_bias) dbb_part = at::zeros({p.B, p.H, n_band_ctas, p.band_width}, fopts);
+  if (band_bias) dbb_part = at::zeros({p.B, p.H, p.n_band_tiles, p.band_width}, fopts);
   if (side_bias) dsb_part = at::zeros({p.B, p.H, n_side_tiles * chunks, 2 * p.G + 1}, fopts);
   at::Tensor delta = at::empty({p.B, p.H, p.S}, fopts);
 
@@ -310,6 +441,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   p.dsv_partial = dsv_part.data_ptr<float>();
   p.dband_bias_partial = band_bias ? dbb_part.data_ptr<float>() : nullptr;
   p.dside_bias_partial = side_bias ? dsb_part.data_ptr<float>() : nullptr;
+  p.dhalo_k = p.halo_k != nullptr ? dhk.data_ptr() : nullptr;
+  p.dhalo_v = p.halo_k != nullptr ? dhv.data_ptr() : nullptr;
+  const OptTensor dlse = contiguous(dlse_in);
+  p.dlse = dlse ? dlse->data_ptr<float>() : nullptr;
 
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -322,7 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dsv = dsv_part.sum(0).to(q.scalar_type());
   if (band_bias) dbb = dbb_part.sum(at::IntArrayRef{0, 2}).to(band_bias->scalar_type());
   if (side_bias) dsb = dsb_part.sum(at::IntArrayRef{0, 2}).to(side_bias->scalar_type());
-  return {dq, dk, dv, dsk, dsv, dbb, dsb};
+  return {dq, dk, dv, dsk, dsv, dbb, dsb, dhk, dhv};
 }
 
 // CPU: the same checks, so bad arguments are reported identically (and testable without a GPU), then
@@ -333,21 +468,27 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd_cpu(const at::Tensor& q, const 
                                                      const OptTensor& query_block, const OptTensor& band_bias,
                                                      const OptTensor& side_bias, int64_t left, int64_t right,
                                                      double scale, double dropout_p, const OptTensor& rng,
-                                                     bool /*dropout_global_rows*/, const OptTensor& key_ranges,
-                                                     const OptTensor& side_ranges) {
+                                                     bool dropout_global_rows, const OptTensor& key_ranges,
+                                                     const OptTensor& side_ranges, const OptTensor& halo_k,
+                                                     const OptTensor& halo_v, const OptTensor& halo_mask,
+                                                     int64_t halo_left, int64_t dropout_offset) {
   check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
-                 right, scale, dropout_p, rng, key_ranges, side_ranges);
+                 right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges, side_ranges,
+                 {halo_k, halo_v, halo_mask, halo_left});
   needs_cuda(kFwd, q);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> band_side_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& side_k,
-    const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse, const OptTensor& band_key_mask,
-    const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
-    int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng, bool /*dropout_global_rows*/,
-    const OptTensor& key_ranges, const OptTensor& side_ranges) {
+BwdGrads band_side_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out,
+                           const at::Tensor& lse, const OptTensor& band_key_mask, const OptTensor& side_mask,
+                           const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
+                           int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng,
+                           bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
+                           const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
+                           int64_t halo_left, const OptTensor& dlse, int64_t dropout_offset) {
   check_bwd_args(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-                 side_bias, left, right, scale, dropout_p, rng, key_ranges, side_ranges);
+                 side_bias, left, right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges,
+                 side_ranges, {halo_k, halo_v, halo_mask, halo_left}, dlse);
   needs_cuda(kBwd, q);
 }
 

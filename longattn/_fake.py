@@ -28,15 +28,18 @@ def band_side_forward(q: Tensor) -> tuple[Tensor, Tensor]:
     return q.new_empty(B, S, H, D), q.new_empty(B, H, S, dtype=stat_dtype(q.dtype))
 
 
-def band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias) -> tuple[Tensor, ...]:
+def band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias, halo_k=None) -> tuple[Tensor, ...]:
     """(dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias), contiguous, like their inputs (side keys may be
-    None: no side keys, empty (B, 0, H_kv, D) gradients with k's head count)."""
+    None: no side keys, empty (B, 0, H_kv, D) gradients with k's head count); with ``halo_k`` also
+    (dhalo_k, dhalo_v) like it."""
     if side_k is None:
         side_k = side_v = k.new_empty(k.shape[0], 0, k.shape[2], k.shape[3])
+    halo = () if halo_k is None else tuple(torch.empty_like(halo_k, memory_format=_DENSE) for _ in range(2))
     return (
         *(torch.empty_like(x, memory_format=_DENSE) for x in (q, k, v, side_k, side_v)),
         _grad_like(band_bias, q),
         _grad_like(side_bias, q),
+        *halo,
     )
 
 

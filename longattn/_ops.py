@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _fake
 from .backends import _longformer
-from .backends._longformer import dropout_kwargs, ranges_kwargs
+from .backends._longformer import dropout_kwargs, halo_kwargs, ranges_kwargs
 from .dispatch import get_backend
 
 
@@ -107,16 +107,24 @@ def band_side_attention(
     rng: Tensor | None = None,
     key_ranges: Tensor | None = None,
     side_ranges: Tensor | None = None,
+    halo_k: Tensor | None = None,
+    halo_v: Tensor | None = None,
+    halo_mask: Tensor | None = None,
+    halo_left: int = 0,
+    dropout_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """(out (B, S, H, D), lse (B, H, S)); see ``longattn.backends`` for the exact contract.
 
     ``side_k = side_v = None`` means no side keys (G = 0; the local op passes None so that it allocates
     nothing outside the op). ``key_ranges`` / ``side_ranges``: per-row (B, S, 2) int32 key bounds (packed batches,
-    ``longattn.varlen_api``)."""
+    ``longattn.varlen_api``). ``halo_k`` / ``halo_v`` (B, HL + HR, H_kv, D), ``halo_mask``, ``halo_left`` = HL: band
+    keys before and after the sequence, read in place (a sequence-parallel shard's neighbours' keys).
+    ``dropout_offset``: the dropout counters' position of row 0 and band key 0 (a shard's start in its sequence)."""
     side_k, side_v = _side_or_empty(side_k, side_v, k)
     return get_backend(backend).band_side_forward(
         q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right, scale,
-        **dropout_kwargs(dropout_p, rng), **ranges_kwargs(key_ranges, side_ranges),
+        **dropout_kwargs(dropout_p, rng, dropout_offset), **ranges_kwargs(key_ranges, side_ranges),
+        **halo_kwargs(halo_k, halo_v, halo_mask, halo_left),
     )
 
 
@@ -128,7 +136,8 @@ def _side_or_empty(side_k, side_v, k):
 
 @band_side_attention.register_fake
 def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-      scale, backend, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None):
+      scale, backend, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None, halo_k=None, halo_v=None,
+      halo_mask=None, halo_left=0, dropout_offset=0):
     return _fake.band_side_forward(q)
 
 
@@ -155,21 +164,79 @@ def band_side_attention_backward(
     rng: Tensor | None = None,
     key_ranges: Tensor | None = None,
     side_ranges: Tensor | None = None,
+    dropout_offset: int = 0,
+    dlse: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias); absent bias tables get empty gradients."""
-    side_k, side_v = _side_or_empty(side_k, side_v, k)
-    return tuple(
-        get_backend(backend).band_side_backward(
-            dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-            side_bias, left, right, scale, **dropout_kwargs(dropout_p, rng), **ranges_kwargs(key_ranges, side_ranges),
-        )
-    )
+    """(dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias); absent bias tables get empty gradients. ``dlse``: the
+    gradient of the forward's ``lse`` output, or None (no gradient reached it)."""
+    return _band_side_grads(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
+                            side_bias, left, right, scale, backend, dropout_p, rng, key_ranges, side_ranges, None, None,
+                            None, 0, dropout_offset, dlse)
 
 
 @band_side_attention_backward.register_fake
 def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-      left, right, scale, backend, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None):
+      left, right, scale, backend, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None, dropout_offset=0,
+      dlse=None):
     return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
+
+
+@torch.library.custom_op("longattn::band_side_halo_attention_backward", mutates_args=())
+def band_side_halo_attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    side_k: Tensor | None,
+    side_v: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    band_key_mask: Tensor | None,
+    side_mask: Tensor | None,
+    query_block: Tensor | None,
+    band_bias: Tensor | None,
+    side_bias: Tensor | None,
+    left: int,
+    right: int,
+    scale: float,
+    backend: str,
+    dropout_p: float,
+    rng: Tensor | None,
+    key_ranges: Tensor | None,
+    side_ranges: Tensor | None,
+    halo_k: Tensor,
+    halo_v: Tensor,
+    halo_mask: Tensor | None,
+    halo_left: int,
+    dropout_offset: int = 0,
+    dlse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward of a call with halo keys: ``band_side_attention_backward``'s gradients, then (dhalo_k,
+    dhalo_v). (Its own op, so calls without a halo keep their seven outputs: no empty tensors on the hot path.)"""
+    return _band_side_grads(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
+                            side_bias, left, right, scale, backend, dropout_p, rng, key_ranges, side_ranges, halo_k,
+                            halo_v, halo_mask, halo_left, dropout_offset, dlse)
+
+
+@band_side_halo_attention_backward.register_fake
+def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
+      left, right, scale, backend, dropout_p, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left,
+      dropout_offset=0, dlse=None):
+    return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias, halo_k)
+
+
+def _band_side_grads(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
+                     side_bias, left, right, scale, backend, dropout_p, rng, key_ranges, side_ranges, halo_k, halo_v,
+                     halo_mask, halo_left, dropout_offset, dlse):
+    """The one implementation of both backward ops: the backend's ``band_side_backward`` with the optional
+    keywords of the features the call uses (contract: ``longattn.backends``)."""
+    side_k, side_v = _side_or_empty(side_k, side_v, k)
+    return tuple(get_backend(backend).band_side_backward(
+        dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
+        side_bias, left, right, scale, **dropout_kwargs(dropout_p, rng, dropout_offset),
+        **ranges_kwargs(key_ranges, side_ranges), **halo_kwargs(halo_k, halo_v, halo_mask, halo_left),
+        **({} if dlse is None else {"dlse": dlse}),
+    ))
 
 
 def _optional_tail(inputs, fixed: int, defaults: tuple) -> tuple:
@@ -178,32 +245,42 @@ def _optional_tail(inputs, fixed: int, defaults: tuple) -> tuple:
     return tail + defaults[len(tail):]
 
 
-_BAND_SIDE_TAIL = (0.0, None, None, None)  # dropout_p, rng, key_ranges, side_ranges
+# dropout_p, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left, dropout_offset
+_BAND_SIDE_TAIL = (0.0, None, None, None, None, None, None, 0, 0)
 
 
 def _band_side_setup_context(ctx, inputs, output):
     (q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
      scale, backend) = inputs[:14]
-    dropout_p, rng, key_ranges, side_ranges = _optional_tail(inputs, 14, _BAND_SIDE_TAIL)
+    dropout_p, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left, dropout_offset = _optional_tail(
+        inputs, 14, _BAND_SIDE_TAIL)
     out, lse = output
     ctx.save_for_backward(q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                          band_bias, side_bias, rng, key_ranges, side_ranges)
+                          band_bias, side_bias, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask)
     ctx.args = (left, right, scale, backend, dropout_p)
+    ctx.tail_ints = (halo_left, dropout_offset)
     ctx.num_inputs = len(inputs)
     ctx.set_materialize_grads(False)
 
 
 def _band_side_backward(ctx, dout, dlse):
     (q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-     side_bias, rng, key_ranges, side_ranges) = ctx.saved_tensors
+     side_bias, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask) = ctx.saved_tensors
     dout = _dense_grad(dout, out)
-    dq, dk, dv, dsk, dsv, dbb, dsb = _call(
-        band_side_attention_backward, dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-        band_bias, side_bias, *ctx.args, rng, key_ranges, side_ranges,
-    )
+    args = (dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
+            *ctx.args, rng, key_ranges, side_ranges)
+    halo_left, dropout_offset = ctx.tail_ints
+    if halo_k is not None:
+        dq, dk, dv, dsk, dsv, dbb, dsb, dhk, dhv = _call(band_side_halo_attention_backward, *args, halo_k, halo_v,
+                                                         halo_mask, halo_left, dropout_offset, dlse)
+    else:  # without an offset or an lse gradient: today's arguments (the op's defaults fill the rest)
+        tail = (dropout_offset, dlse) if dropout_offset or dlse is not None else ()
+        dq, dk, dv, dsk, dsv, dbb, dsb = _call(band_side_attention_backward, *args, *tail)
+        dhk = dhv = None
     grads = (dq, dk, dv, dsk if side_k is not None else None, dsv if side_v is not None else None, None, None, None,
-             dbb if band_bias is not None else None, dsb if side_bias is not None else None)
-    return grads + (None,) * (ctx.num_inputs - len(grads))
+             dbb if band_bias is not None else None, dsb if side_bias is not None else None, None, None, None, None,
+             None, None, None, None, dhk if halo_k is not None else None, dhv if halo_v is not None else None)
+    return grads[:ctx.num_inputs] + (None,) * (ctx.num_inputs - len(grads))
 
 
 run_band_side = _autograd(band_side_attention, _band_side_backward, _band_side_setup_context)

@@ -77,17 +77,26 @@ def _dropout_feature(dropout_p: float) -> tuple[str, ...]:
     return ("dropout",) if dropout_p else ()
 
 
-def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask, query_block, band_bias,
-               side_bias, scale, backend, dropout_p=0.0, key_ranges=None, side_ranges=None, span=None) -> Tensor:
+def _band_side(q, k, v, side_k, side_v, left, right, band_key_mask, side_mask, query_block, band_bias, side_bias,
+               scale, backend, dropout_p=0.0, *, key_ranges=None, side_ranges=None, span=None, halo=None,
+               with_lse=False, dropout_offset=0):
     """Run the primitive on validated inputs: clamp the window to [0, span-1] and pick the backend.
 
     A window reaching past the sequence is the same as one reaching exactly to its edge, so the kernels
     only ever see ``left, right <= span - 1``; the band bias table is sliced to the offsets that remain.
     ``span``: the longest run of keys a row can see (S; a packed batch's ``max_seqlen``, whose rows see only
     their sequence through ``key_ranges`` / ``side_ranges``, ``longattn.varlen_api``).
+
+    ``halo``: ``(halo_k, halo_v, halo_mask, halo_left)``, band keys before / after the sequence read in place
+    (``longattn.distributed``; contract in ``longattn.backends``, "Halo keys"): the window then reaches
+    ``halo_left`` keys further left and the rest further right. ``with_lse``: return ``(out, lse)``, both
+    differentiable (the backward takes the lse gradient: a split-KV merge by log-sum-exp, as the
+    sequence-parallel global rows do). ``dropout_offset``: the dropout counters' position of row 0 and band key 0
+    (a sequence-parallel shard's start, so its keep bits are the whole sequence's).
     """
     S = q.shape[1] if span is None else min(span, q.shape[1])
-    left_eff, right_eff = min(left, S - 1), min(right, S - 1)
+    hl, hr = (0, 0) if halo is None else (halo[3], halo[0].shape[1] - halo[3])
+    left_eff, right_eff = min(left, S + hl - 1), min(right, S + hr - 1)
     if band_bias is not None and (left_eff, right_eff) != (left, right):
         band_bias = band_bias[:, left - left_eff : left + right_eff + 1]
     if band_bias is not None:
@@ -95,16 +104,26 @@ def _band_side(q, k, v, side_k, side_v, left, right, *, band_key_mask, side_mask
     if side_bias is not None:
         side_bias = side_bias.contiguous()
     ranged = key_ranges is not None or side_ranges is not None
+    features = (("grouped_kv",) if k.shape[2] != q.shape[2] else ()) + _dropout_feature(dropout_p)
+    if ranged or halo is not None or with_lse or dropout_offset:
+        features += ((("ranges",) if ranged else ()) + (("halo",) if halo is not None else ())
+                     + (("lse_grad",) if with_lse else ()) + (("dropout_offset",) if dropout_p and dropout_offset else ()))
     name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
-                           op="local" if side_k is None else "tglobal", seqlen=S,
-                           features=(("grouped_kv",) if k.shape[2] != q.shape[2] else ()) + _dropout_feature(dropout_p)
-                           + (("ranges",) if ranged else ()))
-    drop = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p or ranged else ()  # p = 0: today's call, unchanged
-    out, _ = _ops.run_band_side(q, k, v, side_k, side_v, band_key_mask, side_mask,
-                                      query_block if side_bias is not None else None, band_bias, side_bias,
-                                      left_eff, right_eff, scale, name, *drop,
-                                      *((key_ranges, side_ranges) if ranged else ()))
-    return out
+                           op="local" if side_k is None else "tglobal", seqlen=S, features=features)
+    # Today's call, unchanged, without dropout, ranges or halo: the op's defaults fill its optional tail.
+    offset = dropout_offset if dropout_p else 0
+    if offset and (offset % 4 or offset < hl):
+        raise ValueError(f"dropout_offset: expected a multiple of 4 (the counters' groups of 4 keys) and at least the "
+                         f"halo's left width {hl}, got {offset}")
+    tail = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p or ranged or halo is not None else ()
+    if ranged or halo is not None or offset:
+        tail += (key_ranges, side_ranges)
+    if halo is not None or offset:
+        tail += (None, None, None, 0) if halo is None else halo
+    out, lse = _ops.run_band_side(q, k, v, side_k, side_v, band_key_mask, side_mask,
+                                  query_block if side_bias is not None else None, band_bias, side_bias,
+                                  left_eff, right_eff, scale, name, *tail, *((offset,) if offset else ()))
+    return (out, lse) if with_lse else out
 
 
 def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask: Tensor | None = None,
@@ -140,6 +159,11 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask
     if seq_parallel is not None:
         return _sequence_parallel("local_attention", seq_parallel, q, k, v, window, dropout_p=dropout_p,
                                   key_padding_mask=key_padding_mask, rel_bias=rel_bias, scale=scale, backend=backend)
+    return _band_side(*_local_inputs(q, k, v, window, key_padding_mask, rel_bias, scale, dropout_p, backend))
+
+
+def _local_inputs(q, k, v, window, key_padding_mask, rel_bias, scale, dropout_p, backend) -> tuple:
+    """:func:`local_attention`'s arguments validated, as :func:`_band_side`'s positional arguments."""
     B, S, H, D = check_qkv(q, k, v, grouped=True)
     left, right = normalize_window(window)
     key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
@@ -148,9 +172,7 @@ def local_attention(q: Tensor, k: Tensor, v: Tensor, window, *, key_padding_mask
     dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
     q, k, v = _cast_for_autocast(q, k, v)
-    return _band_side(q, k, v, None, None, left, right, band_key_mask=key_padding_mask, side_mask=None,
-                      query_block=None, band_bias=rel_bias, side_bias=None, scale=scale, backend=backend,
-                      dropout_p=dropout_p)
+    return q, k, v, None, None, left, right, key_padding_mask, None, None, rel_bias, None, scale, backend, dropout_p
 
 
 def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: Tensor, window, query_block: Tensor,
@@ -188,6 +210,13 @@ def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: T
         return _sequence_parallel("tglobal_attention", seq_parallel, q, k, v, side_k, side_v, window, query_block,
                                   dropout_p=dropout_p, key_padding_mask=key_padding_mask, side_mask=side_mask,
                                   rel_bias=rel_bias, side_bias=side_bias, scale=scale, backend=backend)
+    return _band_side(*_tglobal_inputs(q, k, v, side_k, side_v, window, query_block, key_padding_mask, side_mask,
+                                       rel_bias, side_bias, scale, dropout_p, backend))
+
+
+def _tglobal_inputs(q, k, v, side_k, side_v, window, query_block, key_padding_mask, side_mask, rel_bias, side_bias,
+                    scale, dropout_p, backend) -> tuple:
+    """:func:`tglobal_attention`'s arguments validated, as :func:`_band_side`'s positional arguments."""
     B, S, H, D = check_qkv(q, k, v, grouped=True)
     G = check_side_kv(side_k, side_v, q, k)
     left, right = normalize_window(window)
@@ -200,9 +229,8 @@ def tglobal_attention(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: T
     dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
     q, k, v, side_k, side_v = _cast_for_autocast(q, k, v, side_k, side_v)
-    return _band_side(q, k, v, side_k, side_v, left, right, band_key_mask=key_padding_mask, side_mask=side_mask,
-                      query_block=query_block, band_bias=rel_bias, side_bias=side_bias, scale=scale,
-                      backend=backend, dropout_p=dropout_p)
+    return (q, k, v, side_k, side_v, left, right, key_padding_mask, side_mask, query_block, rel_bias, side_bias, scale,
+            backend, dropout_p)
 
 
 def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: Tensor, *,

@@ -50,7 +50,9 @@ def info_dict() -> dict:
     }
 
 
-OPTIONAL_FEATURES = ("dropout", "grouped_kv", "ranges")  # dropout_p > 0, H_kv < H, packed batches (*_varlen)
+# dropout_p > 0, H_kv < H, packed batches (*_varlen), sequence-parallel halo keys read in place, an lse gradient,
+# dropout counters at a shard's offset
+OPTIONAL_FEATURES = ("dropout", "grouped_kv", "ranges", "halo", "lse_grad", "dropout_offset")
 
 
 def backend_features() -> dict[str, dict[str, str]]:
@@ -85,7 +87,8 @@ def format_info() -> str:
     lines.append("backends (on the device above):")
     for name, reasons in info["backends"].items():
         lines.append(f"  {name:<8} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))
-    lines.append("optional features (dropout: dropout_p > 0; grouped_kv: fewer K/V heads; ranges: *_varlen ops):")
+    lines.append("optional features (dropout: dropout_p > 0; grouped_kv: fewer K/V heads; ranges: *_varlen ops; "
+                 "halo, lse_grad, dropout_offset: seq_parallel):")
     for name, features in info["features"].items():
         lines.append(f"  {name:<8} " + ", ".join(f"{f}: {v}" for f, v in features.items()))
     return "\n".join(lines)

@@ -73,12 +73,13 @@ def masked_softmax_attention(scores, mask, values, keep=None, dropout_p=0.0):
 
 def band_side_attention(q, k, v, side_k=None, side_v=None, window=(0, 0), *, band_key_mask=None, side_mask=None,
                         query_block=None, band_bias=None, side_bias=None, scale=None, keep=None, dropout_p=0.0,
-                        key_ranges=None, side_ranges=None):
+                        key_ranges=None, side_ranges=None, with_lse=False):
     """DESIGN.md section 1 in float64 (``keep``: optional (B, H, S, S + G) dropout keep mask, columns band keys
     then side keys, e.g. ``longattn._dropout.dense_keep_mask``; ``key_ranges`` / ``side_ranges``: optional
     (B, S, 2) per-row key ranges, see ``dense_mask_and_bias``).
     q (B, S, H, D); k, v (B, S, H_kv, D); side_k, side_v (B, G, H_kv, D).
-    -> (B, S, H, D). Grouped-query attention (H_kv < H): query head h reads K/V head h // (H // H_kv); the oracle
+    -> (B, S, H, D), and with ``with_lse`` also the (B, H, S) log-sum-exp of each row's scores (+inf for a row
+    with no key). Grouped-query attention (H_kv < H): query head h reads K/V head h // (H // H_kv); the oracle
     simply repeats K/V (the backends must not)."""
     q, k, v = _f64(q), _f64(k), _f64(v)
     B, S, H, D = q.shape
@@ -97,7 +98,34 @@ def band_side_attention(q, k, v, side_k=None, side_v=None, window=(0, 0), *, ban
     keys = torch.cat([k, side_k], 1).transpose(1, 2)  # (B, H, S+G, D)
     values = torch.cat([v, side_v], 1).transpose(1, 2)
     scores = scale * q.transpose(1, 2) @ keys.transpose(-1, -2) + bias
-    return masked_softmax_attention(scores, mask, values, keep, dropout_p).transpose(1, 2)
+    out = masked_softmax_attention(scores, mask, values, keep, dropout_p).transpose(1, 2)
+    if not with_lse:
+        return out
+    lse = torch.logsumexp(scores.masked_fill(~mask, float("-inf")), -1)
+    return out, torch.where(mask.any(-1), lse, torch.full_like(lse, float("inf")))
+
+
+def band_side_with_halo(q, k, v, halo_k, halo_v, halo_left, *, halo_mask=None, band_key_mask=None,
+                        query_block=None, **kwargs):
+    """The halo contract (``longattn.backends``, "Halo keys") by its definition: the oracle on the extended
+    sequence ``[halo_k[:, :HL] | k | halo_k[:, HL:]]`` with zero query rows for the halo, rows ``[HL, HL + S)``
+    kept. Other keywords as :func:`band_side_attention`; -> (out (B, S, H, D), lse (B, H, S))."""
+    B, S = q.shape[:2]
+    hl, n = halo_left, halo_k.shape[1]
+
+    def ext(x, halo):
+        return torch.cat([halo[:, :hl], x, halo[:, hl:]], 1)
+
+    def rows(x, fill):
+        return torch.cat([x.new_full((B, hl, *x.shape[2:]), fill), x, x.new_full((B, n - hl, *x.shape[2:]), fill)], 1)
+
+    ones = torch.ones(B, S + n, dtype=torch.bool, device=q.device)
+    mask = ext(ones[:, :S] if band_key_mask is None else band_key_mask.bool(),
+               ones[:, :n] if halo_mask is None else halo_mask.bool())
+    out, lse = band_side_attention(rows(q, 0), ext(k, halo_k), ext(v, halo_v), band_key_mask=mask,
+                                   query_block=None if query_block is None else rows(query_block, -1),
+                                   with_lse=True, **kwargs)
+    return out[:, hl:hl + S], lse[:, :, hl:hl + S]
 
 
 def longformer_keep_masks(rng, dropout_p, global_mask, key_padding_mask, H):

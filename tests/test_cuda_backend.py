@@ -47,13 +47,17 @@ SCHEMAS = {
         "longattn::cuda_band_side_fwd(Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, "
         "Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, Tensor? side_bias, "
         "int left, int right, float scale, float dropout_p=0., Tensor? rng=None, bool dropout_global_rows=False, "
-        "Tensor? key_ranges=None, Tensor? side_ranges=None) -> (Tensor out, Tensor lse)",
+        "Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, Tensor? halo_v=None, "
+        "Tensor? halo_mask=None, int halo_left=0, int dropout_offset=0) -> (Tensor out, Tensor lse)",
     "cuda_band_side_bwd":
         "longattn::cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, "
         "Tensor out, Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, "
         "Tensor? band_bias, Tensor? side_bias, int left, int right, float scale, float dropout_p=0., "
-        "Tensor? rng=None, bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None) -> "
-        "(Tensor dq, Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias)",
+        "Tensor? rng=None, bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None, "
+        "Tensor? halo_k=None, Tensor? halo_v=None, Tensor? halo_mask=None, int halo_left=0, Tensor? dlse=None, "
+        "int dropout_offset=0) -> "
+        "(Tensor dq, Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias, "
+        "Tensor dhalo_k, Tensor dhalo_v)",
     "cuda_block_aggregate_fwd":
         "longattn::cuda_block_aggregate_fwd(Tensor x, Tensor block_ids, int num_blocks, Tensor? weight, "
         "float eps) -> (Tensor out, Tensor sums, Tensor rstd)",
@@ -137,7 +141,8 @@ def test_fake_shapes_of_raw_ops():
     assert out.shape == (B, S, H, D) and out.dtype == torch.bfloat16 and out.is_contiguous()
     assert lse.shape == (B, H, S) and lse.dtype == torch.float32
     g = ops.cuda_band_side_bwd(out, q, q, q, side, side, out, lse, None, None, qb, bb, sb, 4, 4, 0.125)
-    assert [tuple(t.shape) for t in g] == [(B, S, H, D)] * 3 + [(B, G, H, D)] * 2 + [(H, 9), (H, 2 * G + 1)]
+    assert [tuple(t.shape) for t in g] == ([(B, S, H, D)] * 3 + [(B, G, H, D)] * 2 + [(H, 9), (H, 2 * G + 1)]
+                                         + [(0,)] * 2)  # no halo keys: empty dhalo_k, dhalo_v
     assert all(t.is_contiguous() for t in g)
     g = ops.cuda_band_side_bwd(out, q, q, q, side, side, out, lse, None, None, None, None, None, 4, 4, 0.125)
     assert g[5].shape == (0,) and g[6].shape == (0,)
@@ -151,7 +156,8 @@ def test_fake_shapes_of_raw_ops():
                                   key_ranges=ranges, side_ranges=ranges)[1].shape == (B, H, S)
     g = ops.cuda_band_side_bwd(out, q, q, q, side, side, out, lse, None, None, qb, bb, sb, 4, 4, 0.125,
                                key_ranges=ranges, side_ranges=ranges)
-    assert [tuple(t.shape) for t in g] == [(B, S, H, D)] * 3 + [(B, G, H, D)] * 2 + [(H, 9), (H, 2 * G + 1)]
+    assert [tuple(t.shape) for t in g] == ([(B, S, H, D)] * 3 + [(B, G, H, D)] * 2 + [(H, 9), (H, 2 * G + 1)]
+                                         + [(0,)] * 2)  # no halo keys: empty dhalo_k, dhalo_v
 
     x = torch.empty(B, S, 48, device="meta", dtype=torch.float16)
     ids = torch.empty(B, S, device="meta", dtype=torch.int32)
@@ -189,6 +195,9 @@ _TENSOR_DIMS = {  # argument -> (dims by name, dtype); q-like operands use q's d
 _CONTIGUOUS = {"key_ranges", "side_ranges"}  # read by computed offsets: must be contiguous (so no expanded zeros)
 # Arguments every value of whose type is valid (so no bad call exists).
 _NO_BAD_VALUE = {"dropout_global_rows"}
+# Halo keys, the lse gradient and the dropout offset: left at their defaults here (halo keys and the offset exclude
+# ranges, which the valid set uses); their bad calls are in tests/test_cuda_halo.py.
+_HALO_ARGS = {"halo_k", "halo_v", "halo_mask", "halo_left", "dlse", "dropout_offset"}
 
 
 def _sizes(letters, **dims):
@@ -214,7 +223,9 @@ def raw_op_args(op, device, **dims):
     d = {**DIMS, **dims}
     args = {}
     for arg in getattr(torch.ops.longattn, op).default._schema.arguments:
-        if arg.name in ("left", "right", "num_blocks"):
+        if arg.name in _HALO_ARGS:
+            args[arg.name] = arg.default_value
+        elif arg.name in ("left", "right", "num_blocks"):
             args[arg.name] = d[arg.name]
         elif arg.name in ("scale", "eps"):
             args[arg.name] = 0.125 if arg.name == "scale" else 1e-6
@@ -486,7 +497,7 @@ def test_every_raw_op_argument_has_a_bad_call():
     for op in RAW_OPS:
         covered = {case_id.split("/")[1].split("-")[0].split("=")[0] for case_id in BAD_CALLS
                    if case_id.startswith(f"{op}/")}
-        names = {a.name for a in getattr(torch.ops.longattn, op).default._schema.arguments} - _NO_BAD_VALUE
+        names = {a.name for a in getattr(torch.ops.longattn, op).default._schema.arguments} - _NO_BAD_VALUE - _HALO_ARGS
         assert names <= covered, f"{op}: no bad call for {sorted(names - covered)}"
 
 

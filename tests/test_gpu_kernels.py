@@ -125,9 +125,18 @@ def test_long_sequences(S, kind, backend):
 # --------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("split_keys", [None, 128])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_longformer_globals(backend):
+def test_longformer_globals(backend, split_keys, monkeypatch):
+    """``split_keys``: the CUDA path's global rows split over 128-key splits (S = 777: 7 splits, the last padded)
+    instead of the default (one split at this S)."""
     require(backend, torch.bfloat16, 64)
+    if split_keys is not None and backend != "cuda":
+        pytest.skip("the key splits are the CUDA path's (Triton has its own split-KV kernels)")
+    if split_keys is not None:
+        from longattn.backends import _longformer
+
+        monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
     B, S, H, D = 2, 777, 2, 64
     case = make_case(B=B, S=S, H=H, D=D, G=0, device="cuda")
     glob = torch.zeros(B, S, dtype=torch.bool, device="cuda")

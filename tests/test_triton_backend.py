@@ -251,26 +251,43 @@ def ptxas_usage(ptx: str) -> str:
     return f"{used.group(1) if used else '?'} registers, spill stores/loads {spills[-1] if spills else '?'} bytes"
 
 
+# Kernel flags shown next to each compiled kernel's register / spill line.
+_SHOWN = ("BACKWARD", "SIDE", "SIDE_INDEX", "HAS_DROPOUT", "BLOCK_D", "HAS_RANGES", "HAS_KRANGES", "HAS_HALO",
+          "HAS_DLSE", "HAS_DOFFSET")
+
+
+def compile_sm90(fn, constexprs: dict, warps: int, types: dict | None = None, none_args=()) -> str:
+    """Compile the Triton kernel ``fn`` for sm_90 on the CPU and print (and return) its ptxas register / spill line.
+
+    ``constexprs``: its constexpr parameters (those with a default and not given take it: the optional features,
+    off); ``types``: pointer types beyond ``_POINTER_TYPES``; ``none_args``: parameters passed as None, compile-time
+    constants as the launchers pass absent optional inputs. Needs TRITON_INTERPRET unset (the interpreter replaces
+    jit)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    types = {**_POINTER_TYPES, **(types or {})}
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs,
+                  **dict.fromkeys(none_args)}
+    sig = {n: "constexpr" if n in constexprs else types.get(n, "fp32" if "scale" in n or n == "eps" else "i32")
+           for n in fn.arg_names}
+    consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": warps})
+    usage = ptxas_usage(kernel.asm["ptx"])
+    flags = ",".join(f"{n}={v}" for n, v in constexprs.items() if n in _SHOWN)
+    print(f"{fn.__module__.split('.')[-1]}.{fn.__name__}[{flags}]: {usage}")
+    return usage
+
+
 def compile_all_for_sm90():
     """Compile each kernel (GPU tile shapes, all optional inputs on, with and without dropout) to a cubin for sm_90
     with Triton's bundled ptxas, printing registers / spills; raises on any code-generation error. Needs
     TRITON_INTERPRET unset (the interpreter replaces jit)."""
-    import triton
     from longattn.triton_kernels import _common, band_side, block_aggregate
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    def build(fn, constexprs, warps):
-        # constexpr parameters with a default (the Longformer options, off) are compiled at that default
-        constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
-        sig = {n: "constexpr" if n in constexprs else _POINTER_TYPES.get(
-                   n, "fp32" if n in ("scale", "eps", "drop_scale") else "i32") for n in fn.arg_names}
-        consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": warps})
-        shown = ("BACKWARD", "SIDE", "HAS_DROPOUT", "BLOCK_D", "SIDE_INDEX")
-        flags = ",".join(f"{n}={v}" for n, v in constexprs.items() if n in shown)
-        print(f"{fn.__module__.split('.')[-1]}.{fn.__name__}[{flags}]: {ptxas_usage(kernel.asm['ptx'])}")
+    build = compile_sm90
 
     flags = dict(HAS_KMASK=True, HAS_SMASK=True, HAS_BBIAS=True, HAS_SBIAS=True)
     for D in (64, 128):

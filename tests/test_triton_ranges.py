@@ -337,26 +337,15 @@ def compile_ranges_for_sm90(dropouts=(False, True), rows_baseline=True):
     registers / spills (``tests.test_triton_backend.ptxas_usage``). Without ranges the band kernels are those of
     ``test_kernels_compile_for_sm90_bf16`` (the flags default off). ``dropouts``: the HAS_DROPOUT values built;
     ``rows_baseline``: also the global rows without ranges."""
-    import triton
     from longattn.triton_kernels import _common, band_side, global_rows
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from tests.test_triton_backend import _POINTER_TYPES, ptxas_usage
+    from tests.test_triton_backend import compile_sm90
 
-    types = {**_POINTER_TYPES, **dict.fromkeys(["KRange", "SRange", "Ranges", "TBounds"], "*i32"), "Pos": "*i64",
-             "Used": "*u8", **dict.fromkeys(["GLse", "PartO", "PartL"], "*fp32")}
+    types = {**dict.fromkeys(["KRange", "SRange", "Ranges", "TBounds"], "*i32"), "Pos": "*i64", "Used": "*u8",
+             **dict.fromkeys(["GLse", "PartO", "PartL"], "*fp32")}
 
     def build(fn, constexprs, warps):
-        constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
-        sig = {n: "constexpr" if n in constexprs else types.get(n, "fp32" if "scale" in n else "i32")
-               for n in fn.arg_names}
-        consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": warps})
-        shown = ("BACKWARD", "SIDE", "SIDE_INDEX", "HAS_DROPOUT", "BLOCK_D", "HAS_RANGES", "HAS_KRANGES")
-        flags = ",".join(f"{n}={v}" for n, v in constexprs.items() if n in shown)
-        print(f"{fn.__module__.split('.')[-1]}.{fn.__name__}[{flags}]: {ptxas_usage(kernel.asm['ptx'])}")
+        compile_sm90(fn, constexprs, warps, types)
 
     on = dict(HAS_KRANGES=True, HAS_SRANGES=True)
     for D in (64, 128):

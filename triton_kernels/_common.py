@@ -122,13 +122,18 @@ def band_tile_interior(m0, n0, S, left, right, BLOCK_M: tl.constexpr, BLOCK_N: t
 
 @triton.jit
 def band_scores(qk, rows, cols, edge, S, left, right, scale, bias_ptr, kmask_ptr,
-                HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr):
+                HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, halo=None, HAS_HALO: tl.constexpr = False,
+                HAS_HMASK: tl.constexpr = False):
     """Float32 scores of band pairs (i, j) from ``qk = <q_i, k_j>``; -inf where not attended.
 
     ``rows`` / ``cols`` hold i and j, broadcastable to qk's shape: ``(BLOCK_M, 1)`` and ``(1, BLOCK_N)`` for a
     key tile, or ``(BLOCK_M, 1)`` and ``(BLOCK_M, BLOCK_T)`` for the skewed tiles of the bias gradient.
     ``bias_ptr`` points at this head's row of ``band_bias`` (W entries); ``kmask_ptr`` at this batch row of
     ``band_key_mask`` (uint8, S entries). ``edge`` (scalar) adds the band / sequence mask.
+
+    HAS_HALO (see ``load_halo_rows``): keys ``j`` lie in ``[halo[0], halo[1])`` instead of ``[0, S)``; the halo keys'
+    mask (HAS_HMASK: ``halo[2]``, this batch row of ``halo_mask``) is read only on edge tiles, the only ones that
+    reach outside ``[0, S)``.
     """
     s = qk * scale
     t = cols - rows + left  # band offset j - i + left
@@ -136,12 +141,50 @@ def band_scores(qk, rows, cols, edge, S, left, right, scale, bias_ptr, kmask_ptr
         # Clamped so that no offset outside the band ever reads out of bounds (those scores are masked).
         s += tl.load(bias_ptr + tl.minimum(tl.maximum(t, 0), left + right)).to(tl.float32)
     if edge:
-        keep = (t >= 0) & (t <= left + right) & (cols >= 0) & (cols < S)
+        if HAS_HALO:
+            keep = (t >= 0) & (t <= left + right) & (cols >= halo[0]) & (cols < halo[1])
+            if HAS_HMASK:
+                keep = keep & (tl.load(halo[2] + halo_row(cols, S, halo[3]), mask=keep & ((cols < 0) | (cols >= S)),
+                                       other=1) != 0)
+        else:
+            keep = (t >= 0) & (t <= left + right) & (cols >= 0) & (cols < S)
         s = tl.where(keep, s, float("-inf"))
     if HAS_KMASK:
-        km = tl.load(kmask_ptr + cols, mask=(cols >= 0) & (cols < S), other=0)
+        # with a halo, band_key_mask covers the local keys only (halo keys: halo_mask, above)
+        km = tl.load(kmask_ptr + cols, mask=(cols >= 0) & (cols < S), other=1 if HAS_HALO else 0)
         s = tl.where(km != 0, s, float("-inf"))
     return s
+
+
+# --------------------------------------------------------------------------------------------------------
+# halo keys (sequence parallelism; notes/halo_contract.md): band keys j in [-HL, S + HR) in local numbering, the
+# rows j < 0 and j >= S read in place from the (HL + HR)-row halo buffers. The kernels take them behind a
+# constexpr HAS_HALO, so without a halo nothing below is compiled in. ``halo`` (in the kernels) is the tuple
+# ``(key_lo, key_hi, halo_mask row pointer, HL)``: the keys ``[key_lo, key_hi)`` any query can reach (``halo_args``).
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def halo_row(j, S, HL):
+    """Row of the halo buffers holding key ``j`` outside ``[0, S)``: ``HL + j`` (left part), ``HL + j - S`` (right)."""
+    return tl.where(j < 0, j + HL, j - S + HL)
+
+
+@triton.jit
+def load_halo_rows(base, hbase, offs, S, stride, hstride, halo, offs_d, D, ALIGN: tl.constexpr):
+    """``load_rows`` of key rows ``offs`` in local numbering: row j of the (S, D) matrix at ``base`` for j in
+    ``[0, S)``, else row ``halo_row(j)`` of the halo matrix at ``hbase`` (row stride ``hstride``); zeros outside
+    ``[halo[0], halo[1])``. One load: each row's pointer is selected from the two sources (no branch, no copy).
+
+    ``ALIGN``: the bytes every row pointer is known to be a multiple of (``halo_args``). Triton's alignment analysis
+    loses it through the select, and without it the load is neither vectorised nor pipelined (sm_90 SASS: scalar
+    16-bit loads instead of 128-bit cp.async)."""
+    local = (offs >= 0) & (offs < S)
+    row_ptr = tl.where(local, base + offs.to(tl.int64) * stride,
+                       hbase + halo_row(offs, S, halo[3]).to(tl.int64) * hstride)
+    row_ptr = tl.multiple_of(row_ptr, ALIGN)
+    mask = (offs[:, None] >= halo[0]) & (offs[:, None] < halo[1]) & (offs_d[None, :] < D)
+    return tl.load(row_ptr[:, None] + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -334,6 +377,99 @@ def range_arg(ranges, name: str, rows: tuple[int, int], dummy):
         raise ValueError(f"{name}: expected a contiguous int32 {(*rows, 2)} tensor on {dummy.device}, got "
                          f"{ranges.dtype} {tuple(ranges.shape)} strides {tuple(ranges.stride())} on {ranges.device}")
     return (dummy, True) if ranges.numel() == 0 else (ranges, True)
+
+
+# The kernels' halo keywords without a halo: None arguments are compile-time constants, so the no-halo kernels are
+# compiled exactly as before the halo existed (no extra parameters).
+_NO_HALO = dict(HK=None, HV=None, HMask=None, stride_hkb=None, stride_hks=None, stride_hkh=None, stride_hvb=None,
+                stride_hvs=None, stride_hvh=None, n_halo=None, halo_left=None, key_lo=None, key_hi=None,
+                HAS_HALO=False, HAS_HMASK=False, HALO_ALIGN=1)
+
+
+def _row_align(*tensors) -> int:
+    """16 when every (batch, row, head) start of ``tensors`` is 16-byte aligned (then 128-bit loads), else 1."""
+    ok = all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:3]) for t in tensors)
+    return 16 if ok else 1
+
+
+def halo_args(halo_k, halo_v, halo_mask, halo_left, k, v, left: int, right: int) -> dict:
+    """The band kernels' halo keywords (``notes/halo_contract.md``): ``halo_k``, ``halo_v`` (B, HL + HR, H_kv, D) like
+    ``k`` (same dtype and device, unit last stride, any other strides), ``halo_mask`` None or contiguous bool
+    (B, HL + HR), ``halo_left`` the int HL. All None: no halo (``_NO_HALO``). Bad input raises ValueError naming the
+    argument. ``key_lo`` / ``key_hi``: the band keys ``[-min(HL, left), S + min(HR, right))`` some query can reach;
+    halo rows beyond them are never loaded (their gradients are zeros). ``HALO_ALIGN``: see ``load_halo_rows``."""
+    if halo_k is None:
+        for name, x in (("halo_v", halo_v), ("halo_mask", halo_mask), ("halo_left", halo_left or None)):
+            if x is not None:
+                raise ValueError(f"{name} was given without halo_k")
+        return dict(_NO_HALO)
+    B, S, H_kv, D = k.shape
+    for name, x in (("halo_k", halo_k), ("halo_v", halo_v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or (x.shape[0], *x.shape[2:]) != (B, H_kv, D) or (
+                x.dtype != k.dtype or x.device != k.device or (x.stride(-1) != 1 and D > 1)):
+            raise ValueError(f"{name}: expected a (B, HL + HR, H_kv, D) = ({B}, *, {H_kv}, {D}) {k.dtype} tensor on "
+                             f"{k.device} with unit last stride, got {_describe(x)}")
+    n_halo = halo_k.shape[1]
+    if halo_v.shape != halo_k.shape:
+        raise ValueError(f"halo_v: shape {tuple(halo_v.shape)} differs from halo_k's {tuple(halo_k.shape)}")
+    if isinstance(halo_left, bool) or not isinstance(halo_left, int) or not 0 <= halo_left <= n_halo:
+        raise ValueError(f"halo_left: expected an int in [0, {n_halo}] (halo_k.shape[1]), got {halo_left!r}")
+    if halo_mask is not None and (not isinstance(halo_mask, torch.Tensor) or halo_mask.dtype != torch.bool or (
+            tuple(halo_mask.shape) != (B, n_halo) or not halo_mask.is_contiguous() or halo_mask.device != k.device)):
+        raise ValueError(f"halo_mask: expected None or a contiguous bool ({B}, {n_halo}) tensor on {k.device}, got "
+                         f"{_describe(halo_mask)}")
+    # An empty halo tensor may have a null data pointer: k stands in (never read, key_lo / key_hi exclude it).
+    hk, hv = (halo_k, halo_v) if n_halo else (k, k)
+    return dict(HK=hk, HV=hv, HMask=as_u8(halo_mask, hk), stride_hkb=hk.stride(0), stride_hks=hk.stride(1),
+                stride_hkh=hk.stride(2), stride_hvb=hv.stride(0), stride_hvs=hv.stride(1), stride_hvh=hv.stride(2),
+                n_halo=n_halo, halo_left=halo_left, key_lo=-min(halo_left, left),
+                key_hi=S + min(n_halo - halo_left, right), HAS_HALO=True,
+                HAS_HMASK=halo_mask is not None and n_halo > 0, HALO_ALIGN=_row_align(k, v, hk, hv))
+
+
+def _describe(x) -> str:
+    if not isinstance(x, torch.Tensor):
+        return type(x).__name__
+    return f"{x.dtype} {tuple(x.shape)} strides {tuple(x.stride())} on {x.device}"
+
+
+def halo_excluded(halo_k, **options) -> None:
+    """ValueError when a halo (``halo_k`` given) meets an option it cannot be combined with (``options``: name ->
+    whether that option is on)."""
+    if halo_k is not None:
+        for name, on in options.items():
+            if on:
+                raise ValueError(f"halo_k: halo keys cannot be combined with {name}")
+
+
+def dlse_args(dlse, lse):
+    """``band_side._delta_kernel``'s lse-gradient keywords; ``dlse`` must be a float32 tensor shaped like ``lse``
+    (any strides: autograd may hand an expanded one; copied contiguous then, B * H * S floats)."""
+    if dlse is None:
+        return {}
+    if not isinstance(dlse, torch.Tensor) or dlse.dtype != torch.float32 or dlse.shape != lse.shape or (
+            dlse.device != lse.device):
+        got = f"{dlse.dtype} {tuple(dlse.shape)} on {dlse.device}" if isinstance(dlse, torch.Tensor) else type(dlse)
+        raise ValueError(f"dlse: expected a float32 {tuple(lse.shape)} tensor on {lse.device}, got {got}")
+    return dict(Lse=lse, DLse=dlse.contiguous(), HAS_DLSE=True)
+
+
+def halo_grad_args(halo, dk):
+    """(the (dhalo_k, dhalo_v) returned, empty without a halo; the dK/dV kernel's output keywords; its extra key
+    tiles): contiguous (B, n_halo, H_kv, D) like ``dk``, written by ``cdiv(HL, BLOCK_N) + cdiv(HR + S % 4, BLOCK_N)``
+    programs (none for an empty part) past those of the S keys (``band_side._keys_kernel``)."""
+    if not halo["HAS_HALO"]:
+        return (), {}, 0
+    B, S, H_kv, D = dk.shape
+    n_halo, left = halo["n_halo"], halo["halo_left"]
+    dhk = torch.empty(B, n_halo, H_kv, D, dtype=dk.dtype, device=dk.device)
+    dhv = torch.empty_like(dhk)
+    block_n = attention_tiles(D)[1]
+    # an empty halo tensor may have a null data pointer: dk stands in (no halo tile, never written)
+    out = dict(DHK=dhk if n_halo else dk, DHV=dhv if n_halo else dk, stride_dhb=dhk.stride(0))
+    # the right part's tiles start at S rounded down to a multiple of 4 (``band_side._keys_kernel``): S % 4 more keys
+    right = n_halo - left
+    return (dhk, dhv), out, triton.cdiv(left, block_n) + (triton.cdiv(right + S % 4, block_n) if right else 0)
 
 
 @triton.jit

@@ -129,13 +129,31 @@ def keep_scale_tile(rng_ptr, bh, rows, n0, thresh, keep_scale, BLOCK_N: tl.const
     return tl.where(keep, keep_scale, 0.0)
 
 
-def kernel_args(dropout_p: float, rng, dummy) -> dict:
+def check_offset(dropout_offset) -> int:
+    """``dropout_offset`` (``notes/halo_contract.md`` section 3) as an int: ValueError unless it is an int in
+    ``[0, 2**31)`` (an int32 kernel argument: row ids are int32 words) and a multiple of 4 (key tiles aligned to 4
+    locally then stay aligned in the counters: ``keep_tile_aligned``)."""
+    o = dropout_offset
+    if isinstance(o, bool) or not isinstance(o, int) or not 0 <= o < 2**31 or o % 4:
+        raise ValueError(f"dropout_offset: expected an int in [0, 2**31) that is a multiple of 4, got {o!r}")
+    return o
+
+
+def kernel_args(dropout_p: float, rng, dummy, offset: int = 0) -> dict:
     """The attention kernels' dropout keywords ``Rng, drop_thresh, drop_scale, HAS_DROPOUT``: ``dropout_p = 0``
-    compiles them without any dropout code (``dummy``, any tensor, stands in for the unread ``rng``)."""
+    compiles them without any dropout code (``dummy``, any tensor, stands in for the unread ``rng``).
+
+    ``offset`` (``check_offset``; moot without dropout): with dropout and ``offset != 0`` also ``HAS_DOFFSET`` and
+    ``drop_offset``, the position the kernels add to their query rows and band keys (not side keys) before drawing
+    bits. Without one those keywords are left out: their defaults (False, None) compile today's kernels."""
+    offset = check_offset(offset)
     if not dropout_p:
         return dict(Rng=dummy, drop_thresh=0, drop_scale=1.0, HAS_DROPOUT=False)
-    return dict(Rng=rng, drop_thresh=keep_threshold_i32(dropout_p), drop_scale=dropout_scale(dropout_p),
+    args = dict(Rng=rng, drop_thresh=keep_threshold_i32(dropout_p), drop_scale=dropout_scale(dropout_p),
                 HAS_DROPOUT=True)
+    if offset:
+        args.update(HAS_DOFFSET=True, drop_offset=offset)
+    return args
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -36,10 +36,16 @@ from ._common import (
     band_scores,
     band_tile_interior,
     batch_head_offset,
+    dlse_args,
     dot_precision,
     ds_tile,
+    halo_args,
+    halo_excluded,
+    halo_grad_args,
+    halo_row,
     head_dim_block,
     kv_grad_step,
+    load_halo_rows,
     load_query_block,
     load_ranges,
     load_rows,
@@ -55,7 +61,7 @@ from ._common import (
     tile_bounds,
     trim_row_tiles,
 )
-from ._dropout import keep_scale_tile
+from ._dropout import check_offset, keep_scale_tile
 from ._dropout import kernel_args as _dropout_meta
 from .bias_grad import chain_add, chain_flush, grouped_column_sums, shifted_column_sums, side_group, zero_fill
 
@@ -69,10 +75,17 @@ def kv_program(pid_bh, H, GROUP):
 
 @triton.jit
 def _keep_scale(Rng, bh, rows, n0, drop_thresh, drop_scale, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr,
-                SIDE: tl.constexpr):
+                SIDE: tl.constexpr, drop_offset, HAS_DOFFSET: tl.constexpr):
     """Dropout factors of a band (or, with SIDE, side-key) tile: ``_dropout.keep_scale_tile`` of query rows ``rows``
     (the bits of ``longattn._dropout``'s layout, so the forward, dQ and dK/dV kernels and every backend agree).
-    Band tiles starting at ``m0 - left`` are not 4-aligned (``ALIGNED`` False: 4x the Philox work)."""
+    Band tiles starting at ``m0 - left`` are not 4-aligned (``ALIGNED`` False: 4x the Philox work).
+
+    HAS_DOFFSET (``notes/halo_contract.md`` section 3): rows and band keys are drawn ``drop_offset`` further on (a
+    sequence-parallel shard's start, a multiple of 4: aligned tiles stay aligned); side keys keep their ids."""
+    if HAS_DOFFSET:
+        rows = rows + drop_offset
+        if not SIDE:
+            n0 = n0 + drop_offset
     return keep_scale_tile(Rng, bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, ALIGNED, SIDE, False)
 
 
@@ -131,7 +144,7 @@ def _side_span(bounds, G, BLOCK_N: tl.constexpr):
 def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width, side, G, D, scale, drop, ranges,
                       HAS_SMASK: tl.constexpr, SIDE_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                       BIAS_L: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                      HAS_RANGES: tl.constexpr):
+                      HAS_RANGES: tl.constexpr, drop_offset, HAS_DOFFSET: tl.constexpr):
     """Side-bias sums of the rows left out of the side loop's group, whose block ids lie ``SIDE_SPAN`` or more
     below the tile's largest (e.g. padding rows, qb = -1, in a tile with others): per pass, the next group
     (``side_group``), its dS recomputed over all side tiles and added into the row. Usually no pass runs.
@@ -155,7 +168,8 @@ def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width
                 s = range_mask(s, g0 + tl.arange(0, BLOCK_N)[None, :], *load_ranges(ranges[0], offs_m, row_ok, G))
             z = s
             if HAS_DROPOUT:
-                z = _keep_scale(drop[0], drop[1], offs_m, g0, drop[2], drop[3], BLOCK_N, True, True)
+                z = _keep_scale(drop[0], drop[1], offs_m, g0, drop[2], drop[3], BLOCK_N, True, True, drop_offset,
+                                HAS_DOFFSET)
             ds = ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
             sums = grouped_column_sums(ds, shift, BIAS_L, DOT_PREC)
             carry = chain_add(carry, sums, side_row, G - qhi + g0, side_width, BLOCK_N, True)
@@ -175,7 +189,10 @@ def _rows_kernel(
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, SIDE_INDEX: tl.constexpr = False,
     HAS_QMASK: tl.constexpr = False, KMASK_ROWS: tl.constexpr = False, HAS_KRANGES: tl.constexpr = False,
-    HAS_SRANGES: tl.constexpr = False,
+    HAS_SRANGES: tl.constexpr = False, HAS_HALO: tl.constexpr = False, HAS_HMASK: tl.constexpr = False,
+    HALO_ALIGN: tl.constexpr = 1, HK=None, HV=None, HMask=None, stride_hkb=None, stride_hks=None, stride_hkh=None,
+    stride_hvb=None, stride_hvs=None, stride_hvh=None, n_halo=None, halo_left=None, key_lo=None, key_hi=None,
+    HAS_DOFFSET: tl.constexpr = False, drop_offset=None,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Lse, Delta) of one query tile.
 
@@ -193,6 +210,16 @@ def _rows_kernel(
     only the key / side tiles that meet the union of the tile's rows' ranges (``range_tiles``; the union and
     the cover of each query tile are precomputed in ``TBounds``, ``_common.tile_bounds``); band tiles not inside
     every row's range get the per-element mask (``ranged_scores``), side tiles all get it.
+
+    HAS_HALO (``notes/halo_contract.md``): band keys ``j`` in ``[key_lo, key_hi)`` (local numbering, the part of
+    ``[-halo_left, S + n_halo - halo_left)`` any query reaches), rows outside ``[0, S)`` read in place from HK, HV
+    (B, n_halo, H // GROUP, D) (``_common.load_halo_rows``), their mask from HMask (B, n_halo) uint8 (HAS_HMASK).
+    The key-tile walk covers those keys; tiles reaching outside ``[0, S)`` are edge tiles, interior ones unchanged.
+    The halo arguments default to None (compile-time constants): without a halo the kernel is compiled as before.
+
+    HAS_DOFFSET (with HAS_DROPOUT; ``notes/halo_contract.md`` section 3): query row i draws the dropout bits of row
+    ``i + drop_offset`` and band key j (halo keys included, local j) those of key ``j + drop_offset``; side keys keep
+    theirs. Off (``drop_offset`` None, a compile-time constant) the kernels compile exactly as without it.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -223,10 +250,19 @@ def _rows_kernel(
     BIAS_L: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # bias_grad's skewed tile width
     bias_row = Part + ((b * tl.num_programs(0) + pid_m) * H + h) * (band_width + side_width)
 
-    # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S).
+    # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
+    # reachable keys [key_lo, key_hi)).
     n_start = m0 - left
-    t_lo = tl.maximum(0, -n_start) // BLOCK_N
-    t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+    halo = None
+    if HAS_HALO:
+        hk_base = HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh)
+        hv_base = HV + batch_head_offset(pid_kv, H // GROUP, stride_hvb, stride_hvh)
+        halo = (key_lo, key_hi, HMask + b * n_halo, halo_left)
+        t_lo = tl.maximum(0, key_lo - n_start) // BLOCK_N
+        t_hi = (tl.minimum(key_hi - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+    else:
+        t_lo = tl.maximum(0, -n_start) // BLOCK_N
+        t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
     bounds = TBounds + (b * tl.num_programs(0) + pid_m) * 8  # this tile's row of _common.tile_bounds
     if HAS_KRANGES:
         t_lo, t_hi = range_tiles(t_lo, t_hi, n_start, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
@@ -235,25 +271,45 @@ def _rows_kernel(
         band_shift = (BLOCK_M - 1) - tl.arange(0, BLOCK_M)
         zero_fill(bias_row, 0, t_lo * BLOCK_N, BLOCK_N)
         carry = tl.zeros([BIAS_L], dtype=tl.float32)
-    for t in range(t_lo, t_hi):
-        n0 = n_start + t * BLOCK_N
-        cols = n0 + offs_n
-        k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
-        v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
-        s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
-                        KMask + b * S, HAS_BBIAS, HAS_KMASK)
-        if HAS_KRANGES:
-            s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
-                              BLOCK_N)
-        z = s
-        if HAS_DROPOUT:  # band tiles start at m0 - left: any alignment
-            z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, False, False)
-        m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT, DOT_PREC)
-        if BACKWARD and HAS_BBIAS:
-            carry = chain_add(carry, shifted_column_sums(ds, band_shift, BIAS_L), bias_row, t * BLOCK_N, band_width,
-                              BLOCK_N, False)
+    # With a halo, a query tile whose band stays inside [0, S) runs today's loop (part 0: plain loads, no halo mask);
+    # one reaching outside (those within left / right of the ends) walks its tiles reading through the halo (part 1).
+    # Two loops, one of them empty, rather than one with a per-tile branch or select: the loads stay pipelined and
+    # today's loop keeps its instructions (sm_90 SASS, D = 64, all masks and biases: forward 713 -> 717 per tile,
+    # dQ without spills inside either loop; the halo loop first spilled inside both).
+    for part in tl.static_range(2 if HAS_HALO else 1):
+        t_begin = t_lo
+        t_end = t_hi
+        if HAS_HALO:
+            reach_out = (n_start < 0) | (m0 + BLOCK_M - 1 + right >= S)
+            if part == 0:
+                t_end = tl.where(reach_out, t_lo, t_hi)
+            else:
+                t_begin = tl.where(reach_out, t_lo, t_hi)
+        for t in range(t_begin, t_end):
+            n0 = n_start + t * BLOCK_N
+            cols = n0 + offs_n
+            if HAS_HALO and part == 1:
+                k = load_halo_rows(k_base, hk_base, cols, S, stride_ks, stride_hks, halo, offs_d, D, HALO_ALIGN)
+                v = load_halo_rows(v_base, hv_base, cols, S, stride_vs, stride_hvs, halo, offs_d, D, HALO_ALIGN)
+            else:
+                k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
+                v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
+            s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
+                            KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO and part == 1, HAS_HMASK)
+            if HAS_KRANGES:
+                s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
+                                  BLOCK_N)
+            z = s
+            if HAS_DROPOUT:  # band tiles start at m0 - left: any alignment
+                z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, False, False, drop_offset,
+                                HAS_DOFFSET)
+            m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
+                                           DOT_PREC)
+            if BACKWARD and HAS_BBIAS:
+                carry = chain_add(carry, shifted_column_sums(ds, band_shift, BIAS_L), bias_row, t * BLOCK_N,
+                                  band_width, BLOCK_N, False)
     if BACKWARD and HAS_BBIAS:
         chain_flush(carry, bias_row, (t_hi - 1) * BLOCK_N, band_width, BLOCK_N, False)
         zero_fill(bias_row, (t_hi - 1) * BLOCK_N + BIAS_L, band_width, BLOCK_N)
@@ -283,7 +339,8 @@ def _rows_kernel(
                 s = range_mask(s, (g0 + offs_n)[None, :], *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
             z = s
             if HAS_DROPOUT:
-                z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True)
+                z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True, drop_offset,
+                                HAS_DOFFSET)
             m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
                                            DOT_PREC)
             if BACKWARD and HAS_SBIAS:
@@ -300,7 +357,8 @@ def _rows_kernel(
         if HAS_SBIAS:  # after dq's store: acc's registers are free for these (usually absent) passes
             _side_bias_passes(q, do, lse, delta, QBlock + b * S, offs_m, S, side_row, side_width, side, G, D, scale,
                               (Rng, pid_bh, drop_thresh, drop_scale), (SRange + b * 2 * S, bounds), HAS_SMASK,
-                              SIDE_INDEX, BLOCK_N, BLOCK_D, BIAS_L, HAS_DROPOUT, DOT_PREC, HAS_SRANGES)
+                              SIDE_INDEX, BLOCK_N, BLOCK_D, BIAS_L, HAS_DROPOUT, DOT_PREC, HAS_SRANGES, drop_offset,
+                              HAS_DOFFSET)
     else:
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
@@ -322,7 +380,10 @@ def _keys_kernel(
     SIDE: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, SIDE_INDEX: tl.constexpr = False,
-    HAS_RANGES: tl.constexpr = False,
+    HAS_RANGES: tl.constexpr = False, HAS_HALO: tl.constexpr = False, HAS_HMASK: tl.constexpr = False,
+    HALO_ALIGN: tl.constexpr = 1, HK=None, HV=None, HMask=None, stride_hkb=None, stride_hks=None, stride_hkh=None,
+    stride_hvb=None, stride_hvs=None, stride_hvh=None, n_halo=None, halo_left=None, key_lo=None, key_hi=None, DHK=None,
+    DHV=None, stride_dhb=None, HAS_DOFFSET: tl.constexpr = False, drop_offset=None,
 ):
     """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles.
 
@@ -339,19 +400,49 @@ def _keys_kernel(
     HAS_RANGES: ``Ranges`` (contiguous int32 (B, S, 2)) holds each query row's band key range, or with SIDE its
     side key range. The query tiles at either end of the walk whose rows' ranges all miss this key tile are
     dropped before it (``trim_row_tiles``); the pairs left are masked per element.
+
+    HAS_HALO (band keys only; the arguments as in ``_rows_kernel``): the programs past the ``cdiv(S, BLOCK_N)`` tiles
+    of the S keys own the halo's, ``cdiv(halo_left, BLOCK_N)`` tiles of the left part (keys from -halo_left rounded
+    down to a multiple of 4) then those of the right part (keys from S rounded down likewise), and store their dK, dV
+    into rows ``_common.halo_row`` of DHK, DHV (contiguous (B, n_halo, H // GROUP, D), batch stride ``stride_dhb``):
+    zeros for rows no query reaches.
+
+    HAS_DOFFSET: dropout rows and band keys drawn ``drop_offset`` further on (``_keep_scale``), as in ``_rows_kernel``.
     """
     pid_n = tl.program_id(0)
     pid_kv = tl.program_id(1)  # (batch, K/V head)
     b = (pid_kv // (H // GROUP)).to(tl.int64)
     pid_q0 = b * H + (pid_kv % (H // GROUP)) * GROUP  # its first query head's (batch, head) program index
     n0 = pid_n * BLOCK_N
+    halo = None
+    if HAS_HALO:  # this tile's part of the keys: [part_lo, part_hi), the S keys' or a halo part
+        th = pid_n - tl.cdiv(N, BLOCK_N)  # >= 0: a halo tile
+        n_left = tl.cdiv(halo_left, BLOCK_N)
+        part_lo = tl.where(th < 0, 0, tl.where(th < n_left, -halo_left, S))
+        part_hi = tl.where(th < 0, S, tl.where(th < n_left, 0, S + n_halo - halo_left))
+        # Halo tiles start at multiples of 4: the left part's first up to 3 keys before -halo_left, the right part's
+        # up to 3 before S (keys outside the part: not loaded, not stored), so the dropout bits take the aligned
+        # path (one Philox call per 4 keys) on every tile. ``_common.halo_grad_args`` counts them alike.
+        n0 = tl.where(th < 0, n0, tl.where(th < n_left, th * BLOCK_N - (halo_left + 3) // 4 * 4,
+                                            S // 4 * 4 + (th - n_left) * BLOCK_N))
+        halo = (tl.maximum(key_lo, part_lo), tl.minimum(key_hi, part_hi), HMask + b * n_halo, halo_left)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_rows = side_rows(SIdx + b * stride_ib, offs_n, G, SIDE and SIDE_INDEX)
-    n_kv = S if SIDE and SIDE_INDEX else N
-    k = load_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh), kv_rows, n_kv, stride_ks, offs_d, D)
-    v = load_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh), kv_rows, n_kv, stride_vs, offs_d, D)
+    if HAS_HALO:
+        k = load_halo_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh),
+                           HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh), offs_n, S, stride_ks,
+                           stride_hks, halo, offs_d, D, HALO_ALIGN)
+        v = load_halo_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh),
+                           HV + batch_head_offset(pid_kv, H // GROUP, stride_hvb, stride_hvh), offs_n, S, stride_vs,
+                           stride_hvs, halo, offs_d, D, HALO_ALIGN)
+    else:
+        kv_rows = side_rows(SIdx + b * stride_ib, offs_n, G, SIDE and SIDE_INDEX)
+        n_kv = S if SIDE and SIDE_INDEX else N
+        k = load_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh), kv_rows, n_kv, stride_ks,
+                      offs_d, D)
+        v = load_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh), kv_rows, n_kv, stride_vs,
+                      offs_d, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -363,6 +454,8 @@ def _keys_kernel(
         m_start = n0 - right
         t_lo = tl.maximum(0, -m_start) // BLOCK_M
         t_hi = (tl.minimum(S - 1, n0 + BLOCK_N - 1 + left) - m_start) // BLOCK_M + 1
+        if HAS_HALO:  # a tile of halo keys no query reaches: no query tile (its dK, dV rows are zeros)
+            t_hi = tl.where((n0 + BLOCK_N <= halo[0]) | (n0 >= halo[1]), t_lo, t_hi)
     if HAS_RANGES:
         range_ptr = Ranges + b * 2 * S
         t_lo, t_hi = trim_row_tiles(range_ptr, t_lo, t_hi, m_start, S, n0, n0 + BLOCK_N, N, BLOCK_M)
@@ -391,18 +484,30 @@ def _keys_kernel(
         else:
             edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
             s = band_scores(qk, rows[:, None], offs_n[None, :], edge, S, left, right, scale,
-                            BBias + h * (left + right + 1), KMask + b * S, HAS_BBIAS, HAS_KMASK)
+                            BBias + h * (left + right + 1), KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO,
+                            HAS_HMASK)
         if HAS_RANGES:
             s = range_mask(s, offs_n[None, :], *load_ranges(range_ptr, rows, row_ok, N))
         z = s
-        if HAS_DROPOUT:  # key tiles start at multiples of BLOCK_N: aligned
-            z = _keep_scale(Rng, pid_bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, True, SIDE)
+        if HAS_DROPOUT:  # key tiles start at multiples of 4 (of BLOCK_N, or halo tiles: see above): aligned
+            z = _keep_scale(Rng, pid_bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, True, SIDE, drop_offset,
+                            HAS_DOFFSET)
         dk, dv = kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT, DOT_PREC)
 
     out_offset = tl.program_id(2).to(tl.int64) * stride_split + batch_head_offset(pid_kv, H // GROUP, stride_gb,
                                                                                   stride_gh)
-    store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
-    store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
+    if HAS_HALO:  # a halo tile stores the rows of its part into DHK, DHV
+        halo_offset = batch_head_offset(pid_kv, H // GROUP, stride_dhb, stride_gh)
+        dk_out = tl.where(th >= 0, DHK + halo_offset, DK + out_offset)
+        dv_out = tl.where(th >= 0, DHV + halo_offset, DV + out_offset)
+        n_out = tl.where(th >= 0, n_halo, N)
+        out_rows = tl.where(th < 0, offs_n, tl.where((offs_n >= part_lo) & (offs_n < part_hi),
+                                                     halo_row(offs_n, S, halo_left), -1))
+        store_rows(dk_out, dk * scale, out_rows, n_out, stride_gs, offs_d, D)
+        store_rows(dv_out, dv, out_rows, n_out, stride_gs, offs_d, D)
+    else:
+        store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
+        store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
 
 
 @triton.jit
@@ -437,14 +542,23 @@ def _side_add_kernel(DSK, DSV, SIdx, SMask, DK, DV, stride_split, stride_pb, str
 
 @triton.jit
 def _delta_kernel(DO, Out, Delta, stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, S, H, D,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta[b, h, i] = <dout[b, i, h], out[b, i, h]> in float32 (the softmax-backward row term)."""
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr = False, Lse=None, DLse=None):
+    """delta[b, h, i] = <dout[b, i, h], out[b, i, h]> in float32 (the softmax-backward row term).
+
+    HAS_DLSE: minus ``DLse[b, h, i]``, the loss's gradient w.r.t. the row's log-sum-exp (float32 (B, H, S), like
+    ``Lse``): dS = P * (dP - delta + dlse), so every kernel reading delta takes the lse gradient with it. Rows
+    with lse = +inf (no key) keep delta: their P is 0, and a NaN or inf there must not reach 0 * NaN."""
     pid_bh = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
     o = load_rows(Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), offs_m, S, stride_os, offs_d, D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        stats = pid_bh.to(tl.int64) * S + offs_m
+        lse = tl.load(Lse + stats, mask=offs_m < S, other=float("inf"))
+        dlse = tl.load(DLse + stats, mask=offs_m < S, other=0.0)
+        delta -= tl.where(lse < float("inf"), dlse, 0.0)
     tl.store(Delta + pid_bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
 
 
@@ -502,11 +616,19 @@ def _range_args(key_ranges, side_ranges, B, S, G, block_m, dummy):
 
 def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
             scale, dropout_p=0.0, rng=None, side_index=None, query_mask=None, band_rows_only=False, key_ranges=None,
-            side_ranges=None):
+            side_ranges=None, *, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0):
     """-> (out (B, S, H, D) contiguous in q's dtype, lse (B, H, S) float32); see ``longattn.backends``.
 
     ``key_ranges`` / ``side_ranges``: None or contiguous int32 (B, S, 2), the band / side keys each row may attend
     (packed variable-length batches).
+
+    ``halo_k``, ``halo_v`` (B, HL + HR, H_kv, D), ``halo_mask`` (B, HL + HR) bool or None, ``halo_left`` = HL: band
+    keys beyond both ends of the sequence (``notes/halo_contract.md``, ``_common.halo_args``), read in place; not
+    combined with ranges or the Longformer options (ValueError).
+
+    ``dropout_offset``: an int >= 0, a multiple of 4 (else ValueError): with dropout, row i and band key j (halo keys
+    at their local j) draw the bits of row / key ``i + o`` / ``j + o`` (a sequence-parallel shard passes its start,
+    ``notes/halo_contract.md`` section 3); side keys keep theirs. 0 (or no dropout) compiles today's kernels.
 
     Options of the Longformer op (``longattn.backends._longformer``), all default off:
     ``side_index`` (B, G) int64: side key g of batch row b is token ``side_index[b, g]`` of ``side_k``/``side_v``
@@ -515,6 +637,11 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     lse = +inf (no gradient from the backward).
     """
     B, S, H, D = q.shape
+    halo_excluded(halo_k, key_ranges=key_ranges is not None, side_ranges=side_ranges is not None,
+                  side_index=side_index is not None, query_mask=query_mask is not None,
+                  band_rows_only=bool(band_rows_only))
+    check_offset(dropout_offset)
+    halo = halo_args(halo_k, halo_v, halo_mask, halo_left, k, v, left, right)
     G = _side_count(side_k, side_index)
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
@@ -529,18 +656,24 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         *strides3(q), *strides3(out), stride_ib,
         S, H, H // k.shape[2], G, D, left, right, float(scale), 0, 0,
         BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias),
-        **_dropout_meta(dropout_p, rng, lse), BLOCK_M=BLOCK_M,
+        **_dropout_meta(dropout_p, rng, lse, dropout_offset), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
-        **ranged,
+        **ranged, **halo,
     )
     return out, lse
 
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-             left, right, scale, dropout_p=0.0, rng=None, side_index=None, key_ranges=None, side_ranges=None):
+             left, right, scale, dropout_p=0.0, rng=None, side_index=None, key_ranges=None, side_ranges=None, *,
+             halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0):
     """-> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias): contiguous gradients in the inputs' dtypes
-    (a bias gradient is empty when its table is absent).
+    (a bias gradient is empty when its table is absent); with a halo (see ``forward``) followed by
+    ``dhalo_k, dhalo_v`` (B, HL + HR, H_kv, D) contiguous in k's dtype (a 9-tuple).
+
+    ``dlse``: None or float32 (B, H, S), the loss's gradient w.r.t. ``lse`` (the delta pre-pass subtracts
+    it from delta, so every pass takes it; rows with lse = +inf get none, whatever dlse holds there).
+    ``dropout_offset``: as in ``forward`` (every pass draws its dropout bits with it).
 
     The bias-table gradients are summed by the dQ kernel per query tile (``bias_grad``) and reduced over the
     tiles by torch in a fixed order. Side keys' dK/dV: every query attends every side key, so one program per
@@ -554,22 +687,28 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     their key tile.
     """
     B, S, H, D = q.shape
+    halo_excluded(halo_k, key_ranges=key_ranges is not None, side_ranges=side_ranges is not None,
+                  side_index=side_index is not None)
+    check_offset(dropout_offset)
+    halo = halo_args(halo_k, halo_v, halo_mask, halo_left, k, v, left, right)
     G = _side_count(side_k, side_index)
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
     ranged, (kr, has_kr), side_ranges = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
+    lse = lse.contiguous()
     delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     _delta_kernel[(triton.cdiv(S, BLOCK_M), B * H)](
         dout, out, delta, *strides3(dout), *strides3(out), S, H, D, BLOCK_M=BLOCK_M, BLOCK_D=head_dim_block(D),
+        **dlse_args(dlse, lse),
     )
     dq = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
     H_kv = k.shape[2]  # grouped-query attention: H_kv < H (dK, dV have k's heads)
     dk = torch.empty(B, S, H_kv, D, dtype=q.dtype, device=q.device)
     dv = torch.empty_like(dk)
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
-    meta = dict(**_flags(band_key_mask, side_mask, band_bias, side_bias), **_dropout_meta(dropout_p, rng, delta),
+    meta = dict(**_flags(band_key_mask, side_mask, band_bias, side_bias),
+                **_dropout_meta(dropout_p, rng, delta, dropout_offset),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps)
-    lse = lse.contiguous()
     n_tiles = triton.cdiv(S, BLOCK_M)
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
     part = bias_grad.partials(B, n_tiles, H, widths, delta)
@@ -579,22 +718,23 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, SIDE_INDEX=indexed,
-        **ranged, **meta,
+        **ranged, **meta, **halo,
     )
     dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M)
     dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
-    _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H_kv, 1)](
+    halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
+    _keys_kernel[(triton.cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, 0,
         S, S, H, H // H_kv, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
-        HAS_RANGES=has_kr, **meta,
+        HAS_RANGES=has_kr, **meta, **halo, **halo_out,
     )
     if indexed:
         _side_key_grads_into(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges, side_index,
                              side_mask, dk, dv)
         return dq, dk, dv, q.new_empty(0), q.new_empty(0), dbb, dsb
     dsk, dsv = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges)
-    return dq, dk, dv, dsk, dsv, dbb, dsb
+    return dq, dk, dv, dsk, dsv, dbb, dsb, *halo_grads
 
 
 def side_splits(n_programs: int, n_query_tiles: int) -> int:

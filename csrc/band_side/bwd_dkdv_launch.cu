@@ -9,10 +9,10 @@ namespace longattn {
 cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStream_t stream) {
   return dispatch_traits(bf16, p.D, [&](auto traits) {
     using Traits = decltype(traits);
-    const int band_ctas = (p.S + Traits::kBlockN - 1) / Traits::kBlockN;
+    const int band_ctas = p.n_band_tiles;  // ceil(S / 64), or with halo keys the tiles of their span
     const int side_ctas = ((p.G + Traits::kBlockN - 1) / Traits::kBlockN) * p.side_chunks;
-    return dispatch_flags(p, [&]<bool kDropout, bool kRanges>() {
-      return launch_kernel(band_side_bwd_dkdv_kernel<Traits, kDropout, kRanges>,
+    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo>() {
+      return launch_kernel(band_side_bwd_dkdv_kernel<Traits, kDropout, kRanges, kHalo>,
                            dim3(band_ctas + side_ctas, p.B, p.H), Traits::kThreads,
                            kRanges ? Traits::kBwdDkvRangesSmem : Traits::kBwdDkvSmem, p, stream);
     });

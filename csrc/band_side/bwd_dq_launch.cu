@@ -20,8 +20,8 @@ cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStre
 cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream) {
   return dispatch_traits(bf16, p.D, [&](auto traits) {
     using Traits = decltype(traits);
-    return dispatch_flags(p, [&]<bool kDropout, bool kRanges>() {
-      return launch_kernel(band_side_bwd_dq_kernel<Traits, kDropout, kRanges>, query_tile_grid<Traits>(p),
+    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo>() {
+      return launch_kernel(band_side_bwd_dq_kernel<Traits, kDropout, kRanges, kHalo>, query_tile_grid<Traits>(p),
                            Traits::kThreads, Traits::kBwdDqSmem, p, stream);
     });
   });

@@ -20,6 +20,14 @@
 // kRanges (per-row key ranges, band_side/ranges.h): dQ walks the forward's narrowed key tiles; a dK/dV CTA
 // visits only the query tiles from the first to the last whose rows' ranges meet its key tile. Pairs outside a
 // row's range get score -inf, hence P = 0 and no gradient.
+//
+// kHalo (halo keys, never with kRanges): dQ walks the forward's key tiles, halo tiles included; the dK/dV grid's
+// band CTAs cover the key tiles [band_tile0, band_tile0 + n_band_tiles) of the keys some query's window reaches in
+// [-halo_left, S + halo_right), and a CTA's key rows outside [0, S) write dhalo_k / dhalo_v. With kDropout the bits
+// are the forward's: rows and band keys shifted by drop_offset (dropout.h).
+//
+// dlse (the gradient of the lse output): dS = P (dP - delta + dlse), i.e. delta - dlse in place of delta,
+// computed once by the delta kernel; nothing else changes.
 #pragma once
 
 #include "band_side/dropout.h"
@@ -29,7 +37,7 @@
 namespace longattn {
 
 // ------------------------------------------------------------------------------------------------
-// delta = rowsum(dO * O): one warp per (b, s, h) row.
+// delta = rowsum(dO * O) (- dlse where given and the row's lse < +inf): one warp per (b, s, h) row.
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
@@ -45,7 +53,12 @@ __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
   for (int d = lane; d < p.D; d += 32) acc += to_float(dO[d]) * to_float(O[d]);
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) p.delta[((int64_t)b * p.H + h) * p.S + s] = acc;
+  if (lane == 0) {
+    const int64_t at = ((int64_t)b * p.H + h) * p.S + s;
+    // A row with lse = +inf has P = 0: its dlse (any value, NaN included) must not reach 0 * (dP - delta).
+    if (p.dlse != nullptr && p.lse_in[at] < INFINITY) acc -= p.dlse[at];
+    p.delta[at] = acc;
+  }
 }
 
 // The lse in log2 units, +inf for rows past the end (so their P is 0 with no extra test).
@@ -59,8 +72,9 @@ __device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h,
 // ------------------------------------------------------------------------------------------------
 // dQ
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout, bool kRanges>
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
+  static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -83,12 +97,12 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(cons
   float acc_dq[D / 8][4];
   zero(acc_dq);
   DropoutCtx drop{};
-  if constexpr (kDropout) drop = dropout_ctx(p, b, h);
+  if constexpr (kDropout) drop = dropout_ctx<kHalo>(p, b, h);
   QueryRanges ranges{};
-  const KeyTileWalk walk = query_tile_walk<Traits, kRanges>(p, b, m0, i0, i1, ranges);
+  const KeyTileWalk walk = query_tile_walk<Traits, kRanges, kHalo>(p, b, m0, i0, i1, ranges);
 
-  walk_key_tiles<Traits, kRanges>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
-                                                                       const T* sVt) {
+  walk_key_tiles<Traits, kRanges, kHalo>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
+                                                                              const T* sVt) {
     // The keep bits depend on indices only: drawn before the products, while few registers are live.
     uint32_t keep = 0;
     if constexpr (kDropout) keep = keep_mask_query_rows<BN>(drop, kt.side, kt.key0, i0, i1, lane);
@@ -111,7 +125,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        float sc = score_log2(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, qb[r]);
+        float sc = score_log2<kHalo>(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, qb[r]);
         if constexpr (kRanges) {
           if (!mask_bit(in_range, n, e)) sc = -INFINITY;
         }
@@ -177,8 +191,9 @@ __device__ __forceinline__ void side_bias_grad_tile(const BandSideParams& p, con
 // ------------------------------------------------------------------------------------------------
 // dK, dV (band key tiles and side-key tiles x query chunks)
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout, bool kRanges>
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
+  static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -198,7 +213,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
 
   const int b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int n_band_ctas = (p.S + BN - 1) / BN;
+  const int n_band_ctas = kHalo ? p.n_band_tiles : (p.S + BN - 1) / BN;
   const int n_query_tiles = (p.S + BM - 1) / BM;
 
   KeyTile kt;
@@ -207,17 +222,14 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
   int side_cta = 0, chunk = 0;
   kt.side = (int)blockIdx.x >= n_band_ctas;
   if (!kt.side) {
-    kt.key0 = blockIdx.x * BN;
-    const BandQueryTiles<BM, BN> qt(p, kt.key0);
+    kt.key0 = kHalo ? (p.band_tile0 + (int)blockIdx.x) * BN : blockIdx.x * BN;
+    const BandQueryTiles<BM, BN, kHalo> qt(p, kt.key0);
     q_first = qt.first;
     q_count = qt.count;
     if (p.band_bias != nullptr)
       bias_partial = p.dband_bias_partial + (((int64_t)b * p.H + h) * n_band_ctas + blockIdx.x) * p.band_width;
     if constexpr (kRanges) narrow_query_tiles<Traits>(p, p.key_ranges, b, kt.key0, p.S, q_first, q_count);
-    if (!kRanges || q_count > 0) {
-      load_tile_async<Traits>(sK, p.k, p.k_st, b, h, kt.key0, p.S, tid);
-      load_tile_async<Traits>(sV, p.v, p.v_st, b, h, kt.key0, p.S, tid);
-    }
+    if ((!kRanges && !kHalo) || q_count > 0) load_band_kv_async<Traits, kHalo>(p, kt.key0, sK, sV, b, h, tid);
   } else {
     side_cta = blockIdx.x - n_band_ctas;
     kt.key0 = (side_cta / p.side_chunks) * BN;
@@ -260,7 +272,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
       }
     }
   };
-  if (!kRanges || q_count > 0) load_query_tile(0, 0);
+  if ((!kRanges && !kHalo) || q_count > 0) load_query_tile(0, 0);  // kHalo: a halo tile no query sees
   cp_async_commit();
 
   // This thread's two key rows.
@@ -269,7 +281,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
   zero(acc_dk);
   zero(acc_dv);
   DropoutCtx drop{};
-  if constexpr (kDropout) drop = dropout_ctx(p, b, h);
+  if constexpr (kDropout) drop = dropout_ctx<kHalo>(p, b, h);
 
   for (int t = 0; t < q_count; ++t) {
     const int buf = t & 1;
@@ -287,7 +299,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
     const float* lse2 = sLse2 + buf * BM;
     const float* delta = sDelta + buf * BM;
     const int* qb = sQb + buf * BM;
-    if (!kt.side) kt.check_range = !band_tile_is_interior<BM, BN>(p, q0, kt.key0);
+    if (!kt.side) kt.check_range = !band_tile_is_interior<BM, BN, kHalo>(p, q0, kt.key0);
 
     // The keep bits depend on indices only: drawn before the products, while few registers are live.
     uint32_t keep = 0;
@@ -308,7 +320,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = frag_col(lane, n, e);
-        float sc = score_log2(p, kt, pt[n][e], q0 + il, e >= 2 ? k1 : k0, b, h, qb[il]);
+        float sc = score_log2<kHalo>(p, kt, pt[n][e], q0 + il, e >= 2 ? k1 : k0, b, h, qb[il]);
         if constexpr (kRanges) {
           if (!mask_bit(in_range, n, e)) sc = -INFINITY;
         }
@@ -357,7 +369,10 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
     __syncthreads();  // buffer buf and sDs are free for the next iteration
   }
 
-  if (!kt.side) {
+  if (kHalo && !kt.side) {
+    store_band_key_rows<T, D>(acc_dk, p, p.dk, p.dhalo_k, b, h, kt.key0 + warp * 16, lane, p.scale);
+    store_band_key_rows<T, D>(acc_dv, p, p.dv, p.dhalo_v, b, h, kt.key0 + warp * 16, lane, 1.f);
+  } else if (!kt.side) {
     const int64_t off = ((int64_t)b * p.S * p.H + h) * D;
     store_rows<T, D>(acc_dk, reinterpret_cast<T*>(p.dk) + off, (int64_t)p.H * D, kt.key0 + warp * 16, p.S,
                      lane, p.scale, p.scale);

@@ -7,6 +7,11 @@
 // multiples of 64 (band and side alike), so a 4-key Philox group never straddles a tile, and every Philox
 // call's four words are used by exactly four fragment elements: 8 calls per lane per 64 x 16 warp tile.
 // The result is a 32-bit mask, bit 4*n + e for element (n, e) (the 64-column tiles have BN / 8 = 8 n-tiles).
+//
+// Dropout offset o (kHalo kernels only, p.drop_offset): query row i draws row id i + o, band key j key id j + o.
+// As o % 4 == 0 and key tiles start at multiples of 64 in local numbering (halo tiles at negative ones too), key
+// j + o sits in lane (j + o) & 3 = j & 3 of group (j + o) >> 2 = (j >> 2) + o / 4: the fragment's groups, lanes and
+// shuffles are the ones without an offset (tests/test_cuda_halo.py emulates them against longattn._dropout).
 #pragma once
 
 #include "band_side/params.h"
@@ -19,19 +24,23 @@ struct DropoutCtx {
   philox::DropoutRng rng;
   uint32_t threshold;
   bool global_rows;  // rows are Longformer global rows (slot s): row word 0x80000000 | s
+  int offset;        // ids of query rows and band keys = local index + offset (0: a compile-time 0, folded away)
 };
 
+// kOffset: read p.drop_offset (the kHalo kernels); the others use 0, so their code has no trace of it.
+template <bool kOffset>
 __device__ __forceinline__ DropoutCtx dropout_ctx(const BandSideParams& p, int b, int h) {
   return DropoutCtx{philox::dropout_rng(p.rng, (uint32_t)b * (uint32_t)p.H + (uint32_t)h), p.drop_threshold,
-                    p.drop_global_rows};
+                    p.drop_global_rows, kOffset ? p.drop_offset : 0};
 }
 
+// Counter words of local query row i and band key / side key `key` (the offset moves rows and band keys only).
 __device__ __forceinline__ uint32_t dropout_row_word(const DropoutCtx& c, int i) {
-  return c.global_rows ? philox::global_row_word(i) : philox::row_word(i);
+  return c.global_rows ? philox::global_row_word(i) : philox::row_word(i + c.offset);
 }
 
-__device__ __forceinline__ uint32_t dropout_group_word(bool side, int key) {
-  return side ? philox::side_group_word(key) : philox::band_group_word(key);
+__device__ __forceinline__ uint32_t dropout_group_word(const DropoutCtx& c, bool side, int key) {
+  return side ? philox::side_group_word(key) : philox::band_group_word(key + c.offset);
 }
 
 // Rows = queries (forward, dQ): this lane's rows i0 (e < 2) and i1 = i0 + 8 (e >= 2), columns = keys
@@ -48,7 +57,7 @@ __device__ __forceinline__ uint32_t keep_mask_query_rows(const DropoutCtx& c, bo
 #pragma unroll
   for (int n = 0; n < N / 8; ++n) {
     const int key = key0 + n * 8 + (lane % 4) * 2;  // the lane pair's group: key >> 2 is the same for both
-    const philox::Words4 w = philox::dropout_bits4(c.rng, dropout_group_word(side, key), row);
+    const philox::Words4 w = philox::dropout_bits4(c.rng, dropout_group_word(c, side, key), row);
     const uint32_t r0 = __shfl_xor_sync(0xffffffffu, odd ? w.x : w.z, 1);
     const uint32_t r1 = __shfl_xor_sync(0xffffffffu, odd ? w.y : w.w, 1);
     const uint32_t e0 = odd ? r0 : w.x, e1 = odd ? r1 : w.y;  // row i0, columns 2t, 2t + 1
@@ -70,7 +79,7 @@ template <int N>
 __device__ __forceinline__ uint32_t keep_mask_key_rows(const DropoutCtx& c, bool side, int k0, int q0, int lane) {
   static_assert(N / 8 * 4 <= 32, "one bit per fragment element");
   const int m = (lane / 4) % 4;
-  const uint32_t group = dropout_group_word(side, (m >> 1) ? k0 + 8 : k0);
+  const uint32_t group = dropout_group_word(c, side, (m >> 1) ? k0 + 8 : k0);
   uint32_t mask = 0;
 #pragma unroll
   for (int n = 0; n < N / 8; ++n) {

@@ -12,6 +12,11 @@
 //
 // kRanges (per-row key ranges, band_side/ranges.h): the walk covers only the key tiles meeting the tile's rows'
 // ranges, and on a range's edge tiles the scores outside a row's range become -inf.
+//
+// kHalo (halo keys, never with kRanges): the band walk covers the keys [-halo_left, S + halo_right); the tiles
+// reaching outside [0, S) read those rows from halo_k / halo_v in place and test each element (window, extent,
+// halo_mask), the others are the plain kernel's tiles. With kDropout the keep bits of query i and band key j (halo
+// keys at their local j < 0 or >= S) are those of row i + drop_offset, key j + drop_offset (dropout.h).
 #pragma once
 
 #include "band_side/dropout.h"
@@ -20,8 +25,9 @@
 
 namespace longattn {
 
-template <typename Traits, bool kDropout, bool kRanges>
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
+  static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -43,12 +49,12 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
   float row_max[2] = {-INFINITY, -INFINITY};  // log2 units
   float row_sum[2] = {0.f, 0.f};              // this thread's partial; quad-reduced at the end
   DropoutCtx drop{};
-  if constexpr (kDropout) drop = dropout_ctx(p, b, h);
+  if constexpr (kDropout) drop = dropout_ctx<kHalo>(p, b, h);
   QueryRanges ranges{};
-  const KeyTileWalk walk = query_tile_walk<Traits, kRanges>(p, b, m0, i0, i1, ranges);
+  const KeyTileWalk walk = query_tile_walk<Traits, kRanges, kHalo>(p, b, m0, i0, i1, ranges);
 
-  walk_key_tiles<Traits, kRanges>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
-                                                                       const T* sVt) {
+  walk_key_tiles<Traits, kRanges, kHalo>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
+                                                                              const T* sVt) {
     // The keep bits depend on indices only: drawn before the product, while few registers are live.
     uint32_t keep = 0;
     if constexpr (kDropout) keep = keep_mask_query_rows<BN>(drop, kt.side, kt.key0, i0, i1, lane);
@@ -64,7 +70,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        s[n][e] = score_log2(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, r ? qb1 : qb0);
+        s[n][e] = score_log2<kHalo>(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, r ? qb1 : qb0);
         if constexpr (kRanges) {
           if (!mask_bit(in_range, n, e)) s[n][e] = -INFINITY;
         }

@@ -3,9 +3,10 @@
 // One CTA = 4 warps = 128 threads working on a 64 x 64 (queries x keys) score tile; each warp owns 16
 // rows of it (16 queries in the forward and dQ kernels, 16 keys in the dK/dV kernel), so every softmax
 // row lives in one warp and no cross-warp reduction is needed. The template parameters are the element
-// type and the head dim (2 x 3), and on each kernel a kDropout and a kRanges flag (so the instantiation
-// without dropout and per-row key ranges is exactly the code without them) -- everything else (masks,
-// biases, side keys, edge tiles) is a runtime flag, which keeps the build to a few minutes.
+// type and the head dim (2 x 3), and on each kernel a kDropout, a kRanges and a kHalo flag (so the
+// instantiation without dropout, per-row key ranges and halo keys is exactly the code without them; halo keys
+// never with ranges) -- everything else (masks, biases, side keys, edge tiles, the lse gradient) is a
+// runtime flag, which keeps the build to a few minutes.
 #pragma once
 
 #include "common/ptx.h"

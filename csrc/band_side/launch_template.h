@@ -9,7 +9,7 @@
 namespace longattn {
 
 // Calls f(Traits{}) for the runtime (dtype, head dim); the only instantiations that exist are these six per
-// kernel (times the kernels' kDropout and kRanges flags, see dispatch_flags).
+// kernel (times the kernels' kDropout, kRanges and kHalo flags, see dispatch_flags).
 template <typename F>
 cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
   if (bf16) {
@@ -28,14 +28,19 @@ cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
   return cudaErrorInvalidValue;  // the API checks head_dim first; never reached
 }
 
-// Calls f.template operator()<kDropout, kRanges>() for the call's attention dropout (p.rng) and per-row key
-// ranges (p.key_ranges / p.side_ranges). Both are template flags of every tile kernel, so a call without them
-// runs exactly the code without them.
+// Calls f.template operator()<kDropout, kRanges, kHalo>() for the call's attention dropout (p.rng), per-row key
+// ranges (p.key_ranges / p.side_ranges) and halo keys (p.halo_k) or dropout offset (p.drop_offset: a sequence-
+// parallel shard, whose halo may be empty). All three are template flags of every tile kernel, so a call without
+// them runs exactly the code without them. Halo keys come without ranges (the API refuses them together): 12 more
+// instantiations per kernel (with and without dropout), not 24.
 template <typename F>
 cudaError_t dispatch_flags(const BandSideParams& p, F&& f) {
+  if (p.halo_k != nullptr || p.drop_offset != 0)
+    return p.rng != nullptr ? f.template operator()<true, false, true>() : f.template operator()<false, false, true>();
   const bool ranges = p.key_ranges != nullptr || p.side_ranges != nullptr;
-  if (p.rng != nullptr) return ranges ? f.template operator()<true, true>() : f.template operator()<true, false>();
-  return ranges ? f.template operator()<false, true>() : f.template operator()<false, false>();
+  if (p.rng != nullptr)
+    return ranges ? f.template operator()<true, true, false>() : f.template operator()<true, false, false>();
+  return ranges ? f.template operator()<false, true, false>() : f.template operator()<false, false, false>();
 }
 
 // Above 48 KiB of dynamic shared memory a kernel must opt in (once per kernel and device; cheap).

@@ -72,6 +72,35 @@ struct BandSideParams {
   // the other fields keep their offsets in the kernels' parameter space.
   const int32_t* key_ranges;
   const int32_t* side_ranges;
+
+  // ---- halo keys (only read by the kHalo = true kernels; the backend contract's halo_k / halo_v) ------------
+  // The band keys run over local positions j in [-halo_left, S + halo_right): j < 0 is row halo_left + j of
+  // halo_k / halo_v ((B, halo_left + halo_right, H, D), strided like k), j >= S row halo_left + j - S, and their
+  // key mask is halo_mask ((B, halo_left + halo_right) bool, or nullptr: all real). halo_k == nullptr: no halo
+  // (also when halo_left + halo_right == 0). After the fields above, so those keep their offsets.
+  const void* halo_k;
+  const void* halo_v;
+  Strides hk_st, hv_st;
+  const uint8_t* halo_mask;
+  int halo_left, halo_right;
+  // Backward: dK/dV band CTA x works on key tile band_tile0 + x, x < n_band_tiles (without halo: 0 and
+  // ceil(S / 64); with one, the tiles of the keys [max(-halo_left, -left), min(S + halo_right, S + right))), and
+  // the halo keys' gradients go to dhalo_k / dhalo_v, contiguous (B, halo_left + halo_right, H, D).
+  int band_tile0, n_band_tiles;
+  void* dhalo_k;
+  void* dhalo_v;
+
+  // ---- lse gradient (backward; the contract's dlse) --------------------------------------------------------
+  // (B, H, S) float32 or nullptr: the gradient of the forward's lse output. The delta kernel stores
+  // delta - dlse (rows with lse = +inf keep delta: they get no gradient), which is all the other kernels need.
+  const float* dlse;
+
+  // ---- dropout offset (only read by the kDropout && kHalo kernels; the contract's dropout_offset) -------------
+  // Query row i draws the dropout counters of row i + drop_offset and band key j (halo keys included) those of key
+  // j + drop_offset: a sequence-parallel shard's start in its sequence, a multiple of 4, so a shard's keep bits are
+  // the whole sequence's. Side keys and Longformer global rows keep their ids. A call with an offset runs the kHalo
+  // kernels even with an empty halo, so the others never read it (their code is the code without it).
+  int drop_offset;
 };
 
 }  // namespace longattn

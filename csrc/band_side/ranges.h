@@ -184,15 +184,17 @@ __device__ __forceinline__ QueryRanges query_tile_ranges(const BandSideParams& p
 }
 
 // The walk of query tile [m0, m0 + BM) for the forward / dQ kernels: kRanges, narrowed by its rows' ranges
-// (and `ranges` filled); else every tile of its band and every side tile (full_key_walk), as without ranges.
-template <typename Traits, bool kRanges>
+// (and `ranges` filled); else every tile of its band (kHalo: halo tiles included) and every side tile
+// (full_key_walk), as without ranges. Ranges and halo keys are never combined (the API refuses it).
+template <typename Traits, bool kRanges, bool kHalo = false>
 __device__ __forceinline__ KeyTileWalk query_tile_walk(const BandSideParams& p, int b, int m0, int i0, int i1,
                                                        QueryRanges& ranges) {
+  static_assert(!(kRanges && kHalo), "per-row key ranges are not combined with halo keys");
   KeyTileWalk walk;
   if constexpr (kRanges) {
     ranges = query_tile_ranges<Traits>(p, b, m0, i0, i1, walk);
   } else {
-    walk = full_key_walk<Traits::kBlockM, Traits::kBlockN>(p, m0);
+    walk = full_key_walk<Traits::kBlockM, Traits::kBlockN, kHalo>(p, m0);
   }
   return walk;
 }

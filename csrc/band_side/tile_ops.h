@@ -18,16 +18,27 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Which tiles meet which.
 // ------------------------------------------------------------------------------------------------
 
+// floor(a / b) for b > 0 (halo key tiles have negative indices; C++ division truncates).
+__device__ __forceinline__ int floor_div(int a, int b) { return (a >= 0 ? a : a - b + 1) / b; }
+
 // The key tiles of the band of query tile [m0, m0 + BM): keys j with i - left <= j <= i + right for some
-// i in the tile, clipped to [0, S). Tiles outside the band are never visited.
-template <int BM, int BN>
+// i in the tile, clipped to [0, S) (kHalo: to [-halo_left, S + halo_right); tiles stay aligned to local 0, so
+// the ones inside [0, S) are exactly the tiles without a halo). Tiles outside the band are never visited.
+template <int BM, int BN, bool kHalo = false>
 struct BandKeyTiles {
   int first, count;
   __device__ BandKeyTiles(const BandSideParams& p, int m0) {
-    const int lo = max(0, m0 - p.left);
-    const int hi = min(p.S - 1, min(p.S - 1, m0 + BM - 1) + p.right);
-    first = lo / BN;
-    count = hi / BN - first + 1;
+    if constexpr (kHalo) {
+      const int lo = max(-p.halo_left, m0 - p.left);
+      const int hi = min(p.S + p.halo_right - 1, min(p.S - 1, m0 + BM - 1) + p.right);
+      first = floor_div(lo, BN);
+      count = floor_div(hi, BN) - first + 1;  // >= 1: lo <= m0 <= hi
+    } else {
+      const int lo = max(0, m0 - p.left);
+      const int hi = min(p.S - 1, min(p.S - 1, m0 + BM - 1) + p.right);
+      first = lo / BN;
+      count = hi / BN - first + 1;
+    }
   }
 };
 
@@ -37,24 +48,40 @@ struct KeyTileWalk {
   int band_first, band_count, side_first, side_count;
 };
 
-// The query tiles that see band key tile [n0, n0 + BN): i with j - right <= i <= j + left.
-template <int BM, int BN>
+// The query tiles that see band key tile [n0, n0 + BN): i in [0, S) with j - right <= i <= j + left. kHalo:
+// n0 may be negative or past S (halo key tiles), and a tile no query sees gets count 0.
+template <int BM, int BN, bool kHalo = false>
 struct BandQueryTiles {
   int first, count;
   __device__ BandQueryTiles(const BandSideParams& p, int n0) {
-    const int lo = max(0, n0 - p.right);
-    const int hi = min(p.S - 1, min(p.S - 1, n0 + BN - 1) + p.left);
-    first = lo / BM;
-    count = hi / BM - first + 1;
+    if constexpr (kHalo) {
+      const int lo = max(0, n0 - p.right);
+      const int hi = min(p.S - 1, n0 + BN - 1 + p.left);
+      first = lo / BM;
+      count = lo > hi ? 0 : hi / BM - first + 1;
+    } else {
+      const int lo = max(0, n0 - p.right);
+      const int hi = min(p.S - 1, min(p.S - 1, n0 + BN - 1) + p.left);
+      first = lo / BM;
+      count = hi / BM - first + 1;
+    }
   }
 };
 
 // True when every (query, key) pair of the tile is inside the band and every key < S, so the per-element
 // range test can be skipped (interior tiles: all of them except the band's two edges and the last tile).
 // Query rows >= S need no test: their output is never stored and their lse is +inf in the backward.
-template <int BM, int BN>
+// kHalo: also every key >= 0, so halo keys (and their mask) are only ever met on tiles that test each element.
+template <int BM, int BN, bool kHalo = false>
 __device__ __forceinline__ bool band_tile_is_interior(const BandSideParams& p, int m0, int n0) {
-  return n0 + BN <= p.S && n0 >= m0 + BM - 1 - p.left && n0 + BN - 1 <= m0 + p.right;
+  return (!kHalo || n0 >= 0) && n0 + BN <= p.S && n0 >= m0 + BM - 1 - p.left && n0 + BN - 1 <= m0 + p.right;
+}
+
+// kHalo: the row of halo_k / halo_v (and the column of halo_mask) holding band key j outside [0, S), or -1 when
+// j is outside [-halo_left, S + halo_right) too.
+__device__ __forceinline__ int halo_row(const BandSideParams& p, int j) {
+  const int row = j < 0 ? p.halo_left + j : p.halo_left + (j - p.S);
+  return row >= 0 && row < p.halo_left + p.halo_right ? row : -1;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -77,11 +104,30 @@ __device__ __forceinline__ int clamp_query_block(const BandSideParams& p, int b,
   return min(max(qb, -1), p.G - 1);
 }
 
+// s plus band_bias[h, key - i + left] (the pair is inside the window).
+__device__ __forceinline__ float plus_band_bias(const BandSideParams& p, float s, int i, int key, int h) {
+  return p.band_bias != nullptr ? s + __ldg(p.band_bias + (int64_t)h * p.band_width + (key - i + p.left)) : s;
+}
+
+// kHalo: score_log2 of a band key outside [0, S), s = <q_i, k> * scale: -inf outside [-halo_left, S + halo_right),
+// outside the window, or where halo_mask is False.
+__device__ __forceinline__ float halo_score_log2(const BandSideParams& p, float s, int i, int key, int b, int h) {
+  const int row = halo_row(p, key);
+  if (row < 0 || key < i - p.left || key > i + p.right) return -INFINITY;
+  if (p.halo_mask != nullptr && !p.halo_mask[(int64_t)b * (p.halo_left + p.halo_right) + row]) return -INFINITY;
+  return plus_band_bias(p, s, i, key, h) * kLog2e;
+}
+
 // The score of (query i, key) in log2 units, or -inf when the pair is masked. `acc` is <q_i, k>.
+// kHalo: band keys outside [0, S) (met only on tiles with check_range) are halo keys (halo_score_log2).
+template <bool kHalo = false>
 __device__ __forceinline__ float score_log2(const BandSideParams& p, const KeyTile& t, float acc, int i,
                                             int key, int b, int h, int qb) {
   float s = acc * p.scale;
   if (!t.side) {
+    if constexpr (kHalo) {
+      if (t.check_range && (key < 0 || key >= p.S)) return halo_score_log2(p, s, i, key, b, h);
+    }
     if (t.check_range && (key < i - p.left || key > i + p.right || key >= p.S)) return -INFINITY;
     if (p.band_key_mask != nullptr && !p.band_key_mask[(int64_t)b * p.S + key]) return -INFINITY;
     if (p.band_bias != nullptr) s += __ldg(p.band_bias + (int64_t)h * p.band_width + (key - i + p.left));
@@ -115,6 +161,46 @@ __device__ __forceinline__ void load_tile_async(typename Traits::Element* smem, 
     const T* src = valid ? gbase + (int64_t)row * st.row + c : gbase;
     cp_async_16(smem + r * Traits::kSmemStride + c, src, valid);
   }
+}
+
+// kHalo: band key rows key0 .. key0 + 63 of one (b, h) slice, each read in place from x (0 <= j < S) or from
+// the halo buffer (halo_row); rows outside [-halo_left, S + halo_right) become zeros. For the tiles that reach
+// outside [0, S) (load_band_kv_async); no extended copy of k / v exists anywhere.
+template <typename Traits>
+__device__ __forceinline__ void load_halo_tile_async(typename Traits::Element* smem, const BandSideParams& p,
+                                                     const void* x, const Strides& st, const void* halo,
+                                                     const Strides& hst, int b, int h, int key0, int tid) {
+  using T = typename Traits::Element;
+  const T* xbase = reinterpret_cast<const T*>(x) + (int64_t)b * st.batch + (int64_t)h * st.head;
+  const T* hbase = reinterpret_cast<const T*>(halo) + (int64_t)b * hst.batch + (int64_t)h * hst.head;
+  // load_tile_async's chunk walk, written out again: a shared helper taking a lambda changed the plain kernels' SASS.
+#pragma unroll
+  for (int it = 0; it < Traits::kChunksPerThread; ++it) {
+    const int chunk = tid + it * Traits::kThreads;
+    const int r = chunk / Traits::kRowChunks;
+    const int c = (chunk % Traits::kRowChunks) * 8;
+    const int j = key0 + r;
+    const int hrow = halo_row(p, j);
+    const bool local = 0 <= j && j < p.S;
+    const T* src = local ? xbase + (int64_t)j * st.row + c : hrow >= 0 ? hbase + (int64_t)hrow * hst.row + c : xbase;
+    cp_async_16(smem + r * Traits::kSmemStride + c, src, local || hrow >= 0);
+  }
+}
+
+// K and V of band key tile key0 (kHalo: a tile reaching outside [0, S) takes the halo loader; the others, like
+// every tile without a halo, the plain one).
+template <typename Traits, bool kHalo>
+__device__ __forceinline__ void load_band_kv_async(const BandSideParams& p, int key0, typename Traits::Element* sK,
+                                                   typename Traits::Element* sV, int b, int h, int tid) {
+  if constexpr (kHalo) {
+    if (key0 < 0 || key0 + Traits::kBlockN > p.S) {
+      load_halo_tile_async<Traits>(sK, p, p.k, p.k_st, p.halo_k, p.hk_st, b, h, key0, tid);
+      load_halo_tile_async<Traits>(sV, p, p.v, p.v_st, p.halo_v, p.hv_st, b, h, key0, tid);
+      return;
+    }
+  }
+  load_tile_async<Traits>(sK, p.k, p.k_st, b, h, key0, p.S, tid);
+  load_tile_async<Traits>(sV, p.v, p.v_st, b, h, key0, p.S, tid);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -182,6 +268,17 @@ __device__ __forceinline__ void zero(float (&acc)[N][4]) {
 __device__ __forceinline__ int frag_row(int lane, int e) { return lane / 4 + (e >= 2 ? 8 : 0); }
 __device__ __forceinline__ int frag_col(int lane, int n, int e) { return n * 8 + (lane % 4) * 2 + (e & 1); }
 
+// Store fragment row `half` (row lane / 4 + 8 * half of the warp's 16) of a 16 x D fp32 accumulator, times
+// `sc`, as one row of T at dst.
+template <typename T, int D>
+__device__ __forceinline__ void store_frag_row(const float (&acc)[D / 8][4], int half, T* dst, int lane, float sc) {
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) {
+    const int col = n * 8 + (lane % 4) * 2;
+    *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(acc[n][2 * half] * sc, acc[n][2 * half + 1] * sc);
+  }
+}
+
 // Store a warp's 16 x D fp32 accumulator as rows of T (row-major, `row_stride` elements apart), rows
 // >= limit skipped. `scale` folds in the softmax scale (dK, dQ) or 1/l (out).
 template <typename T, int D>
@@ -191,13 +288,30 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], T* base
   for (int half = 0; half < 2; ++half) {
     const int row = row0 + lane / 4 + half * 8;
     if (row >= limit) continue;
-    const float sc = half ? scale1 : scale0;
-    T* dst = base + (int64_t)row * row_stride;
+    store_frag_row<T, D>(acc, half, base + (int64_t)row * row_stride, lane, half ? scale1 : scale0);
+  }
+}
+
+// kHalo: the same for band key rows row0 .. row0 + 15 (local numbering): rows in [0, S) go to `local`
+// (contiguous (B, S, H, D)), halo keys to `halo` (contiguous (B, halo_left + halo_right, H, D)), the rest nowhere.
+template <typename T, int D>
+__device__ __forceinline__ void store_band_key_rows(const float (&acc)[D / 8][4], const BandSideParams& p, void* local,
+                                                    void* halo, int b, int h, int row0, int lane, float scale) {
 #pragma unroll
-    for (int n = 0; n < D / 8; ++n) {
-      const int col = n * 8 + (lane % 4) * 2;
-      *reinterpret_cast<uint32_t*>(dst + col) = pack2<T>(acc[n][2 * half] * sc, acc[n][2 * half + 1] * sc);
+  for (int half = 0; half < 2; ++half) {
+    const int j = row0 + lane / 4 + half * 8;
+    int64_t row;
+    T* base;
+    if (0 <= j && j < p.S) {
+      row = (int64_t)b * p.S + j;
+      base = reinterpret_cast<T*>(local);
+    } else {
+      const int hrow = halo_row(p, j);
+      if (hrow < 0) continue;
+      row = (int64_t)b * (p.halo_left + p.halo_right) + hrow;
+      base = reinterpret_cast<T*>(halo);
     }
+    store_frag_row<T, D>(acc, half, base + (row * p.H + h) * D, lane, scale);
   }
 }
 
@@ -206,20 +320,20 @@ __device__ __forceinline__ void store_rows(const float (&acc)[D / 8][4], T* base
 // ------------------------------------------------------------------------------------------------
 
 // The walk of query tile [m0, m0 + BM) without ranges: its band tiles, then every side-key tile.
-template <int BM, int BN>
+template <int BM, int BN, bool kHalo = false>
 __device__ __forceinline__ KeyTileWalk full_key_walk(const BandSideParams& p, int m0) {
-  const BandKeyTiles<BM, BN> band(p, m0);
+  const BandKeyTiles<BM, BN, kHalo> band(p, m0);
   return {band.first, band.count, 0, (p.G + BN - 1) / BN};
 }
 
 // Resolve virtual tile t of a query tile's walk into its source and edge-ness.
-template <int BM, int BN>
+template <int BM, int BN, bool kHalo>
 __device__ __forceinline__ KeyTile key_tile_at(const BandSideParams& p, const KeyTileWalk& walk, int m0, int t) {
   KeyTile kt;
   kt.side = t >= walk.band_count;
   if (!kt.side) {
     kt.key0 = (walk.band_first + t) * BN;
-    kt.check_range = !band_tile_is_interior<BM, BN>(p, m0, kt.key0);
+    kt.check_range = !band_tile_is_interior<BM, BN, kHalo>(p, m0, kt.key0);
   } else {
     kt.key0 = (t - walk.band_count + walk.side_first) * BN;
     kt.check_range = kt.key0 + BN > p.G;
@@ -228,13 +342,12 @@ __device__ __forceinline__ KeyTile key_tile_at(const BandSideParams& p, const Ke
 }
 
 // Issue the async loads of K and V tile t into buffer `buf`.
-template <typename Traits>
+template <typename Traits, bool kHalo>
 __device__ __forceinline__ void load_kv_async(const BandSideParams& p, const KeyTile& kt,
                                               typename Traits::Element* sK, typename Traits::Element* sV,
                                               int b, int h, int tid) {
   if (!kt.side) {
-    load_tile_async<Traits>(sK, p.k, p.k_st, b, h, kt.key0, p.S, tid);
-    load_tile_async<Traits>(sV, p.v, p.v_st, b, h, kt.key0, p.S, tid);
+    load_band_kv_async<Traits, kHalo>(p, kt.key0, sK, sV, b, h, tid);
   } else {
     load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, kt.key0, p.G, tid);
     load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, kt.key0, p.G, tid);
@@ -245,8 +358,8 @@ __device__ __forceinline__ void load_kv_async(const BandSideParams& p, const Key
 // then side) with K/V tile t + 1 loading into the other buffer while body(tile, sK_t, sV_t) runs on tile t.
 // Anything else the caller loaded with cp.async before calling (its Q / dO tiles) joins the first
 // group and has landed before the first body call. kMayBeEmpty: the walk may have no tile (per-row key
-// ranges); without ranges every query's band holds itself, so it never is.
-template <typename Traits, bool kMayBeEmpty, typename Body>
+// ranges); without ranges every query's band holds itself, so it never is. kHalo: band tiles may lie in the halo.
+template <typename Traits, bool kMayBeEmpty, bool kHalo, typename Body>
 __device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, const KeyTileWalk& walk, int m0,
                                                typename Traits::Element* sK, typename Traits::Element* sV, int b,
                                                int h, int tid, Body&& body) {
@@ -259,16 +372,16 @@ __device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, const Ke
       return;
     }
   }
-  KeyTile cur = key_tile_at<BM, BN>(p, walk, m0, 0);
-  load_kv_async<Traits>(p, cur, sK, sV, b, h, tid);
+  KeyTile cur = key_tile_at<BM, BN, kHalo>(p, walk, m0, 0);
+  load_kv_async<Traits, kHalo>(p, cur, sK, sV, b, h, tid);
   cp_async_commit();
   for (int t = 0; t < n_tiles; ++t) {
     const int buf = t & 1;
     KeyTile next = cur;
     if (t + 1 < n_tiles) {
       // Buffer buf ^ 1 was last read in iteration t - 1, which ended with __syncthreads().
-      next = key_tile_at<BM, BN>(p, walk, m0, t + 1);
-      load_kv_async<Traits>(p, next, sK + (buf ^ 1) * Traits::kTileElems, sV + (buf ^ 1) * Traits::kTileElems,
+      next = key_tile_at<BM, BN, kHalo>(p, walk, m0, t + 1);
+      load_kv_async<Traits, kHalo>(p, next, sK + (buf ^ 1) * Traits::kTileElems, sV + (buf ^ 1) * Traits::kTileElems,
                             b, h, tid);
       cp_async_commit();
       cp_async_wait<1>();  // everything but the tile just issued has landed

@@ -14,8 +14,8 @@ Capabilities
     The same plus the reasons it cannot take this dtype / head dim for ``op`` ("band_side" or
     "block_aggregate"; ``head_dim`` is the channel count C for "block_aggregate"). Calls that need an optional
     capability pass it as the keyword ``features`` (only when there is one): ``"grouped_kv"`` (k, v with fewer
-    heads than q) and ``"dropout"`` (``dropout_p > 0``). Today all three backends accept ``"dropout"``; the CUDA
-    backend declines ``"grouped_kv"`` (its kernels index K/V by the query head).
+    heads than q), ``"dropout"`` (``dropout_p > 0``), ``"ranges"``, ``"halo"``, ``"lse_grad"`` and
+    ``"dropout_offset"`` (sections below). ``longattn info`` lists which backend takes which, with the reasons.
 
 The primitive ("band + side keys", DESIGN.md section 1)
 -------------------------------------------------------
@@ -68,6 +68,33 @@ are correct for any values and fast for those: a query tile visits only the key 
 reach. ``global_rows_forward`` / ``global_rows_backward`` take per-slot ``key_ranges`` ``(B, G, 2)`` (slot ``s``
 attends keys in its range), and Triton's ``longformer_band_*`` the band pair.
 
+Halo keys (sequence-parallel shards)
+------------------------------------
+A backend whose ``unsupported_reasons`` accepts the feature ``"halo"`` also takes, on ``band_side_forward`` /
+``band_side_backward``, the keywords ``halo_k``, ``halo_v`` ((B, HL + HR, H_kv, D), k's dtype, unit last stride),
+``halo_mask`` (None or contiguous bool (B, HL + HR)) and ``halo_left`` (the int HL), passed only when given. The
+band keys are then the extended sequence ``[halo_k[:, :HL] | k | halo_k[:, HL:]]`` at local positions
+``-HL .. S + HR - 1`` (its key mask ``[halo_mask[:, :HL] | band_key_mask | halo_mask[:, HL:]]``, None parts all
+True); query ``i`` in ``[0, S)`` attends band keys ``i - left <= j <= i + right`` among them, with ``left``, ``right``
+up to ``S + HL - 1`` / ``S + HR - 1``. Side keys and biases are unchanged. The result equals today's op on the
+extended sequence with zero query rows for the halo, rows ``[HL, HL + S)`` kept, but the kernels read the halo rows
+in place (no extended copy, no extra query rows). The backward returns two more gradients, ``dhalo_k, dhalo_v``
+(contiguous, like ``halo_k``): a 9-tuple. Not combined with ``key_ranges`` / ``side_ranges``.
+
+Lse gradient
+------------
+A backend accepting ``"lse_grad"`` takes ``dlse`` ((B, H, S), the statistics dtype) on ``band_side_backward``: the
+gradient of the forward's ``lse`` output, so ``dS = P (dP - delta + dlse)`` (the kernels use ``delta - dlse``; rows
+with ``lse = +inf`` get no gradient whatever ``dlse`` holds). Split-KV merges by log-sum-exp differentiate
+through it (``longattn.distributed``'s global rows).
+
+Dropout offset
+--------------
+A backend accepting ``"dropout_offset"`` takes ``dropout_offset`` (an int, a multiple of 4) with the dropout
+keywords: query ``i`` draws the counters of row ``i + dropout_offset`` and band key ``j`` (halo keys included, at
+their local positions) those of key ``j + dropout_offset``; side keys keep theirs. A sequence-parallel shard passes
+its start, so its keep bits are the whole sequence's (``longattn.distributed.band``).
+
 Longformer's global rows
 ------------------------
 ``longattn.backends._longformer`` assembles the Longformer op from ``band_side_forward`` / ``band_side_backward``
@@ -81,7 +108,8 @@ and two functions every backend exposes (contract in ``_longformer.rows_by_gathe
 
 The torch backend splits the keys into chunks merged by log-sum-exp; Triton runs ``triton_kernels.global_rows``
 (split-KV kernels, deterministic); CUDA runs its band op with the slot queries as the sequence and the tokens
-as side keys (``_longformer.rows_via_band_side``).
+as side keys, split-KV: 1024-key splits as batch rows of the op, merged by log-sum-exp
+(``_longformer.rows_via_band_side``).
 
 Optionally, a backend may also run Longformer's band pass itself (the Triton backend does), in which case
 ``_longformer`` calls these instead of gathering the global tokens' k, v, scattering their gradients back and

@@ -55,10 +55,14 @@ def global_slots(global_mask, key_padding_mask, G: int):
     return band_rows, pos, torch.gather(is_global, 1, pos)
 
 
-def dropout_kwargs(dropout_p: float, rng) -> dict:
+def dropout_kwargs(dropout_p: float, rng, dropout_offset: int = 0) -> dict:
     """The backend functions' dropout keywords: none at all for ``dropout_p = 0`` (today's calls, unchanged, and
-    backends without dropout need not know the keywords), else ``dropout_p`` and the ``rng`` tensor."""
-    return {"dropout_p": dropout_p, "rng": rng} if dropout_p else {}
+    backends without dropout need not know the keywords), else ``dropout_p`` and the ``rng`` tensor, and
+    ``dropout_offset`` when it is not 0 (feature "dropout_offset": the counters' position of row 0 and band key 0,
+    a sequence-parallel shard's start in its sequence)."""
+    if not dropout_p:
+        return {}
+    return {"dropout_p": dropout_p, "rng": rng, **({"dropout_offset": dropout_offset} if dropout_offset else {})}
 
 
 def ranges_kwargs(key_ranges, side_ranges) -> dict:
@@ -70,6 +74,14 @@ def ranges_kwargs(key_ranges, side_ranges) -> dict:
     if side_ranges is not None:
         ranges["side_ranges"] = side_ranges
     return ranges
+
+
+def halo_kwargs(halo_k, halo_v, halo_mask, halo_left: int) -> dict:
+    """The band functions' halo keywords (contract in ``longattn.backends``, "Halo keys"): none without a halo, so
+    calls without one are today's (and backends without the feature "halo" never see them)."""
+    if halo_k is None:
+        return {}
+    return {"halo_k": halo_k, "halo_v": halo_v, "halo_mask": halo_mask, "halo_left": halo_left}
 
 
 def slot_ranges(global_mask, key_padding_mask, pos, used, G: int, key_ranges):
@@ -204,26 +216,123 @@ def rows_by_gather(rows_forward, rows_backward):
     return global_rows_forward, global_rows_backward
 
 
+# Keys per split of ``rows_via_band_side``'s global rows (flash-decoding): the G slot queries of one (b, h) are one
+# query tile, so without splits one program walks all S keys; 1024-key splits give S / 1024 programs per (b, h).
+SPLIT_KEYS = 1024
+
+
+class KeySplits:
+    """The global rows' keys cut into ``C`` splits of ``n`` keys, each split a batch row of the band primitive.
+
+    Split ``c`` of batch row ``b`` is primitive batch row ``b * C + c``: the slot queries repeated, keys
+    ``[c n, (c + 1) n)`` as its side keys (k, v padded to ``C n`` rows when S is not a multiple: padding keys are
+    masked), per-slot ranges shifted into the split. ``C = 1`` is the unsplit call, with every tensor passed
+    through unchanged (dropout always takes it: its counters number side keys within the call)."""
+
+    def __init__(self, S: int, split_keys: int | None):
+        self.S = S
+        self.n = S if not split_keys or S <= split_keys else split_keys
+        self.C = -(-S // self.n) if S else 1
+        self.pad = self.C * self.n - S
+
+    def rows(self, x):
+        """(B, G, ...) per-slot rows -> (B * C, G, ...), each split's copy."""
+        if self.C == 1:
+            return x
+        return x[:, None].expand(x.shape[0], self.C, *x.shape[1:]).reshape(-1, *x.shape[1:])
+
+    def keys(self, x):
+        """(B, S, ...) keys -> (B * C, n, ...)."""
+        if self.C == 1:
+            return x
+        if self.pad:
+            x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, self.pad))
+        return x.reshape(x.shape[0] * self.C, self.n, *x.shape[2:])
+
+    def key_mask(self, key_mask, B: int, device):
+        if self.C == 1 or (key_mask is None and not self.pad):
+            return self.keys(key_mask) if key_mask is not None else None
+        if key_mask is None:
+            key_mask = torch.ones(B, self.S, dtype=torch.bool, device=device)
+        return torch.nn.functional.pad(key_mask, (0, self.pad), value=False).view(B * self.C, self.n)
+
+    def ranges(self, key_ranges):
+        """Per-slot (B, G, 2) key ranges -> (B * C, G, 2) side ranges within each split."""
+        if key_ranges is None or self.C == 1:
+            return key_ranges
+        start = torch.arange(self.C, device=key_ranges.device, dtype=key_ranges.dtype) * self.n
+        shifted = key_ranges[:, None] - start[None, :, None, None]
+        return shifted.clamp_(0, self.n).reshape(-1, *key_ranges.shape[1:])
+
+    def stats(self, lse):
+        """(B, H, G) merged statistics -> (B * C, H, G)."""
+        return self.rows(lse)
+
+    def merge(self, out, lse):
+        """Splits' ``out (B * C, G, H, D)``, ``lse (B * C, H, G)`` -> the whole rows' ``(out, lse)`` by log-sum-exp
+        (+inf lse, zero out: no key in any split). Differentiable in both inputs, and NaN-free for rows with no key
+        (the sequence-parallel global rows backpropagate through it)."""
+        if self.C == 1:
+            return out, lse
+        BC, G, H, D = out.shape
+        lse = lse.view(-1, self.C, H, G)
+        finite = torch.where(lse == torch.inf, -torch.inf, lse)  # an empty split weighs nothing
+        top = finite.amax(1, keepdim=True).detach()  # any shift gives the same result: no gradient through it
+        weight = torch.exp(finite - torch.where(top == -torch.inf, 0.0, top))  # (B, C, H, G)
+        total = weight.sum(1)
+        seen = total > 0
+        merged = torch.einsum("bchg,bcghd->bghd", weight, out.view(-1, self.C, G, H, D).to(weight.dtype))
+        merged = merged / torch.where(seen, total, 1.0).transpose(1, 2)[..., None]
+        lse = torch.where(seen, top[:, 0] + torch.log(torch.where(seen, total, 1.0)), torch.inf)
+        return merged.to(out.dtype), lse
+
+    def sum_rows(self, x):
+        """(B * C, G, ...) per-split gradients -> (B, G, ...)."""
+        return x if self.C == 1 else x.view(-1, self.C, *x.shape[1:]).sum(1)
+
+    def unkeys(self, x):
+        """(B * C, n, ...) per-split key gradients -> (B, S, ...)."""
+        if self.C == 1:
+            return x
+        x = x.view(-1, self.C * self.n, *x.shape[2:])
+        return x[:, :self.S].contiguous() if self.pad else x
+
+
 def rows_via_band_side(band_side_forward, band_side_backward):
     """The global-rows contract on a backend's band primitive (``rows_by_gather`` of the functions below).
 
     The slot queries (B, G, H, D) are the "sequence" of the primitive, with an empty band (every band key
-    masked) and the S tokens as side keys masked by ``key_padding_mask``. The band functions must take the
-    dropout keywords and ``global_rows=True`` (row s then draws slot s's global-row dropout counters, its keys
-    the side-key ids: the layout of ``longattn._dropout``).
+    masked) and the S tokens as side keys masked by ``key_padding_mask``. Split-KV (flash-decoding): the keys are
+    cut into ``SPLIT_KEYS``-key splits (``KeySplits``; the module value at call time), each a batch row of the
+    primitive, merged by log-sum-exp;
+    the backward runs every split against the merged ``out`` and ``lse`` (so its probabilities and ``delta`` are
+    the whole row's) and sums the splits' dQ. The band functions must take the dropout keywords and
+    ``global_rows=True`` (row s then draws slot s's global-row dropout counters, its keys the side-key ids: the
+    layout of ``longattn._dropout``); with dropout the keys are not split.
     """
 
+    def splits(k, drop):
+        return KeySplits(k.shape[1], None if drop else SPLIT_KEYS)
+
     def rows_forward(q_rows, k, v, key_mask, scale, key_ranges=None, **drop):
-        no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
-        return band_side_forward(q_rows, q_rows, q_rows, k, v, no_band, key_mask, None, None, None, 0, 0, scale,
-                                 global_rows=True, **drop, **ranges_kwargs(None, key_ranges))
+        sp = splits(k, drop)
+        qs = sp.rows(q_rows)
+        no_band = torch.zeros(qs.shape[:2], dtype=torch.bool, device=q_rows.device)
+        out, lse = band_side_forward(qs, qs, qs, sp.keys(k), sp.keys(v), no_band,
+                                     sp.key_mask(key_mask, k.shape[0], k.device), None, None, None, 0, 0, scale,
+                                     global_rows=True, **drop, **ranges_kwargs(None, sp.ranges(key_ranges)))
+        return sp.merge(out, lse)
 
     def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None,
                       key_ranges=None, **drop):
-        no_band = torch.zeros(q_rows.shape[:2], dtype=torch.bool, device=q_rows.device)
-        dq_rows, _, _, dk, dv, _, _ = band_side_backward(dout_rows, q_rows, q_rows, q_rows, k, v, out_rows, lse,
-                                                         no_band, key_mask, None, None, None, 0, 0, scale,
-                                                         global_rows=True, **drop, **ranges_kwargs(None, key_ranges))
+        sp = splits(k, drop)
+        qs = sp.rows(q_rows)
+        no_band = torch.zeros(qs.shape[:2], dtype=torch.bool, device=q_rows.device)
+        dq_rows, _, _, dk, dv, _, _ = band_side_backward(
+            sp.rows(dout_rows), qs, qs, qs, sp.keys(k), sp.keys(v), sp.rows(out_rows), sp.stats(lse), no_band,
+            sp.key_mask(key_mask, k.shape[0], k.device), None, None, None, 0, 0, scale, global_rows=True, **drop,
+            **ranges_kwargs(None, sp.ranges(key_ranges)))
+        dq_rows, dk, dv = sp.sum_rows(dq_rows), sp.unkeys(dk), sp.unkeys(dv)
         dk = dk if dk_into is None else dk_into.add_(dk)
         dv = dv if dv_into is None else dv_into.add_(dv)
         return dq_rows, dk, dv

@@ -14,6 +14,15 @@ backward), so ``dropout_p = 0`` runs exactly the dropout-free code. Per-row key 
 ``side_ranges``, the feature ``"ranges"`` of packed variable-length batches) likewise
 (``csrc/band_side/ranges.h``): a query tile walks only the key tiles its rows' ranges meet and masks element
 by element only on a range's edge tiles; a dK/dV key tile visits only the query tiles whose rows' ranges meet it.
+Halo keys (``halo_k`` / ``halo_v`` / ``halo_mask`` / ``halo_left``, the feature ``"halo"``, notes/halo_contract.md)
+run in a third kind of instantiation (``kHalo``, with or without dropout, never with ranges): the band walk covers the
+keys ``[-HL, S + HR)``, the tiles reaching outside ``[0, S)`` read those rows from the halo buffers in place and test
+each element, and the dK/dV kernel writes the halo keys' gradients (``dhalo_k``, ``dhalo_v``). The dropout offset
+(``dropout_offset``, the feature ``"dropout_offset"``: query ``i`` and band key ``j``, halo keys at their local
+``j``, draw the counters of ``i + offset`` / ``j + offset``, so a sequence-parallel shard draws the whole sequence's
+bits) is read only by the kHalo kernels, which a call with an offset runs even with an empty halo: the other
+kernels are the code without it. The lse gradient (``dlse``, the feature ``"lse_grad"``) only changes the
+backward's delta (``rowsum(dO * O) - dlse``).
 """
 
 from __future__ import annotations
@@ -93,13 +102,22 @@ def unavailable_reasons(device) -> list[str]:
 
 
 GROUPED_KV_REASON = "grouped-query attention (H_kv < H) is not supported by the CUDA kernels yet"
+FEATURES = ("dropout", "ranges", "halo", "lse_grad", "dropout_offset")
+# Pairs of features the kernels do not combine (the kHalo kernels, which also take the dropout offset, have no ranges).
+_EXCLUSIVE = (("ranges", "halo"), ("ranges", "dropout_offset"))
 
 
 def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
-    """Accepts the features ``"dropout"`` and ``"ranges"`` (per-row key ranges); declines ``"grouped_kv"``."""
+    """Accepts the features ``"dropout"``, ``"ranges"`` (per-row key ranges), ``"halo"`` (halo keys),
+    ``"lse_grad"`` (``dlse``) and ``"dropout_offset"``, ranges never with the last two together or with the halo;
+    declines ``"grouped_kv"`` and any other."""
     reasons = unavailable_reasons(device)
     if "grouped_kv" in features and op == "band_side":
         reasons.append(GROUPED_KV_REASON)  # the csrc kernels index K/V by the query head
+    reasons += [f"feature {f!r} is not supported (the CUDA backend takes {FEATURES})" for f in features
+                if f not in FEATURES and f != "grouped_kv"]
+    reasons += [f"features {a!r} and {b!r} are not supported together" for a, b in _EXCLUSIVE
+                if a in features and b in features]
     if reasons:
         return reasons
     if op == "block_aggregate":
@@ -119,23 +137,99 @@ def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 
 
+def _halo_kwargs(q, k, left, right, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left):
+    """The raw ops' halo keywords ({} without halo keys), after the checks the kernels need (ValueError naming the
+    keyword, before any launch; the raw ops repeat them as RuntimeErrors)."""
+    if halo_k is None:
+        if halo_v is not None or halo_mask is not None or halo_left:
+            raise ValueError("halo_k: required with halo_v / halo_mask / halo_left, got None")
+        return {}
+    if key_ranges is not None or side_ranges is not None:
+        raise ValueError("key_ranges / side_ranges: not supported with halo keys (halo_k) on the CUDA backend")
+    if halo_v is None:
+        raise ValueError("halo_v: required with halo_k, got None")
+    B, S, H, D = q.shape
+    for name, t in (("halo_k", halo_k), ("halo_v", halo_v)):
+        if t.dim() != 4 or t.shape[0] != B or tuple(t.shape[2:]) != tuple(k.shape[2:]) or t.shape != halo_k.shape:
+            raise ValueError(f"{name}: expected shape (B, HL + HR, H, D) = ({B}, {halo_k.shape[1]}, "
+                             f"{k.shape[2]}, {D}) like halo_k, got {tuple(t.shape)}")
+        if t.dtype != k.dtype or t.device != k.device:
+            raise ValueError(f"{name}: expected k's dtype and device ({k.dtype}, {k.device}), got "
+                             f"({t.dtype}, {t.device})")
+        if t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+    rows = halo_k.shape[1]
+    if isinstance(halo_left, bool) or not isinstance(halo_left, int) or not 0 <= halo_left <= rows:
+        raise ValueError(f"halo_left: expected an int in [0, HL + HR] = [0, {rows}], got {halo_left!r}")
+    if halo_mask is not None and (halo_mask.dtype != torch.bool or tuple(halo_mask.shape) != (B, rows)
+                                  or halo_mask.device != k.device or not halo_mask.is_contiguous()):
+        raise ValueError(f"halo_mask: expected a contiguous bool ({B}, {rows}) tensor on {k.device}, got "
+                         f"{halo_mask.dtype} {tuple(halo_mask.shape)} on {halo_mask.device}")
+    for name, offset, most in (("left", left, S + halo_left - 1), ("right", right, S + rows - halo_left - 1)):
+        if not 0 <= offset <= max(most, 0):
+            raise ValueError(f"{name}: expected a value in [0, {max(most, 0)}] with this halo, got {offset}")
+    return {"halo_k": halo_k, "halo_v": halo_v, "halo_mask": halo_mask, "halo_left": halo_left}
+
+
+def _offset_kwargs(q, halo_k, halo_left, dropout_p, global_rows, key_ranges, side_ranges, dropout_offset):
+    """The raw ops' ``dropout_offset`` keyword ({} for 0), after the checks the kernels need (ValueError naming the
+    keyword, before any launch; the raw ops repeat them). The ids ``i + offset`` / ``j + offset`` are ints in the
+    kernels, up to the last 64-tile's end."""
+    if isinstance(dropout_offset, bool) or not isinstance(dropout_offset, int) or dropout_offset < 0 \
+            or dropout_offset % 4:
+        raise ValueError(f"dropout_offset: expected a non-negative multiple of 4, got {dropout_offset!r}")
+    if not dropout_offset:
+        return {}
+    if not dropout_p:
+        raise ValueError(f"dropout_offset: only with dropout_p > 0, got {dropout_offset} with dropout_p = {dropout_p}")
+    if global_rows:
+        raise ValueError(f"dropout_offset: not with global_rows (Longformer's global rows), got {dropout_offset}")
+    if key_ranges is not None or side_ranges is not None:
+        raise ValueError("dropout_offset: not supported with key_ranges / side_ranges on the CUDA backend, got "
+                         f"{dropout_offset}")
+    hr = 0 if halo_k is None else halo_k.shape[1] - halo_left
+    if dropout_offset + q.shape[1] + hr >= 2**31 - 128:
+        raise ValueError(f"dropout_offset: expected dropout_offset + S + HR < 2^31 - 128, got {dropout_offset} + "
+                         f"{q.shape[1]} + {hr}")
+    return {"dropout_offset": dropout_offset}
+
+
+def _check_dlse(dlse, lse):
+    if dlse is not None and (dlse.dtype != torch.float32 or dlse.shape != lse.shape or dlse.device != lse.device):
+        raise ValueError(f"dlse: expected a float32 {tuple(lse.shape)} tensor on {lse.device} like lse, got "
+                         f"{dlse.dtype} {tuple(dlse.shape)} on {dlse.device}")
+
+
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
                       left, right, scale, dropout_p=0.0, rng=None, global_rows=False, key_ranges=None,
-                      side_ranges=None):
+                      side_ranges=None, *, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0):
     """``global_rows``: the rows are Longformer global rows (slot s = row s; the global-row dropout counters).
     ``key_ranges`` / ``side_ranges``: None or contiguous int32 (B, S, 2), row i's band / side keys [lo, hi)
-    (with ``global_rows``, ``side_ranges`` holds each slot's key range: the tokens are the side keys)."""
+    (with ``global_rows``, ``side_ranges`` holds each slot's key range: the tokens are the side keys).
+    ``halo_*``: band keys beyond both ends of the sequence, read in place (notes/halo_contract.md); passed only
+    when used, never with ranges. ``dropout_offset``: with dropout, the counters' position of row 0 and band key 0
+    (a multiple of 4; never with ranges or global rows)."""
+    halo = _halo_kwargs(q, k, left, right, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left)
+    halo.update(_offset_kwargs(q, halo_k, halo_left, dropout_p, global_rows, key_ranges, side_ranges, dropout_offset))
     return tuple(torch.ops.longattn.cuda_band_side_fwd(
         q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-        float(scale), float(dropout_p), rng, global_rows, key_ranges, side_ranges))
+        float(scale), float(dropout_p), rng, global_rows, key_ranges, side_ranges, **halo))
 
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
                        band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None, global_rows=False,
-                       key_ranges=None, side_ranges=None):
-    return tuple(torch.ops.longattn.cuda_band_side_bwd(
+                       key_ranges=None, side_ranges=None, *, halo_k=None, halo_v=None, halo_mask=None, halo_left=0,
+                       dropout_offset=0, dlse=None):
+    """The 7 gradients, then (dhalo_k, dhalo_v) when ``halo_k`` is given. ``dlse``: None or float32 (B, H, S), the
+    gradient of the forward's ``lse`` (the kernels use ``delta - dlse``; rows with ``lse = +inf`` get none)."""
+    halo = _halo_kwargs(q, k, left, right, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left)
+    halo.update(_offset_kwargs(q, halo_k, halo_left, dropout_p, global_rows, key_ranges, side_ranges, dropout_offset))
+    _check_dlse(dlse, lse)
+    grads = torch.ops.longattn.cuda_band_side_bwd(
         dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-        left, right, float(scale), float(dropout_p), rng, global_rows, key_ranges, side_ranges))
+        left, right, float(scale), float(dropout_p), rng, global_rows, key_ranges, side_ranges, **halo,
+        **({} if dlse is None else {"dlse": dlse}))
+    return tuple(grads) if halo_k is not None else tuple(grads[:7])
 
 
 def block_aggregate_forward(x, block_ids, num_blocks, weight, eps):
@@ -162,14 +256,16 @@ def _register_fakes():
 
     @torch.library.register_fake("longattn::cuda_band_side_fwd")
     def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-          scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None, side_ranges=None):
+          scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None, side_ranges=None, halo_k=None,
+          halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0):
         return _fake.band_side_forward(q)
 
     @torch.library.register_fake("longattn::cuda_band_side_bwd")
     def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
           side_bias, left, right, scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None,
-          side_ranges=None):
-        return _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias)
+          side_ranges=None, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0):
+        grads = _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias, halo_k)
+        return grads if halo_k is not None else (*grads, q.new_empty(0), q.new_empty(0))  # always 9
 
     @torch.library.register_fake("longattn::cuda_block_aggregate_fwd")
     def _(x, block_ids, num_blocks, weight, eps):

@@ -42,7 +42,8 @@ def unavailable_reasons(device: torch.device) -> list[str]:
 
 
 def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
-    # Every feature ("grouped_kv", "dropout", "ranges") is supported: this backend is the reference.
+    # Every feature ("grouped_kv", "dropout", "ranges", "halo", "lse_grad", "dropout_offset") is supported: this
+    # backend is the reference.
     if dtype not in SUPPORTED_DTYPES:
         return [f"dtype {dtype} is not one of {SUPPORTED_DTYPES}"]
     return []
@@ -127,8 +128,9 @@ class _Problem:
     """The normalised inputs of one call, as (B, H, S, D) views, and the per-chunk score builder."""
 
     def __init__(self, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None):
+                 left, right, scale, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None, dropout_offset=0):
         self.B, self.S, self.H, self.D = q.shape
+        self.dropout_offset = dropout_offset  # the keep bits' position of row 0 and band key 0
         self.H_kv = k.shape[2]  # grouped-query attention: query head h reads K/V head h // (H // H_kv)
         self.dropout_p, self.rng = dropout_p, rng
         self.G = side_k.shape[1]
@@ -252,9 +254,10 @@ class _Problem:
         side (B, H, n, g1 - g0) over the chunk's ``side_span``; None without dropout."""
         if not self.dropout_p:
             return None, None
-        n, args = i1 - i0, (self.rng, self.dropout_p, self.B, self.H, i0, i1 - i0)
+        n, at = i1 - i0, self.dropout_offset
+        args = (self.rng, self.dropout_p, self.B, self.H, i0 + at, i1 - i0)
         scale = _dropout.dropout_scale(self.dropout_p)
-        band = _dropout.keep_mask_rect(*args, i0 - self.left, n + self.width - 1).to(self.acc).mul_(scale)
+        band = _dropout.keep_mask_rect(*args, i0 - self.left + at, n + self.width - 1).to(self.acc).mul_(scale)
         g0, g1 = self.side_span(i0, i1)
         if g1 <= g0:
             return band, None
@@ -269,9 +272,18 @@ class _Problem:
 
 
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                      left, right, scale, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None):
+                      left, right, scale, dropout_p=0.0, rng=None, key_ranges=None, side_ranges=None, *, halo_k=None,
+                      halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0):
+    if halo_k is not None:
+        _check_halo_alone(key_ranges, side_ranges)
+        halo = _Halo(halo_k, halo_v, halo_mask, halo_left, q.shape[1])
+        out, lse = band_side_forward(halo.rows(q), halo.keys(k, halo_k), halo.keys(v, halo_v), side_k, side_v,
+                                     halo.key_mask(band_key_mask), side_mask, halo.rows(query_block, -1), band_bias,
+                                     side_bias, left, right, scale, dropout_p, rng,
+                                     dropout_offset=dropout_offset - halo_left)
+        return halo.local(out, 1), halo.local(lse, 2)
     P = _Problem(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale, dropout_p, rng, key_ranges, side_ranges)
+                 left, right, scale, dropout_p, rng, key_ranges, side_ranges, dropout_offset)
     out = torch.empty(P.B, P.S, P.H, P.D, dtype=q.dtype, device=q.device)
     lse = torch.empty(P.B, P.H, P.S, dtype=stat_dtype(q.dtype), device=q.device)
     out_t = out.transpose(1, 2)
@@ -307,10 +319,21 @@ def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_b
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
                        band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None, key_ranges=None,
-                       side_ranges=None):
-    """With dropout (``Z = keep / (1 - p)``): ``dV = (P Z)^T dO``, ``dS = P (Z dO V^T - delta)``."""
+                       side_ranges=None, *, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0,
+                       dlse=None):
+    """With dropout (``Z = keep / (1 - p)``): ``dV = (P Z)^T dO``, ``dS = P (Z dO V^T - delta)``. With ``dlse``
+    (the gradient of ``lse``): ``dS = P (dP - delta + dlse)``, as ``d lse_i / d s_ij = P_ij``."""
+    if halo_k is not None:
+        _check_halo_alone(key_ranges, side_ranges)
+        halo = _Halo(halo_k, halo_v, halo_mask, halo_left, q.shape[1])
+        dq, dk, dv, *rest = band_side_backward(
+            halo.rows(dout), halo.rows(q), halo.keys(k, halo_k), halo.keys(v, halo_v), side_k, side_v, halo.rows(out),
+            halo.rows(lse, torch.inf, dim=2), halo.key_mask(band_key_mask), side_mask, halo.rows(query_block, -1),
+            band_bias, side_bias, left, right, scale, dropout_p, rng, dropout_offset=dropout_offset - halo_left,
+            dlse=None if dlse is None else halo.rows(dlse, 0.0, dim=2))
+        return (halo.local(dq, 1), halo.local(dk, 1), halo.local(dv, 1), *rest, halo.outside(dk), halo.outside(dv))
     P = _Problem(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                 left, right, scale, dropout_p, rng, key_ranges, side_ranges)
+                 left, right, scale, dropout_p, rng, key_ranges, side_ranges, dropout_offset)
     acc, dt = P.acc, q.dtype
     dout_t, out_t = dout.transpose(1, 2), out.transpose(1, 2)
     dq = torch.empty(P.B, P.S, P.H, P.D, dtype=dt, device=q.device)
@@ -329,6 +352,8 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
         row_lse = lse[:, :, i0:i1].to(acc)
         band, side = P.probabilities(band, side, row_lse)
         delta = (doc.to(acc) * out_t[:, :, i0:i1].to(acc)).sum(-1, keepdim=True)
+        if dlse is not None:  # rows with lse = +inf have P = 0: whatever dlse holds there must not reach dS
+            delta -= torch.where(row_lse < torch.inf, dlse[:, :, i0:i1].to(acc), 0.0)[..., None]
         # dS = P * (dP - delta), in place over the probabilities once dV has used them.
         zb, zs = P.keep_scale(i0, i1)
         dvc = P.mm_kv(_dropped(band, zb).to(dt), doc).to(acc)
@@ -360,6 +385,49 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
         q.new_empty(0) if dbb is None else dbb.to(band_bias.dtype),
         q.new_empty(0) if dsb is None else dsb.to(side_bias.dtype),
     )
+
+
+def _check_halo_alone(key_ranges, side_ranges):
+    if key_ranges is not None or side_ranges is not None:
+        raise ValueError("key_ranges / side_ranges: not supported together with halo keys (halo_k)")
+
+
+class _Halo:
+    """Halo keys as the reference computes them: today's call on the extended sequence ``[left halo | local |
+    right halo]`` (copies: the kernels read the halo in place instead), with zero query rows for the halo that
+    give no output and, with ``lse = +inf``, no gradient (contract: ``longattn.backends``, "Halo keys")."""
+
+    def __init__(self, halo_k, halo_v, halo_mask, halo_left: int, S: int):
+        self.hl, self.hr, self.S = halo_left, halo_k.shape[1] - halo_left, S
+        self.halo_mask = halo_mask
+
+    def keys(self, x, halo):
+        """(B, S, ...) local rows -> (B, HL + S + HR, ...) extended rows."""
+        return torch.cat([halo[:, :self.hl], x, halo[:, self.hl:]], 1)
+
+    def key_mask(self, band_key_mask):
+        if band_key_mask is None and self.halo_mask is None:
+            return None
+        B = (band_key_mask if band_key_mask is not None else self.halo_mask).shape[0]
+        ones = torch.ones(B, self.S + self.hl + self.hr, dtype=torch.bool,
+                          device=(band_key_mask if band_key_mask is not None else self.halo_mask).device)
+        local = ones[:, :self.S] if band_key_mask is None else band_key_mask
+        halo = ones[:, :self.hl + self.hr] if self.halo_mask is None else self.halo_mask
+        return self.keys(local, halo)
+
+    def rows(self, x, fill=0, dim=1):
+        """Local rows padded to the extended length along ``dim`` with ``fill`` (None stays None)."""
+        if x is None:
+            return None
+        pad = [0, 0] * (x.dim() - 1 - dim) + [self.hl, self.hr]
+        return torch.nn.functional.pad(x, pad, value=fill)
+
+    def local(self, x, dim):
+        return x.narrow(dim, self.hl, self.S).contiguous()
+
+    def outside(self, x):
+        """The halo rows of an extended (B, HL + S + HR, ...) tensor, packed as the halo buffers."""
+        return torch.cat([x[:, :self.hl], x[:, self.hl + self.S:]], 1)
 
 
 def _dropped(x, z, inplace=False):

@@ -12,8 +12,12 @@ What it takes:
   any G >= 0, any strides with a unit last stride; grouped-query K/V (``H_kv`` dividing H: the kernels index
   K/V by ``h // (H // H_kv)`` and sum dK/dV over each group in registers).
 - block_aggregate: any channel count C.
-- features: ``"grouped_kv"``, ``"dropout"`` and ``"ranges"`` (per-row key ranges of packed variable-length batches,
-  ``key_ranges`` / ``side_ranges`` on the band and global-rows functions); any other is declined.
+- features: ``"grouped_kv"``, ``"dropout"``, ``"ranges"`` (per-row key ranges of packed variable-length batches,
+  ``key_ranges`` / ``side_ranges`` on the band and global-rows functions), ``"halo"`` (band keys beyond both ends
+  read in place from halo buffers: ``halo_k``, ``halo_v``, ``halo_mask``, ``halo_left`` on the band functions, with or
+  without dropout), ``"lse_grad"`` (``dlse`` on ``band_side_backward``) and ``"dropout_offset"`` (``dropout_offset``
+  on the band functions: rows and band keys draw their dropout bits that many positions on), see
+  ``notes/halo_contract.md``; any other is declined.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 NAME = "triton"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 128
-FEATURES = ("grouped_kv", "dropout", "ranges")
+FEATURES = ("grouped_kv", "dropout", "ranges", "halo", "lse_grad", "dropout_offset")
 
 
 def _interpret() -> bool:
@@ -70,22 +74,31 @@ def unsupported_reasons(device, dtype, head_dim, op, features=()) -> list[str]:
 
 
 def band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                      left, right, scale, dropout_p=0.0, rng=None, *, key_ranges=None, side_ranges=None):
+                      left, right, scale, dropout_p=0.0, rng=None, *, key_ranges=None, side_ranges=None, halo_k=None,
+                      halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0):
+    """``halo_*``: band keys beyond both ends of the sequence (``notes/halo_contract.md``), passed only when used.
+    ``dropout_offset``: an int >= 0, a multiple of 4; with dropout, query i and band key j (halo keys at their local
+    j) draw the bits of row i + o and key j + o (a sequence-parallel shard's start), side keys keep theirs."""
     from longattn.triton_kernels import band_side
 
     return band_side.forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
                              side_bias, left, right, scale, dropout_p, rng, key_ranges=key_ranges,
-                             side_ranges=side_ranges)
+                             side_ranges=side_ranges, halo_k=halo_k, halo_v=halo_v, halo_mask=halo_mask,
+                             halo_left=halo_left, dropout_offset=dropout_offset)
 
 
 def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
                        band_bias, side_bias, left, right, scale, dropout_p=0.0, rng=None, *, key_ranges=None,
-                       side_ranges=None):
+                       side_ranges=None, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None,
+                       dropout_offset=0):
+    """With a halo (as in ``band_side_forward``) a 9-tuple: the 7 gradients, then dhalo_k, dhalo_v. ``dlse``: None
+    or float32 (B, H, S), the gradient w.r.t. the forward's lse. ``dropout_offset``: as in ``band_side_forward``."""
     from longattn.triton_kernels import band_side
 
     return band_side.backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
                               band_bias, side_bias, left, right, scale, dropout_p, rng, key_ranges=key_ranges,
-                              side_ranges=side_ranges)
+                              side_ranges=side_ranges, halo_k=halo_k, halo_v=halo_v, halo_mask=halo_mask,
+                              halo_left=halo_left, dlse=dlse, dropout_offset=dropout_offset)
 
 
 def longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right, scale, dropout_p=0.0,

@@ -6,8 +6,8 @@ validates its inputs before computing (``TypeError`` / ``ValueError`` naming the
 ``backend`` ("auto", "cuda", "triton", "torch") in ``longattn.dispatch`` and runs one custom op of
 ``longattn._ops`` (forward and backward), so autograd, ``torch.compile`` and autocast all work. With
 ``seq_parallel=`` (a ``longattn.distributed.SeqShards``) a call is handed to ``longattn.distributed`` instead,
-which runs the plain ops on this rank's shard and what it gathers from the others; ``dropout_p > 0`` with it
-raises.
+which runs the plain ops on this rank's shard and what it gathers from the others (``dropout_p > 0`` with it:
+local and TGlobal only).
 
 No call reads device data on the host when its sizes are known (``max_globals`` for Longformer): checks of
 index values (``query_block``, ``block_ids``), of integer masks holding only 0/1 and of ``max_globals`` against
@@ -65,12 +65,14 @@ def _dropout_rng(q: Tensor, dropout_p: float):
 
 def _sequence_parallel(name: str, seq_parallel, *args, dropout_p: float = 0.0, **kwargs):
     """Hand a call with ``seq_parallel`` to ``longattn.distributed.<name>`` (imported only then), which validates
-    the shard and runs this function on its shard plus the halo; see the README's "Sequence parallel"."""
-    if dropout_p:
-        raise ValueError("dropout_p: not supported together with seq_parallel yet; pass dropout_p=0.0")
+    the shard and runs this function on its shard plus the halo; see the README's "Sequence parallel". Dropout runs
+    there for the band ops (local, TGlobal); Longformer's raises."""
+    if dropout_p and name == "longformer_attention":
+        raise ValueError("dropout_p: not supported by longformer_attention with seq_parallel yet; pass dropout_p=0.0")
     from . import distributed
 
-    return getattr(distributed, name)(*args, seq_parallel=seq_parallel, **kwargs)
+    return getattr(distributed, name)(*args, seq_parallel=seq_parallel, **({"dropout_p": dropout_p} if dropout_p
+                                                                             else {}), **kwargs)
 
 
 def _dropout_feature(dropout_p: float) -> tuple[str, ...]:

@@ -414,8 +414,53 @@ def check_public_keyword(P, group):
                        ld.tglobal_attention(q, k, v, side, side, 2, ids, side_mask=bm, **kw))
 
 
+def _seeded(fn, seed=77):
+    """``fn`` with the CPU generator reset first: the plain op and every rank draw the same dropout seed."""
+    def call(**kw):
+        torch.manual_seed(seed)
+        return fn(**kw)
+    return call
+
+
+def check_dropout(P, group):
+    """Attention dropout under seq_parallel (local, TGlobal): with the same generator state on every rank, outputs
+    and gradients equal the single-process op's with that seed (the keep bits are the whole sequence's)."""
+    S, bs, window, p = 28, 4, (5, 6), 0.3
+    cuts = sorted(random.Random(P).sample(range(1, S // 4), P - 1))
+    sh = ld.SeqShards(group, (0, *(4 * c for c in cuts), S))
+    g = _gen(31)
+    q, k, v, W = (_randn(g, B, S, H, D) for _ in range(4))
+    mask = make_mask(S, "rand", sh.bounds, g)
+    rel = _randn(g, H, sum(window) + 1)
+    kw = dict(window=window, dropout_p=p, backend="torch")
+    run_both(_seeded(longattn.local_attention), _seeded(ld.local_attention),
+             dict(q=q, k=k, v=v, key_padding_mask=mask, rel_bias=rel), {"q", "k", "v", "key_padding_mask"},
+             {"rel_bias"}, W, sh, kw)
+    ids, bm = longattn.tglobal_block_ids(mask, bs)
+    G = S // bs
+    full = dict(q=q, k=k, v=v, side_k=_randn(g, B, G, H, D), side_v=_randn(g, B, G, H, D), query_block=ids,
+                key_padding_mask=mask, side_mask=bm, rel_bias=rel, side_bias=_randn(g, H, 2 * G + 1))
+    run_both(_seeded(longattn.tglobal_attention), _seeded(ld.tglobal_attention), full,
+             {"q", "k", "v", "query_block", "key_padding_mask"}, {"side_k", "side_v", "rel_bias", "side_bias"}, W,
+             sh, kw)
+    # Without the same seed the results differ (the check above can fail), and bounds off the 4-key groups raise
+    # on every rank, as does Longformer's dropout.
+    ql = q[:, sh.start:sh.stop]
+    torch.manual_seed(5)
+    other = ld.local_attention(ql, ql, ql, window, dropout_p=p, seq_parallel=sh, backend="torch")
+    torch.manual_seed(6)
+    assert not torch.equal(other, ld.local_attention(ql, ql, ql, window, dropout_p=p, seq_parallel=sh,
+                                                     backend="torch"))
+    odd = ld.SeqShards(group, make_bounds(4 * P + 1, P, "even"))
+    qo = torch.zeros(1, odd.local_len, H, D, dtype=F64)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        ld.local_attention(qo, qo, qo, 2, dropout_p=p, seq_parallel=odd)
+    with pytest.raises(ValueError, match="dropout_p"):
+        longattn.longformer_attention(ql, ql, ql, 2, ql[..., 0, 0] > 0, dropout_p=p, seq_parallel=sh)
+
+
 CHECKS = [check_band, check_longformer, check_tglobal, check_low_precision, check_deterministic, check_traffic,
-          check_bad_input, check_public_keyword]
+          check_bad_input, check_public_keyword, check_dropout]
 WORLD = 4
 
 
@@ -519,6 +564,6 @@ def test_halo_plan_sends_what_each_rank_receives(P, left, right):
 def test_seq_parallel_keyword_rejects_dropout_and_stray_block_size():
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(ValueError, match="dropout_p"):
-        longattn.local_attention(q, q, q, 2, dropout_p=0.1, seq_parallel=object())
+        longattn.longformer_attention(q, q, q, 2, q[..., 0, 0] > 0, dropout_p=0.1, seq_parallel=object())
     with pytest.raises(ValueError, match="block_size"):
         longattn.block_aggregate(q.flatten(2), torch.zeros(1, 8, dtype=torch.int32), 1, block_size=4)

@@ -85,3 +85,30 @@ def test_one_split_is_the_unsplit_call():
     assert _longformer.KeySplits(4096, None).C == 1
     assert _longformer.KeySplits(4096, 1024).C == 4
 
+
+@pytest.mark.parametrize("split", [8, 5])
+def test_sequence_parallel_partials_split_like_unsplit(split, monkeypatch):
+    """``longattn.distributed.longformer._partials`` (a rank's global-row partials, differentiable in out and lse):
+    split keys give the unsplit result and gradients (fp64), NaN-free for a batch row with no real key."""
+    from longattn.distributed import longformer as sp_longformer
+
+    g = torch.Generator().manual_seed(3)
+    B, Q, S, H, D = 2, 5, 37, 2, 8
+    qg, kg, vg = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+                  for shape in ((B, Q, H, D), (B, S, H, D), (B, S, H, D)))
+    real = torch.rand(B, S, generator=g) > 0.3
+    real[1] = False  # this rank holds no real key of row 1: lse +inf, out 0, no gradient
+    w = torch.randn(B, Q, H, D + 1, generator=g, dtype=torch.float64)
+
+    def run(split_keys):
+        monkeypatch.setattr(sp_longformer, "SPLIT_KEYS", split_keys)
+        parts = sp_longformer._partials(qg, kg, vg, real, 0.3, "torch")
+        loss = (torch.where(parts.isfinite(), parts, 0.0) * w).sum()
+        return parts, torch.autograd.grad(loss, (qg, kg, vg))
+
+    (got, got_grads), (ref, ref_grads) = run(split), run(None)
+    assert (got[1, ..., -1] == torch.inf).all() and (got[1, ..., :-1] == 0).all()
+    torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
+    for a, b in zip(got_grads, ref_grads):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

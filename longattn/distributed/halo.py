@@ -9,7 +9,8 @@ halos wider than a shard (they span several ranks), uneven shards, the first and
 ``[left halo | right halo]`` in position order. The all-to-all's backward is the transposed all-to-all, so the
 halo rows' dK / dV go back to their owners and add onto the local ones.
 
-How the band op uses the halo (no kernel change yet) is ``band.py``'s job.
+The band kernels read the received buffer in place as their halo keys (``halo_k`` / ``halo_v`` of the primitive,
+contract in ``longattn.backends``): no extended copy of the shard is made (``band.py``).
 """
 
 from __future__ import annotations
@@ -48,21 +49,26 @@ def halo_plan(bounds: tuple, rank: int, left: int, right: int):
     return send_sizes, send_starts, recv_sizes, l1 - l0, r1 - r0
 
 
-def exchange_halo(shards: SeqShards, left: int, right: int, tensors: list[Tensor], masks: list[Tensor | None]):
+def exchange_halo(shards: SeqShards, left: int, right: int, tensors: list[Tensor], masks: list[Tensor | None],
+                  overlap=None):
     """The halos of ``(B, S_r, H, D)`` tensors and ``(B, S_r)`` bool masks, in one all-to-all.
 
-    Returns ``(halos, mask_halos, hl, hr)``: ``halos[i] = (left part (B, hl, H, D), right part (B, hr, H, D))``
-    of ``tensors[i]``, likewise ``(B, hl)`` / ``(B, hr)`` for each mask (None for a None mask: all halo keys
-    are then real). With no exchange at all the parts are 0-row slices of the inputs.
+    Returns ``(halos, mask_halos, hl)``: ``halos[i]`` is the ``(B, hl + hr, H, D)`` halo of ``tensors[i]`` (its
+    left part, rows ``[:hl]``, then its right part: views of the one receive buffer, last dim contiguous),
+    ``mask_halos[i]`` the ``(B, hl + hr)`` bool halo of ``masks[i]`` (None for a None mask: all halo keys are
+    then real). With no exchange at all they are 0-row slices of the inputs. ``overlap()``, if given, runs once on
+    every rank while the all-to-all is in flight (the caller's work that does not need the halo).
     """
+    overlap = overlap or (lambda: None)
     send, starts, recv, hl, hr = halo_plan(shards.bounds, shards.rank, left, right)
-    none = ([(t[:, :0], t[:, :0]) for t in tensors], [None if m is None else (m[:, :0], m[:, :0]) for m in masks])
+    none = ([t[:, :0] for t in tensors], [None if m is None else m[:, :0] for m in masks])
     if sum(send) == 0 and sum(recv) == 0:
         # Nothing moves for this rank; since every rank computes the same plan, a rank skips the collective
         # only when P = 1 or when no rank sends anything (left = right = 0) -- never one rank alone.
         if shards.size == 1 or not any(
                 sum(halo_plan(shards.bounds, p, left, right)[0]) for p in range(shards.size)):
-            return *none, 0, 0
+            overlap()
+            return *none, 0
     x0 = tensors[0]
     B, _, H, _ = x0.shape
     widths = [t.shape[-1] for t in tensors]
@@ -74,21 +80,9 @@ def exchange_halo(shards: SeqShards, left: int, right: int, tensors: list[Tensor
     # all-to-all in its autograd graph, or its backward skips the transposed all-to-all the others wait in.
     pieces = [torch.cat([c[s:s + n] for c in cols], dim=-1) for s, n in zip(starts, send) if n]
     buf = torch.cat(pieces, 0) if pieces else torch.cat([c[:0] for c in cols], dim=-1)
-    got = _comm.all_to_all(buf, send, recv, shards.group, shards.rank).transpose(0, 1)  # (B, hl + hr, H, F)
+    got = _comm.all_to_all(buf, send, recv, shards.group, shards.rank, wait_now=False)
+    overlap()
+    got = _comm.wait(got).transpose(0, 1)  # (B, hl + hr, H, F)
     parts = torch.split(got, widths + [1] * len(present), dim=-1)
-    halos = [(p[:, :hl], p[:, hl:]) for p in parts[:len(tensors)]]
     recv_masks = iter(p[:, :, 0, 0] > 0.5 for p in parts[len(tensors):])
-    mask_halos = []
-    for m in masks:
-        r = None if m is None else next(recv_masks)
-        mask_halos.append(None if m is None else (r[:, :hl], r[:, hl:]))
-    return halos, mask_halos, hl, hr
-
-
-def pad_rows(x: Tensor, hl: int, total: int, value=0) -> Tensor:
-    """``x (B, S_r, ...)`` placed at rows ``[hl, hl + S_r)`` of a ``(B, total, ...)`` tensor filled with ``value``."""
-    if hl == 0 and total == x.shape[1]:
-        return x
-    before = x.new_full((x.shape[0], hl, *x.shape[2:]), value)
-    after = x.new_full((x.shape[0], total - hl - x.shape[1], *x.shape[2:]), value)
-    return torch.cat([before, x, after], dim=1)
+    return list(parts[:len(tensors)]), [None if m is None else next(recv_masks) for m in masks], hl

@@ -26,25 +26,49 @@ positions outside the attention layers is fixed by hooks on ``model``, removed o
 
 Supported: the encoders of ``LongformerModel`` / Longformer heads whose outputs are per token, ``LEDEncoder``
 (``model.get_encoder()`` of an LED model) and ``LongT5EncoderModel`` / a LongT5 encoder (local or
-transient-global), in eval mode or training without attention dropout (``dropout_p`` with ``seq_parallel``
-raises; hidden-state dropout is per token, but untested here: each rank draws from its own generator, so seed
-the ranks differently). Not supported:
+transient-global), in eval mode or training. Attention dropout runs in LongT5's ops: each (row, key) keep bit is
+drawn once, by the rank of its row, at its whole-sequence position (with the same generator state on every rank,
+bitwise the unsharded model's; tested with hidden-state dropout off). Longformer / LED attention dropout under
+``seq_parallel`` raises (set the config's attention dropout to 0). Hidden-state dropout is per token from each
+rank's own generator: identical generators give the shards the same hidden masks, so seed the ranks differently
+in training (attention dropout then draws other, equally valid bits). Not supported:
 decoders (cross-attention over a sharded encoder output; they raise: gather the encoder output with
 :func:`gather_sequence` and run the decoder outside the context), ``output_attentions`` (its stock fallback would
 see one shard: raises), ``apply_longattn(packed=True)`` models, and heads that read a fixed position (the
 pooler's token 0 lives on rank 0 only). Longformer / LED pad each rank's shard to a multiple of
 ``attention_window`` inside the model: that is only right at the end of the sequence, so either every shard is a
 multiple of ``max(attention_window)`` (``multiple_of=`` that, ``S`` divisible by it) or the model is patched with
-``apply_longattn(model, pad_to_window=False)``; a shard the model padded raises on every rank. Gradient
-checkpointing is not supported yet: a recomputed layer runs in the backward, which may be outside the block and,
-on a GPU, runs in autograd's device threads, where the context variable is not set. Otherwise the backward needs
-no context (its collectives are in the autograd graph). Parameter gradients are per-rank shares, to be summed over
-the group (a DDP over the sequence-parallel ranks averages them: scale each rank's loss by the group size).
+``apply_longattn(model, pad_to_window=False)``; a shard the model padded raises on every rank.
+
+The backward needs no context (its collectives are in the autograd graph), so it may run inside the block or after
+it. After it, the buffers hold the whole sequence again, which is why the model and its encoders get private copies
+of the sharded buffers (a forward pre-hook, while grad is enabled: ``B x S_r`` ints): the graph saves those (the
+embedding's ``input_ids``, the masks a checkpointed layer keeps), not the buffers. A loss of yours that saves a
+buffer (``cross_entropy``'s labels) needs it in ``no_restore_buffers`` or the backward inside the block (else
+autograd raises its in-place-modification error, on every rank).
+
+Gradient checkpointing (transformers' ``model.gradient_checkpointing_enable()`` or torch's ``checkpoint_wrapper``
+/ FSDP's ``apply_activation_checkpointing``, reentrant or not) recomputes a layer in the backward, maybe after the
+block and, on a GPU, in autograd's device thread, where the context variable is not set. So each forward in the
+block wraps the model's checkpoint functions (transformers' per-layer ``_gradient_checkpointing_func``, torch's
+``CheckpointWrapper.checkpoint_fn``; put back on exit) to run the checkpointed function, in its forward and in its
+recompute, under the context active when the layer was called: the recompute is sharded like the forward wherever
+and whenever it runs. It repeats the layer's data collectives on every rank (the same ones in the same order: the
+ranks run the same backward); its agreement checks are cache hits of the forward's (:meth:`SeqShards.agreed_once`;
+the cache is the same on every rank, so a forward of other shapes in between costs the same checks everywhere),
+and LongT5's layer 0, which makes a new compact bias in its recompute, derives the block ids again (one all-gather
+of ints). ``torch.utils.checkpoint`` called by hand around part of the model is not covered: it recomputes
+unsharded (a ``CheckpointError`` or wrong gradients) unless its backward runs inside the block on the thread that
+entered it (CPU tensors).
+
+Parameter gradients are per-rank shares, to be summed over the group (a DDP over the sequence-parallel ranks
+averages them: scale each rank's loss by the group size).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -163,7 +187,7 @@ def sequence_parallel(mesh_or_group, *, model, buffers: Sequence[Tensor] = (),
     ctx = SeqParallelContext(shards.agreed_once() if shards.verify else shards)
     keep = {id(b) for b in no_restore_buffers}
     originals = [None if id(b) in keep else b.clone() for b in buffers]
-    hooks = _install_hooks(model, ctx)
+    hooks = _install_hooks(model, ctx, buffers)
     sharded = 0
     try:
         for buf, dim in zip(buffers, dims):
@@ -178,6 +202,7 @@ def sequence_parallel(mesh_or_group, *, model, buffers: Sequence[Tensor] = (),
     finally:
         for h in hooks:
             h.remove()
+        _unwrap_checkpointing(model)
         for buf, orig in zip(buffers[:sharded], originals):
             if orig is not None:
                 buf.resize_(orig.shape).copy_(orig)
@@ -255,9 +280,10 @@ def _model_fingerprint(model) -> tuple:
     return params, attn
 
 
-def _install_hooks(model, ctx: SeqParallelContext) -> list:
-    """Forward pre-hooks on ``model`` and its encoders (a new forward: the layers check their arguments again),
-    its position embeddings and decoders (handles, removed on exit)."""
+def _install_hooks(model, ctx: SeqParallelContext, buffers: list[Tensor]) -> list:
+    """Forward pre-hooks on ``model`` and its encoders (a new forward: the layers check their arguments again, the
+    buffers are passed as private copies, gradient checkpointing is wrapped), its position embeddings and decoders
+    (handles, removed on exit)."""
     from ..models._patching import _modeling
 
     classes = {}
@@ -267,7 +293,18 @@ def _install_hooks(model, ctx: SeqParallelContext) -> list:
         classes[name] = None if modeling is None else getattr(modeling, name, None)
     # A new forward (of the model, or of an encoder called directly: model.get_encoder()(...)) checks again.
     encoders = tuple(c for c in (classes["LongformerEncoder"], classes["LEDEncoder"], classes["LongT5Stack"]) if c)
-    hooks = [m.register_forward_pre_hook(lambda module, args: ctx.shards.forget_agreed())
+    def new_forward(module, args, kwargs):
+        ctx.shards.forget_agreed()
+        _wrap_checkpointing(module)  # (also when enabled inside the block)
+        if not torch.is_grad_enabled():
+            return None
+
+        def private(x):  # what the graph saves must survive the buffers' restore on exit (module docstring)
+            return x.clone() if any(x is b for b in buffers) else x
+
+        return tuple(private(a) for a in args), {k: private(v) for k, v in kwargs.items()}
+
+    hooks = [m.register_forward_pre_hook(new_forward, with_kwargs=True)
              for m in model.modules() if m is model or isinstance(m, encoders)]
 
     def longformer_positions(module, args, kwargs):
@@ -297,3 +334,65 @@ def _install_hooks(model, ctx: SeqParallelContext) -> list:
                 getattr(module, "is_decoder", True):  # LED's decoder class; LongT5's stack with is_decoder
             hooks.append(module.register_forward_pre_hook(refuse_decoder, with_kwargs=True))
     return hooks
+
+
+def _checkpoint_funcs(module) -> list[tuple[str, object]]:
+    """``(attribute, checkpoint function)`` of ``module``: transformers' per-layer ``_gradient_checkpointing_func``
+    (set by ``gradient_checkpointing_enable``) and the ``checkpoint_fn`` of torch's ``CheckpointWrapper``
+    (``checkpoint_wrapper``, FSDP's ``apply_activation_checkpointing``); both are called as
+    ``checkpoint(function, *args, **kwargs)``."""
+    names = ("_gradient_checkpointing_func", "checkpoint_fn") if isinstance(module, _checkpoint_wrapper()) else \
+        ("_gradient_checkpointing_func",)
+    return [(name, module.__dict__[name]) for name in names if module.__dict__.get(name) is not None]
+
+
+@functools.cache
+def _checkpoint_wrapper() -> type | tuple:
+    try:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    except ImportError:  # pragma: no cover (a torch without it)
+        return ()
+    return CheckpointWrapper
+
+
+def _wrap_checkpointing(model) -> None:
+    """Wrap every checkpoint function in ``model`` (:func:`_checkpoint_funcs`; once) with
+    :func:`_checkpoint_in_context`."""
+    for m in model.modules():
+        for name, checkpoint in _checkpoint_funcs(m):
+            if not hasattr(checkpoint, "_longattn_unwrapped"):
+                setattr(m, name, _checkpoint_in_context(checkpoint))
+
+
+def _unwrap_checkpointing(model) -> None:
+    """Put back the checkpoint functions :func:`_wrap_checkpointing` wrapped (checkpoints already taken keep
+    their context: it is in their recompute's closure)."""
+    for m in model.modules():
+        for name, checkpoint in _checkpoint_funcs(m):
+            if hasattr(checkpoint, "_longattn_unwrapped"):
+                setattr(m, name, checkpoint._longattn_unwrapped)
+
+
+def _checkpoint_in_context(checkpoint):
+    """``checkpoint(function, *args, **kwargs)`` (a ``partial(torch.utils.checkpoint.checkpoint, use_reentrant=...)``)
+    whose ``function`` runs, in the forward and in the backward's recompute, under the ``sequence_parallel`` context
+    active at the call: the recompute may run after the block or in another thread (autograd's device threads on a
+    GPU), where the context variable is unset or another block's."""
+
+    @functools.wraps(checkpoint)
+    def checkpoint_in_context(function, *args, **kwargs):
+        active = _common.SEQ_PARALLEL.get()
+        if active is None:
+            return checkpoint(function, *args, **kwargs)
+
+        def run(*a, **kw):
+            token = _common.SEQ_PARALLEL.set(active)
+            try:
+                return function(*a, **kw)
+            finally:
+                _common.SEQ_PARALLEL.reset(token)
+
+        return checkpoint(run, *args, **kwargs)
+
+    checkpoint_in_context._longattn_unwrapped = checkpoint
+    return checkpoint_in_context

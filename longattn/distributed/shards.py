@@ -118,9 +118,12 @@ class SeqShards:
         Only for callers that know the ranks make the same sequence of calls with inputs that, once they agreed
         for a fingerprint, cannot start to disagree before the next ``forget_agreed``: the layers of one
         forward, whose shapes, dtypes and options are fixed by the forward's inputs and the model (both
-        checked by ``sequence_parallel``). A rank with a local error still runs the all-gather (so do the
-        others, at the first call of each fingerprint); were a rank to meet a fingerprint the others had
-        already agreed on while its own differs, it would block in the all-gather instead of raising.
+        checked by ``sequence_parallel``), and their recomputes under gradient checkpointing (the same calls
+        again, maybe after another forward: every rank's cache holds the same digests, since each was added on
+        every rank by one all-gather they all passed, so every rank hits or misses together). A rank with a
+        local error still runs the all-gather (so do the others, at the first call of each fingerprint); were a
+        rank to meet a fingerprint the others had already agreed on while its own differs, it would block in the
+        all-gather instead of raising.
         """
         other = copy.copy(self)
         other._agreed = set()

@@ -87,17 +87,46 @@ def once_per_forward(carrier, mask, key: tuple, make):
     ``carrier``: LongT5 layer 0's compact ``position_bias``, Longformer's ``is_index_masked``), so what a layer
     derives from the mask (block ids, the key padding mask, the packed layout) rides on the carrier as a plain Python
     attribute, one entry per ``key``: no host sync after the first layer, nothing in the graph, gone with the
-    carrier. Reuse needs the layer's own ``mask`` object and ``key``, so a carrier from another call never lends its
-    values. Where the attribute is missing (reentrant checkpointing recomputes a layer on detached copies of its
-    inputs), the carrier is None, or under ``torch.compile`` (which traces every layer anyway), the value is computed
-    again.
+    carrier. Reuse needs the layer's own ``mask`` data and ``key``, so a carrier from another call never lends its
+    values. The attribute sits on the carrier's storage and the mask is compared by data (storage, offset, sizes,
+    strides, version): reentrant checkpointing hands each layer, in its forward and its recompute, detached copies
+    or aliases of the carrier and the mask, which share both. Where the carrier is None, has no storage, or under
+    ``torch.compile`` (which traces every layer anyway), the value is computed again.
     """
     if carrier is None or torch.compiler.is_compiling():
         return make()
-    shared = getattr(carrier, _PER_FORWARD_ATTR, None)
-    if shared is None or shared[0] is not mask:
-        shared = (mask, {})
-        setattr(carrier, _PER_FORWARD_ATTR, shared)
-    if key not in shared[1]:
-        shared[1][key] = make()
-    return shared[1][key]
+    holder = _storage(carrier)
+    holder = carrier if holder is None else holder
+    shared = getattr(holder, _PER_FORWARD_ATTR, None)
+    mine = _data_id(mask)
+    if shared is None or not (shared[0] is mask or (mine is not None and _same_data(shared[1], mine))):
+        shared = (mask, mine, {})
+        setattr(holder, _PER_FORWARD_ATTR, shared)
+    if key not in shared[2]:
+        shared[2][key] = make()
+    return shared[2][key]
+
+
+def _storage(x):
+    """``x.untyped_storage()`` (one Python object per storage, shared by views and detached copies), or None for
+    a tensor without one (wrapper subclasses, functorch's batched tensors)."""
+    try:
+        return x.untyped_storage()
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return None
+
+
+def _data_id(x):
+    """``(storage, offset, sizes, strides, dtype, version)`` of a tensor's data now, or None (None, no storage,
+    an inference tensor: no version counter); equal for ``x`` and its detached copies until one is modified."""
+    storage = None if x is None else _storage(x)
+    if storage is None:
+        return None
+    try:
+        return storage, x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x._version
+    except RuntimeError:
+        return None
+
+
+def _same_data(a, b) -> bool:
+    return a is not None and b is not None and a[0] is b[0] and a[1:] == b[1:]

@@ -15,7 +15,9 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   telling length first; at S=65536 without the slow torch backend and HF (seconds per call);
                   after the first, ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths
                   2048,16384,4096,9000: padded vs packed vs one by one, Triton and CUDA);
-6. ``results``    the bench JSONs merged into ``OUTDIR/bench.json``, copied to ``benchmarks/results/``, the
+6. ``bench-halo`` ``benchmarks/bench_halo.py``: one sequence-parallel shard's band with its halo read in place
+                  against the plain band op (issue 15: S_r = 131072, window 256, Triton and CUDA);
+7. ``results``    the bench JSONs merged into ``OUTDIR/bench.json``, copied to ``benchmarks/results/``, the
                   refreshed ``auto`` table (``OUTDIR/auto_table.json``) and README section (``OUTDIR/results.md``).
 
 Then a short summary table, printed last. Each step gets the budget that remains (minus a small reserve for
@@ -150,6 +152,8 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
     steps += [Step(f"bench-{S}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, S)) for S in BENCH_SEQLENS]
     steps.insert(len(steps) - len(BENCH_SEQLENS) + 1, Step("bench-ragged", 45, 180, needs_gpu=True,
                                                             cmd=ragged_cmd(py, outdir)))
+    steps.append(Step("bench-halo", 20, 90, needs_gpu=True,
+                      cmd=[py, str(ROOT / "benchmarks" / "bench_halo.py"), "--json", str(outdir / "bench-halo.json")]))
     steps.append(Step("results", 1, 60, fn=lambda: collect_results(py, outdir)))
     return steps
 
@@ -221,9 +225,9 @@ def merge_bench(outdir: Path) -> dict | None:
 def collect_results(python: str, outdir: Path) -> str:
     """Merge the bench runs, keep a copy under benchmarks/results/, refresh the auto table and README section."""
     notes = []
-    ragged = outdir / "bench-ragged.json"
-    if ragged.is_file():
-        notes.append(save_ragged(json.loads(ragged.read_text())))
+    for extra in ("bench-ragged.json", "bench-halo.json"):  # their own files: not merged into the ops runs
+        if (outdir / extra).is_file():
+            notes.append(save_run(json.loads((outdir / extra).read_text()), extra))
     merged = merge_bench(outdir)
     if merged is None:
         return ", ".join([*notes, "no bench results"])
@@ -247,15 +251,16 @@ def collect_results(python: str, outdir: Path) -> str:
     return ", ".join(notes)
 
 
-def save_ragged(run: dict) -> str:
-    """Copy a GPU ``--ragged`` run to ``benchmarks/results/`` (its own file: the README report and the auto table
-    read the ops runs only)."""
+def save_run(run: dict, name: str) -> str:
+    """Copy a GPU run of the ``--ragged`` bench or ``bench_halo.py`` to ``benchmarks/results/`` (its own file: the
+    README report and the auto table read the ops runs only)."""
     if run.get("device_type") != "cuda":
-        return "bench-ragged.json (CPU run: not saved)"
+        return f"{name} (CPU run: not saved)"
     sys.path.insert(0, str(ROOT))
     from longattn.bench.cli import results_stem
 
-    saved = ROOT / "benchmarks" / "results" / f"{results_stem(run, run['settings'])}.json"
+    stem = results_stem(run, run["settings"]) + ("-halo" if name == "bench-halo.json" else "")
+    saved = ROOT / "benchmarks" / "results" / f"{stem}.json"
     saved.write_text(json.dumps(run, indent=1, default=str) + "\n")
     return str(saved.relative_to(ROOT))
 
@@ -272,6 +277,21 @@ def ragged_summary(outdir: Path) -> list[str]:
         fmt = lambda x: "-" if x is None else f"{x:.2f}x"
         lines.append(f"{'':8}{r['op']:<11}{r['pass']:<8}{r['impl']:<18}{fmt(r.get('packed_vs_one_by_one')):>14}"
                      f"{fmt(r.get('padded_vs_packed')):>14}  {r.get('check', '-')}")
+    return lines
+
+
+def halo_summary(outdir: Path) -> list[str]:
+    """Per backend and pass: the halo read in place against the plain band op (issue 15: <= 3 % at 131072)."""
+    path = outdir / "bench-halo.json"
+    if not path.is_file():
+        return []
+    lines = ["", f"halo (S_r, window): {'backend':<8}{'pass':<8}{'plain ms':>10}{'halo ms':>10}{'overhead':>10}"]
+    for r in json.loads(path.read_text())["results"]:
+        if r["status"] != "ok" or r.get("halo_overhead") is None:
+            lines.append(f"{'':20}{r['backend']:<8}{r.get('pass', ''):<8} not run: {r.get('reason', r)}")
+            continue
+        lines.append(f"{'':20}{r['backend']:<8}{r['pass']:<8}{r['plain_ms']:>10.3f}{r['halo_ms']:>10.3f}"
+                     f"{r['halo_overhead'] * 100:>9.1f}%")
     return lines
 
 
@@ -304,6 +324,7 @@ def summary(outcomes: list[Outcome], outdir: Path, elapsed: float, budget: float
     lines.append("")
     lines += bench_summary(merge_bench(outdir))
     lines += ragged_summary(outdir)
+    lines += halo_summary(outdir)
     return "\n".join(lines)
 
 

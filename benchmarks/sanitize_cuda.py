@@ -11,7 +11,9 @@ mask and bias, a non-contiguous (B, H, S, D).transpose(1, 2) input, each head di
 aggregation with dropped tokens, with and without the RMS-norm weight, per-row key ranges (packed batches and
 arbitrary values), halo keys (strided halo buffers read in place, halo masks, halos wider than S and than the
 window), dropout with halo keys and a dropout offset (the kHalo dropout kernels, also with an empty halo) and the lse
-gradient (NaN where lse = +inf, which must not reach any gradient). Exits non-zero on a CUDA
+gradient (NaN where lse = +inf, which must not reach any gradient), and Longformer's band pass (side keys read in
+place through an index with out-of-range values, padding rows, the side-add kernel; the kIndexed kernels, with and
+without dropout). Exits non-zero on a CUDA
 error or a non-finite result; the sanitizer reports memory / race errors itself.
 """
 
@@ -84,6 +86,30 @@ def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=Tru
             raise RuntimeError(f"non-finite {name} (dtype={dtype}, D={D})")
 
 
+def longformer_band(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, dropout=0.0, padding=True):
+    """The kIndexed kernels (side_index / query_mask / band_rows_only) and the side-add kernel: slots point at
+    distinct tokens of k / v (a random permutation), some unused, batch row 1 with indices outside [0, S) (read as
+    zeros, given no gradient); padded rows and globals among the band rows' complement."""
+    ops = torch.ops.longattn
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (torch.randn(B, H, S, D, generator=gen, device="cuda").to(dtype).transpose(1, 2) for _ in range(3))
+    pos = torch.stack([torch.randperm(S, generator=gen, device="cuda")[:G] for _ in range(B)])
+    pos[1, : G // 4] = torch.tensor([-3, S, S + 5, -(2**40)], device="cuda").repeat(G)[: G // 4]
+    used = torch.rand(B, G, generator=gen, device="cuda") > 0.2
+    real = torch.rand(B, S, generator=gen, device="cuda") > 0.1 if padding else None
+    band_rows = torch.ones(B, S, dtype=torch.bool, device="cuda") if real is None else real.clone()
+    band_rows.scatter_(1, pos.clamp(0, S - 1), False)
+    extra = {"dropout_p": dropout, "rng": torch.tensor([5, 8], dtype=torch.int64, device="cuda")} if dropout else {}
+    out, lse = ops.cuda_band_side_fwd(q, k, v, k, v, band_rows, used, None, None, None, left, right, D**-0.5,
+                                      side_index=pos, query_mask=real, band_rows_only=True, **extra)
+    grads = ops.cuda_band_side_bwd(torch.randn_like(out), q, k, v, k, v, out, lse, band_rows, used, None, None, None,
+                                   left, right, D**-0.5, side_index=pos, **extra)
+    torch.cuda.synchronize()
+    for name, t in zip(["out", "dq", "dk", "dv"], (out, *grads[:3])):
+        if not torch.isfinite(t).all():
+            raise RuntimeError(f"non-finite {name} (longformer band, dtype={dtype}, D={D})")
+
+
 def block_aggregate(dtype, weighted):
     ops = torch.ops.longattn
     B, S, C, G = 2, 300, 96, 20
@@ -134,6 +160,12 @@ def main() -> int:
     band_side(torch.bfloat16, 64, dropout=(0.3, 8))  # an offset without halo keys
     band_side(torch.float16, 128, halo=(40, 40), dropout=(0.1, 0))  # halo keys + dropout, no offset
     print("band_side with dropout, halo keys and the dropout offset ok")
+    for D in (32, 64, 128):
+        longformer_band(torch.float16, D)
+        longformer_band(torch.bfloat16, D, dropout=0.2)
+    longformer_band(torch.bfloat16, 64, G=0, padding=False)  # no slots: the row masks alone
+    longformer_band(torch.float16, 64, S=1, G=1, left=0, right=0)
+    print("Longformer band pass (indexed side keys, side add) ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weighted in (False, True):
             block_aggregate(dtype, weighted)

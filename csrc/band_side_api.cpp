@@ -19,6 +19,14 @@
 // ranges. dlse ((B, H, S) float32, the lse output's gradient; "lse_grad") enters through delta. dropout_offset (a
 // multiple of 4, only with dropout, "dropout_offset"): query row i and band key j draw the dropout counters of
 // i + offset and j + offset (a sequence-parallel shard's start); a call with one runs the kHalo kernels.
+//
+// Longformer's band pass (the backend's longformer_band_forward / _backward): side_index ((B, G) int64, unit last
+// stride) makes side key g of batch row b token side_index[b, g] of side_k / side_v, then (B, S, H, D) (k and v
+// themselves), read in place by the kIndexed kernels; query_mask ((B, S) bool, forward) zeroes the output of rows
+// where it is False and band_rows_only (forward) sets the lse of rows outside band_key_mask to +inf, both in the
+// kernel's epilogue. The backward adds the side keys' dK/dV into rows side_index of dk / dv (band_side_bwd_side_add_
+// kernel: the kept slots of a batch row must name distinct rows, as Longformer's do; any index value is safe) and
+// returns dside_k / dside_v empty. Not combined with ranges, halo keys or a dropout offset.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -82,6 +90,13 @@ void check_optional(const char* op, const OptTensor& t, const char* name, const 
   shape_is(op, *t, name, shape, dims);
 }
 
+// Longformer's band-pass arguments (side_index; query_mask and band_rows_only are the forward's, else None / false).
+struct IndexArgs {
+  const OptTensor& side_index;
+  const OptTensor& query_mask;
+  bool band_rows_only;
+};
+
 // The dropout arguments of both ops.
 struct DropoutArgs {
   double p;
@@ -141,13 +156,43 @@ void check_dropout_args(const char* op, const at::Tensor& q, const DropoutArgs& 
               drop.offset);
 }
 
+// Longformer's band pass: G (side_index's slot count), or -1 without side_index; after q, before the side keys.
+int64_t check_index_args(const char* op, const at::Tensor& q, const IndexArgs& index, const OptTensor& band_key_mask,
+                         const DropoutArgs& drop, const OptTensor& key_ranges, const OptTensor& side_ranges,
+                         const HaloArgs& halo) {
+  if (!index.side_index.has_value()) {
+    TORCH_CHECK(!index.query_mask.has_value(), op, ": query_mask needs side_index, got side_index = None");
+    TORCH_CHECK(!index.band_rows_only, op, ": band_rows_only needs side_index, got side_index = None");
+    return -1;
+  }
+  const at::Tensor& idx = *index.side_index;
+  same_device(op, idx, "side_index", q, "q");
+  dtype_is(op, idx, "side_index", at::kLong);
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == q.size(0), op, ": side_index must have shape (B, G) with B = ",
+              q.size(0), ", got ", idx.sizes());
+  TORCH_CHECK(idx.size(1) < (int64_t(1) << 28), op, ": side_index's G must be < 2^28, got ", idx.size(1));
+  TORCH_CHECK(idx.size(1) <= 1 || idx.stride(1) == 1, op, ": side_index must have a unit last stride, got strides ",
+              idx.strides());
+  check_optional(op, index.query_mask, "query_mask", q, at::kBool, {q.size(0), q.size(1)}, "(B, S)");
+  if (index.query_mask.has_value()) contiguous(op, *index.query_mask, "query_mask");
+  TORCH_CHECK(!index.band_rows_only || band_key_mask.has_value(), op,
+              ": band_rows_only needs band_key_mask, got band_key_mask = None");
+  TORCH_CHECK(!halo.k.has_value(), op, ": halo_k must be None with side_index, got a tensor");
+  TORCH_CHECK(!key_ranges.has_value() && !side_ranges.has_value(), op,
+              ": key_ranges / side_ranges must be None with side_index, got a tensor");
+  TORCH_CHECK(drop.offset == 0 && !drop.global_rows, op,
+              ": dropout_offset / dropout_global_rows must be 0 / False with side_index, got ", drop.offset, " / ",
+              drop.global_rows);
+  return idx.size(1);
+}
+
 // Every argument the two passes share, in dependency order (q first: its sizes define the others').
 Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& side_k, const at::Tensor& side_v, const OptTensor& band_key_mask,
                     const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
                     const OptTensor& side_bias, int64_t left, int64_t right, double scale,
                     const DropoutArgs& drop, const OptTensor& key_ranges, const OptTensor& side_ranges,
-                    const HaloArgs& halo) {
+                    const HaloArgs& halo, const IndexArgs& index) {
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": q must be float16 or bfloat16 (the kernels' tensor-core types), got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, S, H, D), got ", q.sizes());
@@ -159,11 +204,17 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
   last_dim_contiguous(op, q, "q");
   check_operand(op, k, "k", q, S, "(B, S, H, D)");
   check_operand(op, v, "v", q, S, "(B, S, H, D)");
-  TORCH_CHECK(side_k.dim() == 4, op, ": side_k must have shape (B, G, H, D), got ", side_k.sizes());
-  const int64_t G = side_k.size(1);
-  TORCH_CHECK(G < (int64_t(1) << 28), op, ": side_k's G must be < 2^28, got ", G);
-  check_operand(op, side_k, "side_k", q, G, "(B, G, H, D)");
-  check_operand(op, side_v, "side_v", q, G, "(B, G, H, D)");
+  const int64_t indexed_g = check_index_args(op, q, index, band_key_mask, drop, key_ranges, side_ranges, halo);
+  if (indexed_g >= 0) {  // side keys are rows of (B, S, H, D) side_k / side_v named by side_index
+    check_operand(op, side_k, "side_k", q, S, "(B, S, H, D) with side_index");
+    check_operand(op, side_v, "side_v", q, S, "(B, S, H, D) with side_index");
+  } else {
+    TORCH_CHECK(side_k.dim() == 4, op, ": side_k must have shape (B, G, H, D), got ", side_k.sizes());
+    TORCH_CHECK(side_k.size(1) < (int64_t(1) << 28), op, ": side_k's G must be < 2^28, got ", side_k.size(1));
+    check_operand(op, side_k, "side_k", q, side_k.size(1), "(B, G, H, D)");
+    check_operand(op, side_v, "side_v", q, side_k.size(1), "(B, G, H, D)");
+  }
+  const int64_t G = indexed_g >= 0 ? indexed_g : side_k.size(1);
   const auto [HL, HR] = check_halo_args(op, q, halo, key_ranges, side_ranges);
   if (!halo.k.has_value()) {
     const int64_t max_offset = std::max<int64_t>(S - 1, 0);
@@ -199,9 +250,12 @@ Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
                     const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right,
                     double scale, const DropoutArgs& drop, const OptTensor& key_ranges,
-                    const OptTensor& side_ranges, const HaloArgs& halo, const OptTensor& dlse) {
+                    const OptTensor& side_ranges, const HaloArgs& halo, const OptTensor& dlse,
+                    const OptTensor& side_index) {
+  const OptTensor no_query_mask;
   const Dims d = check_fwd_args(kBwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                                side_bias, left, right, scale, drop, key_ranges, side_ranges, halo);
+                                side_bias, left, right, scale, drop, key_ranges, side_ranges, halo,
+                                {side_index, no_query_mask, false});
   check_operand(kBwd, dout, "dout", q, d.S, "(B, S, H, D)");
   check_operand(kBwd, out, "out", q, d.S, "(B, S, H, D)");
   same_device(kBwd, lse, "lse", q, "q");
@@ -247,7 +301,8 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
                  const at::Tensor& sk_in, const at::Tensor& sv_in, const OptTensor& band_key_mask,
                  const OptTensor& side_mask, const OptTensor& query_block, const OptTensor& band_bias,
                  const OptTensor& side_bias, int64_t left, int64_t right, double scale, const DropoutArgs& drop,
-                 const OptTensor& key_ranges, const OptTensor& side_ranges, const HaloArgs& halo) {
+                 const OptTensor& key_ranges, const OptTensor& side_ranges, const HaloArgs& halo,
+                 const IndexArgs& index) {
   Prepared r;
   const at::Tensor q = loadable(q_in), k = loadable(k_in), v = loadable(v_in);
   const at::Tensor sk = loadable(sk_in), sv = loadable(sv_in);
@@ -277,6 +332,14 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
   // Checked contiguous int32 (B, S, 2): read in place; nullptr selects the kernels without ranges.
   p.key_ranges = key_ranges ? key_ranges->data_ptr<int32_t>() : nullptr;
   p.side_ranges = side_ranges ? side_ranges->data_ptr<int32_t>() : nullptr;
+  // Longformer's band pass: side_index (checked (B, G) int64, unit last stride) selects the kIndexed kernels.
+  // (With G = 0 the epilogue's row masks still need those kernels: dispatch_flags also looks at them.)
+  if (index.side_index) {
+    p.side_index = d.G > 0 ? index.side_index->data_ptr<int64_t>() : nullptr;
+    p.side_index_stride = index.side_index->stride(0);
+    p.query_mask = index.query_mask ? reinterpret_cast<const uint8_t*>(index.query_mask->data_ptr<bool>()) : nullptr;
+    p.band_rows_only = index.band_rows_only;
+  }
   p.B = d.B;
   p.S = d.S;
   p.H = d.H;
@@ -332,15 +395,18 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
                                                  bool dropout_global_rows, const OptTensor& key_ranges,
                                                  const OptTensor& side_ranges, const OptTensor& halo_k,
                                                  const OptTensor& halo_v, const OptTensor& halo_mask,
-                                                 int64_t halo_left, int64_t dropout_offset) {
+                                                 int64_t halo_left, int64_t dropout_offset,
+                                                 const OptTensor& side_index, const OptTensor& query_mask,
+                                                 bool band_rows_only) {
   const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
   const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
+  const IndexArgs index{side_index, query_mask, band_rows_only};
   const Dims d = check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
-                                side_bias, left, right, scale, drop, key_ranges, side_ranges, halo);
+                                side_bias, left, right, scale, drop, key_ranges, side_ranges, halo, index);
   on_cuda(kFwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale, drop, key_ranges, side_ranges, halo);
+                       left, right, scale, drop, key_ranges, side_ranges, halo, index);
   BandSideParams& p = r.p;
   at::Tensor out = at::empty({p.B, p.S, p.H, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.S}, q.options().dtype(at::kFloat));
@@ -362,16 +428,18 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
                        int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng,
                        bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
                        const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
-                       int64_t halo_left, const OptTensor& dlse_in, int64_t dropout_offset) {
+                       int64_t halo_left, const OptTensor& dlse_in, int64_t dropout_offset,
+                       const OptTensor& side_index) {
   const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
   const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
   const Dims d = check_bwd_args(dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
                                 query_block, band_bias, side_bias, left, right, scale, drop, key_ranges,
-                                side_ranges, halo, dlse_in);
+                                side_ranges, halo, dlse_in, side_index);
   on_cuda(kBwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
+  const OptTensor no_query_mask;
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale, drop, key_ranges, side_ranges, halo);
+                       left, right, scale, drop, key_ranges, side_ranges, halo, {side_index, no_query_mask, false});
   BandSideParams& p = r.p;
   const at::Tensor dout = loadable(dout_in);
   const at::Tensor out = loadable(out_in);
@@ -394,7 +462,8 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
     dhv = written ? at::empty(shape, opts) : at::zeros(shape, opts);
   }
   if (dq.numel() == 0) {
-    at::Tensor dside = at::zeros({p.B, p.G, p.H, p.D}, opts);
+    // With side_index the side keys' gradients are in dk / dv (zeros here) and dside_k / dside_v are empty.
+    at::Tensor dside = side_index ? q.new_empty({0}) : at::zeros({p.B, p.G, p.H, p.D}, opts);
     if (band_bias) dbb = at::zeros_like(*band_bias, at::MemoryFormat::Contiguous);
     if (side_bias) dsb = at::zeros_like(*side_bias, at::MemoryFormat::Contiguous);
     return {dq, dk, dv, dside, dside.clone(), dbb, dsb, dhk, dhv};
@@ -451,6 +520,14 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
   C10_CUDA_CHECK(run_band_side_bwd_delta(p, bf16, stream));
   C10_CUDA_CHECK(run_band_side_bwd_dq(p, bf16, stream));
   C10_CUDA_CHECK(run_band_side_bwd_dkdv(p, bf16, stream));
+  if (side_index) {
+    // Longformer: the side keys' dK/dV added into their tokens' rows of dk / dv, after the band dK/dV (stream
+    // order), in chunk order: deterministic, no scatter.
+    C10_CUDA_CHECK(run_band_side_bwd_side_add(p, bf16, stream));
+    if (band_bias) dbb = dbb_part.sum(at::IntArrayRef{0, 2}).to(band_bias->scalar_type());
+    if (side_bias) dsb = dsb_part.sum(at::IntArrayRef{0, 2}).to(side_bias->scalar_type());
+    return {dq, dk, dv, q.new_empty({0}), q.new_empty({0}), dbb, dsb, dhk, dhv};
+  }
 
   // Fixed-order reductions (ATen's sum has no atomics): deterministic run to run.
   at::Tensor dsk = dsk_part.sum(0).to(q.scalar_type());
@@ -471,10 +548,12 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd_cpu(const at::Tensor& q, const 
                                                      bool dropout_global_rows, const OptTensor& key_ranges,
                                                      const OptTensor& side_ranges, const OptTensor& halo_k,
                                                      const OptTensor& halo_v, const OptTensor& halo_mask,
-                                                     int64_t halo_left, int64_t dropout_offset) {
+                                                     int64_t halo_left, int64_t dropout_offset,
+                                                     const OptTensor& side_index, const OptTensor& query_mask,
+                                                     bool band_rows_only) {
   check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
                  right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges, side_ranges,
-                 {halo_k, halo_v, halo_mask, halo_left});
+                 {halo_k, halo_v, halo_mask, halo_left}, {side_index, query_mask, band_rows_only});
   needs_cuda(kFwd, q);
 }
 
@@ -485,10 +564,11 @@ BwdGrads band_side_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at
                            int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng,
                            bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
                            const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
-                           int64_t halo_left, const OptTensor& dlse, int64_t dropout_offset) {
+                           int64_t halo_left, const OptTensor& dlse, int64_t dropout_offset,
+                           const OptTensor& side_index) {
   check_bwd_args(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
                  side_bias, left, right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges,
-                 side_ranges, {halo_k, halo_v, halo_mask, halo_left}, dlse);
+                 side_ranges, {halo_k, halo_v, halo_mask, halo_left}, dlse, side_index);
   needs_cuda(kBwd, q);
 }
 

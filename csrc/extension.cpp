@@ -18,20 +18,23 @@
 // The raw ops take the backend contract's arguments (longattn/backends/__init__.py) minus `backend`;
 // their CUDA and CPU implementations live in band_side_api.cpp and block_aggregate_api.cpp, their fake (meta)
 // implementations in longattn/backends/cuda_backend.py. Arguments added later come last with defaults (calls
-// without them keep working); cuda_band_side_bwd always returns dhalo_k / dhalo_v, (0,) without halo keys.
+// without them keep working); cuda_band_side_bwd always returns dhalo_k / dhalo_v, (0,) without halo keys, and
+// with side_index (Longformer's band pass: side keys read in place from rows of k / v) dside_k / dside_v empty.
 TORCH_LIBRARY_FRAGMENT(longattn, m) {
   m.def(
       "cuda_band_side_fwd(Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor? band_key_mask, "
       "Tensor? side_mask, Tensor? query_block, Tensor? band_bias, Tensor? side_bias, int left, int right, "
       "float scale, float dropout_p=0.0, Tensor? rng=None, bool dropout_global_rows=False, "
       "Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, Tensor? halo_v=None, "
-      "Tensor? halo_mask=None, int halo_left=0, int dropout_offset=0) -> (Tensor out, Tensor lse)");
+      "Tensor? halo_mask=None, int halo_left=0, int dropout_offset=0, Tensor? side_index=None, "
+      "Tensor? query_mask=None, bool band_rows_only=False) -> (Tensor out, Tensor lse)");
   m.def(
       "cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor out, "
       "Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, "
       "Tensor? side_bias, int left, int right, float scale, float dropout_p=0.0, Tensor? rng=None, "
       "bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, "
-      "Tensor? halo_v=None, Tensor? halo_mask=None, int halo_left=0, Tensor? dlse=None, int dropout_offset=0) -> "
+      "Tensor? halo_v=None, Tensor? halo_mask=None, int halo_left=0, Tensor? dlse=None, int dropout_offset=0, "
+      "Tensor? side_index=None) -> "
       "(Tensor dq, Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias, "
       "Tensor dhalo_k, Tensor dhalo_v)");
   m.def(

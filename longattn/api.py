@@ -109,7 +109,8 @@ def _band_side(q, k, v, side_k, side_v, left, right, band_key_mask, side_mask, q
     features = (("grouped_kv",) if k.shape[2] != q.shape[2] else ()) + _dropout_feature(dropout_p)
     if ranged or halo is not None or with_lse or dropout_offset:
         features += ((("ranges",) if ranged else ()) + (("halo",) if halo is not None else ())
-                     + (("lse_grad",) if with_lse else ()) + (("dropout_offset",) if dropout_p and dropout_offset else ()))
+                     + (("lse_grad",) if with_lse else ())
+                     + (("dropout_offset",) if dropout_p and dropout_offset else ()))
     name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
                            op="local" if side_k is None else "tglobal", seqlen=S, features=features)
     # Today's call, unchanged, without dropout, ranges or halo: the op's defaults fill its optional tail.

@@ -48,14 +48,15 @@ SCHEMAS = {
         "Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, Tensor? side_bias, "
         "int left, int right, float scale, float dropout_p=0., Tensor? rng=None, bool dropout_global_rows=False, "
         "Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, Tensor? halo_v=None, "
-        "Tensor? halo_mask=None, int halo_left=0, int dropout_offset=0) -> (Tensor out, Tensor lse)",
+        "Tensor? halo_mask=None, int halo_left=0, int dropout_offset=0, Tensor? side_index=None, "
+        "Tensor? query_mask=None, bool band_rows_only=False) -> (Tensor out, Tensor lse)",
     "cuda_band_side_bwd":
         "longattn::cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, "
         "Tensor out, Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, "
         "Tensor? band_bias, Tensor? side_bias, int left, int right, float scale, float dropout_p=0., "
         "Tensor? rng=None, bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None, "
         "Tensor? halo_k=None, Tensor? halo_v=None, Tensor? halo_mask=None, int halo_left=0, Tensor? dlse=None, "
-        "int dropout_offset=0) -> "
+        "int dropout_offset=0, Tensor? side_index=None) -> "
         "(Tensor dq, Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias, "
         "Tensor dhalo_k, Tensor dhalo_v)",
     "cuda_block_aggregate_fwd":
@@ -196,8 +197,10 @@ _CONTIGUOUS = {"key_ranges", "side_ranges"}  # read by computed offsets: must be
 # Arguments every value of whose type is valid (so no bad call exists).
 _NO_BAD_VALUE = {"dropout_global_rows"}
 # Halo keys, the lse gradient and the dropout offset: left at their defaults here (halo keys and the offset exclude
-# ranges, which the valid set uses); their bad calls are in tests/test_cuda_halo.py.
-_HALO_ARGS = {"halo_k", "halo_v", "halo_mask", "halo_left", "dlse", "dropout_offset"}
+# ranges, which the valid set uses); their bad calls are in tests/test_cuda_halo.py. Likewise Longformer's band-pass
+# arguments (tests/test_cuda_longformer.py).
+_HALO_ARGS = {"halo_k", "halo_v", "halo_mask", "halo_left", "dlse", "dropout_offset", "side_index", "query_mask",
+              "band_rows_only"}
 
 
 def _sizes(letters, **dims):

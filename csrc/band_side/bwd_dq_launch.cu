@@ -1,4 +1,4 @@
-// Instantiates and launches the backward's delta and dQ kernels.
+// Instantiates and launches the backward's delta, dQ and (Longformer) side-add kernels.
 #include "band_side/bwd_kernel.h"
 #include "band_side/launch.h"
 #include "band_side/launch_template.h"
@@ -17,11 +17,24 @@ cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStre
   return cudaGetLastError();
 }
 
+cudaError_t run_band_side_bwd_side_add(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t pairs = (int64_t)p.B * p.G * p.H * (p.D / 2);
+  if (pairs == 0) return cudaSuccess;
+  const dim3 grid((unsigned)((pairs + kThreads - 1) / kThreads));
+  if (bf16) {
+    band_side_bwd_side_add_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
+  } else {
+    band_side_bwd_side_add_kernel<__half><<<grid, kThreads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
 cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream) {
   return dispatch_traits(bf16, p.D, [&](auto traits) {
     using Traits = decltype(traits);
-    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo>() {
-      return launch_kernel(band_side_bwd_dq_kernel<Traits, kDropout, kRanges, kHalo>, query_tile_grid<Traits>(p),
+    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo, bool kIndexed>() {
+      return launch_kernel(band_side_bwd_dq_kernel<Traits, kDropout, kRanges, kHalo, kIndexed>, query_tile_grid<Traits>(p),
                            Traits::kThreads, Traits::kBwdDqSmem, p, stream);
     });
   });

@@ -72,9 +72,10 @@ __device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h,
 // ------------------------------------------------------------------------------------------------
 // dQ
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo>
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
+  static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -101,7 +102,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(cons
   QueryRanges ranges{};
   const KeyTileWalk walk = query_tile_walk<Traits, kRanges, kHalo>(p, b, m0, i0, i1, ranges);
 
-  walk_key_tiles<Traits, kRanges, kHalo>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
+  walk_key_tiles<Traits, kRanges, kHalo, kIndexed>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
                                                                               const T* sVt) {
     // The keep bits depend on indices only: drawn before the products, while few registers are live.
     uint32_t keep = 0;
@@ -191,9 +192,10 @@ __device__ __forceinline__ void side_bias_grad_tile(const BandSideParams& p, con
 // ------------------------------------------------------------------------------------------------
 // dK, dV (band key tiles and side-key tiles x query chunks)
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo>
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
+  static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -241,10 +243,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
       bias_partial = p.dside_bias_partial + (((int64_t)b * p.H + h) * n_side_ctas + side_cta) * (2 * p.G + 1);
     kt.check_range = kt.key0 + BN > p.G;
     if constexpr (kRanges) narrow_query_tiles<Traits>(p, p.side_ranges, b, kt.key0, p.G, q_first, q_count);
-    if (!kRanges || q_count > 0) {
-      load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, kt.key0, p.G, tid);
-      load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, kt.key0, p.G, tid);
-    }
+    if (!kRanges || q_count > 0) load_side_kv_async<Traits, kIndexed>(p, kt.key0, sK, sV, b, h, tid);
   }
   // This CTA's kind of range (kRanges only), re-read from the parameters where used: fewer live registers.
   auto cta_ranges = [&] { return kt.side ? p.side_ranges : p.key_ranges; };
@@ -397,6 +396,49 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
       }
     }
   }
+}
+
+}  // namespace longattn
+
+namespace longattn {
+
+// ------------------------------------------------------------------------------------------------
+// kIndexed (Longformer), after the dK/dV kernel: the side keys' float32 partials (side_chunks, B, G, H, D),
+// summed in chunk order, added into rows side_index[b, g] of dk / dv (contiguous (B, S, H, D)) for the slots
+// side_mask keeps and indices in [0, S). The band pass leaves those rows at exactly 0 in the Longformer op (global
+// tokens are never band keys), so the add is exact. One thread per (b, g, h, column pair); the kept slots of a
+// batch row name distinct rows (Longformer's do), so every element is read and written by one thread: no atomics,
+// bitwise deterministic.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+__global__ void band_side_bwd_side_add_kernel(const BandSideParams p) {
+  const int pairs_per_row = p.D / 2;
+  const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= (int64_t)p.B * p.G * p.H * pairs_per_row) return;
+  const int64_t bgh = t / pairs_per_row;  // ((b * G + g) * H + h)
+  const int d = (int)(t % pairs_per_row) * 2;
+  const int h = (int)(bgh % p.H);
+  const int64_t bg = bgh / p.H;
+  const int b = (int)(bg / p.G), g = (int)(bg % p.G);
+  if (p.side_mask != nullptr && !p.side_mask[bg]) return;
+  const int64_t row = p.side_index[(int64_t)b * p.side_index_stride + g];
+  if (row < 0 || row >= p.S) return;
+  const int64_t chunk_stride = (int64_t)p.B * p.G * p.H * p.D;
+  const int64_t at = bgh * p.D + d;
+  float2 sk = make_float2(0.f, 0.f), sv = make_float2(0.f, 0.f);
+  for (int c = 0; c < p.side_chunks; ++c) {
+    const float2 a = *reinterpret_cast<const float2*>(p.dsk_partial + c * chunk_stride + at);
+    const float2 e = *reinterpret_cast<const float2*>(p.dsv_partial + c * chunk_stride + at);
+    sk.x += a.x;
+    sk.y += a.y;
+    sv.x += e.x;
+    sv.y += e.y;
+  }
+  const int64_t out = (((int64_t)b * p.S + row) * p.H + h) * p.D + d;
+  T* dk = reinterpret_cast<T*>(p.dk) + out;
+  T* dv = reinterpret_cast<T*>(p.dv) + out;
+  *reinterpret_cast<uint32_t*>(dk) = pack2<T>(to_float(dk[0]) + sk.x, to_float(dk[1]) + sk.y);
+  *reinterpret_cast<uint32_t*>(dv) = pack2<T>(to_float(dv[0]) + sv.x, to_float(dv[1]) + sv.y);
 }
 
 }  // namespace longattn

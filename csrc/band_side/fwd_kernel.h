@@ -17,6 +17,10 @@
 // reaching outside [0, S) read those rows from halo_k / halo_v in place and test each element (window, extent,
 // halo_mask), the others are the plain kernel's tiles. With kDropout the keep bits of query i and band key j (halo
 // keys at their local j < 0 or >= S) are those of row i + drop_offset, key j + drop_offset (dropout.h).
+//
+// kIndexed (Longformer's band pass, never with kRanges or kHalo): side key g is token side_index[b, g] of k / v, read
+// in place (load_side_kv_async); in the epilogue rows outside query_mask get out = 0 and, with band_rows_only, rows
+// outside band_key_mask lse = +inf (so the backward gives them nothing).
 #pragma once
 
 #include "band_side/dropout.h"
@@ -25,9 +29,24 @@
 
 namespace longattn {
 
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo>
+// kIndexed epilogue: out = 0 (inv = 0) for rows outside query_mask, lse = +inf for rows outside band_key_mask with
+// band_rows_only (the Longformer op's padding and global rows). Rows >= S are never stored.
+__device__ __forceinline__ void longformer_row_masks(const BandSideParams& p, int b, int i0, int i1, float (&inv)[2],
+                                                     float (&lse)[2]) {
+  const int rows[2] = {i0, i1};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= p.S) continue;
+    const int64_t at = (int64_t)b * p.S + rows[r];
+    if (p.query_mask != nullptr && !p.query_mask[at]) inv[r] = 0.f;
+    if (p.band_rows_only && p.band_key_mask != nullptr && !p.band_key_mask[at]) lse[r] = INFINITY;
+  }
+}
+
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
+  static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -53,7 +72,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
   QueryRanges ranges{};
   const KeyTileWalk walk = query_tile_walk<Traits, kRanges, kHalo>(p, b, m0, i0, i1, ranges);
 
-  walk_key_tiles<Traits, kRanges, kHalo>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
+  walk_key_tiles<Traits, kRanges, kHalo, kIndexed>(p, walk, m0, sK, sV, b, h, tid, [&](const KeyTile& kt, const T* sKt,
                                                                               const T* sVt) {
     // The keep bits depend on indices only: drawn before the product, while few registers are live.
     uint32_t keep = 0;
@@ -128,6 +147,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
     inv[r] = empty ? 0.f : 1.f / l;
     lse[r] = empty ? INFINITY : row_max[r] * kLn2 + logf(l);
   }
+  if constexpr (kIndexed) longformer_row_masks(p, b, i0, i1, inv, lse);
   T* out = reinterpret_cast<T*>(p.out) + ((int64_t)b * p.S * p.H + h) * D;
   store_rows<T, D>(acc_o, out, (int64_t)p.H * D, m0 + warp * 16, p.S, lane, inv[0], inv[1]);
   if (lane % 4 == 0) {

@@ -8,8 +8,8 @@ namespace longattn {
 cudaError_t run_band_side_fwd(const BandSideParams& p, bool bf16, cudaStream_t stream) {
   return dispatch_traits(bf16, p.D, [&](auto traits) {
     using Traits = decltype(traits);
-    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo>() {
-      return launch_kernel(band_side_fwd_kernel<Traits, kDropout, kRanges, kHalo>, query_tile_grid<Traits>(p),
+    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo, bool kIndexed>() {
+      return launch_kernel(band_side_fwd_kernel<Traits, kDropout, kRanges, kHalo, kIndexed>, query_tile_grid<Traits>(p),
                            Traits::kThreads, Traits::kFwdSmem, p, stream);
     });
   });

@@ -16,5 +16,7 @@ cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStre
 cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream);
 // Backward, step 3: p.dk, p.dv, side-key partials and bias-gradient partials.
 cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStream_t stream);
+// Backward, step 4 (p.side_index only): the side-key partials summed and added into rows p.side_index of p.dk, p.dv.
+cudaError_t run_band_side_bwd_side_add(const BandSideParams& p, bool bf16, cudaStream_t stream);
 
 }  // namespace longattn

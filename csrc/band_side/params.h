@@ -101,6 +101,18 @@ struct BandSideParams {
   // the whole sequence's. Side keys and Longformer global rows keep their ids. A call with an offset runs the kHalo
   // kernels even with an empty halo, so the others never read it (their code is the code without it).
   int drop_offset;
+
+  // ---- Longformer band pass (only read by the kIndexed = true kernels; the backend's longformer_band_*) --------
+  // side_index: (B, G) int64 (row stride side_index_stride), or nullptr: side key g of batch row b is row
+  // side_index[b, g] of side_k / side_v, which are then (B, S, H, D) (k and v themselves), read in place; indices
+  // outside [0, S) read zeros (and get no gradient). query_mask: (B, S) bool or nullptr, forward only: rows where it
+  // is False get out = 0. band_rows_only (forward): rows where band_key_mask is False get lse = +inf. Backward: the
+  // side keys' dK/dV partials are summed and added into rows side_index[b, g] of dk / dv for the slots side_mask
+  // keeps (band_side_bwd_side_add_kernel). After the fields above, so those keep their offsets.
+  const int64_t* side_index;
+  int64_t side_index_stride;
+  const uint8_t* query_mask;
+  bool band_rows_only;
 };
 
 }  // namespace longattn

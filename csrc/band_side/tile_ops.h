@@ -187,6 +187,41 @@ __device__ __forceinline__ void load_halo_tile_async(typename Traits::Element* s
   }
 }
 
+// kIndexed (Longformer): side keys g0 .. g0 + 63 of one (b, h) slice, side key g being row side_index[b, g] of x
+// ((B, S, H, D), k or v itself), read in place. Slots >= G and indices outside [0, S) become zeros (any index value
+// is safe). The index is read with plain loads before the copies are issued: side tiles are few per walk.
+template <typename Traits>
+__device__ __forceinline__ void load_indexed_tile_async(typename Traits::Element* smem, const BandSideParams& p,
+                                                        const void* x, const Strides& st, int b, int h, int g0,
+                                                        int tid) {
+  using T = typename Traits::Element;
+  const T* xbase = reinterpret_cast<const T*>(x) + (int64_t)b * st.batch + (int64_t)h * st.head;
+  const int64_t* index = p.side_index + (int64_t)b * p.side_index_stride;
+#pragma unroll
+  for (int it = 0; it < Traits::kChunksPerThread; ++it) {
+    const int chunk = tid + it * Traits::kThreads;
+    const int r = chunk / Traits::kRowChunks;
+    const int c = (chunk % Traits::kRowChunks) * 8;
+    const int g = g0 + r;
+    const int64_t row = g < p.G ? __ldg(index + g) : -1;
+    const bool valid = 0 <= row && row < p.S;
+    cp_async_16(smem + r * Traits::kSmemStride + c, valid ? xbase + row * st.row + c : xbase, valid);
+  }
+}
+
+// K and V of side-key tile key0: rows of side_k / side_v, or (kIndexed) the tokens side_index names.
+template <typename Traits, bool kIndexed>
+__device__ __forceinline__ void load_side_kv_async(const BandSideParams& p, int key0, typename Traits::Element* sK,
+                                                   typename Traits::Element* sV, int b, int h, int tid) {
+  if constexpr (kIndexed) {
+    load_indexed_tile_async<Traits>(sK, p, p.side_k, p.sk_st, b, h, key0, tid);
+    load_indexed_tile_async<Traits>(sV, p, p.side_v, p.sv_st, b, h, key0, tid);
+  } else {
+    load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, key0, p.G, tid);
+    load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, key0, p.G, tid);
+  }
+}
+
 // K and V of band key tile key0 (kHalo: a tile reaching outside [0, S) takes the halo loader; the others, like
 // every tile without a halo, the plain one).
 template <typename Traits, bool kHalo>
@@ -342,15 +377,14 @@ __device__ __forceinline__ KeyTile key_tile_at(const BandSideParams& p, const Ke
 }
 
 // Issue the async loads of K and V tile t into buffer `buf`.
-template <typename Traits, bool kHalo>
+template <typename Traits, bool kHalo, bool kIndexed>
 __device__ __forceinline__ void load_kv_async(const BandSideParams& p, const KeyTile& kt,
                                               typename Traits::Element* sK, typename Traits::Element* sV,
                                               int b, int h, int tid) {
   if (!kt.side) {
     load_band_kv_async<Traits, kHalo>(p, kt.key0, sK, sV, b, h, tid);
   } else {
-    load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, kt.key0, p.G, tid);
-    load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, kt.key0, p.G, tid);
+    load_side_kv_async<Traits, kIndexed>(p, kt.key0, sK, sV, b, h, tid);
   }
 }
 
@@ -359,7 +393,8 @@ __device__ __forceinline__ void load_kv_async(const BandSideParams& p, const Key
 // Anything else the caller loaded with cp.async before calling (its Q / dO tiles) joins the first
 // group and has landed before the first body call. kMayBeEmpty: the walk may have no tile (per-row key
 // ranges); without ranges every query's band holds itself, so it never is. kHalo: band tiles may lie in the halo.
-template <typename Traits, bool kMayBeEmpty, bool kHalo, typename Body>
+// kIndexed: side tiles are the tokens p.side_index names (load_side_kv_async).
+template <typename Traits, bool kMayBeEmpty, bool kHalo, bool kIndexed, typename Body>
 __device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, const KeyTileWalk& walk, int m0,
                                                typename Traits::Element* sK, typename Traits::Element* sV, int b,
                                                int h, int tid, Body&& body) {
@@ -373,7 +408,7 @@ __device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, const Ke
     }
   }
   KeyTile cur = key_tile_at<BM, BN, kHalo>(p, walk, m0, 0);
-  load_kv_async<Traits, kHalo>(p, cur, sK, sV, b, h, tid);
+  load_kv_async<Traits, kHalo, kIndexed>(p, cur, sK, sV, b, h, tid);
   cp_async_commit();
   for (int t = 0; t < n_tiles; ++t) {
     const int buf = t & 1;
@@ -381,7 +416,7 @@ __device__ __forceinline__ void walk_key_tiles(const BandSideParams& p, const Ke
     if (t + 1 < n_tiles) {
       // Buffer buf ^ 1 was last read in iteration t - 1, which ended with __syncthreads().
       next = key_tile_at<BM, BN, kHalo>(p, walk, m0, t + 1);
-      load_kv_async<Traits, kHalo>(p, next, sK + (buf ^ 1) * Traits::kTileElems, sV + (buf ^ 1) * Traits::kTileElems,
+      load_kv_async<Traits, kHalo, kIndexed>(p, next, sK + (buf ^ 1) * Traits::kTileElems, sV + (buf ^ 1) * Traits::kTileElems,
                             b, h, tid);
       cp_async_commit();
       cp_async_wait<1>();  // everything but the tile just issued has landed

@@ -111,7 +111,7 @@ The torch backend splits the keys into chunks merged by log-sum-exp; Triton runs
 as side keys, split-KV: 1024-key splits as batch rows of the op, merged by log-sum-exp
 (``_longformer.rows_via_band_side``).
 
-Optionally, a backend may also run Longformer's band pass itself (the Triton backend does), in which case
+Optionally, a backend may also run Longformer's band pass itself (the Triton and CUDA backends do), in which case
 ``_longformer`` calls these instead of gathering the global tokens' k, v, scattering their gradients back and
 masking rows around ``band_side_forward`` / ``band_side_backward``:
 

@@ -19,10 +19,10 @@ Backward mirrors it: the band backward (its side-key gradients land on the globa
 which the band leaves at exactly 0 because global tokens are never band keys), then the global-rows
 backward (its key gradients added into dk/dv when the global projections are the local ones).
 
-A backend with ``longformer_band_forward`` / ``longformer_band_backward`` (Triton) runs step 2 in its kernels:
+A backend with ``longformer_band_forward`` / ``longformer_band_backward`` (Triton, CUDA) runs step 2 in its kernels:
 the slots' tokens are read from ``k``/``v`` through ``pos`` (no gathered copy), padding rows are zeroed and the
 ``lse`` of non-band rows set inside the kernel, and the side-key dK/dV are added into dk/dv by a kernel (no
-scatter). Others get the gather / ``masked_fill`` / ``scatter_add`` composition below.
+scatter). Others get the gather / ``masked_fill`` / ``scatter_add`` composition (``gathered_band_forward``).
 
 A backend without its own global-rows pass uses ``rows_via_band_side``: the slot queries against the S
 tokens as side keys of the band primitive (with an empty band), which every backend already runs.
@@ -126,13 +126,8 @@ def forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_pad
         out, lse = backend.longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right,
                                                    scale, **drop, **band_ranges)
     else:
-        index = _expand(pos, k)
-        side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
-        out, lse = backend.band_side_forward(q, k, v, side_k, side_v, band_rows, used, None, None, None, left,
-                                             right, scale, **drop, **band_ranges)
-        lse.masked_fill_(~band_rows[:, None, :], _INF)
-        if key_padding_mask is not None:
-            out.masked_fill_(~key_padding_mask[:, :, None, None], 0.0)
+        out, lse = gathered_band_forward(backend.band_side_forward, q, k, v, pos, used, band_rows, key_padding_mask,
+                                         left, right, scale, **drop, **band_ranges)
     if G == 0:
         return out, lse, lse.new_empty(B, H, 0), band_rows, pos, used
     glse = backend.global_rows_forward(q if q_global is None else q_global, k if k_global is None else k_global,
@@ -153,16 +148,8 @@ def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, gls
         dq, dk, dv = backend.longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right,
                                                       scale, **drop, **band_ranges)
     else:
-        index = _expand(pos, k)
-        side_k, side_v = torch.gather(k, 1, index), torch.gather(v, 1, index)
-        dq, dk, dv, dsk, dsv, _, _ = backend.band_side_backward(
-            dout, q, k, v, side_k, side_v, out, lse, band_rows, used, None, None, None, left, right, scale, **drop,
-            **band_ranges)
-        if G > 0:
-            # Global tokens are never band keys, so their dk/dv rows are 0 here: adding is exact (and the indices
-            # are distinct: deterministic).
-            dk.scatter_add_(1, index, dsk)
-            dv.scatter_add_(1, index, dsv)
+        dq, dk, dv = gathered_band_backward(backend.band_side_backward, dout, q, k, v, out, lse, pos, used, band_rows,
+                                            left, right, scale, **drop, **band_ranges)
     if G == 0:
         return dq, dk, dv, *(q.new_empty(0) if x is None else torch.zeros_like(x, memory_format=_DENSE)
                              for x in (q_global, k_global, v_global))
@@ -175,6 +162,35 @@ def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, gls
     # Distinct empty tensors: a custom op's outputs may not alias one another.
     return (dq, dk, dv, *(q.new_empty(0) if x is None else g for x, g in ((q_global, dqg), (k_global, dkg),
                                                                           (v_global, dvg))))
+
+
+def gathered_band_forward(band_side_forward, q, k, v, pos, used, band_rows, key_padding_mask, left, right, scale,
+                          **kw):
+    """Step 2 on a backend's plain primitive -> (out, lse): the slots' tokens gathered as side keys, then padding
+    rows zeroed and the lse of non-band rows set to +inf around it (for backends, or calls, without
+    ``longformer_band_forward``). ``kw``: the dropout and range keywords."""
+    index = _expand(pos, k)
+    out, lse = band_side_forward(q, k, v, torch.gather(k, 1, index), torch.gather(v, 1, index), band_rows, used, None,
+                                 None, None, left, right, scale, **kw)
+    lse.masked_fill_(~band_rows[:, None, :], _INF)
+    if key_padding_mask is not None:
+        out.masked_fill_(~key_padding_mask[:, :, None, None], 0.0)
+    return out, lse
+
+
+def gathered_band_backward(band_side_backward, dout, q, k, v, out, lse, pos, used, band_rows, left, right, scale,
+                           **kw):
+    """Backward of :func:`gathered_band_forward` -> (dq, dk, dv), the side keys' dK/dV scattered into rows ``pos``."""
+    index = _expand(pos, k)
+    dq, dk, dv, dsk, dsv, _, _ = band_side_backward(dout, q, k, v, torch.gather(k, 1, index), torch.gather(v, 1, index),
+                                                    out, lse, band_rows, used, None, None, None, left, right, scale,
+                                                    **kw)
+    if pos.shape[1] > 0:
+        # Global tokens are never band keys, so their dk/dv rows are 0 here: adding is exact (and the indices are
+        # distinct: deterministic).
+        dk.scatter_add_(1, index, dsk)
+        dv.scatter_add_(1, index, dsv)
+    return dq, dk, dv
 
 
 def rows_by_gather(rows_forward, rows_backward):

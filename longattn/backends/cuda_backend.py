@@ -23,6 +23,14 @@ each element, and the dK/dV kernel writes the halo keys' gradients (``dhalo_k``,
 bits) is read only by the kHalo kernels, which a call with an offset runs even with an empty halo: the other
 kernels are the code without it. The lse gradient (``dlse``, the feature ``"lse_grad"``) only changes the
 backward's delta (``rowsum(dO * O) - dlse``).
+
+Longformer's band pass (``longformer_band_forward`` / ``longformer_band_backward``, the optional part of the contract
+that ``longattn.backends._longformer`` calls) runs in a fourth kind of instantiation (``kIndexed``, with or without
+dropout, never with ranges or halo keys): side key g is token ``pos[b, g]`` of k / v, read in place; the forward's
+epilogue zeroes padding rows and sets the lse of non-band rows to +inf; the backward adds the side keys' dK/dV
+(float32 partials over query chunks, summed in chunk order) into rows ``pos`` of dk / dv with a small kernel. No
+gather, masked_fill or scatter around the kernels. With per-row key ranges (packed batches) it falls back to that
+composition around ``band_side_forward`` / ``band_side_backward``.
 """
 
 from __future__ import annotations
@@ -241,6 +249,37 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
                                                              float(eps)))
 
 
+def longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right, scale, dropout_p=0.0,
+                            rng=None, *, key_ranges=None, side_ranges=None):
+    """Longformer's band pass (``_longformer`` step 2) in one launch -> (out, lse): the used slots' tokens ``pos``
+    (B, G) int64 of k, v are the side keys, read in place (side key id = slot g for dropout); rows not in
+    ``key_padding_mask`` (None: all real) get out = 0 and rows not in ``band_rows`` lse = +inf in the kernel.
+    ``key_ranges`` / ``side_ranges`` (B, S, 2) (packed batches): the gathered composition (the kIndexed kernels
+    have no ranges)."""
+    if key_ranges is not None or side_ranges is not None:
+        return _longformer.gathered_band_forward(band_side_forward, q, k, v, pos, used, band_rows, key_padding_mask,
+                                                 left, right, scale, dropout_p=dropout_p, rng=rng,
+                                                 key_ranges=key_ranges, side_ranges=side_ranges)
+    return tuple(torch.ops.longattn.cuda_band_side_fwd(
+        q, k, v, k, v, band_rows, used, None, None, None, left, right, float(scale), float(dropout_p), rng,
+        side_index=pos, query_mask=key_padding_mask, band_rows_only=True))
+
+
+def longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right, scale, dropout_p=0.0,
+                             rng=None, *, key_ranges=None, side_ranges=None):
+    """Backward of ``longformer_band_forward`` -> (dq, dk, dv): the side keys' dK/dV added into rows ``pos`` of
+    dk, dv by a kernel, in a fixed order (the used slots name distinct tokens, which are never band keys, so those
+    rows are exactly the side-key gradients)."""
+    if key_ranges is not None or side_ranges is not None:
+        return _longformer.gathered_band_backward(band_side_backward, dout, q, k, v, out, lse, pos, used, band_rows,
+                                                  left, right, scale, dropout_p=dropout_p, rng=rng,
+                                                  key_ranges=key_ranges, side_ranges=side_ranges)
+    grads = torch.ops.longattn.cuda_band_side_bwd(
+        dout, q, k, v, k, v, out, lse, band_rows, used, None, None, None, left, right, float(scale),
+        float(dropout_p), rng, side_index=pos)
+    return grads[0], grads[1], grads[2]
+
+
 # Longformer global rows (longattn.backends._longformer): the raw band op with the slot queries as the sequence
 # and all S tokens as side keys (no split-KV kernel in csrc yet: the side loop of one query tile walks all S).
 global_rows_forward, global_rows_backward = _longformer.rows_via_band_side(band_side_forward, band_side_backward)
@@ -257,14 +296,18 @@ def _register_fakes():
     @torch.library.register_fake("longattn::cuda_band_side_fwd")
     def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
           scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None, side_ranges=None, halo_k=None,
-          halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0):
+          halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0, side_index=None, query_mask=None,
+          band_rows_only=False):
         return _fake.band_side_forward(q)
 
     @torch.library.register_fake("longattn::cuda_band_side_bwd")
     def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
           side_bias, left, right, scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None,
-          side_ranges=None, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0):
+          side_ranges=None, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0,
+          side_index=None):
         grads = _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias, halo_k)
+        if side_index is not None:  # the side keys' gradients are in dk / dv
+            grads = (*grads[:3], q.new_empty(0), q.new_empty(0), *grads[5:])
         return grads if halo_k is not None else (*grads, q.new_empty(0), q.new_empty(0))  # always 9
 
     @torch.library.register_fake("longattn::cuda_block_aggregate_fwd")

@@ -43,6 +43,17 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
   m.def(
       "cuda_block_aggregate_bwd(Tensor dout, Tensor x, Tensor block_ids, int num_blocks, Tensor? weight, "
       "Tensor sums, Tensor rstd, float eps) -> (Tensor dx, Tensor dweight)");
+  // Longformer's glue around the band op (longformer_api.cpp): the global tokens' slot layout; for the global rows'
+  // key splits, the slots' rows copied once per split, the splits merged into rows pos of out (returning glse) and
+  // their dq rows summed into rows pos of dq.
+  m.def(
+      "cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G) "
+      "-> (Tensor band_rows, Tensor pos, Tensor used)");
+  m.def(
+      "cuda_longformer_rows_merge(Tensor out_parts, Tensor lse_parts, Tensor pos, Tensor used, Tensor(a!) out) "
+      "-> Tensor glse");
+  m.def("cuda_longformer_gather_rows(Tensor x, Tensor pos, int C) -> Tensor rows");
+  m.def("cuda_longformer_rows_add(Tensor dq_parts, Tensor pos, Tensor used, Tensor(a!) dq) -> ()");
 }
 
 static struct PyModuleDef longattn_c_module = {

@@ -322,7 +322,7 @@ def _(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left
       backend, dropout_p=0.0, rng=None, key_ranges=None):
     out, lse = _fake.band_side_forward(q)
     B, S = global_mask.shape
-    pos = q.new_empty(B, S, dtype=torch.int64)[:, :num_slots]  # a slice of the (B, S) sort, as global_slots
+    pos = q.new_empty(B, num_slots, dtype=torch.int64)  # contiguous, as every backend's global_slots
     return (out, lse, lse.new_empty(B, q.shape[2], num_slots), global_mask.new_empty(B, S, dtype=torch.bool), pos,
             global_mask.new_empty(B, num_slots, dtype=torch.bool))
 

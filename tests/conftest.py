@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 
 def pytest_collection_modifyitems(config, items):
@@ -169,3 +170,49 @@ def run_sm90_compile(entry: str) -> None:
     run = subprocess.run([sys.executable, "-c", f"from {module} import {function}; {function}()"], env=env,
                          cwd=root, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Device work inside an op (issue 12, target 2): torch glue, longattn raw ops, Triton launches
+# --------------------------------------------------------------------------------------------------------------
+
+_ALLOCATIONS = {"aten.empty", "aten.empty_like", "aten.new_empty", "aten.empty_strided", "aten.new_empty_strided"}
+
+
+class DeviceWork(TorchDispatchMode):
+    """The device work dispatched while active: ``glue``, the aten ops that compute (a GPU kernel that is not
+    longattn's; allocations, views and ``detach`` move no data and are left out), and ``kernels``, longattn's raw
+    ops (``longattn.*``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.glue: list[str] = []
+        self.kernels: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith("longattn."):
+            self.kernels.append(name)
+        elif not (func.is_view or func.overloadpacket is torch.ops.aten.detach or name in _ALLOCATIONS):
+            self.glue.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def triton_launches(monkeypatch):
+    """The names of the Triton kernels launched while the test runs, in order: the launcher of the kernels' class is
+    wrapped (``InterpretedFunction`` under ``TRITON_INTERPRET=1``, ``JITFunction`` on a GPU). Dispatch modes are off
+    inside a launch: the interpreter copies tensors to and from its buffers itself."""
+    from longattn.triton_kernels import band_side
+
+    kernel_type = type(band_side._rows_kernel)
+    launches = []
+    real_run = kernel_type.run
+
+    def run(self, *args, **kwargs):
+        launches.append(self.fn.__name__ if hasattr(self, "fn") else self.__name__)
+        with _disable_current_modes():
+            return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", run)
+    return launches

@@ -65,6 +65,16 @@ SCHEMAS = {
     "cuda_block_aggregate_bwd":
         "longattn::cuda_block_aggregate_bwd(Tensor dout, Tensor x, Tensor block_ids, int num_blocks, "
         "Tensor? weight, Tensor sums, Tensor rstd, float eps) -> (Tensor dx, Tensor dweight)",
+    # Longformer's glue ops: their argument checks are tested in tests/test_cuda_longformer.py.
+    "cuda_longformer_global_slots":
+        "longattn::cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G) "
+        "-> (Tensor band_rows, Tensor pos, Tensor used)",
+    "cuda_longformer_gather_rows": "longattn::cuda_longformer_gather_rows(Tensor x, Tensor pos, int C) -> Tensor rows",
+    "cuda_longformer_rows_merge":
+        "longattn::cuda_longformer_rows_merge(Tensor out_parts, Tensor lse_parts, Tensor pos, Tensor used, "
+        "Tensor(a!) out) -> Tensor glse",
+    "cuda_longformer_rows_add":
+        "longattn::cuda_longformer_rows_add(Tensor dq_parts, Tensor pos, Tensor used, Tensor(a!) dq) -> ()",
 }
 
 
@@ -179,7 +189,7 @@ def test_fake_shapes_of_raw_ops():
 # and the calls after it run in a fresh child.
 # --------------------------------------------------------------------------------------------------------
 
-RAW_OPS = tuple(SCHEMAS)
+RAW_OPS = tuple(op for op in SCHEMAS if not op.startswith("cuda_longformer_"))
 # Valid sizes; expanded (stride-0) tensors make the huge ones free. left + right + 1 = 6 band offsets.
 DIMS = dict(B=2, S=10, H=2, D=32, G=3, left=3, right=2, C=8, num_blocks=4)
 _TENSOR_DIMS = {  # argument -> (dims by name, dtype); q-like operands use q's dtype

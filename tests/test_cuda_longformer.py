@@ -197,10 +197,9 @@ def _run(name, dtype, backend, dropout_p=0.0):
     return out, grads(out, leaves)
 
 
-@pytest.mark.gpu
-@gpu_ready
-@pytest.mark.parametrize("name", CASES)
-def test_cuda_longformer_within_rule(name):
+def _check_within_rule(name):
+    """Case ``name`` on the CUDA backend: out and every gradient against the fp64 oracle within the rule (baseline:
+    the torch backend in the same dtype) -> (out, gradients)."""
     dtype = CASES[name][-1]
     args, kwargs, leaves, _ = _case(name, torch.float64)
     ref = reference.longformer_attention(*args, **kwargs)
@@ -211,6 +210,14 @@ def test_cuda_longformer_within_rule(name):
     assert_within_rule("out", out, base, ref)
     for i, (g, b, w) in enumerate(zip(got, base_grads, want)):
         assert_within_rule(f"grad {i}", g, b, w, grad=True)
+    return out, got
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("name", CASES)
+def test_cuda_longformer_within_rule(name):
+    _check_within_rule(name)
 
 
 @pytest.mark.gpu
@@ -302,3 +309,475 @@ def test_cuda_longformer_packed_within_rule():
     assert_within_rule("out", out, base, ref)
     for i, (g, b, w) in enumerate(zip(got, base_grads, want)):
         assert_within_rule(f"grad {i}", g, b, w, grad=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The glue kernels of csrc/longformer (raw ops cuda_longformer_*): slot layout, per-split row copies, the global
+# rows' merge into out and the dq rows' sum into dq. CPU: the raw ops' checks, fakes, the backend's call sequence, and
+# statement-level emulations of the kernels' index arithmetic against the torch composition they replace.
+# --------------------------------------------------------------------------------------------------------
+
+C_SPLITS = 3
+_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+
+
+def _glue_call(op_name, change=None):
+    """Call glue raw op `op_name` on CPU with valid arguments (B, S, H, D, G above; C_SPLITS splits) changed by
+    `change`, straight to the CPU kernel."""
+    z = torch.zeros(B, S, H, D, dtype=torch.float16)
+    parts = torch.zeros(B * C_SPLITS, G, H, D, dtype=torch.float16)
+    args = dict(global_mask=torch.zeros(B, S, dtype=torch.bool), key_padding_mask=torch.ones(B, S, dtype=torch.bool),
+                G=G, x=z, pos=torch.arange(G).repeat(B, 1), C=C_SPLITS, out_parts=parts, dq_parts=parts,
+                lse_parts=torch.zeros(B * C_SPLITS, H, G), used=torch.ones(B, G, dtype=torch.bool), out=z.clone(),
+                dq=z.clone())
+    args.update(change or {})
+    op = getattr(torch.ops.longattn, f"cuda_longformer_{op_name}").default
+    return op.redispatch(_CPU, *[args[a.name] for a in op._schema.arguments])
+
+
+_F16, _META = dict(dtype=torch.float16), dict(dtype=torch.int64, device="meta")
+_SLOT_BAD = {  # (ops, change, message pattern after "<op>: "); pos / used as the rows ops read them
+    "pos-dtype": ({"pos": torch.zeros(B, G, dtype=torch.int32)}, r"pos must be Long"),
+    "pos-B": ({"pos": torch.zeros(B + 1, G, dtype=torch.int64)}, r"pos must have shape \(B, G\)"),
+    "pos-strided": ({"pos": torch.zeros(B, 2 * G, dtype=torch.int64)[:, ::2]}, r"pos must have a unit last stride"),
+    "pos-device": ({"pos": torch.zeros(B, G, **_META)}, r"pos must be on (x|out|dq)'s device"),
+}
+GLUE_BAD = {
+    "global_slots": {
+        "mask-dtype": ({"global_mask": torch.zeros(B, S, dtype=torch.uint8)}, r"global_mask must be Bool"),
+        "mask-rank": ({"global_mask": torch.zeros(B, S, 1, dtype=torch.bool)}, r"global_mask must have shape"),
+        "pad-dtype": ({"key_padding_mask": torch.ones(B, S, dtype=torch.uint8)}, r"key_padding_mask must be Bool"),
+        "pad-shape": ({"key_padding_mask": torch.ones(B, S + 1, dtype=torch.bool)},
+                      r"key_padding_mask must have shape \(B, S\)"),
+        "pad-device": ({"key_padding_mask": torch.ones(B, S, dtype=torch.bool, device="meta")},
+                       r"key_padding_mask must be on global_mask's device"),
+        "G-negative": ({"G": -1}, r"G must be in \[0, S\]"),
+        "G-above-S": ({"G": S + 1}, r"G must be in \[0, S\]"),
+    },
+    "gather_rows": {
+        **_SLOT_BAD,
+        "x-dtype": ({"x": torch.zeros(B, S, H, D, dtype=torch.int32)}, r"x must be float32, float16 or bfloat16"),
+        "x-rank": ({"x": torch.zeros(B, S, H * D, **_F16)}, r"x must have shape \(B, S, H, D\)"),
+        "x-strided": ({"x": torch.zeros(B, S, H, 2 * D, **_F16)[..., ::2]}, r"x must have a contiguous last dim"),
+        "C-zero": ({"C": 0}, r"C must be in \[1, 2\^31\)"),
+    },
+    "rows_merge": {
+        **_SLOT_BAD,
+        "out-dtype": ({"out": torch.zeros(B, S, H, D, dtype=torch.int32)}, r"out must be float32, float16"),
+        "out-strided": ({"out": torch.zeros(B, S, H, 2 * D, **_F16)[..., ::2]}, r"out must have a contiguous last"),
+        "parts-dtype": ({"out_parts": torch.zeros(B * C_SPLITS, G, H, D)}, r"out_parts must have out's dtype"),
+        "parts-shape": ({"out_parts": torch.zeros(B * C_SPLITS + 1, G, H, D, **_F16)},
+                        r"out_parts must have shape \(B \* C, G, H, D\)"),
+        "parts-G": ({"out_parts": torch.zeros(B * C_SPLITS, G + 1, H, D, **_F16)}, r"out_parts must have shape"),
+        "parts-strided": ({"out_parts": torch.zeros(B * C_SPLITS, G, D, H, **_F16).transpose(2, 3)},
+                          r"out_parts must be contiguous"),
+        "lse-dtype": ({"lse_parts": torch.zeros(B * C_SPLITS, H, G, **_F16)}, r"lse_parts must be Float"),
+        "lse-shape": ({"lse_parts": torch.zeros(B, H, G)}, r"lse_parts must have shape \(B \* C, H, G\)"),
+        "used-dtype": ({"used": torch.ones(B, G, dtype=torch.uint8)}, r"used must be Bool"),
+        "used-shape": ({"used": torch.ones(B, G + 1, dtype=torch.bool)}, r"used must have shape \(B, G\)"),
+    },
+    "rows_add": {
+        **_SLOT_BAD,
+        "dq-rank": ({"dq": torch.zeros(B, S, H * D, **_F16)}, r"dq must have shape \(B, S, H, D\)"),
+        "parts-shape": ({"dq_parts": torch.zeros(B * C_SPLITS, G, H, D + 1, **_F16)}, r"dq_parts must have shape"),
+        "used-strided": ({"used": torch.ones(B, 2 * G, dtype=torch.bool)[:, ::2]}, r"used must have a unit last"),
+    },
+}
+GLUE_CASES = [(op, case) for op, cases in GLUE_BAD.items() for case in cases]
+
+
+@needs_build
+@pytest.mark.parametrize("op,case", GLUE_CASES)
+def test_glue_op_rejects_bad_arguments(op, case):
+    change, pattern = GLUE_BAD[op][case]
+    with pytest.raises(RuntimeError, match=rf"^cuda_longformer_{op}: {pattern}") as info:
+        _glue_call(op, change)
+    assert not isinstance(info.value, NotImplementedError), info.value
+    assert ", got " in str(info.value).split("\n")[0], info.value
+
+
+GLUE_VALID = {
+    "global_slots": {"no-pad": {"key_padding_mask": None}, "no-slots": {"G": 0}, "all-slots": {"G": S},
+                     "strided": {"global_mask": torch.zeros(S, B, dtype=torch.bool).T,
+                                 "key_padding_mask": torch.ones(B, 2 * S, dtype=torch.bool)[:, ::2]}},
+    "gather_rows": {"one-split": {"C": 1}},
+    "rows_merge": {"bf16": {"out": torch.zeros(B, S, H, D, dtype=torch.bfloat16),
+                            "out_parts": torch.zeros(B * C_SPLITS, G, H, D, dtype=torch.bfloat16)}},
+    "rows_add": {"float32": {"dq": torch.zeros(B, S, H, D), "dq_parts": torch.zeros(B * C_SPLITS, G, H, D)}},
+}
+_ROWS_VALID = {"out-of-range": {"pos": torch.tensor([[-5, S, 2**40]] * B)},  # any value is safe
+               "row-strided": {"pos": torch.zeros(B, S + 4, dtype=torch.int64)[:, 1:G + 1]},
+               "no-slots": {"pos": torch.zeros(B, 0, dtype=torch.int64), "used": torch.ones(B, 0, dtype=torch.bool),
+                            "out_parts": torch.zeros(B * C_SPLITS, 0, H, D, **_F16),
+                            "dq_parts": torch.zeros(B * C_SPLITS, 0, H, D, **_F16),
+                            "lse_parts": torch.zeros(B * C_SPLITS, H, 0)}}
+GLUE_VALID_CASES = [(op, case) for op in GLUE_VALID for case in ["default", *GLUE_VALID[op]]
+                    + ([] if op == "global_slots" else list(_ROWS_VALID))]
+
+
+@needs_build
+@pytest.mark.parametrize("op,case", GLUE_VALID_CASES)
+def test_glue_op_accepts_valid_arguments(op, case):
+    change = {**GLUE_VALID[op], **_ROWS_VALID}.get(case, {})
+    with pytest.raises(NotImplementedError, match=f"cuda_longformer_{op}: needs CUDA tensors"):
+        _glue_call(op, change)
+
+
+@needs_build
+def test_glue_op_fake_shapes():
+    ops = torch.ops.longattn
+    glob = torch.empty(B, S, dtype=torch.bool, device="meta")
+    band_rows, pos, used = ops.cuda_longformer_global_slots(glob, None, G)
+    assert (band_rows.shape, band_rows.dtype) == ((B, S), torch.bool)
+    assert (pos.shape, pos.dtype, used.shape, used.dtype) == ((B, G), torch.int64, (B, G), torch.bool)
+    x = torch.empty(B, S, H, D, device="meta", dtype=torch.bfloat16)
+    rows = ops.cuda_longformer_gather_rows(x, pos, C_SPLITS)
+    assert (rows.shape, rows.dtype) == ((B * C_SPLITS, G, H, D), torch.bfloat16)
+    lse = torch.empty(B * C_SPLITS, H, G, device="meta")
+    glse = ops.cuda_longformer_rows_merge(rows, lse, pos, used, x)
+    assert (glse.shape, glse.dtype) == ((B, H, G), torch.float32)
+    assert ops.cuda_longformer_rows_add(rows, pos, used, x) is None
+
+
+@pytest.mark.parametrize("call, pattern", [
+    (lambda m, p: cuda_backend.global_slots(m.to(torch.uint8), p, G), r"global_mask: expected a bool \(B, S\)"),
+    (lambda m, p: cuda_backend.global_slots(m, p[:, 1:], G), r"key_padding_mask: expected a bool \(2, 10\)"),
+    (lambda m, p: cuda_backend.global_slots(m, p, S + 1), r"G: expected an int in \[0, S\] = \[0, 10\]"),
+    (lambda m, p: cuda_backend.global_slots(m, p, True), r"G: expected an int"),
+], ids=["mask-dtype", "pad-shape", "G-range", "G-bool"])
+def test_global_slots_rejects_bad_arguments_before_the_launch(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call(torch.zeros(B, S, dtype=torch.bool), torch.ones(B, S, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("fn", ["global_rows_forward", "global_rows_backward"])
+@pytest.mark.parametrize("change, pattern", [
+    ({"pos": torch.zeros(B, G, dtype=torch.int32)}, r"pos: expected an int64 \(B, G\) tensor with B = 2"),
+    ({"pos": torch.zeros(B + 1, G, dtype=torch.int64)}, r"pos: expected an int64 \(B, G\)"),
+    ({"used": torch.ones(B, G + 1, dtype=torch.bool)}, r"used: expected a bool \(2, 3\) tensor"),
+], ids=["pos-dtype", "pos-B", "used-shape"])
+def test_global_rows_reject_bad_slots_before_the_launch(fn, change, pattern):
+    from tests.test_host_sync import OpLog
+
+    q, k, v, out, pos, used, pad = _global_rows_args("cpu")
+    slots = {"pos": pos, "used": used, **change}
+    args = (q, k, v, slots["pos"], slots["used"], pad, 0.125, out) if fn == "global_rows_forward" else (
+        out, q, k, v, out, torch.zeros(B, H, G), slots["pos"], slots["used"], pad, 0.125, None, None, None)
+    with OpLog() as log, pytest.raises(ValueError, match=pattern):
+        getattr(cuda_backend, fn)(*args)
+    assert log.ops == []
+
+
+def _global_rows_args(device, Sx=S):
+    t = dict(device=device, dtype=torch.float16)
+    q, k, v, out = (torch.zeros(B, Sx, H, D, **t) for _ in range(4))
+    pos, used = torch.arange(G, device=device).repeat(B, 1), torch.ones(B, G, dtype=torch.bool, device=device)
+    return q, k, v, out, pos, used, torch.ones(B, Sx, dtype=torch.bool, device=device)
+
+
+@needs_build
+@pytest.mark.parametrize("split_keys, Sx", [(None, S), (5, 10), (4, 10)], ids=["one-split", "splits", "padded"])
+def test_global_rows_go_to_the_glue_kernels(split_keys, Sx, monkeypatch):
+    """Issue 12 target 2: around the global rows' band op only longattn's kernels copy the slots' rows, merge the
+    splits into out and sum the splits' dq rows into dq (no gather, where, scatter, masked_fill, or the merge's
+    elementwise ops). What torch still runs: the empty band mask, and with padded splits the pads of k / v / the
+    key mask (and the backward's un-padding); the global rows' dk / dv add_ into the band's. On meta tensors (the raw
+    ops' fakes)."""
+    from longattn.backends import _longformer
+    from tests.test_host_sync import OpLog
+
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
+    q, k, v, out, pos, used, pad = _global_rows_args("meta", Sx)
+    with OpLog() as fwd:
+        glse = cuda_backend.global_rows_forward(q, k, v, pos, used, pad, 0.125, out)
+    dq_into, dk_into, dv_into = q.clone(), k.clone(), v.clone()
+    with OpLog() as bwd:
+        dq, dk, dv = cuda_backend.global_rows_backward(out, q, k, v, out, glse, pos, used, pad, 0.125, dq_into,
+                                                       dk_into, dv_into)
+    assert glse.shape == (B, H, G) and dq.shape == dk.shape == dv.shape == q.shape
+    ours = "longattn.cuda_longformer_"
+    assert [op for op in fwd.ops if op.startswith("longattn.")] == [
+        f"{ours}gather_rows", "longattn.cuda_band_side_fwd", f"{ours}rows_merge"], fwd.ops
+    assert [op for op in bwd.ops if op.startswith("longattn.")] == [
+        *[f"{ours}gather_rows"] * 3, "longattn.cuda_band_side_bwd", f"{ours}rows_add"], bwd.ops
+    pads = ["aten.constant_pad_nd"] * 3 if Sx % (split_keys or Sx) else []
+    assert sorted(op for op in fwd.ops if op.startswith("aten.")) == sorted(["aten.zeros", *pads]), fwd.ops
+    stats = ["aten.clone", "aten._unsafe_view"] if split_keys else []  # KeySplits.stats: glse repeated per split
+    unpads = ["aten.clone"] * 2 if pads else []
+    assert sorted(op for op in bwd.ops if op.startswith("aten.")) == sorted(
+        ["aten.zeros", "aten.add_", "aten.add_", *pads, *stats, *unpads]), bwd.ops
+
+
+def _emulate_global_slots(glob, pad, G_, threads=4, items=2):
+    """csrc/longformer/slots.cu statement by statement (one CTA per row; `threads` x `items` tokens per chunk, small
+    here so that rows cross chunks) -> (band_rows, pos, used), every slot written exactly once (checked)."""
+    Bx, Sx = glob.shape
+    band_rows = torch.full((Bx, Sx), -1, dtype=torch.int8)
+    pos, used = torch.full((Bx, G_), -1, dtype=torch.int64), torch.full((Bx, G_), -1, dtype=torch.int8)
+    chunk = threads * items
+
+    def load(b, s0, end):  # -> [(is_global, real)] of tokens s0 .. s0 + items - 1 inside [0, end)
+        toks = []
+        for s in range(s0, min(s0 + items, end)):
+            real = pad is None or bool(pad[b, s])
+            toks.append((real and bool(glob[b, s]), real))
+        return toks
+
+    def scan(counts):  # block_exclusive_scan
+        return [sum(counts[:t]) for t in range(threads)], sum(counts)
+
+    for b in range(Bx):
+        n = 0
+        for c0 in range(0, Sx, chunk):
+            toks = [load(b, c0 + t * items, Sx) for t in range(threads)]
+            for t in range(threads):
+                for i, (is_global, real) in enumerate(toks[t]):
+                    band_rows[b, c0 + t * items + i] = int(real and not is_global)
+            before, total = scan([sum(gl for gl, _ in tk) for tk in toks])
+            if n < G_ and total > 0:
+                for t in range(threads):
+                    rank = n + before[t]
+                    for i, (is_global, _) in enumerate(toks[t]):
+                        if is_global:
+                            if rank < G_:
+                                assert pos[b, rank] == -1
+                                pos[b, rank], used[b, rank] = c0 + t * items + i, 1
+                            rank += 1
+            n += total
+        placed, end, c0 = 0, min(G_, Sx), 0
+        while c0 < end and n + placed < G_:
+            toks = [load(b, c0 + t * items, end) for t in range(threads)]
+            before, total = scan([sum(not gl for gl, _ in tk) for tk in toks])
+            for t in range(threads):
+                slot = n + placed + before[t]
+                for i, (is_global, _) in enumerate(toks[t]):
+                    if not is_global:
+                        if slot < G_:
+                            assert pos[b, slot] == -1
+                            pos[b, slot], used[b, slot] = c0 + t * items + i, 0
+                        slot += 1
+            placed += total
+            c0 += chunk
+    assert (band_rows >= 0).all() and (pos >= 0).all() and (used >= 0).all(), "a slot or row left unwritten"
+    return band_rows.bool(), pos, used.bool()
+
+
+def _random_slot_masks(seed, Bx, Sx, device="cpu"):
+    """Rows with few, many, all and no globals, with padding (which may cover globals); a row's density varies."""
+    gen = torch.Generator().manual_seed(seed)
+    density = torch.tensor([0.05, 0.5, 1.0, 0.0])[torch.arange(Bx) % 4][:, None]
+    glob = torch.rand(Bx, Sx, generator=gen) < density
+    pad = torch.rand(Bx, Sx, generator=gen) < 0.8
+    pad[0] = True
+    return glob.to(device), pad.to(device)
+
+
+@pytest.mark.parametrize("Sx, G_", [(1, 1), (7, 0), (13, 5), (29, 29), (40, 12), (64, 40)])
+@pytest.mark.parametrize("padded", [True, False])
+def test_slots_kernel_emulation_matches_global_slots(Sx, G_, padded):
+    """The slot kernel's algorithm (chunked prefix counts, the short second walk over [0, G) for the non-global slots)
+    equals ``_longformer.global_slots`` bitwise, and writes every slot once."""
+    from longattn.backends import _longformer
+
+    glob, pad = _random_slot_masks(Sx * 7 + G_, 6, Sx)
+    pad = pad if padded else None
+    want = _longformer.global_slots(glob, pad, G_)
+    for threads, items in ((4, 2), (3, 1)):
+        got = _emulate_global_slots(glob, pad, G_, threads, items)
+        for name, a, w in zip(("band_rows", "pos", "used"), got, want):
+            assert torch.equal(a, w), (name, threads, items, a, w)
+
+
+def _offsets(Bx, G_, H_, D_, C, b, g):
+    """rows.cu's index arithmetic for slot (b, g): element e = h * D + d of split c of `parts` / `gathered` at
+    part_offset + c * split_stride + e, and lse_parts of (h, c) at lse_base + h * G + c * lse_stride; glse at
+    (b * H + h) * G + g. -> (parts index (C, H * D), lse index (C, H * D), glse index (H * D,), h, d)."""
+    e = torch.arange(H_ * D_)
+    h, d = e // D_, e % D_
+    part_offset, split_stride = (b * C * G_ + g) * H_ * D_, G_ * H_ * D_
+    c = torch.arange(C)[:, None]
+    lse_index = (b * C * H_ + h) * G_ + g + c * (H_ * G_)
+    return part_offset + c * split_stride + e, lse_index, (b * H_ + h) * G_ + g, h, d
+
+
+def _emulate_rows(kind, x, pos, used, C, parts=None, lse_parts=None):
+    """rows.cu's three kernels on flat tensors, through ``_offsets``, in float64 (this checks indexing, not
+    rounding): "gather" -> gathered; "merge" -> (x updated, glse); "add" -> x updated."""
+    Bx, Sx, H_, D_ = x.shape
+    G_ = pos.shape[1]
+    x = x.clone()
+    flat_parts = None if parts is None else parts.reshape(-1).double()
+    gathered = torch.zeros(Bx * C * G_ * H_ * D_, dtype=x.dtype)
+    glse = torch.full((Bx * H_ * G_,), float("nan"))
+    for b in range(Bx):
+        for g in range(G_):
+            part, lse_index, glse_index, h, d = _offsets(Bx, G_, H_, D_, C, b, g)
+            row = int(pos[b, g])
+            in_range = 0 <= row < Sx
+            write = bool(used[b, g]) and in_range
+            if kind == "gather":
+                gathered[part] = x[b, row, h, d] if in_range else 0
+                continue
+            if kind == "add":
+                if write:
+                    x[b, row, h, d] += flat_parts[part].sum(0).to(x.dtype)
+                continue
+            if not used[b, g]:
+                glse[glse_index[d == 0]] = float("inf")
+                continue
+            lse = lse_parts.reshape(-1)[lse_index].double()  # (C, H * D)
+            finite = torch.where(lse == float("inf"), -float("inf"), lse)
+            top = finite.amax(0)
+            w = torch.exp(finite - torch.where(top == -float("inf"), 0.0, top))
+            total = w.sum(0)
+            seen = total > 0
+            glse[glse_index[d == 0]] = torch.where(seen, top + torch.log(total), float("inf"))[d == 0].float()
+            if write:
+                x[b, row, h, d] = ((w * flat_parts[part]).sum(0) / torch.where(seen, total, 1.0)).to(x.dtype)
+    if kind == "gather":
+        return gathered.view(Bx * C, G_, H_, D_)
+    return (x, glse.view(Bx, H_, G_)) if kind == "merge" else x
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_rows_kernels_emulation_matches_the_torch_composition(C):
+    """The index arithmetic of the gather / merge / add kernels against what they replace: ``KeySplits.rows`` of the
+    gathered rows, ``KeySplits.merge`` + masked_fill + where / scatter into out, ``KeySplits.sum_rows`` + scatter_add
+    into dq. With unused slots, an out-of-range position (skipped), empty splits and a row with no key at all."""
+    from longattn.backends import _longformer
+
+    gen = torch.Generator().manual_seed(C)
+    Bx, Sx, H_, D_, G_ = 2, 9, 3, 4, 4
+    x = torch.randn(Bx, Sx, H_, D_, generator=gen, dtype=torch.float64)
+    pos = torch.tensor([[7, 0, 3, 5], [2, 8, 4, 1]])
+    used = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    sp = _longformer.KeySplits(3 * C, 3)
+    assert sp.C == C
+    index = pos[:, :, None, None].expand(Bx, G_, H_, D_)
+    # gather: every slot's row, once per split
+    torch.testing.assert_close(_emulate_rows("gather", x, pos, used, C), sp.rows(torch.gather(x, 1, index)),
+                               rtol=0, atol=0)
+    # merge
+    parts = torch.randn(Bx * C, G_, H_, D_, generator=gen, dtype=torch.float64)
+    lse = torch.randn(Bx * C, H_, G_, generator=gen, dtype=torch.float64).float()
+    lse[0, 1, 0] = float("inf")  # an empty split (all of them when C = 1)
+    lse.view(Bx, C, H_, G_)[1, :, 2, 1] = float("inf")  # slot (1, 1), head 2: no key in any split
+    no_key = (lse.view(Bx, C, H_, G_) == float("inf")).all(1).transpose(1, 2)  # (B, G, H)
+    parts.view(Bx, C, G_, H_, D_)[no_key[:, None].expand(Bx, C, G_, H_)] = 0.0  # the band op's rows without keys
+    out, glse = _emulate_rows("merge", x, pos, used, C, parts, lse)
+    rows_out, rows_lse = sp.merge(parts, lse.double())
+    want_glse = rows_lse.float().masked_fill(~used[:, None, :], float("inf"))
+    want = x.scatter(1, index, torch.where(used[:, :, None, None], rows_out, torch.gather(x, 1, index)))
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(glse, want_glse, rtol=1e-6, atol=1e-6)
+    assert (glse[1, 2, 1] == float("inf")) and (out[1, 8, 2] == 0).all()
+    # an out-of-range position of a used slot: nothing written, glse still the slot's
+    bad = pos.clone()
+    bad[0, 0] = Sx + 3
+    out_bad, glse_bad = _emulate_rows("merge", x, bad, used, C, parts, lse)
+    assert torch.equal(out_bad[0, 7], x[0, 7]) and torch.equal(glse_bad, glse)
+    # add: the splits' dq rows summed into rows pos of dq (unused slots' rows are 0: glse = +inf)
+    dparts = parts * used.repeat_interleave(C, 0)[:, :, None, None]
+    got = _emulate_rows("add", x, pos, used, C, dparts)
+    torch.testing.assert_close(got, x.scatter_add(1, index, sp.sum_rows(dparts)), rtol=1e-12, atol=1e-12)
+    assert torch.equal(_emulate_rows("add", x, bad, used, C, dparts)[0, 7], x[0, 7])
+
+
+# GPU: the glue kernels themselves, and the Longformer op with several key splits.
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("Sx", [1, 100, 4096, 5000, 20000])
+@pytest.mark.parametrize("padded", [True, False])
+def test_cuda_global_slots_bitwise(Sx, padded):
+    """``cuda_backend.global_slots`` equals ``_longformer.global_slots`` bitwise on random masks: rows with few,
+    many, all and no globals, padding, G from 0 to S (several chunks of the kernel's walk at S >= 4096), and
+    strided masks read in place."""
+    from longattn.backends import _longformer
+
+    glob, pad = _random_slot_masks(Sx, 8, Sx, "cuda")
+    pad = pad if padded else None
+    for G_ in sorted({0, 1, min(7, Sx), Sx // 3, Sx // 2 + 1, Sx}):
+        got = cuda_backend.global_slots(glob, pad, G_)
+        want = _longformer.global_slots(glob, pad, G_)
+        for name, a, w in zip(("band_rows", "pos", "used"), got, want):
+            assert a.dtype == w.dtype and a.is_contiguous() and torch.equal(a, w), (name, Sx, G_)
+    strided = (glob.T.contiguous().T, None if pad is None else pad.repeat(1, 2)[:, ::2])
+    for a, w in zip(cuda_backend.global_slots(*strided, Sx // 2), _longformer.global_slots(glob, pad, Sx // 2)):
+        assert torch.equal(a, w)
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("C", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_rows_kernels_match_the_torch_composition(C, dtype):
+    """The gather / merge / add kernels against the torch composition they replace (``KeySplits.rows`` of gathered
+    rows; ``KeySplits.merge`` + masked_fill + where / scatter; ``KeySplits.sum_rows`` + scatter_add): the gather
+    exactly, the merge and the add within float32 rounding; unused slots and out-of-range positions untouched."""
+    from longattn.backends import _longformer
+
+    ops, dev = torch.ops.longattn, "cuda"
+    gen = torch.Generator().manual_seed(C)
+    Bx, Sx, H_, D_, G_ = 2, 300, 3, 64, 5
+    x = torch.randn(Bx, Sx, H_, D_, generator=gen).to(dev, dtype)
+    pos = torch.tensor([[7, 0, 299, 5, 100], [2, 8, 4, 1, 250]], device=dev)
+    used = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]], device=dev)
+    sp = _longformer.KeySplits(100 * C, 100)
+    index = pos[:, :, None, None].expand(Bx, G_, H_, D_)
+    assert torch.equal(ops.cuda_longformer_gather_rows(x, pos, C), sp.rows(torch.gather(x, 1, index)))
+    parts = torch.randn(Bx * C, G_, H_, D_, generator=gen).to(dev, dtype)
+    lse = torch.randn(Bx * C, H_, G_, generator=gen).to(dev)
+    lse[0, 1, 0] = float("inf")
+    lse.view(Bx, C, H_, G_)[1, :, 2, 1] = float("inf")
+    no_key = (lse.view(Bx, C, H_, G_) == float("inf")).all(1).transpose(1, 2)
+    parts.view(Bx, C, G_, H_, D_)[no_key[:, None].expand(Bx, C, G_, H_)] = 0
+    out = x.clone()
+    glse = ops.cuda_longformer_rows_merge(parts, lse, pos, used, out)
+    rows_out, rows_lse = sp.merge(parts.float(), lse)
+    want = x.scatter(1, index, torch.where(used[:, :, None, None], rows_out.to(dtype), torch.gather(x, 1, index)))
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(glse, rows_lse.masked_fill(~used[:, None, :], float("inf")))
+    dq = x.clone()
+    dparts = parts * used.repeat_interleave(C, 0)[:, :, None, None]
+    ops.cuda_longformer_rows_add(dparts, pos, used, dq)
+    want = x.float().scatter_add(1, index, sp.sum_rows(dparts.float())).to(dtype)
+    torch.testing.assert_close(dq, want)
+    bad = pos.clone()
+    bad[0, 0], bad[1, 0] = -3, 2**40
+    out2, dq2 = x.clone(), x.clone()
+    ops.cuda_longformer_rows_merge(parts, lse, bad, used, out2)
+    ops.cuda_longformer_rows_add(dparts, bad, used, dq2)
+    assert torch.equal(out2[0, 7], x[0, 7]) and torch.equal(dq2[1, 2], x[1, 2])
+    assert (ops.cuda_longformer_gather_rows(x, bad, C).view(Bx, C, G_, H_, D_)[:, :, 0] == 0).all()
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("name", ["start-middle-end", "many", "projections-d32"])
+def test_cuda_longformer_split_keys_within_rule(name, monkeypatch):
+    """The global rows over several key splits, S not a multiple of the split size (64: S = 200 / 260 / 130 give 4 /
+    5 / 3 splits, the last padded): against the fp64 oracle, then bitwise deterministic."""
+    from longattn.backends import _longformer
+
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", 64)
+    out, got = _check_within_rule(name)
+    out2, got2 = _run(name, CASES[name][-1], "cuda")
+    assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(got, got2))
+
+
+@pytest.mark.gpu
+@gpu_ready
+def test_opcheck_glue_ops():
+    """Schemas (out / dq mutated in place), fakes against the CUDA implementations, and tracing of the glue ops."""
+    ops, dev = torch.ops.longattn, "cuda"
+    glob, pad = _random_slot_masks(0, 4, 50, dev)
+    torch.library.opcheck(ops.cuda_longformer_global_slots.default, (glob, pad, 9))
+    _, pos, used = cuda_backend.global_slots(glob, pad, 9)
+    x = torch.randn(4, 50, 2, 32, device=dev, dtype=torch.float16)
+    torch.library.opcheck(ops.cuda_longformer_gather_rows.default, (x, pos, 3))
+    parts = torch.randn(12, 9, 2, 32, device=dev, dtype=torch.float16)
+    lse = torch.randn(12, 2, 9, device=dev)
+    torch.library.opcheck(ops.cuda_longformer_rows_merge.default, (parts, lse, pos, used, x.clone()))
+    torch.library.opcheck(ops.cuda_longformer_rows_add.default, (parts, pos, used, x.clone()))

@@ -285,7 +285,7 @@ def compile_all_for_sm90():
     """Compile each kernel (GPU tile shapes, all optional inputs on, with and without dropout) to a cubin for sm_90
     with Triton's bundled ptxas, printing registers / spills; raises on any code-generation error. Needs
     TRITON_INTERPRET unset (the interpreter replaces jit)."""
-    from longattn.triton_kernels import _common, band_side, block_aggregate
+    from longattn.triton_kernels import _common, band_side, bias_grad, block_aggregate
 
     build = compile_sm90
 
@@ -305,12 +305,20 @@ def compile_all_for_sm90():
                                                HAS_DROPOUT=dropout), warps)
             build(band_side._rows_kernel, dict(BACKWARD=True, **lf, HAS_DROPOUT=dropout), warps)
             build(band_side._keys_kernel, dict(SIDE=True, **lf, HAS_DROPOUT=dropout), warps)
-        build(band_side._side_add_kernel, dict(HAS_SMASK=True, BLOCK_G=16, BLOCK_D=D), 4)
-        build(band_side._delta_kernel, dict(BLOCK_M=bm, BLOCK_D=D), warps)
+    for index in (False, True):  # the backward's one reduction: both bias tables and the side keys' dK/dV
+        build(bias_grad._reduce_kernel, dict(HAS_BAND=True, HAS_SIDE=True, HAS_KEYS=True, KEYS_INDEX=index,
+                                             HAS_SMASK=index, BLOCK_C=bias_grad._BLOCK_C, UNROLL=bias_grad._UNROLL),
+              2, dict(DBand="*bf16", DSide="*bf16"))
     for weighted in (False, True):
         meta = dict(HAS_WEIGHT=weighted, BLOCK_S=block_aggregate._GPU_BLOCK_S, BLOCK_C=block_aggregate._GPU_BLOCK_C)
         build(block_aggregate._aggregate_kernel, meta, 4)
         build(block_aggregate._scatter_grad_kernel, meta, 4)
+    for kernel, tiles, types in ((block_aggregate._order_kernel, block_aggregate._GPU_ORDER, dict(Scratch="*i64")),
+                                 (block_aggregate._rows_grad_kernel, block_aggregate._GPU_ROWS, dict(Partial="*fp32")),
+                                 (block_aggregate._dweight_kernel, block_aggregate._GPU_DWEIGHT,
+                                  dict(Partial="*fp32", DW="*bf16"))):
+        meta = dict(tiles)
+        build(kernel, meta, meta.pop("num_warps"), types)
 
 
 def test_kernels_compile_for_sm90_bf16():

@@ -558,7 +558,7 @@ def test_unsupported_reasons_accepts_halo_lse_grad_and_dropout_offset():
 
 def compile_halo_for_sm90(dims=(64,), baseline=False):
     """Compile the band kernels with a halo (GPU tiles, bf16, every mask and bias on, halo mask on), without and with
-    dropout and a dropout offset, and the delta pre-pass with dlse for sm_90, printing registers / spills
+    dropout and a dropout offset (the dQ pass with dlse) for sm_90, printing registers / spills
     (``tests.test_triton_backend.ptxas_usage``); ``baseline``: also the same kernels without a halo, for comparison."""
     from longattn.triton_kernels import _common, band_side
 
@@ -583,11 +583,11 @@ def compile_halo_for_sm90(dims=(64,), baseline=False):
             for drop in (dict(HAS_DROPOUT=False), dict(HAS_DROPOUT=True, HAS_DOFFSET=True)):
                 offset = drop.get("HAS_DOFFSET", False)
                 for backward in (False, True):
-                    build(band_side._rows_kernel, dict(BACKWARD=backward, **flags, **halo, **drop), warps, on, offset)
+                    build(band_side._rows_kernel, dict(BACKWARD=backward, **flags, **halo, **drop,
+                                                       HAS_DLSE=on and backward), warps, on, offset)
                 for side in (False, True) if offset else (False,):  # side keys' dK/dV: rows drawn with the offset
                     build(band_side._keys_kernel, dict(SIDE=side, **flags, **(halo if not side else {}), **drop), warps,
                           on and not side, offset)
-            build(band_side._delta_kernel, dict(BLOCK_M=bm, BLOCK_D=D, HAS_DLSE=on), warps, on)
 
 
 def test_halo_kernels_compile_for_sm90_bf16():

@@ -443,15 +443,16 @@ def halo_excluded(halo_k, **options) -> None:
 
 
 def dlse_args(dlse, lse):
-    """``band_side._delta_kernel``'s lse-gradient keywords; ``dlse`` must be a float32 tensor shaped like ``lse``
-    (any strides: autograd may hand an expanded one; copied contiguous then, B * H * S floats)."""
+    """The lse-gradient keywords of ``band_side._rows_kernel``'s backward (which computes delta); ``dlse`` must be a
+    float32 tensor shaped like ``lse`` (any strides: autograd may hand an expanded one; copied contiguous then,
+    B * H * S floats)."""
     if dlse is None:
         return {}
     if not isinstance(dlse, torch.Tensor) or dlse.dtype != torch.float32 or dlse.shape != lse.shape or (
             dlse.device != lse.device):
         got = f"{dlse.dtype} {tuple(dlse.shape)} on {dlse.device}" if isinstance(dlse, torch.Tensor) else type(dlse)
         raise ValueError(f"dlse: expected a float32 {tuple(lse.shape)} tensor on {lse.device}, got {got}")
-    return dict(Lse=lse, DLse=dlse.contiguous(), HAS_DLSE=True)
+    return dict(DLse=dlse.contiguous(), HAS_DLSE=True)
 
 
 def halo_grad_args(halo, dk):

@@ -5,14 +5,14 @@ Kernels:
 - ``_rows_kernel``: one program per (query tile, batch * head). It walks the key tiles of its band, then the
   side-key tiles, in one loop structure; ``BACKWARD`` picks the per-tile step: the online softmax (forward,
   saving the row log-sum-exp) or the dQ accumulation (backward), which also sums each tile's dS by bias-table
-  entry in registers (``bias_grad``: one float32 partial row per program, reduced by torch in a fixed order).
+  entry in registers (``bias_grad``: one float32 partial row per program). Its backward also computes and
+  stores its rows' ``delta = rowsum(dout * out)`` (minus the lse gradient), the row term the dK/dV passes read.
 - ``_keys_kernel``: one program per (key tile, batch * head), walking the query tiles that see it and
   accumulating dK and dV in registers, so no atomics. With ``SIDE`` its key tile is a side-key tile and it
-  walks its share of the query tiles (each query attends every side key; the shares' float32 partials are
-  summed by torch in a fixed order, see ``backward``).
-- ``_delta_kernel``: ``delta = rowsum(dout * out)``, the softmax-backward row term read by both.
-- ``_side_add_kernel`` (only with ``side_index``, Longformer): sums the side keys' dK/dV partials in split order
-  and adds them into the rows of dk/dv that the index names, after the band dK/dV (no scatter, no atomics).
+  walks its share of the query tiles (each query attends every side key; see ``backward``).
+
+The backward's float32 partials (bias-table rows, side keys' dK/dV per query chunk) are summed in a fixed order
+by one launch of ``bias_grad.reduce_partials``: a backward launches at most four kernels and no torch op.
 
 With ``side_index`` (constexpr ``SIDE_INDEX``; Longformer's global tokens) side key g of batch row b is token
 ``side_index[b, g]`` of k/v, read in place instead of from a gathered (B, G, H, D) copy.
@@ -178,11 +178,26 @@ def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width
 
 
 @triton.jit
+def _row_delta(do, o_base, offs_m, S, stride_os, offs_d, D, lse, DLse, stat_ptrs, HAS_DLSE: tl.constexpr):
+    """(BLOCK_M,) float32 ``delta = <do, out>`` of rows ``offs_m`` (0 past S), the softmax-backward row term.
+
+    HAS_DLSE: minus ``DLse[stat_ptrs]``, the loss's gradient w.r.t. the row's log-sum-exp: dS = P * (dP - delta +
+    dlse), so every pass reading delta takes the lse gradient with it. Rows with lse = +inf (no key) keep delta:
+    their P is 0, and a NaN or inf there must not reach 0 * NaN."""
+    o = load_rows(o_base, offs_m, S, stride_os, offs_d, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    if HAS_DLSE:
+        dlse = tl.load(DLse + stat_ptrs, mask=offs_m < S, other=0.0)
+        delta -= tl.where(lse < float("inf"), dlse, 0.0)
+    return delta
+
+
+@triton.jit
 def _rows_kernel(
-    Q, K, V, SK, SV, DO, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias, Part, SIdx, QMask,
+    Q, K, V, SK, SV, DO, Out, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias, Part, SIdx, QMask,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_skb, stride_sks, stride_skh, stride_svb, stride_svs, stride_svh,
-    stride_dob, stride_dos, stride_doh, stride_rb, stride_rs, stride_rh, stride_ib,
+    stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, stride_rb, stride_rs, stride_rh, stride_ib,
     S, H, GROUP, G, D, left, right, scale, band_width, side_width, Rng, drop_thresh, drop_scale, KRange, SRange,
     TBounds,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
@@ -192,9 +207,13 @@ def _rows_kernel(
     HAS_SRANGES: tl.constexpr = False, HAS_HALO: tl.constexpr = False, HAS_HMASK: tl.constexpr = False,
     HALO_ALIGN: tl.constexpr = 1, HK=None, HV=None, HMask=None, stride_hkb=None, stride_hks=None, stride_hkh=None,
     stride_hvb=None, stride_hvs=None, stride_hvh=None, n_halo=None, halo_left=None, key_lo=None, key_hi=None,
-    HAS_DOFFSET: tl.constexpr = False, drop_offset=None,
+    HAS_DOFFSET: tl.constexpr = False, drop_offset=None, HAS_DLSE: tl.constexpr = False, DLse=None,
 ):
-    """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Lse, Delta) of one query tile.
+    """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Out, Lse, writes Delta) of one query tile.
+
+    The backward first computes its rows' ``delta = rowsum(DO * Out)`` (``_row_delta``; HAS_DLSE: minus ``DLse``,
+    float32 (B, H, S) like Lse) and stores it into Delta (float32 (B, H, S)) for the dK/dV passes launched after
+    it: the query tiles of the grid cover every row [0, S) of every (b, h), and no program returns early.
 
     The backward with a bias table also writes this program's row of bias-gradient partial sums into Part
     (``bias_grad``: band_width + side_width float32 columns per (b, query tile, h)). Grouped-query attention:
@@ -243,7 +262,9 @@ def _rows_kernel(
     if BACKWARD:
         do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
         lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))
-        delta = tl.load(Delta + stat_ptrs, mask=row_ok, other=0.0)
+        delta = _row_delta(do, Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), offs_m, S, stride_os,
+                           offs_d, D, lse, DLse, stat_ptrs, HAS_DLSE)
+        tl.store(Delta + stat_ptrs, delta, mask=row_ok)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -510,58 +531,6 @@ def _keys_kernel(
         store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
 
 
-@triton.jit
-def _side_add_kernel(DSK, DSV, SIdx, SMask, DK, DV, stride_split, stride_pb, stride_pg, stride_ph, stride_ib,
-                     stride_gb, stride_gs, stride_gh, S, H_kv, G, D, splits,
-                     HAS_SMASK: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Side keys' dK/dV added into the band's: float32 partials DSK, DSV (splits, B, G, H_kv, D), summed in split
-    order, added into rows ``SIdx[b, g]`` of DK, DV (B, S, H_kv, D) for the slots kept by ``SMask``.
-
-    Runs after the band dK/dV kernel (stream order), one program per (slot tile, batch * K/V head). The kept
-    slots of a batch row must name distinct rows (Longformer's do): every row is then read and written by one
-    program, so no atomics and bitwise-deterministic results."""
-    pid_g, pid_kv = tl.program_id(0), tl.program_id(1)
-    b = (pid_kv // H_kv).to(tl.int64)
-    offs_g = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    part = batch_head_offset(pid_kv, H_kv, stride_pb, stride_ph)
-    dk = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for z in range(splits):
-        dk += load_rows(DSK + z * stride_split + part, offs_g, G, stride_pg, offs_d, D)
-        dv += load_rows(DSV + z * stride_split + part, offs_g, G, stride_pg, offs_d, D)
-    rows = side_rows(SIdx + b * stride_ib, offs_g, G, True)
-    if HAS_SMASK:
-        rows = tl.where(tl.load(SMask + b * G + offs_g, mask=offs_g < G, other=0) != 0, rows, -1)
-    out = batch_head_offset(pid_kv, H_kv, stride_gb, stride_gh)
-    dk += load_rows(DK + out, rows, S, stride_gs, offs_d, D).to(tl.float32)
-    dv += load_rows(DV + out, rows, S, stride_gs, offs_d, D).to(tl.float32)
-    store_rows(DK + out, dk, rows, S, stride_gs, offs_d, D)
-    store_rows(DV + out, dv, rows, S, stride_gs, offs_d, D)
-
-
-@triton.jit
-def _delta_kernel(DO, Out, Delta, stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, S, H, D,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr = False, Lse=None, DLse=None):
-    """delta[b, h, i] = <dout[b, i, h], out[b, i, h]> in float32 (the softmax-backward row term).
-
-    HAS_DLSE: minus ``DLse[b, h, i]``, the loss's gradient w.r.t. the row's log-sum-exp (float32 (B, H, S), like
-    ``Lse``): dS = P * (dP - delta + dlse), so every kernel reading delta takes the lse gradient with it. Rows
-    with lse = +inf (no key) keep delta: their P is 0, and a NaN or inf there must not reach 0 * NaN."""
-    pid_bh = tl.program_id(1)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
-    o = load_rows(Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), offs_m, S, stride_os, offs_d, D)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    if HAS_DLSE:
-        stats = pid_bh.to(tl.int64) * S + offs_m
-        lse = tl.load(Lse + stats, mask=offs_m < S, other=float("inf"))
-        dlse = tl.load(DLse + stats, mask=offs_m < S, other=0.0)
-        delta -= tl.where(lse < float("inf"), dlse, 0.0)
-    tl.store(Delta + pid_bh.to(tl.int64) * S + offs_m, delta, mask=offs_m < S)
-
-
 # --------------------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------------------
@@ -651,9 +620,9 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     sidx, stride_ib, indexed = _index_args(side_index, q)
     ranged, _, _ = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
     _rows_kernel[grid](
-        q, k, v, *_side_or_dummy(side_k, side_v, q), q, out, lse, lse, *extra, lse, sidx, as_u8(query_mask, q),
+        q, k, v, *_side_or_dummy(side_k, side_v, q), q, q, out, lse, lse, *extra, lse, sidx, as_u8(query_mask, q),
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
-        *strides3(q), *strides3(out), stride_ib,
+        *strides3(q), *strides3(q), *strides3(out), stride_ib,
         S, H, H // k.shape[2], G, D, left, right, float(scale), 0, 0,
         BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias),
         **_dropout_meta(dropout_p, rng, lse, dropout_offset), BLOCK_M=BLOCK_M,
@@ -671,18 +640,20 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     (a bias gradient is empty when its table is absent); with a halo (see ``forward``) followed by
     ``dhalo_k, dhalo_v`` (B, HL + HR, H_kv, D) contiguous in k's dtype (a 9-tuple).
 
-    ``dlse``: None or float32 (B, H, S), the loss's gradient w.r.t. ``lse`` (the delta pre-pass subtracts
-    it from delta, so every pass takes it; rows with lse = +inf get none, whatever dlse holds there).
+    ``dlse``: None or float32 (B, H, S), the loss's gradient w.r.t. ``lse`` (the dQ pass subtracts it from
+    delta, so every pass takes it; rows with lse = +inf get none, whatever dlse holds there).
     ``dropout_offset``: as in ``forward`` (every pass draws its dropout bits with it).
 
-    The bias-table gradients are summed by the dQ kernel per query tile (``bias_grad``) and reduced over the
-    tiles by torch in a fixed order. Side keys' dK/dV: every query attends every side key, so one program per
-    side-key tile would walk all S queries (e.g. Longformer's single global token: B * H programs for the whole
-    GPU). The query range is therefore split into ``side_splits`` chunks whose float32 partials torch sums in a
-    fixed order.
+    Launches, in stream order: the dQ pass (which also writes delta, read by the later passes), the band dK/dV
+    pass, the side keys' dK/dV pass (G > 0), then at most one ``bias_grad.reduce_partials`` launch that sums every
+    float32 partial of the backward in a fixed order: the bias tables' rows (the dQ kernel sums dS by table entry
+    per query tile, ``bias_grad``) and the side keys' dK/dV over query chunks. Side keys' dK/dV: every query
+    attends every side key, so one program per side-key tile would walk all S queries (e.g. Longformer's single
+    global token: B * H programs for the whole GPU); the query range is therefore split into ``side_splits``
+    chunks (one chunk writes dside_k, dside_v directly). No torch op runs besides allocations.
 
     With ``side_index`` (see ``forward``) the side keys' dK/dV are added into dk/dv at the rows it names (kept
-    slots must name distinct rows) by ``_side_add_kernel``, and dside_k, dside_v are returned empty.
+    slots must name distinct rows) by the reduction launch, and dside_k, dside_v are returned empty.
     ``key_ranges`` / ``side_ranges``: as in ``forward``; the key-side passes skip query tiles that cannot see
     their key tile.
     """
@@ -695,11 +666,8 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
     ranged, (kr, has_kr), side_ranges = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
     lse = lse.contiguous()
-    delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
-    _delta_kernel[(triton.cdiv(S, BLOCK_M), B * H)](
-        dout, out, delta, *strides3(dout), *strides3(out), S, H, D, BLOCK_M=BLOCK_M, BLOCK_D=head_dim_block(D),
-        **dlse_args(dlse, lse),
-    )
+    delta_lse = dlse_args(dlse, lse)
+    delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)  # written by the dQ pass
     dq = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
     H_kv = k.shape[2]  # grouped-query attention: H_kv < H (dK, dV have k's heads)
     dk = torch.empty(B, S, H_kv, D, dtype=q.dtype, device=q.device)
@@ -714,14 +682,12 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     part = bias_grad.partials(B, n_tiles, H, widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     _rows_kernel[(n_tiles, B * H)](
-        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, dq, lse, delta, *extra, part, sidx, q,
+        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, out, dq, lse, delta, *extra, part, sidx, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
-        *strides3(dout), *strides3(dq), stride_ib,
+        *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, SIDE_INDEX=indexed,
-        **ranged, **meta, **halo,
+        **ranged, **meta, **halo, **delta_lse,
     )
-    dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M)
-    dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
     halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
     _keys_kernel[(triton.cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, q,
@@ -729,11 +695,10 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         S, S, H, H // H_kv, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
         HAS_RANGES=has_kr, **meta, **halo, **halo_out,
     )
-    if indexed:
-        _side_key_grads_into(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges, side_index,
-                             side_mask, dk, dv)
-        return dq, dk, dv, q.new_empty(0), q.new_empty(0), dbb, dsb
-    dsk, dsv = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges)
+    dsk, dsv, side_sums = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges, G,
+                                          side_index, side_mask, dk, dv)
+    dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M, side_sums)
+    dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
     return dq, dk, dv, dsk, dsv, dbb, dsb, *halo_grads
 
 
@@ -742,53 +707,41 @@ def side_splits(n_programs: int, n_query_tiles: int) -> int:
     return split_count(n_programs, n_query_tiles)
 
 
-def _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges, G, side_index, dtype):
-    """Side keys' (dK, dV), (splits, B, G, H_kv, D) in ``dtype``: slice z sums query chunk z (see ``backward``).
-    ``ranges``: (pointer, flag) of the side ranges (``_range_args``)."""
+def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges, G, side_index, side_mask, dk,
+                    dv):
+    """The side keys' dK/dV pass -> (dside_k, dside_v, side sums for ``bias_grad.reduce_partials`` or None).
+
+    Slice z of the (splits, B, G, H_kv, D) partials sums query chunk z (see ``backward``). Without ``side_index``:
+    dside_k, dside_v (B, G, H_kv, D) contiguous in q's dtype, written by the pass itself when there is one chunk,
+    else by the reduction from float32 partials. With it (side key g of batch row b is row ``side_index[b, g]`` of
+    k, v, which are then (B, S, H_kv, D)): float32 partials that the reduction adds into those rows of dk, dv
+    (after the band dK/dV, stream order); dside_k, dside_v are empty. ``ranges``: (pointer, flag) of the side
+    ranges (``_range_args``)."""
     B, S, H, D = q.shape
     H_kv = side_k.shape[2]
+    if G == 0:
+        if side_index is not None:
+            return q.new_empty(0), q.new_empty(0), None
+        return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (side_k, side_v)), None)
     n_tiles = triton.cdiv(S, meta["BLOCK_M"])
     grid = (triton.cdiv(G, meta["BLOCK_N"]), B * H_kv)
     splits = side_splits(grid[0] * grid[1], n_tiles)
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
-    # One split may write the result directly; several write float32 partials summed afterwards in a fixed order.
-    dtype = dtype or (q.dtype if splits == 1 else torch.float32)
-    dsk = torch.empty(splits, B, G, H_kv, D, dtype=dtype, device=q.device)
-    dsv = torch.empty_like(dsk)
+    direct = splits == 1 and side_index is None  # one chunk writes the gradients themselves
+    part_k = torch.empty(splits, B, G, H_kv, D, dtype=q.dtype if direct else torch.float32, device=q.device)
+    part_v = torch.empty_like(part_k)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     _keys_kernel[(*grid, splits)](
-        q, side_k, side_v, dout, lse, delta, dsk, dsv, *extra, sidx,
-        *strides3(q), *strides3(side_k), *strides3(side_v), *strides3(dout), *strides3(dsk[0]), dsk[0].numel(),
-        stride_ib, S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True, SIDE_INDEX=indexed,
-        Ranges=ranges[0], HAS_RANGES=ranges[1], **meta,
+        q, side_k, side_v, dout, lse, delta, part_k, part_v, *extra, sidx,
+        *strides3(q), *strides3(side_k), *strides3(side_v), *strides3(dout), *strides3(part_k[0]),
+        part_k[0].numel(), stride_ib, S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True,
+        SIDE_INDEX=indexed, Ranges=ranges[0], HAS_RANGES=ranges[1], **meta,
     )
-    return dsk, dsv
-
-
-def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges):
-    """(dside_k, dside_v) contiguous in q's dtype, from float32 partials over query chunks (see ``backward``)."""
-    G = side_k.shape[1]
-    if G == 0:
-        return torch.empty_like(side_k, memory_format=torch.contiguous_format), torch.empty_like(
-            side_v, memory_format=torch.contiguous_format)
-    dsk, dsv = _side_partials(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges, G, None, None)
-    if dsk.shape[0] == 1:
-        return dsk[0], dsv[0]
-    return dsk.sum(0).to(q.dtype), dsv.sum(0).to(q.dtype)
-
-
-def _side_key_grads_into(q, k, v, dout, lse, delta, extra, scale, meta, ranges, side_index, side_mask, dk, dv):
-    """Side keys' dK/dV read through ``side_index`` and added into rows of dk, dv (contiguous, B, S, H_kv, D):
-    float32 partials over query chunks, then ``_side_add_kernel`` (fixed order, after the band dK/dV)."""
-    B, S, H, D = q.shape
-    G, H_kv = side_index.shape[1], k.shape[2]
-    if G == 0:
-        return
-    dsk, dsv = _side_partials(q, k, v, dout, lse, delta, extra, scale, meta, ranges, G, side_index, torch.float32)
-    BLOCK_G = 16  # G is small (a few global tokens); 16-row tiles keep both float32 sums in registers
-    _side_add_kernel[(triton.cdiv(G, BLOCK_G), B * H_kv)](
-        dsk, dsv, side_index, as_u8(side_mask, side_index), dk, dv, dsk[0].numel(), *strides3(dsk[0]),
-        side_index.stride(0), *strides3(dk), S, H_kv, G, D, dsk.shape[0], HAS_SMASK=side_mask is not None,
-        BLOCK_G=BLOCK_G, BLOCK_D=head_dim_block(D),
-    )
+    if indexed:
+        return q.new_empty(0), q.new_empty(0), bias_grad.SideSums(part_k, part_v, dk, dv, side_index, side_mask)
+    if direct:
+        return part_k[0], part_v[0], None
+    dsk = torch.empty(B, G, H_kv, D, dtype=q.dtype, device=q.device)
+    dsv = torch.empty_like(dsk)
+    return dsk, dsv, bias_grad.SideSums(part_k, part_v, dsk, dsv)

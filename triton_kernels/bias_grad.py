@@ -1,4 +1,5 @@
-"""Gradients of the band_bias (H, W) and side_bias (H, 2G + 1) tables, reduced inside the dQ kernel.
+"""Gradients of the band_bias (H, W) and side_bias (H, 2G + 1) tables, reduced inside the dQ kernel, and the
+backward's one fixed-order reduction of float32 partials (``reduce_partials``).
 
 ``dbias[h, t] = sum over (b, i) of dS[b, h, i, key(i, t)]`` where ``key(i, t) = i + t - left`` (band) or
 ``t - G + query_block[b, i]`` (side). The dQ program of a query tile (``band_side._rows_kernel`` with
@@ -32,6 +33,13 @@ LongT5 TGlobal at S = 16384, H = 12, G = 1024, W = 255 with 64 x 64 tiles (L = 1
 columns x 256 query tiles x 12 heads = 30 MiB per batch row, written once and read once by the reduction
 (~20 us of HBM time on an H100, against a backward of several ms).
 
+The reduction (``reduce_partials``, ``_reduce_kernel``): one launch per backward, after the dK/dV passes, whose
+programs are laid out over every output it writes: the band table's gradient, the side table's, and the side
+keys' dK/dV from their float32 partials over query chunks (``SideSums``: stored in q's dtype, or with
+Longformer's slot index added into the band dK/dV rows the slots name). Each program owns ``_BLOCK_C`` columns
+of one output row and adds its partial rows in order (``_UNROLL`` loads in flight), so the result is bitwise
+reproducible and no torch op (sum, cast, copy, fill) runs around the kernels. Not timed (no GPU).
+
 Cost (static SASS of the sm_90 bf16 build, D = 64, 8 warps; not timed, no GPU): the band tile loop grows from
 1008 to 1391 instructions per tile, the side tile loop from 1056 to 1216 (8 extra HMMA for the one-hot
 product; the three 64 x 64 x 64 wgmma products are unchanged). For LongT5 (5 band + 16 side tiles per query
@@ -42,6 +50,8 @@ backward).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -64,17 +74,132 @@ def partials(B, n_query_tiles, H, widths, like):
     return torch.empty(B, n_query_tiles, H, sum(widths), dtype=torch.float32, device=like.device)
 
 
-def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m):
-    """(dband_bias, dside_bias), contiguous in the tables' dtypes (None when absent): the rows summed over
-    programs in a fixed order (torch's reduction), then the table's columns cut out."""
-    total = part.sum((0, 1)) if sum(widths) else None
-    dband = dside = None
-    if band_bias is not None:
-        dband = total[:, block_m - 1 : block_m - 1 + W].to(band_bias.dtype).contiguous()
-    if side_bias is not None:  # G = 0: the table (H, 1) scores no key
-        side = slice(widths[0], widths[0] + 2 * G + 1)
-        dside = total[:, side].to(side_bias.dtype).contiguous() if G else torch.zeros_like(side_bias)
+class SideSums(NamedTuple):
+    """The side keys' dK/dV partials that ``reduce_partials`` finishes in its launch.
+
+    ``part_k``, ``part_v``: contiguous float32 (splits, B, G, H_kv, D), slice z the sums of query chunk z.
+    Without ``index``: ``out_k``, ``out_v`` contiguous (B, G, H_kv, D) get the sums over the chunks. With ``index``
+    (B, G) int64 (unit last stride; Longformer's global tokens): ``out_k``, ``out_v`` are contiguous (B, S, H_kv, D)
+    (the band dK/dV, already written) and row ``index[b, g]`` gets the sums of side key g added, for the slots
+    where ``mask`` (None or (B, G) bool) is set and the index lies in [0, S) (the kept slots of a batch row must
+    name distinct rows: each row is then read and written by one program)."""
+
+    part_k: torch.Tensor
+    part_v: torch.Tensor
+    out_k: torch.Tensor
+    out_v: torch.Tensor
+    index: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+_BLOCK_C = 256  # output columns per program of _reduce_kernel
+_UNROLL = 8  # partial rows loaded together (their loads in flight at once; still added in order)
+
+
+def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m, side_sums=None):
+    """(dband_bias, dside_bias), contiguous in the tables' dtypes (None when absent), and the side keys' dK/dV of
+    ``side_sums`` (a ``SideSums`` or None), in one launch of ``_reduce_kernel`` (none when there is nothing to
+    write): each output element is its float32 partials summed in a fixed order (the programs' rows over
+    (batch row, query tile) in order; the query chunks in order), so two runs are bitwise equal. A table's
+    entries are columns of ``part`` (``partials``); the side table of G = 0 scores no key: zeros."""
+    H = next((t.shape[0] for t in (band_bias, side_bias) if t is not None), 0)
+    n_z = part.shape[0] * part.shape[1] if sum(widths) else 0  # rows of partial sums: (batch row, query tile)
+    device = part.device
+    dband = None if band_bias is None else torch.empty(H, W, dtype=band_bias.dtype, device=device)
+    dside = None if side_bias is None else torch.empty(H, 2 * G + 1, dtype=side_bias.dtype, device=device)
+    band_end = H * triton.cdiv(W, _BLOCK_C) if dband is not None else 0
+    side_end = band_end + (H * triton.cdiv(2 * G + 1, _BLOCK_C) if dside is not None else 0)
+    keys = side_sums is not None
+    splits, B, G_keys, H_kv, D = side_sums.part_k.shape if keys else (0, 0, 0, 0, 0)
+    n_programs = side_end + B * G_keys * triton.cdiv(H_kv * D, _BLOCK_C)
+    if n_programs == 0:
+        return dband, dside
+    index = keys and side_sums.index is not None
+    S = side_sums.out_k.shape[1] if keys else 0
+    pk, pv, ok, ov = side_sums[:4] if keys else (part,) * 4
+    sidx = side_sums.index if index else part
+    smask = side_sums.mask if index and side_sums.mask is not None and side_sums.mask.numel() else None
+    _reduce_kernel[(n_programs,)](
+        part, part if dband is None else dband, part if dside is None else dside, pk, pv, ok, ov, sidx,
+        part if smask is None else smask.view(torch.uint8),
+        H, sum(widths), n_z, block_m - 1, W, widths[0], 2 * G + 1, n_z if G else 0, band_end, side_end,
+        S, G_keys, H_kv * D, splits, B * G_keys * H_kv * D, sidx.stride(0) if index else 0,
+        HAS_BAND=dband is not None, HAS_SIDE=dside is not None, HAS_KEYS=keys, KEYS_INDEX=index,
+        HAS_SMASK=smask is not None, BLOCK_C=_BLOCK_C, UNROLL=_UNROLL, num_warps=2,
+    )
     return dband, dside
+
+
+@triton.jit
+def _sum_rows(Src, Dst, src_off, dst_off, cols, ok, n_z, stride_z, ACCUMULATE: tl.constexpr, BLOCK_C: tl.constexpr,
+              UNROLL: tl.constexpr):
+    """``Dst[dst_off + cols] = sum of Src[src_off + z * stride_z + cols] over z = 0, 1, ..., n_z - 1`` in that order in
+    float32 (with ACCUMULATE then plus Dst's value), stored in Dst's dtype, for the columns where ``ok``."""
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for z0 in range(0, n_z, UNROLL):
+        for u in tl.static_range(UNROLL):
+            z = z0 + u
+            acc += tl.load(Src + src_off + z.to(tl.int64) * stride_z + cols, mask=ok & (z < n_z), other=0.0)
+    if ACCUMULATE:
+        acc += tl.load(Dst + dst_off + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(Dst + dst_off + cols, acc.to(Dst.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _table_tile(Part, Dst, p, H, part_width, c0, n_cols, n_z, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
+    """Program ``p`` of a table's gradient (H, n_cols): columns ``[c0, c0 + n_cols)`` of the partial rows (B, query
+    tiles, H, part_width) summed over (B, query tiles) (``n_z`` rows)."""
+    per_row = tl.cdiv(n_cols, BLOCK_C)
+    h = p // per_row
+    cols = (p % per_row) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _sum_rows(Part, Dst, h.to(tl.int64) * part_width + c0, h.to(tl.int64) * n_cols, cols, cols < n_cols, n_z,
+              H * part_width, False, BLOCK_C, UNROLL)
+
+
+@triton.jit
+def _keys_tile(DSK, DSV, DK, DV, SIdx, SMask, p, S, G, row_width, splits, stride_split, stride_ib,
+               INDEX: tl.constexpr, HAS_SMASK: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
+    """Program ``p`` of the side keys' dK/dV (``SideSums``): side key (b, g)'s ``row_width = H_kv * D`` entries,
+    summed over the ``splits`` chunks, stored into row (b, g) of DK, DV, or with INDEX added into row
+    ``SIdx[b, g]`` of the (B, S, H_kv, D) DK, DV (skipped where SMask is 0 or the index is outside [0, S))."""
+    per_row = tl.cdiv(row_width, BLOCK_C)
+    r = p // per_row  # (b, g)
+    cols = (p % per_row) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = cols < row_width
+    src_off = r.to(tl.int64) * row_width
+    dst_off = src_off
+    if INDEX:
+        b = r // G
+        row = tl.load(SIdx + b * stride_ib + r % G)
+        keep = (row >= 0) & (row < S)
+        if HAS_SMASK:
+            keep = keep & (tl.load(SMask + r) != 0)
+        ok = ok & keep
+        dst_off = (b.to(tl.int64) * S + row) * row_width
+    _sum_rows(DSK, DK, src_off, dst_off, cols, ok, splits, stride_split, INDEX, BLOCK_C, UNROLL)
+    _sum_rows(DSV, DV, src_off, dst_off, cols, ok, splits, stride_split, INDEX, BLOCK_C, UNROLL)
+
+
+@triton.jit
+def _reduce_kernel(Part, DBand, DSide, DSK, DSV, DK, DV, SIdx, SMask,
+                   H, part_width, n_z, band_c0, band_cols, side_c0, side_cols, side_z, band_end, side_end,
+                   S, G, row_width, splits, stride_split, stride_ib,
+                   HAS_BAND: tl.constexpr, HAS_SIDE: tl.constexpr, HAS_KEYS: tl.constexpr, KEYS_INDEX: tl.constexpr,
+                   HAS_SMASK: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
+    """The backward's one reduction (``reduce_partials``), programs laid out over its outputs: ``[0, band_end)``
+    the band table's gradient (H, band_cols), ``[band_end, side_end)`` the side table's (H, side_cols), the rest
+    the side keys' dK/dV (``_keys_tile``). Absent outputs (flags off) have no programs."""
+    pid = tl.program_id(0)
+    if HAS_BAND:
+        if pid < band_end:
+            _table_tile(Part, DBand, pid, H, part_width, band_c0, band_cols, n_z, BLOCK_C, UNROLL)
+    if HAS_SIDE:
+        if (pid >= band_end) & (pid < side_end):
+            _table_tile(Part, DSide, pid - band_end, H, part_width, side_c0, side_cols, side_z, BLOCK_C, UNROLL)
+    if HAS_KEYS:
+        if pid >= side_end:
+            _keys_tile(DSK, DSV, DK, DV, SIdx, SMask, pid - side_end, S, G, row_width, splits, stride_split,
+                       stride_ib, KEYS_INDEX, HAS_SMASK, BLOCK_C, UNROLL)
 
 
 @triton.jit

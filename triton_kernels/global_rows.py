@@ -208,14 +208,17 @@ def _split_kernel(
 
 @triton.jit
 def _keys_kernel(
-    Q, K, V, DO, Out, GLse, Pos, Used, KMask, DK, DV,
+    Q, K, V, DO, Out, GLse, Pos, Used, KMask, DK, DV, DQ,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh,
     S, H, G, D, scale, stride_pb, Rng, drop_thresh, drop_scale, KRange,
     ADD_DK: tl.constexpr, ADD_DV: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RANGES: tl.constexpr = False,
+    ZERO_DQ: tl.constexpr = False,
 ):
     """dk, dv of key tile ``[n0, n0 + BLOCK_N)`` over every slot query; added to DK / DV with ADD_DK / ADD_DV.
+    With ZERO_DQ the tile's rows of DQ (DK's layout) are zeroed: a new dq for the global projections, whose global
+    rows ``_combine_kernel`` writes afterwards (so no separate fill kernel).
     With HAS_RANGES the slot tiles at either end whose ranges all miss the key tile are skipped (unused slots'
     ranges count here: they only make the walk longer, their lse = +inf gives them no gradient)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
@@ -253,6 +256,8 @@ def _keys_kernel(
         dv += load_rows(DV + out_offset, cols, S, stride_gs, offs_d, D).to(tl.float32)
     store_rows(DK + out_offset, dk, cols, S, stride_gs, offs_d, D)
     store_rows(DV + out_offset, dv, cols, S, stride_gs, offs_d, D)
+    if ZERO_DQ:
+        store_rows(DQ + out_offset, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), cols, S, stride_gs, offs_d, D)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -325,16 +330,16 @@ def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_i
         keys_per_split, pos.stride(0), BACKWARD=True,
         TBounds=tile_bounds(key_ranges if has_kr else None, None, S, 0, BLOCK_M, q, used8), **meta,
     )
-    dq = torch.zeros(B, S, H, D, dtype=q.dtype, device=q.device) if dq_into is None else dq_into
+    # dk, dv and a new dq share one set of strides in the kernels: all contiguous (the band backward's or new ones).
+    dq, dk, dv = (torch.empty(B, S, H, D, dtype=q.dtype, device=q.device) if into is None else into
+                  for into in (dq_into, dk_into, dv_into))
+    # The keys pass runs first: it zeroes a new dq's rows, whose global rows the combine then writes.
+    _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H)](
+        q, k, v, dout, out, glse, pos, used8, kmask, dk, dv, dq, *common, *strides3(dk), S, H, G, D, float(scale),
+        pos.stride(0), ADD_DK=dk_into is not None, ADD_DV=dv_into is not None, ZERO_DQ=dq_into is None, **meta,
+    )
     _combine_kernel[(slot_tiles, B * H)](
         part_q, part_q, pos, used8, dq, glse, *strides3(dq), S, H, G, D, splits, float(scale), pos.stride(0),
         BACKWARD=True, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
-    )
-    # dk and dv share one set of strides in the kernel: both contiguous (the band backward's or new ones).
-    dk, dv = (torch.empty(B, S, H, D, dtype=q.dtype, device=q.device) if into is None else into
-              for into in (dk_into, dv_into))
-    _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H)](
-        q, k, v, dout, out, glse, pos, used8, kmask, dk, dv, *common, *strides3(dk), S, H, G, D, float(scale),
-        pos.stride(0), ADD_DK=dk_into is not None, ADD_DV=dv_into is not None, **meta,
     )
     return dq, dk, dv

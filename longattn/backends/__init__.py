@@ -108,8 +108,9 @@ and two functions every backend exposes (contract in ``_longformer.rows_by_gathe
 
 The torch backend splits the keys into chunks merged by log-sum-exp; Triton runs ``triton_kernels.global_rows``
 (split-KV kernels, deterministic); CUDA runs its band op with the slot queries as the sequence and the tokens
-as side keys, split-KV: 1024-key splits as batch rows of the op, merged by log-sum-exp
-(``_longformer.rows_via_band_side``).
+as side keys, split-KV: 1024-key splits as batch rows of the op, the rows copied per split and the splits merged by
+log-sum-exp into ``out`` by small kernels of its own (``csrc/longformer``; ``_longformer.rows_via_band_side`` is
+the same composition in torch ops).
 
 Optionally, a backend may also run Longformer's band pass itself (the Triton and CUDA backends do), in which case
 ``_longformer`` calls these instead of gathering the global tokens' k, v, scattering their gradients back and
@@ -120,6 +121,13 @@ masking rows around ``band_side_forward`` / ``band_side_backward``:
     in ``key_padding_mask`` get out = 0, rows not in ``band_rows`` lse = +inf.
 ``longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right, scale, dropout_p, rng)
     -> (dq, dk, dv)``: the side keys' dK/dV added into the rows ``pos`` of dk, dv, deterministically.
+
+A backend may also compute the slot layout itself (the Triton and CUDA backends do, each in one kernel):
+
+``global_slots(global_mask, key_padding_mask, G) -> (band_rows, pos, used)``
+    bitwise equal to ``_longformer.global_slots`` (its docstring states the layout), unused slots included: bool
+    ``band_rows`` (B, S), contiguous int64 ``pos`` and bool ``used`` (B, G); bool masks with any strides,
+    ``0 <= G <= S``.
 
 Index values
 ------------

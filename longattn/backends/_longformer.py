@@ -24,8 +24,13 @@ the slots' tokens are read from ``k``/``v`` through ``pos`` (no gathered copy), 
 ``lse`` of non-band rows set inside the kernel, and the side-key dK/dV are added into dk/dv by a kernel (no
 scatter). Others get the gather / ``masked_fill`` / ``scatter_add`` composition (``gathered_band_forward``).
 
+A backend with ``global_slots`` (Triton, CUDA) computes step 1 in one kernel, bitwise equal to the torch function here
+(argsort, gather and mask ops otherwise).
+
 A backend without its own global-rows pass uses ``rows_via_band_side``: the slot queries against the S
-tokens as side keys of the band primitive (with an empty band), which every backend already runs.
+tokens as side keys of the band primitive (with an empty band), which every backend already runs. Its pieces
+(``key_splits``, ``split_rows_forward``, ``split_rows_backward``) serve a backend that gathers, merges and scatters
+the split rows in kernels of its own (CUDA).
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ def global_slots(global_mask, key_padding_mask, G: int):
     is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
     band_rows = ~is_global if key_padding_mask is None else key_padding_mask ^ is_global  # is_global <= real
     # A stable descending sort of "global" puts the globals first, in sequence order, then every other position.
-    pos = torch.argsort(is_global.view(torch.uint8), dim=1, stable=True, descending=True)[:, :G]
+    # Contiguous (B, G), as the backends' slot kernels write it (one layout for the op's fake).
+    pos = torch.argsort(is_global.view(torch.uint8), dim=1, stable=True, descending=True)[:, :G].contiguous()
     return band_rows, pos, torch.gather(is_global, 1, pos)
 
 
@@ -120,7 +126,7 @@ def forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_pad
     (``slot_ranges``)."""
     B, S, H, D = q.shape
     drop = dropout_kwargs(dropout_p, rng)
-    band_rows, pos, used = global_slots(global_mask, key_padding_mask, G)
+    band_rows, pos, used = getattr(backend, "global_slots", global_slots)(global_mask, key_padding_mask, G)
     band_ranges, row_ranges = slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
     if hasattr(backend, "longformer_band_forward"):
         out, lse = backend.longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right,
@@ -267,7 +273,9 @@ class KeySplits:
 
     def key_mask(self, key_mask, B: int, device):
         if self.C == 1 or (key_mask is None and not self.pad):
-            return self.keys(key_mask) if key_mask is not None else None
+            return key_mask
+        if not self.pad:  # no padding keys: the mask itself, one row per split (a view when contiguous)
+            return key_mask.reshape(B * self.C, self.n)
         if key_mask is None:
             key_mask = torch.ones(B, self.S, dtype=torch.bool, device=device)
         return torch.nn.functional.pad(key_mask, (0, self.pad), value=False).view(B * self.C, self.n)
@@ -314,6 +322,43 @@ class KeySplits:
         return x[:, :self.S].contiguous() if self.pad else x
 
 
+def key_splits(S: int, drop: dict) -> KeySplits:
+    """The global rows' key splits at call time: ``SPLIT_KEYS``-key splits (the module value), none with dropout."""
+    return KeySplits(S, None if drop else SPLIT_KEYS)
+
+
+def _split_keys(sp, qs, k, v, key_mask):
+    """The band primitive's (side_k, side_v, band_key_mask, side_mask) for the split rows ``qs``: each split's keys
+    as side keys, and an empty band."""
+    no_band = torch.zeros(qs.shape[:2], dtype=torch.bool, device=qs.device)
+    return sp.keys(k), sp.keys(v), no_band, sp.key_mask(key_mask, k.shape[0], k.device)
+
+
+def split_rows_forward(band_side_forward, sp, qs, k, v, key_mask, scale, key_ranges=None, **drop):
+    """The slot queries of every split, ``qs`` (B * C, G, H, D) (``sp.rows`` of the gathered rows), against their
+    split's keys on a band primitive -> the unmerged ``(out (B * C, G, H, D), lse (B * C, H, G))``, which
+    ``sp.merge`` combines."""
+    side_k, side_v, no_band, side_mask = _split_keys(sp, qs, k, v, key_mask)
+    return band_side_forward(qs, qs, qs, side_k, side_v, no_band, side_mask, None, None, None, 0, 0, scale,
+                             global_rows=True, **drop, **ranges_kwargs(None, sp.ranges(key_ranges)))
+
+
+def split_rows_backward(band_side_backward, sp, douts, qs, k, v, outs, lse, key_mask, scale, dk_into=None,
+                        dv_into=None, key_ranges=None, **drop):
+    """Backward of :func:`split_rows_forward`; ``douts``, ``qs``, ``outs`` (B * C, G, H, D) are every split's copy of
+    the rows, ``outs`` the merged rows and ``lse`` (B, H, G) the merged statistics (so each split's probabilities and
+    ``delta`` are the whole row's) -> ``(dq (B * C, G, H, D) per split, dk, dv)``, dk / dv added into ``dk_into`` /
+    ``dv_into`` when given."""
+    side_k, side_v, no_band, side_mask = _split_keys(sp, qs, k, v, key_mask)
+    dq_parts, _, _, dk, dv, _, _ = band_side_backward(
+        douts, qs, qs, qs, side_k, side_v, outs, sp.stats(lse), no_band, side_mask, None, None, None, 0, 0, scale,
+        global_rows=True, **drop, **ranges_kwargs(None, sp.ranges(key_ranges)))
+    dk, dv = sp.unkeys(dk), sp.unkeys(dv)
+    dk = dk if dk_into is None else dk_into.add_(dk)
+    dv = dv if dv_into is None else dv_into.add_(dv)
+    return dq_parts, dk, dv
+
+
 def rows_via_band_side(band_side_forward, band_side_backward):
     """The global-rows contract on a backend's band primitive (``rows_by_gather`` of the functions below).
 
@@ -327,30 +372,17 @@ def rows_via_band_side(band_side_forward, band_side_backward):
     layout of ``longattn._dropout``); with dropout the keys are not split.
     """
 
-    def splits(k, drop):
-        return KeySplits(k.shape[1], None if drop else SPLIT_KEYS)
-
     def rows_forward(q_rows, k, v, key_mask, scale, key_ranges=None, **drop):
-        sp = splits(k, drop)
-        qs = sp.rows(q_rows)
-        no_band = torch.zeros(qs.shape[:2], dtype=torch.bool, device=q_rows.device)
-        out, lse = band_side_forward(qs, qs, qs, sp.keys(k), sp.keys(v), no_band,
-                                     sp.key_mask(key_mask, k.shape[0], k.device), None, None, None, 0, 0, scale,
-                                     global_rows=True, **drop, **ranges_kwargs(None, sp.ranges(key_ranges)))
-        return sp.merge(out, lse)
+        sp = key_splits(k.shape[1], drop)
+        return sp.merge(*split_rows_forward(band_side_forward, sp, sp.rows(q_rows), k, v, key_mask, scale, key_ranges,
+                                            **drop))
 
     def rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_into=None, dv_into=None,
                       key_ranges=None, **drop):
-        sp = splits(k, drop)
-        qs = sp.rows(q_rows)
-        no_band = torch.zeros(qs.shape[:2], dtype=torch.bool, device=q_rows.device)
-        dq_rows, _, _, dk, dv, _, _ = band_side_backward(
-            sp.rows(dout_rows), qs, qs, qs, sp.keys(k), sp.keys(v), sp.rows(out_rows), sp.stats(lse), no_band,
-            sp.key_mask(key_mask, k.shape[0], k.device), None, None, None, 0, 0, scale, global_rows=True, **drop,
-            **ranges_kwargs(None, sp.ranges(key_ranges)))
-        dq_rows, dk, dv = sp.sum_rows(dq_rows), sp.unkeys(dk), sp.unkeys(dv)
-        dk = dk if dk_into is None else dk_into.add_(dk)
-        dv = dv if dv_into is None else dv_into.add_(dv)
-        return dq_rows, dk, dv
+        sp = key_splits(k.shape[1], drop)
+        dq_parts, dk, dv = split_rows_backward(band_side_backward, sp, sp.rows(dout_rows), sp.rows(q_rows), k, v,
+                                               sp.rows(out_rows), lse, key_mask, scale, dk_into, dv_into, key_ranges,
+                                               **drop)
+        return sp.sum_rows(dq_parts), dk, dv
 
     return rows_by_gather(rows_forward, rows_backward)

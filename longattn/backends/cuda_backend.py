@@ -1,6 +1,6 @@
 """The CUDA backend: hand-written kernels compiled into ``longattn._C`` (sources in ``csrc/``).
 
-The extension registers four raw ops with the dispatcher (schemas in ``csrc/extension.cpp``, CUDA
+The extension registers its raw ops with the dispatcher (schemas in ``csrc/extension.cpp``, CUDA
 implementations in ``csrc/*_api.cpp``); this module gives them fake (meta) implementations so they trace
 under ``torch.compile`` / FakeTensor, says when the backend cannot run, and maps the backend contract of
 ``longattn.backends`` onto them. Nothing here touches CUDA unless the device asked about is a CUDA device.
@@ -31,6 +31,17 @@ epilogue zeroes padding rows and sets the lse of non-band rows to +inf; the back
 (float32 partials over query chunks, summed in chunk order) into rows ``pos`` of dk / dv with a small kernel. No
 gather, masked_fill or scatter around the kernels. With per-row key ranges (packed batches) it falls back to that
 composition around ``band_side_forward`` / ``band_side_backward``.
+
+The rest of the Longformer op runs on small kernels of its own (``csrc/longformer``, raw ops
+``cuda_longformer_*``): the slot layout (``global_slots``: one CTA per batch row, a block-wide prefix count), and
+around the global rows' band op (the slot queries against ``_longformer.SPLIT_KEYS``-key splits of the tokens, each
+split a batch row) the copy of the slots' rows per split, the log-sum-exp merge of the splits written straight into
+the slots' rows of ``out``, and in the backward the sum of the splits' dq rows added into the slots' rows of dq. All
+deterministic (one thread per output element, splits summed in order) and safe for any slot position (out of range:
+skipped). What torch still runs around the global rows: the empty band mask (``zeros``); with several splits the
+backward's per-split copy of glse; when S is not a multiple of the split size the padded copies of k / v / the key
+mask and the backward's un-padding of dk / dv; the ``add_`` of the global rows' dk / dv into the band's (and a
+``zeros_like`` dq with separate global projections).
 """
 
 from __future__ import annotations
@@ -280,9 +291,70 @@ def longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left
     return grads[0], grads[1], grads[2]
 
 
-# Longformer global rows (longattn.backends._longformer): the raw band op with the slot queries as the sequence
-# and all S tokens as side keys (no split-KV kernel in csrc yet: the side loop of one query tile walks all S).
-global_rows_forward, global_rows_backward = _longformer.rows_via_band_side(band_side_forward, band_side_backward)
+# ------------------------------------------------------------------------------------------------------
+# Longformer's slot layout and global rows (longattn.backends._longformer) on the glue kernels of csrc/longformer
+# ------------------------------------------------------------------------------------------------------
+
+
+def global_slots(global_mask, key_padding_mask, G):
+    """Longformer's slot layout (``_longformer.global_slots``, bitwise equal) in one launch -> (band_rows (B, S) bool,
+    pos (B, G) int64, used (B, G) bool), all contiguous; the masks are read in place (any strides)."""
+    if global_mask.dtype != torch.bool or global_mask.dim() != 2:
+        raise ValueError(f"global_mask: expected a bool (B, S) tensor, got {global_mask.dtype} "
+                         f"{tuple(global_mask.shape)}")
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or key_padding_mask.shape != global_mask.shape
+                                         or key_padding_mask.device != global_mask.device):
+        raise ValueError(f"key_padding_mask: expected a bool {tuple(global_mask.shape)} tensor on "
+                         f"{global_mask.device} like global_mask, got {key_padding_mask.dtype} "
+                         f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
+    if isinstance(G, bool) or not isinstance(G, int) or not 0 <= G <= global_mask.shape[1]:
+        raise ValueError(f"G: expected an int in [0, S] = [0, {global_mask.shape[1]}], got {G!r}")
+    return tuple(torch.ops.longattn.cuda_longformer_global_slots(global_mask, key_padding_mask, G))
+
+
+def _check_slots(q, pos, used):
+    """ValueErrors for the global rows' slot arguments, before any launch (the raw ops repeat them)."""
+    B = q.shape[0]
+    if pos.dtype != torch.int64 or pos.dim() != 2 or pos.shape[0] != B or pos.device != q.device:
+        raise ValueError(f"pos: expected an int64 (B, G) tensor with B = {B} on {q.device}, got {pos.dtype} "
+                         f"{tuple(pos.shape)} on {pos.device}")
+    if used.dtype != torch.bool or used.shape != pos.shape or used.device != q.device:
+        raise ValueError(f"used: expected a bool {tuple(pos.shape)} tensor on {q.device} like pos, got {used.dtype} "
+                         f"{tuple(used.shape)} on {used.device}")
+
+
+def global_rows_forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None, *, key_ranges=None):
+    """Longformer's global rows (contract: ``_longformer.rows_by_gather``) -> glse (B, H, G): the slots' rows of q
+    copied once per key split (``_longformer.KeySplits``) by a kernel, the band op with the splits as batch rows
+    (the tokens as side keys, per-slot ``key_ranges`` (B, G, 2) shifted into each split), then the splits merged in
+    float32, in split order, by a kernel that writes the used slots' rows of ``out`` in place (no gather, where,
+    scatter or masked_fill). Dropout keeps one split (C = 1: the merge is then the identity)."""
+    _check_slots(q, pos, used)
+    drop = _longformer.dropout_kwargs(dropout_p, rng)
+    sp = _longformer.key_splits(k.shape[1], drop)
+    qs = torch.ops.longattn.cuda_longformer_gather_rows(q, pos, sp.C)
+    parts, lse_parts = _longformer.split_rows_forward(band_side_forward, sp, qs, k, v, key_mask, scale, key_ranges,
+                                                      **drop)
+    return torch.ops.longattn.cuda_longformer_rows_merge(parts, lse_parts, pos, used, out)
+
+
+def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into,
+                         dropout_p=0.0, rng=None, *, key_ranges=None):
+    """Backward of ``global_rows_forward`` -> (dq, dk, dv): the slots' rows of dout, q, out copied per split by a
+    kernel, the band op's backward over the splits (each against the merged statistics), then the splits' dq rows
+    summed in float32, in split order, and added into rows ``pos`` of dq by a kernel (unused slots, glse = +inf, have
+    none). dk / dv are added into ``dk_into`` / ``dv_into`` when given; dq into ``dq_into``, else into zeros."""
+    _check_slots(q, pos, used)
+    drop = _longformer.dropout_kwargs(dropout_p, rng)
+    sp = _longformer.key_splits(k.shape[1], drop)
+    rows = torch.ops.longattn.cuda_longformer_gather_rows
+    dq_parts, dk, dv = _longformer.split_rows_backward(
+        band_side_backward, sp, rows(dout, pos, sp.C), rows(q, pos, sp.C), k, v, rows(out, pos, sp.C), glse, key_mask,
+        scale, dk_into, dv_into, key_ranges, **drop)
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if dq_into is None else dq_into
+    torch.ops.longattn.cuda_longformer_rows_add(dq_parts, pos, used, dq)
+    return dq, dk, dv
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -317,6 +389,28 @@ def _register_fakes():
     @torch.library.register_fake("longattn::cuda_block_aggregate_bwd")
     def _(dout, x, block_ids, num_blocks, weight, sums, rstd, eps):
         return _fake.block_aggregate_backward(x, weight)
+
+    if not hasattr(torch.ops.longattn, "cuda_longformer_global_slots"):
+        return  # a library built before the Longformer glue ops (rebuild it)
+
+    @torch.library.register_fake("longattn::cuda_longformer_global_slots")
+    def _(global_mask, key_padding_mask, G):
+        B, S = global_mask.shape
+        return (global_mask.new_empty(B, S), global_mask.new_empty(B, G, dtype=torch.int64),
+                global_mask.new_empty(B, G))
+
+    @torch.library.register_fake("longattn::cuda_longformer_gather_rows")
+    def _(x, pos, C):
+        B, _, H, D = x.shape
+        return x.new_empty(B * C, pos.shape[1], H, D)
+
+    @torch.library.register_fake("longattn::cuda_longformer_rows_merge")
+    def _(out_parts, lse_parts, pos, used, out):
+        return lse_parts.new_empty(out.shape[0], out.shape[2], pos.shape[1])
+
+    @torch.library.register_fake("longattn::cuda_longformer_rows_add")
+    def _(dq_parts, pos, used, dq):
+        return None
 
 
 if _C is not None and hasattr(torch.ops.longattn, "cuda_band_side_fwd"):

@@ -12,6 +12,7 @@ What it takes:
   any G >= 0, any strides with a unit last stride; grouped-query K/V (``H_kv`` dividing H: the kernels index
   K/V by ``h // (H // H_kv)`` and sum dK/dV over each group in registers).
 - block_aggregate: any channel count C.
+- global_slots: Longformer's slot layout in one launch (``triton_kernels/slots.py``), masks with any strides.
 - features: ``"grouped_kv"``, ``"dropout"``, ``"ranges"`` (per-row key ranges of packed variable-length batches,
   ``key_ranges`` / ``side_ranges`` on the band and global-rows functions), ``"halo"`` (band keys beyond both ends
   read in place from halo buffers: ``halo_k``, ``halo_v``, ``halo_mask``, ``halo_left`` on the band functions, with or
@@ -136,6 +137,14 @@ def block_aggregate_backward(dout, x, block_ids, num_blocks, weight, sums, rstd,
     from longattn.triton_kernels import block_aggregate
 
     return block_aggregate.backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps)
+
+
+def global_slots(global_mask, key_padding_mask, G):
+    """Longformer's slot layout (``longattn.backends._longformer.global_slots``, bitwise equal) in one kernel launch:
+    -> (band_rows (B, S) bool, pos (B, G) int64, used (B, G) bool); the masks are read in place (any strides)."""
+    from longattn.triton_kernels import slots
+
+    return slots.global_slots(global_mask, key_padding_mask, G)
 
 
 def global_rows_forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None, *, key_ranges=None):

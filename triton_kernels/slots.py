@@ -1,0 +1,140 @@
+"""Longformer's global-slot layout (``longattn.backends._longformer.global_slots``) in one launch.
+
+Per batch row b, with ``is_global = global_mask & key_padding_mask`` (``global_mask`` without a padding mask):
+
+- ``band_rows[b, s] = real[b, s] & ~is_global[b, s]`` (B, S) bool;
+- ``pos[b, :]`` (B, G) int64: the first G entries of a stable descending argsort of ``is_global[b]`` — the global
+  positions in sequence order (slot ``r`` = the r-th global), then the non-global positions in sequence order
+  (slot ``n + r'`` = the r'-th non-global, ``n`` the row's global count);
+- ``used[b, g] = is_global[b, pos[b, g]]`` (B, G) bool, i.e. ``g < n``.
+
+The slot of every position is a bijection of [0, S), so each of the G slots is written exactly once (outputs are
+``torch.empty``). One program per batch row:
+
+1. walks the row in chunks of ``BLOCK`` tokens, writing ``band_rows`` and counting the chunk's globals (``tl.sum``)
+   into a running count ``n``; only a chunk holding one of the first G globals also runs the scan (``tl.cumsum``
+   inside the chunk + ``n``: rank r of each global) and writes ``pos[r] = s`` for r < G;
+2. writes the non-global slots ``n + r' < G`` (none when ``n >= G``). They depend on the row's count, known only
+   after step 1, but need no second full walk: the r'-th non-global with ``n + r' < G`` sits at ``s = r' +
+   (globals before s) <= r' + n < G``, so a walk over ``[0, G)`` with the same scan finds them all;
+3. writes ``used[g] = g < n`` (the globals hold slots ``[0, n)``): a contiguous store, no scatter.
+
+Layouts: ``global_mask`` / ``key_padding_mask`` (B, S) bool with any strides, read in place through uint8 views
+(no copy, no dtype conversion); outputs contiguous.
+
+Cost (a prediction, NOT MEASURED: no GPU when written). 2 bytes read and 1 written per token, so bandwidth is
+nothing (384 KB at S = 131072); the walk is latency-bound, one program per row: an iteration is one load round trip
+from HBM (~0.7 us) plus a 16-warp reduction (~0.2 us), a chunk holding one of the first G globals adds its scan and
+scatter (~0.3 us). B = 1, S = 131072: 16 chunks + 1 chunk of step 2 (G <= 8192) -> ~15-20 us on one SM, for any
+number of globals, in place of the 4-5 torch kernels (and, xor, an argsort = a multi-kernel radix sort, gather).
+For B up to the SM count the rows run side by side in the same time. If measured slower than that, prefetching the
+next chunk's masks (a loop-carried load) overlaps the round trip with the reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting
+
+# Chunk = tokens per iteration of the serial walk, whose iterations are latency-bound: the larger, the fewer. 8192
+# over 16 warps = 16 tokens per thread (one 16-byte load per contiguous mask): ~128 registers on sm_90, no spill
+# (the scan's scatter holds a 64-bit address and value per token); over 8 warps it needs ~240. One program per row,
+# so 16 warps of one CTA per SM are all the occupancy there is to have. Under the interpreter, 16: tests' short
+# rows cross chunks.
+_GPU_BLOCK, _GPU_WARPS = 8192, 16
+_INTERPRET_BLOCK = 16
+
+
+@triton.jit
+def _load_global(GMask, PMask, offs, S, stride_gs, stride_ps, HAS_PAD: tl.constexpr):
+    """(is_global, real) int32 of tokens ``offs`` (0 beyond S); ``GMask`` / ``PMask`` point at the row."""
+    in_row = offs < S
+    glob = tl.load(GMask + offs * stride_gs, mask=in_row, other=0).to(tl.int32)
+    if HAS_PAD:
+        real = tl.load(PMask + offs * stride_ps, mask=in_row, other=0).to(tl.int32)
+        glob = glob & real
+    else:
+        real = in_row.to(tl.int32)
+    return glob, real
+
+
+@triton.jit
+def _slots_kernel(GMask, PMask, BandRows, Pos, Used, S, G, stride_gb, stride_gs, stride_pb, stride_ps,
+                  HAS_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Row b of the slot layout (module docstring): GMask / PMask (B, S) uint8 with strides; BandRows (B, S) uint8,
+    Pos (B, G) int64, Used (B, G) uint8 contiguous."""
+    b = tl.program_id(0).to(tl.int64)
+    gmask = GMask + b * stride_gb
+    pmask = PMask + b * stride_pb
+    pos = Pos + b * G
+    used = Used + b * G
+    lanes = tl.arange(0, BLOCK)
+    n = 0  # globals before the chunk; after the walk, the row's count
+    for s0 in range(0, S, BLOCK):
+        offs = s0 + lanes
+        glob, real = _load_global(gmask, pmask, offs, S, stride_gs, stride_ps, HAS_PAD)
+        tl.store(BandRows + b * S + offs, (real & (glob ^ 1)).to(tl.uint8), mask=offs < S)
+        count = tl.sum(glob, 0)
+        if (count > 0) & (n < G):  # rare: only chunks holding one of the first G globals pay for the scan
+            rank = n + tl.cumsum(glob, 0) - glob  # globals before each token
+            slot_ok = (glob != 0) & (rank < G)
+            tl.store(pos + rank, offs.to(tl.int64), mask=slot_ok)
+        n += count
+    # Non-global slots n + r' < G: their tokens lie in [0, G) (module docstring); none when n >= G.
+    before = 0  # globals before the chunk, again
+    for s0 in range(0, tl.where(n < G, G, 0), BLOCK):
+        offs = s0 + lanes
+        glob, real = _load_global(gmask, pmask, offs, S, stride_gs, stride_ps, HAS_PAD)
+        slot = n + offs - (before + tl.cumsum(glob, 0) - glob)  # n + (non-globals before the token)
+        slot_ok = (glob == 0) & (offs < S) & (slot < G)
+        tl.store(pos + slot, offs.to(tl.int64), mask=slot_ok)
+        before += tl.sum(glob, 0)
+    for g0 in range(0, G, BLOCK):  # the globals hold slots [0, n)
+        offs = g0 + lanes
+        tl.store(used + offs, (offs < n).to(tl.uint8), mask=offs < G)
+
+
+def _check_mask(name: str, mask, shape, device) -> None:
+    """TypeError / ValueError naming ``name`` unless ``mask`` is a bool tensor of ``shape`` (None: any 2-d) on
+    ``device`` (None: any)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a bool tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool or mask.dim() != 2 or (shape is not None and mask.shape != shape) or (
+            device is not None and mask.device != device):
+        raise ValueError(f"{name}: expected a bool {tuple(shape) if shape else '(B, S)'} tensor"
+                         f"{f' on {device}' if device else ''}, got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
+
+
+def global_slots(global_mask, key_padding_mask, G: int):
+    """-> (band_rows (B, S) bool, pos (B, G) int64, used (B, G) bool), bitwise those of
+    ``longattn.backends._longformer.global_slots``, in one launch and no other device work (allocations only).
+
+    ``global_mask``: (B, S) bool, any strides; ``key_padding_mask``: None or like it (True = real token);
+    ``G``: int in [0, S]."""
+    _check_mask("global_mask", global_mask, None, None)
+    B, S = global_mask.shape
+    if key_padding_mask is not None:
+        _check_mask("key_padding_mask", key_padding_mask, global_mask.shape, global_mask.device)
+    if isinstance(G, bool) or not isinstance(G, int):
+        raise TypeError(f"G: expected an int, got {type(G).__name__}")
+    if not 0 <= G <= S:
+        raise ValueError(f"G: expected an int in [0, {S}] (S), got {G}")
+    device = global_mask.device
+    band_rows = torch.empty(B, S, dtype=torch.bool, device=device)
+    # G = 0: one slot each, never written (the kernel is not handed a possibly null pointer), returned as (B, 0) views
+    pos = torch.empty(B, max(G, 1), dtype=torch.int64, device=device)
+    used = torch.empty(B, max(G, 1), dtype=torch.bool, device=device)
+    if not G:
+        pos, used = pos[:, :0], used[:, :0]
+    if B * S == 0:
+        return band_rows, pos, used
+    gm = global_mask.view(torch.uint8)
+    pm = gm if key_padding_mask is None else key_padding_mask.view(torch.uint8)
+    block, warps = (_INTERPRET_BLOCK, 1) if interpreting() else (_GPU_BLOCK, _GPU_WARPS)
+    _slots_kernel[(B,)](gm, pm, band_rows.view(torch.uint8), pos, used.view(torch.uint8), S, G, gm.stride(0),
+                        gm.stride(1), pm.stride(0), pm.stride(1), HAS_PAD=key_padding_mask is not None, BLOCK=block,
+                        num_warps=warps)
+    return band_rows, pos, used

@@ -6,8 +6,10 @@
   fake implementations of ``longattn._fake``): a call runs everything longattn does on the host (validation,
   backend resolution, the autograd formula, the custom ops' implementations, the backend call) and no compute.
   This is the figure for the target, minus the kernel launches themselves.
-  ``longformer`` takes the composed band pass of backends without ``longformer_band_*`` (torch, CUDA: gathers,
-  ``masked_fill``, ``scatter_add`` around the kernels); ``longformer_fused`` the Triton path (those two functions).
+  ``longformer`` takes the composed band pass of a backend without ``longformer_band_*`` or ``global_slots`` (the
+  torch backend: argsort, gathers, ``masked_fill``, ``scatter_add`` around the kernels); ``longformer_fused`` the
+  Triton and CUDA paths (the slots kernel and the fused band pass; the global-rows pass is one allocation here, as
+  for Triton: CUDA's runs three small raw ops around its band op as well).
 - ``test_cpu_tiny_*``: the same calls with the real torch backend (host cost plus tiny matmuls), for comparison.
 
 Floor: ``torch.autograd.grad`` over one ``autograd.Function`` whose backward only allocates its gradients costs
@@ -107,7 +109,14 @@ class _NullBackend:
 
 
 class _NullFusedLongformer(_NullBackend):
-    """With the Triton backend's optional fused Longformer band pass (no gather / scatter around it)."""
+    """The Triton and CUDA backends' Longformer path: the slot layout in one kernel and the fused band pass (no
+    argsort / gather / scatter around them)."""
+
+    @staticmethod
+    def global_slots(global_mask, key_padding_mask, G):
+        B, S = global_mask.shape
+        return (global_mask.new_empty(B, S), global_mask.new_empty(B, G, dtype=torch.int64),
+                global_mask.new_empty(B, G))
 
     @staticmethod
     def longformer_band_forward(q, *args):
@@ -118,15 +127,18 @@ class _NullFusedLongformer(_NullBackend):
         return _fake.band_side_backward(q, k, v, None, None, None, None)[:3]
 
 
+NULL_BACKENDS = {"longformer_fused": _NullFusedLongformer}
+
+
 @pytest.mark.parametrize("which", ["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("name", OPS)
 def test_host_path(benchmark, monkeypatch, name, which):
-    null = _NullFusedLongformer if name == "longformer_fused" else _NullBackend
+    null = NULL_BACKENDS.get(name, _NullBackend)
     monkeypatch.setattr(_ops, "get_backend", lambda backend: null)
     _bench(benchmark, "cpu", name, which)
 
 
 @pytest.mark.parametrize("which", ["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("name", [op for op in OPS if op != "longformer_fused"])
+@pytest.mark.parametrize("name", [op for op in OPS if op not in NULL_BACKENDS])
 def test_cpu_tiny(benchmark, name, which):
     _bench(benchmark, "cpu", name, which)

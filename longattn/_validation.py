@@ -130,6 +130,10 @@ def check_side_kv(side_k, side_v, q: torch.Tensor, k: torch.Tensor | None = None
     are keys: with grouped-query attention, query head h reads side head ``h // (H // H_kv)`` too). Returns G."""
     B, _, H, D = q.shape
     H = H if k is None else k.shape[2]
+    if (type(side_k) is torch.Tensor and side_k.dim() == 4 and side_k.dtype == q.dtype and side_k.device == q.device
+            and side_k.shape[0] == B and side_k.shape[2] == H and side_k.shape[3] == D
+            and (side_k.stride(-1) == 1 or D == 1) and _passes_like(side_v, side_k)):
+        return side_k.shape[1]  # the common case: every check below passes
     for name, x in (("side_k", side_k), ("side_v", side_v)):
         if name == "side_v" and _passes_like(side_v, side_k):  # side_k passed below, so does a tensor like it
             break

@@ -291,8 +291,9 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
     scale = check_scale(scale, D, None)
     dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
-    is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
-    max_globals = resolve_max_globals(max_globals, lambda: is_global.sum(1).max(), "a row has")
+    # The global count is read only without max_globals (or in debug mode): no device op otherwise.
+    max_globals = resolve_max_globals(max_globals, lambda: (global_mask if key_padding_mask is None else global_mask
+                                                            & key_padding_mask).sum(1).max(), "a row has")
     q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
     return _longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
                        max_globals, dropout_p, backend)

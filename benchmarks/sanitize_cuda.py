@@ -110,6 +110,34 @@ def longformer_band(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, dropo
             raise RuntimeError(f"non-finite {name} (longformer band, dtype={dtype}, D={D})")
 
 
+def longformer_glue(dtype, *, B=2, S=300, H=3, D=64, G=40, C=3):
+    """csrc/longformer's small kernels: the slot layout (a strided mask, globals on padding tokens), the per-split copy
+    of the slots' rows, the merge into out and the split dq add, with slot positions outside [0, S) (never
+    dereferenced) and unused slots."""
+    ops = torch.ops.longattn
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    glob = (torch.rand(B, 2 * S, generator=gen, device="cuda") > 0.8)[:, ::2]  # strided
+    real = torch.rand(B, S, generator=gen, device="cuda") > 0.1
+    band_rows, pos, used = ops.cuda_longformer_global_slots(glob, real, G)
+    ops.cuda_longformer_global_slots(glob, None, S)  # every position a slot
+    pos = pos.clone()
+    pos[1, : G // 4] = torch.tensor([-3, S, S + 5, -(2**40)], device="cuda").repeat(G)[: G // 4]
+    x = torch.randn(B, S, H, D, generator=gen, device="cuda").to(dtype)
+    rows = ops.cuda_longformer_gather_rows(x, pos, C)
+    lse_parts = torch.randn(B * C, H, G, generator=gen, device="cuda")
+    lse_parts[0, 0] = float("inf")  # an empty split
+    out = x.clone()
+    glse = ops.cuda_longformer_rows_merge(rows, lse_parts, pos, used, out)
+    dq = torch.zeros_like(x)
+    ops.cuda_longformer_rows_add(rows, pos, used, dq)
+    torch.cuda.synchronize()
+    for name, t in (("rows", rows), ("out", out), ("dq", dq), ("band_rows", band_rows.float())):
+        if not torch.isfinite(t).all():
+            raise RuntimeError(f"non-finite {name} (longformer glue, dtype={dtype})")
+    if torch.isnan(glse).any():
+        raise RuntimeError(f"NaN glse (longformer glue, dtype={dtype})")
+
+
 def block_aggregate(dtype, weighted):
     ops = torch.ops.longattn
     B, S, C, G = 2, 300, 96, 20
@@ -166,6 +194,10 @@ def main() -> int:
     longformer_band(torch.bfloat16, 64, G=0, padding=False)  # no slots: the row masks alone
     longformer_band(torch.float16, 64, S=1, G=1, left=0, right=0)
     print("Longformer band pass (indexed side keys, side add) ok")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        longformer_glue(dtype)
+    longformer_glue(torch.bfloat16, S=1, G=1, C=1)
+    print("Longformer slots and global-row kernels ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weighted in (False, True):
             block_aggregate(dtype, weighted)

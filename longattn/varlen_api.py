@@ -16,8 +16,9 @@ each sequence alone (right-aligned, without padding). Offsets ``j - i`` (band bi
 padded call (its counters follow packed positions).
 
 Host syncs: none, except ``longformer_attention_varlen`` without ``max_globals`` (one read of the global count,
-as the padded op). The per-row ranges are computed on the device from ``cu_seqlens`` (a few small ops per call;
-:func:`token_ranges` lets a caller compute them once and reuse them across layers). Value checks of
+as the padded op). The per-row ranges are computed on the device from ``cu_seqlens`` (three small ops) and kept for
+the next call with the same ``cu_seqlens`` tensor, unmodified (the layers of one model forward): from the second
+layer on, a packed op runs its kernel op alone. Value checks of
 ``cu_seqlens`` (starts at 0, non-decreasing, ends at T, lengths ``<= max_seqlen``) run in debug mode only; out of
 debug mode a wrong ``cu_seqlens`` gives wrong rows but never an out-of-bounds access, and a wrong (too small)
 ``max_seqlen`` narrows the windows (it bounds them).
@@ -26,6 +27,8 @@ Zero-length sequences are allowed (``cu_seqlens`` repeats a value); ``T = 0`` re
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -59,25 +62,72 @@ __all__ = [
 
 
 def _sequence_of_tokens(cu_seqlens: Tensor, total: int) -> Tensor:
-    """``(T,)`` int64: the sequence index of each packed token (no sync). Zero-length sequences own no token; a
-    token past ``cu_seqlens[-1]`` (a wrong ``cu_seqlens``) is given the last sequence, so indices stay in range."""
+    """``(T,)`` int64: the sequence index of each packed token (no sync), in two ops. Zero-length sequences own no
+    token; a token past ``cu_seqlens[-1]`` (a wrong ``cu_seqlens``) is given the last sequence, so indices stay in
+    range: only the interior boundaries ``cu_seqlens[1:-1]`` are searched, which gives ``0 .. B - 1`` directly."""
     tokens = torch.arange(total, device=cu_seqlens.device, dtype=torch.int32)
-    seq = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
-    return seq.clamp_(max=cu_seqlens.numel() - 2)
+    return torch.searchsorted(cu_seqlens[1:-1], tokens, right=True)
+
+
+def _bounds(cu: Tensor, seq: Tensor) -> Tensor:
+    """``(1, T, 2)``: ``[cu[s], cu[s + 1])`` of each token's ``seq`` in one gather (``unfold``: the ``(B, 2)`` pairs of
+    consecutive entries, a view)."""
+    return cu.unfold(0, 2, 1)[seq][None]
 
 
 def token_ranges(cu_seqlens: Tensor, total: int) -> Tensor:
     """``(1, T, 2)`` int32: ``[cu_seqlens[s], cu_seqlens[s + 1])`` of the sequence ``s`` of each packed token, the
-    ``key_ranges`` of the packed ops. Deterministic and sync-free; compute once per batch to reuse it."""
-    seq = _sequence_of_tokens(cu_seqlens, total)
-    return torch.stack([cu_seqlens[seq], cu_seqlens[seq + 1]], dim=-1)[None]
+    ``key_ranges`` of the packed ops. Deterministic and sync-free (three device ops)."""
+    return _bounds(cu_seqlens, _sequence_of_tokens(cu_seqlens, total))
 
 
 def _key_and_side_ranges(cu_seqlens: Tensor, cu_side: Tensor, total: int) -> tuple[Tensor, Tensor]:
     """``(key_ranges, side_ranges)``, each ``(1, T, 2)`` int32: the token's sequence bounds and that sequence's
     side-key range ``[cu_side[s], cu_side[s + 1])``."""
     seq = _sequence_of_tokens(cu_seqlens, total)
-    return tuple(torch.stack([cu[seq], cu[seq + 1]], dim=-1)[None] for cu in (cu_seqlens, cu_side))
+    return _bounds(cu_seqlens, seq), _bounds(cu_side, seq)
+
+
+class _LastRanges:
+    """The ranges of the last packed call, reused while the next call passes the same ``cu_seqlens`` (and ``cu_side``)
+    tensors, unmodified (same ``_version``), with the same ``total``: the layers of one model forward share them.
+
+    Weak references: an entry never keeps a batch's tensors alive, only the ranges themselves (one or two ``(1, T, 2)``
+    int32 tensors). One entry, replaced as a whole (threads may share the cache). Not used while tracing
+    (``torch.compile``), for tensor subclasses (fake tensors) or inference tensors (no version counter), which get
+    fresh ranges every call."""
+
+    def __init__(self):
+        self.entry = None  # ((cu ref, version), (cu_side ref, version) or None, total), ranges
+
+    @staticmethod
+    def _identity(cu: Tensor | None):
+        return None if cu is None else (weakref.ref(cu), cu._version)
+
+    @staticmethod
+    def _same(identity, cu: Tensor | None) -> bool:
+        if cu is None or identity is None:
+            return cu is None and identity is None
+        return identity[0]() is cu and identity[1] == cu._version
+
+    def get(self, cu_seqlens: Tensor, cu_side: Tensor | None, total: int):
+        """``token_ranges`` (``cu_side`` None) or ``_key_and_side_ranges``, from the cache when it holds them."""
+        cacheable = (not torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference()
+                     and type(cu_seqlens) is torch.Tensor and not cu_seqlens.is_inference()
+                     and (cu_side is None or (type(cu_side) is torch.Tensor and not cu_side.is_inference())))
+        entry = self.entry
+        if cacheable and entry is not None:
+            (cu_id, side_id, cached_total), ranges = entry
+            if cached_total == total and self._same(cu_id, cu_seqlens) and self._same(side_id, cu_side):
+                return ranges
+        ranges = token_ranges(cu_seqlens, total) if cu_side is None else _key_and_side_ranges(cu_seqlens, cu_side,
+                                                                                                total)
+        if cacheable:
+            self.entry = (self._identity(cu_seqlens), self._identity(cu_side), total), ranges
+        return ranges
+
+
+_LAST_RANGES = _LastRanges()
 
 
 def _check_packed_qkv(q, k, v, *, grouped: bool) -> tuple[int, int, int]:
@@ -129,8 +179,8 @@ def local_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
     q, k, v = api._cast_for_autocast(q, k, v)
     out = api._band_side(q[None], k[None], v[None], None, None, left, right, band_key_mask=None, side_mask=None,
                          query_block=None, band_bias=rel_bias, side_bias=None, scale=scale, backend=backend,
-                         dropout_p=dropout_p, key_ranges=token_ranges(cu_seqlens, T), span=max_seqlen)
-    return out[0]
+                         dropout_p=dropout_p, key_ranges=_LAST_RANGES.get(cu_seqlens, None, T), span=max_seqlen)
+    return out.squeeze(0)  # a view both ways ([0]'s backward would fill zeros and copy)
 
 
 def tglobal_block_ids_varlen(cu_seqlens: Tensor, total: int, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -173,7 +223,8 @@ def block_aggregate_varlen(x: Tensor, block_ids: Tensor, num_blocks: int, *, wei
     from :func:`tglobal_block_ids_varlen`: blocks never span two sequences, so this is the padded op on one row)."""
     check_tensor("x", x, ndim=2)
     check_tensor("block_ids", block_ids, ndim=1, dtypes=None, device=x.device)  # dtype / values: block_aggregate's
-    return api.block_aggregate(x[None], block_ids[None], num_blocks, weight=weight, eps=eps, backend=backend)[0]
+    return api.block_aggregate(x[None], block_ids[None], num_blocks, weight=weight, eps=eps,
+                               backend=backend).squeeze(0)
 
 
 def tglobal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, side_v: Tensor, cu_seqlens: Tensor,
@@ -221,12 +272,12 @@ def tglobal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, si
     if T == 0:
         return _empty_like(q)
     q, k, v, side_k, side_v = api._cast_for_autocast(q, k, v, side_k, side_v)
-    key_ranges, side_ranges = _key_and_side_ranges(cu_seqlens, cu_blocks, T)
+    key_ranges, side_ranges = _LAST_RANGES.get(cu_seqlens, cu_blocks, T)
     out = api._band_side(q[None], k[None], v[None], side_k[None], side_v[None], left, right, band_key_mask=None,
                          side_mask=None if side_mask is None else side_mask[None], query_block=query_block[None],
                          band_bias=rel_bias, side_bias=side_bias, scale=scale, backend=backend, dropout_p=dropout_p,
                          key_ranges=key_ranges, side_ranges=side_ranges, span=max_seqlen)
-    return out[0]
+    return out.squeeze(0)
 
 
 def _check_cu_blocks(cu_blocks, cu_seqlens, device) -> None:
@@ -277,4 +328,4 @@ def longformer_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
     return api._longformer(q[None], k[None], v[None], *(None if x is None else x[None] for x in
                                                          (q_global, k_global, v_global)),
                            global_mask[None], None, left, right, scale, max_globals, dropout_p, backend,
-                           key_ranges=token_ranges(cu_seqlens, T), span=max_seqlen)[0]
+                           key_ranges=_LAST_RANGES.get(cu_seqlens, None, T), span=max_seqlen).squeeze(0)

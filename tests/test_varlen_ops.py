@@ -207,6 +207,60 @@ def test_token_ranges_are_each_tokens_sequence_bounds():
     assert ranges[0].tolist() == [[0, 2], [0, 2], [2, 5], [2, 5], [2, 5], [5, 6]]
 
 
+def test_token_ranges_tolerate_a_wrong_cu_seqlens():
+    """Tokens past cu_seqlens[-1] (a wrong cu_seqlens, outside debug mode) take the last sequence: in range."""
+    ranges = token_ranges(torch.tensor([0, 2, 4], dtype=torch.int32), 7)
+    assert ranges[0].tolist() == [[0, 2], [0, 2], [2, 4], [2, 4], [2, 4], [2, 4], [2, 4]]
+
+
+def _packed_calls(T=17, lengths=(5, 12)):
+    """(call(cu, cu_blocks), leaves) of the local and TGlobal packed ops on fixed inputs."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(T, H, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    cu = cu_from_seqlens(list(lengths))
+    block_ids, block_mask, cu_blocks = longattn.tglobal_block_ids_varlen(cu, T, 4)
+    G = block_mask.shape[0]
+    sk, sv = (torch.randn(G, H, D, generator=g, dtype=torch.float64) for _ in range(2))
+
+    def local(cu, cu_blocks):
+        return longattn.local_attention_varlen(q, k, v, cu, max(lengths), 3, backend="torch")
+
+    def tglobal(cu, cu_blocks):
+        return longattn.tglobal_attention_varlen(q, k, v, sk, sv, cu, max(lengths), 2, block_ids, cu_blocks,
+                                                 side_mask=block_mask, backend="torch")
+
+    return {"local": local, "tglobal": tglobal}, cu, cu_blocks, (q, k, v)
+
+
+@pytest.mark.parametrize("name", ["local", "tglobal"])
+def test_packed_ops_reuse_the_last_ranges(name):
+    """Issue 12 target 2 for the packed ops: a call with the cu_seqlens (and cu_blocks) tensors of the previous call,
+    unmodified, dispatches its kernel op alone (the ranges are kept); its backward is the backward op alone (the
+    result is a view of the padded op's, not a select with a zero-filled gradient). A modified or another tensor gets
+    fresh ranges: the results always equal a fresh computation."""
+    from tests.test_host_sync import OpLog
+
+    calls, cu, cu_blocks, leaves = _packed_calls()
+    call = calls[name]
+    first = call(cu, cu_blocks)
+    with OpLog() as fwd:
+        again = call(cu, cu_blocks)
+    assert fwd.ops == ["longattn.band_side_attention"], fwd.ops
+    assert torch.equal(first, again)
+    with OpLog() as bwd:
+        torch.autograd.grad(again, leaves, torch.ones_like(again))
+    assert bwd.ops == ["aten.ones_like", "longattn.band_side_attention_backward"], bwd.ops
+    # Other lengths written into the same tensors in place: new ranges, the fresh result.
+    new_cu = cu_from_seqlens([9, 8])
+    new_blocks = longattn.tglobal_block_ids_varlen(new_cu, 17, 4)[2]
+    cu.copy_(new_cu)
+    cu_blocks.copy_(new_blocks)
+    fresh = calls[name](new_cu.clone(), new_blocks.clone())
+    assert torch.equal(call(cu, cu_blocks), fresh) and not torch.equal(fresh, first)
+    with torch.inference_mode():  # inference tensors have no version counter: never cached
+        assert torch.equal(call(new_cu.clone(), new_blocks.clone()), fresh)
+
+
 def test_empty_batch_returns_empty_and_keeps_the_graph():
     q = torch.randn(0, H, D, requires_grad=True)
     cu = torch.zeros(3, dtype=torch.int32)

@@ -1,12 +1,14 @@
-// Torch-facing API of block aggregation: checks, the stable sort of tokens by block id that makes the
-// kernels' segment sums deterministic, and allocation. CUDA implementations of
+// Torch-facing API of block aggregation: checks and allocation around the kernels. CUDA implementations of
 // longattn::cuda_block_aggregate_fwd / cuda_block_aggregate_bwd (schemas in extension.cpp), and CPU
 // implementations that run the same checks and then say the ops need CUDA tensors.
 //
-// All checks (check_fwd_args / check_bwd_args) run before any copy, allocation or CUDA call. Strides: x and
-// dout must have a dense last dim (checked; their other strides are free); block_ids, weight, sums and rstd
-// are copied to the dense layout the kernels index when they are not in it. Block ids are not range-checked
-// (a device sync): ids outside [0, num_blocks) are dropped by construction (see below).
+// Only the kernels do device work for ordinary inputs: the forward is 2 launches (the order kernel's stable
+// counting sort of tokens by block id, then the aggregate kernel), the backward at most 3, and around them
+// there are allocations (at::empty) only. All checks (check_fwd_args / check_bwd_args) run before any copy,
+// allocation or CUDA call. Strides: x and dout must have a dense last dim (checked; their other strides are
+// free), weight's stride is free; block_ids, sums and rstd are copied to the dense layout the kernels index
+// only when they are not in it, and a weight only when it is not float32, float16 or bfloat16. Block ids are
+// not range-checked (a device sync): ids outside [0, num_blocks) are dropped by construction (order.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -77,11 +79,28 @@ Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& x, const at::Tenso
   return d;
 }
 
-AggDType agg_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
+// The kernels' dtype of x or weight: float32 for any dtype but float16 and bfloat16 (check_fwd_args lets only
+// float32 through for x; `weight_tensor` converts the other weights).
+AggDType agg_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
     case at::kHalf: return AggDType::kFloat16;
     case at::kBFloat16: return AggDType::kBFloat16;
-    default: return AggDType::kFloat32;  // the only other dtype check_fwd_args lets through
+    default: return AggDType::kFloat32;
+  }
+}
+
+// The weight the kernels read: weight itself when float32, float16 or bfloat16 (any stride), else (float64, the
+// float8 types) a float32 copy.
+at::Tensor weight_tensor(const at::Tensor& weight) {
+  const auto dt = weight.scalar_type();
+  return dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 ? weight : weight.to(at::kFloat);
+}
+
+at::ScalarType scalar_type_of(AggDType dt) {
+  switch (dt) {
+    case AggDType::kFloat16: return at::kHalf;
+    case AggDType::kBFloat16: return at::kBFloat16;
+    default: return at::kFloat;
   }
 }
 
@@ -102,9 +121,11 @@ AggregateParams prepare(const Dims& d, const at::Tensor& x, const at::Tensor& bl
   p.ids = ids.data_ptr<int32_t>();
   p.eps = static_cast<float>(eps);
   if (weight.has_value()) {
-    const at::Tensor w = weight->to(at::kFloat).contiguous();
+    const at::Tensor w = weight_tensor(*weight);
     keep.push_back(w);
-    p.weight = w.data_ptr<float>();
+    p.weight = w.data_ptr();
+    p.w_s = w.stride(0);
+    p.wdtype = agg_dtype(w);
   }
   return p;
 }
@@ -130,15 +151,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_aggregate_fwd(const at::Ten
     }
     return {out, sums, rstd};
   }
-  // Stable sort of token indices by block id: block g's tokens are perm[seg[g] : seg[g+1]] in sequence
-  // order. Ids outside [0, G) (dropped or invalid) sort before seg[0] or after seg[G] and are never read.
-  const auto sorted = at::sort(keep[1], /*stable=*/true, /*dim=*/1, /*descending=*/false);
-  const at::Tensor& sorted_ids = std::get<0>(sorted);
-  const at::Tensor perm = std::get<1>(sorted).contiguous();
-  const at::Tensor bounds = at::arange(p.G + 1, keep[1].options()).expand({p.B, p.G + 1}).contiguous();
-  const at::Tensor seg = at::searchsorted(sorted_ids, bounds).contiguous();  // int64, side="left"
-  p.perm = perm.data_ptr<int64_t>();
-  p.seg = seg.data_ptr<int64_t>();
+  // The order kernel's scratch: block g of row b is perm[b, seg[b, g] : seg[b, g + 1]] (aggregate.h).
+  const at::Tensor perm = at::empty({p.B, p.S}, block_ids.options().dtype(at::kInt));
+  const at::Tensor seg = at::empty({p.B, p.G + 1}, block_ids.options().dtype(at::kInt));
+  p.perm = perm.data_ptr<int32_t>();
+  p.seg = seg.data_ptr<int32_t>();
   p.out = out.data_ptr();
   p.sums = weight ? sums.data_ptr<float>() : nullptr;
   p.rstd = weight ? rstd.data_ptr<float>() : nullptr;
@@ -157,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor> block_aggregate_bwd(const at::Tensor& dout, c
   AggregateParams p = prepare(d, x, block_ids, weight, eps, keep);
   const auto fopts = x.options().dtype(at::kFloat);
   at::Tensor dx = at::empty({p.B, p.S, p.C}, x.options());
-  at::Tensor dweight = weight ? at::zeros({p.C}, fopts) : x.new_empty({0});
+  // dweight in the weight's dtype (float32 for the weights weight_tensor converts), every entry written.
+  at::Tensor dweight = weight ? at::empty({p.C}, fopts.dtype(scalar_type_of(p.wdtype))) : x.new_empty({0});
   at::Tensor sums, rstd, dsums;
   if (weight) {
     sums = sums_in.contiguous();
@@ -166,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> block_aggregate_bwd(const at::Tensor& dout, c
     p.sums_in = sums.data_ptr<float>();
     p.rstd_in = rstd.data_ptr<float>();
     p.dsums = dsums.data_ptr<float>();
-    p.dweight = dweight.data_ptr<float>();
+    p.dweight = dweight.data_ptr();
   }
   if (dx.numel() > 0 || (weight && p.C > 0)) {
     p.dout = dout.data_ptr();
@@ -175,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> block_aggregate_bwd(const at::Tensor& dout, c
     p.dx = dx.data_ptr();
     C10_CUDA_CHECK(run_block_aggregate_bwd(p, c10::cuda::getCurrentCUDAStream()));
   }
-  if (weight) dweight = dweight.to(weight->scalar_type());
+  if (weight && dweight.scalar_type() != weight->scalar_type()) dweight = dweight.to(weight->scalar_type());
   return {dx, dweight};
 }
 

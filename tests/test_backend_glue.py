@@ -6,8 +6,8 @@ backend), then replayed with the backend set to "cuda" or "triton", logging what
 
 - CUDA: replayed on meta tensors. The raw ops of ``longattn._C`` then run their fake implementations, so no GPU is
   needed, and every aten op the Python around them dispatches is one the GPU would run as a kernel. A raw op counts
-  as one entry whatever it launches inside (block aggregation's raw op sorts the ids with ``at::sort`` in C++, which
-  this replay cannot see).
+  as one entry whatever it launches inside (block aggregation's raw op launches its order kernel, then the sums: 2
+  kernels and no torch op, which this replay cannot see).
 - Triton: replayed on CPU tensors under ``TRITON_INTERPRET=1``; each kernel launch is counted (the interpreter's own
   tensor copies during a launch are not logged).
 

@@ -24,20 +24,30 @@ __device__ float block_sum(float v, float* scratch) {
   return scratch[kThreads / 32];
 }
 
+// weight[c] as float32, whatever its dtype (uniform branch).
+__device__ __forceinline__ float weight_at(const AggregateParams& p, int c) {
+  const int64_t i = c * p.w_s;
+  switch (p.wdtype) {
+    case AggDType::kFloat16: return to_float(static_cast<const __half*>(p.weight)[i]);
+    case AggDType::kBFloat16: return to_float(static_cast<const __nv_bfloat16*>(p.weight)[i]);
+    default: return static_cast<const float*>(p.weight)[i];
+  }
+}
+
 // One CTA per (g, b): segment sum per channel, then (with weight) the RMS norm of the row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) aggregate_fwd_kernel(const AggregateParams p) {
   __shared__ float scratch[kThreads / 32 + 1];
   const int g = blockIdx.x, b = blockIdx.y;
   const int64_t row = (int64_t)b * p.G + g;
-  const int64_t start = p.seg[b * (int64_t)(p.G + 1) + g], end = p.seg[b * (int64_t)(p.G + 1) + g + 1];
+  const int start = p.seg[b * (int64_t)(p.G + 1) + g], end = p.seg[b * (int64_t)(p.G + 1) + g + 1];
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.x_sb;
-  const int64_t* perm = p.perm + (int64_t)b * p.S;
+  const int32_t* perm = p.perm + (int64_t)b * p.S;
   T* out = reinterpret_cast<T*>(p.out) + row * p.C;
   float sq = 0.f;
   for (int c = threadIdx.x; c < p.C; c += kThreads) {
     float acc = 0.f;
-    for (int64_t r = start; r < end; ++r) acc += to_float(x[perm[r] * p.x_ss + c]);
+    for (int r = start; r < end; ++r) acc += to_float(x[perm[r] * p.x_ss + c]);
     if (p.weight != nullptr) {
       p.sums[row * p.C + c] = acc;  // re-read below by this same thread
       sq += acc * acc;
@@ -48,7 +58,8 @@ __global__ void __launch_bounds__(kThreads) aggregate_fwd_kernel(const Aggregate
   if (p.weight == nullptr) return;  // uniform across the CTA
   const float rs = rsqrtf(block_sum(sq, scratch) / p.C + p.eps);
   if (threadIdx.x == 0) p.rstd[row] = rs;
-  for (int c = threadIdx.x; c < p.C; c += kThreads) out[c] = from_float<T>(p.weight[c] * p.sums[row * p.C + c] * rs);
+  for (int c = threadIdx.x; c < p.C; c += kThreads)
+    out[c] = from_float<T>(weight_at(p, c) * p.sums[row * p.C + c] * rs);
 }
 
 // With weight: dsums = rstd * w * dy - sums * rstd^3 * mean(sums * w * dy), one CTA per (g, b).
@@ -60,11 +71,11 @@ __global__ void __launch_bounds__(kThreads) aggregate_dsums_kernel(const Aggrega
   const T* dy = reinterpret_cast<const T*>(p.dout) + b * p.do_sb + g * p.do_sg;
   const float* sums = p.sums_in + row * p.C;
   float dot = 0.f;
-  for (int c = threadIdx.x; c < p.C; c += kThreads) dot += sums[c] * p.weight[c] * to_float(dy[c]);
+  for (int c = threadIdx.x; c < p.C; c += kThreads) dot += sums[c] * weight_at(p, c) * to_float(dy[c]);
   const float mean = block_sum(dot, scratch) / p.C;
   const float rs = p.rstd_in[row];
   for (int c = threadIdx.x; c < p.C; c += kThreads)
-    p.dsums[row * p.C + c] = rs * p.weight[c] * to_float(dy[c]) - sums[c] * rs * rs * rs * mean;
+    p.dsums[row * p.C + c] = rs * weight_at(p, c) * to_float(dy[c]) - sums[c] * rs * rs * rs * mean;
 }
 
 // dx[b, s] = dsums[b, id] (or dout[b, id] without weight); 0 for dropped tokens. One CTA per (s, b).
@@ -84,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) aggregate_dx_kernel(const AggregateP
   }
 }
 
-// dweight[c] = sum over (b, g) of dy * sums * rstd: one thread per channel, rows in order.
+// dweight[c] = sum over (b, g) of dy * sums * rstd: one thread per channel, rows in order, in float32.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) aggregate_dweight_kernel(const AggregateParams p) {
   const int c = blockIdx.x * kThreads + threadIdx.x;
@@ -97,7 +108,11 @@ __global__ void __launch_bounds__(kThreads) aggregate_dweight_kernel(const Aggre
       acc += to_float(dy[g * p.do_sg]) * p.sums_in[row * p.C + c] * p.rstd_in[row];
     }
   }
-  p.dweight[c] = acc;
+  switch (p.wdtype) {  // rounded once, to the weight's dtype
+    case AggDType::kFloat16: static_cast<__half*>(p.dweight)[c] = from_float<__half>(acc); break;
+    case AggDType::kBFloat16: static_cast<__nv_bfloat16*>(p.dweight)[c] = from_float<__nv_bfloat16>(acc); break;
+    default: static_cast<float*>(p.dweight)[c] = acc;
+  }
 }
 
 template <typename F>
@@ -113,6 +128,8 @@ cudaError_t dispatch_dtype(AggDType dtype, F&& f) {
 }  // namespace
 
 cudaError_t run_block_aggregate_fwd(const AggregateParams& p, cudaStream_t stream) {
+  const cudaError_t err = run_block_order(p, stream);
+  if (err != cudaSuccess) return err;
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     aggregate_fwd_kernel<T><<<dim3(p.G, p.B), kThreads, 0, stream>>>(p);

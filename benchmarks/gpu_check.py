@@ -17,13 +17,18 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   2048,16384,4096,9000: padded vs packed vs one by one, Triton and CUDA);
 6. ``bench-halo`` ``benchmarks/bench_halo.py``: one sequence-parallel shard's band with its halo read in place
                   against the plain band op (issue 15: S_r = 131072, window 256, Triton and CUDA);
-7. ``results``    the bench JSONs merged into ``OUTDIR/bench.json``, copied to ``benchmarks/results/``, the
-                  refreshed ``auto`` table (``OUTDIR/auto_table.json``) and README section (``OUTDIR/results.md``).
+7. ``tune``       ``benchmarks/tune_triton.py``: the Triton kernels' tile shapes swept on the standard shapes
+                  (S=16384, D=64 and 128; local, TGlobal, Longformer) within what is left of the budget (at most
+                  ``TUNE_CAP_S``), the most informative configs first, into ``OUTDIR/tune-triton.json``;
+8. ``results``    the bench JSONs merged into ``OUTDIR/bench.json``, copied to ``benchmarks/results/``, the
+                  refreshed ``auto`` table (``OUTDIR/auto_table.json``) and README section (``OUTDIR/results.md``);
+                  the ragged, halo and tune JSONs copied there as their own files.
 
 Then a short summary table, printed last. Each step gets the budget that remains (minus a small reserve for
 the summary), capped at its own limit; a step whose minimum no longer fits is skipped and listed, a step that
-runs out of time is stopped (its process group terminated) and listed as such. The bench rewrites its JSON
-after each implementation, so a stopped bench keeps what it measured. Without a GPU the GPU steps are
+runs out of time is stopped (its process group terminated) and listed as such; a command step finds its limit in
+seconds in ``GPU_CHECK_STEP_LIMIT_S`` (the tune step stops itself before it). The bench and the tune sweep rewrite
+their JSON after each measurement, so a stopped run keeps what it measured. Without a GPU the GPU steps are
 skipped with the reason (this is how the plumbing is tested on CPU). Exit status: 0 when every step that ran
 passed, 1 otherwise, 2 for bad arguments.
 
@@ -51,6 +56,9 @@ DEFAULT_BUDGET_S = 480  # 8 minutes, the build included
 SUMMARY_RESERVE_S = 10  # kept back for merging results and printing the summary
 BENCH_SEQLENS = (16384, 4096, 65536)  # most telling first: a stopped run still has the H100 reference length
 SLOW_ABOVE = 16384  # above this length the torch backend and HF take seconds per call: not benched
+TUNE_CAP_S = 120  # the tile sweep uses what the steps before it left, at most this
+STEP_LIMIT_ENV = "GPU_CHECK_STEP_LIMIT_S"  # a command step's limit (seconds), in its environment
+EXTRA_RUNS = ("bench-ragged.json", "bench-halo.json", "tune-triton.json")  # saved as their own files
 
 
 @dataclass
@@ -154,6 +162,9 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
                                                             cmd=ragged_cmd(py, outdir)))
     steps.append(Step("bench-halo", 20, 90, needs_gpu=True,
                       cmd=[py, str(ROOT / "benchmarks" / "bench_halo.py"), "--json", str(outdir / "bench-halo.json")]))
+    steps.append(Step("tune", 40, TUNE_CAP_S, needs_gpu=True,
+                      cmd=[py, str(ROOT / "benchmarks" / "tune_triton.py"), "--budget", str(TUNE_CAP_S),
+                           "--json", str(outdir / "tune-triton.json")]))
     steps.append(Step("results", 1, 60, fn=lambda: collect_results(py, outdir)))
     return steps
 
@@ -164,7 +175,8 @@ def run_command(step: Step, outdir: Path, limit_s: float, env: dict) -> tuple[st
     with open(log, "w") as f:
         try:
             proc = subprocess.Popen(step.cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                    env={**env, **step.env}, start_new_session=True)
+                                    env={**env, **step.env, STEP_LIMIT_ENV: f"{limit_s:.0f}"},
+                                    start_new_session=True)
         except OSError as exc:
             f.write(f"cannot start: {exc}\n")
             return f"FAILED (cannot start: {exc.strerror})", log.name
@@ -225,7 +237,7 @@ def merge_bench(outdir: Path) -> dict | None:
 def collect_results(python: str, outdir: Path) -> str:
     """Merge the bench runs, keep a copy under benchmarks/results/, refresh the auto table and README section."""
     notes = []
-    for extra in ("bench-ragged.json", "bench-halo.json"):  # their own files: not merged into the ops runs
+    for extra in EXTRA_RUNS:  # their own files: not merged into the ops runs
         if (outdir / extra).is_file():
             notes.append(save_run(json.loads((outdir / extra).read_text()), extra))
     merged = merge_bench(outdir)
@@ -252,14 +264,15 @@ def collect_results(python: str, outdir: Path) -> str:
 
 
 def save_run(run: dict, name: str) -> str:
-    """Copy a GPU run of the ``--ragged`` bench or ``bench_halo.py`` to ``benchmarks/results/`` (its own file: the
-    README report and the auto table read the ops runs only)."""
+    """Copy a GPU run of the ``--ragged`` bench, ``bench_halo.py`` or ``tune_triton.py`` to ``benchmarks/results/``
+    (its own file, ``<timestamp>_<gpu>_<mode>.json``: the README report and the auto table read the ops runs only).
+    A run whose settings name no mode (``bench_halo.py``) takes its file's: ``bench-halo``."""
     if run.get("device_type") != "cuda":
         return f"{name} (CPU run: not saved)"
     sys.path.insert(0, str(ROOT))
     from longattn.bench.cli import results_stem
 
-    stem = results_stem(run, run["settings"]) + ("-halo" if name == "bench-halo.json" else "")
+    stem = results_stem(run, {"mode": Path(name).stem, **run["settings"]})
     saved = ROOT / "benchmarks" / "results" / f"{stem}.json"
     saved.write_text(json.dumps(run, indent=1, default=str) + "\n")
     return str(saved.relative_to(ROOT))
@@ -295,6 +308,15 @@ def halo_summary(outdir: Path) -> list[str]:
     return lines
 
 
+def tune_summary(outdir: Path) -> list[str]:
+    """The tile sweep's table (per op, D and pass: the current config against the fastest checked one)."""
+    path = outdir / "tune-triton.json"
+    if not path.is_file():
+        return []
+    run = json.loads(path.read_text())
+    return ["", f"tune (Triton tiles BLOCK_MxBLOCK_N/warps, {run.get('stopped') or 'complete'}):", *run["table"]]
+
+
 def bench_summary(run: dict | None) -> list[str]:
     """Per op, S and pass: the fastest longattn backend against the fastest fair baseline, and --check."""
     if not run:
@@ -325,6 +347,7 @@ def summary(outcomes: list[Outcome], outdir: Path, elapsed: float, budget: float
     lines += bench_summary(merge_bench(outdir))
     lines += ragged_summary(outdir)
     lines += halo_summary(outdir)
+    lines += tune_summary(outdir)
     return "\n".join(lines)
 
 

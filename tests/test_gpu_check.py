@@ -48,10 +48,11 @@ def test_cpu_run_skips_gpu_steps_and_prints_summary_last(tmp_path):
     proc = _script(str(out), "--budget", "120", "--skip", "racecheck")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     outcomes = {line.split()[0]: line for line in proc.stdout.splitlines()
-                if line.split() and line.split()[0] in {"env", "build", "tests", "memcheck", "racecheck", "results"}
+                if line.split() and line.split()[0] in {"env", "build", "tests", "memcheck", "racecheck", "tune",
+                                                        "results"}
                 or line.startswith("bench-")}
     assert outcomes["env"].split()[1] == "ok"
-    for step in ("build", "tests", "memcheck", "bench-16384", "bench-4096", "bench-65536"):
+    for step in ("build", "tests", "memcheck", "bench-16384", "bench-4096", "bench-65536", "tune"):
         assert "skipped: no CUDA GPU visible" in outcomes[step], outcomes[step]
     assert "skipped: --skip" in outcomes["racecheck"]
     assert "no bench results" in outcomes["results"]
@@ -68,6 +69,7 @@ def test_unknown_skip_is_refused(tmp_path):
 def test_budget_skips_what_cannot_fit_and_stops_what_overruns(tmp_path):
     steps = [
         gc.Step("quick", 0, 60, cmd=["bash", "-c", "echo hello"]),
+        gc.Step("limit", 0, 60, cmd=["bash", "-c", f"echo ${gc.STEP_LIMIT_ENV}"]),
         gc.Step("fails", 0, 60, cmd=["bash", "-c", "exit 4"]),
         gc.Step("gpu", 0, 60, needs_gpu=True, cmd=["true"]),
         gc.Step("huge", 10_000, 60, cmd=["true"]),
@@ -78,11 +80,12 @@ def test_budget_skips_what_cannot_fit_and_stops_what_overruns(tmp_path):
     outcomes = gc.run_steps(steps, tmp_path, budget_s=gc.SUMMARY_RESERVE_S + 3, have_gpu=None)
     status = {o.name: o.status for o in outcomes}
     assert status["quick"] == "ok" and (tmp_path / "quick.log").read_text() == "hello\n"
+    assert 0 < int((tmp_path / "limit.log").read_text()) <= 3  # a command step is told its limit
     assert status["fails"] == "FAILED (rc 4)"
     assert status["gpu"] == "skipped: no CUDA GPU visible"
     assert status["huge"].startswith("skipped: would not fit")
     assert status["overrun"].startswith("stopped at budget")
-    assert status["broken"] == "FAILED" and "ZeroDivisionError" in outcomes[4].note
+    assert status["broken"] == "FAILED" and "ZeroDivisionError" in outcomes[5].note
     # The budget is spent: what comes after an overrun cannot start.
     assert status["late"].startswith("skipped: would not fit")
 
@@ -153,3 +156,43 @@ def test_bench_commands_parse_and_cover_the_standard_shapes(tmp_path):
         assert {"triton", "cuda"} <= set(st["backends"]) and {"flex", "sdpa_dense"} <= set(st["baselines"])
         seen.add(S)
     assert seen == {4096, 16384, 65536}
+
+
+def test_step_order_puts_the_tile_sweep_after_the_benches_and_before_results(tmp_path):
+    steps = gc.make_steps(gc.parse_args([str(tmp_path)]), tmp_path, "9.0")
+    names = [s.name for s in steps]
+    assert names.index("tune") == len(names) - 2 and names[-1] == "results"
+    assert max(i for i, n in enumerate(names) if n.startswith("bench")) < names.index("tune")
+    tune = steps[names.index("tune")]
+    assert tune.needs_gpu and tune.cap_s == gc.TUNE_CAP_S and tune.min_s < tune.cap_s
+    spec = importlib.util.spec_from_file_location("tune_triton", tune.cmd[1])
+    tt = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = tt
+    spec.loader.exec_module(tt)
+    args = tt.parse_args(tune.cmd[2:])
+    assert args.json == str(tmp_path / "tune-triton.json") and args.budget <= gc.TUNE_CAP_S
+    assert args.seqlen == 16384 and args.head_dims == [64, 128] and args.configs is None
+
+
+def test_extra_runs_are_saved_as_their_own_files_and_summarised(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    monkeypatch.setattr(gc, "ROOT", repo)
+    out = tmp_path / "out"
+    out.mkdir()
+    info = {"timestamp": "2026-12-01T10:00:00+00:00", "device": "cuda:0 NVIDIA H200 (sm_90, 139 GiB)",
+            "device_type": "cuda"}
+    halo = {**info, "settings": {"seqlen": 131072}, "results": [{"backend": "triton", "status": "not run",
+                                                                   "reason": "x"}]}
+    tune = {**info, "settings": {"mode": "tune-triton"}, "stopped": "budget", "results": [],
+            "table": ["op  D pass ...", "local 64 fwdbwd 64x64/8w 1.000 128x64/8w 0.800 1.25x 3/0/5"]}
+    (out / "bench-halo.json").write_text(json.dumps(halo))
+    (out / "tune-triton.json").write_text(json.dumps(tune))
+    note = gc.collect_results(sys.executable, out)
+    saved = sorted(p.name for p in (repo / "benchmarks" / "results").glob("*.json"))
+    assert saved == ["2026-12-01T100000_NVIDIA-H200_bench-halo.json", "2026-12-01T100000_NVIDIA-H200_tune-triton.json"]
+    assert all(name in note for name in saved) and "no bench results" in note
+    lines = gc.tune_summary(out)
+    assert "budget" in lines[1] and lines[2:] == tune["table"]
+    (out / "tune-triton.json").write_text(json.dumps({**tune, "device_type": "cpu"}))
+    assert gc.save_run(json.loads((out / "tune-triton.json").read_text()), "tune-triton.json").endswith("not saved)")

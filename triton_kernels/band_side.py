@@ -702,9 +702,9 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     return dq, dk, dv, dsk, dsv, dbb, dsb, *halo_grads
 
 
-def side_splits(n_programs: int, n_query_tiles: int) -> int:
-    """Query-range chunks for the side-key dK/dV (``_common.split_count``: about four waves of the device's SMs)."""
-    return split_count(n_programs, n_query_tiles)
+def side_splits(n_programs: int, n_query_tiles: int, device=None) -> int:
+    """Query-range chunks for the side-key dK/dV (``_common.split_count``: about four waves of ``device``'s SMs)."""
+    return split_count(n_programs, n_query_tiles, device)
 
 
 def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges, G, side_index, side_mask, dk,
@@ -725,7 +725,7 @@ def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ran
         return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (side_k, side_v)), None)
     n_tiles = triton.cdiv(S, meta["BLOCK_M"])
     grid = (triton.cdiv(G, meta["BLOCK_N"]), B * H_kv)
-    splits = side_splits(grid[0] * grid[1], n_tiles)
+    splits = side_splits(grid[0] * grid[1], n_tiles, q.device)
     per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, per_split)
     direct = splits == 1 and side_index is None  # one chunk writes the gradients themselves

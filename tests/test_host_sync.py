@@ -158,9 +158,11 @@ def _gpu_kernels(fn):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_no_sync_and_kernel_count(backend):
-    """No host sync (sync debug mode "error"); the kernels each op launches are printed, and the local op's
-    forward must be its one kernel (the others' counts are reported: the Longformer op composes small torch
-    kernels around its passes, issue 12 target 2 on GPU)."""
+    """No host sync (sync debug mode "error"); the kernels each op launches are printed. Triton: at most the launches
+    ``tests/test_backend_glue.py`` counted under the interpreter (its ops run no torch kernel, so the profiler must
+    see no more); CUDA: the local op's forward is its one kernel (the raw ops' internal launches are reported)."""
+    from tests.test_backend_glue import TRITON_LAUNCH_LIMITS
+
     if longattn.available_backends("cuda")[backend]:
         pytest.skip(f"{backend}: {longattn.available_backends('cuda')[backend]}")
     t = _inputs("cuda", torch.float16)
@@ -174,5 +176,8 @@ def test_gpu_no_sync_and_kernel_count(backend):
         backward = _gpu_kernels(lambda out=out, wrt=wrt, grad=grad: torch.autograd.grad(out, wrt, grad))
         print(f"{backend} {name}: forward {len(forward)} kernels {forward}; backward {len(backward)} {backward}")
         assert forward and backward, name
-        if name == "local":
+        if backend == "triton":
+            fwd_limit, bwd_limit = TRITON_LAUNCH_LIMITS[name]
+            assert len(forward) <= fwd_limit and len(backward) <= bwd_limit, (name, forward, backward)
+        elif name == "local":
             assert len(forward) <= FORWARD_LIMIT, forward

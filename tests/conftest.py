@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+# Triton tests run on a CUDA GPU, or on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, which must be set
+# before Triton is imported, hence in the environment).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
+needs_triton = pytest.mark.skipif(
+    not INTERPRET and not torch.cuda.is_available(),
+    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on CPU "
+    "(e.g. TRITON_INTERPRET=1 pytest tests/test_triton_backend.py)",
+)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 from longattn import _dropout as dr
+from tests.conftest import TRITON_DEVICE as DEVICE
+from tests.conftest import needs_triton
 
 REPO = Path(__file__).resolve().parents[1]
 M32 = 0xFFFFFFFF
@@ -317,13 +319,6 @@ def test_torch_reference_same_bits_on_cuda():
 # --------------------------------------------------------------------------------------------------------
 # Triton
 # --------------------------------------------------------------------------------------------------------
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_triton = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 set before Triton is imported",
-)
-DEVICE = "cpu" if INTERPRET else "cuda"
 
 
 @needs_triton

@@ -18,16 +18,11 @@ import torch
 import longattn
 from longattn.dispatch import BackendUnavailableError
 from tests import reference
-from tests.conftest import check_backend_against_oracle, grads, make_case, run_sm90_compile
+from tests.conftest import INTERPRET, check_backend_against_oracle, grads, make_case, needs_triton, run_sm90_compile
+from tests.conftest import TRITON_DEVICE as DEVICE
 from tests.tolerance import assert_within_rule
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on CPU "
-    "(e.g. TRITON_INTERPRET=1 pytest tests/test_triton_backend.py)",
-)
-DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = needs_triton
 
 # (B, S, H, D, window, G, options). With 16 x 16 interpreter tiles a band has mask-free interior tiles only
 # when W = left + right + 1 >= 31, so some windows are chosen that wide on purpose.

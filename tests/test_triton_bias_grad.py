@@ -9,19 +9,13 @@ CPU under ``TRITON_INTERPRET=1`` (16 x 16 tiles: a side group spans 16 block ids
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from tests.conftest import check_backend_against_oracle, grads, make_case
+from tests.conftest import INTERPRET, check_backend_against_oracle, grads, make_case, needs_triton
+from tests.conftest import TRITON_DEVICE as DEVICE
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on CPU",
-)
-DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = needs_triton
 
 
 def _longt5_case(B, S, block_len, valid, *, window=(5, 5), seed=0):

@@ -9,23 +9,17 @@ steps of ``_order_kernel``).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from longattn.backends import torch_backend
 from longattn.backends import triton_backend as tb
 from tests import reference
-from tests.conftest import DeviceWork
+from tests.conftest import TRITON_DEVICE as DEVICE
+from tests.conftest import DeviceWork, needs_triton
 from tests.tolerance import assert_within_rule
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on CPU",
-)
-DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = needs_triton
 EPS = 1e-6
 
 

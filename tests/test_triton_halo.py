@@ -13,21 +13,16 @@ every gradient including dhalo_k / dhalo_v and the bias tables'. Halo rows no qu
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from longattn import _dropout
 from tests import reference
+from tests.conftest import TRITON_DEVICE as DEVICE
+from tests.conftest import needs_triton
 from tests.tolerance import assert_within_rule
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on CPU",
-)
-DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = needs_triton
 NAN = float("nan")
 
 _ARGS = ("q", "k", "v", "side_k", "side_v", "band_key_mask", "side_mask", "query_block", "band_bias", "side_bias")

@@ -11,20 +11,15 @@ loaded. Interpreter-sized (16 x 16 tiles).
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from longattn import _dropout
 from tests import reference
+from tests.conftest import TRITON_DEVICE as DEVICE
+from tests.conftest import needs_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on CPU",
-)
-DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = needs_triton
 NAN = float("nan")
 
 

@@ -9,20 +9,14 @@ must do its work in exactly one launch with no torch op around it (allocations a
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from longattn.backends import _longformer, triton_backend
-from tests.conftest import DeviceWork, run_sm90_compile
+from tests.conftest import INTERPRET, DeviceWork, needs_triton, run_sm90_compile
+from tests.conftest import TRITON_DEVICE as DEVICE
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton kernels need a CUDA GPU, or TRITON_INTERPRET=1 in the environment to run on CPU",
-)
-DEVICE = "cpu" if INTERPRET else "cuda"
+pytestmark = needs_triton
 
 
 def _assert_same(global_mask, key_padding_mask, G):

@@ -575,8 +575,9 @@ def _rows_backward(dout_rows, q_rows, k, v, out_rows, lse, key_mask, scale, dk_i
         ds = p.mul_(dp.sub_(delta[:, :, s0:s1])).to(dt)
         dq[:, :, s0:s1] += torch.matmul(ds, kt[:, :, j0:j1]).to(acc)
         dkc = torch.matmul(ds.transpose(-1, -2), qt[:, :, s0:s1]).to(acc).mul_(scale)
-        if dk_into is not None:
+        if dk_into is not None:  # each on its own: a separate k_global comes without a separate v_global, or not
             dkc += dk_t[:, :, j0:j1]
+        if dv_into is not None:
             dvc += dv_t[:, :, j0:j1]
         dk_t[:, :, j0:j1] = dkc
         dv_t[:, :, j0:j1] = dvc

@@ -158,6 +158,73 @@ def test_global_rows_kernels_compile_for_sm90_bf16():
     run_sm90_compile("tests.test_longformer_op:compile_global_rows_for_sm90")
 
 
+_FUSED_TYPES = {**dict.fromkeys(["QG", "KG", "VG", "DKG", "DVG", "DQG", "DQ"], "*bf16"),
+                **dict.fromkeys(["GLse", "PartO", "PartL", "RowPart"], "*fp32"), "Counter": "*i32",
+                **dict.fromkeys(["GKMask", "Used"], "*u8"), **dict.fromkeys(["GKRange", "GTBounds"], "*i32"),
+                "Pos": "*i64"}
+
+
+def _fused_forward_ptx(D: int, dropout: bool) -> str:
+    import triton
+    from longattn.triton_kernels import _common, band_side
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tests.test_triton_backend import _POINTER_TYPES, ptxas_usage
+
+    fn = band_side._rows_kernel
+    bm, bn, warps = _common.attention_tiles(D)
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default},
+              **dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, DOT_PREC="tf32", HAS_KMASK=True, HAS_SMASK=True,
+                     HAS_BBIAS=False, HAS_SBIAS=False, SIDE_INDEX=True, GLOBAL_ROWS=True, HAS_GKMASK=True,
+                     BACKWARD=False, HAS_QMASK=True, KMASK_ROWS=True, HAS_DROPOUT=dropout)}
+    types = {**_POINTER_TYPES, **_FUSED_TYPES}
+    sig = {n: "constexpr" if n in consts else types.get(n, "fp32" if "scale" in n else "i32") for n in fn.arg_names}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(n),): v
+                                                                         for n, v in consts.items()}),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    print(f"fused Longformer forward D={D} dropout={dropout}: {ptxas_usage(kernel.asm['ptx'])}")
+    return kernel.asm["ptx"]
+
+
+def compile_fused_longformer_for_sm90():
+    """Compile the fused Longformer launches (``triton_kernels/longformer.py``: the band kernels with the global rows'
+    roles, and the reduction with their dq) for sm_90, bf16, D = 64 and 128, printing registers / spills, and check the
+    forward's last-arrival merge in the PTX: a CTA barrier before the acquire-release increment (every thread's
+    partials are stored before the program signals), a barrier after it (the result reaches every thread after the
+    acquire) and the partials then read through L2 (``ld.global.cg``). Needs TRITON_INTERPRET unset."""
+    from longattn.triton_kernels import _common, band_side, bias_grad, global_rows
+
+    from tests.test_triton_backend import compile_sm90
+
+    for D in (64, 128):
+        for dropout in (False, True):
+            lines = [line.strip() for line in _fused_forward_ptx(D, dropout).splitlines()]
+            atom = [i for i, line in enumerate(lines) if "atom.global.gpu.acq_rel.add" in line]
+            assert len(atom) == 1, atom
+            before = [i for i in range(atom[0]) if lines[i].startswith("bar.sync")]
+            after = [i for i in range(atom[0], len(lines)) if lines[i].startswith("bar.sync")]
+            loads = [i for i in range(atom[0], len(lines)) if "ld.global.cg" in lines[i]]
+            assert before and after and loads and after[0] < loads[0], (before[-3:], after[:3], loads[:3])
+        bm, bn, warps = _common.attention_tiles(D)
+        lf = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D, DOT_PREC="tf32", HAS_KMASK=True, HAS_SMASK=True,
+                  HAS_BBIAS=False, HAS_SBIAS=False, SIDE_INDEX=True, GLOBAL_ROWS=True, HAS_GKMASK=True,
+                  SLOT_BLOCK=global_rows.SLOT_BLOCK)
+        compile_sm90(band_side._rows_kernel, dict(BACKWARD=True, **lf, HAS_DROPOUT=False), warps, _FUSED_TYPES)
+        for separate in (False, True):
+            compile_sm90(band_side._keys_kernel, dict(SIDE=False, GLOBAL_SEPARATE=separate, ZERO_DQG=separate, **lf,
+                                                      HAS_DROPOUT=False), warps, _FUSED_TYPES)
+        compile_sm90(bias_grad._reduce_kernel, dict(HAS_BAND=False, HAS_SIDE=False, HAS_KEYS=True, KEYS_INDEX=True,
+                                                    HAS_SMASK=True, BLOCK_C=bias_grad._BLOCK_C,
+                                                    UNROLL=bias_grad._UNROLL, HAS_ROWS=True,
+                                                    BLOCK_G=bias_grad._ROWS_BLOCK, BLOCK_DG=D),
+                     2, dict(DBand="*bf16", DSide="*bf16", **_FUSED_TYPES))
+
+
+def test_fused_longformer_kernels_compile_for_sm90_bf16():
+    run_sm90_compile("tests.test_longformer_op:compile_fused_longformer_for_sm90")
+
+
 @pytest.mark.skipif(not TRITON, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter)")
 def test_triton_band_pass_reads_slots_in_place():
     """Issue 12 target 2 inside the op: the Triton band pass reads the global tokens' k/v through the slot
@@ -180,3 +247,36 @@ def test_triton_band_pass_reads_slots_in_place():
     for log in (fwd, bwd):
         assert not [op for op in log.ops if "scatter" in op or "masked_fill" in op], log.ops
     assert not [op for op in fwd.ops + bwd.ops if op in ("aten.gather", "aten.sort")], (fwd.ops, bwd.ops)
+
+
+@pytest.mark.skipif(not TRITON, reason="Triton kernels need a CUDA GPU or TRITON_INTERPRET=1 (CPU interpreter)")
+@pytest.mark.parametrize("case", ["overflow", "k-global-only", "v-global-only", "q-global-only"])
+def test_triton_fused_paths_match_torch(case):
+    """Paths of the fused Triton op (``triton_kernels/longformer.py``) the oracle cases miss: more globals than
+    ``max_globals`` slots (the band programs must still store the dropped globals' rows, the global rows only the kept
+    slots'), and one separate global projection (k_global alone takes the composed backward; q_global alone the fused
+    one, with a new dq). The torch backend is checked against the oracle there too (it once added a separate k_global's
+    neighbour dv only when dk was added into)."""
+    B, S, H, D = 2, 70, 2, 16
+    gen = torch.Generator().manual_seed(7)
+    x = [torch.randn(B, S, H, D, generator=gen, dtype=torch.float64) for _ in range(4)]
+    glob = _globals(B, S, "many")
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[1, -5:] = False
+    extra = {"k-global-only": "k_global", "v-global-only": "v_global", "q-global-only": "q_global"}.get(case)
+    max_globals = 8 if case == "overflow" else None
+
+    def run(backend, dtype):
+        leaves = [t.to(DEVICE, dtype).requires_grad_() for t in x]
+        kwargs = {extra: leaves[3]} if extra else {}
+        attention = reference.longformer_attention if backend == "oracle" else longattn.longformer_attention
+        options = {} if backend == "oracle" else dict(max_globals=max_globals, backend=backend)
+        out = attention(*leaves[:3], (5, 4), glob.to(DEVICE), key_padding_mask=pad.to(DEVICE), **options, **kwargs)
+        return [out, *grads(out, leaves[:3] + ([leaves[3]] if extra else []))]
+
+    spec = run("torch", torch.float64)
+    if case != "overflow":  # the oracle keeps every global: the torch backend (the spec) against it
+        for got, want in zip(spec, run("oracle", torch.float64)):
+            assert_close_to_oracle("torch", got, want)
+    for got, want in zip(run("triton", torch.float32), spec):
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), atol=2e-5, rtol=1e-4)

@@ -150,13 +150,14 @@ def compile_slots_for_sm90():
 
     from tests.test_triton_backend import compile_sm90
 
-    types = {**dict.fromkeys(["GMask", "PMask", "BandRows", "Used"], "*u8"), "Pos": "*i64"}
+    types = {**dict.fromkeys(["GMask", "PMask", "BandRows", "Used"], "*u8"), "Pos": "*i64", "Zero": "*i32"}
     for pad in (False, True):
         for unit in ({}, dict(stride_gs=1, stride_ps=1)):
-            print(f"HAS_PAD={pad}, {'unit' if unit else 'any'} mask strides:", end=" ")
-            usage = compile_sm90(slots._slots_kernel, dict(HAS_PAD=pad, BLOCK=slots._GPU_BLOCK, **unit),
-                                 slots._GPU_WARPS, types)
-            assert "('0', '0')" in usage, usage
+            for zero in (False, True):  # with the fused Longformer forward's counters to zero
+                print(f"HAS_PAD={pad}, {'unit' if unit else 'any'} mask strides, zero={zero}:", end=" ")
+                usage = compile_sm90(slots._slots_kernel, dict(HAS_PAD=pad, BLOCK=slots._GPU_BLOCK, **unit),
+                                     slots._GPU_WARPS, types, none_args=() if zero else ("Zero", "n_zero"))
+                assert "('0', '0')" in usage, usage
 
 
 def test_kernel_compiles_for_sm90():

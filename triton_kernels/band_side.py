@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import bias_grad
+from . import bias_grad, global_rows
 from ._common import (
     as_u8,
     attention_tiles,
@@ -193,6 +193,16 @@ def _row_delta(do, o_base, offs_m, S, stride_os, offs_d, D, lse, DLse, stat_ptrs
 
 
 @triton.jit
+def _slot_row(band_ptr, pos_ptr, used_ptr, rows, row_ok, real, G):
+    """(BLOCK_M,) bool: rows ``rows`` of a batch row hold one of its used global slots. The slots hold the row's
+    first globals in sequence order (``global_rows``' layout), so a global row (real, not a band row) is in one
+    unless all G slots are used and it lies beyond the last slot's position."""
+    glob = real & (tl.load(band_ptr + rows, mask=row_ok, other=1) == 0)
+    all_used = tl.load(used_ptr + G - 1) != 0
+    return glob & ((all_used == 0) | (rows <= tl.load(pos_ptr + G - 1)))
+
+
+@triton.jit
 def _rows_kernel(
     Q, K, V, SK, SV, DO, Out, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias, Part, SIdx, QMask,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
@@ -208,6 +218,11 @@ def _rows_kernel(
     HALO_ALIGN: tl.constexpr = 1, HK=None, HV=None, HMask=None, stride_hkb=None, stride_hks=None, stride_hkh=None,
     stride_hvb=None, stride_hvs=None, stride_hvh=None, n_halo=None, halo_left=None, key_lo=None, key_hi=None,
     HAS_DOFFSET: tl.constexpr = False, drop_offset=None, HAS_DLSE: tl.constexpr = False, DLse=None,
+    GLOBAL_ROWS: tl.constexpr = False, n_lead=None, n_slot_tiles=None, QG=None, KG=None, VG=None, stride_qgb=None,
+    stride_qgs=None, stride_qgh=None, stride_kgb=None, stride_kgs=None, stride_kgh=None, stride_vgb=None,
+    stride_vgs=None, stride_vgh=None, GLse=None, PartO=None, PartL=None, Counter=None, GKMask=None, GKRange=None,
+    GTBounds=None, keys_per_split=None, splits=None, HAS_GKMASK: tl.constexpr = False,
+    HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Out, Lse, writes Delta) of one query tile.
 
@@ -239,9 +254,36 @@ def _rows_kernel(
     HAS_DOFFSET (with HAS_DROPOUT; ``notes/halo_contract.md`` section 3): query row i draws the dropout bits of row
     ``i + drop_offset`` and band key j (halo keys included, local j) those of key ``j + drop_offset``; side keys keep
     theirs. Off (``drop_offset`` None, a compile-time constant) the kernels compile exactly as without it.
+
+    GLOBAL_ROWS (Longformer, with SIDE_INDEX: SIdx = the slots' positions, SMask = their ``used``): the first
+    ``n_lead`` programs of axis 0 are the global rows' split-KV programs (``global_rows.split_program``, slot tile
+    ``pid % n_slot_tiles`` of SLOT_BLOCK slots, key chunk ``pid // n_slot_tiles``; the longest programs first) over
+    QG, KG, VG (the global
+    projections, or q, k, v), key mask GKMask (the padding mask, HAS_GKMASK), per-slot ranges GKRange / GTBounds
+    (HAS_GRANGES). Forward: each writes its partials into PartO / PartL and the last of a slot tile's ``splits``
+    merges them into Res and GLse (``global_rows.combine_when_last``, Counter zeroed before the launch), and the
+    band programs leave the used slots' rows of Res to it. Backward: partial dq into PartO (summed by the reduction).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    n_tiles = tl.num_programs(0)  # query tiles
+    if GLOBAL_ROWS:
+        n_tiles -= n_lead
+        if pid_m < n_lead:
+            pid_g = pid_m % n_slot_tiles
+            split = pid_m // n_slot_tiles
+            global_rows.split_program(
+                pid_g, pid_bh, split, n_slot_tiles, tl.num_programs(1), QG, KG, VG, DO, Out, GLse, SIdx, SMask, GKMask,
+                PartO, PartL, stride_qgb, stride_qgs, stride_qgh, stride_kgb, stride_kgs, stride_kgh, stride_vgb,
+                stride_vgs, stride_vgh, stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, S, H, G, D,
+                scale, keys_per_split, stride_ib, Rng, drop_thresh, drop_scale, GKRange, GTBounds, BACKWARD,
+                HAS_GKMASK, SLOT_BLOCK, BLOCK_N, BLOCK_D, DOT_PREC, HAS_DROPOUT, HAS_GRANGES)
+            if not BACKWARD:
+                global_rows.combine_when_last(pid_g, pid_bh, n_slot_tiles, tl.num_programs(1), Counter, splits, PartO,
+                                              PartL, SIdx, SMask, Res, GLse, stride_rb, stride_rs, stride_rh, S, H, G,
+                                              D, stride_ib, SLOT_BLOCK, BLOCK_D)
+            return
+        pid_m -= n_lead
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     m0 = pid_m * BLOCK_M
@@ -269,7 +311,7 @@ def _rows_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     BIAS_L: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # bias_grad's skewed tile width
-    bias_row = Part + ((b * tl.num_programs(0) + pid_m) * H + h) * (band_width + side_width)
+    bias_row = Part + ((b * n_tiles + pid_m) * H + h) * (band_width + side_width)
 
     # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
     # reachable keys [key_lo, key_hi)).
@@ -284,7 +326,7 @@ def _rows_kernel(
     else:
         t_lo = tl.maximum(0, -n_start) // BLOCK_N
         t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
-    bounds = TBounds + (b * tl.num_programs(0) + pid_m) * 8  # this tile's row of _common.tile_bounds
+    bounds = TBounds + (b * n_tiles + pid_m) * 8  # this tile's row of _common.tile_bounds
     if HAS_KRANGES:
         t_lo, t_hi = range_tiles(t_lo, t_hi, n_start, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
         cover_lo, cover_hi = tl.load(bounds + 2), tl.load(bounds + 3)
@@ -383,9 +425,15 @@ def _rows_kernel(
     else:
         has_key = l_i > 0.0
         out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
+        out_rows = offs_m
+        real = row_ok
         if HAS_QMASK:
-            out = tl.where((tl.load(QMask + b * S + offs_m, mask=row_ok, other=0) != 0)[:, None], out, 0.0)
-        store_rows(res_base, out, offs_m, S, stride_rs, offs_d, D)
+            real = tl.load(QMask + b * S + offs_m, mask=row_ok, other=0) != 0
+            out = tl.where(real[:, None], out, 0.0)
+        if GLOBAL_ROWS:  # a used slot's row is the global rows' (combine_when_last): not stored here
+            out_rows = tl.where(_slot_row(KMask + b * S, SIdx + b * stride_ib, SMask + b * G, offs_m, row_ok, real, G),
+                                -1, offs_m)
+        store_rows(res_base, out, out_rows, S, stride_rs, offs_d, D)
         row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
         if KMASK_ROWS:
             row_lse = tl.where(tl.load(KMask + b * S + offs_m, mask=row_ok, other=0) != 0, row_lse, float("inf"))
@@ -405,6 +453,11 @@ def _keys_kernel(
     HALO_ALIGN: tl.constexpr = 1, HK=None, HV=None, HMask=None, stride_hkb=None, stride_hks=None, stride_hkh=None,
     stride_hvb=None, stride_hvs=None, stride_hvh=None, n_halo=None, halo_left=None, key_lo=None, key_hi=None, DHK=None,
     DHV=None, stride_dhb=None, HAS_DOFFSET: tl.constexpr = False, drop_offset=None,
+    GLOBAL_ROWS: tl.constexpr = False, GLOBAL_SEPARATE: tl.constexpr = False, QG=None, KG=None, VG=None, Out=None,
+    GLse=None, GKMask=None, GKRange=None, DKG=None, DVG=None, DQG=None, stride_qgb=None, stride_qgs=None,
+    stride_qgh=None, stride_kgb=None, stride_kgs=None, stride_kgh=None, stride_vgb=None, stride_vgs=None,
+    stride_vgh=None, stride_ob=None, stride_os=None, stride_oh=None, HAS_GKMASK: tl.constexpr = False,
+    HAS_GRANGES: tl.constexpr = False, ZERO_DQG: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
 ):
     """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles.
 
@@ -429,6 +482,12 @@ def _keys_kernel(
     zeros for rows no query reaches.
 
     HAS_DOFFSET: dropout rows and band keys drawn ``drop_offset`` further on (``_keep_scale``), as in ``_rows_kernel``.
+
+    GLOBAL_ROWS (Longformer's band keys, no halo, H_kv = H; SIdx / SMask the slots' positions / ``used``): the key
+    tile's gradients over the global queries too (``global_rows.slot_key_grads``, arguments as in ``_rows_kernel``;
+    Out, GLse: the forward's out and global lse), summed in registers with the band's: one store, no second pass.
+    With GLOBAL_SEPARATE the global keys are KG, VG's: their sums go to DKG, DVG instead. With ZERO_DQG the tile's
+    rows of DQG (a new dq of a separate QG, DK's layout) are zeroed for the reduction to add the global rows into.
     """
     pid_n = tl.program_id(0)
     pid_kv = tl.program_id(1)  # (batch, K/V head)
@@ -527,8 +586,30 @@ def _keys_kernel(
         store_rows(dk_out, dk * scale, out_rows, n_out, stride_gs, offs_d, D)
         store_rows(dv_out, dv, out_rows, n_out, stride_gs, offs_d, D)
     else:
-        store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
-        store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
+        dk_out = DK
+        dv_out = DV
+        if GLOBAL_ROWS:
+            if ZERO_DQG:
+                store_rows(DQG + out_offset, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), offs_n, N, stride_gs,
+                           offs_d, D)
+            if GLOBAL_SEPARATE:
+                store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
+                store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
+                dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                dk_out = DKG
+                dv_out = DVG
+            # Loaded again (KG, VG are K, V without separate projections): the band loop's tiles need not stay live
+            # across it (sm_90, D = 128: 104 bytes of spills otherwise).
+            k = load_rows(KG + batch_head_offset(pid_kv, H, stride_kgb, stride_kgh), offs_n, S, stride_kgs, offs_d, D)
+            v = load_rows(VG + batch_head_offset(pid_kv, H, stride_vgb, stride_vgh), offs_n, S, stride_vgs, offs_d, D)
+            dk, dv = global_rows.slot_key_grads(
+                k, v, n0, dk, dv, pid_kv, QG, DO, Out, GLse, SIdx, SMask, GKMask, GKRange, stride_qgb, stride_qgs,
+                stride_qgh, stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, S, H, G, D, scale,
+                stride_ib, Rng, drop_thresh, drop_scale, HAS_GKMASK, SLOT_BLOCK, BLOCK_N, DOT_PREC, HAS_DROPOUT,
+                HAS_GRANGES)
+        store_rows(dk_out + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
+        store_rows(dv_out + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -585,7 +666,8 @@ def _range_args(key_ranges, side_ranges, B, S, G, block_m, dummy):
 
 def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
             scale, dropout_p=0.0, rng=None, side_index=None, query_mask=None, band_rows_only=False, key_ranges=None,
-            side_ranges=None, *, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0):
+            side_ranges=None, *, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0,
+            fused_rows=None):
     """-> (out (B, S, H, D) contiguous in q's dtype, lse (B, H, S) float32); see ``longattn.backends``.
 
     ``key_ranges`` / ``side_ranges``: None or contiguous int32 (B, S, 2), the band / side keys each row may attend
@@ -603,7 +685,8 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     ``side_index`` (B, G) int64: side key g of batch row b is token ``side_index[b, g]`` of ``side_k``/``side_v``
     (then (B, S, H_kv, D), normally k and v themselves), read in place, no gathered copy; ``query_mask`` (B, S)
     bool: rows where it is False get out = 0; ``band_rows_only``: rows where ``band_key_mask`` is False get
-    lse = +inf (no gradient from the backward).
+    lse = +inf (no gradient from the backward). ``fused_rows`` (a ``global_rows.FusedRows``, with ``side_index``):
+    Longformer's global rows in the same launch, their split-KV programs in front of the query tiles.
     """
     B, S, H, D = q.shape
     halo_excluded(halo_k, key_ranges=key_ranges is not None, side_ranges=side_ranges is not None,
@@ -616,7 +699,8 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
-    grid = (triton.cdiv(S, BLOCK_M), B * H)
+    rows_role = fused_rows.role(False) if fused_rows is not None else {}
+    grid = (triton.cdiv(S, BLOCK_M) + rows_role.get("n_lead", 0), B * H)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     ranged, _, _ = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
     _rows_kernel[grid](
@@ -628,14 +712,14 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         **_dropout_meta(dropout_p, rng, lse, dropout_offset), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
-        **ranged, **halo,
+        **ranged, **halo, **rows_role,
     )
     return out, lse
 
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
              left, right, scale, dropout_p=0.0, rng=None, side_index=None, key_ranges=None, side_ranges=None, *,
-             halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0):
+             halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0, fused_rows=None):
     """-> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias): contiguous gradients in the inputs' dtypes
     (a bias gradient is empty when its table is absent); with a halo (see ``forward``) followed by
     ``dhalo_k, dhalo_v`` (B, HL + HR, H_kv, D) contiguous in k's dtype (a 9-tuple).
@@ -656,6 +740,10 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     slots must name distinct rows) by the reduction launch, and dside_k, dside_v are returned empty.
     ``key_ranges`` / ``side_ranges``: as in ``forward``; the key-side passes skip query tiles that cannot see
     their key tile.
+
+    ``fused_rows`` (a ``global_rows.FusedRows``, with ``side_index``): Longformer's global rows in the same launches,
+    so the op still launches four kernels: their split-KV dq programs lead the dQ pass, their dK/dV join the band
+    dK/dV programs' sums, and the reduction adds their dq into ``fused_rows.dq``.
     """
     B, S, H, D = q.shape
     halo_excluded(halo_k, key_ranges=key_ranges is not None, side_ranges=side_ranges is not None,
@@ -681,23 +769,25 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
     part = bias_grad.partials(B, n_tiles, H, widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
-    _rows_kernel[(n_tiles, B * H)](
+    rows_role, keys_role = (fused_rows.role(True), fused_rows.keys_role()) if fused_rows is not None else ({}, {})
+    _rows_kernel[(n_tiles + rows_role.get("n_lead", 0), B * H)](
         q, k, v, *_side_or_dummy(side_k, side_v, q), dout, out, dq, lse, delta, *extra, part, sidx, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, SIDE_INDEX=indexed,
-        **ranged, **meta, **halo, **delta_lse,
+        **ranged, **meta, **halo, **delta_lse, **rows_role,
     )
     halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
     _keys_kernel[(triton.cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](
-        q, k, v, dout, lse, delta, dk, dv, *extra, q,
-        *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, 0,
+        q, k, v, dout, lse, delta, dk, dv, *extra, sidx,
+        *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, stride_ib,
         S, S, H, H // H_kv, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
-        HAS_RANGES=has_kr, **meta, **halo, **halo_out,
+        HAS_RANGES=has_kr, **meta, **halo, **halo_out, **keys_role,
     )
     dsk, dsv, side_sums = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges, G,
                                           side_index, side_mask, dk, dv)
-    dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M, side_sums)
+    dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M, side_sums,
+                                         None if fused_rows is None else fused_rows.row_sums(dq))
     dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
     return dq, dk, dv, dsk, dsv, dbb, dsb, *halo_grads
 

@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .global_rows import combine_program
+
 
 def row_widths(has_band: bool, has_side: bool, W: int, G: int, block_m: int, block_n: int) -> tuple[int, int]:
     """(band_width, side_width) columns of a program's partial row; 0 for an absent table."""
@@ -92,16 +94,32 @@ class SideSums(NamedTuple):
     mask: torch.Tensor | None = None
 
 
+class RowSums(NamedTuple):
+    """Longformer's global rows' dq that ``reduce_partials`` finishes in its launch (``global_rows.combine_program``):
+    ``part`` contiguous float32 (splits, B * H, G, BLOCK_D) partial dq (unscaled) of the split-KV programs, summed in
+    split order, times ``scale``, added into the rows ``pos[b, g]`` (int64 (B, G), unit last stride) of ``dq``
+    (contiguous (B, S, H, D)) for the slots where ``used`` (contiguous (B, G) uint8) is set; ``_ROWS_BLOCK`` slots
+    per program."""
+
+    part: torch.Tensor
+    pos: torch.Tensor
+    used: torch.Tensor
+    dq: torch.Tensor
+    scale: float
+
+
+_ROWS_BLOCK = 16  # slots per program of the global rows' dq (a 16 x D float32 tile: no spill at 2 warps)
 _BLOCK_C = 256  # output columns per program of _reduce_kernel
 _UNROLL = 8  # partial rows loaded together (their loads in flight at once; still added in order)
 
 
-def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m, side_sums=None):
+def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m, side_sums=None, row_sums=None):
     """(dband_bias, dside_bias), contiguous in the tables' dtypes (None when absent), and the side keys' dK/dV of
     ``side_sums`` (a ``SideSums`` or None), in one launch of ``_reduce_kernel`` (none when there is nothing to
     write): each output element is its float32 partials summed in a fixed order (the programs' rows over
     (batch row, query tile) in order; the query chunks in order), so two runs are bitwise equal. A table's
-    entries are columns of ``part`` (``partials``); the side table of G = 0 scores no key: zeros."""
+    entries are columns of ``part`` (``partials``); the side table of G = 0 scores no key: zeros. ``row_sums``: a
+    ``RowSums`` or None, Longformer's global-row dq (its programs after the side keys')."""
     H = next((t.shape[0] for t in (band_bias, side_bias) if t is not None), 0)
     n_z = part.shape[0] * part.shape[1] if sum(widths) else 0  # rows of partial sums: (batch row, query tile)
     device = part.device
@@ -111,7 +129,11 @@ def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m, side_sums
     side_end = band_end + (H * triton.cdiv(2 * G + 1, _BLOCK_C) if dside is not None else 0)
     keys = side_sums is not None
     splits, B, G_keys, H_kv, D = side_sums.part_k.shape if keys else (0, 0, 0, 0, 0)
-    n_programs = side_end + B * G_keys * triton.cdiv(H_kv * D, _BLOCK_C)
+    keys_end = side_end + B * G_keys * triton.cdiv(H_kv * D, _BLOCK_C)
+    rows = row_sums is not None
+    splits_r, BH, G_r, BLOCK_D = row_sums.part.shape if rows else (0, 0, 0, 16)
+    slot_tiles = triton.cdiv(G_r, _ROWS_BLOCK) if rows else 0
+    n_programs = keys_end + BH * slot_tiles
     if n_programs == 0:
         return dband, dside
     index = keys and side_sums.index is not None
@@ -126,8 +148,19 @@ def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m, side_sums
         S, G_keys, H_kv * D, splits, B * G_keys * H_kv * D, sidx.stride(0) if index else 0,
         HAS_BAND=dband is not None, HAS_SIDE=dside is not None, HAS_KEYS=keys, KEYS_INDEX=index,
         HAS_SMASK=smask is not None, BLOCK_C=_BLOCK_C, UNROLL=_UNROLL, num_warps=2,
+        **(_row_sums_args(row_sums, keys_end, slot_tiles) if rows else {}),
     )
     return dband, dside
+
+
+def _row_sums_args(row_sums, keys_end, slot_tiles) -> dict:
+    """``_reduce_kernel``'s keywords of a ``RowSums``."""
+    dq, part = row_sums.dq, row_sums.part
+    return dict(HAS_ROWS=True, RowPart=part, Pos=row_sums.pos, Used=row_sums.used, DQ=dq, stride_qb=dq.stride(0),
+                stride_qs=dq.stride(1), stride_qh=dq.stride(2), rows_S=dq.shape[1], rows_H=dq.shape[2],
+                rows_G=row_sums.pos.shape[1], rows_D=dq.shape[3], rows_splits=part.shape[0],
+                rows_scale=float(row_sums.scale), stride_pb=row_sums.pos.stride(0), n_slot_tiles=slot_tiles,
+                keys_end=keys_end, BLOCK_G=_ROWS_BLOCK, BLOCK_DG=part.shape[3])
 
 
 @triton.jit
@@ -185,10 +218,15 @@ def _reduce_kernel(Part, DBand, DSide, DSK, DSV, DK, DV, SIdx, SMask,
                    H, part_width, n_z, band_c0, band_cols, side_c0, side_cols, side_z, band_end, side_end,
                    S, G, row_width, splits, stride_split, stride_ib,
                    HAS_BAND: tl.constexpr, HAS_SIDE: tl.constexpr, HAS_KEYS: tl.constexpr, KEYS_INDEX: tl.constexpr,
-                   HAS_SMASK: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
+                   HAS_SMASK: tl.constexpr, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr,
+                   HAS_ROWS: tl.constexpr = False, RowPart=None, Pos=None, Used=None, DQ=None, stride_qb=None,
+                   stride_qs=None, stride_qh=None, rows_S=None, rows_H=None, rows_G=None, rows_D=None,
+                   rows_splits=None, rows_scale=None, stride_pb=None, n_slot_tiles=None, keys_end=None,
+                   BLOCK_G: tl.constexpr = 16, BLOCK_DG: tl.constexpr = 16):
     """The backward's one reduction (``reduce_partials``), programs laid out over its outputs: ``[0, band_end)``
-    the band table's gradient (H, band_cols), ``[band_end, side_end)`` the side table's (H, side_cols), the rest
-    the side keys' dK/dV (``_keys_tile``). Absent outputs (flags off) have no programs."""
+    the band table's gradient (H, band_cols), ``[band_end, side_end)`` the side table's (H, side_cols), then
+    the side keys' dK/dV (``_keys_tile``) up to ``keys_end``, then with HAS_ROWS (``RowSums``) Longformer's global
+    rows' dq, one program per (b * H + h, slot tile). Absent outputs (flags off) have no programs."""
     pid = tl.program_id(0)
     if HAS_BAND:
         if pid < band_end:
@@ -196,6 +234,13 @@ def _reduce_kernel(Part, DBand, DSide, DSK, DSV, DK, DV, SIdx, SMask,
     if HAS_SIDE:
         if (pid >= band_end) & (pid < side_end):
             _table_tile(Part, DSide, pid - band_end, H, part_width, side_c0, side_cols, side_z, BLOCK_C, UNROLL)
+    if HAS_ROWS:
+        if pid >= keys_end:
+            r = pid - keys_end
+            combine_program(r % n_slot_tiles, r // n_slot_tiles, (tl.num_programs(0) - keys_end) // n_slot_tiles,
+                            RowPart, RowPart, Pos, Used, DQ, RowPart, stride_qb, stride_qs, stride_qh, rows_S, rows_H,
+                            rows_G, rows_D, rows_splits, rows_scale, stride_pb, True, BLOCK_G, BLOCK_DG)
+            return
     if HAS_KEYS:
         if pid >= side_end:
             _keys_tile(DSK, DSV, DK, DV, SIdx, SMask, pid - side_end, S, G, row_width, splits, stride_split,

@@ -11,7 +11,13 @@ single global token: B * H programs for the whole GPU). Instead the keys are cut
 - ``_keys_kernel``, grid (key tiles, B * H): dk, dv of one key tile over all slot queries (G is small), written or
   added into dk / dv.
 
-Every sum runs in a fixed order in one program (no atomics): two runs are bitwise equal. Slot queries are read
+The Triton Longformer op runs these as roles inside the band launches instead (``FusedRows``, see
+``triton_kernels/longformer.py``): ``split_program`` leads the band's grid, the forward's merge runs in the last
+split program of a slot tile to finish (``combine_when_last``: an arrival counter, no waiting), the backward's in
+the band backward's reduction, and ``slot_key_grads`` inside the band dK/dV programs.
+
+Every sum runs in a fixed order in one program (the arrival counter only picks which program merges): two runs are
+bitwise equal. Slot queries are read
 through their positions (``pos``, ``used``): no gathered copy of q, dout or out. Unused slots read as zero rows
 with ``lse = +inf`` and are never stored. Layouts: q, k, v, out, dout, dq, dk, dv (B, S, H, D) with a unit last
 stride; pos (B, G) int64, used (B, G) bool; key_mask (B, S) bool or None; glse (B, H, G) float32.
@@ -82,46 +88,59 @@ def _key_scores(q, k, cols, j_hi, kmask_ptr, scale, HAS_KMASK: tl.constexpr, DOT
 
 
 @triton.jit
-def _combine_kernel(
-    PartO, PartL, Pos, Used, Res, GLse, stride_rb, stride_rs, stride_rh, S, H, G, D, splits, scale, stride_pb,
-    BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+def combine_program(
+    pid_g, pid_bh, n_bh, PartO, PartL, Pos, Used, Res, GLse, stride_rb, stride_rs, stride_rh, S, H, G, D, splits, scale,
+    stride_pb, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the splits of a slot tile in split order and write its rows of Res at the slots' positions.
+    """Merge the splits of slot tile ``pid_g`` of ``pid_bh`` (of ``n_bh`` = B * H) in split order and write its rows of
+    Res at the slots' positions.
 
     Forward: log-sum-exp merge of the partial (out, lse) into ``out`` rows and ``glse`` (+inf for a row with
     no key or an unused slot). Backward: the sum of the partial dq, times ``scale``, added to the rows of Res.
+    The partials are read through L2 only (``.cg``): in the fused forward another program wrote them moments ago.
     """
-    pid_g, pid_bh = tl.program_id(0), tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     offs_g = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = offs_g < G
     rows = _slot_rows(Pos, Used, b, offs_g, G, stride_pb)
-    stride_split = tl.num_programs(1).to(tl.int64) * G
+    stride_split = n_bh.to(tl.int64) * G
     first = pid_bh.to(tl.int64) * G + offs_g
     res_base = Res + batch_head_offset(pid_bh, H, stride_rb, stride_rh)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BACKWARD:
         for z in range(splits):
             acc += tl.load(PartO + (z * stride_split + first)[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None],
-                           other=0.0)
+                           other=0.0, cache_modifier=".cg")
         acc = acc * scale + load_rows(res_base, rows, S, stride_rs, offs_d, D).to(tl.float32)
         store_rows(res_base, acc, rows, S, stride_rs, offs_d, D)
     else:
         m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         for z in range(splits):
-            m = tl.maximum(m, tl.load(PartL + z * stride_split + first, mask=ok, other=float("-inf")))
+            m = tl.maximum(m, tl.load(PartL + z * stride_split + first, mask=ok, other=float("-inf"),
+                                      cache_modifier=".cg"))
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
         for z in range(splits):
-            w = tl.exp2((tl.load(PartL + z * stride_split + first, mask=ok, other=float("-inf")) - m_safe) * LOG2E)
+            w = tl.exp2((tl.load(PartL + z * stride_split + first, mask=ok, other=float("-inf"),
+                                 cache_modifier=".cg") - m_safe) * LOG2E)
             total += w
             acc += w[:, None] * tl.load(PartO + (z * stride_split + first)[:, None] * BLOCK_D + offs_d[None, :],
-                                        mask=ok[:, None], other=0.0)
+                                        mask=ok[:, None], other=0.0, cache_modifier=".cg")
         has_key = (total > 0.0) & (rows >= 0)
         store_rows(res_base, acc / tl.where(has_key, total, 1.0)[:, None], rows, S, stride_rs, offs_d, D)
         lse = tl.where(has_key, m_safe + tl.log(tl.where(has_key, total, 1.0)), float("inf"))
         tl.store(GLse + pid_bh.to(tl.int64) * G + offs_g, lse, mask=ok)
+
+
+@triton.jit
+def _combine_kernel(
+    PartO, PartL, Pos, Used, Res, GLse, stride_rb, stride_rs, stride_rh, S, H, G, D, splits, scale, stride_pb,
+    BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``combine_program`` of slot tile ``program_id(0)`` of ``program_id(1)`` = b * H + h."""
+    combine_program(tl.program_id(0), tl.program_id(1), tl.num_programs(1), PartO, PartL, Pos, Used, Res, GLse,
+                    stride_rb, stride_rs, stride_rh, S, H, G, D, splits, scale, stride_pb, BACKWARD, BLOCK_M, BLOCK_D)
 
 
 @triton.jit
@@ -138,22 +157,22 @@ def _slot_tile(Q, DO, Out, GLse, Pos, Used, pid_bh, b, offs_g, offs_d, stride_qb
 
 
 @triton.jit
-def _split_kernel(
-    Q, K, V, DO, Out, GLse, Pos, Used, KMask, PartO, PartL,
+def split_program(
+    pid_g, pid_bh, split, n_slot_tiles, n_bh, Q, K, V, DO, Out, GLse, Pos, Used, KMask, PartO, PartL,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh,
     S, H, G, D, scale, keys_per_split, stride_pb, Rng, drop_thresh, drop_scale, KRange, TBounds,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RANGES: tl.constexpr = False,
 ):
-    """One key chunk of a tile of slot queries, written as float32 partials at [split, b * H + h, g].
+    """Key chunk ``split`` of slot tile ``pid_g`` (of ``n_slot_tiles``) of ``pid_bh`` = b * H + h (of ``n_bh``), written
+    as float32 partials at [split, b * H + h, g].
 
     Forward: PartO = the chunk's softmax-weighted values (normalised within the chunk), PartL = its log-sum-exp
     (-inf without a key). Backward (reads DO, Out, GLse): PartO = the chunk's dS @ k (unscaled), for dq.
     HAS_RANGES: ``TBounds`` holds the union of each slot tile's used slots' ranges (``_common.tile_bounds``), read
     as two scalars (a reduction here would cost registers in the loop).
     """
-    pid_g, pid_bh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     offs_g = pid_g * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -175,7 +194,7 @@ def _split_kernel(
     n_begin = j_lo
     n_end = j_hi
     if HAS_RANGES:  # only the chunk's key tiles that meet the used slots' ranges (tiles stay BLOCK_N-aligned)
-        bounds = TBounds + (b * tl.num_programs(0) + pid_g) * 8  # the slot tile's union (_common.tile_bounds)
+        bounds = TBounds + (b * n_slot_tiles + pid_g) * 8  # the slot tile's union (_common.tile_bounds)
         t0, t1 = range_tiles(0, tl.cdiv(j_hi - j_lo, BLOCK_N), j_lo, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
         n_begin = j_lo + t0 * BLOCK_N
         n_end = tl.minimum(j_lo + t1 * BLOCK_N, j_hi)
@@ -194,7 +213,7 @@ def _split_kernel(
                           input_precision=DOT_PREC)
         else:
             m_i, l_i, acc = softmax_step(s, z, v, m_i, l_i, acc, HAS_DROPOUT, DOT_PREC)
-    part = (split * tl.num_programs(1) + pid_bh).to(tl.int64) * G + offs_g  # (splits, B * H, G) row index
+    part = (split * n_bh + pid_bh).to(tl.int64) * G + offs_g  # (splits, B * H, G) row index
     ok = offs_g < G
     if BACKWARD:
         tl.store(PartO + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=ok[:, None])
@@ -207,33 +226,63 @@ def _split_kernel(
 
 
 @triton.jit
-def _keys_kernel(
-    Q, K, V, DO, Out, GLse, Pos, Used, KMask, DK, DV, DQ,
-    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh,
-    S, H, G, D, scale, stride_pb, Rng, drop_thresh, drop_scale, KRange,
-    ADD_DK: tl.constexpr, ADD_DV: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RANGES: tl.constexpr = False,
-    ZERO_DQ: tl.constexpr = False,
+def combine_when_last(
+    pid_g, pid_bh, n_slot_tiles, n_bh, Counter, splits, PartO, PartL, Pos, Used, Res, GLse, stride_rb, stride_rs,
+    stride_rh, S, H, G, D, stride_pb, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dk, dv of key tile ``[n0, n0 + BLOCK_N)`` over every slot query; added to DK / DV with ADD_DK / ADD_DV.
-    With ZERO_DQ the tile's rows of DQ (DK's layout) are zeroed: a new dq for the global projections, whose global
-    rows ``_combine_kernel`` writes afterwards (so no separate fill kernel).
+    """After a forward ``split_program`` of the fused launch (no combine launch): the last of the ``splits`` programs of
+    its slot tile to arrive merges them all (``combine_program``, in split order: deterministic whatever the arrival
+    order); ``Counter``: int32 (B * H, n_slot_tiles), zeroed before the launch (each call has its own).
+
+    The release / acquire pair orders the partials: every thread's stores precede the barrier, the barrier precedes
+    the releasing increment, and the last program's acquiring increment precedes its (L2-only) loads of them. No
+    program waits for another, so any schedule completes."""
+    tl.debug_barrier()
+    ticket = Counter + pid_bh.to(tl.int64) * n_slot_tiles + pid_g
+    arrived = tl.atomic_add(ticket, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        combine_program(pid_g, pid_bh, n_bh, PartO, PartL, Pos, Used, Res, GLse, stride_rb, stride_rs, stride_rh, S,
+                        H, G, D, splits, 1.0, stride_pb, False, BLOCK_M, BLOCK_D)
+
+
+@triton.jit
+def _split_kernel(
+    Q, K, V, DO, Out, GLse, Pos, Used, KMask, PartO, PartL,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh,
+    S, H, G, D, scale, keys_per_split, stride_pb, Rng, drop_thresh, drop_scale, KRange, TBounds,
+    BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RANGES: tl.constexpr = False,
+):
+    """``split_program`` of grid (slot tiles, B * H, splits)."""
+    split_program(tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(0), tl.num_programs(1),
+                  Q, K, V, DO, Out, GLse, Pos, Used, KMask, PartO, PartL,
+                  stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh,
+                  S, H, G, D, scale, keys_per_split, stride_pb, Rng, drop_thresh, drop_scale, KRange, TBounds,
+                  BACKWARD, HAS_KMASK, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, HAS_DROPOUT, HAS_RANGES)
+
+
+@triton.jit
+def slot_key_grads(
+    k, v, n0, dk, dv, pid_bh, Q, DO, Out, GLse, Pos, Used, KMask, KRange,
+    stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh,
+    S, H, G, D, scale, stride_pb, Rng, drop_thresh, drop_scale,
+    HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, HAS_RANGES: tl.constexpr,
+):
+    """``(dk, dv)`` plus the gradients of key tile ``[n0, n0 + BLOCK_N)`` (its rows ``k``, ``v``) over every slot query
+    of ``pid_bh`` (float32, dk unscaled): the slot tiles in order, so the sum is deterministic.
     With HAS_RANGES the slot tiles at either end whose ranges all miss the key tile are skipped (unused slots'
     ranges count here: they only make the walk longer, their lse = +inf gives them no gradient)."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = load_rows(K + batch_head_offset(pid_bh, H, stride_kb, stride_kh), cols, S, stride_ks, offs_d, D)
-    v = load_rows(V + batch_head_offset(pid_bh, H, stride_vb, stride_vh), cols, S, stride_vs, offs_d, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, k.shape[1])
     g_begin = 0
     g_end = G
     if HAS_RANGES:
-        t0, t1 = trim_row_tiles(KRange + b * 2 * G, tl.full([], 0, tl.int32), tl.cdiv(G, BLOCK_M), 0, G,
-                                pid_n * BLOCK_N, pid_n * BLOCK_N + BLOCK_N, S, BLOCK_M)
+        t0, t1 = trim_row_tiles(KRange + b * 2 * G, tl.full([], 0, tl.int32), tl.cdiv(G, BLOCK_M), 0, G, n0,
+                                n0 + BLOCK_N, S, BLOCK_M)
         g_begin = t0 * BLOCK_M
         g_end = t1 * BLOCK_M
     for g0 in range(g_begin, g_end, BLOCK_M):
@@ -246,8 +295,35 @@ def _keys_kernel(
             s = range_mask(s, cols[None, :], *load_ranges(KRange + b * 2 * G, offs_g, offs_g < G, S))
         z = s
         if HAS_DROPOUT:
-            z = _keep_scale(Rng, pid_bh, offs_g, pid_n * BLOCK_N, drop_thresh, drop_scale, BLOCK_N)
+            z = _keep_scale(Rng, pid_bh, offs_g, n0, drop_thresh, drop_scale, BLOCK_N)
         dk, dv = kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _keys_kernel(
+    Q, K, V, DO, Out, GLse, Pos, Used, KMask, DK, DV, DQ,
+    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, stride_gb, stride_gs, stride_gh,
+    S, H, G, D, scale, stride_pb, Rng, drop_thresh, drop_scale, KRange,
+    ADD_DK: tl.constexpr, ADD_DV: tl.constexpr, HAS_KMASK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_RANGES: tl.constexpr = False,
+    ZERO_DQ: tl.constexpr = False,
+):
+    """dk, dv of key tile ``[n0, n0 + BLOCK_N)`` over every slot query (``slot_key_grads``); added to DK / DV with
+    ADD_DK / ADD_DV. With ZERO_DQ the tile's rows of DQ (DK's layout) are zeroed: a new dq for the global projections,
+    whose global rows ``_combine_kernel`` writes afterwards (so no separate fill kernel)."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(K + batch_head_offset(pid_bh, H, stride_kb, stride_kh), cols, S, stride_ks, offs_d, D)
+    v = load_rows(V + batch_head_offset(pid_bh, H, stride_vb, stride_vh), cols, S, stride_vs, offs_d, D)
+    dk, dv = slot_key_grads(k, v, n0, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
+                            tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), pid_bh, Q, DO, Out, GLse, Pos, Used,
+                            KMask, KRange, stride_qb, stride_qs, stride_qh, stride_dob, stride_dos, stride_doh,
+                            stride_ob, stride_os, stride_oh, S, H, G, D, scale, stride_pb, Rng, drop_thresh,
+                            drop_scale, HAS_KMASK, BLOCK_M, BLOCK_N, DOT_PREC, HAS_DROPOUT, HAS_RANGES)
     dk = dk * scale
     out_offset = batch_head_offset(pid_bh, H, stride_gb, stride_gh)
     if ADD_DK:
@@ -271,10 +347,12 @@ def _used_u8(used):
     return used.view(torch.uint8)
 
 
-def _plan(q, G):
-    """(tiles (BLOCK_M, BLOCK_N, warps), slot tiles, splits, keys per split) for G slots over S keys."""
+def _plan(q, G, slot_block=None):
+    """(tiles (BLOCK_M, BLOCK_N, warps), slot tiles, splits, keys per split) for G slots over S keys; BLOCK_M =
+    ``slot_block`` when given."""
     B, S, H, D = q.shape
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
+    BLOCK_M = slot_block or BLOCK_M
     slot_tiles = triton.cdiv(G, BLOCK_M)
     key_tiles = triton.cdiv(S, BLOCK_N)
     splits = split_count(slot_tiles * B * H, key_tiles, q.device, cap=64)
@@ -343,3 +421,80 @@ def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_i
         BACKWARD=True, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
     )
     return dq, dk, dv
+
+
+# Slots per tile of the fused roles: G is small (LED's and Longformer's models mark one to a few dozen tokens), so a
+# 64-row tile would mostly compute padding rows, and its q / dout / out tiles would cost the band kernels' registers
+# (sm_90, D = 128: spills); 16 is tl.dot's minimum.
+SLOT_BLOCK = 16
+
+
+class FusedRows:
+    """Longformer's global rows folded into the band pass's launches (``band_side.forward`` / ``backward`` with
+    ``fused_rows``), so the op runs the slots kernel and one launch forward, the band's four backward.
+
+    ``q``, ``k``, ``v``: the global projections (or the band's q, k, v); ``pos``, ``used``: the slot layout (the band
+    launch's ``side_index`` / side mask); ``key_mask`` (B, S) bool or None: the keys global rows attend;
+    ``key_ranges`` (B, G, 2) int32 or None: per-slot ranges. Forward: ``glse`` (B, H, G) and the split partials are
+    allocated here; ``counter`` is int32 (B, H * slot tiles), zeroed by the launch before (``slots.global_slots``'s
+    ``zero``; ``counter_shape``). Backward (``out``, ``glse`` given): ``new_q`` / ``new_kv`` say whether q / (k, v)
+    are separate global projections, whose gradients ``dq``, ``dk``, ``dv`` are then allocated here (else the band's
+    receive the global rows' sums)."""
+
+    def __init__(self, q, k, v, pos, used, key_mask, scale, key_ranges=None, *, counter=None, out=None, glse=None,
+                 new_q=False, new_kv=False):
+        B, S, H, D = q.shape
+        G = pos.shape[1]
+        self.q, self.k, self.v, self.pos, self.used8, self.scale = q, k, v, pos, _used_u8(used), scale
+        self.key_mask = as_u8(key_mask, self.used8)
+        self.has_kmask = key_mask is not None
+        self.kr, self.has_kr = range_arg(key_ranges, "key_ranges", (B, G), q)
+        (self.block_m, _, _), self.slot_tiles, self.splits, self.keys_per_split = _plan(q, G, SLOT_BLOCK)
+        self.bounds = tile_bounds(key_ranges if self.has_kr else None, None, S, 0, self.block_m, q, self.used8)
+        f32 = dict(dtype=torch.float32, device=q.device)
+        self.part_o = torch.empty(self.splits, B * H, G, head_dim_block(D), **f32)
+        self.backward = glse is not None
+        self.glse = torch.empty(B, H, G, **f32) if glse is None else glse
+        self.part_l = self.part_o if self.backward else torch.empty(self.splits, B * H, G, **f32)
+        self.counter, self.out = counter, out
+        self.new_q, self.new_kv = new_q, new_kv
+        self.dq = torch.empty_like(q, memory_format=torch.contiguous_format) if new_q else None
+        self.dk, self.dv = ((torch.empty_like(x, memory_format=torch.contiguous_format) for x in (k, v)) if new_kv
+                            else (None, None))
+
+    @staticmethod
+    def counter_shape(q, G: int) -> tuple[int, int]:
+        B, S, H, D = q.shape
+        return B, H * _plan(q, G, SLOT_BLOCK)[1]
+
+    def _inputs(self) -> dict:
+        return dict(QG=self.q, KG=self.k, VG=self.v, **_named_strides("qg", self.q), **_named_strides("kg", self.k),
+                    **_named_strides("vg", self.v), GLse=self.glse, GKMask=self.key_mask, GKRange=self.kr,
+                    HAS_GKMASK=self.has_kmask, HAS_GRANGES=self.has_kr)
+
+    def role(self, backward: bool) -> dict:
+        """``band_side._rows_kernel``'s keywords: the split-KV programs leading its grid (forward: merged by the last
+        to finish, into ``out`` and ``glse``; backward: partial dq, which ``row_sums`` finishes)."""
+        return dict(GLOBAL_ROWS=True, n_lead=self.slot_tiles * self.splits, n_slot_tiles=self.slot_tiles,
+                    PartO=self.part_o, PartL=self.part_l, keys_per_split=self.keys_per_split, splits=self.splits,
+                    SLOT_BLOCK=SLOT_BLOCK,
+                    **({} if backward else dict(Counter=self.counter)), GTBounds=self.bounds, **self._inputs())
+
+    def keys_role(self) -> dict:
+        """``band_side._keys_kernel``'s keywords (band keys): the key tiles' gradients over the global queries."""
+        dummy = self.q
+        return dict(GLOBAL_ROWS=True, GLOBAL_SEPARATE=self.new_kv, ZERO_DQG=self.new_q, Out=self.out,
+                    SLOT_BLOCK=SLOT_BLOCK,
+                    **_named_strides("o", self.out), DKG=self.dk if self.new_kv else dummy,
+                    DVG=self.dv if self.new_kv else dummy, DQG=self.dq if self.new_q else dummy, **self._inputs())
+
+    def row_sums(self, dq):
+        """The reduction's share (``bias_grad.RowSums``): the partial dq summed into the global rows of the new dq, or
+        of the band's ``dq``."""
+        from .bias_grad import RowSums
+
+        return RowSums(self.part_o, self.pos, self.used8, dq if self.dq is None else self.dq, self.scale)
+
+
+def _named_strides(name: str, x) -> dict:
+    return dict(zip((f"stride_{name}b", f"stride_{name}s", f"stride_{name}h"), strides3(x)))

@@ -63,10 +63,15 @@ def _load_global(GMask, PMask, offs, S, stride_gs, stride_ps, HAS_PAD: tl.conste
 
 @triton.jit
 def _slots_kernel(GMask, PMask, BandRows, Pos, Used, S, G, stride_gb, stride_gs, stride_pb, stride_ps,
-                  HAS_PAD: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_PAD: tl.constexpr, BLOCK: tl.constexpr, Zero=None, n_zero=None):
     """Row b of the slot layout (module docstring): GMask / PMask (B, S) uint8 with strides; BandRows (B, S) uint8,
-    Pos (B, G) int64, Used (B, G) uint8 contiguous."""
+    Pos (B, G) int64, Used (B, G) uint8 contiguous. With ``Zero`` (contiguous int32 (B, n_zero)) row b of it is
+    zeroed too (the counters of the launch after this one, ``global_rows.combine_when_last``)."""
     b = tl.program_id(0).to(tl.int64)
+    if Zero is not None:
+        for z0 in range(0, n_zero, BLOCK):
+            offs = z0 + tl.arange(0, BLOCK)
+            tl.store(Zero + b * n_zero + offs, tl.zeros([BLOCK], dtype=tl.int32), mask=offs < n_zero)
     gmask = GMask + b * stride_gb
     pmask = PMask + b * stride_pb
     pos = Pos + b * G
@@ -108,12 +113,12 @@ def _check_mask(name: str, mask, shape, device) -> None:
                          f"{f' on {device}' if device else ''}, got {mask.dtype} {tuple(mask.shape)} on {mask.device}")
 
 
-def global_slots(global_mask, key_padding_mask, G: int):
+def global_slots(global_mask, key_padding_mask, G: int, zero=None):
     """-> (band_rows (B, S) bool, pos (B, G) int64, used (B, G) bool), bitwise those of
     ``longattn.backends._longformer.global_slots``, in one launch and no other device work (allocations only).
 
     ``global_mask``: (B, S) bool, any strides; ``key_padding_mask``: None or like it (True = real token);
-    ``G``: int in [0, S]."""
+    ``G``: int in [0, S]; ``zero``: None or a contiguous int32 (B, n) tensor the same launch fills with zeros."""
     _check_mask("global_mask", global_mask, None, None)
     B, S = global_mask.shape
     if key_padding_mask is not None:
@@ -129,12 +134,12 @@ def global_slots(global_mask, key_padding_mask, G: int):
     used = torch.empty(B, max(G, 1), dtype=torch.bool, device=device)
     if not G:
         pos, used = pos[:, :0], used[:, :0]
-    if B * S == 0:
+    if B * S == 0:  # (B = 0 leaves ``zero`` nothing to fill; S = 0 has no slot)
         return band_rows, pos, used
     gm = global_mask.view(torch.uint8)
     pm = gm if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     block, warps = (_INTERPRET_BLOCK, 1) if interpreting() else (_GPU_BLOCK, _GPU_WARPS)
     _slots_kernel[(B,)](gm, pm, band_rows.view(torch.uint8), pos, used.view(torch.uint8), S, G, gm.stride(0),
                         gm.stride(1), pm.stride(0), pm.stride(1), HAS_PAD=key_padding_mask is not None, BLOCK=block,
-                        num_warps=warps)
+                        num_warps=warps, **({} if zero is None else dict(Zero=zero, n_zero=zero.shape[1])))
     return band_rows, pos, used

@@ -129,6 +129,16 @@ A backend may also compute the slot layout itself (the Triton and CUDA backends 
     ``band_rows`` (B, S), contiguous int64 ``pos`` and bool ``used`` (B, G); bool masks with any strides,
     ``0 <= G <= S``.
 
+Or the whole op (the Triton backend: the slots kernel and one band launch led by the global rows' programs forward,
+the band backward's four launches with the global rows folded in, ``triton_kernels/longformer.py``):
+
+``longformer_forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, G,
+    dropout_p, rng, key_ranges) -> (out, lse, glse, band_rows, pos, used)`` and
+``longformer_backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used,
+    global_mask, key_padding_mask, left, right, scale, dropout_p, rng, key_ranges) -> (dq, dk, dv, dq_global,
+    dk_global, dv_global)``: ``_longformer.forward`` / ``backward``'s results (their docstrings), the computation of
+    ``_longformer.composed_forward`` / ``composed_backward``, which a backend may call for cases it does not fuse.
+
 Index values
 ------------
 Index tensors are never range-checked on the host outside debug mode (that would sync), so every backend

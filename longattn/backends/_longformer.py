@@ -123,7 +123,20 @@ def forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_pad
 
     Dropout (``rng`` = ``[seed, offset]``): band rows use side key ids = slots, global rows the global-row
     counters (``longattn._dropout``). ``key_ranges`` (B, S, 2): each row's sequence bounds in a packed batch
-    (``slot_ranges``)."""
+    (``slot_ranges``).
+
+    A backend with ``longformer_forward`` / ``longformer_backward`` (same arguments, without ``backend``; Triton) runs
+    the whole op in its own launches; others get the composition below (``composed_forward``)."""
+    if hasattr(backend, "longformer_forward"):
+        return backend.longformer_forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left,
+                                          right, scale, G, dropout_p, rng, key_ranges)
+    return composed_forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left,
+                            right, scale, G, dropout_p, rng, key_ranges)
+
+
+def composed_forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right,
+                     scale, G, dropout_p=0.0, rng=None, key_ranges=None):
+    """``forward`` from the backend's slot, band and global-rows functions (steps 1-3 of the module docstring)."""
     B, S, H, D = q.shape
     drop = dropout_kwargs(dropout_p, rng)
     band_rows, pos, used = getattr(backend, "global_slots", global_slots)(global_mask, key_padding_mask, G)
@@ -147,6 +160,16 @@ def backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, gls
     """-> (dq, dk, dv, dq_global, dk_global, dv_global); the last three are empty (0,) when absent.
 
     ``band_rows``, ``pos``, ``used``: the slot layout ``forward`` returned (not recomputed)."""
+    args = (dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask,
+            key_padding_mask, left, right, scale, dropout_p, rng, key_ranges)
+    if hasattr(backend, "longformer_backward"):
+        return backend.longformer_backward(*args)
+    return composed_backward(backend, *args)
+
+
+def composed_backward(backend, dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used,
+                      global_mask, key_padding_mask, left, right, scale, dropout_p=0.0, rng=None, key_ranges=None):
+    """``backward`` from the backend's band and global-rows functions."""
     G = glse.shape[-1]
     drop = dropout_kwargs(dropout_p, rng)
     band_ranges, row_ranges = slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)

@@ -25,8 +25,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 
 import torch
+
+from . import _longformer
 
 NAME = "triton"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -100,6 +103,26 @@ def band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, s
                               band_bias, side_bias, left, right, scale, dropout_p, rng, key_ranges=key_ranges,
                               side_ranges=side_ranges, halo_k=halo_k, halo_v=halo_v, halo_mask=halo_mask,
                               halo_left=halo_left, dlse=dlse, dropout_offset=dropout_offset)
+
+
+def longformer_forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, G,
+                       dropout_p=0.0, rng=None, key_ranges=None):
+    """The whole Longformer op (``longattn.backends._longformer.forward``) in two launches: the slots, then the band
+    pass with the global rows' split-KV programs in front (``triton_kernels/longformer.py``)."""
+    from longattn.triton_kernels import longformer
+
+    return longformer.forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
+                              G, dropout_p, rng, key_ranges)
+
+
+def longformer_backward(dout, q, k, v, q_global, k_global, v_global, *rest):
+    """Backward of ``longformer_forward`` (``_longformer.backward``'s arguments) in the band backward's four launches;
+    a separate k_global without a separate v_global (or the reverse) takes the composed backward."""
+    if (k_global is None) != (v_global is None):
+        return _longformer.composed_backward(sys.modules[__name__], dout, q, k, v, q_global, k_global, v_global, *rest)
+    from longattn.triton_kernels import longformer
+
+    return longformer.backward(dout, q, k, v, q_global, k_global, v_global, *rest)
 
 
 def longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, left, right, scale, dropout_p=0.0,

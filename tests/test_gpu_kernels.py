@@ -157,6 +157,28 @@ def test_longformer_globals(backend, split_keys, monkeypatch):
         assert_within_rule(name, g, b, r, grad=True)
 
 
+@pytest.mark.parametrize("n_globals", [1, 70])
+def test_triton_longformer_is_deterministic_at_many_splits(n_globals):
+    """The fused Triton op merges the global rows' splits in the last program of a slot tile to finish (an arrival
+    counter): whichever program that is, the merge runs in split order, so runs are bitwise equal. S = 16384 gives
+    tens of splits per slot tile on a GPU, in flight next to the band programs."""
+    require("triton", torch.bfloat16, 64)
+    B, S, H, D = 1, 16384, 4, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+               for _ in range(3))
+    glob = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+    glob[0, torch.linspace(0, S - 1, n_globals, device="cuda").long()] = True
+    dout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    runs = []
+    for _ in range(3):
+        out = longattn.longformer_attention(q, k, v, 256, glob, max_globals=n_globals, backend="triton")
+        runs.append((out, *torch.autograd.grad(out, (q, k, v), dout)))
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Block aggregation
 # --------------------------------------------------------------------------------------------------------

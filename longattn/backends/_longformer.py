@@ -27,6 +27,10 @@ scatter). Others get the gather / ``masked_fill`` / ``scatter_add`` composition 
 A backend with ``global_slots`` (Triton, CUDA) computes step 1 in one kernel, bitwise equal to the torch function here
 (argsort, gather and mask ops otherwise).
 
+A backend with ``longformer_forward`` / ``longformer_backward`` (Triton) runs all three steps itself, in fewer
+launches than the composition (``composed_forward`` / ``composed_backward``, the steps above, which it may still call
+for cases it does not fuse).
+
 A backend without its own global-rows pass uses ``rows_via_band_side``: the slot queries against the S
 tokens as side keys of the band primitive (with an empty band), which every backend already runs. Its pieces
 (``key_splits``, ``split_rows_forward``, ``split_rows_backward``) serve a backend that gathers, merges and scatters

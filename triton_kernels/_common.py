@@ -50,8 +50,20 @@ _INTERPRET_TILES = (16, 16, 1)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
+@functools.cache
 def interpreting() -> bool:
+    """TRITON_INTERPRET=1: read once, as Triton itself does when it decorates the kernels at import."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Host-side integer helpers. ``triton.cdiv`` / ``triton.next_power_of_2`` are constexpr functions: called from Python
+# they cost ~6 us each (an import and argument unwrapping per call), a dozen of them per op call.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.cache
@@ -76,12 +88,12 @@ def split_count(n_programs: int, n_units: int, device=None, *, waves: int = 4, c
     """
     if interpreting():
         return min(2, n_units)
-    return max(1, min(n_units, triton.cdiv(waves * num_sms(device), n_programs), cap))
+    return max(1, min(n_units, cdiv(waves * num_sms(device), n_programs), cap))
 
 
 def head_dim_block(D: int) -> int:
     """Head dim padded to a power of two >= 16 (tl.dot's minimum); the pad columns are masked to zero."""
-    return max(16, triton.next_power_of_2(D))
+    return max(16, next_power_of_2(D))
 
 
 def attention_tiles(D: int) -> tuple[int, int, int]:
@@ -101,9 +113,10 @@ def dot_precision(dtype) -> str:
 
 def strides3(x) -> tuple[int, int, int]:
     """(batch, sequence, head) strides of a (B, S, H, D) tensor; the kernels assume a unit last stride."""
-    if x.stride(-1) != 1 and x.shape[-1] > 1:
-        raise ValueError(f"the Triton kernels need a contiguous last dim, got strides {tuple(x.stride())}")
-    return x.stride(0), x.stride(1), x.stride(2)
+    strides = x.stride()
+    if strides[-1] != 1 and x.shape[-1] > 1:
+        raise ValueError(f"the Triton kernels need a contiguous last dim, got strides {strides}")
+    return strides[0], strides[1], strides[2]
 
 
 def as_u8(mask, like):
@@ -470,7 +483,7 @@ def halo_grad_args(halo, dk):
     out = dict(DHK=dhk if n_halo else dk, DHV=dhv if n_halo else dk, stride_dhb=dhk.stride(0))
     # the right part's tiles start at S rounded down to a multiple of 4 (``band_side._keys_kernel``): S % 4 more keys
     right = n_halo - left
-    return (dhk, dhv), out, triton.cdiv(left, block_n) + (triton.cdiv(right + S % 4, block_n) if right else 0)
+    return (dhk, dhv), out, cdiv(left, block_n) + (cdiv(right + S % 4, block_n) if right else 0)
 
 
 @triton.jit
@@ -512,7 +525,7 @@ def tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used=Non
     if key_ranges is None and side_ranges is None:
         return like
     B, R = (key_ranges if key_ranges is not None else side_ranges).shape[:2]
-    n_tiles = triton.cdiv(R, block_m)
+    n_tiles = cdiv(R, block_m)
     bounds = torch.empty(B, n_tiles, 8, dtype=torch.int32, device=like.device)
     if bounds.numel():
         _tile_bounds_kernel[(n_tiles, B)](like if key_ranges is None else key_ranges,

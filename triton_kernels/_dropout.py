@@ -28,7 +28,7 @@ import triton.language as tl
 
 from longattn._dropout import dropout_scale, keep_threshold_i32
 
-from ._common import interpreting
+from ._common import cdiv, interpreting
 
 FLAG = tl.constexpr(0x80000000)  # side-key flag of the key-group word, global-row flag of the row word
 
@@ -200,7 +200,7 @@ def dropout_tiles(rng: torch.Tensor, BH: int, row0: int, n_rows: int, col0: int,
         raise ValueError(f"col0: the aligned tiles need a multiple of 4, got {col0}")
     out = torch.empty((BH, n_rows, n_cols), dtype=torch.int32, device=rng.device)
     block_m, block_n = block
-    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_n), BH)
+    grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n), BH)
     _tiles_kernel[grid](rng, out, n_rows, n_cols, row0, col0, out.stride(0), out.stride(1),
                         0 if thresh is None else thresh, BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned,
                         KEEP=thresh is not None, SIDE=side, GLOBAL_ROWS=global_rows,

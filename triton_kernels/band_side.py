@@ -36,6 +36,7 @@ from ._common import (
     band_scores,
     band_tile_interior,
     batch_head_offset,
+    cdiv,
     dlse_args,
     dot_precision,
     ds_tile,
@@ -700,7 +701,7 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
     rows_role = fused_rows.role(False) if fused_rows is not None else {}
-    grid = (triton.cdiv(S, BLOCK_M) + rows_role.get("n_lead", 0), B * H)
+    grid = (cdiv(S, BLOCK_M) + rows_role.get("n_lead", 0), B * H)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     ranged, _, _ = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
     _rows_kernel[grid](
@@ -765,7 +766,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
                 **_dropout_meta(dropout_p, rng, delta, dropout_offset),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps)
-    n_tiles = triton.cdiv(S, BLOCK_M)
+    n_tiles = cdiv(S, BLOCK_M)
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
     part = bias_grad.partials(B, n_tiles, H, widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
@@ -778,10 +779,10 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         **ranged, **meta, **halo, **delta_lse, **rows_role,
     )
     halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
-    _keys_kernel[(triton.cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](
+    _keys_kernel[(cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,
         *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, stride_ib,
-        S, S, H, H // H_kv, G, D, left, right, float(scale), triton.cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
+        S, S, H, H // H_kv, G, D, left, right, float(scale), cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
         HAS_RANGES=has_kr, **meta, **halo, **halo_out, **keys_role,
     )
     dsk, dsv, side_sums = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges, G,
@@ -813,11 +814,11 @@ def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ran
         if side_index is not None:
             return q.new_empty(0), q.new_empty(0), None
         return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (side_k, side_v)), None)
-    n_tiles = triton.cdiv(S, meta["BLOCK_M"])
-    grid = (triton.cdiv(G, meta["BLOCK_N"]), B * H_kv)
+    n_tiles = cdiv(S, meta["BLOCK_M"])
+    grid = (cdiv(G, meta["BLOCK_N"]), B * H_kv)
     splits = side_splits(grid[0] * grid[1], n_tiles, q.device)
-    per_split = triton.cdiv(n_tiles, splits)
-    splits = triton.cdiv(n_tiles, per_split)
+    per_split = cdiv(n_tiles, splits)
+    splits = cdiv(n_tiles, per_split)
     direct = splits == 1 and side_index is None  # one chunk writes the gradients themselves
     part_k = torch.empty(splits, B, G, H_kv, D, dtype=q.dtype if direct else torch.float32, device=q.device)
     part_v = torch.empty_like(part_k)

@@ -57,13 +57,14 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import cdiv
 from .global_rows import combine_program
 
 
 def row_widths(has_band: bool, has_side: bool, W: int, G: int, block_m: int, block_n: int) -> tuple[int, int]:
     """(band_width, side_width) columns of a program's partial row; 0 for an absent table."""
     L = 2 * max(block_m, block_n)
-    band = (triton.cdiv(block_m - 1 + W, block_n) - 1) * block_n + L if has_band else 0
+    band = (cdiv(block_m - 1 + W, block_n) - 1) * block_n + L if has_band else 0
     side = 2 * G + L if has_side and G > 0 else 0
     return band, side
 
@@ -125,14 +126,14 @@ def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m, side_sums
     device = part.device
     dband = None if band_bias is None else torch.empty(H, W, dtype=band_bias.dtype, device=device)
     dside = None if side_bias is None else torch.empty(H, 2 * G + 1, dtype=side_bias.dtype, device=device)
-    band_end = H * triton.cdiv(W, _BLOCK_C) if dband is not None else 0
-    side_end = band_end + (H * triton.cdiv(2 * G + 1, _BLOCK_C) if dside is not None else 0)
+    band_end = H * cdiv(W, _BLOCK_C) if dband is not None else 0
+    side_end = band_end + (H * cdiv(2 * G + 1, _BLOCK_C) if dside is not None else 0)
     keys = side_sums is not None
     splits, B, G_keys, H_kv, D = side_sums.part_k.shape if keys else (0, 0, 0, 0, 0)
-    keys_end = side_end + B * G_keys * triton.cdiv(H_kv * D, _BLOCK_C)
+    keys_end = side_end + B * G_keys * cdiv(H_kv * D, _BLOCK_C)
     rows = row_sums is not None
     splits_r, BH, G_r, BLOCK_D = row_sums.part.shape if rows else (0, 0, 0, 16)
-    slot_tiles = triton.cdiv(G_r, _ROWS_BLOCK) if rows else 0
+    slot_tiles = cdiv(G_r, _ROWS_BLOCK) if rows else 0
     n_programs = keys_end + BH * slot_tiles
     if n_programs == 0:
         return dband, dside

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import interpreting
+from ._common import cdiv, interpreting, next_power_of_2
 
 # Aggregation tiles. Channel tile: a whole LongT5 d_model row (512..4096) takes 2..16 passes of 256. Token step:
 # 16 rows of a block per load (LongT5's global_block_size is 16). Not measured (no GPU when written).
@@ -71,7 +71,7 @@ _INTERPRET_DWEIGHT = dict(BLOCK_T=4, BLOCK_C=16, num_warps=1)
 
 def _blocks(C: int) -> tuple[int, int]:
     block_c, block_s = (_INTERPRET_BLOCK_C, _INTERPRET_BLOCK_S) if interpreting() else (_GPU_BLOCK_C, _GPU_BLOCK_S)
-    return min(block_c, triton.next_power_of_2(C)), block_s
+    return min(block_c, next_power_of_2(C)), block_s
 
 
 @triton.jit
@@ -238,7 +238,7 @@ def _order(block_ids, num_blocks, device):
     bounds = torch.empty(B, num_blocks + 1, dtype=torch.int32, device=device)
     # S = 0: ids, order and scratch are never read (empty tensors may be null pointers): bounds stands in.
     ids, order_arg, scratch_arg = (block_ids, order, scratch) if S else (bounds, bounds, bounds)
-    _order_kernel[(triton.cdiv(num_blocks, meta["BLOCK_G"]), B)](ids, order_arg, bounds, scratch_arg, S, num_blocks,
+    _order_kernel[(cdiv(num_blocks, meta["BLOCK_G"]), B)](ids, order_arg, bounds, scratch_arg, S, num_blocks,
                                                                  **meta)
     return order, bounds
 
@@ -274,17 +274,17 @@ def _weight_grads(dout, weight, sums, rstd, B, G, C):
     """-> (coef (B, G) float32, dweight (C,) in weight's dtype; C >= 1): ``_rows_grad_kernel`` (when B * G > 0),
     then ``_dweight_kernel`` over its per-tile partials (no tile: dweight = 0)."""
     rows, dweight_meta = (_INTERPRET_ROWS, _INTERPRET_DWEIGHT) if interpreting() else (_GPU_ROWS, _GPU_DWEIGHT)
-    rows = dict(rows, BLOCK_C=min(rows["BLOCK_C"], triton.next_power_of_2(C)))
-    dweight_meta = dict(dweight_meta, BLOCK_C=min(dweight_meta["BLOCK_C"], triton.next_power_of_2(C)))
+    rows = dict(rows, BLOCK_C=min(rows["BLOCK_C"], next_power_of_2(C)))
+    dweight_meta = dict(dweight_meta, BLOCK_C=min(dweight_meta["BLOCK_C"], next_power_of_2(C)))
     R = B * G
-    tiles = triton.cdiv(R, rows["BLOCK_R"])
+    tiles = cdiv(R, rows["BLOCK_R"])
     coef = torch.empty(B, G, dtype=torch.float32, device=dout.device)
     dweight = torch.empty(C, dtype=weight.dtype, device=weight.device)
     partial = torch.empty(tiles, C, dtype=torch.float32, device=dout.device)
     if tiles:
         _rows_grad_kernel[(tiles,)](dout, weight, sums, rstd, coef, partial, dout.stride(0), dout.stride(1), R, G,
                                     C, **rows)
-    grid = (triton.cdiv(C, dweight_meta["BLOCK_C"]),)
+    grid = (cdiv(C, dweight_meta["BLOCK_C"]),)
     _dweight_kernel[grid](partial if tiles else dweight, dweight, tiles, C, **dweight_meta)
     return coef, dweight
 
@@ -300,7 +300,7 @@ def backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps):
     if B * S * C == 0:
         return dx, dweight
     block_c, block_s = _blocks(C)
-    grid = (triton.cdiv(S, block_s), triton.cdiv(C, block_c), B)
+    grid = (cdiv(S, block_s), cdiv(C, block_c), B)
     # G = 0: every token is dropped (dx = 0) and nothing but the ids is read: dx stands in for dout (it may be a
     # null pointer) and the statistics, and the weight path is off.
     weighted = coef is not None and G > 0

@@ -39,6 +39,7 @@ from ._common import (
     as_u8,
     attention_tiles,
     batch_head_offset,
+    cdiv,
     dot_precision,
     ds_tile,
     head_dim_block,
@@ -353,11 +354,11 @@ def _plan(q, G, slot_block=None):
     B, S, H, D = q.shape
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
     BLOCK_M = slot_block or BLOCK_M
-    slot_tiles = triton.cdiv(G, BLOCK_M)
-    key_tiles = triton.cdiv(S, BLOCK_N)
+    slot_tiles = cdiv(G, BLOCK_M)
+    key_tiles = cdiv(S, BLOCK_N)
     splits = split_count(slot_tiles * B * H, key_tiles, q.device, cap=64)
-    keys_per_split = triton.cdiv(key_tiles, splits) * BLOCK_N
-    return (BLOCK_M, BLOCK_N, warps), slot_tiles, triton.cdiv(S, keys_per_split), keys_per_split
+    keys_per_split = cdiv(key_tiles, splits) * BLOCK_N
+    return (BLOCK_M, BLOCK_N, warps), slot_tiles, cdiv(S, keys_per_split), keys_per_split
 
 
 def forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None, key_ranges=None):
@@ -412,7 +413,7 @@ def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_i
     dq, dk, dv = (torch.empty(B, S, H, D, dtype=q.dtype, device=q.device) if into is None else into
                   for into in (dq_into, dk_into, dv_into))
     # The keys pass runs first: it zeroes a new dq's rows, whose global rows the combine then writes.
-    _keys_kernel[(triton.cdiv(S, BLOCK_N), B * H)](
+    _keys_kernel[(cdiv(S, BLOCK_N), B * H)](
         q, k, v, dout, out, glse, pos, used8, kmask, dk, dv, dq, *common, *strides3(dk), S, H, G, D, float(scale),
         pos.stride(0), ADD_DK=dk_into is not None, ADD_DV=dv_into is not None, ZERO_DQ=dq_into is None, **meta,
     )
@@ -465,7 +466,7 @@ class FusedRows:
     @staticmethod
     def counter_shape(q, G: int) -> tuple[int, int]:
         B, S, H, D = q.shape
-        return B, H * _plan(q, G, SLOT_BLOCK)[1]
+        return B, H * cdiv(G, SLOT_BLOCK)  # (B * H, slot tiles) as (B, H * slot tiles): zeroed per batch row
 
     def _inputs(self) -> dict:
         return dict(QG=self.q, KG=self.k, VG=self.v, **_named_strides("qg", self.q), **_named_strides("kg", self.k),

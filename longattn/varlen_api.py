@@ -28,13 +28,12 @@ Zero-length sequences are allowed (``cu_seqlens`` repeats a value); ``T = 0`` re
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import Tensor
 
 from . import api
 from ._dropout import check_dropout_p
+from ._memo import LastCall
 from ._validation import (
     _as_int,
     check_backend_name,
@@ -88,46 +87,16 @@ def _key_and_side_ranges(cu_seqlens: Tensor, cu_side: Tensor, total: int) -> tup
     return _bounds(cu_seqlens, seq), _bounds(cu_side, seq)
 
 
-class _LastRanges:
-    """The ranges of the last packed call, reused while the next call passes the same ``cu_seqlens`` (and ``cu_side``)
-    tensors, unmodified (same ``_version``), with the same ``total``: the layers of one model forward share them.
-
-    Weak references: an entry never keeps a batch's tensors alive, only the ranges themselves (one or two ``(1, T, 2)``
-    int32 tensors). One entry, replaced as a whole (threads may share the cache). Not used while tracing
-    (``torch.compile``), for tensor subclasses (fake tensors) or inference tensors (no version counter), which get
-    fresh ranges every call."""
-
-    def __init__(self):
-        self.entry = None  # ((cu ref, version), (cu_side ref, version) or None, total), ranges
-
-    @staticmethod
-    def _identity(cu: Tensor | None):
-        return None if cu is None else (weakref.ref(cu), cu._version)
-
-    @staticmethod
-    def _same(identity, cu: Tensor | None) -> bool:
-        if cu is None or identity is None:
-            return cu is None and identity is None
-        return identity[0]() is cu and identity[1] == cu._version
-
-    def get(self, cu_seqlens: Tensor, cu_side: Tensor | None, total: int):
-        """``token_ranges`` (``cu_side`` None) or ``_key_and_side_ranges``, from the cache when it holds them."""
-        cacheable = (not torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference()
-                     and type(cu_seqlens) is torch.Tensor and not cu_seqlens.is_inference()
-                     and (cu_side is None or (type(cu_side) is torch.Tensor and not cu_side.is_inference())))
-        entry = self.entry
-        if cacheable and entry is not None:
-            (cu_id, side_id, cached_total), ranges = entry
-            if cached_total == total and self._same(cu_id, cu_seqlens) and self._same(side_id, cu_side):
-                return ranges
-        ranges = token_ranges(cu_seqlens, total) if cu_side is None else _key_and_side_ranges(cu_seqlens, cu_side,
-                                                                                                total)
-        if cacheable:
-            self.entry = (self._identity(cu_seqlens), self._identity(cu_side), total), ranges
-        return ranges
+def _last_ranges(cu_seqlens: Tensor, cu_side: Tensor | None, total: int):
+    """``token_ranges`` (``cu_side`` None) or ``_key_and_side_ranges``, kept for the next call with the same, unmodified
+    ``cu_seqlens`` (and ``cu_side``) tensors and ``total`` (``longattn._memo``): the layers of one model forward share
+    them."""
+    if cu_side is None:
+        return _LAST_RANGES.get(lambda: token_ranges(cu_seqlens, total), (cu_seqlens, None), (total,))
+    return _LAST_RANGES.get(lambda: _key_and_side_ranges(cu_seqlens, cu_side, total), (cu_seqlens, cu_side), (total,))
 
 
-_LAST_RANGES = _LastRanges()
+_LAST_RANGES = LastCall()
 
 
 def _check_packed_qkv(q, k, v, *, grouped: bool) -> tuple[int, int, int]:
@@ -179,7 +148,7 @@ def local_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, 
     q, k, v = api._cast_for_autocast(q, k, v)
     out = api._band_side(q[None], k[None], v[None], None, None, left, right, band_key_mask=None, side_mask=None,
                          query_block=None, band_bias=rel_bias, side_bias=None, scale=scale, backend=backend,
-                         dropout_p=dropout_p, key_ranges=_LAST_RANGES.get(cu_seqlens, None, T), span=max_seqlen)
+                         dropout_p=dropout_p, key_ranges=_last_ranges(cu_seqlens, None, T), span=max_seqlen)
     return out.squeeze(0)  # a view both ways ([0]'s backward would fill zeros and copy)
 
 
@@ -272,7 +241,7 @@ def tglobal_attention_varlen(q: Tensor, k: Tensor, v: Tensor, side_k: Tensor, si
     if T == 0:
         return _empty_like(q)
     q, k, v, side_k, side_v = api._cast_for_autocast(q, k, v, side_k, side_v)
-    key_ranges, side_ranges = _LAST_RANGES.get(cu_seqlens, cu_blocks, T)
+    key_ranges, side_ranges = _last_ranges(cu_seqlens, cu_blocks, T)
     out = api._band_side(q[None], k[None], v[None], side_k[None], side_v[None], left, right, band_key_mask=None,
                          side_mask=None if side_mask is None else side_mask[None], query_block=query_block[None],
                          band_bias=rel_bias, side_bias=side_bias, scale=scale, backend=backend, dropout_p=dropout_p,
@@ -328,4 +297,4 @@ def longformer_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Ten
     return api._longformer(q[None], k[None], v[None], *(None if x is None else x[None] for x in
                                                          (q_global, k_global, v_global)),
                            global_mask[None], None, left, right, scale, max_globals, dropout_p, backend,
-                           key_ranges=_LAST_RANGES.get(cu_seqlens, None, T), span=max_seqlen).squeeze(0)
+                           key_ranges=_last_ranges(cu_seqlens, None, T), span=max_seqlen).squeeze(0)

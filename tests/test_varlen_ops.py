@@ -20,6 +20,7 @@ from longattn import dispatch
 from longattn.varlen import cu_from_seqlens
 from longattn.varlen_api import token_ranges
 from tests import reference
+from tests.conftest import TRITON_DEVICE, needs_triton
 from tests.tolerance import FLOORS, assert_within_rule
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -213,21 +214,22 @@ def test_token_ranges_tolerate_a_wrong_cu_seqlens():
     assert ranges[0].tolist() == [[0, 2], [0, 2], [2, 4], [2, 4], [2, 4], [2, 4], [2, 4]]
 
 
-def _packed_calls(T=17, lengths=(5, 12)):
+def _packed_calls(T=17, lengths=(5, 12), backend="torch", dtype=torch.float64, device="cpu"):
     """(call(cu, cu_blocks), leaves) of the local and TGlobal packed ops on fixed inputs."""
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(T, H, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    cu = cu_from_seqlens(list(lengths))
+    q, k, v = (torch.randn(T, H, D, generator=g, dtype=torch.float64).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    cu = cu_from_seqlens(list(lengths)).to(device)
     block_ids, block_mask, cu_blocks = longattn.tglobal_block_ids_varlen(cu, T, 4)
     G = block_mask.shape[0]
-    sk, sv = (torch.randn(G, H, D, generator=g, dtype=torch.float64) for _ in range(2))
+    sk, sv = (torch.randn(G, H, D, generator=g, dtype=torch.float64).to(device, dtype) for _ in range(2))
 
     def local(cu, cu_blocks):
-        return longattn.local_attention_varlen(q, k, v, cu, max(lengths), 3, backend="torch")
+        return longattn.local_attention_varlen(q, k, v, cu, max(lengths), 3, backend=backend)
 
     def tglobal(cu, cu_blocks):
         return longattn.tglobal_attention_varlen(q, k, v, sk, sv, cu, max(lengths), 2, block_ids, cu_blocks,
-                                                 side_mask=block_mask, backend="torch")
+                                                 side_mask=block_mask, backend=backend)
 
     return {"local": local, "tglobal": tglobal}, cu, cu_blocks, (q, k, v)
 
@@ -334,3 +336,27 @@ def test_varlen_ops_compile_without_graph_breaks():
     gq, = torch.autograd.grad(got, q)
     wq, = torch.autograd.grad(want, q)
     torch.testing.assert_close(gq, wq)
+
+
+@needs_triton
+@pytest.mark.parametrize("name", ["local", "tglobal"])
+def test_triton_packed_ops_reuse_the_last_tile_bounds(name, triton_launches):
+    """The Triton kernels' per-tile range bounds (``_common.tile_bounds``) are kept with the ranges: a call with the
+    previous call's cu_seqlens launches its attention kernel alone, and its backward the band backward's launches
+    (at most the issue's 4), no bounds kernel; the results are those of a fresh call."""
+    calls, cu, cu_blocks, leaves = _packed_calls(backend="triton", dtype=torch.float32, device=TRITON_DEVICE)
+    call = calls[name]
+    first = call(cu, cu_blocks)
+    torch.autograd.grad(first, leaves, torch.ones_like(first))
+    triton_launches.clear()
+    again = call(cu, cu_blocks)
+    assert triton_launches == ["_rows_kernel"], triton_launches
+    triton_launches.clear()
+    grads_again = torch.autograd.grad(again, leaves, torch.ones_like(again))
+    assert "_tile_bounds_kernel" not in triton_launches and len(triton_launches) <= 4, triton_launches
+    fresh_calls, fresh_cu, fresh_blocks, fresh_leaves = _packed_calls(backend="triton", dtype=torch.float32,
+                                                                      device=TRITON_DEVICE)
+    fresh = fresh_calls[name](fresh_cu.clone(), fresh_blocks.clone())
+    assert torch.equal(again, fresh)
+    for got, want in zip(grads_again, torch.autograd.grad(fresh, fresh_leaves, torch.ones_like(fresh))):
+        assert torch.equal(got, want)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from longattn._memo import LastCall
+
 # Tile shapes, (BLOCK_M, BLOCK_N, num_warps), by padded head dim.
 #
 # NOT MEASURED: this was written on a machine without a GPU; the choice below is from tile arithmetic
@@ -521,9 +523,20 @@ def tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used=Non
     [0, n_keys)) / ``side_ranges`` (side keys in [0, n_side)) (``_tile_bounds_kernel``; the columns of an absent
     tensor are left unset; ``used`` (B, R) uint8: rows that count), or ``like`` when there are no ranges. The
     attention kernels read these scalars per tile instead of reducing the rows' ranges themselves: reductions
-    before the tile loop cost the dQ kernel (all biases on) ~100 registers' worth of spills on sm_90."""
+    before the tile loop cost the dQ kernel (all biases on) ~100 registers' worth of spills on sm_90.
+
+    The result is kept for the next call with the same, unmodified range tensors (``longattn._memo``): the packed ops
+    pass the same ranges to every layer's forward and backward, which then launch no bounds kernel."""
     if key_ranges is None and side_ranges is None:
         return like
+    return _LAST_BOUNDS.get(lambda: _tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used),
+                            (key_ranges, side_ranges, used), (n_keys, n_side, block_m))
+
+
+_LAST_BOUNDS = LastCall()
+
+
+def _tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used):
     B, R = (key_ranges if key_ranges is not None else side_ranges).shape[:2]
     n_tiles = cdiv(R, block_m)
     bounds = torch.empty(B, n_tiles, 8, dtype=torch.int32, device=like.device)

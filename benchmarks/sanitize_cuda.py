@@ -13,7 +13,8 @@ arbitrary values), halo keys (strided halo buffers read in place, halo masks, ha
 window), dropout with halo keys and a dropout offset (the kHalo dropout kernels, also with an empty halo) and the lse
 gradient (NaN where lse = +inf, which must not reach any gradient), and Longformer's band pass (side keys read in
 place through an index with out-of-range values, padding rows, the side-add kernel; the kIndexed kernels, with and
-without dropout). Exits non-zero on a CUDA
+without dropout) and its global rows (side_only, lse_split, the side-add kernel into strided destinations, the zero
+fill of a new dq). Exits non-zero on a CUDA
 error or a non-finite result; the sanitizer reports memory / race errors itself.
 """
 
@@ -138,6 +139,54 @@ def longformer_glue(dtype, *, B=2, S=300, H=3, D=64, G=40, C=3):
         raise RuntimeError(f"NaN glse (longformer glue, dtype={dtype})")
 
 
+def longformer_global_rows(dtype, D, *, B=2, S=300, H=2, G=37, n=128, dropout=0.0, ranges=False):
+    """The global rows' band op as the CUDA backend runs it: ``side_only`` (no band tile, no band CTA), the backward's
+    ``lse_split`` (every key split reads the merged glse) and ``dside_k_into`` / ``dside_v_into`` (strided destinations,
+    the last split's padding rows dropped), then ``rows_add`` with ``zero_fill``; slots with out-of-range positions,
+    masked keys, arbitrary per-slot side ranges, and a call with no side key at all."""
+    ops = torch.ops.longattn
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    C, scale = -(-S // n), D**-0.5
+    q, k, v = (torch.randn(B, S, H, D, generator=gen, device="cuda").to(dtype) for _ in range(3))
+    pos = torch.stack([torch.randperm(S, generator=gen, device="cuda")[:G] for _ in range(B)])
+    pos[1, :2] = torch.tensor([-3, S + 7], device="cuda")[: min(G, 2)]
+    used = torch.rand(B, G, generator=gen, device="cuda") > 0.2
+    qs = ops.cuda_longformer_gather_rows(q, pos, C)
+    pad = C * n - S
+    sk, sv = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(B * C, n, H, D) for x in (k, v))
+    real = torch.rand(B, S, generator=gen, device="cuda") > 0.1
+    side_mask = torch.nn.functional.pad(real, (0, pad)).view(B * C, n)
+    extra = {"dropout_global_rows": True, "side_only": True}
+    if dropout:
+        extra.update(dropout_p=dropout, rng=torch.tensor([5, 8], dtype=torch.int64, device="cuda"))
+    if ranges:
+        extra["side_ranges"] = torch.randint(-5, n + 5, (B * C, G, 2), generator=gen, device="cuda", dtype=torch.int32)
+    parts, lse_parts = ops.cuda_band_side_fwd(qs, qs, qs, sk, sv, None, side_mask, None, None, None, 0, 0, scale,
+                                              **extra)
+    out = torch.zeros(B, S, H, D, device="cuda", dtype=dtype)
+    glse = ops.cuda_longformer_rows_merge(parts, lse_parts, pos, used, out)
+    douts = ops.cuda_longformer_gather_rows(torch.randn_like(out), pos, C)
+    outs = ops.cuda_longformer_gather_rows(out, pos, C)
+    dk, dv = (torch.zeros(B, H, S, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))  # strided
+    grads = ops.cuda_band_side_bwd(douts, qs, qs, qs, sk, sv, outs, glse, None, side_mask, None, None, None, 0, 0,
+                                   scale, lse_split=C, dside_k_into=dk, dside_v_into=dv, **extra)
+    returned = ops.cuda_band_side_bwd(douts, qs, qs, qs, sk, sv, outs, glse, None, side_mask, None, None, None, 0, 0,
+                                      scale, lse_split=C, **extra)
+    dq = torch.empty(B, S, H, D, device="cuda", dtype=dtype)
+    ops.cuda_longformer_rows_add(grads[0], pos, used, dq, zero_fill=True)
+    extra.pop("side_ranges", None)
+    none = sk[:, :0], sv[:, :0]  # no side key: out 0, lse +inf, dq 0 without a launch of the band kernels
+    o0, l0 = ops.cuda_band_side_fwd(qs, qs, qs, *none, None, None, None, None, None, 0, 0, scale, **extra)
+    g0 = ops.cuda_band_side_bwd(douts, qs, qs, qs, *none, o0, l0, None, None, None, None, None, 0, 0, scale, **extra)
+    torch.cuda.synchronize()
+    for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv), ("dside_k", returned[3]),
+                    ("dside_v", returned[4]), ("out (no keys)", o0), ("dq (no keys)", g0[0])):
+        if not torch.isfinite(t).all():
+            raise RuntimeError(f"non-finite {name} (longformer global rows, dtype={dtype}, D={D})")
+    if not (torch.isinf(l0).all() and (o0 == 0).all() and (g0[0] == 0).all()):
+        raise RuntimeError("side_only with no side key: expected out = 0, lse = +inf, dq = 0")
+
+
 def block_aggregate(dtype, weighted):
     ops = torch.ops.longattn
     B, S, C, G = 2, 300, 96, 20
@@ -198,6 +247,12 @@ def main() -> int:
         longformer_glue(dtype)
     longformer_glue(torch.bfloat16, S=1, G=1, C=1)
     print("Longformer slots and global-row kernels ok")
+    for D in (32, 64, 128):
+        longformer_global_rows(torch.float16, D)  # three splits, the last padded
+        longformer_global_rows(torch.bfloat16, D, ranges=True)
+    longformer_global_rows(torch.bfloat16, 64, n=300, dropout=0.2)  # dropout keeps one split
+    longformer_global_rows(torch.float16, 64, S=1, G=1, n=1)
+    print("Longformer global rows (side_only, lse_split, dside_*_into, zero_fill) ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weighted in (False, True):
             block_aggregate(dtype, weighted)

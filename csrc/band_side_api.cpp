@@ -27,6 +27,15 @@
 // kernel's epilogue. The backward adds the side keys' dK/dV into rows side_index of dk / dv (band_side_bwd_side_add_
 // kernel: the kept slots of a batch row must name distinct rows, as Longformer's do; any index value is safe) and
 // returns dside_k / dside_v empty. Not combined with ranges, halo keys or a dropout offset.
+//
+// Longformer's global rows (the backend's global_rows_*: each slot's query row against one key split, a batch row
+// per split): side_only makes the rows attend their side keys only (no band tile walked, no band CTA in the dK/dV
+// grid; band_key_mask, band_bias, key_ranges, side_index and halo keys must be None, and the backward returns dk / dv
+// empty). The backward's lse_split reads the lse of batch row b at row b / lse_split of an (B / lse_split, H, S) lse
+// (every split against the merged statistics; no dlse then), and dside_k_into / dside_v_into ((B / C, S', H, D), any
+// strides keeping element pairs 4-byte aligned, C = B / their batch size) take the side keys' dK/dV added in: side
+// key g of batch row b is row (b % C) * G + g of batch row b / C, rows >= S' dropped (the side-add kernel, as for
+// side_index); dside_k / dside_v then come back empty.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -90,11 +99,20 @@ void check_optional(const char* op, const OptTensor& t, const char* name, const 
   shape_is(op, *t, name, shape, dims);
 }
 
-// Longformer's band-pass arguments (side_index; query_mask and band_rows_only are the forward's, else None / false).
+// Longformer's band-pass arguments (side_index; query_mask and band_rows_only are the forward's, else None / false)
+// and its global rows' side_only.
 struct IndexArgs {
   const OptTensor& side_index;
   const OptTensor& query_mask;
   bool band_rows_only;
+  bool side_only;
+};
+
+// The backward's global-rows arguments: lse_split and the side keys' gradient destinations (or None).
+struct SplitArgs {
+  int64_t lse_split;
+  const OptTensor& dsk_into;
+  const OptTensor& dsv_into;
 };
 
 // The dropout arguments of both ops.
@@ -237,6 +255,13 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
   check_optional(op, band_bias, "band_bias", q, std::nullopt, {H, left + right + 1}, "(H, left + right + 1)");
   check_optional(op, side_bias, "side_bias", q, std::nullopt, {H, 2 * G + 1}, "(H, 2G + 1)");
   check_dropout_args(op, q, drop, HR, key_ranges, side_ranges);
+  if (index.side_only) {  // no band keys: nothing may describe them
+    TORCH_CHECK(!band_key_mask.has_value() && !band_bias.has_value() && !key_ranges.has_value(), op,
+                ": band_key_mask / band_bias / key_ranges must be None with side_only (no band keys), got a tensor");
+    TORCH_CHECK(indexed_g < 0 && !halo.k.has_value(), op,
+                ": side_index / halo_k must be None with side_only, got a tensor");
+    TORCH_CHECK(drop.offset == 0, op, ": dropout_offset must be 0 with side_only, got ", drop.offset);
+  }
   // Per-row key ranges: read by computed offsets (b * S + i) * 2, so contiguous.
   for (const auto& [t, name] : {std::pair{&key_ranges, "key_ranges"}, std::pair{&side_ranges, "side_ranges"}}) {
     check_optional(op, *t, name, q, at::kInt, {B, S, 2}, "(B, S, 2)");
@@ -245,23 +270,54 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
   return {B, S, H, D, G, HL, HR};
 }
 
+// The side keys' gradient destinations (SplitArgs): both or neither, never with side_index; (B / C, S', H, D) like
+// q, element pairs 4-byte aligned (the side-add kernel's stores).
+void check_into_args(const SplitArgs& split, const Dims& d, const at::Tensor& q, const OptTensor& side_index) {
+  TORCH_CHECK(split.dsk_into.has_value() == split.dsv_into.has_value(), kBwd,
+              ": dside_k_into and dside_v_into must be given together, got ", given(split.dsk_into), " and ",
+              given(split.dsv_into));
+  if (!split.dsk_into.has_value()) return;
+  TORCH_CHECK(!side_index.has_value(), kBwd, ": dside_k_into must be None with side_index, got a tensor");
+  for (const auto& [t, name] : {std::pair{&*split.dsk_into, "dside_k_into"}, std::pair{&*split.dsv_into,
+                                                                                       "dside_v_into"}}) {
+    same_device(kBwd, *t, name, q, "q");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), kBwd, ": ", name, " must have q's dtype ", q.scalar_type(),
+                ", got ", t->scalar_type());
+    const bool batches = t->dim() == 4 && (t->size(0) == 0 ? d.B == 0 : d.B % t->size(0) == 0);
+    TORCH_CHECK(batches && t->size(2) == d.H && t->size(3) == d.D && t->sizes() == split.dsk_into->sizes() &&
+                    t->size(1) < (int64_t(1) << 31),
+                kBwd, ": ", name, " must have shape (B / C, S', H, D) with C dividing B = ", d.B, ", H = ", d.H,
+                ", D = ", d.D, ", S' < 2^31, like dside_k_into, got ", t->sizes());
+    last_dim_contiguous(kBwd, *t, name);
+    bool aligned = reinterpret_cast<uintptr_t>(t->data_ptr()) % 4 == 0;
+    for (int i = 0; i < 3; ++i) aligned = aligned && t->stride(i) % 2 == 0;
+    TORCH_CHECK(aligned, kBwd, ": ", name, " must keep element pairs 4-byte aligned (an aligned base, even strides), ",
+                "got strides ", t->strides());
+  }
+}
+
 Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse,
                     const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
                     const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right,
                     double scale, const DropoutArgs& drop, const OptTensor& key_ranges,
                     const OptTensor& side_ranges, const HaloArgs& halo, const OptTensor& dlse,
-                    const OptTensor& side_index) {
+                    const OptTensor& side_index, bool side_only, const SplitArgs& split) {
   const OptTensor no_query_mask;
   const Dims d = check_fwd_args(kBwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
                                 side_bias, left, right, scale, drop, key_ranges, side_ranges, halo,
-                                {side_index, no_query_mask, false});
+                                {side_index, no_query_mask, false, side_only});
   check_operand(kBwd, dout, "dout", q, d.S, "(B, S, H, D)");
   check_operand(kBwd, out, "out", q, d.S, "(B, S, H, D)");
   same_device(kBwd, lse, "lse", q, "q");
   dtype_is(kBwd, lse, "lse", at::kFloat);
-  shape_is(kBwd, lse, "lse", {d.B, d.H, d.S}, "(B, H, S)");
+  TORCH_CHECK(split.lse_split >= 1 && split.lse_split <= 65535 && d.B % split.lse_split == 0, kBwd,
+              ": lse_split must be in [1, 65535] and divide q's B = ", d.B, ", got ", split.lse_split);
+  shape_is(kBwd, lse, "lse", {d.B / split.lse_split, d.H, d.S}, "(B / lse_split, H, S)");
   check_optional(kBwd, dlse, "dlse", q, at::kFloat, {d.B, d.H, d.S}, "(B, H, S)");
+  TORCH_CHECK(!dlse.has_value() || split.lse_split == 1, kBwd, ": dlse must be None with lse_split > 1, got ",
+              "a tensor with lse_split = ", split.lse_split);
+  check_into_args(split, d, q, side_index);
   // The delta kernel runs one warp per (b, s, h) row, 8 rows per CTA, on a 1-D grid.
   TORCH_CHECK(d.B * d.S * d.H <= int64_t(8) * std::numeric_limits<int32_t>::max(), kBwd,
               ": q's B * S * H must be <= 8 * (2^31 - 1) (CUDA grid limit), got ", d.B * d.S * d.H);
@@ -362,7 +418,9 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
   // runs the plain ones. The dK/dV band CTAs cover the key tiles of [max(-HL, -left), min(S + HR, S + right)):
   // every key some query's window reaches (halo rows beyond get no gradient; band_side_bwd zero-fills them).
   p.band_tile0 = 0;
-  p.n_band_tiles = (d.S + kTile - 1) / kTile;
+  p.n_band_tiles = index.side_only ? 0 : (d.S + kTile - 1) / kTile;  // side_only: no band CTA
+  p.side_only = index.side_only;
+  p.lse_split = 1;
   if (d.HL + d.HR > 0) {
     const at::Tensor hk = loadable(*halo.k), hv = loadable(*halo.v);
     r.keep.push_back(hk);
@@ -397,10 +455,10 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
                                                  const OptTensor& halo_v, const OptTensor& halo_mask,
                                                  int64_t halo_left, int64_t dropout_offset,
                                                  const OptTensor& side_index, const OptTensor& query_mask,
-                                                 bool band_rows_only) {
+                                                 bool band_rows_only, bool side_only) {
   const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
   const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
-  const IndexArgs index{side_index, query_mask, band_rows_only};
+  const IndexArgs index{side_index, query_mask, band_rows_only, side_only};
   const Dims d = check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
                                 side_bias, left, right, scale, drop, key_ranges, side_ranges, halo, index);
   on_cuda(kFwd, q, "q");
@@ -411,6 +469,11 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
   at::Tensor out = at::empty({p.B, p.S, p.H, p.D}, q.options());
   at::Tensor lse = at::empty({p.B, p.H, p.S}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
+  if (side_only && p.G == 0) {  // no key at all (and the kernels' walk is never empty without ranges)
+    out.zero_();
+    lse.fill_(std::numeric_limits<float>::infinity());
+    return {out, lse};
+  }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   C10_CUDA_CHECK(run_band_side_fwd(p, q.scalar_type() == at::kBFloat16, c10::cuda::getCurrentCUDAStream()));
@@ -429,17 +492,20 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
                        bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
                        const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
                        int64_t halo_left, const OptTensor& dlse_in, int64_t dropout_offset,
-                       const OptTensor& side_index) {
+                       const OptTensor& side_index, bool side_only, int64_t lse_split,
+                       const OptTensor& dside_k_into, const OptTensor& dside_v_into) {
   const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
   const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
+  const SplitArgs split{lse_split, dside_k_into, dside_v_into};
   const Dims d = check_bwd_args(dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
                                 query_block, band_bias, side_bias, left, right, scale, drop, key_ranges,
-                                side_ranges, halo, dlse_in, side_index);
+                                side_ranges, halo, dlse_in, side_index, side_only, split);
   on_cuda(kBwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   const OptTensor no_query_mask;
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
-                       left, right, scale, drop, key_ranges, side_ranges, halo, {side_index, no_query_mask, false});
+                       left, right, scale, drop, key_ranges, side_ranges, halo,
+                       {side_index, no_query_mask, false, side_only});
   BandSideParams& p = r.p;
   const at::Tensor dout = loadable(dout_in);
   const at::Tensor out = loadable(out_in);
@@ -448,8 +514,9 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
   const auto opts = q.options();
   const auto fopts = opts.dtype(at::kFloat);
   at::Tensor dq = at::empty({p.B, p.S, p.H, p.D}, opts);
-  at::Tensor dk = at::empty_like(dq);
-  at::Tensor dv = at::empty_like(dq);
+  // side_only: no band keys, so no dk / dv (empty, like the side-key gradients that go elsewhere).
+  at::Tensor dk = side_only ? q.new_empty({0}) : at::empty_like(dq);
+  at::Tensor dv = side_only ? q.new_empty({0}) : at::empty_like(dq);
   at::Tensor dbb = band_bias ? at::Tensor() : q.new_empty({0});
   at::Tensor dsb = side_bias ? at::Tensor() : q.new_empty({0});
   // Halo-key gradients ((0,) without halo keys); rows outside the dK/dV CTAs' tiles (no window reaches them) and
@@ -461,9 +528,12 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
     dhk = written ? at::empty(shape, opts) : at::zeros(shape, opts);
     dhv = written ? at::empty(shape, opts) : at::zeros(shape, opts);
   }
-  if (dq.numel() == 0) {
-    // With side_index the side keys' gradients are in dk / dv (zeros here) and dside_k / dside_v are empty.
-    at::Tensor dside = side_index ? q.new_empty({0}) : at::zeros({p.B, p.G, p.H, p.D}, opts);
+  const bool into = dside_k_into.has_value();
+  if (dq.numel() == 0 || (side_only && p.G == 0)) {  // nothing attends anything: zero gradients, nothing added
+    dq.zero_();
+    // With side_index the side keys' gradients are in dk / dv (zeros here), with dside_*_into in those (nothing to
+    // add), and dside_k / dside_v are empty.
+    at::Tensor dside = side_index || into ? q.new_empty({0}) : at::zeros({p.B, p.G, p.H, p.D}, opts);
     if (band_bias) dbb = at::zeros_like(*band_bias, at::MemoryFormat::Contiguous);
     if (side_bias) dsb = at::zeros_like(*side_bias, at::MemoryFormat::Contiguous);
     return {dq, dk, dv, dside, dside.clone(), dbb, dsb, dhk, dhv};
@@ -502,6 +572,13 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
   p.o = out.data_ptr();
   p.o_st = strides_of(out);
   p.lse_in = lse.data_ptr<float>();
+  at::Tensor lse_expanded;  // lse_split > 1: the delta kernel writes every batch row's lse here
+  if (lse_split > 1) {
+    lse_expanded = at::empty({p.B, p.H, p.S}, fopts);
+    p.lse_merged = lse.data_ptr<float>();
+    p.lse_expanded = lse_expanded.data_ptr<float>();
+    p.lse_in = p.lse_expanded;
+  }
   p.delta = delta.data_ptr<float>();
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
@@ -514,15 +591,25 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
   p.dhalo_v = p.halo_k != nullptr ? dhv.data_ptr() : nullptr;
   const OptTensor dlse = contiguous(dlse_in);
   p.dlse = dlse ? dlse->data_ptr<float>() : nullptr;
+  p.lse_split = static_cast<int>(lse_split);
+  if (into) {
+    p.dside_k_into = dside_k_into->data_ptr();
+    p.dside_v_into = dside_v_into->data_ptr();
+    p.dsk_into_st = strides_of(*dside_k_into);
+    p.dsv_into_st = strides_of(*dside_v_into);
+    p.into_split = static_cast<int>(d.B / dside_k_into->size(0));  // >= 1: B > 0 here
+    p.into_rows = static_cast<int>(dside_k_into->size(1));
+  }
 
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(run_band_side_bwd_delta(p, bf16, stream));
   C10_CUDA_CHECK(run_band_side_bwd_dq(p, bf16, stream));
   C10_CUDA_CHECK(run_band_side_bwd_dkdv(p, bf16, stream));
-  if (side_index) {
-    // Longformer: the side keys' dK/dV added into their tokens' rows of dk / dv, after the band dK/dV (stream
-    // order), in chunk order: deterministic, no scatter.
+  if (side_index || into) {
+    // Longformer: the side keys' dK/dV added into their tokens' rows of dk / dv (band pass) or into the split keys'
+    // rows of dside_*_into (global rows), after the dK/dV kernel (stream order), in chunk order: deterministic, no
+    // scatter.
     C10_CUDA_CHECK(run_band_side_bwd_side_add(p, bf16, stream));
     if (band_bias) dbb = dbb_part.sum(at::IntArrayRef{0, 2}).to(band_bias->scalar_type());
     if (side_bias) dsb = dsb_part.sum(at::IntArrayRef{0, 2}).to(side_bias->scalar_type());
@@ -550,10 +637,10 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd_cpu(const at::Tensor& q, const 
                                                      const OptTensor& halo_v, const OptTensor& halo_mask,
                                                      int64_t halo_left, int64_t dropout_offset,
                                                      const OptTensor& side_index, const OptTensor& query_mask,
-                                                     bool band_rows_only) {
+                                                     bool band_rows_only, bool side_only) {
   check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
                  right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges, side_ranges,
-                 {halo_k, halo_v, halo_mask, halo_left}, {side_index, query_mask, band_rows_only});
+                 {halo_k, halo_v, halo_mask, halo_left}, {side_index, query_mask, band_rows_only, side_only});
   needs_cuda(kFwd, q);
 }
 
@@ -565,10 +652,12 @@ BwdGrads band_side_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at
                            bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
                            const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
                            int64_t halo_left, const OptTensor& dlse, int64_t dropout_offset,
-                           const OptTensor& side_index) {
+                           const OptTensor& side_index, bool side_only, int64_t lse_split,
+                           const OptTensor& dside_k_into, const OptTensor& dside_v_into) {
   check_bwd_args(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
                  side_bias, left, right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges,
-                 side_ranges, {halo_k, halo_v, halo_mask, halo_left}, dlse, side_index);
+                 side_ranges, {halo_k, halo_v, halo_mask, halo_left}, dlse, side_index, side_only,
+                 {lse_split, dside_k_into, dside_v_into});
   needs_cuda(kBwd, q);
 }
 

@@ -19,7 +19,9 @@
 // their CUDA and CPU implementations live in band_side_api.cpp and block_aggregate_api.cpp, their fake (meta)
 // implementations in longattn/backends/cuda_backend.py. Arguments added later come last with defaults (calls
 // without them keep working); cuda_band_side_bwd always returns dhalo_k / dhalo_v, (0,) without halo keys, and
-// with side_index (Longformer's band pass: side keys read in place from rows of k / v) dside_k / dside_v empty.
+// with side_index (Longformer's band pass: side keys read in place from rows of k / v) dside_k / dside_v empty; for
+// Longformer's global rows, side_only (no band keys: dk / dv empty), lse_split (lse shared by lse_split batch rows)
+// and dside_k_into / dside_v_into (the side keys' dK/dV added into them; dside_k / dside_v then empty).
 TORCH_LIBRARY_FRAGMENT(longattn, m) {
   m.def(
       "cuda_band_side_fwd(Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor? band_key_mask, "
@@ -27,14 +29,15 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
       "float scale, float dropout_p=0.0, Tensor? rng=None, bool dropout_global_rows=False, "
       "Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, Tensor? halo_v=None, "
       "Tensor? halo_mask=None, int halo_left=0, int dropout_offset=0, Tensor? side_index=None, "
-      "Tensor? query_mask=None, bool band_rows_only=False) -> (Tensor out, Tensor lse)");
+      "Tensor? query_mask=None, bool band_rows_only=False, bool side_only=False) -> (Tensor out, Tensor lse)");
   m.def(
       "cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor out, "
       "Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, "
       "Tensor? side_bias, int left, int right, float scale, float dropout_p=0.0, Tensor? rng=None, "
       "bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, "
       "Tensor? halo_v=None, Tensor? halo_mask=None, int halo_left=0, Tensor? dlse=None, int dropout_offset=0, "
-      "Tensor? side_index=None) -> "
+      "Tensor? side_index=None, bool side_only=False, int lse_split=1, Tensor(a!)? dside_k_into=None, "
+      "Tensor(b!)? dside_v_into=None) -> "
       "(Tensor dq, Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias, "
       "Tensor dhalo_k, Tensor dhalo_v)");
   m.def(
@@ -45,7 +48,8 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
       "Tensor sums, Tensor rstd, float eps) -> (Tensor dx, Tensor dweight)");
   // Longformer's glue around the band op (longformer_api.cpp): the global tokens' slot layout; for the global rows'
   // key splits, the slots' rows copied once per split, the splits merged into rows pos of out (returning glse) and
-  // their dq rows summed into rows pos of dq.
+  // their dq rows summed into rows pos of dq (zero_fill: dq, contiguous, zeroed first: a new dq for separate
+  // global projections).
   m.def(
       "cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G) "
       "-> (Tensor band_rows, Tensor pos, Tensor used)");
@@ -53,7 +57,8 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
       "cuda_longformer_rows_merge(Tensor out_parts, Tensor lse_parts, Tensor pos, Tensor used, Tensor(a!) out) "
       "-> Tensor glse");
   m.def("cuda_longformer_gather_rows(Tensor x, Tensor pos, int C) -> Tensor rows");
-  m.def("cuda_longformer_rows_add(Tensor dq_parts, Tensor pos, Tensor used, Tensor(a!) dq) -> ()");
+  m.def("cuda_longformer_rows_add(Tensor dq_parts, Tensor pos, Tensor used, Tensor(a!) dq, bool zero_fill=False) "
+        "-> ()");
 }
 
 static struct PyModuleDef longattn_c_module = {

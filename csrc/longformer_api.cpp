@@ -7,7 +7,7 @@
 // strides; x / out / dq (the rows read or written) need a dense last dim (their other strides are free), the slot
 // positions and used flags a unit last stride; the split parts (outputs of the band op) must be contiguous. Values
 // are not checked (a device sync): slot positions outside [0, S) are skipped by the kernels (the gather writes zeros
-// for them).
+// for them). rows_add's zero_fill zeroes dq (contiguous) with one memset before the add.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -169,13 +169,24 @@ at::Tensor rows_merge(const at::Tensor& out_parts, const at::Tensor& lse_parts, 
   return glse;
 }
 
-void rows_add(const at::Tensor& dq_parts, const at::Tensor& pos, const at::Tensor& used, at::Tensor& dq) {
+RowsParams check_add_args(const at::Tensor& dq_parts, const at::Tensor& pos, const at::Tensor& used,
+                          const at::Tensor& dq, bool zero_fill) {
   RowsParams p = check_rows_args(kAdd, dq_parts, "dq_parts", pos, used, dq, "dq");
+  if (zero_fill) contiguous(kAdd, dq, "dq");  // one memset
+  return p;
+}
+
+void rows_add(const at::Tensor& dq_parts, const at::Tensor& pos, const at::Tensor& used, at::Tensor& dq,
+              bool zero_fill) {
+  RowsParams p = check_add_args(dq_parts, pos, used, dq, zero_fill);
   on_cuda(kAdd, dq, "dq");
   const c10::cuda::CUDAGuard guard(dq.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (zero_fill && dq.numel() > 0)
+    C10_CUDA_CHECK(cudaMemsetAsync(dq.data_ptr(), 0, dq.numel() * dq.element_size(), stream));
   if (p.H == 0 || p.D == 0) return;
   point_at(p, dq_parts, pos, used, dq);
-  C10_CUDA_CHECK(run_rows_add(p, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(run_rows_add(p, stream));
 }
 
 void check_gather_args(const at::Tensor& x, const at::Tensor& pos, int64_t C) {
@@ -243,8 +254,9 @@ at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& pos, int64_t C
   needs_cuda(kGather, x);
 }
 
-void rows_add_cpu(const at::Tensor& dq_parts, const at::Tensor& pos, const at::Tensor& used, at::Tensor& dq) {
-  check_rows_args(kAdd, dq_parts, "dq_parts", pos, used, dq, "dq");
+void rows_add_cpu(const at::Tensor& dq_parts, const at::Tensor& pos, const at::Tensor& used, at::Tensor& dq,
+                  bool zero_fill) {
+  check_add_args(dq_parts, pos, used, dq, zero_fill);
   needs_cuda(kAdd, dq);
 }
 

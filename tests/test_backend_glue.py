@@ -89,33 +89,29 @@ _CUDA_BUILT = hasattr(torch.ops.longattn, "cuda_band_side_fwd")
 
 # Torch glue the CUDA backend still runs, by (pattern, key splits) (issue 12). A pattern not listed must run no
 # glue at all; a listed one exactly this. Shrink these as kernels replace the glue; never grow them.
-# - ``zeros`` x2: the all-False band mask of the global-rows pass (its slot queries have no band keys), forward
-#   and backward: a (B * C, G) bool fill;
-# - ``add_`` x2: the global rows' dk / dv added into the band pass's (the raw band backward writes, never adds);
-# - ``zeros_like``: the new dq of separate global projections (the rows kernel adds the global rows into it);
-# - ``clone`` + ``_unsafe_view``: with key splits, each split's copy of the merged lse (B * C, H, G).
-_ROWS_GLUE = ["aten.zeros", "aten.zeros"]
-_SPLIT_GLUE = ["aten.clone", "aten._unsafe_view"]
+# - ``constant_pad_nd`` x3, forward and backward: with S not a multiple of the split size, copies of k, v and the key
+#   mask padded to whole splits (the raw band op takes each split as a batch row of equal length);
+# - ``clone`` x2: with separate global projections and padded splits, dk / dv of the global keys cut back to S rows.
+_PAD_GLUE = ["aten.constant_pad_nd"] * 6
 CUDA_KNOWN_GLUE = {
-    ("longformer", False): _ROWS_GLUE + ["aten.add_", "aten.add_"],
-    ("longformer", True): _ROWS_GLUE + ["aten.add_", "aten.add_"] + _SPLIT_GLUE,
-    ("longformer-global-projections", False): _ROWS_GLUE + ["aten.zeros_like"],
-    ("longformer-global-projections", True): _ROWS_GLUE + ["aten.zeros_like"] + _SPLIT_GLUE,
+    ("longformer", 20): _PAD_GLUE,
+    ("longformer-global-projections", 20): _PAD_GLUE + ["aten.clone"] * 2,
 }
 
 
 @pytest.mark.skipif(not _CUDA_BUILT, reason="the CUDA extension longattn._C is not built")
-@pytest.mark.parametrize("split_keys", [None, 16], ids=["one-split", "key-splits"])
+@pytest.mark.parametrize("split_keys", [None, 16, 20], ids=["one-split", "key-splits", "padded-key-splits"])
 @pytest.mark.parametrize("name", PATTERNS)
 def test_cuda_backend_runs_only_its_kernels(name, split_keys, monkeypatch):
-    """``key-splits``: Longformer's global rows cut into 16-key splits (S = 48: three, merged by log-sum-exp)."""
+    """``key-splits``: Longformer's global rows cut into 16-key splits (S = 48: three, merged by log-sum-exp);
+    ``padded-key-splits``: 20-key splits (the last padded)."""
     if split_keys:
         if not name.startswith("longformer"):
             pytest.skip("only Longformer's global rows split their keys")
         monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
     report = replay(name, "cuda", "meta")
     glue = [op for _, ops, _, _ in report for op in ops]
-    assert sorted(glue) == sorted(CUDA_KNOWN_GLUE.get((name, bool(split_keys)), [])), report
+    assert sorted(glue) == sorted(CUDA_KNOWN_GLUE.get((name, split_keys), [])), report
     for op, _, kernels, _ in report:
         assert kernels, f"{op}: no longattn kernel ran ({report})"
 

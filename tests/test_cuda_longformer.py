@@ -48,7 +48,8 @@ def _raw_call(op_name, change=None):
                 key_ranges=None, side_ranges=None, halo_k=None, halo_v=None, halo_mask=None, halo_left=0,
                 dropout_offset=0, side_index=torch.arange(G).repeat(B, 1),
                 query_mask=torch.ones(B, S, dtype=torch.bool), band_rows_only=True, dout=z, out=z,
-                lse=torch.zeros(B, H, S), dlse=None)
+                lse=torch.zeros(B, H, S), dlse=None, side_only=False, lse_split=1, dside_k_into=None,
+                dside_v_into=None)
     args.update(change or {})
     op = getattr(torch.ops.longattn, op_name).default
     positional = [args[x.name] for x in op._schema.arguments]
@@ -329,7 +330,7 @@ def _glue_call(op_name, change=None):
     args = dict(global_mask=torch.zeros(B, S, dtype=torch.bool), key_padding_mask=torch.ones(B, S, dtype=torch.bool),
                 G=G, x=z, pos=torch.arange(G).repeat(B, 1), C=C_SPLITS, out_parts=parts, dq_parts=parts,
                 lse_parts=torch.zeros(B * C_SPLITS, H, G), used=torch.ones(B, G, dtype=torch.bool), out=z.clone(),
-                dq=z.clone())
+                dq=z.clone(), zero_fill=False)
     args.update(change or {})
     op = getattr(torch.ops.longattn, f"cuda_longformer_{op_name}").default
     return op.redispatch(_CPU, *[args[a.name] for a in op._schema.arguments])
@@ -480,9 +481,9 @@ def _global_rows_args(device, Sx=S):
 def test_global_rows_go_to_the_glue_kernels(split_keys, Sx, monkeypatch):
     """Issue 12 target 2: around the global rows' band op only longattn's kernels copy the slots' rows, merge the
     splits into out and sum the splits' dq rows into dq (no gather, where, scatter, masked_fill, or the merge's
-    elementwise ops). What torch still runs: the empty band mask, and with padded splits the pads of k / v / the
-    key mask (and the backward's un-padding); the global rows' dk / dv add_ into the band's. On meta tensors (the raw
-    ops' fakes)."""
+    elementwise ops); the band op needs no band mask (side_only), reads the merged glse for every split (lse_split)
+    and adds the keys' dk / dv into the band's itself (dside_*_into). What torch still runs: with padded splits the
+    pads of k / v / the key mask. On meta tensors (the raw ops' fakes)."""
     from longattn.backends import _longformer
     from tests.test_host_sync import OpLog
 
@@ -501,11 +502,8 @@ def test_global_rows_go_to_the_glue_kernels(split_keys, Sx, monkeypatch):
     assert [op for op in bwd.ops if op.startswith("longattn.")] == [
         *[f"{ours}gather_rows"] * 3, "longattn.cuda_band_side_bwd", f"{ours}rows_add"], bwd.ops
     pads = ["aten.constant_pad_nd"] * 3 if Sx % (split_keys or Sx) else []
-    assert sorted(op for op in fwd.ops if op.startswith("aten.")) == sorted(["aten.zeros", *pads]), fwd.ops
-    stats = ["aten.clone", "aten._unsafe_view"] if split_keys else []  # KeySplits.stats: glse repeated per split
-    unpads = ["aten.clone"] * 2 if pads else []
-    assert sorted(op for op in bwd.ops if op.startswith("aten.")) == sorted(
-        ["aten.zeros", "aten.add_", "aten.add_", *pads, *stats, *unpads]), bwd.ops
+    assert sorted(op for op in fwd.ops if op.startswith("aten.")) == sorted(pads), fwd.ops
+    assert sorted(op for op in bwd.ops if op.startswith("aten.")) == sorted(pads), bwd.ops
 
 
 def _emulate_global_slots(glob, pad, G_, threads=4, items=2):

@@ -28,6 +28,10 @@
 //
 // dlse (the gradient of the lse output): dS = P (dP - delta + dlse), i.e. delta - dlse in place of delta,
 // computed once by the delta kernel; nothing else changes.
+//
+// Longformer's global rows: side_only (no band tile walked, no band CTA in the dK/dV grid: dk / dv of the band keys
+// are not written), lse_split (the delta kernel copies lse row b / lse_split, every key split's merged statistics,
+// into the lse_in of batch row b: the other kernels read lse as always) and dside_k_into (the side keys' dK/dV added into the split keys' rows by the side-add kernel).
 #pragma once
 
 #include "band_side/dropout.h"
@@ -37,7 +41,8 @@
 namespace longattn {
 
 // ------------------------------------------------------------------------------------------------
-// delta = rowsum(dO * O) (- dlse where given and the row's lse < +inf): one warp per (b, s, h) row.
+// delta = rowsum(dO * O) (- dlse where given and the row's lse < +inf): one warp per (b, s, h) row. With lse_split it
+// also writes the row's lse_in (see there).
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
@@ -55,6 +60,9 @@ __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) {
     const int64_t at = ((int64_t)b * p.H + h) * p.S + s;
+    // lse_split (Longformer's key splits, never with dlse): batch row b's lse is row b / lse_split of the merged
+    // statistics, copied here into the (B, H, S) lse_in the dQ and dK/dV kernels then read as always.
+    if (p.lse_split > 1) p.lse_expanded[at] = p.lse_merged[((int64_t)(b / p.lse_split) * p.H + h) * p.S + s];
     // A row with lse = +inf has P = 0: its dlse (any value, NaN included) must not reach 0 * (dP - delta).
     if (p.dlse != nullptr && p.lse_in[at] < INFINITY) acc -= p.dlse[at];
     p.delta[at] = acc;
@@ -215,7 +223,10 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
 
   const int b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int n_band_ctas = kHalo ? p.n_band_tiles : (p.S + BN - 1) / BN;
+  // ceil(S / 64); with halo keys the tiles of their span; 0 with side_only (no band keys; the kRanges kernels only,
+  // see dispatch_flags). (Written so: reading p.n_band_tiles in every instantiation made ptxas spill in the plain
+  // D = 128 kernel.)
+  const int n_band_ctas = kHalo ? p.n_band_tiles : kRanges && p.side_only ? 0 : (p.S + BN - 1) / BN;
   const int n_query_tiles = (p.S + BM - 1) / BM;
 
   KeyTile kt;
@@ -403,12 +414,17 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
 namespace longattn {
 
 // ------------------------------------------------------------------------------------------------
-// kIndexed (Longformer), after the dK/dV kernel: the side keys' float32 partials (side_chunks, B, G, H, D),
-// summed in chunk order, added into rows side_index[b, g] of dk / dv (contiguous (B, S, H, D)) for the slots
-// side_mask keeps and indices in [0, S). The band pass leaves those rows at exactly 0 in the Longformer op (global
-// tokens are never band keys), so the add is exact. One thread per (b, g, h, column pair); the kept slots of a
-// batch row name distinct rows (Longformer's do), so every element is read and written by one thread: no atomics,
-// bitwise deterministic.
+// After the dK/dV kernel, for Longformer: the side keys' float32 partials (side_chunks, B, G, H, D), summed in chunk
+// order, added into the rows of the keys they are (the partial sums never round through a side-key gradient tensor):
+//   - kIndexed band pass (side_index): rows side_index[b, g] of dk / dv (contiguous (B, S, H, D)), for the slots
+//     side_mask keeps and indices in [0, S). The band pass leaves those rows at exactly 0 in the Longformer op
+//     (global tokens are never band keys), so the add is exact; the kept slots of a batch row name distinct rows
+//     (Longformer's do).
+//   - global rows (dside_k_into): split b % into_split of key batch row b / into_split, i.e. row
+//     (b % into_split) * G + g of dside_k_into / dside_v_into, rows >= into_rows (the last split's padding) dropped;
+//     distinct for distinct (b, g). Keys side_mask drops have no gradient (nothing is added).
+// One thread per (b, g, h, column pair); every element is read and written by one thread: no atomics, bitwise
+// deterministic.
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void band_side_bwd_side_add_kernel(const BandSideParams p) {
@@ -421,8 +437,22 @@ __global__ void band_side_bwd_side_add_kernel(const BandSideParams p) {
   const int64_t bg = bgh / p.H;
   const int b = (int)(bg / p.G), g = (int)(bg % p.G);
   if (p.side_mask != nullptr && !p.side_mask[bg]) return;
-  const int64_t row = p.side_index[(int64_t)b * p.side_index_stride + g];
-  if (row < 0 || row >= p.S) return;
+  T* dk;
+  T* dv;
+  if (p.side_index != nullptr) {
+    const int64_t row = p.side_index[(int64_t)b * p.side_index_stride + g];
+    if (row < 0 || row >= p.S) return;
+    const int64_t out = (((int64_t)b * p.S + row) * p.H + h) * p.D + d;
+    dk = reinterpret_cast<T*>(p.dk) + out;
+    dv = reinterpret_cast<T*>(p.dv) + out;
+  } else {
+    const int64_t row = (int64_t)(b % p.into_split) * p.G + g, kb = b / p.into_split;
+    if (row >= p.into_rows) return;
+    const Strides& ks = p.dsk_into_st;
+    const Strides& vs = p.dsv_into_st;
+    dk = reinterpret_cast<T*>(p.dside_k_into) + kb * ks.batch + row * ks.row + h * ks.head + d;
+    dv = reinterpret_cast<T*>(p.dside_v_into) + kb * vs.batch + row * vs.row + h * vs.head + d;
+  }
   const int64_t chunk_stride = (int64_t)p.B * p.G * p.H * p.D;
   const int64_t at = bgh * p.D + d;
   float2 sk = make_float2(0.f, 0.f), sv = make_float2(0.f, 0.f);
@@ -434,9 +464,7 @@ __global__ void band_side_bwd_side_add_kernel(const BandSideParams p) {
     sv.x += e.x;
     sv.y += e.y;
   }
-  const int64_t out = (((int64_t)b * p.S + row) * p.H + h) * p.D + d;
-  T* dk = reinterpret_cast<T*>(p.dk) + out;
-  T* dv = reinterpret_cast<T*>(p.dv) + out;
+  // Element pairs: the API checks the into tensors' base and strides keep them 4-byte aligned.
   *reinterpret_cast<uint32_t*>(dk) = pack2<T>(to_float(dk[0]) + sk.x, to_float(dk[1]) + sk.y);
   *reinterpret_cast<uint32_t*>(dv) = pack2<T>(to_float(dv[0]) + sv.x, to_float(dv[1]) + sv.y);
 }

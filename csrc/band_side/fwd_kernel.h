@@ -21,6 +21,9 @@
 // kIndexed (Longformer's band pass, never with kRanges or kHalo): side key g is token side_index[b, g] of k / v, read
 // in place (load_side_kv_async); in the epilogue rows outside query_mask get out = 0 and, with band_rows_only, rows
 // outside band_key_mask lse = +inf (so the backward gives them nothing).
+//
+// side_only (Longformer's global rows: the slot queries against a key split as side keys): the walk has no band
+// tile (a runtime flag read once per CTA by the kRanges kernels' walk, which dispatch_flags runs for it).
 #pragma once
 
 #include "band_side/dropout.h"

@@ -42,7 +42,9 @@ cudaError_t dispatch_flags(const BandSideParams& p, F&& f) {
   if (p.halo_k != nullptr || p.drop_offset != 0)
     return p.rng != nullptr ? f.template operator()<true, false, true, false>()
                             : f.template operator()<false, false, true, false>();
-  const bool ranges = p.key_ranges != nullptr || p.side_ranges != nullptr;
+  // side_only (Longformer's global rows: no band keys) runs the kRanges kernels, with or without ranges: only their
+  // walk knows it (ranges.h query_tile_ranges; null ranges mask nothing), so the plain kernels are the code without it.
+  const bool ranges = p.key_ranges != nullptr || p.side_ranges != nullptr || p.side_only;
   if (p.rng != nullptr)
     return ranges ? f.template operator()<true, true, false, false>() : f.template operator()<true, false, false, false>();
   return ranges ? f.template operator()<false, true, false, false>() : f.template operator()<false, false, false, false>();

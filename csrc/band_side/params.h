@@ -113,6 +113,26 @@ struct BandSideParams {
   int64_t side_index_stride;
   const uint8_t* query_mask;
   bool band_rows_only;
+
+  // ---- Longformer's global rows (the backend's global_rows_*: slot queries against key splits) ----------------
+  // side_only: the rows attend their side keys only: no band tile is walked (forward, dQ) and the dK/dV grid has no
+  // band CTAs (n_band_tiles = 0), so no band key mask has to exist. lse_split (backward, >= 1): the given lse is
+  // lse_merged, (B / lse_split, H, S) (every key split of a slot against the merged statistics), and the delta kernel
+  // copies row b / lse_split of it into row b of lse_expanded (= lse_in, (B, H, S)) before the dQ / dK/dV kernels
+  // read it: their code is unchanged. lse_split = 1: lse_merged / lse_expanded unused.
+  // dside_k_into / dside_v_into (backward, or nullptr): the side keys' dK/dV partials, summed in chunk order, are
+  // added into them instead of being returned (band_side_bwd_side_add_kernel): side key g of batch row b is row
+  // (b % into_split) * G + g of batch row b / into_split of these (B / into_split, into_rows, H, D) tensors (strided
+  // as dsk_into_st / dsv_into_st, unit last stride), rows >= into_rows dropped (the keys' padding). After the fields
+  // above, so those keep their offsets.
+  bool side_only;
+  int lse_split;
+  const float* lse_merged;
+  float* lse_expanded;
+  void* dside_k_into;
+  void* dside_v_into;
+  Strides dsk_into_st, dsv_into_st;
+  int into_split, into_rows;
 };
 
 }  // namespace longattn

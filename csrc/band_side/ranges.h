@@ -174,6 +174,7 @@ __device__ __forceinline__ QueryRanges query_tile_ranges(const BandSideParams& p
     walk.band_first = win_lo / BN;
     walk.band_count = win_hi / BN - walk.band_first + 1;
   }
+  if (p.side_only) walk.band_count = 0;  // Longformer's global rows: side keys only (dispatch_flags sends them here)
   if (p.side_ranges != nullptr) {
     clip_tiles<BN>(0, p.G - 1, side.union_lo, side.union_hi, walk.side_first, walk.side_count);
   } else {

@@ -32,9 +32,9 @@ launches than the composition (``composed_forward`` / ``composed_backward``, the
 for cases it does not fuse).
 
 A backend without its own global-rows pass uses ``rows_via_band_side``: the slot queries against the S
-tokens as side keys of the band primitive (with an empty band), which every backend already runs. Its pieces
-(``key_splits``, ``split_rows_forward``, ``split_rows_backward``) serve a backend that gathers, merges and scatters
-the split rows in kernels of its own (CUDA).
+tokens as side keys of the band primitive (with an empty band), which every backend already runs. The CUDA backend
+runs the same composition on its raw ops (``KeySplits`` for the splits' layout; the copy, merge and sum of the split
+rows in kernels of its own).
 """
 
 from __future__ import annotations

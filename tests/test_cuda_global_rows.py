@@ -1,0 +1,391 @@
+"""The CUDA backend's Longformer global rows without torch glue (issue 12, target 2): the raw band op's ``side_only``
+(no band keys, so no all-False band mask), the backward's ``lse_split`` (every key split reads the merged glse, no
+per-split copy) and ``dside_k_into`` / ``dside_v_into`` (the keys' dK/dV added into the band pass's dk / dv by the
+side-add kernel, no ``add_``), and ``cuda_longformer_rows_add``'s ``zero_fill`` (a new dq for separate global
+projections, no ``zeros_like``).
+
+CPU: the changed index arithmetic emulated statement by statement from csrc/band_side (``lse_at``, the side-add
+kernel's two destinations, the walk and the dK/dV grid with ``side_only``) against the torch composition it replaces
+(``KeySplits.stats`` / ``unkeys`` + ``add_``, ``scatter_add``); the raw ops' checks (their CPU registrations), fakes,
+and the backend's call sequence on meta tensors. GPU (``@pytest.mark.gpu``): the raw ops against the composition they
+replace.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longattn.backends import _longformer, cuda_backend
+from tests.test_cuda_longformer import B, D, G, H, S, _emulate_rows, _raw_call, gpu_ready, needs_build
+
+TILE = 64
+
+
+# --------------------------------------------------------------------------------------------------------
+# Emulations of the kernels' index arithmetic (csrc/band_side/bwd_kernel.h, tile_ops.h, ranges.h)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _lse_at(b, h, i, C, H_, S_):
+    """bwd_kernel.h, the delta kernel's lse_split copy: lse_expanded[(b * H + h) * S + i] = lse_merged[this]."""
+    return ((b // C) * H_ + h) * S_ + i
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_lse_split_index_matches_key_splits_stats(C):
+    """The delta kernel's copy of the merged lse into every split's row (one warp per (b, s, h) row, lane 0 writing
+    lse_expanded, which the dQ / dK/dV kernels then read as lse_in): what ``KeySplits.stats`` copied per split."""
+    Bx, H_, G_ = 2, 3, 5
+    sp = _longformer.KeySplits(4 * C, 4)
+    assert sp.C == C
+    glse = torch.randn(Bx, H_, G_)
+    want = sp.stats(glse)  # (B * C, H, G)
+    flat = glse.reshape(-1)
+    expanded = torch.full((Bx * C * H_ * G_,), float("nan"))
+    for row in range(Bx * C * G_ * H_):  # the delta kernel's rows: (b, s, h), h fastest
+        h, s, b = row % H_, (row // H_) % G_, row // (H_ * G_)
+        expanded[(b * H_ + h) * G_ + s] = flat[_lse_at(b, h, s, C, H_, G_)]
+    assert torch.equal(expanded.view(Bx * C, H_, G_), want)
+
+
+def _emulate_side_add(partials, side_mask, B_, G_, H_, D_, dk, dv, *, side_index=None, into=None):
+    """band_side_bwd_side_add_kernel thread by thread: ``partials`` (dsk, dsv) of (chunks, B, G, H, D); ``dk`` / ``dv``
+    (B, S, H, D) for the indexed band pass, else ``into`` = (dk_into, dv_into) (B / C, S', H, D), any even strides,
+    updated through their flat storage with the kernel's stride arithmetic. Returns the destinations."""
+    dsk, dsv = (p.reshape(p.shape[0], -1) for p in partials)
+    pairs = D_ // 2
+    if into is not None:
+        into_split, into_rows = B_ // into[0].shape[0], into[0].shape[1]
+        flat = [x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0) for x in into]
+        strides = [x.stride()[:3] for x in into]
+    else:
+        flat = [dk.view(-1), dv.view(-1)]
+    for t in range(B_ * G_ * H_ * pairs):
+        bgh, d = t // pairs, (t % pairs) * 2
+        h, bg = bgh % H_, bgh // H_
+        b, g = bg // G_, bg % G_
+        if side_mask is not None and not side_mask.view(-1)[bg]:
+            continue
+        if into is None:
+            row = int(side_index[b, g])
+            if row < 0 or row >= dk.shape[1]:
+                continue
+            out = ((b * dk.shape[1] + row) * H_ + h) * D_ + d
+            at_k = at_v = out
+        else:
+            row, kb = (b % into_split) * G_ + g, b // into_split
+            if row >= into_rows:
+                continue
+            (kbs, krs, khs), (vbs, vrs, vhs) = strides
+            at_k = into[0].storage_offset() + kb * kbs + row * krs + h * khs + d
+            at_v = into[1].storage_offset() + kb * vbs + row * vrs + h * vhs + d
+        at = bgh * D_ + d
+        sk = dsk[:, at:at + 2].sum(0)  # chunk order: float32 adds in sequence (exact here: float64 data)
+        sv = dsv[:, at:at + 2].sum(0)
+        flat[0][at_k:at_k + 2] += sk.to(flat[0].dtype)
+        flat[1][at_v:at_v + 2] += sv.to(flat[1].dtype)
+    return into if into is not None else (dk, dv)
+
+
+@pytest.mark.parametrize("Sk, n, strided, masked", [(12, 4, False, True), (10, 4, True, True), (7, 7, False, True),
+                                                     (10, 4, False, False)],
+                         ids=["splits", "padded-strided", "one-split", "padded-no-mask"])
+def test_side_add_into_matches_unkeys_add(Sk, n, strided, masked):
+    """The global rows' dside_*_into: split c of key batch row b lands on rows c n .. of batch b (the padding keys past
+    S dropped, also without a mask to drop them; masked keys given nothing), through any even strides: what
+    ``KeySplits.unkeys`` + ``add_`` did."""
+    gen = torch.Generator().manual_seed(Sk)
+    Bx, H_, D_, chunks = 2, 3, 4, 3
+    sp = _longformer.KeySplits(Sk, n)
+    BC = Bx * sp.C
+    partials = [torch.randn(chunks, BC, sp.n, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2)]
+    key_mask = torch.rand(Bx, Sk, generator=gen) > 0.3
+    side_mask = sp.key_mask(key_mask, Bx, "cpu") if masked else None
+    base = [torch.randn(Bx, Sk, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2)]
+    if strided:  # (B, H, S, D) storage seen as (B, S, H, D)
+        into = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in base]
+    else:
+        into = [x.clone() for x in base]
+    got = _emulate_side_add(partials, side_mask, BC, sp.n, H_, D_, None, None, into=into)
+    for g, x, part in zip(got, base, partials):
+        kept = part.sum(0) if side_mask is None else part.sum(0) * side_mask.reshape(BC, sp.n)[:, :, None, None]
+        torch.testing.assert_close(g, x + sp.unkeys(kept), rtol=0, atol=1e-12)
+
+
+def test_side_add_indexed_unchanged():
+    """The kIndexed band pass's branch of the same kernel: rows side_index of dk / dv (out of range skipped, unused
+    slots given nothing), what ``scatter_add`` did."""
+    gen = torch.Generator().manual_seed(0)
+    Bx, Sx, H_, D_, G_, chunks = 2, 9, 2, 4, 4, 2
+    partials = [torch.randn(chunks, Bx, G_, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2)]
+    pos = torch.tensor([[7, 0, 3, 5], [2, 8, Sx + 1, -4]])
+    used = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    dk, dv = (torch.randn(Bx, Sx, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2))
+    want = []
+    for x, part in zip((dk, dv), partials):
+        keep = used & (pos >= 0) & (pos < Sx)
+        summed = part.sum(0) * keep[:, :, None, None]
+        want.append(x.scatter_add(1, pos.clamp(0, Sx - 1)[:, :, None, None].expand(Bx, G_, H_, D_), summed))
+    got = _emulate_side_add(partials, used, Bx, G_, H_, D_, dk.clone(), dv.clone(), side_index=pos)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def _walk(S_, G_, left, right, m0, side_only, ranges):
+    """launch_template.h dispatch_flags (side_only runs the kRanges kernels), then tile_ops.h full_key_walk or ranges.h
+    query_tile_ranges (no key_ranges, side_ranges unrestricted) -> the key tiles query tile m0 visits, as
+    ("band" | "side", first key)."""
+    k_ranges = ranges or side_only
+    lo, hi = max(0, m0 - left), min(S_ - 1, min(S_ - 1, m0 + TILE - 1) + right)
+    band_first, band_count = lo // TILE, hi // TILE - lo // TILE + 1
+    if k_ranges and side_only:  # query_tile_ranges, after the window's span
+        band_count = 0
+    side_count = -(-G_ // TILE)
+    return [("band", (band_first + t) * TILE) for t in range(band_count)] + [
+        ("side", t * TILE) for t in range(side_count)]
+
+
+def _dkdv_grid(S_, G_, side_only, side_chunks):
+    """band_side_api.cpp prepare (n_band_tiles, the grid's band CTAs) and the dK/dV kernel's CTA decode (n_band_ctas,
+    0 with side_only in the kRanges kernels that run it) -> the CTAs' (kind, key0, chunk)."""
+    n_band_tiles = 0 if side_only else -(-S_ // TILE)
+    k_ranges = side_only  # dispatch_flags
+    n_band_ctas = 0 if k_ranges and side_only else -(-S_ // TILE)
+    assert n_band_ctas == n_band_tiles  # the kernel's split of the grid is the host's
+    side_ctas = -(-G_ // TILE) * side_chunks
+    ctas = []
+    for x in range(n_band_tiles + side_ctas):
+        if x < n_band_ctas:
+            ctas.append(("band", x * TILE, 0))
+        else:
+            side_cta = x - n_band_ctas
+            ctas.append(("side", (side_cta // side_chunks) * TILE, side_cta % side_chunks))
+    return ctas
+
+
+@pytest.mark.parametrize("S_, G_", [(5, 1), (64, 100), (130, 1024), (200, 70)])
+@pytest.mark.parametrize("ranges", [False, True])
+def test_side_only_walks_side_tiles_only(S_, G_, ranges):
+    """``side_only``: every query tile walks exactly the side tiles it walked before (the band tiles, all masked by the
+    old all-False band mask, are gone), and the dK/dV grid is exactly the old side CTAs, each (tile, chunk) once."""
+    for m0 in range(0, S_, TILE):
+        before = _walk(S_, G_, 0, 0, m0, False, ranges)
+        after = _walk(S_, G_, 0, 0, m0, True, ranges)
+        assert after == [t for t in before if t[0] == "side"] and after, (m0, before, after)
+    for chunks in (1, 3):
+        before = _dkdv_grid(S_, G_, False, chunks)
+        after = _dkdv_grid(S_, G_, True, chunks)
+        assert after == [c for c in before if c[0] == "side"]
+        assert sorted(after) == sorted({c for c in after}) and len(after) == -(-G_ // TILE) * chunks
+
+
+def test_rows_add_zero_fill_is_zeros_then_add():
+    """``zero_fill``: one memset of dq, then the add kernel: the old ``zeros_like`` + add."""
+    gen = torch.Generator().manual_seed(1)
+    Bx, Sx, H_, D_, C = 2, 9, 3, 4, 3
+    pos = torch.tensor([[7, 0, 3, 5], [2, 8, 4, 1]])
+    used = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    parts = torch.randn(Bx * C, 4, H_, D_, generator=gen, dtype=torch.float64) * used.repeat_interleave(C, 0)[..., None,
+                                                                                                              None]
+    garbage = torch.full((Bx, Sx, H_, D_), float("nan"), dtype=torch.float64)  # torch.empty_like's contents
+    memset = torch.zeros_like(garbage)
+    got = _emulate_rows("add", memset, pos, used, C, parts)
+    want = _emulate_rows("add", torch.zeros_like(garbage), pos, used, C, parts)
+    assert torch.equal(got, want) and torch.isfinite(got).all()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Raw-op checks (CPU registrations), fakes, and the backend's call sequence on meta tensors
+# --------------------------------------------------------------------------------------------------------
+
+_SIDE_ONLY = {"side_index": None, "query_mask": None, "band_rows_only": False, "band_key_mask": None,
+              "side_only": True, "side_k": torch.zeros(B, G, H, D, dtype=torch.float16),
+              "side_v": torch.zeros(B, G, H, D, dtype=torch.float16), "left": 0, "right": 0}
+_Z2 = torch.zeros(B * 2, S, H, D, dtype=torch.float16)  # two splits per batch row of a (B, ...) key tensor
+_SPLIT = {**_SIDE_ONLY, "q": _Z2, "k": _Z2, "v": _Z2, "dout": _Z2, "out": _Z2,
+          "side_k": torch.zeros(B * 2, G, H, D, dtype=torch.float16),
+          "side_v": torch.zeros(B * 2, G, H, D, dtype=torch.float16),
+          "side_mask": torch.ones(B * 2, G, dtype=torch.bool), "lse_split": 2, "lse": torch.zeros(B, H, S),
+          "dside_k_into": torch.zeros(B, 2 * G - 1, H, D, dtype=torch.float16),
+          "dside_v_into": torch.zeros(B, 2 * G - 1, H, D, dtype=torch.float16)}
+SIDE_ONLY_BAD = {  # (ops, change, message pattern after "<op>: ")
+    "band-mask": (("fwd", "bwd"), {**_SIDE_ONLY, "band_key_mask": torch.ones(B, S, dtype=torch.bool)},
+                  r"band_key_mask / band_bias / key_ranges must be None with side_only"),
+    "band-bias": (("fwd", "bwd"), {**_SIDE_ONLY, "band_bias": torch.zeros(H, 1)},
+                  r"band_key_mask / band_bias / key_ranges must be None with side_only"),
+    "key-ranges": (("fwd", "bwd"), {**_SIDE_ONLY, "key_ranges": torch.zeros(B, S, 2, dtype=torch.int32)},
+                   r"band_key_mask / band_bias / key_ranges must be None with side_only"),
+    "side-index": (("fwd", "bwd"), {**_SIDE_ONLY, "side_index": torch.zeros(B, G, dtype=torch.int64),
+                                    "side_k": torch.zeros(B, S, H, D, dtype=torch.float16),
+                                    "side_v": torch.zeros(B, S, H, D, dtype=torch.float16)},
+                   r"side_index / halo_k must be None with side_only"),
+    "lse-split-divides": (("bwd",), {**_SPLIT, "lse_split": 3}, r"lse_split must be in \[1, 65535\] and divide"),
+    "lse-split-zero": (("bwd",), {**_SPLIT, "lse_split": 0}, r"lse_split must be in \[1, 65535\]"),
+    "lse-shape": (("bwd",), {**_SPLIT, "lse_split": 1}, r"lse must have shape \(B / lse_split, H, S\)"),
+    "dlse-split": (("bwd",), {**_SPLIT, "dlse": torch.zeros(2 * B, H, S)}, r"dlse must be None with lse_split > 1"),
+    "into-alone": (("bwd",), {**_SPLIT, "dside_v_into": None}, r"dside_k_into and dside_v_into must be given together"),
+    "into-index": (("bwd",), {"dside_k_into": torch.zeros(B, S, H, D, dtype=torch.float16),
+                              "dside_v_into": torch.zeros(B, S, H, D, dtype=torch.float16)},
+                   r"dside_k_into must be None with side_index"),
+    "into-dtype": (("bwd",), {**_SPLIT, "dside_k_into": torch.zeros(B, 2 * G, H, D)},
+                   r"dside_k_into must have q's dtype"),
+    "into-batch": (("bwd",), {**_SPLIT, "dside_k_into": torch.zeros(3, 2 * G, H, D, dtype=torch.float16),
+                              "dside_v_into": torch.zeros(3, 2 * G, H, D, dtype=torch.float16)},
+                   r"dside_k_into must have shape \(B / C, S', H, D\)"),
+    "into-unlike": (("bwd",), {**_SPLIT, "dside_v_into": torch.zeros(B, 2 * G, H, D, dtype=torch.float16)},
+                    r"dside_v_into must have shape .* like dside_k_into"),
+    "into-odd-stride": (("bwd",), {**_SPLIT, "dside_k_into": torch.zeros(B, 2 * G - 1, H, D + 1,
+                                                                         dtype=torch.float16)[..., :D],
+                                   "dside_v_into": torch.zeros(B, 2 * G - 1, H, D + 1, dtype=torch.float16)[..., :D]},
+                        r"dside_k_into must keep element pairs 4-byte aligned"),
+}
+_OPS = {"fwd": "cuda_band_side_fwd", "bwd": "cuda_band_side_bwd"}
+
+
+@needs_build
+@pytest.mark.parametrize("op,case", [(op, case) for case, (ops, _, _) in SIDE_ONLY_BAD.items() for op in ops])
+def test_raw_op_rejects_bad_global_rows_arguments(op, case):
+    _, change, pattern = SIDE_ONLY_BAD[case]
+    with pytest.raises(RuntimeError, match=rf"^{_OPS[op]}: {pattern}") as info:
+        _raw_call(_OPS[op], change)
+    assert not isinstance(info.value, NotImplementedError), info.value
+
+
+@needs_build
+@pytest.mark.parametrize("op", ["fwd", "bwd"])
+@pytest.mark.parametrize("case", ["side-only", "split", "split-no-into", "strided-into", "dropout"])
+def test_raw_op_accepts_valid_global_rows_arguments(op, case):
+    change = {
+        "side-only": {**_SIDE_ONLY, "side_ranges": torch.zeros(B, S, 2, dtype=torch.int32)},
+        "split": _SPLIT,
+        "split-no-into": {**_SPLIT, "dside_k_into": None, "dside_v_into": None},
+        "strided-into": {**_SPLIT, "dside_k_into": torch.zeros(B, H, 2 * G, D, dtype=torch.float16).transpose(
+            1, 2), "dside_v_into": torch.zeros(B, H, 2 * G, D, dtype=torch.float16).transpose(1, 2)},
+        "dropout": {**_SIDE_ONLY, "dropout_p": 0.1, "rng": torch.zeros(2, dtype=torch.int64),
+                    "dropout_global_rows": True},
+    }[case]
+    if op == "fwd":
+        change = {k: val for k, val in change.items() if k not in ("lse_split", "dside_k_into", "dside_v_into")}
+    with pytest.raises(NotImplementedError, match=f"{_OPS[op]}: needs CUDA tensors"):
+        _raw_call(_OPS[op], change)
+
+
+@needs_build
+def test_fake_shapes_of_the_global_rows_pass():
+    meta = dict(device="meta", dtype=torch.float16)
+    ops = torch.ops.longattn
+    C, n = 3, 4
+    qs = torch.empty(B * C, G, H, D, **meta)
+    sk = torch.empty(B * C, n, H, D, **meta)
+    out, lse = ops.cuda_band_side_fwd(qs, qs, qs, sk, sk, None, None, None, None, None, 0, 0, 0.125, side_only=True)
+    assert out.shape == qs.shape and lse.shape == (B * C, H, G)
+    glse = torch.empty(B, H, G, device="meta")
+    into = torch.empty(B, C * n - 1, H, D, **meta)
+    g = ops.cuda_band_side_bwd(qs, qs, qs, qs, sk, sk, out, glse, None, None, None, None, None, 0, 0, 0.125,
+                               side_only=True, lse_split=C, dside_k_into=into, dside_v_into=into.clone())
+    assert [tuple(t.shape) for t in g] == [tuple(qs.shape)] + [(0,)] * 8
+    g = ops.cuda_band_side_bwd(qs, qs, qs, qs, sk, sk, out, glse, None, None, None, None, None, 0, 0, 0.125,
+                               side_only=True, lse_split=C)
+    assert [tuple(t.shape) for t in g] == [tuple(qs.shape), (0,), (0,), tuple(sk.shape), tuple(sk.shape)] + [(0,)] * 4
+    dq = torch.empty(B, S, H, D, **meta)
+    assert ops.cuda_longformer_rows_add(qs, torch.empty(B, G, dtype=torch.int64, device="meta"),
+                                        torch.empty(B, G, dtype=torch.bool, device="meta"), dq, zero_fill=True) is None
+
+
+@needs_build
+@pytest.mark.parametrize("split_keys", [None, 5], ids=["one-split", "splits"])
+@pytest.mark.parametrize("shared", ["kv", "none", "k-only"])
+def test_global_rows_run_no_torch_glue(split_keys, shared, monkeypatch):
+    """Contiguous inputs, S a multiple of the split size: the global rows' forward and backward dispatch only longattn's
+    raw ops (allocations aside); ``shared`` names the band pass's gradients the backward adds into (k / v shared,
+    separate global projections, or only k shared: then the v-gradient's ``add_`` is the one glue op left)."""
+    from tests.test_host_sync import OpLog
+
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
+    t = dict(device="meta", dtype=torch.float16)
+    q, k, v, out = (torch.empty(B, S, H, D, **t) for _ in range(4))
+    pos, used = torch.empty(B, G, dtype=torch.int64, device="meta"), torch.empty(B, G, dtype=torch.bool, device="meta")
+    pad = torch.empty(B, S, dtype=torch.bool, device="meta")
+    with OpLog() as fwd:
+        glse = cuda_backend.global_rows_forward(q, k, v, pos, used, pad, 0.125, out)
+    into = {"kv": (q.clone(), k.clone(), v.clone()), "none": (None, None, None), "k-only": (None, k.clone(), None)}
+    with OpLog() as bwd:
+        dq, dk, dv = cuda_backend.global_rows_backward(out, q, k, v, out, glse, pos, used, pad, 0.125, *into[shared])
+    assert dq.shape == dk.shape == dv.shape == q.shape and dq.is_contiguous()
+    allocations = ("aten.empty", "aten.empty_like", "aten.empty.memory_format", "aten.empty_like.default")
+    glue_f = [op for op in fwd.ops if op.startswith("aten.") and not op.startswith(allocations)]
+    glue_b = [op for op in bwd.ops if op.startswith("aten.") and not op.startswith(allocations)]
+    assert glue_f == [], fwd.ops
+    assert glue_b == (["aten.add_"] if shared == "k-only" else []), bwd.ops
+    ours = "longattn.cuda_longformer_"
+    assert [op for op in bwd.ops if op.startswith("longattn.")] == [
+        *[f"{ours}gather_rows"] * 3, "longattn.cuda_band_side_bwd", f"{ours}rows_add"], bwd.ops
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU: the raw ops against the composition they replace
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("Sk, n, dtype", [(300, 100, torch.float16), (250, 64, torch.bfloat16),
+                                          (90, 1024, torch.float16)], ids=["splits", "padded", "one-split"])
+def test_side_only_split_rows_match_the_masked_composition(Sk, n, dtype):
+    """The global rows' band op with ``side_only`` / ``lse_split`` / ``dside_*_into`` against the old call (an all-False
+    band mask, the merged lse copied per split, the split gradients un-split and added): out, lse and dq bitwise
+    (the masked band tile only ever added zeros), dk / dv within one rounding (the partial sums are no longer
+    rounded before the add)."""
+    ops, dev = torch.ops.longattn, "cuda"
+    gen = torch.Generator().manual_seed(Sk)
+    Bx, H_, D_, G_ = 2, 3, 64, 5
+    sp = _longformer.KeySplits(Sk, n)
+    q, k, v = (torch.randn(Bx, Sk, H_, D_, generator=gen).to(dev, dtype) for _ in range(3))
+    pos = torch.stack([torch.randperm(Sk, generator=gen)[:G_] for _ in range(Bx)]).to(dev)
+    used = torch.ones(Bx, G_, dtype=torch.bool, device=dev)
+    used[1, -1] = False
+    key_mask = (torch.rand(Bx, Sk, generator=gen) > 0.2).to(dev)
+    qs = ops.cuda_longformer_gather_rows(q, pos, sp.C)
+    side = (sp.keys(k), sp.keys(v))
+    side_mask = sp.key_mask(key_mask, Bx, dev)
+    no_band = torch.zeros(qs.shape[:2], dtype=torch.bool, device=dev)
+    args = (None, side_mask, None, None, None, 0, 0, D_**-0.5)
+    old_args = (no_band, *args[1:])
+    out_old, lse_old = ops.cuda_band_side_fwd(qs, qs, qs, *side, *old_args, dropout_global_rows=True)
+    out_new, lse_new = ops.cuda_band_side_fwd(qs, qs, qs, *side, *args, dropout_global_rows=True, side_only=True)
+    assert torch.equal(out_new, out_old) and torch.equal(lse_new, lse_old)
+    merged = torch.empty_like(q)
+    glse = ops.cuda_longformer_rows_merge(out_new, lse_new, pos, used, merged)
+    dout = torch.randn(Bx, Sk, H_, D_, generator=gen).to(dev, dtype)
+    douts, outs = ops.cuda_longformer_gather_rows(dout, pos, sp.C), ops.cuda_longformer_gather_rows(merged, pos, sp.C)
+    old = ops.cuda_band_side_bwd(douts, qs, qs, qs, *side, outs, sp.stats(glse), *old_args, dropout_global_rows=True)
+    dk_base, dv_base = (torch.randn(Bx, Sk, H_, D_, generator=gen).to(dev, dtype) for _ in range(2))
+    dk_into, dv_into = dk_base.clone(), dv_base.clone()
+    new = ops.cuda_band_side_bwd(douts, qs, qs, qs, *side, outs, glse, *args, dropout_global_rows=True,
+                                 side_only=True, lse_split=sp.C, dside_k_into=dk_into, dside_v_into=dv_into)
+    assert torch.equal(new[0], old[0])
+    assert new[1].numel() == new[2].numel() == new[3].numel() == new[4].numel() == 0
+    for got, base, split_grad in ((dk_into, dk_base, old[3]), (dv_into, dv_base, old[4])):
+        want = base.float() + sp.unkeys(split_grad).float()
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    returned = ops.cuda_band_side_bwd(douts, qs, qs, qs, *side, outs, glse, *args, dropout_global_rows=True,
+                                      side_only=True, lse_split=sp.C)
+    assert torch.equal(returned[0], old[0]) and torch.equal(returned[3], old[3]) and torch.equal(returned[4], old[4])
+
+
+@pytest.mark.gpu
+@gpu_ready
+def test_rows_add_zero_fill_matches_zeros_then_add():
+    ops, dev = torch.ops.longattn, "cuda"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, 3, 64, generator=gen).to(dev, torch.bfloat16)
+    pos = torch.tensor([[7, 0, 299, 5, -3], [2, 8, 4, 1, 2**40]], device=dev)
+    used = torch.ones(2, 5, dtype=torch.bool, device=dev)
+    parts = torch.randn(8, 5, 3, 64, generator=gen).to(dev, torch.bfloat16)
+    want = torch.zeros_like(x)
+    ops.cuda_longformer_rows_add(parts, pos, used, want)
+    got = torch.full_like(x, float("nan"))
+    ops.cuda_longformer_rows_add(parts, pos, used, got, zero_fill=True)
+    assert torch.equal(got, want)
+    torch.library.opcheck(ops.cuda_longformer_rows_add.default, (parts, pos, used, x.clone()), {"zero_fill": True})

@@ -477,7 +477,7 @@ def _global_rows_args(device, Sx=S):
 
 
 @needs_build
-@pytest.mark.parametrize("split_keys, Sx", [(None, S), (5, 10), (4, 10)], ids=["one-split", "splits", "padded"])
+@pytest.mark.parametrize("split_keys, Sx", [(None, S), (5, 10), (4, 11)], ids=["one-split", "splits", "padded"])
 def test_global_rows_go_to_the_glue_kernels(split_keys, Sx, monkeypatch):
     """Issue 12 target 2: around the global rows' band op only longattn's kernels copy the slots' rows, merge the
     splits into out and sum the splits' dq rows into dq (no gather, where, scatter, masked_fill, or the merge's

@@ -125,11 +125,12 @@ def test_long_sequences(S, kind, backend):
 # --------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("split_keys", [None, 128])
+@pytest.mark.parametrize("split_keys", [None, 128, 100])
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_longformer_globals(backend, split_keys, monkeypatch):
-    """``split_keys``: the CUDA path's global rows split over 128-key splits (S = 777: 7 splits, the last padded)
-    instead of the default (one split at this S)."""
+    """``split_keys``: the CUDA path's global rows split over about that many keys instead of the default (one split
+    at this S): 128 asked, 111 taken (S = 777 = 7 x 111: whole splits, views of k / v); 100 asked, no divisor of 777
+    near it: 8 splits of 100, the last padded."""
     require(backend, torch.bfloat16, 64)
     if split_keys is not None and backend != "cuda":
         pytest.skip("the key splits are the CUDA path's (Triton has its own split-KV kernels)")

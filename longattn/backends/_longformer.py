@@ -39,6 +39,8 @@ rows in kernels of its own).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _INF = float("inf")
@@ -350,8 +352,22 @@ class KeySplits:
 
 
 def key_splits(S: int, drop: dict) -> KeySplits:
-    """The global rows' key splits at call time: ``SPLIT_KEYS``-key splits (the module value), none with dropout."""
-    return KeySplits(S, None if drop else SPLIT_KEYS)
+    """The global rows' key splits at call time: about ``SPLIT_KEYS`` keys each (the module value, ``whole_split``),
+    none with dropout."""
+    return KeySplits(S, None if drop or not SPLIT_KEYS else whole_split(S, SPLIT_KEYS))
+
+
+@functools.lru_cache(maxsize=256)
+def whole_split(S: int, split_keys: int) -> int:
+    """Keys per split: the largest divisor of S in ``[split_keys / 2, split_keys]``, so the splits are views of k, v
+    (HF pads Longformer / LED inputs to a multiple of the attention window: S = 512 m has one), else ``split_keys``
+    (the last split padded: ``KeySplits.keys`` copies k, v)."""
+    if S <= split_keys:
+        return split_keys
+    for n in range(split_keys, (split_keys + 1) // 2 - 1, -1):
+        if S % n == 0:
+            return n
+    return split_keys
 
 
 def _split_keys(sp, qs, k, v, key_mask):

@@ -42,9 +42,10 @@ summed in order) and safe for any slot position (out of range: skipped). The glo
 ``side_only`` (no band keys: no band tile walked, no mask for them), its backward with ``lse_split`` (each split reads
 the merged glse, no per-split copy) and, when the global rows share k / v with the band pass, with ``dside_k_into`` /
 ``dside_v_into``: the keys' dK/dV added by the side-add kernel into the band pass's dk / dv. What torch still runs
-around the global rows: when S is not a multiple of the split size the padded copies of k / v / the key mask (and,
-with separate global k / v projections, the un-padding of their gradients); with per-slot key ranges (packed
-batches) their shift into each split; with only one of k_global / v_global given, the shared one's ``add_``.
+around the global rows: when no split size near ``SPLIT_KEYS`` divides S (``_longformer.whole_split``; a prime S)
+the padded copies of k / v / the key mask (and, with separate global k / v projections, the un-padding of their
+gradients); with per-slot key ranges (packed batches) their shift into each split; with only one of k_global /
+v_global given, the shared one's ``add_``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,75 @@
+"""Host cost of a Triton-backend call with its kernels stubbed out (issue 12, target 3: <= 40 us forward, <= 80 us
+forward+backward per call).
+
+``pytest benchmarks/bench_triton_launchers.py`` (pytest-benchmark records; nothing is asserted).
+
+``bench_host_overhead.py`` times longattn's path down to the backend call, with a null backend. This file times the
+whole Triton route on tiny CPU tensors: the public op, its custom ops, the Triton backend's launchers (grids, tile
+plans, argument lists, the fused Longformer's roles) and their output allocations, with every ``@triton.jit``
+kernel's launch replaced by a no-op (``JITFunction.__getitem__``), and the backend made available on CPU. What it
+leaves out is Triton's own launch path (argument binding and specialisation, the C launcher), which needs a GPU:
+on one, ``longattn bench``'s host-overhead column is the complete figure.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+import longattn
+from longattn.backends import triton_backend
+
+B, S, H, D, W, BLOCK = 1, 32, 2, 16, 4, 8
+
+
+def _inputs(requires_grad):
+    def t(*shape):
+        return torch.randn(*shape).requires_grad_(requires_grad)
+
+    glob = torch.zeros(B, S, dtype=torch.bool)
+    glob[:, 0] = True
+    return dict(q=t(B, S, H, D), k=t(B, S, H, D), v=t(B, S, H, D), sk=t(B, S // BLOCK, H, D),
+                sv=t(B, S // BLOCK, H, D), rb=t(H, 2 * W + 1), sb=t(H, 2 * (S // BLOCK) + 1), x=t(B, S, 64),
+                w=t(64), mask=torch.ones(B, S, dtype=torch.bool), glob=glob,
+                qb=torch.zeros(B, S, dtype=torch.int32), bm=torch.ones(B, S // BLOCK, dtype=torch.bool))
+
+
+CALLS = {
+    "local": (lambda t: longattn.local_attention(t["q"], t["k"], t["v"], W, key_padding_mask=t["mask"],
+                                                 backend="triton"), ("q", "k", "v")),
+    "longformer": (lambda t: longattn.longformer_attention(t["q"], t["k"], t["v"], W, t["glob"],
+                                                           key_padding_mask=t["mask"], max_globals=1,
+                                                           backend="triton"), ("q", "k", "v")),
+    "tglobal": (lambda t: longattn.tglobal_attention(t["q"], t["k"], t["v"], t["sk"], t["sv"], W, t["qb"],
+                                                     key_padding_mask=t["mask"], side_mask=t["bm"], rel_bias=t["rb"],
+                                                     side_bias=t["sb"], backend="triton"),
+                ("q", "k", "v", "sk", "sv", "rb", "sb")),
+    "block_aggregate": (lambda t: longattn.block_aggregate(t["x"], t["qb"], S // BLOCK, weight=t["w"],
+                                                           backend="triton"), ("x", "w")),
+}
+
+
+@pytest.fixture
+def stubbed_triton(monkeypatch):
+    """The Triton backend on CPU with no-op kernel launches."""
+    monkeypatch.setattr(triton.runtime.jit.JITFunction, "__getitem__", lambda self, grid: lambda *a, **k: None)
+    monkeypatch.setattr(triton_backend, "unavailable_reasons", lambda device: [])
+
+
+@pytest.mark.parametrize("which", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("name", list(CALLS))
+def test_triton_route(benchmark, stubbed_triton, name, which):
+    call, leaves = CALLS[name]
+    t = _inputs(which == "fwd_bwd")
+    if which == "fwd":
+        def run():
+            with torch.no_grad():
+                return call(t)
+    else:
+        def run():
+            out = call(t)
+            return torch.autograd.grad(out, [t[n] for n in leaves], torch.ones_like(out))
+    run()  # warm caches outside the timing
+    benchmark.group = f"triton-route-{which}"
+    benchmark(run)

@@ -150,15 +150,54 @@ def compile_slots_for_sm90():
 
     from tests.test_triton_backend import compile_sm90
 
-    types = {**dict.fromkeys(["GMask", "PMask", "BandRows", "Used"], "*u8"), "Pos": "*i64", "Zero": "*i32"}
+    types = {**dict.fromkeys(["GMask", "PMask", "BandRows", "Used"], "*u8"), "Pos": "*i64",
+             **dict.fromkeys(["Zero", "KRanges", "SideR", "RowR", "Before"], "*i32")}
+    ranges = ("KRanges", "SideR", "RowR", "Before")
     for pad in (False, True):
         for unit in ({}, dict(stride_gs=1, stride_ps=1)):
             for zero in (False, True):  # with the fused Longformer forward's counters to zero
                 print(f"HAS_PAD={pad}, {'unit' if unit else 'any'} mask strides, zero={zero}:", end=" ")
                 usage = compile_sm90(slots._slots_kernel, dict(HAS_PAD=pad, BLOCK=slots._GPU_BLOCK, **unit),
-                                     slots._GPU_WARPS, types, none_args=() if zero else ("Zero", "n_zero"))
+                                     slots._GPU_WARPS, types, none_args=ranges + (() if zero else ("Zero", "n_zero")))
                 assert "('0', '0')" in usage, usage
+    for only in (False, True):  # packed batches: the slots' ranges too (forward), or only them (backward)
+        print(f"ranges, RANGES_ONLY={only}:", end=" ")
+        usage = compile_sm90(slots._slots_kernel, dict(HAS_PAD=True, BLOCK=slots._GPU_BLOCK, RANGES_ONLY=only),
+                             slots._GPU_WARPS, types, none_args=("Zero", "n_zero"))
+        assert "('0', '0')" in usage, usage
 
 
 def test_kernel_compiles_for_sm90():
     run_sm90_compile("tests.test_triton_slots:compile_slots_for_sm90")
+
+
+def _random_ranges(B, S, seed):
+    """Per-row key ranges of a packed batch, plus out-of-range and empty ones (clamped like the torch function)."""
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.randint(-3, S + 3, (B, S), generator=g)
+    hi = lo + torch.randint(-2, S, (B, S), generator=g)
+    return torch.stack([lo, hi], -1).to(torch.int32).to(DEVICE)
+
+
+@pytest.mark.parametrize("S, G", [(1, 1), (37, 0), (37, 5), (50, 50), (70, 12)])
+@pytest.mark.parametrize("padding", [False, True])
+def test_slot_ranges_match_the_torch_function(S, G, padding, triton_launches):
+    """Packed Longformer: the slots kernel's ranges (forward: with the layout; backward: from a given layout) are
+    bitwise ``_longformer.slot_ranges``, for ranges of any value."""
+    from longattn.triton_kernels import slots
+
+    for seed in range(3):
+        glob, pad = _random_masks(2, S, 0.3, 0.8, seed, padding)
+        key_ranges = _random_ranges(2, S, seed)
+        band_rows, pos, used, band_ranges, row_ranges = slots.global_slots(glob, pad, G, key_ranges=key_ranges)
+        want_band, want_rows = _longformer.slot_ranges(glob, pad, pos, used, G, key_ranges)
+        assert torch.equal(band_ranges["side_ranges"], want_band["side_ranges"])
+        assert band_ranges["key_ranges"] is key_ranges
+        assert torch.equal(row_ranges["key_ranges"], want_rows["key_ranges"])
+        again_band, again_rows = slots.slot_ranges(glob, pad, pos, used, G, key_ranges)
+        assert torch.equal(again_band["side_ranges"], want_band["side_ranges"])
+        assert torch.equal(again_rows["key_ranges"], want_rows["key_ranges"])
+        triton_launches.clear()
+        with DeviceWork() as work:  # no torch op: allocations and the one launch
+            slots.slot_ranges(glob, pad, pos, used, G, key_ranges)
+        assert work.glue == [] and triton_launches == ["_slots_kernel"], (work.glue, triton_launches)

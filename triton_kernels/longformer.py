@@ -9,7 +9,8 @@ spec: the same slot layout, band pass and global rows, bitwise the same steps).
   dq lead the dQ pass, their dK/dV are summed into the band dK/dV programs' registers, the side keys' pass is the
   band's, and the one reduction also adds the global rows' dq.
 
-Packed batches (``key_ranges``) keep the torch ops of ``_longformer.slot_ranges`` between the launches. Separate
+Packed batches (``key_ranges``): the slots kernel also writes the slots' ranges (``_longformer.slot_ranges``); the
+backward recomputes them in one more launch of it. Separate
 global key and value projections must come together (both or neither) for the fused backward (the Triton backend
 runs the composed backward otherwise).
 """
@@ -17,8 +18,6 @@ runs the composed backward otherwise).
 from __future__ import annotations
 
 import torch
-
-from longattn.backends import _longformer
 
 from . import band_side, global_rows, slots
 
@@ -29,8 +28,9 @@ def forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask
     B, S, H, D = q.shape
     qg, kg, vg = (x if y is None else y for x, y in ((q, q_global), (k, k_global), (v, v_global)))
     counter = torch.empty(global_rows.FusedRows.counter_shape(q, G), dtype=torch.int32, device=q.device) if G else None
-    band_rows, pos, used = slots.global_slots(global_mask, key_padding_mask, G, zero=counter)
-    band_ranges, row_ranges = _longformer.slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
+    band_rows, pos, used, *ranges = slots.global_slots(global_mask, key_padding_mask, G, zero=counter,
+                                                       key_ranges=key_ranges)
+    band_ranges, row_ranges = ranges or ({}, {})
     fused = None
     if G:
         fused = global_rows.FusedRows(qg, kg, vg, pos, used, key_padding_mask, scale, row_ranges.get("key_ranges"),
@@ -46,7 +46,7 @@ def backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_r
              key_padding_mask, left, right, scale, dropout_p=0.0, rng=None, key_ranges=None):
     """-> (dq, dk, dv, dq_global, dk_global, dv_global), as ``_longformer.backward`` (absent global gradients empty)."""
     G = glse.shape[-1]
-    band_ranges, row_ranges = _longformer.slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
+    band_ranges, row_ranges = slots.slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
     if (k_global is None) != (v_global is None):
         raise ValueError("k_global, v_global: the fused backward takes both or neither "
                          "(longattn.backends._longformer.composed_backward runs the others)")

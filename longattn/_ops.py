@@ -14,6 +14,8 @@ context saves ``rng`` and the backward op regenerates the same keep mask from it
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -29,7 +31,8 @@ def _dense_grad(dout: Tensor | None, out: Tensor, shape=None) -> Tensor:
     expanded gradient of ``.sum()``)."""
     if dout is None:
         return out.new_zeros(out.shape if shape is None else shape)
-    return dout if dout.stride(-1) == 1 else dout.contiguous()
+    # is_contiguous() (a cached flag) first: a third of stride(-1)'s cost on the common dense gradient.
+    return dout if dout.is_contiguous() or dout.stride(-1) == 1 else dout.contiguous()
 
 
 def _plain_eager(x: Tensor) -> bool:
@@ -40,9 +43,15 @@ def _plain_eager(x: Tensor) -> bool:
     ``TorchDispatchMode`` that must see the op as one call), no functorch transform, no profiler (whose trace
     then shows the op by name), and ``x`` (the op's first tensor) not on the meta device (where the op runs its
     fake)."""
-    return not (torch.is_grad_enabled() or torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
-                or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
-                or torch._C._autograd._profiler_enabled() or x.is_meta)
+    return not (_grad_enabled() or _dispatch_modes() or _function_modes() or _functorch_active() or _compiling()
+                or _profiling() or x.is_meta)
+
+
+# The checks of ``_plain_eager`` bound once (each dotted lookup costs on every op call); the same function objects,
+# so torch.compile still recognises them.
+_grad_enabled, _compiling = torch.is_grad_enabled, torch.compiler.is_compiling
+_dispatch_modes, _function_modes = torch._C._len_torch_dispatch_stack, torch._C._len_torch_function_stack
+_functorch_active, _profiling = torch._C._are_functorch_transforms_active, torch._C._autograd._profiler_enabled
 
 
 def _call(op, *args):
@@ -50,8 +59,17 @@ def _call(op, *args):
     return op._init_fn(*args) if _plain_eager(args[0]) else op(*args)
 
 
-def _autograd(op, backward, setup_context):
-    """Register ``op``'s autograd formula and return the function the public API calls.
+def _autograd(op, backward, setup_context, grad_inputs, differentiable: int = 1):
+    """Register ``op``'s autograd formula and return the function the public API calls (``_eager_function``)."""
+    op.register_autograd(backward, setup_context=setup_context)
+    return _eager_function(op, backward, setup_context, grad_inputs, differentiable)
+
+
+_OUTPUT = threading.local()  # the full op output of an eager Function's forward, for ``call`` to hand back
+
+
+def _eager_function(op, backward, setup_context, grad_inputs, differentiable: int):
+    """The function the public API calls for ``op`` (whose autograd formula is ``backward`` / ``setup_context``).
 
     Eager calls with gradients go through an ``autograd.Function`` carrying the same formula, not through the
     custom op's own autograd wrapper: that wrapper re-reads the op's schema on every call
@@ -60,23 +78,39 @@ def _autograd(op, backward, setup_context):
     (and its registered formula) runs. Every other call of a forward or backward op goes through ``_call``: in
     plain eager mode the op's implementation directly, else the op (so a dispatch mode sees it, fakes run on
     fake tensors). Every path runs the one implementation and the one formula.
+
+    The Function's autograd outputs are the op's first ``differentiable`` outputs; ``call`` returns the others (the
+    statistics and slot layouts, which the caller does not differentiate) as plain tensors, which the formula saves
+    like any intermediate. Each further autograd output would cost 1 to 2 us per call (autograd wraps it, the
+    backward receives its gradient, a saved output is re-wrapped when unpacked). The formula's backward takes the
+    gradients of the first ``differentiable`` outputs, the others defaulting to None (no gradient reached them).
+
+    Likewise the Function's inputs are the op's whole input tuple (one argument, which autograd does not look into)
+    and then only the inputs that can take a gradient, ``grad_inputs(inputs)`` (by position, so the same function
+    picks their gradients out of the formula's): masks, index tensors and numbers never do, and each Function input
+    costs autograd time in the forward and the backward (0.2 us each, measured).
     """
-    op.register_autograd(backward, setup_context=setup_context)
 
     class _Fn(torch.autograd.Function):
         # forward(ctx, ...) style: the setup_context style binds the arguments with inspect on every call.
         @staticmethod
-        def forward(ctx, *inputs):
+        def forward(ctx, inputs, *_):  # *_: grad_inputs(inputs), passed for autograd to track
             output = _call(op, *inputs)
             setup_context(ctx, inputs, output)
-            return output
+            _OUTPUT.value = output
+            return output[0] if differentiable == 1 else output[:differentiable]
 
-    _Fn.backward = staticmethod(backward)
+    def fn_backward(ctx, *grads):
+        return (None, *grad_inputs(backward(ctx, *grads)))
+
+    _Fn.backward = staticmethod(fn_backward)
     _Fn.__name__ = _Fn.__qualname__ = f"{op._name.split('::')[-1]}_fn"
 
     def call(*inputs):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            return _Fn.apply(*inputs)
+        if _grad_enabled() and not _compiling():
+            head = _Fn.apply(inputs, *grad_inputs(inputs))
+            output, _OUTPUT.value = _OUTPUT.value, None
+            return ((head,) if differentiable == 1 else head) + output[differentiable:]
         return _call(op, *inputs)
 
     return call
@@ -120,7 +154,11 @@ def band_side_attention(
     ``longattn.varlen_api``). ``halo_k`` / ``halo_v`` (B, HL + HR, H_kv, D), ``halo_mask``, ``halo_left`` = HL: band
     keys before and after the sequence, read in place (a sequence-parallel shard's neighbours' keys).
     ``dropout_offset``: the dropout counters' position of row 0 and band key 0 (a shard's start in its sequence)."""
-    side_k, side_v = _side_or_empty(side_k, side_v, k)
+    if side_k is None:
+        side_k = side_v = _no_side_keys(k)
+    if not dropout_p and key_ranges is None and side_ranges is None and halo_k is None:  # no optional keyword
+        return get_backend(backend).band_side_forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block,
+                                                      band_bias, side_bias, left, right, scale)
     return get_backend(backend).band_side_forward(
         q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right, scale,
         **dropout_kwargs(dropout_p, rng, dropout_offset), **ranges_kwargs(key_ranges, side_ranges),
@@ -128,10 +166,10 @@ def band_side_attention(
     )
 
 
-def _side_or_empty(side_k, side_v, k):
-    if side_k is None:  # with k's head count (side keys are keys: H_kv heads under grouped-query attention)
-        side_k = side_v = k.new_empty(k.shape[0], 0, k.shape[2], k.shape[3])
-    return side_k, side_v
+def _no_side_keys(k):
+    """The (B, 0, H_kv, D) side keys (and values) of a call without any: with k's head count (side keys are keys:
+    H_kv heads under grouped-query attention)."""
+    return k.new_empty(k.shape[0], 0, k.shape[2], k.shape[3])
 
 
 @band_side_attention.register_fake
@@ -169,6 +207,12 @@ def band_side_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias); absent bias tables get empty gradients. ``dlse``: the
     gradient of the forward's ``lse`` output, or None (no gradient reached it)."""
+    if not dropout_p and key_ranges is None and side_ranges is None and dlse is None:  # no optional keyword
+        if side_k is None:
+            side_k = side_v = _no_side_keys(k)
+        return tuple(get_backend(backend).band_side_backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask,
+                                                             side_mask, query_block, band_bias, side_bias, left,
+                                                             right, scale))
     return _band_side_grads(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
                             side_bias, left, right, scale, backend, dropout_p, rng, key_ranges, side_ranges, None, None,
                             None, 0, dropout_offset, dlse)
@@ -230,7 +274,8 @@ def _band_side_grads(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, sid
                      halo_mask, halo_left, dropout_offset, dlse):
     """The one implementation of both backward ops: the backend's ``band_side_backward`` with the optional
     keywords of the features the call uses (contract: ``longattn.backends``)."""
-    side_k, side_v = _side_or_empty(side_k, side_v, k)
+    if side_k is None:
+        side_k = side_v = _no_side_keys(k)
     return tuple(get_backend(backend).band_side_backward(
         dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
         side_bias, left, right, scale, **dropout_kwargs(dropout_p, rng, dropout_offset),
@@ -240,36 +285,43 @@ def _band_side_grads(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, sid
 
 
 def _optional_tail(inputs, fixed: int, defaults: tuple) -> tuple:
-    """The optional trailing inputs of an op call (``inputs[fixed:]``), padded with their ``defaults``."""
-    tail = tuple(inputs[fixed:])
-    return tail + defaults[len(tail):]
+    """The optional trailing inputs of an op call (``inputs[fixed:]``, ``inputs`` a tuple), padded with their
+    ``defaults``."""
+    return defaults if len(inputs) == fixed else tuple(inputs[fixed:]) + defaults[len(inputs) - fixed:]
 
 
 # dropout_p, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left, dropout_offset
 _BAND_SIDE_TAIL = (0.0, None, None, None, None, None, None, 0, 0)
 
 
+_NO_TENSORS = (None,) * 6  # rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask (not saved)
+
+
 def _band_side_setup_context(ctx, inputs, output):
     (q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
-     scale, backend) = inputs[:14]
-    dropout_p, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left, dropout_offset = _optional_tail(
-        inputs, 14, _BAND_SIDE_TAIL)
+     scale, backend, *optional) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block,
-                          band_bias, side_bias, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask)
-    ctx.args = (left, right, scale, backend, dropout_p)
-    ctx.tail_ints = (halo_left, dropout_offset)
-    ctx.num_inputs = len(inputs)
-    ctx.set_materialize_grads(False)
+    if optional:
+        dropout_p, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask, halo_left, dropout_offset = (
+            _optional_tail(inputs, 14, _BAND_SIDE_TAIL))
+        ctx.save_for_backward(q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
+                              side_bias, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask)
+    else:  # the six optional tensors are None: not saved (a saved None costs too)
+        dropout_p, halo_left, dropout_offset = 0.0, 0, 0
+        ctx.save_for_backward(q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
+                              side_bias)
+    ctx.args = (left, right, scale, backend, dropout_p, halo_left, dropout_offset, len(inputs))  # one attribute
+    ctx.materialize_grads = False  # set_materialize_grads(False) without its Python frame
 
 
-def _band_side_backward(ctx, dout, dlse):
-    (q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
-     side_bias, rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask) = ctx.saved_tensors
+def _band_side_backward(ctx, dout, dlse=None):
+    (q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
+     *optional) = ctx.saved_tensors
+    rng, key_ranges, side_ranges, halo_k, halo_v, halo_mask = optional or _NO_TENSORS
+    left, right, scale, backend, dropout_p, halo_left, dropout_offset, num_inputs = ctx.args
     dout = _dense_grad(dout, out)
     args = (dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
-            *ctx.args, rng, key_ranges, side_ranges)
-    halo_left, dropout_offset = ctx.tail_ints
+            left, right, scale, backend, dropout_p, rng, key_ranges, side_ranges)
     if halo_k is not None:
         dq, dk, dv, dsk, dsv, dbb, dsb, dhk, dhv = _call(band_side_halo_attention_backward, *args, halo_k, halo_v,
                                                          halo_mask, halo_left, dropout_offset, dlse)
@@ -278,12 +330,21 @@ def _band_side_backward(ctx, dout, dlse):
         dq, dk, dv, dsk, dsv, dbb, dsb = _call(band_side_attention_backward, *args, *tail)
         dhk = dhv = None
     grads = (dq, dk, dv, dsk if side_k is not None else None, dsv if side_v is not None else None, None, None, None,
-             dbb if band_bias is not None else None, dsb if side_bias is not None else None, None, None, None, None,
-             None, None, None, None, dhk if halo_k is not None else None, dhv if halo_v is not None else None)
-    return grads[:ctx.num_inputs] + (None,) * (ctx.num_inputs - len(grads))
+             dbb if band_bias is not None else None, dsb if side_bias is not None else None, None, None, None, None)
+    if num_inputs == len(grads):  # the 14 required inputs only
+        return grads
+    grads += (None, None, None, None, dhk if halo_k is not None else None, dhv if halo_v is not None else None)
+    return grads[:num_inputs] + (None,) * (num_inputs - len(grads))
 
 
-run_band_side = _autograd(band_side_attention, _band_side_backward, _band_side_setup_context)
+def _band_side_grad_inputs(inputs):  # q, k, v, side_k, side_v; band_bias, side_bias; halo_k, halo_v (if given)
+    return inputs[:5] + inputs[8:10] + inputs[18:20]
+
+
+run_band_side = _autograd(band_side_attention, _band_side_backward, _band_side_setup_context, _band_side_grad_inputs)
+# With a differentiable lse (a split-KV merge by log-sum-exp differentiates through it: ``with_lse``).
+run_band_side_with_lse = _eager_function(band_side_attention, _band_side_backward, _band_side_setup_context,
+                                         _band_side_grad_inputs, 2)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -376,24 +437,28 @@ def _longformer_setup_context(ctx, inputs, output):
     out, lse, glse, band_rows, pos, used = output
     ctx.save_for_backward(q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask,
                           key_padding_mask, rng, key_ranges)
-    ctx.args = (left, right, scale, backend, dropout_p)
-    ctx.num_inputs = len(inputs)
-    ctx.set_materialize_grads(False)  # the statistics get no gradient: no zero tensors for them
+    ctx.args = (left, right, scale, backend, dropout_p, len(inputs))
+    ctx.materialize_grads = False  # the statistics get no gradient: no zero tensors for them
 
 
-def _longformer_backward(ctx, dout, dlse, dglse, *_):  # *_: the slot layout's (None) gradients
+def _longformer_backward(ctx, dout, *_):  # *_: the statistics' and slot layout's gradients (unused)
     (q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask, key_padding_mask, rng,
      key_ranges) = ctx.saved_tensors
+    left, right, scale, backend, dropout_p, num_inputs = ctx.args
     dout = _dense_grad(dout, out)
-    grads = _call(longformer_attention_backward, dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
-                  band_rows, pos, used, global_mask, key_padding_mask, *ctx.args, rng, key_ranges)
-    dq, dk, dv, dqg, dkg, dvg = grads
-    grads = (dq, dk, dv, dqg if q_global is not None else None, dkg if k_global is not None else None,
-             dvg if v_global is not None else None)
-    return grads + (None,) * (ctx.num_inputs - len(grads))
+    dq, dk, dv, dqg, dkg, dvg = _call(longformer_attention_backward, dout, q, k, v, q_global, k_global, v_global, out,
+                                      lse, glse, band_rows, pos, used, global_mask, key_padding_mask, left, right,
+                                      scale, backend, dropout_p, rng, key_ranges)
+    return (dq, dk, dv, dqg if q_global is not None else None, dkg if k_global is not None else None,
+            dvg if v_global is not None else None) + (None,) * (num_inputs - 6)
 
 
-run_longformer = _autograd(longformer_attention, _longformer_backward, _longformer_setup_context)
+def _longformer_grad_inputs(inputs):  # q, k, v, q_global, k_global, v_global
+    return inputs[:6]
+
+
+run_longformer = _autograd(longformer_attention, _longformer_backward, _longformer_setup_context,
+                           _longformer_grad_inputs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -442,10 +507,10 @@ def _aggregate_setup_context(ctx, inputs, output):
     _, sums, rstd = output
     ctx.save_for_backward(x, block_ids, weight, sums, rstd)
     ctx.args = (num_blocks, eps, backend)
-    ctx.set_materialize_grads(False)
+    ctx.materialize_grads = False
 
 
-def _aggregate_backward(ctx, dout, dsums, drstd):
+def _aggregate_backward(ctx, dout, *_):  # *_: the statistics' gradients (unused)
     x, block_ids, weight, sums, rstd = ctx.saved_tensors
     num_blocks, eps, backend = ctx.args
     dout = _dense_grad(dout, x, (x.shape[0], num_blocks, x.shape[2]))
@@ -453,4 +518,9 @@ def _aggregate_backward(ctx, dout, dsums, drstd):
     return dx, None, None, (dweight if weight is not None else None), None, None
 
 
-run_block_aggregate = _autograd(block_aggregate, _aggregate_backward, _aggregate_setup_context)
+def _aggregate_grad_inputs(inputs):  # x, weight
+    return inputs[0], inputs[3]
+
+
+run_block_aggregate = _autograd(block_aggregate, _aggregate_backward, _aggregate_setup_context,
+                                _aggregate_grad_inputs)

@@ -18,6 +18,7 @@ import os
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from .backends import BACKEND_MODULES
 
@@ -36,6 +37,7 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
+_INF = float("inf")
 _DEBUG = [os.environ.get("LONGATTN_DEBUG", "") not in ("", "0")]
 
 
@@ -100,6 +102,14 @@ def check_qkv(q, k, v, *, grouped: bool = False) -> tuple[int, int, int, int]:
     With ``grouped``, k and v may have ``H_kv`` heads instead of H (grouped-query / multi-query attention,
     query head h reading K/V head ``h // (H // H_kv)``): ``H % H_kv == 0`` and k, v of one shape.
     """
+    # The common case in one expression (every check below passes): plain tensors of one shape, float dtype and
+    # device, dense (is_contiguous() is a cached flag, a third of stride(-1)'s cost; other layouts take the checks).
+    if type(q) is Tensor and type(k) is Tensor and type(v) is Tensor:
+        shape, dtype = q.shape, q.dtype
+        if (len(shape) == 4 and dtype in FLOAT_DTYPES and 0 not in shape and k.shape == shape and v.shape == shape
+                and k.dtype is dtype and v.dtype is dtype and q.is_contiguous() and k.is_contiguous()
+                and v.is_contiguous() and k.device == (device := q.device) and v.device == device):
+            return tuple(shape)
     check_tensor("q", q, ndim=4)
     if 0 in q.shape:
         raise ValueError(f"q: expected a non-empty (B, S, H, D) tensor, got shape {tuple(q.shape)}")
@@ -130,10 +140,12 @@ def check_side_kv(side_k, side_v, q: torch.Tensor, k: torch.Tensor | None = None
     are keys: with grouped-query attention, query head h reads side head ``h // (H // H_kv)`` too). Returns G."""
     B, _, H, D = q.shape
     H = H if k is None else k.shape[2]
-    if (type(side_k) is torch.Tensor and side_k.dim() == 4 and side_k.dtype == q.dtype and side_k.device == q.device
-            and side_k.shape[0] == B and side_k.shape[2] == H and side_k.shape[3] == D
-            and (side_k.stride(-1) == 1 or D == 1) and _passes_like(side_v, side_k)):
-        return side_k.shape[1]  # the common case: every check below passes
+    if type(side_k) is Tensor and type(side_v) is Tensor:  # the common case: every check below passes
+        shape = side_k.shape
+        if (len(shape) == 4 and shape[0] == B and shape[2] == H and shape[3] == D and side_v.shape == shape
+                and side_k.dtype is (dtype := q.dtype) and side_v.dtype is dtype and side_k.is_contiguous()
+                and side_v.is_contiguous() and side_k.device == (device := q.device) and side_v.device == device):
+            return shape[1]
     for name, x in (("side_k", side_k), ("side_v", side_v)):
         if name == "side_v" and _passes_like(side_v, side_k):  # side_k passed below, so does a tensor like it
             break
@@ -181,6 +193,9 @@ def check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) ->
     """A bool or 0/1 integer mask of ``shape`` (True = keep). Returns a contiguous bool tensor or None."""
     if mask is None:
         return None
+    if (type(mask) is Tensor and mask.dtype is torch.bool and mask.is_contiguous() and mask.shape == shape
+            and mask.device == device):
+        return mask  # the common case: what the checks below would return
     check_tensor(name, mask, ndim=len(shape), dtypes=MASK_DTYPES, device=device)
     if mask.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(mask.shape)}")
@@ -194,6 +209,8 @@ def check_mask(name: str, mask, shape: tuple[int, ...], device: torch.device) ->
 def check_scale(scale, head_dim: int, default: float | None) -> float:
     if scale is None:
         return default if default is not None else head_dim**-0.5
+    if type(scale) is float and -_INF < scale < _INF:  # the common case (NaN fails the comparisons)
+        return scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float or None, got {_describe(scale)}")
     scale = float(scale)
@@ -206,6 +223,9 @@ def check_bias_table(name: str, table, rows: int, cols: int, q: torch.Tensor) ->
     """A per-head bias table (rows=H, cols) of a float dtype on q's device."""
     if table is None:
         return None
+    if (isinstance(table, Tensor) and table.shape == (rows, cols) and table.dtype in FLOAT_DTYPES
+            and table.device == q.device):
+        return table  # the common case: every check below passes
     check_tensor(name, table, ndim=2, device=q.device)
     if tuple(table.shape) != (rows, cols):
         raise ValueError(f"{name}: expected shape (H, {cols}) = ({rows}, {cols}), got {tuple(table.shape)}")
@@ -217,6 +237,9 @@ def check_index_tensor(
 ) -> torch.Tensor:
     """An integer index tensor of ``shape``, values meant to be in [low, high] (checked in debug mode only;
     the kernels drop others); returned as contiguous int32 (no copy when it already is)."""
+    if (type(ids) is Tensor and ids.dtype is torch.int32 and ids.is_contiguous() and ids.shape == shape
+            and ids.device == device and not _DEBUG[0]):
+        return ids  # the common case: what the checks below would return
     check_tensor(name, ids, ndim=len(shape), dtypes=INT_DTYPES, device=device)
     if ids.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(ids.shape)}")

@@ -41,12 +41,15 @@ from ._validation import (
     debug_checks,
     normalize_window,
 )
-from .dispatch import resolve_backend
+from .dispatch import resolve
+
+_autocast_enabled = torch._C._is_any_autocast_enabled
 
 
 def _cast_for_autocast(*tensors):
-    """Under CUDA/CPU autocast, run in the autocast dtype (attention is a matmul-like op)."""
-    if not torch._C._is_any_autocast_enabled():  # one cheap check for the common case
+    """Under CUDA/CPU autocast, run in the autocast dtype (attention is a matmul-like op). Callers on the hot path
+    check ``_autocast_enabled()`` first (one C call instead of this call and its tuples)."""
+    if not _autocast_enabled():
         return tensors
     device = tensors[0].device.type
     if device in ("cuda", "cpu") and torch.is_autocast_enabled(device) and tensors[0].dtype == torch.float32:
@@ -96,23 +99,25 @@ def _band_side(q, k, v, side_k, side_v, left, right, band_key_mask, side_mask, q
     sequence-parallel global rows do). ``dropout_offset``: the dropout counters' position of row 0 and band key 0
     (a sequence-parallel shard's start, so its keep bits are the whole sequence's).
     """
-    S = q.shape[1] if span is None else min(span, q.shape[1])
+    shape = q.shape
+    S = shape[1] if span is None else min(span, shape[1])
     hl, hr = (0, 0) if halo is None else (halo[3], halo[0].shape[1] - halo[3])
     left_eff, right_eff = min(left, S + hl - 1), min(right, S + hr - 1)
-    if band_bias is not None and (left_eff, right_eff) != (left, right):
-        band_bias = band_bias[:, left - left_eff : left + right_eff + 1]
     if band_bias is not None:
+        if left_eff != left or right_eff != right:
+            band_bias = band_bias[:, left - left_eff : left + right_eff + 1]
         band_bias = band_bias.contiguous()
     if side_bias is not None:
         side_bias = side_bias.contiguous()
     ranged = key_ranges is not None or side_ranges is not None
-    features = (("grouped_kv",) if k.shape[2] != q.shape[2] else ()) + _dropout_feature(dropout_p)
+    features = ("grouped_kv",) if k.shape[2] != shape[2] else ()
+    if dropout_p:
+        features += ("dropout",)
     if ranged or halo is not None or with_lse or dropout_offset:
         features += ((("ranges",) if ranged else ()) + (("halo",) if halo is not None else ())
                      + (("lse_grad",) if with_lse else ())
                      + (("dropout_offset",) if dropout_p and dropout_offset else ()))
-    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1],
-                           op="local" if side_k is None else "tglobal", seqlen=S, features=features)
+    name = resolve(backend, q.device, q.dtype, shape[3], "local" if side_k is None else "tglobal", S, features)
     # Today's call, unchanged, without dropout, ranges or halo: the op's defaults fill its optional tail.
     offset = dropout_offset if dropout_p else 0
     if offset and (offset % 4 or offset < hl):
@@ -123,9 +128,9 @@ def _band_side(q, k, v, side_k, side_v, left, right, band_key_mask, side_mask, q
         tail += (key_ranges, side_ranges)
     if halo is not None or offset:
         tail += (None, None, None, 0) if halo is None else halo
-    out, lse = _ops.run_band_side(q, k, v, side_k, side_v, band_key_mask, side_mask,
-                                  query_block if side_bias is not None else None, band_bias, side_bias,
-                                  left_eff, right_eff, scale, name, *tail, *((offset,) if offset else ()))
+    run = _ops.run_band_side_with_lse if with_lse else _ops.run_band_side
+    out, lse = run(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block if side_bias is not None else None,
+                   band_bias, side_bias, left_eff, right_eff, scale, name, *tail, *((offset,) if offset else ()))
     return (out, lse) if with_lse else out
 
 
@@ -174,7 +179,8 @@ def _local_inputs(q, k, v, window, key_padding_mask, rel_bias, scale, dropout_p,
     scale = check_scale(scale, D, None)
     dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
-    q, k, v = _cast_for_autocast(q, k, v)
+    if _autocast_enabled():
+        q, k, v = _cast_for_autocast(q, k, v)
     return q, k, v, None, None, left, right, key_padding_mask, None, None, rel_bias, None, scale, backend, dropout_p
 
 
@@ -223,15 +229,17 @@ def _tglobal_inputs(q, k, v, side_k, side_v, window, query_block, key_padding_ma
     B, S, H, D = check_qkv(q, k, v, grouped=True)
     G = check_side_kv(side_k, side_v, q, k)
     left, right = normalize_window(window)
-    query_block = check_index_tensor("query_block", query_block, (B, S), q.device, -1, G - 1)
-    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
-    side_mask = check_mask("side_mask", side_mask, (B, G), q.device)
+    device = q.device
+    query_block = check_index_tensor("query_block", query_block, (B, S), device, -1, G - 1)
+    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), device)
+    side_mask = check_mask("side_mask", side_mask, (B, G), device)
     rel_bias = check_bias_table("rel_bias", rel_bias, H, left + right + 1, q)
     side_bias = check_bias_table("side_bias", side_bias, H, 2 * G + 1, q)
     scale = check_scale(scale, D, 1.0)
     dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
-    q, k, v, side_k, side_v = _cast_for_autocast(q, k, v, side_k, side_v)
+    if _autocast_enabled():
+        q, k, v, side_k, side_v = _cast_for_autocast(q, k, v, side_k, side_v)
     return (q, k, v, side_k, side_v, left, right, key_padding_mask, side_mask, query_block, rel_bias, side_bias, scale,
             backend, dropout_p)
 
@@ -281,20 +289,23 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window, global_mask: T
                                   backend=backend)
     B, S, H, D = check_qkv(q, k, v)
     left, right = normalize_window(window)
-    global_mask = check_mask("global_mask", global_mask, (B, S), q.device)
+    device = q.device
+    global_mask = check_mask("global_mask", global_mask, (B, S), device)
     if global_mask is None:
         raise TypeError("global_mask: expected a (B, S) bool or 0/1 tensor, got None")
-    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), q.device)
-    for name, x in (("q_global", q_global), ("k_global", k_global), ("v_global", v_global)):
-        if x is not None:
-            check_like(name, x, q, "q")
+    key_padding_mask = check_mask("key_padding_mask", key_padding_mask, (B, S), device)
+    if q_global is not None or k_global is not None or v_global is not None:
+        for name, x in (("q_global", q_global), ("k_global", k_global), ("v_global", v_global)):
+            if x is not None:
+                check_like(name, x, q, "q")
     scale = check_scale(scale, D, None)
     dropout_p = check_dropout_p(dropout_p)
     check_backend_name(backend)
     # The global count is read only without max_globals (or in debug mode): no device op otherwise.
     max_globals = resolve_max_globals(max_globals, lambda: (global_mask if key_padding_mask is None else global_mask
                                                             & key_padding_mask).sum(1).max(), "a row has")
-    q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
+    if _autocast_enabled():
+        q, k, v, q_global, k_global, v_global = _cast_for_autocast(q, k, v, q_global, k_global, v_global)
     return _longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
                        max_globals, dropout_p, backend)
 
@@ -303,6 +314,8 @@ def resolve_max_globals(max_globals, count, counted: str) -> int:
     """``max_globals`` validated, or, when None (or in debug mode, to check it), ``count()`` (a 0-d tensor) read
     on the host: the one sync of a Longformer call, only without ``max_globals``. ``counted`` names what was
     counted in the error ("a row has", "the batch has")."""
+    if type(max_globals) is int and max_globals >= 0 and not debug_checks():
+        return max_globals  # the common case: what the checks below return
     if max_globals is not None:
         max_globals = _as_int("max_globals", max_globals)
         if max_globals < 0:
@@ -320,16 +333,16 @@ def resolve_max_globals(max_globals, count, counted: str) -> int:
 def _longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale,
                 max_globals, dropout_p, backend, *, key_ranges=None, span=None) -> Tensor:
     """Run the Longformer op on validated inputs (window clamped to ``span``, see :func:`_band_side`)."""
-    S = q.shape[1] if span is None else min(span, q.shape[1])
-    name = resolve_backend(backend, device=q.device, dtype=q.dtype, head_dim=q.shape[-1], op="longformer", seqlen=S,
-                           features=_dropout_feature(dropout_p) + (("ranges",) if key_ranges is not None else ()))
+    shape = q.shape
+    S = shape[1] if span is None else min(span, shape[1])
+    features = _dropout_feature(dropout_p) + (("ranges",) if key_ranges is not None else ())
+    name = resolve(backend, q.device, q.dtype, shape[3], "longformer", S, features)
     left, right = min(left, S - 1), min(right, S - 1)
     drop = (dropout_p, _dropout_rng(q, dropout_p)) if dropout_p or key_ranges is not None else ()  # p = 0: unchanged
     # More than S slots could never be filled: a looser bound is clamped (a size, not data: no sync).
-    out, *_ = _ops.run_longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask,
-                                    left, right, scale, min(max_globals, q.shape[1]), name, *drop,
-                                    *((key_ranges,) if key_ranges is not None else ()))
-    return out
+    return _ops.run_longformer(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right,
+                               scale, min(max_globals, shape[1]), name, *drop,
+                               *((key_ranges,) if key_ranges is not None else ()))[0]
 
 
 def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Tensor | None = None,
@@ -377,7 +390,7 @@ def block_aggregate(x: Tensor, block_ids: Tensor, num_blocks: int, *, weight: Te
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps: expected a positive float, got {eps!r}")
     check_backend_name(backend)
-    name = resolve_backend(backend, device=x.device, dtype=x.dtype, head_dim=C, op="aggregate", seqlen=S)
+    name = resolve(backend, x.device, x.dtype, C, "aggregate", S)
     out, _, _ = _ops.run_block_aggregate(x, block_ids, num_blocks, weight, float(eps), name)
     return out
 

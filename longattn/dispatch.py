@@ -143,6 +143,13 @@ def resolve_backend(requested: str, *, device: torch.device, dtype: torch.dtype,
     return _resolve(requested, device, dtype, head_dim, op, size_class(seqlen), tuple(features))
 
 
+def resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, op: str, seqlen=None,
+            features: tuple[str, ...] = ()) -> str:
+    """``resolve_backend`` with positional arguments and ``features`` a tuple: the public ops' per-call form (no
+    keyword binding, no tuple copy)."""
+    return _resolve(requested, device, dtype, head_dim, op, size_class(seqlen), features)
+
+
 @torch.compiler.assume_constant_result  # a pure function of static metadata: resolved once while tracing
 def _resolve(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int, op: str, cls: int,
              features: tuple[str, ...] = ()) -> str:

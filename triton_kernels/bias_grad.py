@@ -36,9 +36,11 @@ columns x 256 query tiles x 12 heads = 30 MiB per batch row, written once and re
 The reduction (``reduce_partials``, ``_reduce_kernel``): one launch per backward, after the dK/dV passes, whose
 programs are laid out over every output it writes: the band table's gradient, the side table's, and the side
 keys' dK/dV from their float32 partials over query chunks (``SideSums``: stored in q's dtype, or with
-Longformer's slot index added into the band dK/dV rows the slots name). Each program owns ``_BLOCK_C`` columns
-of one output row and adds its partial rows in order (``_UNROLL`` loads in flight), so the result is bitwise
-reproducible and no torch op (sum, cast, copy, fill) runs around the kernels. Not timed (no GPU).
+Longformer's slot index added into the band dK/dV rows the slots name), and for the fused Triton Longformer op the
+global rows' dq (``RowSums``: the split programs' partial dq summed per slot, added into the slots' rows). Each
+program owns ``_BLOCK_C`` columns of one output row (a global-rows program: ``_ROWS_BLOCK`` slots) and adds its
+partial rows in order (``_UNROLL`` loads in flight), so the result is bitwise reproducible and no torch op (sum,
+cast, copy, fill) runs around the kernels. Not timed (no GPU).
 
 Cost (static SASS of the sm_90 bf16 build, D = 64, 8 warps; not timed, no GPU): the band tile loop grows from
 1008 to 1391 instructions per tile, the side tile loop from 1056 to 1216 (8 extra HMMA for the one-hot

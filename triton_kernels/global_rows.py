@@ -454,11 +454,9 @@ class FusedRows:
         self.bounds = tile_bounds(key_ranges if self.has_kr else None, None, S, 0, self.block_m, q, self.used8)
         f32 = dict(dtype=torch.float32, device=q.device)
         self.part_o = torch.empty(self.splits, B * H, G, head_dim_block(D), **f32)
-        self.backward = glse is not None
         self.glse = torch.empty(B, H, G, **f32) if glse is None else glse
-        self.part_l = self.part_o if self.backward else torch.empty(self.splits, B * H, G, **f32)
+        self.part_l = self.part_o if glse is not None else torch.empty(self.splits, B * H, G, **f32)
         self.counter, self.out = counter, out
-        self.new_q, self.new_kv = new_q, new_kv
         self.dq = torch.empty_like(q, memory_format=torch.contiguous_format) if new_q else None
         self.dk, self.dv = ((torch.empty_like(x, memory_format=torch.contiguous_format) for x in (k, v)) if new_kv
                             else (None, None))
@@ -484,10 +482,10 @@ class FusedRows:
     def keys_role(self) -> dict:
         """``band_side._keys_kernel``'s keywords (band keys): the key tiles' gradients over the global queries."""
         dummy = self.q
-        return dict(GLOBAL_ROWS=True, GLOBAL_SEPARATE=self.new_kv, ZERO_DQG=self.new_q, Out=self.out,
-                    SLOT_BLOCK=SLOT_BLOCK,
-                    **_named_strides("o", self.out), DKG=self.dk if self.new_kv else dummy,
-                    DVG=self.dv if self.new_kv else dummy, DQG=self.dq if self.new_q else dummy, **self._inputs())
+        new_q, new_kv = self.dq is not None, self.dk is not None
+        return dict(GLOBAL_ROWS=True, GLOBAL_SEPARATE=new_kv, ZERO_DQG=new_q, Out=self.out, SLOT_BLOCK=SLOT_BLOCK,
+                    **_named_strides("o", self.out), DKG=self.dk if new_kv else dummy,
+                    DVG=self.dv if new_kv else dummy, DQG=self.dq if new_q else dummy, **self._inputs())
 
     def row_sums(self, dq):
         """The reduction's share (``bias_grad.RowSums``): the partial dq summed into the global rows of the new dq, or

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from longattn.backends import _longformer
+
 from . import band_side, global_rows, slots
 
 
@@ -26,7 +28,7 @@ def forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask
             dropout_p=0.0, rng=None, key_ranges=None):
     """-> (out, lse, glse, band_rows, pos, used), as ``_longformer.forward``."""
     B, S, H, D = q.shape
-    qg, kg, vg = (x if y is None else y for x, y in ((q, q_global), (k, k_global), (v, v_global)))
+    qg, kg, vg = _longformer.global_projections(q, k, v, q_global, k_global, v_global)
     counter = torch.empty(global_rows.FusedRows.counter_shape(q, G), dtype=torch.int32, device=q.device) if G else None
     band_rows, pos, used, *ranges = slots.global_slots(global_mask, key_padding_mask, G, zero=counter,
                                                        key_ranges=key_ranges)
@@ -52,13 +54,12 @@ def backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_r
                          "(longattn.backends._longformer.composed_backward runs the others)")
     fused = None
     if G:
-        qg, kg, vg = (x if y is None else y for x, y in ((q, q_global), (k, k_global), (v, v_global)))
+        qg, kg, vg = _longformer.global_projections(q, k, v, q_global, k_global, v_global)
         fused = global_rows.FusedRows(qg, kg, vg, pos, used, key_padding_mask, scale, row_ranges.get("key_ranges"),
                                       out=out, glse=glse, new_q=q_global is not None, new_kv=k_global is not None)
     dq, dk, dv, *_ = band_side.backward(dout, q, k, v, k, v, out, lse, band_rows, used, None, None, None, left, right,
                                         scale, dropout_p, rng, side_index=pos, fused_rows=fused, **band_ranges)
     # Distinct empty tensors for absent gradients: a custom op's outputs may not alias one another.
     if G == 0:
-        return dq, dk, dv, *(q.new_empty(0) if x is None else torch.zeros_like(x, memory_format=torch.contiguous_format)
-                             for x in (q_global, k_global, v_global))
+        return dq, dk, dv, *_longformer.no_global_rows_grads(q, q_global, k_global, v_global)
     return dq, dk, dv, *(q.new_empty(0) if g is None else g for g in (fused.dq, fused.dk, fused.dv))

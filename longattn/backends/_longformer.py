@@ -155,9 +155,8 @@ def composed_forward(backend, q, k, v, q_global, k_global, v_global, global_mask
                                          left, right, scale, **drop, **band_ranges)
     if G == 0:
         return out, lse, lse.new_empty(B, H, 0), band_rows, pos, used
-    glse = backend.global_rows_forward(q if q_global is None else q_global, k if k_global is None else k_global,
-                                       v if v_global is None else v_global, pos, used, key_padding_mask, scale, out,
-                                       **drop, **row_ranges)
+    glse = backend.global_rows_forward(*global_projections(q, k, v, q_global, k_global, v_global), pos, used,
+                                       key_padding_mask, scale, out, **drop, **row_ranges)
     return out, lse, glse, band_rows, pos, used
 
 
@@ -186,17 +185,28 @@ def composed_backward(backend, dout, q, k, v, q_global, k_global, v_global, out,
         dq, dk, dv = gathered_band_backward(backend.band_side_backward, dout, q, k, v, out, lse, pos, used, band_rows,
                                             left, right, scale, **drop, **band_ranges)
     if G == 0:
-        return dq, dk, dv, *(q.new_empty(0) if x is None else torch.zeros_like(x, memory_format=_DENSE)
-                             for x in (q_global, k_global, v_global))
+        return dq, dk, dv, *no_global_rows_grads(q, q_global, k_global, v_global)
     # Global rows have lse = +inf in the band pass, so the band leaves dq = 0 there.
     dqg, dkg, dvg = backend.global_rows_backward(
-        dout, q if q_global is None else q_global, k if k_global is None else k_global,
-        v if v_global is None else v_global, out, glse, pos, used, key_padding_mask, scale,
+        dout, *global_projections(q, k, v, q_global, k_global, v_global), out, glse, pos, used, key_padding_mask, scale,
         dq if q_global is None else None, dk if k_global is None else None, dv if v_global is None else None,
         **drop, **row_ranges)
     # Distinct empty tensors: a custom op's outputs may not alias one another.
     return (dq, dk, dv, *(q.new_empty(0) if x is None else g for x, g in ((q_global, dqg), (k_global, dkg),
                                                                           (v_global, dvg))))
+
+
+def global_projections(q, k, v, q_global, k_global, v_global):
+    """The tensors the global rows read: each global projection, or the band's q, k, v where it is None."""
+    return (q if q_global is None else q_global, k if k_global is None else k_global,
+            v if v_global is None else v_global)
+
+
+def no_global_rows_grads(q, q_global, k_global, v_global):
+    """The global projections' gradients of a call without slots (G = 0): zeros, or empty (0,) for an absent one
+    (distinct tensors: a custom op's outputs may not alias one another)."""
+    return tuple(q.new_empty(0) if x is None else torch.zeros_like(x, memory_format=_DENSE)
+                 for x in (q_global, k_global, v_global))
 
 
 def gathered_band_forward(band_side_forward, q, k, v, pos, used, band_rows, key_padding_mask, left, right, scale,

@@ -151,8 +151,8 @@ def compile_slots_for_sm90():
     from tests.test_triton_backend import compile_sm90
 
     types = {**dict.fromkeys(["GMask", "PMask", "BandRows", "Used"], "*u8"), "Pos": "*i64",
-             **dict.fromkeys(["Zero", "KRanges", "SideR", "RowR", "Before"], "*i32")}
-    ranges = ("KRanges", "SideR", "RowR", "Before")
+             **dict.fromkeys(["Zero", "KRanges", "SideR", "RowR", "Before", "BandB", "SlotB"], "*i32")}
+    ranges = ("KRanges", "SideR", "RowR", "Before", "BandB", "SlotB")
     for pad in (False, True):
         for unit in ({}, dict(stride_gs=1, stride_ps=1)):
             for zero in (False, True):  # with the fused Longformer forward's counters to zero
@@ -162,8 +162,9 @@ def compile_slots_for_sm90():
                 assert "('0', '0')" in usage, usage
     for only in (False, True):  # packed batches: the slots' ranges too (forward), or only them (backward)
         print(f"ranges, RANGES_ONLY={only}:", end=" ")
-        usage = compile_sm90(slots._slots_kernel, dict(HAS_PAD=True, BLOCK=slots._GPU_BLOCK, RANGES_ONLY=only),
-                             slots._GPU_WARPS, types, none_args=("Zero", "n_zero"))
+        tiles = {k: v for k, v in slots._ranges_args(None, (None,) * 5, (64, 16)).items() if k.isupper()}
+        usage = compile_sm90(slots._slots_kernel, dict(HAS_PAD=True, BLOCK=slots._GPU_BLOCK, RANGES_ONLY=only,
+                                                       **tiles), slots._GPU_WARPS, types, none_args=("Zero", "n_zero"))
         assert "('0', '0')" in usage, usage
 
 
@@ -181,23 +182,64 @@ def _random_ranges(B, S, seed):
 
 @pytest.mark.parametrize("S, G", [(1, 1), (37, 0), (37, 5), (50, 50), (70, 12)])
 @pytest.mark.parametrize("padding", [False, True])
-def test_slot_ranges_match_the_torch_function(S, G, padding, triton_launches):
+@pytest.mark.parametrize("block, tiles", [(16, (16, 16)), (128, (16, 32)), (128, (32, 16))],
+                         ids=["one-tile-per-step", "band-tiles-per-step", "slot-tiles-per-step"])
+def test_slot_ranges_match_the_torch_function(S, G, padding, block, tiles, triton_launches, monkeypatch):
     """Packed Longformer: the slots kernel's ranges (forward: with the layout; backward: from a given layout) are
-    bitwise ``_longformer.slot_ranges``, for ranges of any value."""
-    from longattn.triton_kernels import slots
+    bitwise ``_longformer.slot_ranges``, for ranges of any value, and their tile bounds those of the bounds kernel
+    (``_common.tile_bounds``), whatever the tiles per step of the kernel's walk (``block`` / 2 rows)."""
+    from longattn.triton_kernels import _common, slots
 
+    monkeypatch.setattr(slots, "_INTERPRET_BLOCK", block)
     for seed in range(3):
         glob, pad = _random_masks(2, S, 0.3, 0.8, seed, padding)
         key_ranges = _random_ranges(2, S, seed)
-        band_rows, pos, used, band_ranges, row_ranges = slots.global_slots(glob, pad, G, key_ranges=key_ranges)
+        band_rows, pos, used, band_ranges, row_ranges = slots.global_slots(glob, pad, G, key_ranges=key_ranges,
+                                                                           tiles=tiles)
         want_band, want_rows = _longformer.slot_ranges(glob, pad, pos, used, G, key_ranges)
-        assert torch.equal(band_ranges["side_ranges"], want_band["side_ranges"])
-        assert band_ranges["key_ranges"] is key_ranges
-        assert torch.equal(row_ranges["key_ranges"], want_rows["key_ranges"])
-        again_band, again_rows = slots.slot_ranges(glob, pad, pos, used, G, key_ranges)
-        assert torch.equal(again_band["side_ranges"], want_band["side_ranges"])
-        assert torch.equal(again_rows["key_ranges"], want_rows["key_ranges"])
+        want_band_bounds = _common._tile_bounds(key_ranges, want_band["side_ranges"], S, G, tiles[0], glob, None)
+        want_slot_bounds = _common._tile_bounds(want_rows["key_ranges"], None, S, 0, tiles[1], glob,
+                                                used.view(torch.uint8))
+
+        def check(band, rows):
+            assert band["key_ranges"] is key_ranges
+            assert torch.equal(band["side_ranges"], want_band["side_ranges"])
+            assert torch.equal(rows["key_ranges"], want_rows["key_ranges"])
+            assert torch.equal(band["range_bounds"], want_band_bounds)
+            if G:
+                assert torch.equal(rows["range_bounds"][..., :4], want_slot_bounds[..., :4])
+
+        check(band_ranges, row_ranges)
+        slots._PACKED_RANGES.entry = None  # the backward's own launch, as on a miss
         triton_launches.clear()
         with DeviceWork() as work:  # no torch op: allocations and the one launch
-            slots.slot_ranges(glob, pad, pos, used, G, key_ranges)
+            again = slots.slot_ranges(glob, pad, pos, used, G, key_ranges, tiles)
         assert work.glue == [] and triton_launches == ["_slots_kernel"], (work.glue, triton_launches)
+        check(*again)
+
+
+def test_packed_slot_ranges_are_kept_for_the_same_inputs(triton_launches):
+    """The slot ranges of a packed batch are a function of the masks, the key ranges, G and the tiles: a later call
+    with the same unmodified tensors (or new views of them, as ``mask[None]``) computes none; any change does."""
+    from longattn.triton_kernels import slots
+
+    glob, pad = _random_masks(1, 40, 0.3, 0.8, 0, True)
+    key_ranges = _random_ranges(1, 40, 0)
+    first = slots.global_slots(glob[0][None], pad, 6, key_ranges=key_ranges, tiles=(16, 16))
+    _, pos, used, band, rows = slots.global_slots(glob[0][None], pad, 6, key_ranges=key_ranges, tiles=(16, 16))
+    assert band is first[3] and rows is first[4]
+    assert slots.slot_ranges(glob[0][None], pad, pos, used, 6, key_ranges, (16, 16)) == (band, rows)
+    triton_launches.clear()
+    slots.slot_ranges(glob, pad, pos, used, 6, key_ranges, (32, 16))  # other tiles
+    assert triton_launches == ["_slots_kernel"]
+    glob[0, 3] = ~glob[0, 3]  # an in-place write: the masks changed
+    assert slots.global_slots(glob[0][None], pad, 6, key_ranges=key_ranges, tiles=(16, 16))[3] is not band
+
+
+def test_slot_ranges_reject_bad_tiles():
+    from longattn.triton_kernels import slots
+
+    glob, pad = _random_masks(1, 20, 0.3, 0.8, 0, True)
+    for tiles in (None, (16,), (24, 16), (16, 8), (16.0, 16)):
+        with pytest.raises(ValueError, match="tiles: expected"):
+            slots.global_slots(glob, pad, 2, key_ranges=_random_ranges(1, 20, 0), tiles=tiles)

@@ -360,3 +360,46 @@ def test_triton_packed_ops_reuse_the_last_tile_bounds(name, triton_launches):
     assert torch.equal(again, fresh)
     for got, want in zip(grads_again, torch.autograd.grad(fresh, fresh_leaves, torch.ones_like(fresh))):
         assert torch.equal(got, want)
+
+
+@needs_triton
+def test_triton_packed_longformer_launches_at_most_two_and_four(triton_launches):
+    """Issue 12 target 2 for the packed Longformer op on Triton: the forward is the slots kernel (which also writes the
+    slots' ranges and their tile bounds) and the band launch; the backward reuses those ranges (the same masks and
+    cu_seqlens), so it is the band backward's four launches, for the first call as for the next. The results equal
+    those of fresh tensors (a recomputation of everything)."""
+    T, lengths = 17, [5, 12]
+
+    def inputs():
+        g = torch.Generator().manual_seed(1)
+        q, k, v = (torch.randn(T, H, D, generator=g).to(TRITON_DEVICE).requires_grad_() for _ in range(3))
+        is_global = torch.zeros(T, dtype=torch.bool, device=TRITON_DEVICE)
+        is_global[[0, 7, 16]] = True
+        return q, k, v, is_global, cu_from_seqlens(lengths).to(TRITON_DEVICE)
+
+    def call(q, k, v, is_global, cu):
+        return longattn.longformer_attention_varlen(q, k, v, cu, max(lengths), 2, is_global, max_globals=3,
+                                                    backend="triton")
+
+    q, k, v, is_global, cu = inputs()
+    for _ in range(2):
+        triton_launches.clear()
+        out = call(q, k, v, is_global, cu)
+        assert triton_launches == ["_slots_kernel", "_rows_kernel"], triton_launches
+        triton_launches.clear()
+        grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        assert len(triton_launches) <= 4 and "_slots_kernel" not in triton_launches, triton_launches
+        assert "_tile_bounds_kernel" not in triton_launches, triton_launches
+    from longattn.triton_kernels import slots
+
+    again = call(q, k, v, is_global, cu)
+    slots._PACKED_RANGES.entry = None  # lost (as under torch.compile): the backward's slots launch recomputes them
+    triton_launches.clear()
+    for got, expected in zip(torch.autograd.grad(again, (q, k, v), torch.ones_like(again)), grads):
+        assert torch.equal(got, expected)
+    assert triton_launches[0] == "_slots_kernel" and len(triton_launches) == 5, triton_launches
+    fresh = inputs()
+    want = call(*fresh)
+    assert torch.equal(out, want)
+    for got, expected in zip(grads, torch.autograd.grad(want, fresh[:3], torch.ones_like(want))):
+        assert torch.equal(got, expected)

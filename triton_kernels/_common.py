@@ -322,11 +322,11 @@ def load_ranges(ptr, rows, row_ok, n):
 
 
 @triton.jit
-def range_union(lo, hi, n):
-    """``[min lo, max hi)`` over the rows with a non-empty range: the keys a tile of rows may attend (``n``, 0 when
-    none has a key). Exact for the monotone ranges of packed batches, a superset for any others."""
+def range_union(lo, hi, n, AXIS: tl.constexpr):
+    """``[min lo, max hi)`` over the rows (along ``AXIS``) with a non-empty range: the keys a tile of rows may attend
+    (``n``, 0 when none has a key). Exact for the monotone ranges of packed batches, a superset for any others."""
     nonempty = lo < hi
-    return tl.min(tl.where(nonempty, lo, n), 0), tl.max(tl.where(nonempty, hi, 0), 0)
+    return tl.min(tl.where(nonempty, lo, n), AXIS), tl.max(tl.where(nonempty, hi, 0), AXIS)
 
 
 @triton.jit
@@ -366,9 +366,10 @@ def trim_row_tiles(ptr, t_lo, t_hi, start, n_rows, key_lo, key_hi, n, BLOCK_M: t
 
 
 @triton.jit
-def range_cover(lo, hi, row_ok, n):
-    """``[max lo, min hi)`` over the rows ``row_ok``: a key tile inside it is in every row's range (no range mask)."""
-    return tl.max(tl.where(row_ok, lo, 0), 0), tl.min(tl.where(row_ok, hi, n), 0)
+def range_cover(lo, hi, row_ok, n, AXIS: tl.constexpr):
+    """``[max lo, min hi)`` over the rows ``row_ok`` (along ``AXIS``): a key tile inside it is in every row's range
+    (no range mask)."""
+    return tl.max(tl.where(row_ok, lo, 0), AXIS), tl.min(tl.where(row_ok, hi, n), AXIS)
 
 
 @triton.jit
@@ -489,14 +490,16 @@ def halo_grad_args(halo, dk):
 
 
 @triton.jit
-def _store_tile_bounds(out, ptr, rows, row_ok, n):
-    lo, hi = load_ranges(ptr, rows, row_ok, n)
-    u_lo, u_hi = range_union(lo, hi, n)
-    c_lo, c_hi = range_cover(lo, hi, row_ok, n)
-    tl.store(out, u_lo)
-    tl.store(out + 1, u_hi)
-    tl.store(out + 2, c_lo)
-    tl.store(out + 3, c_hi)
+def store_tile_bounds(out, lo, hi, row_ok, n, AXIS: tl.constexpr, tile_ok=None):
+    """The four bounds columns of ``tile_bounds`` (union lo, hi; cover lo, hi) of ranges ``lo``, ``hi`` (in [0, n],
+    as ``load_ranges`` gives them) of rows ``row_ok``, reduced along ``AXIS``: one tile's at ``out`` (AXIS 0), or
+    those of a row of tiles (AXIS 1: ``out`` a pointer per tile, stored where ``tile_ok``)."""
+    u_lo, u_hi = range_union(lo, hi, n, AXIS)
+    c_lo, c_hi = range_cover(lo, hi, row_ok, n, AXIS)
+    tl.store(out, u_lo, mask=tile_ok)
+    tl.store(out + 1, u_hi, mask=tile_ok)
+    tl.store(out + 2, c_lo, mask=tile_ok)
+    tl.store(out + 3, c_hi, mask=tile_ok)
 
 
 @triton.jit
@@ -513,9 +516,11 @@ def _tile_bounds_kernel(KRange, SRange, Used, Bounds, R, n_keys, n_side, HAS_K: 
         row_ok = row_ok & (tl.load(Used + b * R + rows, mask=row_ok, other=0) != 0)
     out = Bounds + (b * tl.num_programs(0) + pid_m) * 8
     if HAS_K:
-        _store_tile_bounds(out, KRange + b * 2 * R, rows, row_ok, n_keys)
+        lo, hi = load_ranges(KRange + b * 2 * R, rows, row_ok, n_keys)
+        store_tile_bounds(out, lo, hi, row_ok, n_keys, 0)
     if HAS_S:
-        _store_tile_bounds(out + 4, SRange + b * 2 * R, rows, row_ok, n_side)
+        s_lo, s_hi = load_ranges(SRange + b * 2 * R, rows, row_ok, n_side)
+        store_tile_bounds(out + 4, s_lo, s_hi, row_ok, n_side, 0)
 
 
 def tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used=None):
@@ -534,6 +539,17 @@ def tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used=Non
 
 
 _LAST_BOUNDS = LastCall()
+
+
+def check_bounds(bounds, B: int, R: int, block_m: int, like):
+    """``bounds`` if it has ``tile_bounds``' layout for R rows in tiles of ``block_m`` (B, cdiv(R, block_m), 8) int32,
+    contiguous, on ``like``'s device; else ValueError (bounds of another tiling would skip keys)."""
+    shape = (B, cdiv(R, block_m), 8)
+    if (bounds.dtype != torch.int32 or tuple(bounds.shape) != shape or not bounds.is_contiguous()
+            or bounds.device != like.device):
+        raise ValueError(f"range_bounds: expected a contiguous int32 {shape} tensor on {like.device} (tile bounds for "
+                         f"BLOCK_M = {block_m}), got {bounds.dtype} {tuple(bounds.shape)} on {bounds.device}")
+    return bounds
 
 
 def _tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used):

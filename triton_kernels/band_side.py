@@ -37,6 +37,7 @@ from ._common import (
     band_tile_interior,
     batch_head_offset,
     cdiv,
+    check_bounds,
     dlse_args,
     dot_precision,
     ds_tile,
@@ -654,13 +655,17 @@ def _flags(band_key_mask, side_mask, band_bias, side_bias):
                 HAS_BBIAS=band_bias is not None, HAS_SBIAS=side_bias is not None)
 
 
-def _range_args(key_ranges, side_ranges, B, S, G, block_m, dummy):
+def _range_args(key_ranges, side_ranges, B, S, G, block_m, dummy, range_bounds=None):
     """(``_rows_kernel``'s range keywords, (key pointer, flag), (side pointer, flag)) of the optional (B, S, 2)
-    int32 per-row ranges (``notes/ranges_contract.md``); side ranges are moot without side keys."""
+    int32 per-row ranges (``notes/ranges_contract.md``); side ranges are moot without side keys. ``range_bounds``:
+    None, or their ``_common.tile_bounds`` for ``block_m`` computed already (``slots.global_slots``)."""
     kr, has_kr = range_arg(key_ranges, "key_ranges", (B, S), dummy)
     sr, has_sr = range_arg(side_ranges, "side_ranges", (B, S), dummy)
     has_sr = has_sr and G > 0
-    bounds = tile_bounds(key_ranges if has_kr else None, side_ranges if has_sr else None, S, G, block_m, dummy)
+    if range_bounds is None:
+        bounds = tile_bounds(key_ranges if has_kr else None, side_ranges if has_sr else None, S, G, block_m, dummy)
+    else:
+        bounds = check_bounds(range_bounds, B, S, block_m, dummy)
     rows = dict(KRange=kr, SRange=sr, TBounds=bounds, HAS_KRANGES=has_kr, HAS_SRANGES=has_sr)
     return rows, (kr, has_kr), (sr, has_sr)
 
@@ -668,11 +673,12 @@ def _range_args(key_ranges, side_ranges, B, S, G, block_m, dummy):
 def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
             scale, dropout_p=0.0, rng=None, side_index=None, query_mask=None, band_rows_only=False, key_ranges=None,
             side_ranges=None, *, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0,
-            fused_rows=None):
+            fused_rows=None, range_bounds=None):
     """-> (out (B, S, H, D) contiguous in q's dtype, lse (B, H, S) float32); see ``longattn.backends``.
 
     ``key_ranges`` / ``side_ranges``: None or contiguous int32 (B, S, 2), the band / side keys each row may attend
-    (packed variable-length batches).
+    (packed variable-length batches); ``range_bounds``: None or their per-tile bounds, already computed
+    (``_common.tile_bounds`` layout for this launch's BLOCK_M; ``slots.global_slots`` writes them).
 
     ``halo_k``, ``halo_v`` (B, HL + HR, H_kv, D), ``halo_mask`` (B, HL + HR) bool or None, ``halo_left`` = HL: band
     keys beyond both ends of the sequence (``notes/halo_contract.md``, ``_common.halo_args``), read in place; not
@@ -703,7 +709,7 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     rows_role = fused_rows.role(False) if fused_rows is not None else {}
     grid = (cdiv(S, BLOCK_M) + rows_role.get("n_lead", 0), B * H)
     sidx, stride_ib, indexed = _index_args(side_index, q)
-    ranged, _, _ = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
+    ranged, _, _ = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q, range_bounds)
     _rows_kernel[grid](
         q, k, v, *_side_or_dummy(side_k, side_v, q), q, q, out, lse, lse, *extra, lse, sidx, as_u8(query_mask, q),
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
@@ -720,7 +726,8 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
              left, right, scale, dropout_p=0.0, rng=None, side_index=None, key_ranges=None, side_ranges=None, *,
-             halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0, fused_rows=None):
+             halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0, fused_rows=None,
+             range_bounds=None):
     """-> (dq, dk, dv, dside_k, dside_v, dband_bias, dside_bias): contiguous gradients in the inputs' dtypes
     (a bias gradient is empty when its table is absent); with a halo (see ``forward``) followed by
     ``dhalo_k, dhalo_v`` (B, HL + HR, H_kv, D) contiguous in k's dtype (a 9-tuple).
@@ -739,8 +746,8 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
 
     With ``side_index`` (see ``forward``) the side keys' dK/dV are added into dk/dv at the rows it names (kept
     slots must name distinct rows) by the reduction launch, and dside_k, dside_v are returned empty.
-    ``key_ranges`` / ``side_ranges``: as in ``forward``; the key-side passes skip query tiles that cannot see
-    their key tile.
+    ``key_ranges`` / ``side_ranges`` / ``range_bounds``: as in ``forward``; the key-side passes skip query tiles
+    that cannot see their key tile.
 
     ``fused_rows`` (a ``global_rows.FusedRows``, with ``side_index``): Longformer's global rows in the same launches,
     so the op still launches four kernels: their split-KV dq programs lead the dQ pass, their dK/dV join the band
@@ -753,7 +760,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     halo = halo_args(halo_k, halo_v, halo_mask, halo_left, k, v, left, right)
     G = _side_count(side_k, side_index)
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
-    ranged, (kr, has_kr), side_ranges = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q)
+    ranged, (kr, has_kr), side_ranges = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q, range_bounds)
     lse = lse.contiguous()
     delta_lse = dlse_args(dlse, lse)
     delta = torch.empty(B, H, S, dtype=torch.float32, device=q.device)  # written by the dQ pass

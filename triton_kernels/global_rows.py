@@ -40,6 +40,7 @@ from ._common import (
     attention_tiles,
     batch_head_offset,
     cdiv,
+    check_bounds,
     dot_precision,
     ds_tile,
     head_dim_block,
@@ -436,14 +437,15 @@ class FusedRows:
 
     ``q``, ``k``, ``v``: the global projections (or the band's q, k, v); ``pos``, ``used``: the slot layout (the band
     launch's ``side_index`` / side mask); ``key_mask`` (B, S) bool or None: the keys global rows attend;
-    ``key_ranges`` (B, G, 2) int32 or None: per-slot ranges. Forward: ``glse`` (B, H, G) and the split partials are
+    ``key_ranges`` (B, G, 2) int32 or None: per-slot ranges, ``range_bounds`` their ``_common.tile_bounds`` per slot
+    tile when computed already (``slots.global_slots``). Forward: ``glse`` (B, H, G) and the split partials are
     allocated here; ``counter`` is int32 (B, H * slot tiles), zeroed by the launch before (``slots.global_slots``'s
     ``zero``; ``counter_shape``). Backward (``out``, ``glse`` given): ``new_q`` / ``new_kv`` say whether q / (k, v)
     are separate global projections, whose gradients ``dq``, ``dk``, ``dv`` are then allocated here (else the band's
     receive the global rows' sums)."""
 
-    def __init__(self, q, k, v, pos, used, key_mask, scale, key_ranges=None, *, counter=None, out=None, glse=None,
-                 new_q=False, new_kv=False):
+    def __init__(self, q, k, v, pos, used, key_mask, scale, key_ranges=None, *, range_bounds=None, counter=None,
+                 out=None, glse=None, new_q=False, new_kv=False):
         B, S, H, D = q.shape
         G = pos.shape[1]
         self.q, self.k, self.v, self.pos, self.used8, self.scale = q, k, v, pos, _used_u8(used), scale
@@ -451,7 +453,10 @@ class FusedRows:
         self.has_kmask = key_mask is not None
         self.kr, self.has_kr = range_arg(key_ranges, "key_ranges", (B, G), q)
         (self.block_m, _, _), self.slot_tiles, self.splits, self.keys_per_split = _plan(q, G, SLOT_BLOCK)
-        self.bounds = tile_bounds(key_ranges if self.has_kr else None, None, S, 0, self.block_m, q, self.used8)
+        if range_bounds is None or not self.has_kr:
+            self.bounds = tile_bounds(key_ranges if self.has_kr else None, None, S, 0, self.block_m, q, self.used8)
+        else:
+            self.bounds = check_bounds(range_bounds, B, G, self.block_m, q)
         f32 = dict(dtype=torch.float32, device=q.device)
         self.part_o = torch.empty(self.splits, B * H, G, head_dim_block(D), **f32)
         self.glse = torch.empty(B, H, G, **f32) if glse is None else glse

@@ -9,8 +9,10 @@ spec: the same slot layout, band pass and global rows, bitwise the same steps).
   dq lead the dQ pass, their dK/dV are summed into the band dK/dV programs' registers, the side keys' pass is the
   band's, and the one reduction also adds the global rows' dq.
 
-Packed batches (``key_ranges``): the slots kernel also writes the slots' ranges (``_longformer.slot_ranges``); the
-backward recomputes them in one more launch of it. Separate
+Packed batches (``key_ranges``): the slots kernel also writes the slots' ranges (``_longformer.slot_ranges``) and
+their per-tile bounds, kept for the next call with the same masks and ranges (``slots._PACKED_RANGES``): the
+backward, and the other layers' calls, reuse them (else, e.g. under ``torch.compile``, the backward recomputes them
+in one more launch of the slots kernel). Separate
 global key and value projections must come together (both or neither) for the fused backward (the Triton backend
 runs the composed backward otherwise).
 """
@@ -22,6 +24,7 @@ import torch
 from longattn.backends import _longformer
 
 from . import band_side, global_rows, slots
+from ._common import attention_tiles
 
 
 def forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, G,
@@ -31,12 +34,11 @@ def forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask
     qg, kg, vg = _longformer.global_projections(q, k, v, q_global, k_global, v_global)
     counter = torch.empty(global_rows.FusedRows.counter_shape(q, G), dtype=torch.int32, device=q.device) if G else None
     band_rows, pos, used, *ranges = slots.global_slots(global_mask, key_padding_mask, G, zero=counter,
-                                                       key_ranges=key_ranges)
+                                                       key_ranges=key_ranges, tiles=_tiles(D))
     band_ranges, row_ranges = ranges or ({}, {})
     fused = None
     if G:
-        fused = global_rows.FusedRows(qg, kg, vg, pos, used, key_padding_mask, scale, row_ranges.get("key_ranges"),
-                                      counter=counter)
+        fused = global_rows.FusedRows(qg, kg, vg, pos, used, key_padding_mask, scale, **row_ranges, counter=counter)
     out, lse = band_side.forward(q, k, v, k, v, band_rows, used, None, None, None, left, right, scale, dropout_p, rng,
                                  side_index=pos, query_mask=key_padding_mask, band_rows_only=True,
                                  fused_rows=fused, **band_ranges)
@@ -48,18 +50,24 @@ def backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_r
              key_padding_mask, left, right, scale, dropout_p=0.0, rng=None, key_ranges=None):
     """-> (dq, dk, dv, dq_global, dk_global, dv_global), as ``_longformer.backward`` (absent global gradients empty)."""
     G = glse.shape[-1]
-    band_ranges, row_ranges = slots.slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
+    band_ranges, row_ranges = slots.slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges,
+                                                _tiles(q.shape[-1]))
     if (k_global is None) != (v_global is None):
         raise ValueError("k_global, v_global: the fused backward takes both or neither "
                          "(longattn.backends._longformer.composed_backward runs the others)")
     fused = None
     if G:
         qg, kg, vg = _longformer.global_projections(q, k, v, q_global, k_global, v_global)
-        fused = global_rows.FusedRows(qg, kg, vg, pos, used, key_padding_mask, scale, row_ranges.get("key_ranges"),
-                                      out=out, glse=glse, new_q=q_global is not None, new_kv=k_global is not None)
+        fused = global_rows.FusedRows(qg, kg, vg, pos, used, key_padding_mask, scale, **row_ranges, out=out,
+                                      glse=glse, new_q=q_global is not None, new_kv=k_global is not None)
     dq, dk, dv, *_ = band_side.backward(dout, q, k, v, k, v, out, lse, band_rows, used, None, None, None, left, right,
                                         scale, dropout_p, rng, side_index=pos, fused_rows=fused, **band_ranges)
     # Distinct empty tensors for absent gradients: a custom op's outputs may not alias one another.
     if G == 0:
         return dq, dk, dv, *_longformer.no_global_rows_grads(q, q_global, k_global, v_global)
     return dq, dk, dv, *(q.new_empty(0) if g is None else g for g in (fused.dq, fused.dk, fused.dv))
+
+
+def _tiles(D: int) -> tuple[int, int]:
+    """(the band pass's BLOCK_M, the global rows' slot tile): the tilings of the packed ranges' bounds."""
+    return attention_tiles(D)[0], global_rows.SLOT_BLOCK

@@ -110,6 +110,45 @@ def test_cuda_backend_runs_only_its_kernels(name, split_keys, monkeypatch):
         assert kernels, f"{op}: no longattn kernel ran ({report})"
 
 
+@pytest.mark.skipif(not _CUDA_BUILT, reason="the CUDA extension longattn._C is not built")
+@pytest.mark.parametrize("split_keys", [None, 16], ids=["one-split", "key-splits"])
+def test_cuda_packed_longformer_glue_is_the_first_calls_only(split_keys, monkeypatch):
+    """Packed Longformer on CUDA (meta replay): the slots' ranges and their shift into the key splits are torch ops
+    (``_longformer.slot_ranges``, ``KeySplits.ranges``), run by the first call and kept: a repeated call with the
+    same masks and ranges, and its backward, run only longattn's kernels."""
+    if split_keys:
+        monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
+    T, H, D, G = 48, 2, 16, 3
+    q, k, v, dout = (torch.empty(1, T, H, D, device="meta") for _ in range(4))
+    glob = torch.zeros(1, T, dtype=torch.bool, device="meta")
+    key_ranges = torch.empty(1, T, 2, dtype=torch.int32, device="meta")
+    forward, backward = _ops.longformer_attention._init_fn, _ops.longformer_attention_backward._init_fn
+
+    def call():
+        with torch.no_grad(), DeviceWork() as fwd_work:
+            out, lse, glse, band_rows, pos, used = forward(q, k, v, None, None, None, glob, None, 4, 4, 0.25, G,
+                                                           "cuda", 0.0, None, key_ranges)
+        with torch.no_grad(), DeviceWork() as bwd_work:
+            backward(dout, q, k, v, None, None, None, out, lse, glse, band_rows, pos, used, glob, None, 4, 4, 0.25,
+                     "cuda", 0.0, None, key_ranges)
+        return fwd_work, bwd_work
+
+    first_fwd, first_bwd = call()
+    assert sorted(first_bwd.glue) == sorted(CUDA_PACKED_LONGFORMER_GLUE[1]), first_bwd.glue
+    assert len(first_fwd.glue) > len(CUDA_PACKED_LONGFORMER_GLUE[0]), first_fwd.glue  # the ranges: computed here
+    again_fwd, again_bwd = call()
+    assert sorted(again_fwd.glue) == sorted(CUDA_PACKED_LONGFORMER_GLUE[0]), again_fwd.glue
+    assert sorted(again_bwd.glue) == sorted(CUDA_PACKED_LONGFORMER_GLUE[1]), again_bwd.glue
+    assert again_fwd.kernels == first_fwd.kernels and again_bwd.kernels == first_bwd.kernels
+
+
+# What the CUDA packed Longformer still runs around its kernels on every call (forward, backward): its band pass is the
+# gathered composition (``_longformer.gathered_band_forward`` / ``_backward``), as the indexed band kernels (kIndexed)
+# take no ranges. Shrink, never grow.
+CUDA_PACKED_LONGFORMER_GLUE = (["aten.gather"] * 2 + ["aten.bitwise_not", "aten.masked_fill_"],
+                               ["aten.gather"] * 2 + ["aten.scatter_add_"] * 2)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Triton backend, under the interpreter: every launch counted
 # ---------------------------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ import functools
 
 import torch
 
+from longattn._memo import LastCall
+
 _INF = float("inf")
 _DENSE = torch.contiguous_format
 
@@ -104,9 +106,21 @@ def slot_ranges(global_mask, key_padding_mask, pos, used, G: int, key_ranges):
     before hi)``) and the per-slot ``key_ranges`` (B, G, 2) of the global rows (a global token attends its own
     range; an unused slot gets the empty range, so no kernel plans work for it). ``({}, {})`` without
     ``key_ranges``.
+
+    A function of the masks, ``key_ranges`` and G alone (``pos``, ``used`` derive from the masks): the result is kept
+    for the next call with the same, unmodified tensors (``longattn._memo``), so the backward and the other layers'
+    calls run none of its torch ops.
     """
     if key_ranges is None:
         return {}, {}
+    return _SLOT_RANGES.get(lambda: _slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges),
+                            (global_mask, key_padding_mask, key_ranges), (G,))
+
+
+_SLOT_RANGES = LastCall()
+
+
+def _slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges):
     B, S = global_mask.shape
     is_global = global_mask if key_padding_mask is None else global_mask & key_padding_mask
     before = torch.zeros(B, S + 1, dtype=torch.int32, device=global_mask.device)
@@ -320,9 +334,13 @@ class KeySplits:
         return torch.nn.functional.pad(key_mask, (0, self.pad), value=False).view(B * self.C, self.n)
 
     def ranges(self, key_ranges):
-        """Per-slot (B, G, 2) key ranges -> (B * C, G, 2) side ranges within each split."""
+        """Per-slot (B, G, 2) key ranges -> (B * C, G, 2) side ranges within each split (kept for the next call with
+        the same ranges and splits, as ``slot_ranges``' result is)."""
         if key_ranges is None or self.C == 1:
             return key_ranges
+        return _SPLIT_RANGES.get(lambda: self._shifted(key_ranges), (key_ranges,), (self.C, self.n))
+
+    def _shifted(self, key_ranges):
         start = torch.arange(self.C, device=key_ranges.device, dtype=key_ranges.dtype) * self.n
         shifted = key_ranges[:, None] - start[None, :, None, None]
         return shifted.clamp_(0, self.n).reshape(-1, *key_ranges.shape[1:])
@@ -359,6 +377,9 @@ class KeySplits:
             return x
         x = x.view(-1, self.C * self.n, *x.shape[2:])
         return x[:, :self.S].contiguous() if self.pad else x
+
+
+_SPLIT_RANGES = LastCall()
 
 
 def key_splits(S: int, drop: dict) -> KeySplits:

@@ -10,6 +10,11 @@ version counter): wrappers that pass ``mask[None]`` make a new view object every
 Weak references: an entry never keeps its key tensors alive, only the result. One entry, replaced as a whole (threads
 may share it). Not used while tracing (``torch.compile``), for tensor subclasses (fake tensors) or inference tensors
 (no version counter): those calls compute afresh every time.
+
+What the version counter cannot see: writes that bypass PyTorch's dispatcher (a raw-pointer kernel, or a compiled
+graph's generated code filling a dead buffer it reuses under the same tensor object). The keys here are masks and
+sequence boundaries, which a model computes once and shares by every layer; a caller that rewrites one that way and
+passes it again gets the kept result.
 """
 
 from __future__ import annotations

@@ -48,8 +48,10 @@ _TILES_ENV = "LONGATTN_TRITON_TILES"
 # make small sequences cross several tiles (edge and interior paths both run). 16 is tl.dot's minimum.
 _INTERPRET_TILES = (16, 16, 1)
 
-# exp(x) = exp2(x * LOG2E): exp2 is the hardware instruction.
-LOG2E = tl.constexpr(1.4426950408889634)
+# exp(x) = exp2(x log2 e), exp2 being the hardware instruction; log2 e = 1.4426950408889634 is written as a literal
+# where it is used. A tl.constexpr global costs every launch a check (Triton compares each global a kernel reads with
+# its compiled value: ~0.5 us on this project's CPU), and a helper function around exp2 changes the register
+# allocation (sm_90, the dQ kernel with every bias and mask: 8 more bytes of spills).
 
 
 @functools.cache
@@ -267,8 +269,8 @@ def softmax_step(s, z, v, m_i, l_i, acc, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with no key so far keeps m = -inf; shift by 0 instead so no inf - inf appears.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2((m_i - m_safe) * LOG2E)
-    p = tl.exp2((s - m_safe[:, None]) * LOG2E)
+    alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+    p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
     l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser is taken before dropout
     if HAS_DROPOUT:
         p = p * z
@@ -281,7 +283,7 @@ def softmax_step(s, z, v, m_i, l_i, acc, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl
 def ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """float32 dS = P * (dP - delta) of a tile from its scores (softmax backward; P recomputed from the row
     log-sum-exp ``lse``, +inf for a row with no key: P = 0); with dropout dP = Z * (dO V^T)."""
-    p = tl.exp2((s - lse[:, None]) * LOG2E)
+    p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     if HAS_DROPOUT:
         dp = dp * z
@@ -292,7 +294,7 @@ def ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.con
 def kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK (unscaled) and dV of a key tile accumulated over one query tile (q, do: (BLOCK_M, BLOCK_D); s: its
     float32 scores against the key tile; lse, delta: the rows' statistics). -> (dk, dv)."""
-    p = tl.exp2((s - lse[:, None]) * LOG2E)  # lse = +inf (row outside [0, S), no key): p = 0
+    p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)  # lse = +inf (row outside [0, S), no key): p = 0
     pz = p
     if HAS_DROPOUT:
         pz = p * z

@@ -30,8 +30,6 @@ from longattn._dropout import dropout_scale, keep_threshold_i32
 
 from ._common import cdiv, interpreting
 
-FLAG = tl.constexpr(0x80000000)  # side-key flag of the key-group word, global-row flag of the row word
-
 
 @triton.jit
 def dropout_counter_base(rng_ptr, bh):
@@ -48,10 +46,12 @@ def dropout_counter_base(rng_ptr, bh):
 
 @triton.jit
 def _word(x, FLAGGED: tl.constexpr):
-    """int32 positions as uint32 counter words; ``FLAGGED`` sets the side-key / global-row bit."""
+    """int32 positions as uint32 counter words; ``FLAGGED`` sets the top bit (the side-key flag of a key-group word,
+    the global-row flag of a row word). A literal, not a ``tl.constexpr`` global: Triton re-checks every global a
+    kernel reads at each launch."""
     words = x.to(tl.uint32, bitcast=True)
     if FLAGGED:
-        words = words | FLAG
+        words = words | 0x80000000
     return words
 
 

@@ -35,7 +35,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    LOG2E,
     as_u8,
     attention_tiles,
     batch_head_offset,
@@ -125,7 +124,7 @@ def combine_program(
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
         for z in range(splits):
             w = tl.exp2((tl.load(PartL + z * stride_split + first, mask=ok, other=float("-inf"),
-                                 cache_modifier=".cg") - m_safe) * LOG2E)
+                                 cache_modifier=".cg") - m_safe) * 1.4426950408889634)  # e^x, _common
             total += w
             acc += w[:, None] * tl.load(PartO + (z * stride_split + first)[:, None] * BLOCK_D + offs_d[None, :],
                                         mask=ok[:, None], other=0.0, cache_modifier=".cg")

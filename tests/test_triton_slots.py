@@ -200,22 +200,26 @@ def test_slot_ranges_match_the_torch_function(S, G, padding, block, tiles, trito
         want_band_bounds = _common._tile_bounds(key_ranges, want_band["side_ranges"], S, G, tiles[0], glob, None)
         want_slot_bounds = _common._tile_bounds(want_rows["key_ranges"], None, S, 0, tiles[1], glob,
                                                 used.view(torch.uint8))
-
-        def check(band, rows):
-            assert band["key_ranges"] is key_ranges
-            assert torch.equal(band["side_ranges"], want_band["side_ranges"])
-            assert torch.equal(rows["key_ranges"], want_rows["key_ranges"])
-            assert torch.equal(band["range_bounds"], want_band_bounds)
-            if G:
-                assert torch.equal(rows["range_bounds"][..., :4], want_slot_bounds[..., :4])
-
-        check(band_ranges, row_ranges)
+        want = (key_ranges, want_band, want_rows, want_band_bounds, want_slot_bounds if G else None)
+        _check_packed_ranges((band_ranges, row_ranges), *want)
         slots._PACKED_RANGES.entry = None  # the backward's own launch, as on a miss
         triton_launches.clear()
         with DeviceWork() as work:  # no torch op: allocations and the one launch
             again = slots.slot_ranges(glob, pad, pos, used, G, key_ranges, tiles)
         assert work.glue == [] and triton_launches == ["_slots_kernel"], (work.glue, triton_launches)
-        check(*again)
+        _check_packed_ranges(again, *want)
+
+
+def _check_packed_ranges(got, key_ranges, want_band, want_rows, want_band_bounds, want_slot_bounds):
+    """``slots.slot_ranges``' dicts against the torch function's and the bounds kernel's (slot bounds: their key
+    columns, when there are slots)."""
+    band, rows = got
+    assert band["key_ranges"] is key_ranges
+    assert torch.equal(band["side_ranges"], want_band["side_ranges"])
+    assert torch.equal(rows["key_ranges"], want_rows["key_ranges"])
+    assert torch.equal(band["range_bounds"], want_band_bounds)
+    if want_slot_bounds is not None:
+        assert torch.equal(rows["range_bounds"][..., :4], want_slot_bounds[..., :4])
 
 
 def test_packed_slot_ranges_are_kept_for_the_same_inputs(triton_launches):

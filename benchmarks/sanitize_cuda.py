@@ -112,9 +112,8 @@ def longformer_band(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, dropo
 
 
 def longformer_glue(dtype, *, B=2, S=300, H=3, D=64, G=40, C=3):
-    """csrc/longformer's small kernels: the slot layout (a strided mask, globals on padding tokens), the per-split copy
-    of the slots' rows, the merge into out and the split dq add, with slot positions outside [0, S) (never
-    dereferenced) and unused slots."""
+    """csrc/longformer's small kernels: the slot layout (a strided mask, globals on padding tokens), the merge into out
+    and the split dq add, with slot positions outside [0, S) (never dereferenced) and unused slots."""
     ops = torch.ops.longattn
     gen = torch.Generator(device="cuda").manual_seed(2)
     glob = (torch.rand(B, 2 * S, generator=gen, device="cuda") > 0.8)[:, ::2]  # strided
@@ -124,7 +123,7 @@ def longformer_glue(dtype, *, B=2, S=300, H=3, D=64, G=40, C=3):
     pos = pos.clone()
     pos[1, : G // 4] = torch.tensor([-3, S, S + 5, -(2**40)], device="cuda").repeat(G)[: G // 4]
     x = torch.randn(B, S, H, D, generator=gen, device="cuda").to(dtype)
-    rows = ops.cuda_longformer_gather_rows(x, pos, C)
+    rows = torch.randn(B * C, G, H, D, generator=gen, device="cuda").to(dtype)
     lse_parts = torch.randn(B * C, H, G, generator=gen, device="cuda")
     lse_parts[0, 0] = float("inf")  # an empty split
     out = x.clone()
@@ -139,21 +138,22 @@ def longformer_glue(dtype, *, B=2, S=300, H=3, D=64, G=40, C=3):
         raise RuntimeError(f"NaN glse (longformer glue, dtype={dtype})")
 
 
-def longformer_global_rows(dtype, D, *, B=2, S=300, H=2, G=37, n=128, dropout=0.0, ranges=False):
-    """The global rows' band op as the CUDA backend runs it: ``side_only`` (no band tile, no band CTA), the backward's
-    ``lse_split`` (every key split reads the merged glse) and ``dside_k_into`` / ``dside_v_into`` (strided destinations,
-    the last split's padding rows dropped), then ``rows_add`` with ``zero_fill``; slots with out-of-range positions,
-    masked keys, arbitrary per-slot side ranges, and a call with no side key at all."""
+def longformer_global_rows(dtype, D, *, B=2, S=300, H=2, G=37, n=128, dropout=0.0, ranges=False, in_place=True):
+    """The global rows' band op as the CUDA backend runs it: ``side_only`` (no band tile, no band CTA), ``query_index``
+    (the slots' rows of the unsplit, strided q / dout / out read in place by every split; ``in_place=False``: the
+    rows gathered per split by torch instead, the op without it), the backward's ``lse_split`` (every key split reads
+    the merged glse) and ``dside_k_into`` / ``dside_v_into`` (strided destinations, the last split's padding rows
+    dropped), then ``rows_add`` with ``zero_fill``; slots with out-of-range positions, masked keys, arbitrary per-slot
+    side ranges, and a call with no side key at all."""
     ops = torch.ops.longattn
     gen = torch.Generator(device="cuda").manual_seed(3)
     C, scale = -(-S // n), D**-0.5
-    q, k, v = (torch.randn(B, S, H, D, generator=gen, device="cuda").to(dtype) for _ in range(3))
+    q, k, v = (torch.randn(B, H, S, D, generator=gen, device="cuda").to(dtype).transpose(1, 2) for _ in range(3))
     pos = torch.stack([torch.randperm(S, generator=gen, device="cuda")[:G] for _ in range(B)])
-    pos[1, :2] = torch.tensor([-3, S + 7], device="cuda")[: min(G, 2)]
+    pos[1, :3] = torch.tensor([-3, S + 7, -(2**40)], device="cuda")[: min(G, 3)]
     used = torch.rand(B, G, generator=gen, device="cuda") > 0.2
-    qs = ops.cuda_longformer_gather_rows(q, pos, C)
     pad = C * n - S
-    sk, sv = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).view(B * C, n, H, D) for x in (k, v))
+    sk, sv = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).reshape(B * C, n, H, D) for x in (k, v))
     real = torch.rand(B, S, generator=gen, device="cuda") > 0.1
     side_mask = torch.nn.functional.pad(real, (0, pad)).view(B * C, n)
     extra = {"dropout_global_rows": True, "side_only": True}
@@ -161,12 +161,21 @@ def longformer_global_rows(dtype, D, *, B=2, S=300, H=2, G=37, n=128, dropout=0.
         extra.update(dropout_p=dropout, rng=torch.tensor([5, 8], dtype=torch.int64, device="cuda"))
     if ranges:
         extra["side_ranges"] = torch.randint(-5, n + 5, (B * C, G, 2), generator=gen, device="cuda", dtype=torch.int32)
+
+    def rows(x):  # the op's query-side operand: x itself read through pos, or its slots' rows gathered per split
+        if in_place:
+            return x
+        index = pos.clamp(0, S - 1)[:, :, None, None].expand(B, G, H, D)
+        return torch.gather(x, 1, index).repeat_interleave(C, 0)
+
+    if in_place:
+        extra["query_index"] = pos
+    qs = rows(q)
     parts, lse_parts = ops.cuda_band_side_fwd(qs, qs, qs, sk, sv, None, side_mask, None, None, None, 0, 0, scale,
                                               **extra)
     out = torch.zeros(B, S, H, D, device="cuda", dtype=dtype)
     glse = ops.cuda_longformer_rows_merge(parts, lse_parts, pos, used, out)
-    douts = ops.cuda_longformer_gather_rows(torch.randn_like(out), pos, C)
-    outs = ops.cuda_longformer_gather_rows(out, pos, C)
+    douts, outs = rows(torch.randn(B, H, S, D, generator=gen, device="cuda").to(dtype).transpose(1, 2)), rows(out)
     dk, dv = (torch.zeros(B, H, S, D, device="cuda", dtype=dtype).transpose(1, 2) for _ in range(2))  # strided
     grads = ops.cuda_band_side_bwd(douts, qs, qs, qs, sk, sv, outs, glse, None, side_mask, None, None, None, 0, 0,
                                    scale, lse_split=C, dside_k_into=dk, dside_v_into=dv, **extra)
@@ -177,7 +186,8 @@ def longformer_global_rows(dtype, D, *, B=2, S=300, H=2, G=37, n=128, dropout=0.
     extra.pop("side_ranges", None)
     none = sk[:, :0], sv[:, :0]  # no side key: out 0, lse +inf, dq 0 without a launch of the band kernels
     o0, l0 = ops.cuda_band_side_fwd(qs, qs, qs, *none, None, None, None, None, None, 0, 0, scale, **extra)
-    g0 = ops.cuda_band_side_bwd(douts, qs, qs, qs, *none, o0, l0, None, None, None, None, None, 0, 0, scale, **extra)
+    g0 = ops.cuda_band_side_bwd(douts, qs, qs, qs, *none, outs, l0, None, None, None, None, None, 0, 0, scale,
+                                **extra)
     torch.cuda.synchronize()
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv), ("dside_k", returned[3]),
                     ("dside_v", returned[4]), ("out (no keys)", o0), ("dq (no keys)", g0[0])):
@@ -185,6 +195,8 @@ def longformer_global_rows(dtype, D, *, B=2, S=300, H=2, G=37, n=128, dropout=0.
             raise RuntimeError(f"non-finite {name} (longformer global rows, dtype={dtype}, D={D})")
     if not (torch.isinf(l0).all() and (o0 == 0).all() and (g0[0] == 0).all()):
         raise RuntimeError("side_only with no side key: expected out = 0, lse = +inf, dq = 0")
+    if in_place and not (parts.view(B, C, G, H, D)[1, :, :min(G, 3)] == 0).all():
+        raise RuntimeError("query_index outside [0, S): expected out = 0")
 
 
 def block_aggregate(dtype, weighted):
@@ -250,9 +262,12 @@ def main() -> int:
     for D in (32, 64, 128):
         longformer_global_rows(torch.float16, D)  # three splits, the last padded
         longformer_global_rows(torch.bfloat16, D, ranges=True)
+        longformer_global_rows(torch.float16, D, G=70, dropout=0.2)  # two query tiles, dropout over splits
     longformer_global_rows(torch.bfloat16, 64, n=300, dropout=0.2)  # dropout keeps one split
     longformer_global_rows(torch.float16, 64, S=1, G=1, n=1)
-    print("Longformer global rows (side_only, lse_split, dside_*_into, zero_fill) ok")
+    longformer_global_rows(torch.bfloat16, 64, ranges=True, in_place=False)  # side_only without query_index
+    longformer_global_rows(torch.float16, 128, G=0)  # no slots
+    print("Longformer global rows (side_only, query_index, lse_split, dside_*_into, zero_fill) ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weighted in (False, True):
             block_aggregate(dtype, weighted)

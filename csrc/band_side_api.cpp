@@ -36,6 +36,13 @@
 // strides keeping element pairs 4-byte aligned, C = B / their batch size) take the side keys' dK/dV added in: side
 // key g of batch row b is row (b % C) * G + g of batch row b / C, rows >= S' dropped (the side-add kernel, as for
 // side_index); dside_k / dside_v then come back empty.
+//
+// query_index ((B_q, G) int64, unit last stride; only with side_only) has the global rows read their query rows in
+// place instead of from a copy per split: q (k and v, unused, like it; in the backward dout and out too) is then the
+// unsplit (B_q, S, H, D) tensor, the op's batch is side_k's B = B_q * C (C key splits: B_q must divide it) and its
+// "sequence" the G slots: row g of batch row b reads token query_index[b / C, g] of batch row b / C. out, lse and dq
+// (and the backward's lse, dlse) keep the op's (B, G, ...) layout. A token outside [0, S) reads zeros: the row gets
+// out = 0 and lse = +inf, and in the backward dq = 0 and no key gradient (the delta kernel gives it delta = 0).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -78,13 +85,14 @@ struct HaloArgs {
 
 const char* given(const OptTensor& t) { return t.has_value() ? "a tensor" : "None"; }
 
-// A (B, rows, H, D) operand like q: device, dtype, shape, dense last dim.
+// A (B, rows, H, D) operand like q: device, dtype, shape, dense last dim. `batch`: B when it is not q's (-1), i.e. the
+// key splits' B_q * C with query_index.
 void check_operand(const char* op, const at::Tensor& t, const char* name, const at::Tensor& q, int64_t rows,
-                   const char* dims) {
+                   const char* dims, int64_t batch = -1) {
   same_device(op, t, name, q, "q");
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
               ", got ", t.scalar_type());
-  shape_is(op, t, name, {q.size(0), rows, q.size(2), q.size(3)}, dims);
+  shape_is(op, t, name, {batch < 0 ? q.size(0) : batch, rows, q.size(2), q.size(3)}, dims);
   last_dim_contiguous(op, t, name);
 }
 
@@ -100,12 +108,13 @@ void check_optional(const char* op, const OptTensor& t, const char* name, const 
 }
 
 // Longformer's band-pass arguments (side_index; query_mask and band_rows_only are the forward's, else None / false)
-// and its global rows' side_only.
+// and its global rows' side_only and query_index.
 struct IndexArgs {
   const OptTensor& side_index;
   const OptTensor& query_mask;
   bool band_rows_only;
   bool side_only;
+  const OptTensor& query_index;
 };
 
 // The backward's global-rows arguments: lse_split and the side keys' gradient destinations (or None).
@@ -204,6 +213,31 @@ int64_t check_index_args(const char* op, const at::Tensor& q, const IndexArgs& i
   return idx.size(1);
 }
 
+// Longformer's global rows read in place (IndexArgs::query_index; after q and the index arguments, before the side
+// keys) -> the op's (B, S): q's without query_index, else (side_k's B = B_q * C, G).
+std::pair<int64_t, int64_t> check_query_index(const char* op, const at::Tensor& q, const IndexArgs& index,
+                                              const at::Tensor& side_k) {
+  if (!index.query_index.has_value()) return {q.size(0), q.size(1)};
+  const at::Tensor& idx = *index.query_index;
+  TORCH_CHECK(index.side_only, op, ": query_index needs side_only (the global rows' key splits), got a tensor with ",
+              "side_only = False");
+  TORCH_CHECK(!index.side_index.has_value(), op, ": side_index must be None with query_index, got a tensor");
+  same_device(op, idx, "query_index", q, "q");
+  dtype_is(op, idx, "query_index", at::kLong);
+  TORCH_CHECK(idx.dim() == 2 && idx.size(0) == q.size(0), op, ": query_index must have shape (B_q, G) with B_q = q's B",
+              " = ", q.size(0), ", got ", idx.sizes());
+  TORCH_CHECK(idx.size(1) < (int64_t(1) << 30), op, ": query_index's G must be < 2^30, got ", idx.size(1));
+  TORCH_CHECK(idx.size(1) <= 1 || idx.stride(1) == 1, op, ": query_index must have a unit last stride, got strides ",
+              idx.strides());
+  TORCH_CHECK(side_k.dim() == 4, op, ": side_k must have shape (B, G, H, D), got ", side_k.sizes());
+  const int64_t B = side_k.size(0), Bq = q.size(0);
+  TORCH_CHECK(Bq > 0 ? B % Bq == 0 : B == 0, op, ": side_k's B must be a multiple of q's B_q = ", Bq,
+              " with query_index (B_q * C key splits), got ", B);
+  TORCH_CHECK(B <= 65535, op, ": side_k's B must be <= 65535 with query_index (the op's batch, a CUDA grid limit), ",
+              "got ", B);
+  return {B, idx.size(1)};
+}
+
 // Every argument the two passes share, in dependency order (q first: its sizes define the others').
 Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& side_k, const at::Tensor& side_v, const OptTensor& band_key_mask,
@@ -214,23 +248,25 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
               ": q must be float16 or bfloat16 (the kernels' tensor-core types), got ", q.scalar_type());
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, S, H, D), got ", q.sizes());
-  const int64_t B = q.size(0), S = q.size(1), H = q.size(2), D = q.size(3);
+  const int64_t H = q.size(2), D = q.size(3);
   TORCH_CHECK(D == 32 || D == 64 || D == 128, op, ": q's head dim D must be 32, 64 or 128, got ", D);
-  TORCH_CHECK(B <= 65535 && H <= 65535, op, ": q's B and H must be <= 65535 (CUDA grid limits), got B = ", B,
-              ", H = ", H);
-  TORCH_CHECK(S < (int64_t(1) << 30), op, ": q's S must be < 2^30, got ", S);
+  TORCH_CHECK(q.size(0) <= 65535 && H <= 65535, op, ": q's B and H must be <= 65535 (CUDA grid limits), got B = ",
+              q.size(0), ", H = ", H);
+  TORCH_CHECK(q.size(1) < (int64_t(1) << 30), op, ": q's S must be < 2^30, got ", q.size(1));
   last_dim_contiguous(op, q, "q");
-  check_operand(op, k, "k", q, S, "(B, S, H, D)");
-  check_operand(op, v, "v", q, S, "(B, S, H, D)");
+  check_operand(op, k, "k", q, q.size(1), "(B, S, H, D)");
+  check_operand(op, v, "v", q, q.size(1), "(B, S, H, D)");
   const int64_t indexed_g = check_index_args(op, q, index, band_key_mask, drop, key_ranges, side_ranges, halo);
+  // The op's batch rows and rows per batch row: q's, or with query_index the key splits' B_q * C and the slots.
+  const auto [B, S] = check_query_index(op, q, index, side_k);
   if (indexed_g >= 0) {  // side keys are rows of (B, S, H, D) side_k / side_v named by side_index
     check_operand(op, side_k, "side_k", q, S, "(B, S, H, D) with side_index");
     check_operand(op, side_v, "side_v", q, S, "(B, S, H, D) with side_index");
   } else {
     TORCH_CHECK(side_k.dim() == 4, op, ": side_k must have shape (B, G, H, D), got ", side_k.sizes());
     TORCH_CHECK(side_k.size(1) < (int64_t(1) << 28), op, ": side_k's G must be < 2^28, got ", side_k.size(1));
-    check_operand(op, side_k, "side_k", q, side_k.size(1), "(B, G, H, D)");
-    check_operand(op, side_v, "side_v", q, side_k.size(1), "(B, G, H, D)");
+    check_operand(op, side_k, "side_k", q, side_k.size(1), "(B, G, H, D)", B);
+    check_operand(op, side_v, "side_v", q, side_k.size(1), "(B, G, H, D)", B);
   }
   const int64_t G = indexed_g >= 0 ? indexed_g : side_k.size(1);
   const auto [HL, HR] = check_halo_args(op, q, halo, key_ranges, side_ranges);
@@ -302,13 +338,15 @@ Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right,
                     double scale, const DropoutArgs& drop, const OptTensor& key_ranges,
                     const OptTensor& side_ranges, const HaloArgs& halo, const OptTensor& dlse,
-                    const OptTensor& side_index, bool side_only, const SplitArgs& split) {
+                    const OptTensor& side_index, bool side_only, const SplitArgs& split,
+                    const OptTensor& query_index) {
   const OptTensor no_query_mask;
   const Dims d = check_fwd_args(kBwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
                                 side_bias, left, right, scale, drop, key_ranges, side_ranges, halo,
-                                {side_index, no_query_mask, false, side_only});
-  check_operand(kBwd, dout, "dout", q, d.S, "(B, S, H, D)");
-  check_operand(kBwd, out, "out", q, d.S, "(B, S, H, D)");
+                                {side_index, no_query_mask, false, side_only, query_index});
+  // Like q (read at the rows query_index names, when given).
+  check_operand(kBwd, dout, "dout", q, q.size(1), "(B, S, H, D)");
+  check_operand(kBwd, out, "out", q, q.size(1), "(B, S, H, D)");
   same_device(kBwd, lse, "lse", q, "q");
   dtype_is(kBwd, lse, "lse", at::kFloat);
   TORCH_CHECK(split.lse_split >= 1 && split.lse_split <= 65535 && d.B % split.lse_split == 0, kBwd,
@@ -396,6 +434,13 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
     p.query_mask = index.query_mask ? reinterpret_cast<const uint8_t*>(index.query_mask->data_ptr<bool>()) : nullptr;
     p.band_rows_only = index.band_rows_only;
   }
+  // Longformer's global rows read in place: checked (B_q, G) int64, unit last stride; B_q divides the op's B.
+  if (index.query_index) {
+    p.query_index = index.query_index->data_ptr<int64_t>();
+    p.query_index_stride = index.query_index->stride(0);
+    p.query_split = static_cast<int>(std::max<int64_t>(d.B / std::max<int64_t>(q.size(0), 1), 1));
+    p.query_tokens = static_cast<int>(q.size(1));
+  }
   p.B = d.B;
   p.S = d.S;
   p.H = d.H;
@@ -455,10 +500,10 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
                                                  const OptTensor& halo_v, const OptTensor& halo_mask,
                                                  int64_t halo_left, int64_t dropout_offset,
                                                  const OptTensor& side_index, const OptTensor& query_mask,
-                                                 bool band_rows_only, bool side_only) {
+                                                 bool band_rows_only, bool side_only, const OptTensor& query_index) {
   const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
   const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
-  const IndexArgs index{side_index, query_mask, band_rows_only, side_only};
+  const IndexArgs index{side_index, query_mask, band_rows_only, side_only, query_index};
   const Dims d = check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
                                 side_bias, left, right, scale, drop, key_ranges, side_ranges, halo, index);
   on_cuda(kFwd, q, "q");
@@ -493,19 +538,19 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
                        const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
                        int64_t halo_left, const OptTensor& dlse_in, int64_t dropout_offset,
                        const OptTensor& side_index, bool side_only, int64_t lse_split,
-                       const OptTensor& dside_k_into, const OptTensor& dside_v_into) {
+                       const OptTensor& dside_k_into, const OptTensor& dside_v_into, const OptTensor& query_index) {
   const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
   const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
   const SplitArgs split{lse_split, dside_k_into, dside_v_into};
   const Dims d = check_bwd_args(dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
                                 query_block, band_bias, side_bias, left, right, scale, drop, key_ranges,
-                                side_ranges, halo, dlse_in, side_index, side_only, split);
+                                side_ranges, halo, dlse_in, side_index, side_only, split, query_index);
   on_cuda(kBwd, q, "q");
   const c10::cuda::CUDAGuard guard(q.device());
   const OptTensor no_query_mask;
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
                        left, right, scale, drop, key_ranges, side_ranges, halo,
-                       {side_index, no_query_mask, false, side_only});
+                       {side_index, no_query_mask, false, side_only, query_index});
   BandSideParams& p = r.p;
   const at::Tensor dout = loadable(dout_in);
   const at::Tensor out = loadable(out_in);
@@ -637,10 +682,12 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd_cpu(const at::Tensor& q, const 
                                                      const OptTensor& halo_v, const OptTensor& halo_mask,
                                                      int64_t halo_left, int64_t dropout_offset,
                                                      const OptTensor& side_index, const OptTensor& query_mask,
-                                                     bool band_rows_only, bool side_only) {
+                                                     bool band_rows_only, bool side_only,
+                                                     const OptTensor& query_index) {
   check_fwd_args(kFwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left,
                  right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges, side_ranges,
-                 {halo_k, halo_v, halo_mask, halo_left}, {side_index, query_mask, band_rows_only, side_only});
+                 {halo_k, halo_v, halo_mask, halo_left},
+                 {side_index, query_mask, band_rows_only, side_only, query_index});
   needs_cuda(kFwd, q);
 }
 
@@ -653,11 +700,12 @@ BwdGrads band_side_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at
                            const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
                            int64_t halo_left, const OptTensor& dlse, int64_t dropout_offset,
                            const OptTensor& side_index, bool side_only, int64_t lse_split,
-                           const OptTensor& dside_k_into, const OptTensor& dside_v_into) {
+                           const OptTensor& dside_k_into, const OptTensor& dside_v_into,
+                           const OptTensor& query_index) {
   check_bwd_args(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
                  side_bias, left, right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges,
                  side_ranges, {halo_k, halo_v, halo_mask, halo_left}, dlse, side_index, side_only,
-                 {lse_split, dside_k_into, dside_v_into});
+                 {lse_split, dside_k_into, dside_v_into}, query_index);
   needs_cuda(kBwd, q);
 }
 

@@ -21,7 +21,11 @@
 // without them keep working); cuda_band_side_bwd always returns dhalo_k / dhalo_v, (0,) without halo keys, and
 // with side_index (Longformer's band pass: side keys read in place from rows of k / v) dside_k / dside_v empty; for
 // Longformer's global rows, side_only (no band keys: dk / dv empty), lse_split (lse shared by lse_split batch rows)
-// and dside_k_into / dside_v_into (the side keys' dK/dV added into them; dside_k / dside_v then empty).
+// and dside_k_into / dside_v_into (the side keys' dK/dV added into them; dside_k / dside_v then empty), and
+// query_index ((B_q, G) int64, only with side_only: row g of batch row b reads q, dout and out, the unsplit
+// (B_q, S, H, D) tensors, at token query_index[b / C, g] of batch row b / C, in place; the op's batch is side_k's
+// B = B_q * C, and out / lse / dq keep its (B, G, ...) layout; tokens outside [0, S) read zeros: out 0, lse +inf,
+// dq 0).
 TORCH_LIBRARY_FRAGMENT(longattn, m) {
   m.def(
       "cuda_band_side_fwd(Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor? band_key_mask, "
@@ -29,7 +33,8 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
       "float scale, float dropout_p=0.0, Tensor? rng=None, bool dropout_global_rows=False, "
       "Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, Tensor? halo_v=None, "
       "Tensor? halo_mask=None, int halo_left=0, int dropout_offset=0, Tensor? side_index=None, "
-      "Tensor? query_mask=None, bool band_rows_only=False, bool side_only=False) -> (Tensor out, Tensor lse)");
+      "Tensor? query_mask=None, bool band_rows_only=False, bool side_only=False, Tensor? query_index=None) -> "
+      "(Tensor out, Tensor lse)");
   m.def(
       "cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, Tensor out, "
       "Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, Tensor? band_bias, "
@@ -37,7 +42,7 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
       "bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, "
       "Tensor? halo_v=None, Tensor? halo_mask=None, int halo_left=0, Tensor? dlse=None, int dropout_offset=0, "
       "Tensor? side_index=None, bool side_only=False, int lse_split=1, Tensor(a!)? dside_k_into=None, "
-      "Tensor(b!)? dside_v_into=None) -> "
+      "Tensor(b!)? dside_v_into=None, Tensor? query_index=None) -> "
       "(Tensor dq, Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias, "
       "Tensor dhalo_k, Tensor dhalo_v)");
   m.def(
@@ -47,16 +52,15 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
       "cuda_block_aggregate_bwd(Tensor dout, Tensor x, Tensor block_ids, int num_blocks, Tensor? weight, "
       "Tensor sums, Tensor rstd, float eps) -> (Tensor dx, Tensor dweight)");
   // Longformer's glue around the band op (longformer_api.cpp): the global tokens' slot layout; for the global rows'
-  // key splits, the slots' rows copied once per split, the splits merged into rows pos of out (returning glse) and
-  // their dq rows summed into rows pos of dq (zero_fill: dq, contiguous, zeroed first: a new dq for separate
-  // global projections).
+  // key splits (whose band op reads the slots' rows in place through query_index), the splits merged into rows pos of
+  // out (returning glse) and their dq rows summed into rows pos of dq (zero_fill: dq, contiguous, zeroed first: a new
+  // dq for separate global projections).
   m.def(
       "cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G) "
       "-> (Tensor band_rows, Tensor pos, Tensor used)");
   m.def(
       "cuda_longformer_rows_merge(Tensor out_parts, Tensor lse_parts, Tensor pos, Tensor used, Tensor(a!) out) "
       "-> Tensor glse");
-  m.def("cuda_longformer_gather_rows(Tensor x, Tensor pos, int C) -> Tensor rows");
   m.def("cuda_longformer_rows_add(Tensor dq_parts, Tensor pos, Tensor used, Tensor(a!) dq, bool zero_fill=False) "
         "-> ()");
 }

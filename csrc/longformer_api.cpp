@@ -1,13 +1,13 @@
 // Torch-facing API of Longformer's glue kernels (csrc/longformer/rows.h): argument checks and allocation. CUDA
-// implementations of longattn::cuda_longformer_global_slots / cuda_longformer_gather_rows /
-// cuda_longformer_rows_merge / cuda_longformer_rows_add (schemas in extension.cpp), and CPU implementations that run
-// the same checks and then say the ops need CUDA tensors.
+// implementations of longattn::cuda_longformer_global_slots / cuda_longformer_rows_merge / cuda_longformer_rows_add
+// (schemas in extension.cpp), and CPU implementations that run the same checks and then say the ops need CUDA
+// tensors.
 //
 // All checks run before any allocation or CUDA call. Strides: the masks of global_slots are read in place with any
-// strides; x / out / dq (the rows read or written) need a dense last dim (their other strides are free), the slot
-// positions and used flags a unit last stride; the split parts (outputs of the band op) must be contiguous. Values
-// are not checked (a device sync): slot positions outside [0, S) are skipped by the kernels (the gather writes zeros
-// for them). rows_add's zero_fill zeroes dq (contiguous) with one memset before the add.
+// strides; out / dq (the rows written) need a dense last dim (their other strides are free), the slot positions and
+// used flags a unit last stride; the split parts (outputs of the band op) must be contiguous. Values are not checked
+// (a device sync): slot positions outside [0, S) are skipped by the kernels. rows_add's zero_fill zeroes dq
+// (contiguous) with one memset before the add.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -30,7 +30,6 @@ using OptTensor = std::optional<at::Tensor>;
 constexpr const char* kSlots = "cuda_longformer_global_slots";
 constexpr const char* kMerge = "cuda_longformer_rows_merge";
 constexpr const char* kAdd = "cuda_longformer_rows_add";
-constexpr const char* kGather = "cuda_longformer_gather_rows";
 constexpr int64_t kMaxInt = (int64_t(1) << 31) - 1;
 
 // Slot positions and flags are read as rows of G entries (unit last stride; the row stride is free, as for
@@ -189,52 +188,6 @@ void rows_add(const at::Tensor& dq_parts, const at::Tensor& pos, const at::Tenso
   C10_CUDA_CHECK(run_rows_add(p, stream));
 }
 
-void check_gather_args(const at::Tensor& x, const at::Tensor& pos, int64_t C) {
-  // pos and x as rows_merge's pos and out; C copies of every slot's row.
-  const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kGather,
-              ": x must be float32, float16 or bfloat16, got ", dt);
-  TORCH_CHECK(x.dim() == 4, kGather, ": x must have shape (B, S, H, D), got ", x.sizes());
-  const int64_t B = x.size(0);
-  TORCH_CHECK(x.size(1) <= kMaxInt && x.size(2) * x.size(3) <= kMaxInt, kGather,
-              ": x's S and H * D must be < 2^31, got ", x.sizes());
-  last_dim_contiguous(kGather, x, "x");
-  same_device(kGather, pos, "pos", x, "x");
-  dtype_is(kGather, pos, "pos", at::kLong);
-  TORCH_CHECK(pos.dim() == 2 && pos.size(0) == B, kGather, ": pos must have shape (B, G) with B = ", B, ", got ",
-              pos.sizes());
-  TORCH_CHECK(B * pos.size(1) <= kMaxInt, kGather, ": pos's B * G must be < 2^31 (one CTA per slot), got ",
-              pos.sizes());
-  unit_last_stride(kGather, pos, "pos");
-  TORCH_CHECK(C >= 1 && C <= kMaxInt, kGather, ": C must be in [1, 2^31), got ", C);
-}
-
-at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& pos, int64_t C) {
-  check_gather_args(x, pos, C);
-  on_cuda(kGather, x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0), G = pos.size(1), H = x.size(2), D = x.size(3);
-  at::Tensor gathered = at::empty({B * C, G, H, D}, x.options());
-  if (gathered.numel() == 0) return gathered;
-  RowsParams p{};
-  p.B = static_cast<int>(B);
-  p.S = static_cast<int>(x.size(1));
-  p.G = static_cast<int>(G);
-  p.H = static_cast<int>(H);
-  p.D = static_cast<int>(D);
-  p.C = static_cast<int>(C);
-  p.dtype = x.scalar_type() == at::kFloat ? RowsDType::kFloat32 : RowsDType::kFloat16;  // a copy: only the size
-  p.pos = pos.data_ptr<int64_t>();
-  p.pos_sb = pos.stride(0);
-  p.rows = const_cast<void*>(x.data_ptr());  // read only
-  p.rows_sb = x.stride(0);
-  p.rows_ss = x.stride(1);
-  p.rows_sh = x.stride(2);
-  p.gathered = gathered.data_ptr();
-  C10_CUDA_CHECK(run_gather_rows(p, c10::cuda::getCurrentCUDAStream()));
-  return gathered;
-}
-
 // CPU: the same checks, so bad arguments are reported identically (and testable without a GPU), then
 // NotImplementedError.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_slots_cpu(const at::Tensor& global_mask,
@@ -249,11 +202,6 @@ at::Tensor rows_merge_cpu(const at::Tensor& out_parts, const at::Tensor& lse_par
   needs_cuda(kMerge, out);
 }
 
-at::Tensor gather_rows_cpu(const at::Tensor& x, const at::Tensor& pos, int64_t C) {
-  check_gather_args(x, pos, C);
-  needs_cuda(kGather, x);
-}
-
 void rows_add_cpu(const at::Tensor& dq_parts, const at::Tensor& pos, const at::Tensor& used, at::Tensor& dq,
                   bool zero_fill) {
   check_add_args(dq_parts, pos, used, dq, zero_fill);
@@ -266,14 +214,12 @@ TORCH_LIBRARY_IMPL(longattn, CUDA, m) {
   m.impl("cuda_longformer_global_slots", &global_slots);
   m.impl("cuda_longformer_rows_merge", &rows_merge);
   m.impl("cuda_longformer_rows_add", &rows_add);
-  m.impl("cuda_longformer_gather_rows", &gather_rows);
 }
 
 TORCH_LIBRARY_IMPL(longattn, CPU, m) {
   m.impl("cuda_longformer_global_slots", &global_slots_cpu);
   m.impl("cuda_longformer_rows_merge", &rows_merge_cpu);
   m.impl("cuda_longformer_rows_add", &rows_add_cpu);
-  m.impl("cuda_longformer_gather_rows", &gather_rows_cpu);
 }
 
 }  // namespace longattn

@@ -49,7 +49,8 @@ SCHEMAS = {
         "int left, int right, float scale, float dropout_p=0., Tensor? rng=None, bool dropout_global_rows=False, "
         "Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? halo_k=None, Tensor? halo_v=None, "
         "Tensor? halo_mask=None, int halo_left=0, int dropout_offset=0, Tensor? side_index=None, "
-        "Tensor? query_mask=None, bool band_rows_only=False, bool side_only=False) -> (Tensor out, Tensor lse)",
+        "Tensor? query_mask=None, bool band_rows_only=False, bool side_only=False, Tensor? query_index=None) -> "
+        "(Tensor out, Tensor lse)",
     "cuda_band_side_bwd":
         "longattn::cuda_band_side_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor side_k, Tensor side_v, "
         "Tensor out, Tensor lse, Tensor? band_key_mask, Tensor? side_mask, Tensor? query_block, "
@@ -57,7 +58,7 @@ SCHEMAS = {
         "Tensor? rng=None, bool dropout_global_rows=False, Tensor? key_ranges=None, Tensor? side_ranges=None, "
         "Tensor? halo_k=None, Tensor? halo_v=None, Tensor? halo_mask=None, int halo_left=0, Tensor? dlse=None, "
         "int dropout_offset=0, Tensor? side_index=None, bool side_only=False, int lse_split=1, "
-        "Tensor(a!)? dside_k_into=None, Tensor(b!)? dside_v_into=None) -> "
+        "Tensor(a!)? dside_k_into=None, Tensor(b!)? dside_v_into=None, Tensor? query_index=None) -> "
         "(Tensor dq, Tensor dk, Tensor dv, Tensor dside_k, Tensor dside_v, Tensor dband_bias, Tensor dside_bias, "
         "Tensor dhalo_k, Tensor dhalo_v)",
     "cuda_block_aggregate_fwd":
@@ -70,7 +71,6 @@ SCHEMAS = {
     "cuda_longformer_global_slots":
         "longattn::cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G) "
         "-> (Tensor band_rows, Tensor pos, Tensor used)",
-    "cuda_longformer_gather_rows": "longattn::cuda_longformer_gather_rows(Tensor x, Tensor pos, int C) -> Tensor rows",
     "cuda_longformer_rows_merge":
         "longattn::cuda_longformer_rows_merge(Tensor out_parts, Tensor lse_parts, Tensor pos, Tensor used, "
         "Tensor(a!) out) -> Tensor glse",
@@ -212,7 +212,7 @@ _NO_BAD_VALUE = {"dropout_global_rows"}
 # ranges, which the valid set uses); their bad calls are in tests/test_cuda_halo.py. Likewise Longformer's band-pass
 # arguments (tests/test_cuda_longformer.py) and its global rows' (tests/test_cuda_global_rows.py).
 _HALO_ARGS = {"halo_k", "halo_v", "halo_mask", "halo_left", "dlse", "dropout_offset", "side_index", "query_mask",
-              "band_rows_only", "side_only", "lse_split", "dside_k_into", "dside_v_into"}
+              "band_rows_only", "side_only", "lse_split", "dside_k_into", "dside_v_into", "query_index"}
 
 
 def _sizes(letters, **dims):

@@ -1,20 +1,23 @@
 """The CUDA backend's Longformer global rows without torch glue (issue 12, target 2): the raw band op's ``side_only``
-(no band keys, so no all-False band mask), the backward's ``lse_split`` (every key split reads the merged glse, no
+(no band keys, so no all-False band mask), ``query_index`` (the slots' rows of q, dout and out read in place by every
+key split, no copy of them per split), the backward's ``lse_split`` (every key split reads the merged glse, no
 per-split copy) and ``dside_k_into`` / ``dside_v_into`` (the keys' dK/dV added into the band pass's dk / dv by the
 side-add kernel, no ``add_``), and ``cuda_longformer_rows_add``'s ``zero_fill`` (a new dq for separate global
 projections, no ``zeros_like``).
 
-CPU: the changed index arithmetic emulated statement by statement from csrc/band_side (``lse_at``, the side-add
-kernel's two destinations, the walk and the dK/dV grid with ``side_only``) against the torch composition it replaces
-(``KeySplits.stats`` / ``unkeys`` + ``add_``, ``scatter_add``); the raw ops' checks (their CPU registrations), fakes,
-and the backend's call sequence on meta tensors. GPU (``@pytest.mark.gpu``): the raw ops against the composition they
-replace.
+CPU: the changed index arithmetic emulated statement by statement from csrc/band_side (the indexed query-tile loads,
+the delta kernel and the forward's epilogue with ``query_index``, ``lse_at``, the side-add kernel's two destinations,
+the walk and the dK/dV grid with ``side_only``) against the torch composition it replaces (``KeySplits.rows`` of the
+gathered rows, ``KeySplits.stats`` / ``unkeys`` + ``add_``, ``scatter_add``); the raw ops' checks (their CPU
+registrations), fakes, and the backend's call sequence on meta tensors. GPU (``@pytest.mark.gpu``): the raw ops
+against the composition they replace.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from longattn.backends import _longformer, cuda_backend
 from tests.test_cuda_longformer import B, D, G, H, S, _emulate_rows, _raw_call, gpu_ready, needs_build
@@ -25,6 +28,114 @@ TILE = 64
 # --------------------------------------------------------------------------------------------------------
 # Emulations of the kernels' index arithmetic (csrc/band_side/bwd_kernel.h, tile_ops.h, ranges.h)
 # --------------------------------------------------------------------------------------------------------
+
+
+def _load_rows_by_index(flat, strides, b, h, index, index_stride, r0, limit, bound, D_, threads=128):
+    """tile_ops.h load_rows_by_index_async thread by thread and chunk by chunk (``kChunksPerThread`` 16-byte chunks of
+    ``D_ / 8`` per row): the (TILE, D_) tile of rows r0 .. r0 + 63 of x's (b, h) slice, row r being x's row
+    ``index[b * index_stride + r0 + r]`` read from x's flat storage through its (batch, row, head) strides; rows >=
+    limit and indices outside [0, bound) zeros. Every element written exactly once (checked)."""
+    row_chunks = D_ // 8
+    per_thread = TILE * row_chunks // threads
+    smem = torch.full((TILE, D_), float("nan"), dtype=flat.dtype)
+    xbase = b * strides[0] + h * strides[2]
+    ibase = b * index_stride
+    for tid in range(threads):
+        for it in range(per_thread):
+            chunk = tid + it * threads
+            r, c = chunk // row_chunks, (chunk % row_chunks) * 8
+            g = r0 + r
+            row = int(index[ibase + g]) if g < limit else -1
+            valid = 0 <= row < bound
+            assert torch.isnan(smem[r, c:c + 8]).all()
+            smem[r, c:c + 8] = flat[xbase + row * strides[1] + c:][:8] if valid else 0.0
+    assert not torch.isnan(smem).any()
+    return smem
+
+
+def _emulate_query_rows(x, pos, C, D_):
+    """load_query_tile_async with kQueryIndex for every (op batch row b, head h, query tile) of the global rows' band
+    op: op batch row b = b_q * C + c reads tokens pos[b_q] of batch row b // C of ``x`` (any strides: its flat storage)
+    -> the (B * C, G, H, D) rows the Q / dO tiles hold."""
+    Bq, G_ = pos.shape
+    H_ = x.shape[2]
+    flat = x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0)
+    strides = x.stride()[:3]
+    index = pos.as_strided((pos.untyped_storage().nbytes() // pos.element_size(),), (1,), 0)
+    rows = torch.empty(Bq * C, G_, H_, D_, dtype=x.dtype)
+    for b in range(Bq * C):
+        for h in range(H_):
+            for row0 in range(0, G_, TILE):
+                tile = _load_rows_by_index(flat, strides, b // C, h, index[pos.storage_offset():], pos.stride(0), row0,
+                                           G_, x.shape[1], D_)
+                rows[b, row0:row0 + TILE, h] = tile[:G_ - row0]
+    return rows
+
+
+def _gathered(x, pos, sp):
+    """The old ``cuda_longformer_gather_rows``: the slots' rows of x (zeros for positions outside [0, S)), one copy per
+    key split (``KeySplits.rows``)."""
+    S_ = x.shape[1]
+    real = (pos >= 0) & (pos < S_)
+    index = pos.clamp(0, S_ - 1)[:, :, None, None].expand(*pos.shape, *x.shape[2:])
+    return sp.rows(torch.gather(x, 1, index) * real[:, :, None, None])
+
+
+@pytest.mark.parametrize("C, G_, D_", [(1, 5, 32), (3, 70, 32), (2, 9, 64)])
+def test_query_index_tiles_match_the_gathered_rows(C, G_, D_):
+    """``query_index``: the Q / dO tiles every key split loads in place (tokens ``pos`` of the unsplit, strided x; a
+    row-strided pos; positions outside [0, S) read as zeros; 70 slots: two query tiles) are the rows the old
+    gather kernel copied per split (``KeySplits.rows`` of the gathered rows)."""
+    gen = torch.Generator().manual_seed(G_)
+    Bq, S_, H_ = 2, 80, 2
+    x = torch.randn(Bq, H_, S_, D_, generator=gen, dtype=torch.float64).transpose(1, 2)  # (B, S, H, D), strided
+    wide = torch.stack([torch.randperm(S_, generator=gen)[:G_ + 3] for _ in range(Bq)])
+    pos = wide[:, 1:G_ + 1]  # row stride G + 3, unit last stride: the raw op's contract
+    pos[1, 0], pos[0, -1] = -4, S_ + 2
+    sp = _longformer.KeySplits(5 * C, 5)
+    assert sp.C == C
+    torch.testing.assert_close(_emulate_query_rows(x, pos, C, D_), _gathered(x, pos, sp), rtol=0, atol=0)
+
+
+def _emulate_delta(dout, out, lse, pos, C, dlse=None):
+    """bwd_kernel.h band_side_bwd_delta_kernel<T, kQueryIndex = true>, one (b, s, h) row per warp: dO and O of op row
+    (b, s) are token pos[b // C, s] of batch row b // C; a token outside [0, S) gives delta = 0 and ignores dlse
+    -> delta (B * C, H, G)."""
+    Bq, G_ = pos.shape
+    S_, H_ = dout.shape[1], dout.shape[2]
+    delta = torch.full((Bq * C * H_ * G_,), float("nan"), dtype=torch.float64)
+    for row in range(Bq * C * G_ * H_):
+        h, s, b = row % H_, (row // H_) % G_, row // (H_ * G_)
+        src_b, src_s = b // C, int(pos[b // C, s])
+        real = 0 <= src_s < S_
+        acc = float((dout[src_b, src_s, h] * out[src_b, src_s, h]).sum()) if real else 0.0
+        at = (b * H_ + h) * G_ + s
+        if dlse is not None and real and lse.reshape(-1)[at] < float("inf"):
+            acc -= float(dlse.reshape(-1)[at])
+        delta[at] = acc
+    return delta.view(Bq * C, H_, G_)
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_query_index_delta_matches_the_gathered_rows(C):
+    """The delta kernel with ``query_index``: rowsum(dO * O) of the slots' tokens read in place, what it computed on the
+    gathered copies; a position outside [0, S) gives 0 (its dlse ignored: the row then has dS = 0, so no dq and no key
+    gradient whatever lse it is given)."""
+    gen = torch.Generator().manual_seed(C)
+    Bq, S_, H_, D_, G_ = 2, 11, 3, 4, 5
+    sp = _longformer.KeySplits(4 * C, 4)
+    dout, out = (torch.randn(Bq, S_, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2))
+    pos = torch.stack([torch.randperm(S_, generator=gen)[:G_] for _ in range(Bq)])
+    pos[0, 2] = S_
+    lse = torch.randn(Bq * C, H_, G_, generator=gen, dtype=torch.float64)
+    lse[0, 1, 3] = float("inf")
+    dlse = torch.randn(Bq * C, H_, G_, generator=gen, dtype=torch.float64)
+    want = (_gathered(dout, pos, sp) * _gathered(out, pos, sp)).sum(-1).transpose(1, 2)  # (B * C, H, G)
+    torch.testing.assert_close(_emulate_delta(dout, out, lse, pos, C), want, rtol=0, atol=1e-12)
+    real = ((pos >= 0) & (pos < S_)).repeat_interleave(C, 0)[:, None, :]  # (B * C, 1, G)
+    got = _emulate_delta(dout, out, lse, pos, C, dlse)
+    torch.testing.assert_close(got, want - torch.where(real & (lse < float("inf")), dlse, 0.0), rtol=0, atol=1e-12)
+    assert (got.view(Bq, C, H_, G_)[0, :, :, 2] == 0).all()
 
 
 def _lse_at(b, h, i, C, H_, S_):
@@ -240,6 +351,51 @@ SIDE_ONLY_BAD = {  # (ops, change, message pattern after "<op>: ")
                                    "dside_v_into": torch.zeros(B, 2 * G - 1, H, D + 1, dtype=torch.float16)[..., :D]},
                         r"dside_k_into must keep element pairs 4-byte aligned"),
 }
+# query_index: the slots' rows of the unsplit q / dout / out (B, S, H, D) read in place by 2 splits of 4 keys each (the
+# op's batch 2 B, its rows the G slots).
+_F16 = dict(dtype=torch.float16)
+_QI = {**_SIDE_ONLY, "query_index": torch.arange(G).repeat(B, 1), "side_k": torch.zeros(B * 2, 4, H, D, **_F16),
+       "side_v": torch.zeros(B * 2, 4, H, D, **_F16), "side_mask": torch.ones(B * 2, 4, dtype=torch.bool),
+       "lse_split": 2, "lse": torch.zeros(B, H, G), "dside_k_into": torch.zeros(B, 7, H, D, **_F16),
+       "dside_v_into": torch.zeros(B, 7, H, D, **_F16)}
+SIDE_ONLY_BAD.update({
+    "qi-no-side-only": (("fwd", "bwd"), {**_QI, "side_only": False}, r"query_index needs side_only"),
+    "qi-dtype": (("fwd", "bwd"), {**_QI, "query_index": torch.zeros(B, G, dtype=torch.int32)},
+                 r"query_index must be Long"),
+    "qi-B": (("fwd", "bwd"), {**_QI, "query_index": torch.zeros(B + 1, G, dtype=torch.int64)},
+             r"query_index must have shape \(B_q, G\) with B_q = q's B = 2"),
+    "qi-rank": (("fwd", "bwd"), {**_QI, "query_index": torch.zeros(B, G, 1, dtype=torch.int64)},
+                r"query_index must have shape \(B_q, G\)"),
+    "qi-strided": (("fwd", "bwd"), {**_QI, "query_index": torch.zeros(B, 2 * G, dtype=torch.int64)[:, ::2]},
+                   r"query_index must have a unit last stride"),
+    "qi-device": (("fwd", "bwd"), {**_QI, "query_index": torch.zeros(B, G, dtype=torch.int64, device="meta")},
+                  r"query_index must be on q's device"),
+    "qi-side-index": (("fwd", "bwd"), {**_QI, "side_index": torch.zeros(B, G, dtype=torch.int64)},
+                      r"side_index must be None with query_index"),
+    "qi-batch": (("fwd", "bwd"), {**_QI, "side_k": torch.zeros(B * 2 + 1, 4, H, D, **_F16)},
+                 r"side_k's B must be a multiple of q's B_q = 2 with query_index"),
+    "qi-batch-limit": (("fwd", "bwd"), {**_QI, "side_k": torch.zeros(D, **_F16).expand(65536, 4, H, D)},
+                       r"side_k's B must be <= 65535 with query_index"),
+    "qi-side_v": (("fwd", "bwd"), {**_QI, "side_v": torch.zeros(B, 4, H, D, **_F16)}, r"side_v must have shape"),
+    "qi-side_mask": (("fwd", "bwd"), {**_QI, "side_mask": torch.ones(B, 4, dtype=torch.bool)},
+                     r"side_mask must have shape \(B, G\) = \[4, 4\]"),
+    "qi-ranges": (("fwd", "bwd"), {**_QI, "side_ranges": torch.zeros(B, G, 2, dtype=torch.int32)},
+                  r"side_ranges must have shape \(B, S, 2\) = \[4, 3, 2\]"),
+    "qi-dout-copy": (("bwd",), {**_QI, "dout": torch.zeros(B * 2, G, H, D, **_F16)},
+                     r"dout must have shape \(B, S, H, D\) = \[2, 10, 2, 32\]"),
+    "qi-out-copy": (("bwd",), {**_QI, "out": torch.zeros(B * 2, G, H, D, **_F16)}, r"out must have shape"),
+    "qi-lse": (("bwd",), {**_QI, "lse": torch.zeros(B, H, S)}, r"lse must have shape \(B / lse_split, H, S\)"),
+})
+_QI_VALID = {
+    "qi-split": _QI,
+    "qi-one-split": {**_QI, "side_k": torch.zeros(B, 4, H, D, **_F16), "side_v": torch.zeros(B, 4, H, D, **_F16),
+                     "side_mask": None, "lse_split": 1, "dside_k_into": None, "dside_v_into": None},
+    "qi-out-of-range": {**_QI, "query_index": torch.tensor([[-5, S, 2**40]] * B)},  # any value is safe
+    "qi-row-strided": {**_QI, "query_index": torch.zeros(B, G + 4, dtype=torch.int64)[:, 1:G + 1]},
+    "qi-no-slots": {**_QI, "query_index": torch.zeros(B, 0, dtype=torch.int64), "lse": torch.zeros(B, H, 0)},
+    "qi-ranges": {**_QI, "side_ranges": torch.zeros(B * 2, G, 2, dtype=torch.int32)},
+    "qi-dropout": {**_QI, "dropout_p": 0.1, "rng": torch.zeros(2, dtype=torch.int64), "dropout_global_rows": True},
+}
 _OPS = {"fwd": "cuda_band_side_fwd", "bwd": "cuda_band_side_bwd"}
 
 
@@ -254,9 +410,9 @@ def test_raw_op_rejects_bad_global_rows_arguments(op, case):
 
 @needs_build
 @pytest.mark.parametrize("op", ["fwd", "bwd"])
-@pytest.mark.parametrize("case", ["side-only", "split", "split-no-into", "strided-into", "dropout"])
+@pytest.mark.parametrize("case", ["side-only", "split", "split-no-into", "strided-into", "dropout", *_QI_VALID])
 def test_raw_op_accepts_valid_global_rows_arguments(op, case):
-    change = {
+    change = _QI_VALID.get(case) or {
         "side-only": {**_SIDE_ONLY, "side_ranges": torch.zeros(B, S, 2, dtype=torch.int32)},
         "split": _SPLIT,
         "split-no-into": {**_SPLIT, "dside_k_into": None, "dside_v_into": None},
@@ -291,6 +447,15 @@ def test_fake_shapes_of_the_global_rows_pass():
     dq = torch.empty(B, S, H, D, **meta)
     assert ops.cuda_longformer_rows_add(qs, torch.empty(B, G, dtype=torch.int64, device="meta"),
                                         torch.empty(B, G, dtype=torch.bool, device="meta"), dq, zero_fill=True) is None
+    # query_index: q / dout / out are the unsplit (B, S, H, D) tensors; out, lse, dq keep the op's (B * C, G, ...)
+    pos = torch.empty(B, G, dtype=torch.int64, device="meta")
+    out, lse = ops.cuda_band_side_fwd(dq, dq, dq, sk, sk, None, None, None, None, None, 0, 0, 0.125, side_only=True,
+                                      query_index=pos)
+    assert out.shape == qs.shape and lse.shape == (B * C, H, G)
+    g = ops.cuda_band_side_bwd(dq, dq, dq, dq, sk, sk, dq, glse, None, None, None, None, None, 0, 0, 0.125,
+                               side_only=True, lse_split=C, dside_k_into=into, dside_v_into=into.clone(),
+                               query_index=pos)
+    assert [tuple(t.shape) for t in g] == [tuple(qs.shape)] + [(0,)] * 8
 
 
 @needs_build
@@ -319,8 +484,71 @@ def test_global_rows_run_no_torch_glue(split_keys, shared, monkeypatch):
     assert glue_f == [], fwd.ops
     assert glue_b == (["aten.add_"] if shared == "k-only" else []), bwd.ops
     ours = "longattn.cuda_longformer_"
-    assert [op for op in bwd.ops if op.startswith("longattn.")] == [
-        *[f"{ours}gather_rows"] * 3, "longattn.cuda_band_side_bwd", f"{ours}rows_add"], bwd.ops
+    assert [op for op in fwd.ops if op.startswith("longattn.")] == ["longattn.cuda_band_side_fwd",
+                                                                    f"{ours}rows_merge"], fwd.ops
+    assert [op for op in bwd.ops if op.startswith("longattn.")] == ["longattn.cuda_band_side_bwd",
+                                                                    f"{ours}rows_add"], bwd.ops
+
+
+@needs_build
+@pytest.mark.parametrize("split_keys, Sx, into", [(None, S, True), (5, 10, True), (4, 11, True), (5, 10, False)],
+                         ids=["one-split", "splits", "padded", "splits-returned"])
+def test_global_rows_arguments_pass_the_raw_op_checks(split_keys, Sx, into, monkeypatch):
+    """The backend's global-rows calls, on CPU tensors, get through every check of the raw band op's CPU registration
+    (the CUDA one's checks) to its "needs CUDA tensors": q / dout / out in place with query_index, the splits' keys,
+    mask and (padded) shapes, lse_split and the dk / dv destinations are all what the op accepts."""
+    from tests.test_cuda_longformer import _global_rows_args
+
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
+    q, k, v, out, pos, used, pad = _global_rows_args("cpu", Sx)
+    with pytest.raises(NotImplementedError, match="cuda_band_side_fwd: needs CUDA tensors"):
+        cuda_backend.global_rows_forward(q, k, v, pos, used, pad, 0.125, out)
+    dk_into, dv_into = (k.clone(), v.clone()) if into else (None, None)
+    with pytest.raises(NotImplementedError, match="cuda_band_side_bwd: needs CUDA tensors"):
+        cuda_backend.global_rows_backward(out, q, k, v, out, torch.zeros(B, H, G), pos, used, pad, 0.125, None,
+                                          dk_into, dv_into)
+
+
+class _RawArgs(TorchDispatchMode):
+    """The (op, args, kwargs) of every longattn raw op dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket).startswith("longattn."):
+            self.calls.append((str(func.overloadpacket), args, kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+def _bound(func_name, args, kwargs):
+    op = getattr(torch.ops.longattn, func_name.split(".")[-1]).default
+    names = [a.name for a in op._schema.arguments]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+@needs_build
+@pytest.mark.parametrize("split_keys", [None, 5], ids=["one-split", "splits"])
+def test_global_rows_band_op_reads_the_rows_in_place(split_keys, monkeypatch):
+    """The global rows' band op is given q (and in the backward dout and out) themselves with ``query_index = pos``,
+    not copies of their slots' rows: its batch is the key splits' (side_k's B * C), its rows the G slots."""
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
+    t = dict(device="meta", dtype=torch.float16)
+    q, k, v, out, dout = (torch.empty(B, S, H, D, **t) for _ in range(5))
+    pos, used = torch.empty(B, G, dtype=torch.int64, device="meta"), torch.empty(B, G, dtype=torch.bool, device="meta")
+    with _RawArgs() as fwd:
+        glse = cuda_backend.global_rows_forward(q, k, v, pos, used, None, 0.125, out)
+    with _RawArgs() as bwd:
+        cuda_backend.global_rows_backward(dout, q, k, v, out, glse, pos, used, None, 0.125, None, k.clone(),
+                                          v.clone())
+    C = 1 if split_keys is None else S // split_keys
+    (name_f, args_f, kw_f), _ = fwd.calls
+    (name_b, args_b, kw_b), _ = bwd.calls
+    f, b = _bound(name_f, args_f, kw_f), _bound(name_b, args_b, kw_b)
+    assert f["q"] is q and f["query_index"] is pos and f["side_only"] and f["side_k"].shape[0] == B * C
+    assert b["q"] is q and b["dout"] is dout and b["out"] is out and b["query_index"] is pos
+    assert b["lse"] is glse and b["lse_split"] == C
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -346,7 +574,7 @@ def test_side_only_split_rows_match_the_masked_composition(Sk, n, dtype):
     used = torch.ones(Bx, G_, dtype=torch.bool, device=dev)
     used[1, -1] = False
     key_mask = (torch.rand(Bx, Sk, generator=gen) > 0.2).to(dev)
-    qs = ops.cuda_longformer_gather_rows(q, pos, sp.C)
+    qs = _gathered(q, pos, sp)
     side = (sp.keys(k), sp.keys(v))
     side_mask = sp.key_mask(key_mask, Bx, dev)
     no_band = torch.zeros(qs.shape[:2], dtype=torch.bool, device=dev)
@@ -358,7 +586,7 @@ def test_side_only_split_rows_match_the_masked_composition(Sk, n, dtype):
     merged = torch.empty_like(q)
     glse = ops.cuda_longformer_rows_merge(out_new, lse_new, pos, used, merged)
     dout = torch.randn(Bx, Sk, H_, D_, generator=gen).to(dev, dtype)
-    douts, outs = ops.cuda_longformer_gather_rows(dout, pos, sp.C), ops.cuda_longformer_gather_rows(merged, pos, sp.C)
+    douts, outs = _gathered(dout, pos, sp), _gathered(merged, pos, sp)
     old = ops.cuda_band_side_bwd(douts, qs, qs, qs, *side, outs, sp.stats(glse), *old_args, dropout_global_rows=True)
     dk_base, dv_base = (torch.randn(Bx, Sk, H_, D_, generator=gen).to(dev, dtype) for _ in range(2))
     dk_into, dv_into = dk_base.clone(), dv_base.clone()
@@ -372,6 +600,51 @@ def test_side_only_split_rows_match_the_masked_composition(Sk, n, dtype):
     returned = ops.cuda_band_side_bwd(douts, qs, qs, qs, *side, outs, glse, *args, dropout_global_rows=True,
                                       side_only=True, lse_split=sp.C)
     assert torch.equal(returned[0], old[0]) and torch.equal(returned[3], old[3]) and torch.equal(returned[4], old[4])
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("Sk, n, D_, dtype, dropout", [(300, 100, 64, torch.float16, 0.0),
+                                                       (250, 64, 128, torch.bfloat16, 0.0),
+                                                       (90, 1024, 32, torch.float16, 0.2)],
+                         ids=["splits", "padded-d128", "one-split-dropout"])
+def test_query_index_matches_the_gathered_rows(Sk, n, D_, dtype, dropout):
+    """``query_index`` (the slots' rows of the unsplit, strided q / dout / out read in place by every split) against the
+    same op on the rows gathered per split (``KeySplits.rows``, the old gather kernel's copies): out, lse, dq and the
+    keys' gradients bitwise (the same tiles in the same order) for the slots whose position is in [0, S), and 70 slots
+    (two query tiles); a position outside [0, S) gives out = 0, lse = +inf and dq = 0."""
+    ops, dev = torch.ops.longattn, "cuda"
+    gen = torch.Generator().manual_seed(Sk)
+    Bx, H_, G_ = 2, 3, 70
+    sp = _longformer.KeySplits(Sk, n)
+    q, k, v, dout, merged = (torch.randn(Bx, H_, Sk, D_, generator=gen).to(dev, dtype).transpose(1, 2)
+                             for _ in range(5))
+    pos = torch.stack([torch.randperm(Sk, generator=gen)[:G_] for _ in range(Bx)]).to(dev)
+    pos[1, 3], pos[0, 69] = -2, Sk + 9
+    real = ((pos >= 0) & (pos < Sk)).repeat_interleave(sp.C, 0)  # (B * C, G)
+    side = (sp.keys(k), sp.keys(v))
+    side_mask = sp.key_mask((torch.rand(Bx, Sk, generator=gen) > 0.2).to(dev), Bx, dev)
+    args = (None, side_mask, None, None, None, 0, 0, D_**-0.5)
+    kw = {"dropout_global_rows": True, "side_only": True}
+    if dropout:
+        kw.update(dropout_p=dropout, rng=torch.tensor([3, 4], dtype=torch.int64, device=dev))
+    qs = _gathered(q, pos, sp)
+    out_old, lse_old = ops.cuda_band_side_fwd(qs, qs, qs, *side, *args, **kw)
+    out_new, lse_new = ops.cuda_band_side_fwd(q, q, q, *side, *args, **kw, query_index=pos)
+    assert out_new.shape == out_old.shape and lse_new.shape == lse_old.shape
+    assert torch.equal(out_new[real], out_old[real]) and (out_new[~real] == 0).all()
+    assert torch.equal(lse_new.transpose(1, 2)[real], lse_old.transpose(1, 2)[real])
+    assert torch.isinf(lse_new.transpose(1, 2)[~real]).all()
+    glse = torch.randn(Bx, H_, G_, generator=gen).to(dev)  # any merged statistics: both read the same
+    douts, outs = _gathered(dout, pos, sp), _gathered(merged, pos, sp)
+    old = ops.cuda_band_side_bwd(douts, qs, qs, qs, *side, outs, glse, *args, **kw, lse_split=sp.C)
+    new = ops.cuda_band_side_bwd(dout, q, q, q, *side, merged, glse, *args, **kw, lse_split=sp.C, query_index=pos)
+    assert torch.equal(new[0][real], old[0][real]) and (new[0][~real] == 0).all()
+    # The keys' gradients: the masked rows' zero q / dout rows contributed exactly 0 there; here they contribute
+    # nothing at all (delta = 0, so dS = 0).
+    for got, want in zip(new[3:5], old[3:5]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.library.opcheck(ops.cuda_band_side_fwd.default, (q, q, q, *side, *args), {**kw, "query_index": pos})
 
 
 @pytest.mark.gpu

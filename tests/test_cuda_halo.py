@@ -146,7 +146,7 @@ def _raw_call(op_name, change=None, drop=()):
                 "lse": torch.zeros(B, H, S), **{n: a[n] for n in list(a)[5:]}}
     args.update(dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None, side_ranges=None,
                 dropout_offset=0, side_index=None, query_mask=None, band_rows_only=False, side_only=False, lse_split=1,
-                dside_k_into=None, dside_v_into=None, **halo)
+                dside_k_into=None, dside_v_into=None, query_index=None, **halo)
     if op_name.endswith("bwd"):
         args["dlse"] = torch.zeros(B, H, S)
     args.update(change or {})

@@ -49,7 +49,7 @@ def _raw_call(op_name, change=None):
                 dropout_offset=0, side_index=torch.arange(G).repeat(B, 1),
                 query_mask=torch.ones(B, S, dtype=torch.bool), band_rows_only=True, dout=z, out=z,
                 lse=torch.zeros(B, H, S), dlse=None, side_only=False, lse_split=1, dside_k_into=None,
-                dside_v_into=None)
+                dside_v_into=None, query_index=None)
     args.update(change or {})
     op = getattr(torch.ops.longattn, op_name).default
     positional = [args[x.name] for x in op._schema.arguments]
@@ -313,9 +313,10 @@ def test_cuda_longformer_packed_within_rule():
 
 
 # --------------------------------------------------------------------------------------------------------
-# The glue kernels of csrc/longformer (raw ops cuda_longformer_*): slot layout, per-split row copies, the global
-# rows' merge into out and the dq rows' sum into dq. CPU: the raw ops' checks, fakes, the backend's call sequence, and
-# statement-level emulations of the kernels' index arithmetic against the torch composition they replace.
+# The glue kernels of csrc/longformer (raw ops cuda_longformer_*): slot layout, the global rows' merge into out and
+# the dq rows' sum into dq (the global rows' band op reads the slots' rows in place: tests/test_cuda_global_rows.py).
+# CPU: the raw ops' checks, fakes, the backend's call sequence, and statement-level emulations of the kernels' index
+# arithmetic against the torch composition they replace.
 # --------------------------------------------------------------------------------------------------------
 
 C_SPLITS = 3
@@ -341,7 +342,7 @@ _SLOT_BAD = {  # (ops, change, message pattern after "<op>: "); pos / used as th
     "pos-dtype": ({"pos": torch.zeros(B, G, dtype=torch.int32)}, r"pos must be Long"),
     "pos-B": ({"pos": torch.zeros(B + 1, G, dtype=torch.int64)}, r"pos must have shape \(B, G\)"),
     "pos-strided": ({"pos": torch.zeros(B, 2 * G, dtype=torch.int64)[:, ::2]}, r"pos must have a unit last stride"),
-    "pos-device": ({"pos": torch.zeros(B, G, **_META)}, r"pos must be on (x|out|dq)'s device"),
+    "pos-device": ({"pos": torch.zeros(B, G, **_META)}, r"pos must be on (out|dq)'s device"),
 }
 GLUE_BAD = {
     "global_slots": {
@@ -354,13 +355,6 @@ GLUE_BAD = {
                        r"key_padding_mask must be on global_mask's device"),
         "G-negative": ({"G": -1}, r"G must be in \[0, S\]"),
         "G-above-S": ({"G": S + 1}, r"G must be in \[0, S\]"),
-    },
-    "gather_rows": {
-        **_SLOT_BAD,
-        "x-dtype": ({"x": torch.zeros(B, S, H, D, dtype=torch.int32)}, r"x must be float32, float16 or bfloat16"),
-        "x-rank": ({"x": torch.zeros(B, S, H * D, **_F16)}, r"x must have shape \(B, S, H, D\)"),
-        "x-strided": ({"x": torch.zeros(B, S, H, 2 * D, **_F16)[..., ::2]}, r"x must have a contiguous last dim"),
-        "C-zero": ({"C": 0}, r"C must be in \[1, 2\^31\)"),
     },
     "rows_merge": {
         **_SLOT_BAD,
@@ -401,7 +395,6 @@ GLUE_VALID = {
     "global_slots": {"no-pad": {"key_padding_mask": None}, "no-slots": {"G": 0}, "all-slots": {"G": S},
                      "strided": {"global_mask": torch.zeros(S, B, dtype=torch.bool).T,
                                  "key_padding_mask": torch.ones(B, 2 * S, dtype=torch.bool)[:, ::2]}},
-    "gather_rows": {"one-split": {"C": 1}},
     "rows_merge": {"bf16": {"out": torch.zeros(B, S, H, D, dtype=torch.bfloat16),
                             "out_parts": torch.zeros(B * C_SPLITS, G, H, D, dtype=torch.bfloat16)}},
     "rows_add": {"float32": {"dq": torch.zeros(B, S, H, D), "dq_parts": torch.zeros(B * C_SPLITS, G, H, D)}},
@@ -432,8 +425,7 @@ def test_glue_op_fake_shapes():
     assert (band_rows.shape, band_rows.dtype) == ((B, S), torch.bool)
     assert (pos.shape, pos.dtype, used.shape, used.dtype) == ((B, G), torch.int64, (B, G), torch.bool)
     x = torch.empty(B, S, H, D, device="meta", dtype=torch.bfloat16)
-    rows = ops.cuda_longformer_gather_rows(x, pos, C_SPLITS)
-    assert (rows.shape, rows.dtype) == ((B * C_SPLITS, G, H, D), torch.bfloat16)
+    rows = torch.empty(B * C_SPLITS, G, H, D, device="meta", dtype=torch.bfloat16)
     lse = torch.empty(B * C_SPLITS, H, G, device="meta")
     glse = ops.cuda_longformer_rows_merge(rows, lse, pos, used, x)
     assert (glse.shape, glse.dtype) == ((B, H, G), torch.float32)
@@ -479,11 +471,12 @@ def _global_rows_args(device, Sx=S):
 @needs_build
 @pytest.mark.parametrize("split_keys, Sx", [(None, S), (5, 10), (4, 11)], ids=["one-split", "splits", "padded"])
 def test_global_rows_go_to_the_glue_kernels(split_keys, Sx, monkeypatch):
-    """Issue 12 target 2: around the global rows' band op only longattn's kernels copy the slots' rows, merge the
-    splits into out and sum the splits' dq rows into dq (no gather, where, scatter, masked_fill, or the merge's
-    elementwise ops); the band op needs no band mask (side_only), reads the merged glse for every split (lse_split)
-    and adds the keys' dk / dv into the band's itself (dside_*_into). What torch still runs: with padded splits the
-    pads of k / v / the key mask. On meta tensors (the raw ops' fakes)."""
+    """Issue 12 target 2: the global rows are their band op and one longattn kernel each way (the merge of the splits
+    into out; the sum of the splits' dq rows into dq): no gather, copy, where, scatter, masked_fill, or the merge's
+    elementwise ops. The band op reads the slots' rows of q (and dout, out) in place (query_index), needs no band mask
+    (side_only), reads the merged glse for every split (lse_split) and adds the keys' dk / dv into the band's itself
+    (dside_*_into). What torch still runs: with padded splits the pads of k / v / the key mask. On meta tensors (the
+    raw ops' fakes)."""
     from longattn.backends import _longformer
     from tests.test_host_sync import OpLog
 
@@ -497,10 +490,10 @@ def test_global_rows_go_to_the_glue_kernels(split_keys, Sx, monkeypatch):
                                                        dk_into, dv_into)
     assert glse.shape == (B, H, G) and dq.shape == dk.shape == dv.shape == q.shape
     ours = "longattn.cuda_longformer_"
-    assert [op for op in fwd.ops if op.startswith("longattn.")] == [
-        f"{ours}gather_rows", "longattn.cuda_band_side_fwd", f"{ours}rows_merge"], fwd.ops
-    assert [op for op in bwd.ops if op.startswith("longattn.")] == [
-        *[f"{ours}gather_rows"] * 3, "longattn.cuda_band_side_bwd", f"{ours}rows_add"], bwd.ops
+    assert [op for op in fwd.ops if op.startswith("longattn.")] == ["longattn.cuda_band_side_fwd",
+                                                                    f"{ours}rows_merge"], fwd.ops
+    assert [op for op in bwd.ops if op.startswith("longattn.")] == ["longattn.cuda_band_side_bwd",
+                                                                    f"{ours}rows_add"], bwd.ops
     pads = ["aten.constant_pad_nd"] * 3 if Sx % (split_keys or Sx) else []
     assert sorted(op for op in fwd.ops if op.startswith("aten.")) == sorted(pads), fwd.ops
     assert sorted(op for op in bwd.ops if op.startswith("aten.")) == sorted(pads), bwd.ops
@@ -587,7 +580,7 @@ def test_slots_kernel_emulation_matches_global_slots(Sx, G_, padded):
 
 
 def _offsets(Bx, G_, H_, D_, C, b, g):
-    """rows.cu's index arithmetic for slot (b, g): element e = h * D + d of split c of `parts` / `gathered` at
+    """rows.cu's index arithmetic for slot (b, g): element e = h * D + d of split c of `parts` at
     part_offset + c * split_stride + e, and lse_parts of (h, c) at lse_base + h * G + c * lse_stride; glse at
     (b * H + h) * G + g. -> (parts index (C, H * D), lse index (C, H * D), glse index (H * D,), h, d)."""
     e = torch.arange(H_ * D_)
@@ -599,13 +592,12 @@ def _offsets(Bx, G_, H_, D_, C, b, g):
 
 
 def _emulate_rows(kind, x, pos, used, C, parts=None, lse_parts=None):
-    """rows.cu's three kernels on flat tensors, through ``_offsets``, in float64 (this checks indexing, not
-    rounding): "gather" -> gathered; "merge" -> (x updated, glse); "add" -> x updated."""
+    """rows.cu's two kernels on flat tensors, through ``_offsets``, in float64 (this checks indexing, not
+    rounding): "merge" -> (x updated, glse); "add" -> x updated."""
     Bx, Sx, H_, D_ = x.shape
     G_ = pos.shape[1]
     x = x.clone()
     flat_parts = None if parts is None else parts.reshape(-1).double()
-    gathered = torch.zeros(Bx * C * G_ * H_ * D_, dtype=x.dtype)
     glse = torch.full((Bx * H_ * G_,), float("nan"))
     for b in range(Bx):
         for g in range(G_):
@@ -613,9 +605,6 @@ def _emulate_rows(kind, x, pos, used, C, parts=None, lse_parts=None):
             row = int(pos[b, g])
             in_range = 0 <= row < Sx
             write = bool(used[b, g]) and in_range
-            if kind == "gather":
-                gathered[part] = x[b, row, h, d] if in_range else 0
-                continue
             if kind == "add":
                 if write:
                     x[b, row, h, d] += flat_parts[part].sum(0).to(x.dtype)
@@ -632,16 +621,14 @@ def _emulate_rows(kind, x, pos, used, C, parts=None, lse_parts=None):
             glse[glse_index[d == 0]] = torch.where(seen, top + torch.log(total), float("inf"))[d == 0].float()
             if write:
                 x[b, row, h, d] = ((w * flat_parts[part]).sum(0) / torch.where(seen, total, 1.0)).to(x.dtype)
-    if kind == "gather":
-        return gathered.view(Bx * C, G_, H_, D_)
     return (x, glse.view(Bx, H_, G_)) if kind == "merge" else x
 
 
 @pytest.mark.parametrize("C", [1, 3])
 def test_rows_kernels_emulation_matches_the_torch_composition(C):
-    """The index arithmetic of the gather / merge / add kernels against what they replace: ``KeySplits.rows`` of the
-    gathered rows, ``KeySplits.merge`` + masked_fill + where / scatter into out, ``KeySplits.sum_rows`` + scatter_add
-    into dq. With unused slots, an out-of-range position (skipped), empty splits and a row with no key at all."""
+    """The index arithmetic of the merge / add kernels against what they replace: ``KeySplits.merge`` + masked_fill +
+    where / scatter into out, ``KeySplits.sum_rows`` + scatter_add into dq. With unused slots, an out-of-range position
+    (skipped), empty splits and a row with no key at all."""
     from longattn.backends import _longformer
 
     gen = torch.Generator().manual_seed(C)
@@ -652,9 +639,6 @@ def test_rows_kernels_emulation_matches_the_torch_composition(C):
     sp = _longformer.KeySplits(3 * C, 3)
     assert sp.C == C
     index = pos[:, :, None, None].expand(Bx, G_, H_, D_)
-    # gather: every slot's row, once per split
-    torch.testing.assert_close(_emulate_rows("gather", x, pos, used, C), sp.rows(torch.gather(x, 1, index)),
-                               rtol=0, atol=0)
     # merge
     parts = torch.randn(Bx * C, G_, H_, D_, generator=gen, dtype=torch.float64)
     lse = torch.randn(Bx * C, H_, G_, generator=gen, dtype=torch.float64).float()
@@ -711,9 +695,9 @@ def test_cuda_global_slots_bitwise(Sx, padded):
 @pytest.mark.parametrize("C", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_rows_kernels_match_the_torch_composition(C, dtype):
-    """The gather / merge / add kernels against the torch composition they replace (``KeySplits.rows`` of gathered
-    rows; ``KeySplits.merge`` + masked_fill + where / scatter; ``KeySplits.sum_rows`` + scatter_add): the gather
-    exactly, the merge and the add within float32 rounding; unused slots and out-of-range positions untouched."""
+    """The merge / add kernels against the torch composition they replace (``KeySplits.merge`` + masked_fill + where /
+    scatter; ``KeySplits.sum_rows`` + scatter_add): within float32 rounding; unused slots and out-of-range positions
+    untouched."""
     from longattn.backends import _longformer
 
     ops, dev = torch.ops.longattn, "cuda"
@@ -724,7 +708,6 @@ def test_cuda_rows_kernels_match_the_torch_composition(C, dtype):
     used = torch.tensor([[True, True, True, True, False], [True, True, True, False, False]], device=dev)
     sp = _longformer.KeySplits(100 * C, 100)
     index = pos[:, :, None, None].expand(Bx, G_, H_, D_)
-    assert torch.equal(ops.cuda_longformer_gather_rows(x, pos, C), sp.rows(torch.gather(x, 1, index)))
     parts = torch.randn(Bx * C, G_, H_, D_, generator=gen).to(dev, dtype)
     lse = torch.randn(Bx * C, H_, G_, generator=gen).to(dev)
     lse[0, 1, 0] = float("inf")
@@ -748,7 +731,6 @@ def test_cuda_rows_kernels_match_the_torch_composition(C, dtype):
     ops.cuda_longformer_rows_merge(parts, lse, bad, used, out2)
     ops.cuda_longformer_rows_add(dparts, bad, used, dq2)
     assert torch.equal(out2[0, 7], x[0, 7]) and torch.equal(dq2[1, 2], x[1, 2])
-    assert (ops.cuda_longformer_gather_rows(x, bad, C).view(Bx, C, G_, H_, D_)[:, :, 0] == 0).all()
 
 
 @pytest.mark.gpu
@@ -774,7 +756,6 @@ def test_opcheck_glue_ops():
     torch.library.opcheck(ops.cuda_longformer_global_slots.default, (glob, pad, 9))
     _, pos, used = cuda_backend.global_slots(glob, pad, 9)
     x = torch.randn(4, 50, 2, 32, device=dev, dtype=torch.float16)
-    torch.library.opcheck(ops.cuda_longformer_gather_rows.default, (x, pos, 3))
     parts = torch.randn(12, 9, 2, 32, device=dev, dtype=torch.float16)
     lse = torch.randn(12, 2, 9, device=dev)
     torch.library.opcheck(ops.cuda_longformer_rows_merge.default, (parts, lse, pos, used, x.clone()))

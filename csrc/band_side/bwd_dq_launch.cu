@@ -9,11 +9,12 @@ cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStre
   constexpr int kWarps = 8;  // one row per warp
   const int64_t rows = (int64_t)p.B * p.S * p.H;
   const dim3 grid((unsigned)((rows + kWarps - 1) / kWarps));
-  if (bf16) {
-    band_side_bwd_delta_kernel<__nv_bfloat16><<<grid, kWarps * 32, 0, stream>>>(p);
-  } else {
-    band_side_bwd_delta_kernel<__half><<<grid, kWarps * 32, 0, stream>>>(p);
-  }
+  // Longformer's global rows read dO / O in place at the slots' tokens (query_index): their own instantiation.
+  const auto kernel = bf16 ? (p.query_index != nullptr ? band_side_bwd_delta_kernel<__nv_bfloat16, true>
+                                                       : band_side_bwd_delta_kernel<__nv_bfloat16, false>)
+                           : (p.query_index != nullptr ? band_side_bwd_delta_kernel<__half, true>
+                                                       : band_side_bwd_delta_kernel<__half, false>);
+  kernel<<<grid, kWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -33,9 +34,9 @@ cudaError_t run_band_side_bwd_side_add(const BandSideParams& p, bool bf16, cudaS
 cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream) {
   return dispatch_traits(bf16, p.D, [&](auto traits) {
     using Traits = decltype(traits);
-    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo, bool kIndexed>() {
-      return launch_kernel(band_side_bwd_dq_kernel<Traits, kDropout, kRanges, kHalo, kIndexed>, query_tile_grid<Traits>(p),
-                           Traits::kThreads, Traits::kBwdDqSmem, p, stream);
+    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>() {
+      return launch_kernel(band_side_bwd_dq_kernel<Traits, kDropout, kRanges, kHalo, kIndexed, kQueryIndex>,
+                           query_tile_grid<Traits>(p), Traits::kThreads, Traits::kBwdDqSmem, p, stream);
     });
   });
 }

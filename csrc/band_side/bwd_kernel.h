@@ -31,7 +31,9 @@
 //
 // Longformer's global rows: side_only (no band tile walked, no band CTA in the dK/dV grid: dk / dv of the band keys
 // are not written), lse_split (the delta kernel copies lse row b / lse_split, every key split's merged statistics,
-// into the lse_in of batch row b: the other kernels read lse as always) and dside_k_into (the side keys' dK/dV added into the split keys' rows by the side-add kernel).
+// into the lse_in of batch row b: the other kernels read lse as always), dside_k_into (the side keys' dK/dV added into
+// the split keys' rows by the side-add kernel) and kQueryIndex (query_index: q, dout and out rows read in place at the
+// slots' tokens, by the delta kernel and the Q / dO tile loads of the dQ and dK/dV kernels, load_query_tile_async).
 #pragma once
 
 #include "band_side/dropout.h"
@@ -42,9 +44,11 @@ namespace longattn {
 
 // ------------------------------------------------------------------------------------------------
 // delta = rowsum(dO * O) (- dlse where given and the row's lse < +inf): one warp per (b, s, h) row. With lse_split it
-// also writes the row's lse_in (see there).
+// also writes the row's lse_in (see there). kQueryIndex (p.query_index, Longformer's global rows): dO and O of row
+// (b, s) are token query_index[b / query_split, s] of batch row b / query_split; a token outside [0, query_tokens)
+// gives delta = 0 (dlse ignored), so the row's dS, hence its dq and key gradients, are 0 whatever its lse.
 // ------------------------------------------------------------------------------------------------
-template <typename T>
+template <typename T, bool kQueryIndex>
 __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
   const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -52,10 +56,19 @@ __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
   const int h = row % p.H;
   const int s = (row / p.H) % p.S;
   const int b = row / ((int64_t)p.H * p.S);
-  const T* dO = reinterpret_cast<const T*>(p.dout) + b * p.do_st.batch + s * p.do_st.row + h * p.do_st.head;
-  const T* O = reinterpret_cast<const T*>(p.o) + b * p.o_st.batch + s * p.o_st.row + h * p.o_st.head;
+  int64_t src_b = b, src_s = s;  // where the row's dO and O are
+  bool real = true;
+  if constexpr (kQueryIndex) {
+    src_b = b / p.query_split;
+    src_s = p.query_index[src_b * p.query_index_stride + s];
+    real = 0 <= src_s && src_s < p.query_tokens;  // one row per warp: uniform
+  }
   float acc = 0.f;
-  for (int d = lane; d < p.D; d += 32) acc += to_float(dO[d]) * to_float(O[d]);
+  if (real) {
+    const T* dO = reinterpret_cast<const T*>(p.dout) + src_b * p.do_st.batch + src_s * p.do_st.row + h * p.do_st.head;
+    const T* O = reinterpret_cast<const T*>(p.o) + src_b * p.o_st.batch + src_s * p.o_st.row + h * p.o_st.head;
+    for (int d = lane; d < p.D; d += 32) acc += to_float(dO[d]) * to_float(O[d]);
+  }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane == 0) {
@@ -64,7 +77,7 @@ __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
     // statistics, copied here into the (B, H, S) lse_in the dQ and dK/dV kernels then read as always.
     if (p.lse_split > 1) p.lse_expanded[at] = p.lse_merged[((int64_t)(b / p.lse_split) * p.H + h) * p.S + s];
     // A row with lse = +inf has P = 0: its dlse (any value, NaN included) must not reach 0 * (dP - delta).
-    if (p.dlse != nullptr && p.lse_in[at] < INFINITY) acc -= p.dlse[at];
+    if (p.dlse != nullptr && real && p.lse_in[at] < INFINITY) acc -= p.dlse[at];
     p.delta[at] = acc;
   }
 }
@@ -80,10 +93,11 @@ __device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h,
 // ------------------------------------------------------------------------------------------------
 // dQ
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed>
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
+  static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -95,8 +109,8 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(cons
   const int m0 = blockIdx.x * Traits::kBlockM, b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  load_tile_async<Traits>(sQ, p.q, p.q_st, b, h, m0, p.S, tid);
-  load_tile_async<Traits>(sdO, p.dout, p.do_st, b, h, m0, p.S, tid);
+  load_query_tile_async<Traits, kQueryIndex>(sQ, p, p.q, p.q_st, b, h, m0, tid);
+  load_query_tile_async<Traits, kQueryIndex>(sdO, p, p.dout, p.do_st, b, h, m0, tid);
 
   const int i0 = m0 + warp * 16 + lane / 4, i1 = i0 + 8;
   const int qb[2] = {clamp_query_block(p, b, i0), clamp_query_block(p, b, i1)};
@@ -200,10 +214,11 @@ __device__ __forceinline__ void side_bias_grad_tile(const BandSideParams& p, con
 // ------------------------------------------------------------------------------------------------
 // dK, dV (band key tiles and side-key tiles x query chunks)
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed>
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
+  static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -263,8 +278,8 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
   // the __syncthreads that precedes their use).
   auto load_query_tile = [&](int t, int buf) {
     const int q0 = (q_first + t) * BM;
-    load_tile_async<Traits>(sQ + buf * Traits::kTileElems, p.q, p.q_st, b, h, q0, p.S, tid);
-    load_tile_async<Traits>(sdO + buf * Traits::kTileElems, p.dout, p.do_st, b, h, q0, p.S, tid);
+    load_query_tile_async<Traits, kQueryIndex>(sQ + buf * Traits::kTileElems, p, p.q, p.q_st, b, h, q0, tid);
+    load_query_tile_async<Traits, kQueryIndex>(sdO + buf * Traits::kTileElems, p, p.dout, p.do_st, b, h, q0, tid);
     if (tid < BM) {
       const int i = q0 + tid;
       sLse2[buf * BM + tid] = lse_log2(p, b, h, i);

@@ -24,6 +24,11 @@
 //
 // side_only (Longformer's global rows: the slot queries against a key split as side keys): the walk has no band
 // tile (a runtime flag read once per CTA by the kRanges kernels' walk, which dispatch_flags runs for it).
+//
+// kQueryIndex (Longformer's global rows read in place; with side_only, so only with kRanges): query row i of batch row
+// b is token query_index[b / query_split, i] of q (load_query_tile_async): every key split reads the slots' rows of
+// the unsplit q, no copy of them per split. Rows whose token is outside [0, query_tokens) read zeros and get out = 0,
+// lse = +inf (mask_unindexed_rows).
 #pragma once
 
 #include "band_side/dropout.h"
@@ -46,10 +51,28 @@ __device__ __forceinline__ void longformer_row_masks(const BandSideParams& p, in
   }
 }
 
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed>
+// kQueryIndex epilogue (Longformer's global rows read in place): rows whose token is outside [0, query_tokens) read
+// zeros; they get out = 0 (inv = 0) and lse = +inf, as rows with no key. Rows >= S are never stored.
+__device__ __forceinline__ void mask_unindexed_rows(const BandSideParams& p, int b, int i0, int i1, float (&inv)[2],
+                                                    float (&lse)[2]) {
+  const int64_t* index = p.query_index + (int64_t)(b / p.query_split) * p.query_index_stride;
+  const int rows[2] = {i0, i1};
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (rows[r] >= p.S) continue;
+    const int64_t token = __ldg(index + rows[r]);
+    if (token < 0 || token >= p.query_tokens) {
+      inv[r] = 0.f;
+      lse[r] = INFINITY;
+    }
+  }
+}
+
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
+  static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -60,7 +83,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
   const int m0 = blockIdx.x * Traits::kBlockM, b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-  load_tile_async<Traits>(sQ, p.q, p.q_st, b, h, m0, p.S, tid);  // joins the first K/V group
+  load_query_tile_async<Traits, kQueryIndex>(sQ, p, p.q, p.q_st, b, h, m0, tid);  // joins the first K/V group
 
   // This thread's two query rows (fragment rows lane/4 and lane/4 + 8 of the warp's 16).
   const int i0 = m0 + warp * 16 + lane / 4, i1 = i0 + 8;
@@ -151,6 +174,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
     lse[r] = empty ? INFINITY : row_max[r] * kLn2 + logf(l);
   }
   if constexpr (kIndexed) longformer_row_masks(p, b, i0, i1, inv, lse);
+  if constexpr (kQueryIndex) mask_unindexed_rows(p, b, i0, i1, inv, lse);
   T* out = reinterpret_cast<T*>(p.out) + ((int64_t)b * p.S * p.H + h) * D;
   store_rows<T, D>(acc_o, out, (int64_t)p.H * D, m0 + warp * 16, p.S, lane, inv[0], inv[1]);
   if (lane % 4 == 0) {

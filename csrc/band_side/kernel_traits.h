@@ -3,10 +3,11 @@
 // One CTA = 4 warps = 128 threads working on a 64 x 64 (queries x keys) score tile; each warp owns 16
 // rows of it (16 queries in the forward and dQ kernels, 16 keys in the dK/dV kernel), so every softmax
 // row lives in one warp and no cross-warp reduction is needed. The template parameters are the element
-// type and the head dim (2 x 3), and on each kernel a kDropout, a kRanges and a kHalo flag (so the
-// instantiation without dropout, per-row key ranges and halo keys is exactly the code without them; halo keys
-// never with ranges) -- everything else (masks, biases, side keys, edge tiles, the lse gradient) is a
-// runtime flag, which keeps the build to a few minutes.
+// type and the head dim (2 x 3), and on each kernel the flags kDropout, kRanges, kHalo, kIndexed (Longformer's
+// indexed side keys) and kQueryIndex (Longformer's indexed query rows) (so the instantiation without dropout, per-row
+// key ranges, halo keys and indices is exactly the code without them; see dispatch_flags for the combinations that
+// exist) -- everything else (masks, biases, side keys, edge tiles, the lse gradient) is a runtime flag, which keeps
+// the build to a few minutes.
 #pragma once
 
 #include "common/ptx.h"

@@ -9,7 +9,7 @@
 namespace longattn {
 
 // Calls f(Traits{}) for the runtime (dtype, head dim); the only instantiations that exist are these six per
-// kernel (times the kernels' kDropout, kRanges, kHalo and kIndexed flags, see dispatch_flags).
+// kernel (times the kernels' kDropout, kRanges, kHalo, kIndexed and kQueryIndex flags, see dispatch_flags).
 template <typename F>
 cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
   if (bf16) {
@@ -28,26 +28,34 @@ cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
   return cudaErrorInvalidValue;  // the API checks head_dim first; never reached
 }
 
-// Calls f.template operator()<kDropout, kRanges, kHalo, kIndexed>() for the call's attention dropout (p.rng), per-row
-// key ranges (p.key_ranges / p.side_ranges), halo keys (p.halo_k) or dropout offset (p.drop_offset: a sequence-
-// parallel shard, whose halo may be empty) and indexed side keys (p.side_index, with the row masks p.query_mask / p.band_rows_only: Longformer's band pass). All four
-// are template flags of every tile kernel, so a call without them runs exactly the code without them. Halo keys come
-// without ranges, indexed side keys without either (the API refuses those together): 12 + 4 more instantiations
-// per kernel (with and without dropout), not 48.
+// Calls f.template operator()<kDropout, kRanges, kHalo, kIndexed, kQueryIndex>() for the call's attention dropout
+// (p.rng), per-row key ranges (p.key_ranges / p.side_ranges), halo keys (p.halo_k) or dropout offset (p.drop_offset: a
+// sequence-parallel shard, whose halo may be empty), indexed side keys (p.side_index, with the row masks p.query_mask /
+// p.band_rows_only: Longformer's band pass) and indexed query rows (p.query_index: Longformer's global rows, always
+// side_only). All five are template flags of every tile kernel, so a call without them runs exactly the code without
+// them. Halo keys come without ranges, indexed side keys without either, indexed query rows only with side_only (the
+// kRanges walk) and never with the other two (the API refuses those together): 10 instantiations per kernel and
+// (dtype, head dim), with and without dropout each (plain, ranges, halo, indexed side keys, indexed query rows), not
+// 32.
 template <typename F>
 cudaError_t dispatch_flags(const BandSideParams& p, F&& f) {
+  if (p.query_index != nullptr)
+    return p.rng != nullptr ? f.template operator()<true, true, false, false, true>()
+                            : f.template operator()<false, true, false, false, true>();
   if (p.side_index != nullptr || p.query_mask != nullptr || p.band_rows_only)
-    return p.rng != nullptr ? f.template operator()<true, false, false, true>()
-                            : f.template operator()<false, false, false, true>();
+    return p.rng != nullptr ? f.template operator()<true, false, false, true, false>()
+                            : f.template operator()<false, false, false, true, false>();
   if (p.halo_k != nullptr || p.drop_offset != 0)
-    return p.rng != nullptr ? f.template operator()<true, false, true, false>()
-                            : f.template operator()<false, false, true, false>();
+    return p.rng != nullptr ? f.template operator()<true, false, true, false, false>()
+                            : f.template operator()<false, false, true, false, false>();
   // side_only (Longformer's global rows: no band keys) runs the kRanges kernels, with or without ranges: only their
   // walk knows it (ranges.h query_tile_ranges; null ranges mask nothing), so the plain kernels are the code without it.
   const bool ranges = p.key_ranges != nullptr || p.side_ranges != nullptr || p.side_only;
   if (p.rng != nullptr)
-    return ranges ? f.template operator()<true, true, false, false>() : f.template operator()<true, false, false, false>();
-  return ranges ? f.template operator()<false, true, false, false>() : f.template operator()<false, false, false, false>();
+    return ranges ? f.template operator()<true, true, false, false, false>()
+                  : f.template operator()<true, false, false, false, false>();
+  return ranges ? f.template operator()<false, true, false, false, false>()
+                : f.template operator()<false, false, false, false, false>();
 }
 
 // Above 48 KiB of dynamic shared memory a kernel must opt in (once per kernel and device; cheap).

@@ -133,6 +133,21 @@ struct BandSideParams {
   void* dside_v_into;
   Strides dsk_into_st, dsv_into_st;
   int into_split, into_rows;
+
+  // ---- Longformer's global rows read in place (only with side_only; only read by the kQueryIndex = true kernels,
+  // which dispatch_flags runs for a non-null query_index, and the delta kernel's kQueryIndex instantiation) ----------
+  // query_index: (B / query_split, S) int64 (row stride query_index_stride, unit last stride), or nullptr. Row i of
+  // batch row b (the op's "sequence" is the S = G slots of each key split b = b_q * query_split + c) reads its q, and
+  // in the backward its dout and out, at token query_index[b / query_split, i] of batch row b / query_split of those
+  // (B / query_split, query_tokens, H, D) tensors (strided as q_st / do_st / o_st), in place: no copy of the slots'
+  // rows per split. out, lse, dq keep the op's (B, S, ...) layout. A token outside [0, query_tokens) reads zeros:
+  // the forward gives the row out = 0 and lse = +inf, the delta kernel delta = 0 (dlse ignored), so the backward
+  // gives it dq = 0 and no key gradient whatever lse it is given. After the fields above, so those keep their
+  // offsets.
+  const int64_t* query_index;
+  int64_t query_index_stride;
+  int query_split;
+  int query_tokens;
 };
 
 }  // namespace longattn

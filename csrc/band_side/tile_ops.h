@@ -187,25 +187,46 @@ __device__ __forceinline__ void load_halo_tile_async(typename Traits::Element* s
   }
 }
 
-// kIndexed (Longformer): side keys g0 .. g0 + 63 of one (b, h) slice, side key g being row side_index[b, g] of x
-// ((B, S, H, D), k or v itself), read in place. Slots >= G and indices outside [0, S) become zeros (any index value
-// is safe). The index is read with plain loads before the copies are issued: side tiles are few per walk.
-template <typename Traits>
-__device__ __forceinline__ void load_indexed_tile_async(typename Traits::Element* smem, const BandSideParams& p,
-                                                        const void* x, const Strides& st, int b, int h, int g0,
-                                                        int tid) {
+// Rows r0 .. r0 + 63 of one (b, h) slice read in place by index: kIndexed side keys (kQuery = false: side key g is row
+// side_index[b, g] of x, (B, S, H, D) k or v itself; slots >= G and indices outside [0, S) become zeros), or
+// kQueryIndex query rows (kQuery: row i is token query_index[b / query_split, i] of batch row b / query_split of x,
+// q or dout; rows >= S and tokens outside [0, query_tokens) become zeros). Any index value is safe. The index is read
+// with plain loads before the copies are issued: such tiles are few per walk (side keys) or per CTA (query rows).
+template <typename Traits, bool kQuery>
+__device__ __forceinline__ void load_rows_by_index_async(typename Traits::Element* smem, const BandSideParams& p,
+                                                         const void* x, const Strides& st, int b, int h, int r0,
+                                                         int tid) {
   using T = typename Traits::Element;
+  if constexpr (kQuery) b /= p.query_split;
   const T* xbase = reinterpret_cast<const T*>(x) + (int64_t)b * st.batch + (int64_t)h * st.head;
-  const int64_t* index = p.side_index + (int64_t)b * p.side_index_stride;
+  const int64_t* index = kQuery ? p.query_index + (int64_t)b * p.query_index_stride
+                                : p.side_index + (int64_t)b * p.side_index_stride;
 #pragma unroll
   for (int it = 0; it < Traits::kChunksPerThread; ++it) {
     const int chunk = tid + it * Traits::kThreads;
     const int r = chunk / Traits::kRowChunks;
     const int c = (chunk % Traits::kRowChunks) * 8;
-    const int g = g0 + r;
-    const int64_t row = g < p.G ? __ldg(index + g) : -1;
-    const bool valid = 0 <= row && row < p.S;
+    const int g = r0 + r;
+    const int64_t row = g < (kQuery ? p.S : p.G) ? __ldg(index + g) : -1;
+    const bool valid = 0 <= row && row < (kQuery ? p.query_tokens : p.S);
     cp_async_16(smem + r * Traits::kSmemStride + c, valid ? xbase + row * st.row + c : xbase, valid);
+  }
+}
+
+// The query-side rows row0 .. row0 + 63 of batch row b (q, or dout in the backward): the plain tile, or with
+// kQueryIndex (Longformer's global rows, p.query_index) the tokens query_index[b / query_split, i] of batch row
+// b / query_split of x, read in place (tokens outside [0, query_tokens) read zeros). The null test is always true in
+// the kQueryIndex kernels (dispatch_flags runs them for a non-null index only) and keeps the plain load as a branch
+// that never runs: without it ptxas (CUDA 13.0, sm_90) schedules the index loads so that the D = 128 kernels spill
+// (forward 255 registers + 40 B of spill against 182 and none; dQ with dropout 216 B against none).
+template <typename Traits, bool kQueryIndex>
+__device__ __forceinline__ void load_query_tile_async(typename Traits::Element* smem, const BandSideParams& p,
+                                                      const void* x, const Strides& st, int b, int h, int row0,
+                                                      int tid) {
+  if (kQueryIndex && p.query_index != nullptr) {
+    load_rows_by_index_async<Traits, true>(smem, p, x, st, b, h, row0, tid);
+  } else {
+    load_tile_async<Traits>(smem, x, st, b, h, row0, p.S, tid);
   }
 }
 
@@ -214,8 +235,8 @@ template <typename Traits, bool kIndexed>
 __device__ __forceinline__ void load_side_kv_async(const BandSideParams& p, int key0, typename Traits::Element* sK,
                                                    typename Traits::Element* sV, int b, int h, int tid) {
   if constexpr (kIndexed) {
-    load_indexed_tile_async<Traits>(sK, p, p.side_k, p.sk_st, b, h, key0, tid);
-    load_indexed_tile_async<Traits>(sV, p, p.side_v, p.sv_st, b, h, key0, tid);
+    load_rows_by_index_async<Traits, false>(sK, p, p.side_k, p.sk_st, b, h, key0, tid);
+    load_rows_by_index_async<Traits, false>(sV, p, p.side_v, p.sv_st, b, h, key0, tid);
   } else {
     load_tile_async<Traits>(sK, p.side_k, p.sk_st, b, h, key0, p.G, tid);
     load_tile_async<Traits>(sV, p.side_v, p.sv_st, b, h, key0, p.G, tid);

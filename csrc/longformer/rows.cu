@@ -1,6 +1,6 @@
-// The global rows' key splits (rows.h): the slots' rows copied once per split (the band op's queries, and the
-// backward's dout / out rows), the forward's log-sum-exp merge written straight into the slots' rows of out, and the
-// backward's sum of the splits' dq rows added into the slots' rows of dq.
+// The global rows' key splits (rows.h): the forward's log-sum-exp merge written straight into the slots' rows of out,
+// and the backward's sum of the splits' dq rows added into the slots' rows of dq. (The band op reads the slots' query,
+// dout and out rows in place: no copy of them per split.)
 //
 // One CTA per slot (b, g) and kThreads elements of its row of H * D (grid.y: the row's chunks); each thread walks the C
 // splits in split order (deterministic). The merge is _longformer.KeySplits.merge's formula in float32:
@@ -8,8 +8,8 @@
 //   (top -> 0 when every split is empty); total = sum_c w_c;
 //   row = sum_c w_c out_c / total, glse = top + log(total); no key at all (total = 0): row 0, glse = +inf.
 // Unused slots get glse = +inf and leave out untouched; used slots whose pos is outside [0, S) write nothing.
-// Traffic: the gather reads G rows and writes C copies; the merge reads the C partial rows and lse; the add reads the
-// C dq rows and updates G rows of dq: small beside the band op over the same (B * C, G, H, D) rows.
+// Traffic: the merge reads the C partial rows and lse; the add reads the C dq rows and updates G rows of dq: small
+// beside the band op over the same (B * C, G, H, D) rows.
 #include <algorithm>
 
 #include "common/ptx.h"
@@ -25,7 +25,7 @@ struct Slot {
   int b, g;
   bool used, in_range, write;  // the slot holds a global; its position is a row of `rows`; both
   int64_t row_offset;          // element offset of row pos[b, g], head 0, of `rows` (when in_range)
-  int64_t part_offset;         // element offset of split 0's row of the slot in `parts` / `gathered`
+  int64_t part_offset;         // element offset of split 0's row of the slot in `parts`
 };
 
 __device__ __forceinline__ Slot slot_of(const RowsParams& p) {
@@ -101,21 +101,6 @@ __global__ void __launch_bounds__(kThreads) rows_add_kernel(const RowsParams p) 
   }
 }
 
-// A copy moves bits: T is an unsigned integer of the element's size.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) gather_rows_kernel(const RowsParams p) {
-  const Slot slot = slot_of(p);
-  const int HD = p.H * p.D;
-  const int64_t split_stride = (int64_t)p.G * HD;
-  const T* rows = reinterpret_cast<const T*>(p.rows) + slot.row_offset;
-  T* gathered = reinterpret_cast<T*>(p.gathered) + slot.part_offset;
-  for (int e = first_element(); e < HD; e += kThreads * gridDim.y) {
-    const int h = e / p.D, d = e - h * p.D;
-    const T x = slot.in_range ? rows[h * p.rows_sh + d] : T(0);
-    for (int c = 0; c < p.C; ++c) gathered[c * split_stride + e] = x;
-  }
-}
-
 template <template <typename> class Kernel>
 cudaError_t launch(const RowsParams& p, cudaStream_t stream) {
   if (p.B == 0 || p.G == 0) return cudaSuccess;  // a zero-sized grid is a launch error; nothing to do
@@ -144,21 +129,7 @@ struct Add {
   }
 };
 
-template <typename T>
-struct Gather {
-  static void launch(dim3 grid, const RowsParams& p, cudaStream_t stream) {
-    // Half and bfloat16 move as 16-bit words, float32 as 32-bit ones.
-    if constexpr (sizeof(T) == 2) {
-      gather_rows_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(p);
-    } else {
-      gather_rows_kernel<uint32_t><<<grid, kThreads, 0, stream>>>(p);
-    }
-  }
-};
-
 }  // namespace
-
-cudaError_t run_gather_rows(const RowsParams& p, cudaStream_t stream) { return launch<Gather>(p, stream); }
 
 cudaError_t run_rows_merge(const RowsParams& p, cudaStream_t stream) { return launch<Merge>(p, stream); }
 

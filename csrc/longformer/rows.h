@@ -1,7 +1,7 @@
 // Longformer's glue kernels around the band kernels (longattn/backends/_longformer.py): the slot layout of the
-// global tokens, the gather of the slots' rows for the global rows' key splits, and the merge / gradient sum of the
-// splits. Host entry points; kernels in
-// slots.cu and rows.cu, torch-facing checks in longformer_api.cpp.
+// global tokens, and the merge / gradient sum of the global rows' key splits (whose band op reads the slots' rows in
+// place: csrc/band_side, query_index). Host entry points; kernels in slots.cu and rows.cu, torch-facing checks in
+// longformer_api.cpp.
 //
 // Index safety: slot positions (pos) are never range-checked on the host (that would sync); a position outside
 // [0, S) is skipped (nothing read or written through it). Used slots must name distinct positions within a row
@@ -39,10 +39,9 @@ struct RowsParams {
   const int64_t* pos;      // (B, G), unit last stride
   const uint8_t* used;     // (B, G) bool, unit last stride (merge and add only)
   int64_t pos_sb, used_sb;
-  void* rows;              // (B, S, H, D), last dim contiguous: merge: out (overwritten); add: dq (added into);
-  int64_t rows_sb, rows_ss, rows_sh;  // gather: the tensor read
-  float* glse;     // (B, H, G) contiguous float32 (merge only)
-  void* gathered;  // (B * C, G, H, D) contiguous (gather only)
+  void* rows;              // (B, S, H, D), last dim contiguous: merge: out (overwritten); add: dq (added into)
+  int64_t rows_sb, rows_ss, rows_sh;
+  float* glse;  // (B, H, G) contiguous float32 (merge only)
 };
 
 cudaError_t run_global_slots(const SlotsParams& p, cudaStream_t stream);
@@ -51,8 +50,5 @@ cudaError_t run_global_slots(const SlotsParams& p, cudaStream_t stream);
 cudaError_t run_rows_merge(const RowsParams& p, cudaStream_t stream);
 // rows[b, pos[b, g]] += sum over splits of parts (used slots), in float32, rounded once.
 cudaError_t run_rows_add(const RowsParams& p, cudaStream_t stream);
-// gathered[b * C + c, g] = rows[b, pos[b, g]] for every split c and slot g (zeros where pos is outside [0, S)):
-// the slots' rows, one copy per split, as the band op takes them.
-cudaError_t run_gather_rows(const RowsParams& p, cudaStream_t stream);
 
 }  // namespace longattn

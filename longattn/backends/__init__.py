@@ -108,7 +108,7 @@ and two functions every backend exposes (contract in ``_longformer.rows_by_gathe
 
 The torch backend splits the keys into chunks merged by log-sum-exp; Triton runs ``triton_kernels.global_rows``
 (split-KV kernels, deterministic); CUDA runs its band op with the slot queries as the sequence and the tokens
-as side keys, split-KV: 1024-key splits as batch rows of the op, the rows copied per split and the splits merged by
+as side keys, split-KV: 1024-key splits as batch rows of the op (each reads the rows in place), the splits merged by
 log-sum-exp into ``out`` by small kernels of its own (``csrc/longformer``; ``_longformer.rows_via_band_side`` is
 the same composition in torch ops).
 

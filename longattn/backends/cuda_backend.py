@@ -35,13 +35,16 @@ composition around ``band_side_forward`` / ``band_side_backward``.
 The rest of the Longformer op runs on small kernels of its own (``csrc/longformer``, raw ops
 ``cuda_longformer_*``): the slot layout (``global_slots``: one CTA per batch row, a block-wide prefix count), and
 around the global rows' band op (the slot queries against ``_longformer.SPLIT_KEYS``-key splits of the tokens, each
-split a batch row) the copy of the slots' rows per split, the log-sum-exp merge of the splits written straight into
-the slots' rows of ``out``, and in the backward the sum of the splits' dq rows added into the slots' rows of dq (into
-a dq it zeroes first with separate global projections). All deterministic (one thread per output element, splits
-summed in order) and safe for any slot position (out of range: skipped). The global rows' band op itself runs with
-``side_only`` (no band keys: no band tile walked, no mask for them), its backward with ``lse_split`` (each split reads
-the merged glse, no per-split copy) and, when the global rows share k / v with the band pass, with ``dside_k_into`` /
-``dside_v_into``: the keys' dK/dV added by the side-add kernel into the band pass's dk / dv. What torch still runs
+split a batch row) the log-sum-exp merge of the splits written straight into the slots' rows of ``out``, and in the
+backward the sum of the splits' dq rows added into the slots' rows of dq (into a dq it zeroes first with separate
+global projections). All deterministic (one thread per output element, splits summed in order) and safe for any slot
+position (out of range: skipped). The global rows' band op itself runs with ``side_only`` (no band keys: no band tile
+walked, no mask for them) and ``query_index`` (the slots' rows of q, and in the backward of dout and out, read in place
+at the tokens ``pos`` names, every split from the same unsplit tensors: no copy per split), its backward with
+``lse_split`` (each split reads the merged glse, no per-split copy) and, when the global rows share k / v with the band
+pass, with ``dside_k_into`` / ``dside_v_into``: the keys' dK/dV added by the side-add kernel into the band pass's dk /
+dv. So the CUDA Longformer op runs 4 raw ops forward (slots, band pass, global rows, merge) and 3 backward (band pass,
+global rows, dq add). What torch still runs
 around the global rows: when no split size near ``SPLIT_KEYS`` divides S (``_longformer.whole_split``; a prime S)
 the padded copies of k / v / the key mask (and, with separate global k / v projections, the un-padding of their
 gradients); with per-slot key ranges (packed batches) their shift into each split; with only one of k_global /
@@ -328,55 +331,53 @@ def _check_slots(q, pos, used):
                          f"{tuple(used.shape)} on {used.device}")
 
 
-def _split_rows_args(sp, qs, k, v, key_mask, scale, key_ranges, drop) -> tuple[tuple, dict]:
-    """The raw band op's arguments for the split rows ``qs`` (B * C, G, H, D) -> (from ``q`` through ``scale``,
-    keywords): each split's keys as side keys (``KeySplits.keys``: views of k / v, padded copies only when S is not a
-    multiple of the split size), ``side_only`` (no band keys: ``qs`` stands in for the unused k / v), the global-row
-    dropout counters and the per-slot ranges shifted into each split."""
+def _split_rows_args(sp, q, k, v, pos, key_mask, scale, key_ranges, drop) -> tuple[tuple, dict]:
+    """The raw band op's arguments for the global rows (from ``q`` through ``scale``, keywords): the slots' rows of
+    ``q`` (B, S, H, D) read in place through ``query_index = pos`` (B, G) by every split (the op's batch is the splits'
+    B * C, its rows the G slots), each split's keys as side keys (``KeySplits.keys``: views of k / v, padded copies
+    only when S is not a multiple of the split size), ``side_only`` (no band keys: ``q`` stands in for the unused k /
+    v), the global-row dropout counters and the per-slot ranges shifted into each split."""
     side_mask = sp.key_mask(key_mask, k.shape[0], k.device)
-    kw = {"dropout_global_rows": True, "side_only": True}
+    kw = {"dropout_global_rows": True, "side_only": True, "query_index": pos}
     if drop:
         kw.update(dropout_p=float(drop["dropout_p"]), rng=drop["rng"])
     if key_ranges is not None:
         kw["side_ranges"] = sp.ranges(key_ranges)
-    return (qs, qs, qs, sp.keys(k), sp.keys(v), None, side_mask, None, None, None, 0, 0, float(scale)), kw
+    return (q, q, q, sp.keys(k), sp.keys(v), None, side_mask, None, None, None, 0, 0, float(scale)), kw
 
 
 def global_rows_forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None, *, key_ranges=None):
-    """Longformer's global rows (contract: ``_longformer.rows_by_gather``) -> glse (B, H, G): the slots' rows of q
-    copied once per key split (``_longformer.KeySplits``) by a kernel, the band op with the splits as batch rows
-    (``side_only``: the split's tokens are the only keys; per-slot ``key_ranges`` (B, G, 2) shifted into each split),
-    then the splits merged in float32, in split order, by a kernel that writes the used slots' rows of ``out`` in place
-    (no gather, where, scatter, masked_fill or mask fill). Dropout keeps one split (C = 1: the merge is then the
-    identity)."""
+    """Longformer's global rows (contract: ``_longformer.rows_by_gather``) -> glse (B, H, G), in two raw ops: the
+    band op with the key splits (``_longformer.KeySplits``) as batch rows (``side_only``: the split's tokens are the
+    only keys; the slots' query rows read in place at ``pos`` by every split, ``query_index``; per-slot ``key_ranges``
+    (B, G, 2) shifted into each split), then the splits merged in float32, in split order, by a kernel that writes the
+    used slots' rows of ``out`` in place (no gather, copy, where, scatter, masked_fill or mask fill). Dropout keeps
+    one split (C = 1: the merge is then the identity)."""
     _check_slots(q, pos, used)
     drop = _longformer.dropout_kwargs(dropout_p, rng)
     sp = _longformer.key_splits(k.shape[1], drop)
-    qs = torch.ops.longattn.cuda_longformer_gather_rows(q, pos, sp.C)
-    args, kw = _split_rows_args(sp, qs, k, v, key_mask, scale, key_ranges, drop)
+    args, kw = _split_rows_args(sp, q, k, v, pos, key_mask, scale, key_ranges, drop)
     parts, lse_parts = torch.ops.longattn.cuda_band_side_fwd(*args, **kw)
     return torch.ops.longattn.cuda_longformer_rows_merge(parts, lse_parts, pos, used, out)
 
 
 def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_into, dv_into,
                          dropout_p=0.0, rng=None, *, key_ranges=None):
-    """Backward of ``global_rows_forward`` -> (dq, dk, dv): the slots' rows of dout, q, out copied per split by a
-    kernel, the band op's backward over the splits (``lse_split``: each split reads the merged ``glse``), then the
-    splits' dq rows summed in float32, in split order, and added into rows ``pos`` of dq by a kernel (unused slots,
-    glse = +inf, have none). dq is added into ``dq_into``, else into a new dq the add zeroes first. dk / dv: with
-    ``dk_into`` and ``dv_into`` (k / v shared with the band pass) the keys' gradients are added into them by the band
-    op's side-add kernel (``dside_k_into`` / ``dside_v_into``); else returned (``KeySplits.unkeys`` of the op's split
-    gradients: views, copies only when the last split is padded)."""
+    """Backward of ``global_rows_forward`` -> (dq, dk, dv), in two raw ops: the band op's backward over the splits
+    (the slots' rows of dout, q and out read in place at ``pos``, ``query_index``; ``lse_split``: each split reads the
+    merged ``glse``), then the splits' dq rows summed in float32, in split order, and added into rows ``pos`` of dq by a
+    kernel (unused slots, glse = +inf, have none). dq is added into ``dq_into``, else into a new dq the add zeroes
+    first. dk / dv: with ``dk_into`` and ``dv_into`` (k / v shared with the band pass) the keys' gradients are added
+    into them by the band op's side-add kernel (``dside_k_into`` / ``dside_v_into``); else returned
+    (``KeySplits.unkeys`` of the op's split gradients: views, copies only when the last split is padded)."""
     _check_slots(q, pos, used)
     drop = _longformer.dropout_kwargs(dropout_p, rng)
     sp = _longformer.key_splits(k.shape[1], drop)
-    rows = torch.ops.longattn.cuda_longformer_gather_rows
-    args, kw = _split_rows_args(sp, rows(q, pos, sp.C), k, v, key_mask, scale, key_ranges, drop)
+    args, kw = _split_rows_args(sp, q, k, v, pos, key_mask, scale, key_ranges, drop)
     into = dk_into is not None and dv_into is not None
     if into:
         kw.update(dside_k_into=dk_into, dside_v_into=dv_into)
-    grads = torch.ops.longattn.cuda_band_side_bwd(rows(dout, pos, sp.C), *args[:5], rows(out, pos, sp.C), glse,
-                                                  *args[5:], lse_split=sp.C, **kw)
+    grads = torch.ops.longattn.cuda_band_side_bwd(dout, *args[:5], out, glse, *args[5:], lse_split=sp.C, **kw)
     if into:
         dk, dv = dk_into, dv_into
     else:  # one of them at most shared with the band pass (k_global or v_global alone): added here
@@ -393,6 +394,14 @@ def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, d
 # ------------------------------------------------------------------------------------------------------
 
 
+def _op_rows(q, side_k, query_index):
+    """The raw band op's query rows (B, S, H, D): q's, or with ``query_index`` (the global rows read in place) the key
+    splits' batch B = B_q * C (side_k's) by the G slots."""
+    if query_index is None:
+        return q
+    return q.new_empty(side_k.shape[0], query_index.shape[1], *q.shape[2:])
+
+
 def _register_fakes():
     from .. import _fake
 
@@ -400,14 +409,15 @@ def _register_fakes():
     def _(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias, left, right,
           scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None, side_ranges=None, halo_k=None,
           halo_v=None, halo_mask=None, halo_left=0, dropout_offset=0, side_index=None, query_mask=None,
-          band_rows_only=False, side_only=False):
-        return _fake.band_side_forward(q)
+          band_rows_only=False, side_only=False, query_index=None):
+        return _fake.band_side_forward(_op_rows(q, side_k, query_index))
 
     @torch.library.register_fake("longattn::cuda_band_side_bwd")
     def _(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
           side_bias, left, right, scale, dropout_p=0.0, rng=None, dropout_global_rows=False, key_ranges=None,
           side_ranges=None, halo_k=None, halo_v=None, halo_mask=None, halo_left=0, dlse=None, dropout_offset=0,
-          side_index=None, side_only=False, lse_split=1, dside_k_into=None, dside_v_into=None):
+          side_index=None, side_only=False, lse_split=1, dside_k_into=None, dside_v_into=None, query_index=None):
+        q = _op_rows(q, side_k, query_index)
         grads = _fake.band_side_backward(q, k, v, side_k, side_v, band_bias, side_bias, halo_k)
         if side_only:  # no band keys: no dk / dv
             grads = (grads[0], q.new_empty(0), q.new_empty(0), *grads[3:])
@@ -431,11 +441,6 @@ def _register_fakes():
         B, S = global_mask.shape
         return (global_mask.new_empty(B, S), global_mask.new_empty(B, G, dtype=torch.int64),
                 global_mask.new_empty(B, G))
-
-    @torch.library.register_fake("longattn::cuda_longformer_gather_rows")
-    def _(x, pos, C):
-        B, _, H, D = x.shape
-        return x.new_empty(B * C, pos.shape[1], H, D)
 
     @torch.library.register_fake("longattn::cuda_longformer_rows_merge")
     def _(out_parts, lse_parts, pos, used, out):

@@ -13,9 +13,9 @@ arbitrary values), halo keys (strided halo buffers read in place, halo masks, ha
 window), dropout with halo keys and a dropout offset (the kHalo dropout kernels, also with an empty halo) and the lse
 gradient (NaN where lse = +inf, which must not reach any gradient), and Longformer's band pass (side keys read in
 place through an index with out-of-range values, padding rows, the side-add kernel; the kIndexed kernels, with and
-without dropout) and its global rows (side_only, lse_split, the side-add kernel into strided destinations, the zero
-fill of a new dq). Exits non-zero on a CUDA
-error or a non-finite result; the sanitizer reports memory / race errors itself.
+without dropout, with and without per-row key / slot ranges) and its global rows (side_only, lse_split, the side-add
+kernel into strided destinations, the zero fill of a new dq). Exits non-zero on a CUDA error or a non-finite result;
+the sanitizer reports memory / race errors itself.
 """
 
 from __future__ import annotations
@@ -87,10 +87,12 @@ def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=Tru
             raise RuntimeError(f"non-finite {name} (dtype={dtype}, D={D})")
 
 
-def longformer_band(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, dropout=0.0, padding=True):
+def longformer_band(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, dropout=0.0, padding=True, ranges=False):
     """The kIndexed kernels (side_index / query_mask / band_rows_only) and the side-add kernel: slots point at
     distinct tokens of k / v (a random permutation), some unused, batch row 1 with indices outside [0, S) (read as
-    zeros, given no gradient); padded rows and globals among the band rows' complement."""
+    zeros, given no gradient); padded rows and globals among the band rows' complement. ``ranges``: the packed band
+    pass (the kIndexed && kRanges kernels), key ranges over the band keys and side ranges over the G slots, packed in
+    batch row 0 and arbitrary in row 1 (``packed_ranges``); ``"key"`` / ``"side"``: only that kind."""
     ops = torch.ops.longattn
     gen = torch.Generator(device="cuda").manual_seed(1)
     q, k, v = (torch.randn(B, H, S, D, generator=gen, device="cuda").to(dtype).transpose(1, 2) for _ in range(3))
@@ -101,6 +103,10 @@ def longformer_band(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, dropo
     band_rows = torch.ones(B, S, dtype=torch.bool, device="cuda") if real is None else real.clone()
     band_rows.scatter_(1, pos.clamp(0, S - 1), False)
     extra = {"dropout_p": dropout, "rng": torch.tensor([5, 8], dtype=torch.int64, device="cuda")} if dropout else {}
+    if ranges:
+        key_ranges, side_ranges = packed_ranges(B, S, G, gen)
+        extra.update({"key_ranges": key_ranges} if ranges != "side" else {})
+        extra.update({"side_ranges": side_ranges} if ranges != "key" else {})
     out, lse = ops.cuda_band_side_fwd(q, k, v, k, v, band_rows, used, None, None, None, left, right, D**-0.5,
                                       side_index=pos, query_mask=real, band_rows_only=True, **extra)
     grads = ops.cuda_band_side_bwd(torch.randn_like(out), q, k, v, k, v, out, lse, band_rows, used, None, None, None,
@@ -254,7 +260,13 @@ def main() -> int:
         longformer_band(torch.bfloat16, D, dropout=0.2)
     longformer_band(torch.bfloat16, 64, G=0, padding=False)  # no slots: the row masks alone
     longformer_band(torch.float16, 64, S=1, G=1, left=0, right=0)
-    print("Longformer band pass (indexed side keys, side add) ok")
+    for D in (32, 64, 128):  # packed batches: the kIndexed && kRanges kernels
+        longformer_band(torch.bfloat16, D, ranges=True)
+        longformer_band(torch.float16, D, ranges=True, dropout=0.2)
+    longformer_band(torch.float16, 64, ranges="key")
+    longformer_band(torch.bfloat16, 64, ranges="side", dropout=0.1)
+    longformer_band(torch.bfloat16, 64, G=0, padding=False, ranges=True)  # no slots, ranges: the row masks alone
+    print("Longformer band pass (indexed side keys, side add, with and without ranges) ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         longformer_glue(dtype)
     longformer_glue(torch.bfloat16, S=1, G=1, C=1)

@@ -26,7 +26,8 @@
 // where it is False and band_rows_only (forward) sets the lse of rows outside band_key_mask to +inf, both in the
 // kernel's epilogue. The backward adds the side keys' dK/dV into rows side_index of dk / dv (band_side_bwd_side_add_
 // kernel: the kept slots of a batch row must name distinct rows, as Longformer's do; any index value is safe) and
-// returns dside_k / dside_v empty. Not combined with ranges, halo keys or a dropout offset.
+// returns dside_k / dside_v empty. With key_ranges / side_ranges (a packed batch) it runs the kIndexed && kRanges
+// kernels: side_ranges[b, i] is a range of slots g. Not combined with halo keys or a dropout offset.
 //
 // Longformer's global rows (the backend's global_rows_*: each slot's query row against one key split, a batch row
 // per split): side_only makes the rows attend their side keys only (no band tile walked, no band CTA in the dK/dV
@@ -185,8 +186,7 @@ void check_dropout_args(const char* op, const at::Tensor& q, const DropoutArgs& 
 
 // Longformer's band pass: G (side_index's slot count), or -1 without side_index; after q, before the side keys.
 int64_t check_index_args(const char* op, const at::Tensor& q, const IndexArgs& index, const OptTensor& band_key_mask,
-                         const DropoutArgs& drop, const OptTensor& key_ranges, const OptTensor& side_ranges,
-                         const HaloArgs& halo) {
+                         const DropoutArgs& drop, const HaloArgs& halo) {
   if (!index.side_index.has_value()) {
     TORCH_CHECK(!index.query_mask.has_value(), op, ": query_mask needs side_index, got side_index = None");
     TORCH_CHECK(!index.band_rows_only, op, ": band_rows_only needs side_index, got side_index = None");
@@ -204,9 +204,9 @@ int64_t check_index_args(const char* op, const at::Tensor& q, const IndexArgs& i
   if (index.query_mask.has_value()) contiguous(op, *index.query_mask, "query_mask");
   TORCH_CHECK(!index.band_rows_only || band_key_mask.has_value(), op,
               ": band_rows_only needs band_key_mask, got band_key_mask = None");
-  TORCH_CHECK(!halo.k.has_value(), op, ": halo_k must be None with side_index, got a tensor");
-  TORCH_CHECK(!key_ranges.has_value() && !side_ranges.has_value(), op,
-              ": key_ranges / side_ranges must be None with side_index, got a tensor");
+  // key_ranges / side_ranges are welcome (a packed batch: the kIndexed && kRanges kernels; side_ranges index the
+  // slots g); halo keys and a dropout offset (the kHalo kernels) are not.
+  TORCH_CHECK(!halo.k.has_value(), op, ": halo_k must be None with side_index (no kernel has both), got a tensor");
   TORCH_CHECK(drop.offset == 0 && !drop.global_rows, op,
               ": dropout_offset / dropout_global_rows must be 0 / False with side_index, got ", drop.offset, " / ",
               drop.global_rows);
@@ -256,7 +256,7 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
   last_dim_contiguous(op, q, "q");
   check_operand(op, k, "k", q, q.size(1), "(B, S, H, D)");
   check_operand(op, v, "v", q, q.size(1), "(B, S, H, D)");
-  const int64_t indexed_g = check_index_args(op, q, index, band_key_mask, drop, key_ranges, side_ranges, halo);
+  const int64_t indexed_g = check_index_args(op, q, index, band_key_mask, drop, halo);
   // The op's batch rows and rows per batch row: q's, or with query_index the key splits' B_q * C and the slots.
   const auto [B, S] = check_query_index(op, q, index, side_k);
   if (indexed_g >= 0) {  // side keys are rows of (B, S, H, D) side_k / side_v named by side_index

@@ -115,7 +115,10 @@ def test_cuda_backend_runs_only_its_kernels(name, split_keys, monkeypatch):
 def test_cuda_packed_longformer_glue_is_the_first_calls_only(split_keys, monkeypatch):
     """Packed Longformer on CUDA (meta replay): the slots' ranges and their shift into the key splits are torch ops
     (``_longformer.slot_ranges``, ``KeySplits.ranges``), run by the first call and kept: a repeated call with the
-    same masks and ranges, and its backward, run only longattn's kernels."""
+    same masks and ranges, and its backward, run only longattn's kernels, the padded op's raw ops (the band pass takes
+    the ranges in its own launch)."""
+    from tests.test_cuda_launch_counts import CUDA_RAW_OPS
+
     if split_keys:
         monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
     T, H, D, G = 48, 2, 16, 3
@@ -140,13 +143,14 @@ def test_cuda_packed_longformer_glue_is_the_first_calls_only(split_keys, monkeyp
     assert sorted(again_fwd.glue) == sorted(CUDA_PACKED_LONGFORMER_GLUE[0]), again_fwd.glue
     assert sorted(again_bwd.glue) == sorted(CUDA_PACKED_LONGFORMER_GLUE[1]), again_bwd.glue
     assert again_fwd.kernels == first_fwd.kernels and again_bwd.kernels == first_bwd.kernels
+    assert (again_fwd.kernels, again_bwd.kernels) == CUDA_RAW_OPS["longformer"], (again_fwd.kernels, again_bwd.kernels)
 
 
-# What the CUDA packed Longformer still runs around its kernels on every call (forward, backward): its band pass is the
-# gathered composition (``_longformer.gathered_band_forward`` / ``_backward``), as the indexed band kernels (kIndexed)
-# take no ranges. Shrink, never grow.
-CUDA_PACKED_LONGFORMER_GLUE = (["aten.gather"] * 2 + ["aten.bitwise_not", "aten.masked_fill_"],
-                               ["aten.gather"] * 2 + ["aten.scatter_add_"] * 2)
+# What the CUDA packed Longformer still runs around its kernels on every call (forward, backward): nothing. Its band
+# pass is one raw op each way (the kIndexed && kRanges kernels read the slots' tokens in place and the rows' key and
+# slot ranges; no gather, masked_fill or scatter_add of ``_longformer.gathered_band_*``); only the first call computes
+# the ranges. Shrink, never grow.
+CUDA_PACKED_LONGFORMER_GLUE = ([], [])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ _SLOTS, _MERGE, _ADD = ("longattn.cuda_longformer_" + x for x in ("global_slots"
 # Longformer: forward = the slot layout, the band pass (kIndexed: global keys read in place), the global rows' band op
 # over the key splits (side_only, query_index: the slots' rows read in place) and the merge of the splits into out;
 # backward = the band pass, the global rows (lse_split, their keys' dK/dV added into the band pass's by its side-add
-# kernel) and the sum of the splits' dq rows into dq.
+# kernel) and the sum of the splits' dq rows into dq. Packed (per-row key ranges): the same raw ops, the band pass
+# taking the ranges in its own launch (kIndexed && kRanges), pinned from the second call on (the first computes the
+# ranges) by tests/test_backend_glue.py::test_cuda_packed_longformer_glue_is_the_first_calls_only.
 _LONGFORMER = ([_SLOTS, _BAND_FWD, _BAND_FWD, _MERGE], [_BAND_BWD, _BAND_BWD, _ADD])
 CUDA_RAW_OPS = {  # pattern -> (forward op's raw ops, backward op's raw ops)
     "local": ([_BAND_FWD], [_BAND_BWD]),

@@ -9,7 +9,9 @@ GPU part (``@pytest.mark.gpu``, skipped without a CUDA device the extension was 
 (``longattn.longformer_attention(backend="cuda")``) against the fp64 oracle (``tests/reference.py``) under the
 tolerance rule, the torch backend in the same dtype as the baseline: globals at the start, middle and end, many
 globals (several side-key tiles), rows without globals, padding, separate global projections, dropout (the oracle
-with ``longformer_keep_masks``), packed ranges (the gathered fallback); and determinism of every gradient.
+with ``longformer_keep_masks``), packed ranges (the band pass's kIndexed && kRanges kernels: the varlen API, and a
+padded batch of packed sequences with dropout against the torch backend) and the fused band pass against the gathered
+composition it replaced; and determinism of every gradient.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ gpu_ready = pytest.mark.skipif(
 
 B, S, H, D, G, LEFT, RIGHT = 2, 10, 2, 32, 3, 3, 2
 _DROP = {"dropout_p": 0.1, "rng": torch.zeros(2, dtype=torch.int64)}
+# A packed batch's band-pass ranges (any values are safe: the kernels only mask with them): band keys and slots.
+_RANGES = {"key_ranges": torch.tensor([[0, 6]] * 6 + [[6, S]] * (S - 6), dtype=torch.int32).repeat(B, 1, 1),
+           "side_ranges": torch.tensor([[0, 1]] * 6 + [[1, G + 5]] * (S - 6), dtype=torch.int32).repeat(B, 1, 1)}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -69,8 +74,18 @@ RAW_BAD = {  # change -> message pattern (after "<op>: "), for both ops
     "side_mask-shape": ({"side_mask": torch.ones(B, G + 1, dtype=torch.bool)}, r"side_mask must have shape"),
     "halo": ({"halo_k": torch.zeros(B, 2, H, D, dtype=torch.float16),
               "halo_v": torch.zeros(B, 2, H, D, dtype=torch.float16)}, r"halo_k must be None with side_index"),
-    "ranges": ({"key_ranges": torch.zeros(B, S, 2, dtype=torch.int32)},
-               r"key_ranges / side_ranges must be None with side_index"),
+    "halo-and-ranges": ({"halo_k": torch.zeros(B, 2, H, D, dtype=torch.float16),
+                         "halo_v": torch.zeros(B, 2, H, D, dtype=torch.float16),
+                         "key_ranges": torch.zeros(B, S, 2, dtype=torch.int32)},
+                        r"halo_k must be None with side_index"),
+    "ranges-and-offset": ({**_DROP, "dropout_offset": 8, "side_ranges": torch.zeros(B, S, 2, dtype=torch.int32)},
+                          r"dropout_offset / dropout_global_rows must be 0 / False"),
+    # The packed band pass's ranges get the checks of any ranges: (B, S, 2) int32, contiguous.
+    "key_ranges-dtype": ({"key_ranges": torch.zeros(B, S, 2, dtype=torch.int64)}, r"key_ranges must be Int"),
+    "side_ranges-slots": ({"side_ranges": torch.zeros(B, G, 2, dtype=torch.int32)},
+                          r"side_ranges must have shape \(B, S, 2\)"),
+    "side_ranges-strided": ({"side_ranges": torch.zeros(B, 2, S, dtype=torch.int32).transpose(1, 2)},
+                            r"side_ranges must be contiguous"),
     "global-rows": ({**_DROP, "dropout_global_rows": True},
                     r"dropout_offset / dropout_global_rows must be 0 / False with side_index"),
     "offset": ({**_DROP, "dropout_offset": 8}, r"dropout_offset / dropout_global_rows must be 0 / False"),
@@ -104,9 +119,13 @@ def test_raw_op_rejects_bad_longformer_arguments(op, case):
                                      "side_mask": torch.ones(B, 0, dtype=torch.bool)},
                                     {"side_index": torch.tensor([[-5, S, 2**40]] * B)},  # any value is safe
                                     {"side_index": torch.zeros(B, S + 4, dtype=torch.int64)[:, 1:G + 1]},
-                                    _DROP],
+                                    _DROP, _RANGES, {**_RANGES, **_DROP}, {"key_ranges": _RANGES["key_ranges"]},
+                                    {"side_ranges": _RANGES["side_ranges"]},
+                                    {**_RANGES, "side_index": torch.zeros(B, 0, dtype=torch.int64),
+                                     "side_mask": torch.ones(B, 0, dtype=torch.bool)}],
                          ids=["all", "no-query-mask", "lse-kept", "no-side-mask", "no-slots", "out-of-range",
-                              "row-strided", "dropout"])
+                              "row-strided", "dropout", "ranges", "ranges-dropout", "key-ranges-only",
+                              "side-ranges-only", "ranges-no-slots"])
 def test_raw_op_accepts_valid_longformer_arguments(op, change):
     with pytest.raises(NotImplementedError, match=f"{op}: needs CUDA tensors"):
         _raw_call(op, change)
@@ -129,21 +148,43 @@ def test_fake_shapes_with_side_index():
 
 
 @needs_build
-def test_band_pass_goes_to_the_kernels_with_the_slot_positions():
-    """Issue 12 target 2: the band pass is one raw-op call each way, given the slot positions (no gathered k/v,
-    no masked_fill of out / lse, no scatter_add of the side keys' dK/dV around it)."""
+@pytest.mark.parametrize("ranges", [{}, _RANGES, {"key_ranges": _RANGES["key_ranges"]}],
+                         ids=["padded", "packed", "key-ranges-only"])
+def test_band_pass_goes_to_the_kernels_with_the_slot_positions(ranges, monkeypatch):
+    """Issue 12 target 2: the band pass is one raw-op call each way, given the slot positions and, packed, the ranges
+    (no gathered k/v, no masked_fill of out / lse, no scatter_add of the side keys' dK/dV around it; no fallback to
+    ``_longformer.gathered_band_*``)."""
+    from longattn.backends import _longformer
     from tests.test_host_sync import OpLog
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the gathered composition ran")
+
+    monkeypatch.setattr(_longformer, "gathered_band_forward", no_fallback)
+    monkeypatch.setattr(_longformer, "gathered_band_backward", no_fallback)
+    seen = []
+
+    class Log(OpLog):  # also the raw ops' range arguments, bound to their schema names
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket).startswith("longattn."):
+                bound = {**dict(zip([a.name for a in func._schema.arguments], args)), **(kwargs or {})}
+                seen.append((str(func.overloadpacket), [bound.get(k) for k in ("key_ranges", "side_ranges")]))
+            return super().__torch_dispatch__(func, types, args, kwargs)
 
     z = torch.zeros(B, S, H, D, dtype=torch.float16)
     pos, used = torch.arange(G).repeat(B, 1), torch.ones(B, G, dtype=torch.bool)
     rows, pad = torch.ones(B, S, dtype=torch.bool), torch.ones(B, S, dtype=torch.bool)
     lse = torch.zeros(B, H, S)
-    with OpLog() as fwd, pytest.raises(NotImplementedError, match="cuda_band_side_fwd: needs CUDA tensors"):
-        cuda_backend.longformer_band_forward(z, z, z, pos, used, rows, pad, LEFT, RIGHT, 0.125)
-    with OpLog() as bwd, pytest.raises(NotImplementedError, match="cuda_band_side_bwd: needs CUDA tensors"):
-        cuda_backend.longformer_band_backward(z, z, z, z, z, lse, pos, used, rows, LEFT, RIGHT, 0.125)
+    with Log() as fwd, pytest.raises(NotImplementedError, match="cuda_band_side_fwd: needs CUDA tensors"):
+        cuda_backend.longformer_band_forward(z, z, z, pos, used, rows, pad, LEFT, RIGHT, 0.125, **ranges)
+    with Log() as bwd, pytest.raises(NotImplementedError, match="cuda_band_side_bwd: needs CUDA tensors"):
+        cuda_backend.longformer_band_backward(z, z, z, z, z, lse, pos, used, rows, LEFT, RIGHT, 0.125, **ranges)
     assert fwd.ops == ["longattn.cuda_band_side_fwd"] and bwd.ops == ["longattn.cuda_band_side_bwd"], (fwd.ops,
                                                                                                         bwd.ops)
+    passed = [ranges.get("key_ranges"), ranges.get("side_ranges")]
+    assert [name for name, _ in seen] == ["longattn.cuda_band_side_fwd", "longattn.cuda_band_side_bwd"], seen
+    for _, given in seen:
+        assert all(a is b for a, b in zip(given, passed)), (given, passed)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -254,62 +295,46 @@ def test_cuda_longformer_backward_is_deterministic(name, dropout_p):
         assert torch.equal(a, b)
 
 
-@pytest.mark.gpu
-@gpu_ready
-def test_fused_band_pass_equals_the_gathered_composition():
-    """The kIndexed kernels against the same kernels on gathered side keys with torch masking: bitwise for out,
-    lse, dq (same tiles, same order); dk / dv up to the order of the side keys' float32 partial sums."""
+def _band_pass_inputs(name):
+    """(q, k, v, pos, used, band_rows, pad, window, ranges) on the GPU: the padded case "many" (bf16), or "packed"
+    (fp16, tests.test_cuda_packed_longformer._packed_band_case: several sequences per row, padding, two side tiles, slot
+    ranges)."""
     from longattn.backends import _longformer
+    from tests.test_cuda_packed_longformer import _packed_band_case
 
-    name = "many"
+    if name == "packed":
+        q, k, v, _, pos, used, band_rows, pad, key_ranges, side_ranges, _, _ = _packed_band_case(64, "cuda")
+        q, k, v = (x.half() for x in (q, k, v))
+        return q, k, v, pos, used, band_rows, pad, (20, 30), {"key_ranges": key_ranges, "side_ranges": side_ranges}
     (q, k, v, window, glob), kwargs, _, G_ = _case(name, torch.bfloat16)
-    q, k, v = (x.detach() for x in (q, k, v))
     pad = kwargs["key_padding_mask"]
     band_rows, pos, used = _longformer.global_slots(glob, pad, G_)
-    out, lse = cuda_backend.longformer_band_forward(q, k, v, pos, used, band_rows, pad, *window, 0.125)
-    side_k, side_v, index = cuda_backend._gather_side(k, v, pos)
-    out2, lse2 = cuda_backend.band_side_forward(q, k, v, side_k, side_v, band_rows, used, None, None, None, *window,
-                                                0.125)
-    lse2.masked_fill_(~band_rows[:, None, :], float("inf"))
-    out2.masked_fill_(~pad[:, :, None, None], 0.0)
-    assert torch.equal(out, out2) and torch.equal(lse, lse2)
-    dout = torch.randn_like(out)
-    dq, dk, dv = cuda_backend.longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, *window, 0.125)
-    dq2, dk2, dv2, dsk, dsv, _, _ = cuda_backend.band_side_backward(dout, q, k, v, side_k, side_v, out, lse,
-                                                                    band_rows, used, None, None, None, *window, 0.125)
-    assert torch.equal(dq, dq2)
-    # The side keys' float32 partials are summed by the side-add kernel here and by ATen there (order may differ).
-    torch.testing.assert_close(dk, dk2.scatter_add(1, index, dsk))
-    torch.testing.assert_close(dv, dv2.scatter_add(1, index, dsv))
+    return (*(x.detach() for x in (q, k, v)), pos, used, band_rows, pad, window, {})
 
 
 @pytest.mark.gpu
 @gpu_ready
-def test_cuda_longformer_packed_within_rule():
-    """Packed sequences (per-row key ranges): the CUDA band pass takes the gathered composition (the kIndexed
-    kernels have no ranges); against the fp64 oracle per sequence."""
-    from longattn.varlen_api import longformer_attention_varlen
+@pytest.mark.parametrize("name", ["many", "packed"])
+def test_fused_band_pass_equals_the_gathered_composition(name):
+    """The kIndexed kernels (packed: kIndexed && kRanges) against the same kernels on gathered side keys with torch
+    masking and scatter (``_longformer.gathered_band_*``, what the packed band pass ran before): bitwise for out, lse,
+    dq (same tiles, same order); dk / dv up to the order of the side keys' float32 partial sums."""
+    from longattn.backends import _longformer
 
-    cu = [0, 90, 200, 260]
-    gen = torch.Generator().manual_seed(7)
-    x64 = [torch.randn(cu[-1], 2, 64, generator=gen, dtype=torch.float64).cuda() for _ in range(3)]
-    glob = torch.zeros(cu[-1], dtype=torch.bool)
-    glob[[0, 45, 89, 150, 259]] = True
-    glob, cu_t = glob.cuda(), torch.tensor(cu, dtype=torch.int32, device="cuda")
-
-    def run(dtype, backend):
-        leaves = [x.to(dtype).requires_grad_() for x in x64]
-        out = longformer_attention_varlen(*leaves, cu_t, 110, (20, 30), glob, max_globals=5, backend=backend)
-        return out, grads(out, leaves)
-
-    leaves = [x.clone().requires_grad_() for x in x64]
-    ref = torch.cat([reference.longformer_attention(*(x[None, a:b] for x in leaves), (20, 30), glob[None, a:b])[0]
-                     for a, b in zip(cu, cu[1:])])
-    want = grads(ref, leaves)
-    (out, got), (base, base_grads) = run(torch.float16, "cuda"), run(torch.float16, "torch")
-    assert_within_rule("out", out, base, ref)
-    for i, (g, b, w) in enumerate(zip(got, base_grads, want)):
-        assert_within_rule(f"grad {i}", g, b, w, grad=True)
+    q, k, v, pos, used, band_rows, pad, window, ranges = _band_pass_inputs(name)
+    out, lse = cuda_backend.longformer_band_forward(q, k, v, pos, used, band_rows, pad, *window, 0.125, **ranges)
+    out2, lse2 = _longformer.gathered_band_forward(cuda_backend.band_side_forward, q, k, v, pos, used, band_rows, pad,
+                                                   *window, 0.125, **ranges)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    dout = torch.randn_like(out)
+    dq, dk, dv = cuda_backend.longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, *window, 0.125,
+                                                       **ranges)
+    dq2, dk2, dv2 = _longformer.gathered_band_backward(cuda_backend.band_side_backward, dout, q, k, v, out, lse, pos,
+                                                       used, band_rows, *window, 0.125, **ranges)
+    assert torch.equal(dq, dq2)
+    # The side keys' float32 partials are summed by the side-add kernel here and by ATen there (order may differ).
+    torch.testing.assert_close(dk, dk2)
+    torch.testing.assert_close(dv, dv2)
 
 
 # --------------------------------------------------------------------------------------------------------

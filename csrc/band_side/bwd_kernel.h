@@ -26,6 +26,9 @@
 // [-halo_left, S + halo_right), and a CTA's key rows outside [0, S) write dhalo_k / dhalo_v. With kDropout the bits
 // are the forward's: rows and band keys shifted by drop_offset (dropout.h).
 //
+// kIndexed (Longformer's band pass, never with kHalo; with or without kRanges): the side tiles are the tokens
+// side_index names (load_side_kv_async); the side keys' dK/dV partials go to the side-add kernel below.
+//
 // dlse (the gradient of the lse output): dS = P (dP - delta + dlse), i.e. delta - dlse in place of delta,
 // computed once by the delta kernel; nothing else changes.
 //
@@ -96,7 +99,7 @@ __device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h,
 template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
-  static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
+  static_assert(!(kIndexed && kHalo), "indexed side keys come without halo keys");
   static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
@@ -217,7 +220,7 @@ __device__ __forceinline__ void side_bias_grad_tile(const BandSideParams& p, con
 template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
-  static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
+  static_assert(!(kIndexed && kHalo), "indexed side keys come without halo keys");
   static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, LDS = Traits::kSmemStride;

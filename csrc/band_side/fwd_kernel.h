@@ -18,9 +18,10 @@
 // halo_mask), the others are the plain kernel's tiles. With kDropout the keep bits of query i and band key j (halo
 // keys at their local j < 0 or >= S) are those of row i + drop_offset, key j + drop_offset (dropout.h).
 //
-// kIndexed (Longformer's band pass, never with kRanges or kHalo): side key g is token side_index[b, g] of k / v, read
-// in place (load_side_kv_async); in the epilogue rows outside query_mask get out = 0 and, with band_rows_only, rows
-// outside band_key_mask lse = +inf (so the backward gives them nothing).
+// kIndexed (Longformer's band pass, never with kHalo): side key g is token side_index[b, g] of k / v, read in place
+// (load_side_kv_async); in the epilogue rows outside query_mask get out = 0 and, with band_rows_only, rows outside
+// band_key_mask lse = +inf (so the backward gives them nothing). With kRanges (a packed batch's band pass) the walk and
+// the masks are the kRanges kernels': side_ranges index the slots g, key_ranges the band keys, as without kIndexed.
 //
 // side_only (Longformer's global rows: the slot queries against a key split as side keys): the walk has no band
 // tile (a runtime flag read once per CTA by the kRanges kernels' walk, which dispatch_flags runs for it).
@@ -71,7 +72,7 @@ __device__ __forceinline__ void mask_unindexed_rows(const BandSideParams& p, int
 template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
 __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
-  static_assert(!(kIndexed && (kHalo || kRanges)), "indexed side keys come without halo keys or ranges");
+  static_assert(!(kIndexed && kHalo), "indexed side keys come without halo keys");
   static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;

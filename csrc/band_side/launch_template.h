@@ -33,24 +33,31 @@ cudaError_t dispatch_traits(bool bf16, int head_dim, F&& f) {
 // sequence-parallel shard, whose halo may be empty), indexed side keys (p.side_index, with the row masks p.query_mask /
 // p.band_rows_only: Longformer's band pass) and indexed query rows (p.query_index: Longformer's global rows, always
 // side_only). All five are template flags of every tile kernel, so a call without them runs exactly the code without
-// them. Halo keys come without ranges, indexed side keys without either, indexed query rows only with side_only (the
-// kRanges walk) and never with the other two (the API refuses those together): 10 instantiations per kernel and
-// (dtype, head dim), with and without dropout each (plain, ranges, halo, indexed side keys, indexed query rows), not
-// 32.
+// them. Halo keys come without ranges or indices; indexed side keys with or without ranges (a packed Longformer's band
+// pass: side ranges index the slots g, as side keys always do), each its own instantiation, so the band pass without
+// ranges runs exactly the code without them; indexed query rows only with side_only (the kRanges walk) and never with
+// the other two (the API refuses those together): 12 instantiations per kernel and (dtype, head dim), with and
+// without dropout each (plain, ranges, halo, indexed side keys, indexed side keys with ranges, indexed query rows),
+// not 32.
 template <typename F>
 cudaError_t dispatch_flags(const BandSideParams& p, F&& f) {
   if (p.query_index != nullptr)
     return p.rng != nullptr ? f.template operator()<true, true, false, false, true>()
                             : f.template operator()<false, true, false, false, true>();
-  if (p.side_index != nullptr || p.query_mask != nullptr || p.band_rows_only)
+  const bool key_ranges = p.key_ranges != nullptr || p.side_ranges != nullptr;
+  if (p.side_index != nullptr || p.query_mask != nullptr || p.band_rows_only) {
+    if (key_ranges)
+      return p.rng != nullptr ? f.template operator()<true, true, false, true, false>()
+                              : f.template operator()<false, true, false, true, false>();
     return p.rng != nullptr ? f.template operator()<true, false, false, true, false>()
                             : f.template operator()<false, false, false, true, false>();
+  }
   if (p.halo_k != nullptr || p.drop_offset != 0)
     return p.rng != nullptr ? f.template operator()<true, false, true, false, false>()
                             : f.template operator()<false, false, true, false, false>();
   // side_only (Longformer's global rows: no band keys) runs the kRanges kernels, with or without ranges: only their
   // walk knows it (ranges.h query_tile_ranges; null ranges mask nothing), so the plain kernels are the code without it.
-  const bool ranges = p.key_ranges != nullptr || p.side_ranges != nullptr || p.side_only;
+  const bool ranges = key_ranges || p.side_only;
   if (p.rng != nullptr)
     return ranges ? f.template operator()<true, true, false, false, false>()
                   : f.template operator()<true, false, false, false, false>();

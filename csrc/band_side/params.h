@@ -108,7 +108,9 @@ struct BandSideParams {
   // outside [0, S) read zeros (and get no gradient). query_mask: (B, S) bool or nullptr, forward only: rows where it
   // is False get out = 0. band_rows_only (forward): rows where band_key_mask is False get lse = +inf. Backward: the
   // side keys' dK/dV partials are summed and added into rows side_index[b, g] of dk / dv for the slots side_mask
-  // keeps (band_side_bwd_side_add_kernel). After the fields above, so those keep their offsets.
+  // keeps (band_side_bwd_side_add_kernel). With key_ranges / side_ranges (a packed batch: the kIndexed && kRanges
+  // kernels) side_ranges[b, i] is a range of slots g, the same index the side keys have without side_index. After the
+  // fields above, so those keep their offsets.
   const int64_t* side_index;
   int64_t side_index_stride;
   const uint8_t* query_mask;

@@ -1,7 +1,8 @@
 // Per-row key ranges (packed variable-length batches, issue 14; the backend contract's key_ranges / side_ranges):
 // query i of batch row b may attend band key j only if key_ranges[b, i, 0] <= j < key_ranges[b, i, 1], and
 // side key g only if side_ranges[b, i, 0] <= g < side_ranges[b, i, 1] (either pointer may be null: no
-// restriction of that kind). Only compiled into the kernels' kRanges = true instantiations.
+// restriction of that kind). Only compiled into the kernels' kRanges = true instantiations. g is the side key's
+// index in the call, also with kIndexed (Longformer's band pass: side key g is token side_index[b, g], g the slot).
 //
 // Correct for any values: a range only ever masks (the score becomes -inf, element by element), ranges are
 // read at rows < S only, and every bound below is clamped to the window / [0, G) before it picks a tile.

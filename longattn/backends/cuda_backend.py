@@ -26,11 +26,12 @@ backward's delta (``rowsum(dO * O) - dlse``).
 
 Longformer's band pass (``longformer_band_forward`` / ``longformer_band_backward``, the optional part of the contract
 that ``longattn.backends._longformer`` calls) runs in a fourth kind of instantiation (``kIndexed``, with or without
-dropout, never with ranges or halo keys): side key g is token ``pos[b, g]`` of k / v, read in place; the forward's
+dropout, never with halo keys): side key g is token ``pos[b, g]`` of k / v, read in place; the forward's
 epilogue zeroes padding rows and sets the lse of non-band rows to +inf; the backward adds the side keys' dK/dV
 (float32 partials over query chunks, summed in chunk order) into rows ``pos`` of dk / dv with a small kernel. No
-gather, masked_fill or scatter around the kernels. With per-row key ranges (packed batches) it falls back to that
-composition around ``band_side_forward`` / ``band_side_backward``.
+gather, masked_fill or scatter around the kernels. With per-row key ranges (packed batches: ``key_ranges`` over the
+band keys, ``side_ranges`` over the slots g) it runs the ``kIndexed && kRanges`` instantiation, the same single raw op
+each way (a call without ranges keeps the code without them).
 
 The rest of the Longformer op runs on small kernels of its own (``csrc/longformer``, raw ops
 ``cuda_longformer_*``): the slot layout (``global_slots``: one CTA per batch row, a block-wide prefix count), and
@@ -272,29 +273,23 @@ def longformer_band_forward(q, k, v, pos, used, band_rows, key_padding_mask, lef
     """Longformer's band pass (``_longformer`` step 2) in one launch -> (out, lse): the used slots' tokens ``pos``
     (B, G) int64 of k, v are the side keys, read in place (side key id = slot g for dropout); rows not in
     ``key_padding_mask`` (None: all real) get out = 0 and rows not in ``band_rows`` lse = +inf in the kernel.
-    ``key_ranges`` / ``side_ranges`` (B, S, 2) (packed batches): the gathered composition (the kIndexed kernels
-    have no ranges)."""
-    if key_ranges is not None or side_ranges is not None:
-        return _longformer.gathered_band_forward(band_side_forward, q, k, v, pos, used, band_rows, key_padding_mask,
-                                                 left, right, scale, dropout_p=dropout_p, rng=rng,
-                                                 key_ranges=key_ranges, side_ranges=side_ranges)
+    ``key_ranges`` / ``side_ranges``: None or contiguous int32 (B, S, 2) (packed batches, ``_longformer.slot_ranges``):
+    row i's band keys and its slots ``[lo, hi)`` (slot g is token ``pos[b, g]``), read by the same launch (the
+    kernels' kIndexed && kRanges instantiation)."""
     return tuple(torch.ops.longattn.cuda_band_side_fwd(
         q, k, v, k, v, band_rows, used, None, None, None, left, right, float(scale), float(dropout_p), rng,
-        side_index=pos, query_mask=key_padding_mask, band_rows_only=True))
+        key_ranges=key_ranges, side_ranges=side_ranges, side_index=pos, query_mask=key_padding_mask,
+        band_rows_only=True))
 
 
 def longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left, right, scale, dropout_p=0.0,
                              rng=None, *, key_ranges=None, side_ranges=None):
     """Backward of ``longformer_band_forward`` -> (dq, dk, dv): the side keys' dK/dV added into rows ``pos`` of
     dk, dv by a kernel, in a fixed order (the used slots name distinct tokens, which are never band keys, so those
-    rows are exactly the side-key gradients)."""
-    if key_ranges is not None or side_ranges is not None:
-        return _longformer.gathered_band_backward(band_side_backward, dout, q, k, v, out, lse, pos, used, band_rows,
-                                                  left, right, scale, dropout_p=dropout_p, rng=rng,
-                                                  key_ranges=key_ranges, side_ranges=side_ranges)
+    rows are exactly the side-key gradients); ``key_ranges`` / ``side_ranges`` as in the forward, same launches."""
     grads = torch.ops.longattn.cuda_band_side_bwd(
         dout, q, k, v, k, v, out, lse, band_rows, used, None, None, None, left, right, float(scale),
-        float(dropout_p), rng, side_index=pos)
+        float(dropout_p), rng, key_ranges=key_ranges, side_ranges=side_ranges, side_index=pos)
     return grads[0], grads[1], grads[2]
 
 

@@ -150,12 +150,9 @@ def _row_ranges(kranges, side, rows, before, pos, used, band_bounds, slot_bounds
       the bounds of the used slots' ranges (columns 0..3) into ``slot_bounds`` (cdiv(G, SLOT_M), 8).
 
     BAND_TILES / SLOT_TILES tiles per iteration (``_ranges_args``), reduced along axis 1."""
-    tiles = tl.arange(0, BAND_TILES)
     n_tiles = tl.cdiv(S, BAND_M)
     for t0 in range(0, n_tiles, BAND_TILES):
-        t = t0 + tiles
-        offs = t[:, None] * BAND_M + tl.arange(0, BAND_M)[None, :]
-        ok = offs < S
+        t, offs, ok = _tile_rows(t0, S, BAND_M, BAND_TILES)
         lo, hi = load_ranges(kranges, offs, ok, S)
         side_lo = tl.minimum(tl.load(before + lo, mask=ok, other=0), G)
         side_hi = tl.minimum(tl.load(before + hi, mask=ok, other=0), G)
@@ -164,12 +161,9 @@ def _row_ranges(kranges, side, rows, before, pos, used, band_bounds, slot_bounds
         out = band_bounds + t * 8
         store_tile_bounds(out, lo, hi, ok, S, 1, t < n_tiles)
         store_tile_bounds(out + 4, side_lo, side_hi, ok, G, 1, t < n_tiles)
-    slot_tiles = tl.arange(0, SLOT_TILES)
     n_slot_tiles = tl.cdiv(G, SLOT_M)
     for t0 in range(0, n_slot_tiles, SLOT_TILES):
-        t = t0 + slot_tiles
-        offs = t[:, None] * SLOT_M + tl.arange(0, SLOT_M)[None, :]
-        ok = offs < G
+        t, offs, ok = _tile_rows(t0, G, SLOT_M, SLOT_TILES)
         token = tl.load(pos + offs, mask=ok, other=0)
         inside = (token >= 0) & (token < S)  # always, for this kernel's slots; any other value reads nothing
         keep = ok & (tl.load(used + offs, mask=ok, other=0) != 0) & inside
@@ -180,6 +174,14 @@ def _row_ranges(kranges, side, rows, before, pos, used, band_bounds, slot_bounds
         lo = tl.minimum(tl.maximum(raw_lo, 0), S)  # as load_ranges
         hi = tl.minimum(tl.maximum(raw_hi, 0), S)
         store_tile_bounds(slot_bounds + t * 8, lo, hi, keep, S, 1, t < n_slot_tiles)
+
+
+@triton.jit
+def _tile_rows(t0, n, M: tl.constexpr, TILES: tl.constexpr):
+    """(tiles t (TILES,), their rows (TILES, M), rows < n) of tiles t0 .. t0 + TILES - 1 of M rows each."""
+    t = t0 + tl.arange(0, TILES)
+    offs = t[:, None] * M + tl.arange(0, M)[None, :]
+    return t, offs, offs < n
 
 
 def _check_mask(name: str, mask, shape, device) -> None:

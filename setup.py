@@ -189,7 +189,10 @@ def _extensions():
         define_macros=define,
         extra_compile_args={
             "cxx": ["-O3", "-std=c++20"],
-            "nvcc": ["-O3", "-std=c++20", "-DNDEBUG", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            # -compress-all: nvcc leaves a translation unit's small fatbin uncompressed, and each tile kernel family
+            # is its own unit (csrc/band_side/instantiations): uncompressed, their line info more than doubles the .so.
+            "nvcc": ["-O3", "-std=c++20", "-DNDEBUG", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                     "-Xfatbin", "-compress-all"],
         },
         py_limited_api=False,
     )

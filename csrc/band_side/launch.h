@@ -1,4 +1,4 @@
-// Host-side entry points of the band + side attention kernels (one per launch file), callable from the
+// Host-side entry points of the band + side attention kernels (launch.cu), callable from the
 // torch-facing API without it seeing any kernel template. Each returns the launch's cudaError_t.
 #pragma once
 

@@ -1,4 +1,5 @@
-// Shared by the launch files: the (dtype, head dim) dispatch and the dynamic-shared-memory opt-in.
+// Shared by launch.cu and kernel_launch.h: the (dtype, head dim) and flag dispatch, and the dynamic-shared-memory
+// opt-in.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -7,6 +8,15 @@
 #include "band_side/params.h"
 
 namespace longattn {
+
+// The tile kernels' launches for one (dtype, head dim): defined in kernel_launch.h, instantiated once per (dtype, head
+// dim) in instantiations/*.cu (so those are the only files that compile the tile kernels).
+template <typename Traits>
+cudaError_t launch_band_side_fwd(const BandSideParams& p, cudaStream_t stream);
+template <typename Traits>
+cudaError_t launch_band_side_bwd_dq(const BandSideParams& p, cudaStream_t stream);
+template <typename Traits>
+cudaError_t launch_band_side_bwd_dkdv(const BandSideParams& p, cudaStream_t stream);
 
 // Calls f(Traits{}) for the runtime (dtype, head dim); the only instantiations that exist are these six per
 // kernel (times the kernels' kDropout, kRanges, kHalo, kIndexed and kQueryIndex flags, see dispatch_flags).

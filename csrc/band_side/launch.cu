@@ -1,9 +1,23 @@
-// Instantiates and launches the backward's delta, dQ and (Longformer) side-add kernels.
+// The band + side kernels' host entry points (launch.h): the (dtype, head dim) dispatch to the tile kernels'
+// instantiation files, and the backward's two small kernels (delta, Longformer's side-add), launched here.
 #include "band_side/bwd_kernel.h"
 #include "band_side/launch.h"
 #include "band_side/launch_template.h"
 
 namespace longattn {
+
+cudaError_t run_band_side_fwd(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  return dispatch_traits(bf16, p.D, [&](auto traits) { return launch_band_side_fwd<decltype(traits)>(p, stream); });
+}
+
+cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  return dispatch_traits(bf16, p.D, [&](auto traits) { return launch_band_side_bwd_dq<decltype(traits)>(p, stream); });
+}
+
+cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  return dispatch_traits(bf16, p.D,
+                         [&](auto traits) { return launch_band_side_bwd_dkdv<decltype(traits)>(p, stream); });
+}
 
 cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStream_t stream) {
   constexpr int kWarps = 8;  // one row per warp
@@ -29,16 +43,6 @@ cudaError_t run_band_side_bwd_side_add(const BandSideParams& p, bool bf16, cudaS
     band_side_bwd_side_add_kernel<__half><<<grid, kThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
-}
-
-cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream) {
-  return dispatch_traits(bf16, p.D, [&](auto traits) {
-    using Traits = decltype(traits);
-    return dispatch_flags(p, [&]<bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>() {
-      return launch_kernel(band_side_bwd_dq_kernel<Traits, kDropout, kRanges, kHalo, kIndexed, kQueryIndex>,
-                           query_tile_grid<Traits>(p), Traits::kThreads, Traits::kBwdDqSmem, p, stream);
-    });
-  });
 }
 
 }  // namespace longattn

@@ -7,14 +7,18 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
 1. ``env``        versions, GPU, nvcc, commit (each step logs to ``OUTDIR/<step>.log``);
 2. ``build``      the CUDA extension for the visible GPU's arch only (``pip install --no-build-isolation
                   --no-deps -e .`` with ``TORCH_CUDA_ARCH_LIST`` set to it);
-3. ``tests``      ``pytest -m "gpu and not slow"`` (junit XML in OUTDIR);
-4. ``memcheck``, ``racecheck``  compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once,
+3. ``tests``      ``pytest -m "gpu and not slow"`` (junit XML in OUTDIR; 4 workers when pytest-xdist is there);
+4. ``bench-16384`` ``longattn bench --check`` on DESIGN.md's standard shapes at S=16384 (local, longformer, tglobal,
+                  aggregate; fwd and fwd+bwd; every backend and baseline), then issue 12's targets:
+                  ``bench-globals`` (target 4: Longformer with 1 and 64 global tokens against the local op with
+                  the same window, S=16384, Triton and CUDA), ``bench-memory`` (target 6: fwd+bwd peak memory of every
+                  op at S=131072) and ``profile`` (targets 2 and 5: ``benchmarks/profile_ops.py``, each op's
+                  kernels, launches and GPU time per call);
+5. ``memcheck``, ``racecheck``  compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once,
                   small shapes);
-5. ``bench-16384``, ``bench-4096``, ``bench-65536``  ``longattn bench --check`` on DESIGN.md's standard shapes
-                  (local, longformer, tglobal, aggregate; fwd and fwd+bwd; every backend and baseline), the most
-                  telling length first; at S=65536 without the slow torch backend and HF (seconds per call);
-                  after the first, ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths
-                  2048,16384,4096,9000: padded vs packed vs one by one, Triton and CUDA);
+   ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths 2048,16384,4096,9000: padded vs packed
+                  vs one by one, Triton and CUDA); ``bench-4096``, ``bench-65536``: the other standard lengths, at
+                  S=65536 without the slow torch backend and HF (seconds per call);
 6. ``bench-halo`` ``benchmarks/bench_halo.py``: one sequence-parallel shard's band with its halo read in place
                   against the plain band op (issue 15: S_r = 131072, window 256, Triton and CUDA);
 7. ``tune``       ``benchmarks/tune_triton.py``: the Triton kernels' tile shapes swept on the standard shapes
@@ -22,7 +26,8 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   ``TUNE_CAP_S``), the most informative configs first, into ``OUTDIR/tune-triton.json``;
 8. ``results``    the bench JSONs merged into ``OUTDIR/bench.json``, copied to ``benchmarks/results/``, the
                   refreshed ``auto`` table (``OUTDIR/auto_table.json``) and README section (``OUTDIR/results.md``);
-                  the ragged, halo and tune JSONs copied there as their own files.
+                  the other runs' JSONs (globals, memory, profile, ragged, halo, tune) copied there as their own
+                  files.
 
 Then a short summary table, printed last. Each step gets the budget that remains (minus a small reserve for
 the summary), capped at its own limit; a step whose minimum no longer fits is skipped and listed, a step that
@@ -32,7 +37,8 @@ their JSON after each measurement, so a stopped run keeps what it measured. With
 skipped with the reason (this is how the plumbing is tested on CPU). Exit status: 0 when every step that ran
 passed, 1 otherwise, 2 for bad arguments.
 
-Expected time on an H100, from the first GPU run's logs (2026-11-24): build 39 s; ``longattn bench`` at
+Expected time on an H100, from the first GPU run's logs (2026-11-24): build 39 s (then: each tile kernel and
+(dtype, head dim) is its own translation unit, so the build is as long as the longest of them); ``longattn bench`` at
 one length about 2 minutes, most of it FlexAttention's compiles (20-37 s per op). With the GPU test set
 (under 3 minutes) the three bench lengths may not all fit in 480 s: the last one (S=65536) is then skipped
 or stopped, and the summary says so; give ``--budget`` more, or ``--skip`` steps, to get it.
@@ -58,7 +64,10 @@ BENCH_SEQLENS = (16384, 4096, 65536)  # most telling first: a stopped run still 
 SLOW_ABOVE = 16384  # above this length the torch backend and HF take seconds per call: not benched
 TUNE_CAP_S = 120  # the tile sweep uses what the steps before it left, at most this
 STEP_LIMIT_ENV = "GPU_CHECK_STEP_LIMIT_S"  # a command step's limit (seconds), in its environment
-EXTRA_RUNS = ("bench-ragged.json", "bench-halo.json", "tune-triton.json")  # saved as their own files
+GLOBALS_COUNTS = (1, 64)  # issue 12, target 4: Longformer's cost from 1 to 64 global tokens
+MEMORY_SEQLEN = 131072  # issue 12, target 6
+EXTRA_RUNS = ("bench-ragged.json", "bench-halo.json", "tune-triton.json", "bench-memory.json", "profile-ops.json",
+              *(f"bench-globals-{g}.json" for g in GLOBALS_COUNTS))  # saved as their own files
 
 
 @dataclass
@@ -130,12 +139,37 @@ def bench_cmd(python: str, outdir: Path, S: int) -> list[str]:
             "--json", str(outdir / f"bench-{S}.json")]
 
 
+def globals_cmd(python: str, outdir: Path) -> list[str]:
+    """Target 4: the local op and Longformer with the same window (256) at S=16384, for each global count."""
+    runs = [" ".join([python, "-m", "longattn", "bench", "--op", "local,longformer", "--seqlen", "16384", "--window",
+                      "256", "--globals", str(g), "--pass", "fwdbwd", "--no-progress", "--min-run-time", "0.2",
+                      "--backend", "triton,cuda", "--baseline", "none",
+                      "--json", str(outdir / f"bench-globals-{g}.json")]) for g in GLOBALS_COUNTS]
+    return ["bash", "-c", "; ".join(runs)]
+
+
+def memory_cmd(python: str, outdir: Path) -> list[str]:
+    """Target 6: every op's fwd+bwd peak memory at S=131072 (the kernel backends; the bench records the peak)."""
+    return [python, "-m", "longattn", "bench", "--op", "local,longformer,tglobal,aggregate", "--seqlen",
+            str(MEMORY_SEQLEN), "--pass", "fwdbwd", "--no-progress", "--min-run-time", "0.05", "--backend",
+            "triton,cuda", "--baseline", "none", "--json", str(outdir / "bench-memory.json")]
+
+
 def ragged_cmd(python: str, outdir: Path) -> list[str]:
     """Issue 14's comparison at its GPU default lengths, the kernel backends only (the torch backend and HF take
     seconds per call at 16384)."""
     return [python, "-m", "longattn", "bench", "--ragged", "--op", "local,longformer,tglobal", "--pass", "fwd,fwdbwd",
             "--check", "--no-progress", "--backend", "triton,cuda", "--baseline", "none",
             "--json", str(outdir / "bench-ragged.json")]
+
+
+def _has_xdist(python: str) -> bool:
+    """Whether ``python`` can run pytest-xdist (the GPU tests then run in 4 processes: most of their time is
+    Triton compiling kernels on the CPU)."""
+    try:
+        return subprocess.run([python, "-c", "import xdist"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
@@ -151,15 +185,20 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
              env={"TORCH_CUDA_ARCH_LIST": arch or "", "MAX_JOBS": str(os.cpu_count() or 4)}),
         Step("tests", 60, 240, needs_gpu=True,
              cmd=[py, "-m", "pytest", "-q", "-m", "gpu and not slow", "-p", "no:cacheprovider",
-                  "--junitxml", str(outdir / "pytest.xml"), str(ROOT / "tests")]),
+                  *(["-n", "4"] if _has_xdist(py) else []), "--junitxml", str(outdir / "pytest.xml"),
+                  str(ROOT / "tests")]),
+        Step(f"bench-{BENCH_SEQLENS[0]}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, BENCH_SEQLENS[0])),
+        Step("bench-globals", 30, 120, needs_gpu=True, cmd=globals_cmd(py, outdir)),
+        Step("bench-memory", 30, 120, needs_gpu=True, cmd=memory_cmd(py, outdir)),
+        Step("profile", 30, 120, needs_gpu=True,
+             cmd=[py, str(ROOT / "benchmarks" / "profile_ops.py"), "--json", str(outdir / "profile-ops.json")]),
         Step("memcheck", 30, 120, needs_gpu=True,
              cmd=[sanitizer, "--tool", "memcheck", "--error-exitcode", "3", py, sanitize_script]),
         Step("racecheck", 30, 150, needs_gpu=True,
              cmd=[sanitizer, "--tool", "racecheck", "--error-exitcode", "3", py, sanitize_script]),
+        Step("bench-ragged", 45, 180, needs_gpu=True, cmd=ragged_cmd(py, outdir)),
     ]
-    steps += [Step(f"bench-{S}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, S)) for S in BENCH_SEQLENS]
-    steps.insert(len(steps) - len(BENCH_SEQLENS) + 1, Step("bench-ragged", 45, 180, needs_gpu=True,
-                                                            cmd=ragged_cmd(py, outdir)))
+    steps += [Step(f"bench-{S}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, S)) for S in BENCH_SEQLENS[1:]]
     steps.append(Step("bench-halo", 20, 90, needs_gpu=True,
                       cmd=[py, str(ROOT / "benchmarks" / "bench_halo.py"), "--json", str(outdir / "bench-halo.json")]))
     steps.append(Step("tune", 40, TUNE_CAP_S, needs_gpu=True,
@@ -266,13 +305,16 @@ def collect_results(python: str, outdir: Path) -> str:
 def save_run(run: dict, name: str) -> str:
     """Copy a GPU run of the ``--ragged`` bench, ``bench_halo.py`` or ``tune_triton.py`` to ``benchmarks/results/``
     (its own file, ``<timestamp>_<gpu>_<mode>.json``: the README report and the auto table read the ops runs only).
-    A run whose settings name no mode (``bench_halo.py``) takes its file's: ``bench-halo``."""
+    A run whose settings name no mode (``bench_halo.py``), or the ops mode (the targets' runs, which the README must
+    not take for the standard shapes' run), takes its file's: ``bench-halo``, ``bench-globals-64``."""
     if run.get("device_type") != "cuda":
         return f"{name} (CPU run: not saved)"
     sys.path.insert(0, str(ROOT))
     from longattn.bench.cli import results_stem
 
-    stem = results_stem(run, {"mode": Path(name).stem, **run["settings"]})
+    if run["settings"].get("mode") in (None, "ops"):  # saved under its own mode, which the README report never reads
+        run = {**run, "settings": {**run["settings"], "mode": Path(name).stem}}
+    stem = results_stem(run, run["settings"])
     saved = ROOT / "benchmarks" / "results" / f"{stem}.json"
     saved.write_text(json.dumps(run, indent=1, default=str) + "\n")
     return str(saved.relative_to(ROOT))
@@ -339,12 +381,80 @@ def bench_summary(run: dict | None) -> list[str]:
     return lines
 
 
+def _load(outdir: Path, name: str) -> dict | None:
+    path = outdir / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _fwdbwd_ms(run: dict | None, op: str) -> dict:
+    """backend -> fwd+bwd milliseconds of ``op``'s longattn rows in a bench run."""
+    return {r["impl"].split(":", 1)[1]: r["time_ms"] for r in (run or {}).get("results", [])
+            if r["op"] == op and r["pass"] == "fwdbwd" and r["kind"] == "longattn" and r["status"] == "ok"}
+
+
+def _memory_floor(run: dict, r: dict) -> tuple[float, float] | None:
+    """(bytes held by the inputs the bench does not count in its peak, the floor: inputs + outputs + gradients) of
+    a fwd+bwd row (target 6's bound is 1.2x the floor; the output gradient is the caller's, in neither)."""
+    st = run["settings"]
+    size = {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}.get(str(st.get("dtype")).replace("torch.", ""))
+    if size is None or not st.get("heads") or not st.get("head_dim"):
+        return None
+    t = st.get("batch", 1) * r["S"] * st["heads"] * st["head_dim"] * size  # one (B, S, H, D) tensor
+    side = t / st.get("block_size", 16)  # TGlobal's side keys / values, the aggregate's output: (B, S / block, H*D)
+    if r["op"] == "aggregate":
+        return t, 2 * t + side  # x; x, out, dx
+    if r["op"] == "tglobal":
+        return 3 * t + 2 * side, 7 * t + 4 * side  # q, k, v, side k/v; those, o and every gradient
+    return 3 * t, 7 * t  # q, k, v; q, k, v, o, dq, dk, dv
+
+
+def targets_summary(outdir: Path) -> list[str]:
+    """Issue 12's targets, measured value beside each bound, from the runs this check wrote."""
+    lines = ["", "issue 12 targets:"]
+    bench = _load(outdir, f"bench-{BENCH_SEQLENS[0]}.json")
+    for g in GLOBALS_COUNTS:
+        run = _load(outdir, f"bench-globals-{g}.json")
+        local, lf = _fwdbwd_ms(run, "local"), _fwdbwd_ms(run, "longformer")
+        cells = [f"{b} {lf[b] / local[b]:.2f}x ({lf[b]:.3f} / {local[b]:.3f} ms)" for b in sorted(lf) if b in local]
+        lines.append(f"  4 Longformer/local fwd+bwd, S=16384, window 256, {g} globals (<= 1.15x): "
+                     + ("; ".join(cells) or "not measured"))
+    tg = _fwdbwd_ms(bench, "tglobal")
+    lines.append(f"  5 Triton/CUDA TGlobal fwd+bwd at S={BENCH_SEQLENS[0]} (<= 1.2x): "
+                 + (f"{tg['triton'] / tg['cuda']:.2f}x ({tg['triton']:.3f} / {tg['cuda']:.3f} ms)"
+                    if {"triton", "cuda"} <= tg.keys() else "not measured"))
+    profiled = _load(outdir, "profile-ops.json")
+    rows = [r for r in (profiled or {}).get("results", []) if r.get("status") == "ok"]
+    for r in rows:
+        if r["op"] == "tglobal" and r["pass"] == "bwd":
+            bias = sum(a["us_per_call"] for a in r["activities"] if "bias" in a["name"].lower())
+            lines.append(f"  5 {r['backend']} TGlobal backward: kernels named *bias* {bias:.0f} of "
+                         f"{r['us_per_call']:.0f} us ({bias / max(r['us_per_call'], 1e-9):.1%}; <= 10 %)")
+    if rows:
+        lines.append("  2 GPU activities per call (fwd <= 2, bwd <= 4): " + "; ".join(
+            f"{r['op']}{'/' + str(r['globals']) if 'globals' in r else ''} {r['backend']} {r['pass']} "
+            f"{r['launches_per_call']:g}" for r in rows))
+    host = [r for r in (bench or {}).get("results", []) if r["kind"] == "longattn" and r["status"] == "ok"
+            and r.get("host_overhead_ms") is not None and r["pass"] in ("fwd", "fwdbwd")]
+    if host:
+        lines.append("  3/7 host overhead, us (fwd <= 40, fwd+bwd <= 80): " + "; ".join(
+            f"{r['op']} {r['impl'].split(':', 1)[1]} {r['pass']} {r['host_overhead_ms'] * 1e3:.0f}" for r in host))
+    memory = _load(outdir, "bench-memory.json")
+    cells = []
+    for r in (memory or {}).get("results", []):
+        floor = _memory_floor(memory, r) if r["status"] == "ok" and r.get("peak_mem_bytes") is not None else None
+        if floor:
+            cells.append(f"{r['op']} {r['impl'].split(':', 1)[1]} {(r['peak_mem_bytes'] + floor[0]) / floor[1]:.2f}x")
+    lines.append(f"  6 fwd+bwd peak / floor at S={MEMORY_SEQLEN} (<= 1.2x): " + ("; ".join(cells) or "not measured"))
+    return lines
+
+
 def summary(outcomes: list[Outcome], outdir: Path, elapsed: float, budget: float) -> str:
     lines = ["", f"== gpu_check summary ({elapsed:.0f} s of {budget:.0f} s budget; logs in {outdir}) ==",
-             f"{'step':<12}{'status':<48}{'s':>6}  note"]
-    lines += [f"{o.name:<12}{o.status:<48}{o.seconds:>6.0f}  {o.note}" for o in outcomes]
+             f"{'step':<14}{'status':<48}{'s':>6}  note"]
+    lines += [f"{o.name:<14}{o.status:<48}{o.seconds:>6.0f}  {o.note}" for o in outcomes]
     lines.append("")
     lines += bench_summary(merge_bench(outdir))
+    lines += targets_summary(outdir)
     lines += ragged_summary(outdir)
     lines += halo_summary(outdir)
     lines += tune_summary(outdir)

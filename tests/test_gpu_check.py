@@ -52,11 +52,16 @@ def test_cpu_run_skips_gpu_steps_and_prints_summary_last(tmp_path):
                                                         "results"}
                 or line.startswith("bench-")}
     assert outcomes["env"].split()[1] == "ok"
-    for step in ("build", "tests", "memcheck", "bench-16384", "bench-4096", "bench-65536", "tune"):
+    for step in ("build", "tests", "memcheck", "bench-16384", "bench-4096", "bench-65536", "bench-globals",
+                 "bench-memory", "tune"):
         assert "skipped: no CUDA GPU visible" in outcomes[step], outcomes[step]
+    assert "skipped: no CUDA GPU visible" in next(line for line in proc.stdout.splitlines()
+                                                  if line.startswith("profile "))
     assert "skipped: --skip" in outcomes["racecheck"]
     assert "no bench results" in outcomes["results"]
-    assert proc.stdout.rstrip().endswith("bench: no results")  # the summary is the last thing printed
+    assert "bench: no results" in proc.stdout
+    last = proc.stdout.rstrip().splitlines()[-1]  # the summary is the last thing printed, issue 12's targets last
+    assert last.startswith("  6 fwd+bwd peak") and last.endswith("not measured")
     assert (out / "summary.txt").read_text().strip() == proc.stdout[proc.stdout.index("== gpu_check"):].strip()
     assert "longattn" in (out / "env.log").read_text()
 
@@ -196,3 +201,67 @@ def test_extra_runs_are_saved_as_their_own_files_and_summarised(tmp_path, monkey
     assert "budget" in lines[1] and lines[2:] == tune["table"]
     (out / "tune-triton.json").write_text(json.dumps({**tune, "device_type": "cpu"}))
     assert gc.save_run(json.loads((out / "tune-triton.json").read_text()), "tune-triton.json").endswith("not saved)")
+
+
+def test_target_commands_parse(tmp_path):
+    from longattn.bench.cli import resolve_settings
+    from longattn.cli import build_parser
+
+    steps = {s.name: s for s in gc.make_steps(gc.parse_args([str(tmp_path)]), tmp_path, "9.0")}
+    assert steps["bench-globals"].cmd[:2] == ["bash", "-c"]
+    runs = steps["bench-globals"].cmd[2].split("; ")
+    assert len(runs) == len(gc.GLOBALS_COUNTS)
+    for g, run in zip(gc.GLOBALS_COUNTS, runs):
+        st = resolve_settings(build_parser().parse_args(run.split()[3:]))
+        assert st["ops"] == ["local", "longformer"] and st["window"] == 256 and st["globals"] == g
+        assert st["seqlens"] == [16384] and st["passes"] == ["fwdbwd"] and st["backends"] == ["triton", "cuda"]
+    st = resolve_settings(build_parser().parse_args(steps["bench-memory"].cmd[3:]))
+    assert st["seqlens"] == [gc.MEMORY_SEQLEN] and st["passes"] == ["fwdbwd"] and st["baselines"] == []
+    assert steps["profile"].cmd[1].endswith("profile_ops.py")
+
+
+def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
+    settings = {"mode": "ops", "batch": 1, "heads": 2, "head_dim": 4, "dtype": "bfloat16", "block_size": 16}
+    for g, lf in ((1, 1.1), (64, 1.5)):
+        run = {"settings": settings, "results": [_record("local", 16384, "longattn:cuda", "fwdbwd", 1.0),
+                                                  _record("longformer", 16384, "longattn:cuda", "fwdbwd", lf),
+                                                  _record("longformer", 16384, "longattn:cuda", "fwd", 9.0)]}
+        (tmp_path / f"bench-globals-{g}.json").write_text(json.dumps(run))
+    bench = {"settings": settings, "results": [
+        _record("tglobal", 16384, "longattn:triton", "fwdbwd", 3.0, host_overhead_ms=0.05),
+        _record("tglobal", 16384, "longattn:cuda", "fwdbwd", 2.0, host_overhead_ms=0.07)]}
+    (tmp_path / "bench-16384.json").write_text(json.dumps(bench))
+    t = 2 * 131072 * 2 * 4 * 2  # B * S * H * D bytes (bf16)
+    memory = {"settings": settings, "results": [
+        _record("local", 131072, "longattn:cuda", "fwdbwd", 1.0, peak_mem_bytes=5 * t),
+        _record("tglobal", 131072, "longattn:cuda", "fwdbwd", 1.0, peak_mem_bytes=4 * t + 2 * t // 16)]}
+    memory["results"][0]["S"] = memory["results"][1]["S"] = 131072 * 2  # B = 1 here: twice the tokens
+    (tmp_path / "bench-memory.json").write_text(json.dumps(memory))
+    profile = {"results": [{"op": "tglobal", "backend": "triton", "pass": "bwd", "status": "ok", "us_per_call": 200.0,
+                            "launches_per_call": 3, "activities": [{"name": "_side_bias_grad_reduce",
+                                                                    "us_per_call": 10.0, "per_call": 1}]},
+                           {"op": "longformer", "globals": 64, "backend": "cuda", "pass": "fwd", "status": "ok",
+                            "us_per_call": 5.0, "launches_per_call": 4, "activities": []}]}
+    (tmp_path / "profile-ops.json").write_text(json.dumps(profile))
+    lines = gc.targets_summary(tmp_path)
+    text = "\n".join(lines)
+    assert "1 globals (<= 1.15x): cuda 1.10x (1.100 / 1.000 ms)" in text
+    assert "64 globals (<= 1.15x): cuda 1.50x" in text
+    assert "(<= 1.2x): 1.50x (3.000 / 2.000 ms)" in text
+    assert "kernels named *bias* 10 of 200 us (5.0%; <= 10 %)" in text
+    assert "longformer/64 cuda fwd 4" in text
+    assert "tglobal triton fwdbwd 50; tglobal cuda fwdbwd 70" in text
+    # local: (5t + 3t) / 7t; tglobal: (4t + t/8 + 3t + t/8) / (7t + t/4)
+    assert lines[-1].endswith(f"local cuda {8 / 7:.2f}x; tglobal cuda {(7 + 1 / 4) / (7 + 1 / 4):.2f}x")
+
+
+def test_target_runs_are_saved_under_their_own_mode(tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / "benchmarks" / "results").mkdir(parents=True)
+    monkeypatch.setattr(gc, "ROOT", repo)
+    run = {"timestamp": "2026-12-01T10:00:00+00:00", "device": "cuda:0 NVIDIA H200 (sm_90, 139 GiB)",
+           "device_type": "cuda", "settings": {"mode": "ops"}, "results": [_record("local", 1, "flex", "fwd", 1)]}
+    saved = gc.save_run(run, "bench-globals-64.json")
+    assert saved.endswith("2026-12-01T100000_NVIDIA-H200_bench-globals-64.json")
+    # The README report takes the newest run whose mode is "ops": never a target's run.
+    assert json.loads((repo / saved).read_text())["settings"]["mode"] == "bench-globals-64"

@@ -159,7 +159,7 @@ def _ensure_dynamic_libstdcxx():
         return
     if os.environ.get("CXX"):
         raise RuntimeError(f"longattn: building with CXX={cxx} links libstdc++ statically. {_STATIC_WHY} {_STATIC_FIX}")
-    for candidate in ("/usr/bin/g++", "/usr/bin/c++"):
+    for candidate in ("/usr/bin/g++", "/usr/bin/c++", *sorted(glob.glob("/usr/bin/g++-[0-9]*"), reverse=True)):
         if os.path.exists(candidate) and _probe_static_libstdcxx(candidate, as_cxx=True) is False:
             print(f"longattn: building with `{shutil.which(cxx) or cxx}` links libstdc++ statically; using "
                   f"CXX={candidate} instead, which links it dynamically (set CXX to choose another compiler)")

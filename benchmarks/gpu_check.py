@@ -1,12 +1,17 @@
 """The whole GPU verification in one command, sized for a short GPU lease (``benchmarks/gpu_check.sh``).
 
     benchmarks/gpu_check.sh OUTDIR [--budget SECONDS] [--skip STEP,...] [--commit SHA] [--python PY]
+                             [--bench-backends LIST] [--bench-baselines LIST]
 
 On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
 
 1. ``env``        versions, GPU, nvcc, commit (each step logs to ``OUTDIR/<step>.log``);
 2. ``build``      the CUDA extension for the visible GPU's arch only (``pip install --no-build-isolation
-                  --no-deps -e .`` with ``TORCH_CUDA_ARCH_LIST`` set to it);
+                  --no-deps -e .`` with ``TORCH_CUDA_ARCH_LIST`` set to it), with ``CXX`` unset: an image's own
+                  compiler may link libstdc++ statically, which setup.py refuses when CXX names it and replaces
+                  (``/usr/bin/g++``) when CXX is unset (seen on an H200 image, 2026-11-30: CXX=/opt/gcc/bin/g++).
+                  If that build fails, longattn is installed without the extension (the step still fails), so
+                  the Triton backend, which needs the package installed, still runs in the steps after;
 3. ``tests``      ``pytest -m "gpu and not slow"`` (junit XML in OUTDIR; 4 workers when pytest-xdist is there);
 4. ``bench-16384`` ``longattn bench --check`` on DESIGN.md's standard shapes at S=16384 (local, longformer, tglobal,
                   aggregate; fwd and fwd+bwd; every backend and baseline), then issue 12's targets:
@@ -49,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -80,7 +86,7 @@ class Step:
     needs_gpu: bool = False
     cmd: list | None = None
     fn: object = None
-    env: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # added to the environment; a None value unsets the variable
     ok_codes: tuple = (0,)
 
 
@@ -101,6 +107,10 @@ def parse_args(argv=None):
     parser.add_argument("--skip", default="", help="comma list of steps not to run (e.g. build,racecheck)")
     parser.add_argument("--commit", help="git commit to record when the tree is not a git checkout")
     parser.add_argument("--python", default=sys.executable, help="the Python that has torch (default: this one)")
+    parser.add_argument("--bench-backends", help="the standard benches' longattn backends (comma list; default: all "
+                                                 f"up to S={SLOW_ABOVE}, then triton,cuda)")
+    parser.add_argument("--bench-baselines", help="the standard benches' baselines (comma list or none; default: all "
+                                                  f"up to S={SLOW_ABOVE}, then flex,sdpa_mask,sdpa_dense)")
     args = parser.parse_args(argv)
     if not args.budget > 0:
         parser.error(f"--budget: expected a positive number of seconds, got {args.budget}")
@@ -130,13 +140,25 @@ def git_commit(explicit: str | None) -> str | None:
     return out.stdout.strip() or os.environ.get("LONGATTN_GIT_COMMIT")
 
 
-def bench_cmd(python: str, outdir: Path, S: int) -> list[str]:
+def bench_cmd(python: str, outdir: Path, S: int, backends: str | None = None,
+              baselines: str | None = None) -> list[str]:
+    """``longattn bench`` at the standard shapes and length ``S``; ``backends`` / ``baselines`` (comma lists, e.g. to
+    time only the kernels again when a run of the same commit measured the baselines) replace the defaults."""
     slow = S > SLOW_ABOVE
     return [python, "-m", "longattn", "bench", "--op", "local,longformer,tglobal,aggregate", "--seqlen", str(S),
             "--pass", "fwd,fwdbwd", "--check", "--no-progress", "--min-run-time", "0.1",
-            "--backend", "triton,cuda" if slow else "all",
-            "--baseline", "flex,sdpa_mask,sdpa_dense" if slow else "all",
+            "--backend", backends or ("triton,cuda" if slow else "all"),
+            "--baseline", baselines or ("flex,sdpa_mask,sdpa_dense" if slow else "all"),
             "--json", str(outdir / f"bench-{S}.json")]
+
+
+def build_cmd(python: str) -> list[str]:
+    """Install longattn in place with its CUDA extension; without it when that build fails (exit status 1 then)."""
+    install = shlex.join([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e",
+                          str(ROOT)])
+    return ["bash", "-c", f"echo compilers: CC=${{CC:-}} c++=$(command -v c++) g++=$(command -v g++); {install} || "
+                          f"{{ echo 'gpu_check: the CUDA build failed; installing longattn without the extension'; "
+                          f"LONGATTN_SKIP_CUDA_BUILD=1 {install}; exit 1; }}"]
 
 
 def globals_cmd(python: str, outdir: Path) -> list[str]:
@@ -174,20 +196,21 @@ def _has_xdist(python: str) -> bool:
 
 def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
     py = args.python
+    bench_choice = (args.bench_backends, args.bench_baselines)
     sanitizer = shutil.which("compute-sanitizer") or next(
         (p for p in ("/usr/local/cuda/bin/compute-sanitizer",) if os.path.exists(p)), "compute-sanitizer")
     sanitize_script = str(ROOT / "benchmarks" / "sanitize_cuda.py")
     steps = [
         Step("env", 5, 60, cmd=["bash", "-c", f"{py} -m longattn info; nvidia-smi -L; nvcc --version | tail -2; "
                                               f"echo commit: ${{LONGATTN_GIT_COMMIT:-unknown}}"], ok_codes=(0, 127)),
-        Step("build", 60, 300, needs_gpu=True,
-             cmd=[py, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", str(ROOT)],
-             env={"TORCH_CUDA_ARCH_LIST": arch or "", "MAX_JOBS": str(os.cpu_count() or 4)}),
+        Step("build", 60, 300, needs_gpu=True, cmd=build_cmd(py),
+             env={"TORCH_CUDA_ARCH_LIST": arch or "", "MAX_JOBS": str(os.cpu_count() or 4), "CXX": None}),
         Step("tests", 60, 240, needs_gpu=True,
              cmd=[py, "-m", "pytest", "-q", "-m", "gpu and not slow", "-p", "no:cacheprovider",
                   *(["-n", "4"] if _has_xdist(py) else []), "--junitxml", str(outdir / "pytest.xml"),
                   str(ROOT / "tests")]),
-        Step(f"bench-{BENCH_SEQLENS[0]}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, BENCH_SEQLENS[0])),
+        Step(f"bench-{BENCH_SEQLENS[0]}", 45, 300, needs_gpu=True,
+             cmd=bench_cmd(py, outdir, BENCH_SEQLENS[0], *bench_choice)),
         Step("bench-globals", 30, 120, needs_gpu=True, cmd=globals_cmd(py, outdir)),
         Step("bench-memory", 30, 120, needs_gpu=True, cmd=memory_cmd(py, outdir)),
         Step("profile", 30, 120, needs_gpu=True,
@@ -198,7 +221,8 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
              cmd=[sanitizer, "--tool", "racecheck", "--error-exitcode", "3", py, sanitize_script]),
         Step("bench-ragged", 45, 180, needs_gpu=True, cmd=ragged_cmd(py, outdir)),
     ]
-    steps += [Step(f"bench-{S}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, S)) for S in BENCH_SEQLENS[1:]]
+    steps += [Step(f"bench-{S}", 45, 300, needs_gpu=True, cmd=bench_cmd(py, outdir, S, *bench_choice))
+              for S in BENCH_SEQLENS[1:]]
     steps.append(Step("bench-halo", 20, 90, needs_gpu=True,
                       cmd=[py, str(ROOT / "benchmarks" / "bench_halo.py"), "--json", str(outdir / "bench-halo.json")]))
     steps.append(Step("tune", 40, TUNE_CAP_S, needs_gpu=True,
@@ -214,7 +238,8 @@ def run_command(step: Step, outdir: Path, limit_s: float, env: dict) -> tuple[st
     with open(log, "w") as f:
         try:
             proc = subprocess.Popen(step.cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                    env={**env, **step.env, STEP_LIMIT_ENV: f"{limit_s:.0f}"},
+                                    env={k: v for k, v in {**env, **step.env, STEP_LIMIT_ENV: f"{limit_s:.0f}"}.items()
+                                         if v is not None},  # None: unset
                                     start_new_session=True)
         except OSError as exc:
             f.write(f"cannot start: {exc}\n")

@@ -265,3 +265,24 @@ def test_target_runs_are_saved_under_their_own_mode(tmp_path, monkeypatch):
     assert saved.endswith("2026-12-01T100000_NVIDIA-H200_bench-globals-64.json")
     # The README report takes the newest run whose mode is "ops": never a target's run.
     assert json.loads((repo / saved).read_text())["settings"]["mode"] == "bench-globals-64"
+
+
+def test_build_step_unsets_cxx_and_falls_back_to_an_install_without_the_extension(tmp_path):
+    steps = {s.name: s for s in gc.make_steps(gc.parse_args([str(tmp_path)]), tmp_path, "9.0")}
+    build = steps["build"]
+    assert build.env["CXX"] is None and build.env["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    # A None in a step's env unsets the variable for its command.
+    probe = gc.Step("probe", 0, 60, cmd=["bash", "-c", "echo CXX=${CXX-unset} ARCH=$TORCH_CUDA_ARCH_LIST"],
+                    env=build.env)
+    assert gc.run_command(probe, tmp_path, 30, {"CXX": "/opt/gcc/bin/g++", "PATH": os.environ["PATH"]})[0] == "ok"
+    assert (tmp_path / "probe.log").read_text() == "CXX=unset ARCH=9.0\n"
+    # The install failing both ways ("false" stands in for python): the step fails, after trying without the extension.
+    failing = gc.Step("build", 0, 60, cmd=gc.build_cmd("false"))
+    assert gc.run_command(failing, tmp_path, 30, dict(os.environ))[0] == "FAILED (rc 1)"
+    assert "installing longattn without the extension" in (tmp_path / "build.log").read_text()
+
+
+def test_bench_backends_and_baselines_can_be_chosen(tmp_path):
+    args = gc.parse_args([str(tmp_path), "--bench-backends", "triton,cuda", "--bench-baselines", "none"])
+    cmd = {s.name: s for s in gc.make_steps(args, tmp_path, "9.0")}["bench-16384"].cmd
+    assert cmd[cmd.index("--backend") + 1] == "triton,cuda" and cmd[cmd.index("--baseline") + 1] == "none"

@@ -563,12 +563,22 @@ def _check_shard(backend, device, a, b, dtype, S=300, left=70, right=50):
     shard = {k: (t[:, rows] if k in ("q", "k", "v", "dout", "band_key_mask", "query_block") else t)
              for k, t in low.items()}
     shard.update(halo_k=halo_of(low["k"]), halo_v=halo_of(low["v"]), halo_mask=halo_of(low["band_key_mask"]))
-    got = _run(backend, shard, {**w, "HL": hl}, dropout=dict(dropout_p=0.3, rng=rng, dropout_offset=a))
+    # The backends take the window clamped to the keys the shard and its halo hold, as the public API passes it (a
+    # last shard has fewer keys to its right than the window): the band bias cut to the offsets that remain.
+    left, right = min(w["left"], b - a + hl - 1), min(w["right"], b - a + hr - 1)
+    offsets = slice(w["left"] - left, w["left"] + right + 1)
+    if shard["band_bias"] is not None:
+        shard["band_bias"] = shard["band_bias"][:, offsets].contiguous()
+    got = _run(backend, shard, {**w, "HL": hl, "left": left, "right": right},
+               dropout=dict(dropout_p=0.3, rng=rng, dropout_offset=a))
 
     def whole_rows(result):  # the whole sequence's rows [a, b), its gradients in the shard's layout
         out, lse, g = result
         g = dict(g, dq=g["dq"][:, rows], dk=g["dk"][:, rows], dv=g["dv"][:, rows], dhalo_k=halo_of(g["dk"]),
                  dhalo_v=halo_of(g["dv"]))
+        if g.get("dband_bias") is not None:  # the offsets cut off see no key from rows [a, b): their gradient is 0
+            assert not g["dband_bias"][:, : offsets.start].any() and not g["dband_bias"][:, offsets.stop :].any()
+            g["dband_bias"] = g["dband_bias"][:, offsets]
         return out[:, rows], lse[:, :, rows], g
 
     kw = dict(with_halo=False, dropout=dict(dropout_p=0.3, rng=rng))
@@ -590,4 +600,5 @@ def test_dropout_halo_harness_on_cpu():
     from longattn.backends import torch_backend
 
     _check_shard(torch_backend, "cpu", 52, 100, torch.float32, S=120, left=30, right=20)
+    _check_shard(torch_backend, "cpu", 100, 120, torch.float32, S=120, left=30, right=25)  # the last shard: clamped
     _check_dropout_with_halo(torch_backend, "cpu", 60, 30, 13, 30, 13, 32, torch.float32)

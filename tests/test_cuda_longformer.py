@@ -710,7 +710,7 @@ def test_cuda_global_slots_bitwise(Sx, padded):
         want = _longformer.global_slots(glob, pad, G_)
         for name, a, w in zip(("band_rows", "pos", "used"), got, want):
             assert a.dtype == w.dtype and a.is_contiguous() and torch.equal(a, w), (name, Sx, G_)
-    strided = (glob.T.contiguous().T, None if pad is None else pad.repeat(1, 2)[:, ::2])
+    strided = (glob.T.contiguous().T, None if pad is None else pad.repeat_interleave(2, dim=1)[:, ::2])
     for a, w in zip(cuda_backend.global_slots(*strided, Sx // 2), _longformer.global_slots(glob, pad, Sx // 2)):
         assert torch.equal(a, w)
 

@@ -290,14 +290,28 @@ def test_philox_state_reservation_advances_offset():
     assert a.tolist() == [-5, -24] and b.tolist() == [-5, 0]  # the offset wraps modulo 2**64
 
 
+def _cuda_philox_state() -> bool:
+    """Whether this torch's CUDA generator reserves Philox offsets (``philox_state``; absent in torch 2.11, seen on an
+    H200 image 2026-11-30), else longattn draws a fresh ``torch.randint`` seed per call (see ``_dropout``)."""
+    try:
+        torch.cuda.default_generators[0].philox_state(4)
+    except (AttributeError, NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
 @pytest.mark.gpu
 def test_cuda_generator_draws_and_graph_replays_draw_fresh_masks():
+    philox = _cuda_philox_state()
     torch.cuda.manual_seed(3)
     a = dr.philox_seed_offset("cuda", 24)
     b = dr.philox_seed_offset("cuda", 24)
     torch.cuda.manual_seed(3)
     assert torch.equal(a, dr.philox_seed_offset("cuda", 24))
-    assert a[0] == b[0] and int(b[1]) - int(a[1]) == 24
+    if philox:  # one seed, offsets reserved 24 apart
+        assert a[0] == b[0] and int(b[1]) - int(a[1]) == 24
+    else:  # a fresh seed per call, offset 0
+        assert a[0] != b[0] and int(a[1]) == int(b[1]) == 0
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         rng = dr.philox_seed_offset("cuda", 24)
@@ -305,7 +319,11 @@ def test_cuda_generator_draws_and_graph_replays_draw_fresh_masks():
     graph.replay()
     first_rng, first = rng.clone(), mask.clone()
     graph.replay()
-    assert not torch.equal(first, mask) and int(rng[1]) - int(first_rng[1]) == 24
+    assert not torch.equal(first, mask)
+    if philox:
+        assert int(rng[1]) - int(first_rng[1]) == 24
+    else:
+        assert int(rng[0]) != int(first_rng[0])
     assert torch.equal(mask, dr.dense_keep_mask(rng.clone(), 0.5, 2, 3, 32, 4, device="cuda"))
 
 

@@ -15,10 +15,12 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
 3. ``tests``      ``pytest -m "gpu and not slow"`` (junit XML in OUTDIR; 4 workers when pytest-xdist is there);
 4. ``bench-16384`` ``longattn bench --check`` on DESIGN.md's standard shapes at S=16384 (local, longformer, tglobal,
                   aggregate; fwd and fwd+bwd; every backend and baseline), then issue 12's targets:
-                  ``bench-globals`` (target 4: Longformer with 1 and 64 global tokens against the local op with
-                  the same window, S=16384, Triton and CUDA), ``bench-memory`` (target 6: fwd+bwd peak memory of every
-                  op at S=131072) and ``profile`` (targets 2 and 5: ``benchmarks/profile_ops.py``, each op's
-                  kernels, launches and GPU time per call);
+                  ``bench-globals`` (target 4: Longformer with 1 and 64 global tokens against the local op without
+                  bias tables and with the same window, S=16384, Triton and CUDA), ``bench-memory`` (target 6: fwd+bwd
+                  peak memory of every op at S=131072), ``profile`` (target 2: ``benchmarks/profile_ops.py``, each
+                  op's kernels, launches and GPU time per call), ``bench-bias`` (target 5: TGlobal's backward with
+                  and without its bias tables) and ``bench-host`` (target 3: every op at S=512, where wall minus GPU
+                  time is the host's cost);
 5. ``memcheck``, ``racecheck``  compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once,
                   small shapes);
    ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths 2048,16384,4096,9000: padded vs packed
@@ -72,7 +74,9 @@ TUNE_CAP_S = 120  # the tile sweep uses what the steps before it left, at most t
 STEP_LIMIT_ENV = "GPU_CHECK_STEP_LIMIT_S"  # a command step's limit (seconds), in its environment
 GLOBALS_COUNTS = (1, 64)  # issue 12, target 4: Longformer's cost from 1 to 64 global tokens
 MEMORY_SEQLEN = 131072  # issue 12, target 6
+HOST_SEQLEN = 512  # issue 12, target 3: a shape whose kernels take a few microseconds, so wall minus GPU is the host
 EXTRA_RUNS = ("bench-ragged.json", "bench-halo.json", "tune-triton.json", "bench-memory.json", "profile-ops.json",
+              "bench-host.json", "bench-bias-on.json", "bench-bias-off.json",
               *(f"bench-globals-{g}.json" for g in GLOBALS_COUNTS))  # saved as their own files
 
 
@@ -161,20 +165,39 @@ def build_cmd(python: str) -> list[str]:
                           f"LONGATTN_SKIP_CUDA_BUILD=1 {install}; exit 1; }}"]
 
 
+def _kernel_bench(python: str, outdir: Path, name: str, *args: str) -> str:
+    """One ``longattn bench`` run of the kernel backends alone (no baselines) into ``OUTDIR/<name>.json``."""
+    return shlex.join([python, "-m", "longattn", "bench", *args, "--no-progress", "--backend", "triton,cuda",
+                       "--baseline", "none", "--json", str(outdir / f"{name}.json")])
+
+
 def globals_cmd(python: str, outdir: Path) -> list[str]:
-    """Target 4: the local op and Longformer with the same window (256) at S=16384, for each global count."""
-    runs = [" ".join([python, "-m", "longattn", "bench", "--op", "local,longformer", "--seqlen", "16384", "--window",
-                      "256", "--globals", str(g), "--pass", "fwdbwd", "--no-progress", "--min-run-time", "0.2",
-                      "--backend", "triton,cuda", "--baseline", "none",
-                      "--json", str(outdir / f"bench-globals-{g}.json")]) for g in GLOBALS_COUNTS]
-    return ["bash", "-c", "; ".join(runs)]
+    """Target 4: the local op without bias tables (the band Longformer runs) and Longformer with the same window (256)
+    at S=16384, for each global count."""
+    return ["bash", "-c", "; ".join(
+        _kernel_bench(python, outdir, f"bench-globals-{g}", "--op", "local,longformer", "--no-bias", "--seqlen",
+                      "16384", "--window", "256", "--globals", str(g), "--pass", "fwdbwd", "--min-run-time", "0.2")
+        for g in GLOBALS_COUNTS)]
+
+
+def bias_cmd(python: str, outdir: Path) -> list[str]:
+    """Target 5: TGlobal's backward at S=16384 with and without its two bias tables (their gradients' cost is the
+    difference: the Triton kernels reduce them inside the dQ pass, so no kernel of their own shows it)."""
+    return ["bash", "-c", "; ".join(
+        _kernel_bench(python, outdir, f"bench-bias-{name}", "--op", "tglobal", "--seqlen", "16384", "--pass", "bwd",
+                      "--min-run-time", "0.2", *flag) for name, flag in (("on", ()), ("off", ("--no-bias",))))]
+
+
+def host_cmd(python: str, outdir: Path) -> list[str]:
+    """Target 3: every op at a tiny length, where the host overhead column is the host cost itself."""
+    return ["bash", "-c", _kernel_bench(python, outdir, "bench-host", "--op", "local,longformer,tglobal,aggregate",
+                                        "--seqlen", str(HOST_SEQLEN), "--pass", "fwd,fwdbwd", "--min-run-time", "0.1")]
 
 
 def memory_cmd(python: str, outdir: Path) -> list[str]:
     """Target 6: every op's fwd+bwd peak memory at S=131072 (the kernel backends; the bench records the peak)."""
-    return [python, "-m", "longattn", "bench", "--op", "local,longformer,tglobal,aggregate", "--seqlen",
-            str(MEMORY_SEQLEN), "--pass", "fwdbwd", "--no-progress", "--min-run-time", "0.05", "--backend",
-            "triton,cuda", "--baseline", "none", "--json", str(outdir / "bench-memory.json")]
+    return ["bash", "-c", _kernel_bench(python, outdir, "bench-memory", "--op", "local,longformer,tglobal,aggregate",
+                                        "--seqlen", str(MEMORY_SEQLEN), "--pass", "fwdbwd", "--min-run-time", "0.05")]
 
 
 def ragged_cmd(python: str, outdir: Path) -> list[str]:
@@ -215,6 +238,8 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
         Step("bench-memory", 30, 120, needs_gpu=True, cmd=memory_cmd(py, outdir)),
         Step("profile", 30, 120, needs_gpu=True,
              cmd=[py, str(ROOT / "benchmarks" / "profile_ops.py"), "--json", str(outdir / "profile-ops.json")]),
+        Step("bench-bias", 20, 90, needs_gpu=True, cmd=bias_cmd(py, outdir)),
+        Step("bench-host", 20, 90, needs_gpu=True, cmd=host_cmd(py, outdir)),
         Step("memcheck", 30, 120, needs_gpu=True,
              cmd=[sanitizer, "--tool", "memcheck", "--error-exitcode", "3", py, sanitize_script]),
         Step("racecheck", 30, 150, needs_gpu=True,
@@ -411,10 +436,14 @@ def _load(outdir: Path, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _fwdbwd_ms(run: dict | None, op: str) -> dict:
-    """backend -> fwd+bwd milliseconds of ``op``'s longattn rows in a bench run."""
+def _pass_ms(run: dict | None, op: str, which: str) -> dict:
+    """backend -> milliseconds of ``op``'s longattn rows of pass ``which`` in a bench run."""
     return {r["impl"].split(":", 1)[1]: r["time_ms"] for r in (run or {}).get("results", [])
-            if r["op"] == op and r["pass"] == "fwdbwd" and r["kind"] == "longattn" and r["status"] == "ok"}
+            if r["op"] == op and r["pass"] == which and r["kind"] == "longattn" and r["status"] == "ok"}
+
+
+def _fwdbwd_ms(run: dict | None, op: str) -> dict:
+    return _pass_ms(run, op, "fwdbwd")
 
 
 def _memory_floor(run: dict, r: dict) -> tuple[float, float] | None:
@@ -441,28 +470,29 @@ def targets_summary(outdir: Path) -> list[str]:
         run = _load(outdir, f"bench-globals-{g}.json")
         local, lf = _fwdbwd_ms(run, "local"), _fwdbwd_ms(run, "longformer")
         cells = [f"{b} {lf[b] / local[b]:.2f}x ({lf[b]:.3f} / {local[b]:.3f} ms)" for b in sorted(lf) if b in local]
-        lines.append(f"  4 Longformer/local fwd+bwd, S=16384, window 256, {g} globals (<= 1.15x): "
+        lines.append(f"  4 Longformer/local (no bias) fwd+bwd, S=16384, window 256, {g} globals (<= 1.15x): "
                      + ("; ".join(cells) or "not measured"))
     tg = _fwdbwd_ms(bench, "tglobal")
     lines.append(f"  5 Triton/CUDA TGlobal fwd+bwd at S={BENCH_SEQLENS[0]} (<= 1.2x): "
                  + (f"{tg['triton'] / tg['cuda']:.2f}x ({tg['triton']:.3f} / {tg['cuda']:.3f} ms)"
                     if {"triton", "cuda"} <= tg.keys() else "not measured"))
+    on, off = (_pass_ms(_load(outdir, f"bench-bias-{name}.json"), "tglobal", "bwd") for name in ("on", "off"))
+    cells = [f"{b} {1 - off[b] / on[b]:.1%} ({on[b]:.3f} / {off[b]:.3f} ms)" for b in sorted(on) if b in off]
+    lines.append("  5 TGlobal backward, the bias tables' share (1 - without / with; <= 10 %): "
+                 + ("; ".join(cells) or "not measured"))
     profiled = _load(outdir, "profile-ops.json")
     rows = [r for r in (profiled or {}).get("results", []) if r.get("status") == "ok"]
-    for r in rows:
-        if r["op"] == "tglobal" and r["pass"] == "bwd":
-            bias = sum(a["us_per_call"] for a in r["activities"] if "bias" in a["name"].lower())
-            lines.append(f"  5 {r['backend']} TGlobal backward: kernels named *bias* {bias:.0f} of "
-                         f"{r['us_per_call']:.0f} us ({bias / max(r['us_per_call'], 1e-9):.1%}; <= 10 %)")
     if rows:
         lines.append("  2 GPU activities per call (fwd <= 2, bwd <= 4): " + "; ".join(
             f"{r['op']}{'/' + str(r['globals']) if 'globals' in r else ''} {r['backend']} {r['pass']} "
             f"{r['launches_per_call']:g}" for r in rows))
-    host = [r for r in (bench or {}).get("results", []) if r["kind"] == "longattn" and r["status"] == "ok"
-            and r.get("host_overhead_ms") is not None and r["pass"] in ("fwd", "fwdbwd")]
-    if host:
-        lines.append("  3/7 host overhead, us (fwd <= 40, fwd+bwd <= 80): " + "; ".join(
-            f"{r['op']} {r['impl'].split(':', 1)[1]} {r['pass']} {r['host_overhead_ms'] * 1e3:.0f}" for r in host))
+    for label, run in ((f"S={HOST_SEQLEN}", _load(outdir, "bench-host.json")), (f"S={BENCH_SEQLENS[0]}", bench)):
+        host = [r for r in (run or {}).get("results", []) if r["kind"] == "longattn" and r["status"] == "ok"
+                and r.get("host_overhead_ms") is not None and r["pass"] in ("fwd", "fwdbwd")]
+        if host:
+            lines.append(f"  3/7 host overhead at {label}, us (fwd <= 40, fwd+bwd <= 80): " + "; ".join(
+                f"{r['op']} {r['impl'].split(':', 1)[1]} {r['pass']} {r['host_overhead_ms'] * 1e3:.0f}"
+                for r in host))
     memory = _load(outdir, "bench-memory.json")
     cells = []
     for r in (memory or {}).get("results", []):

@@ -524,3 +524,34 @@ def test_report_of_an_hf_model_run():
     assert "(3 layers," in text and "model: modernbert (base). K/V" in text
     assert "| vs best stock | on longattn |" in table[0] and len({line.count("|") for line in table}) == 1
     assert "| 8192 | longattn:cuda | forward+backward | 5.00 | 1 | 2.00× | 2/3 |" in table
+
+
+def test_git_commit_prefers_the_commit_the_tree_was_sent_from(monkeypatch):
+    """A GPU machine's copy of the tree can carry a stale ``.git``: the commit named in LONGATTN_GIT_COMMIT wins."""
+    from longattn.bench import output
+
+    monkeypatch.setenv("LONGATTN_GIT_COMMIT", "abc1234")
+    assert output.git_commit() == "abc1234"
+    monkeypatch.delenv("LONGATTN_GIT_COMMIT")
+    sha = output.git_commit()
+    assert sha is None or (len(sha.split("+")[0]) == 40 and sha != "abc1234")
+
+
+def test_no_bias_drops_the_tables_and_times_the_backends_only(tmp_path):
+    """``--no-bias``: local / tglobal without their bias tables (the other inputs drawn as with them), checked against
+    the oracle without them; the baselines built with the tables say so instead of timing another function."""
+    biased, plain = (build_case("tglobal", 64, Settings(heads=2, head_dim=16, bias=b)) for b in (True, False))
+    assert {"rel_bias", "side_bias"} <= biased.tensors.keys() and not {"rel_bias", "side_bias"} & plain.tensors.keys()
+    assert torch.equal(biased.tensors["q"], plain.tensors["q"])
+    with pytest.raises(impls.Unavailable, match="bias tables"):
+        impls.make("flex", plain, grad=False)
+    out = tmp_path / "nobias.json"
+    assert main(["bench", "--op", "local,tglobal", "--seqlen", "64", "--heads", "2", "--no-bias", "--pass", "fwd",
+                 "--backend", "torch", "--baseline", "hf,sdpa_mask", "--check", "--min-run-time", "0.01",
+                 "--no-progress", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    assert run["settings"]["bias"] is False
+    rows = {(r["op"], r["impl"]): r for r in run["results"]}
+    for op in ("local", "tglobal"):
+        assert rows[(op, "longattn:torch")]["check"].startswith("ok")
+        assert rows[(op, "hf")]["status"] == "unavailable" and "bias tables" in rows[(op, "hf")]["reason"]

@@ -53,7 +53,7 @@ def test_cpu_run_skips_gpu_steps_and_prints_summary_last(tmp_path):
                 or line.startswith("bench-")}
     assert outcomes["env"].split()[1] == "ok"
     for step in ("build", "tests", "memcheck", "bench-16384", "bench-4096", "bench-65536", "bench-globals",
-                 "bench-memory", "tune"):
+                 "bench-memory", "bench-bias", "bench-host", "tune"):
         assert "skipped: no CUDA GPU visible" in outcomes[step], outcomes[step]
     assert "skipped: no CUDA GPU visible" in next(line for line in proc.stdout.splitlines()
                                                   if line.startswith("profile "))
@@ -203,20 +203,33 @@ def test_extra_runs_are_saved_as_their_own_files_and_summarised(tmp_path, monkey
     assert gc.save_run(json.loads((out / "tune-triton.json").read_text()), "tune-triton.json").endswith("not saved)")
 
 
-def test_target_commands_parse(tmp_path):
+def _bench_runs(step) -> list:
+    """The ``longattn bench`` settings of each run in a ``bash -c`` step."""
+    import shlex
+
     from longattn.bench.cli import resolve_settings
     from longattn.cli import build_parser
 
+    assert step.cmd[:2] == ["bash", "-c"]
+    return [(resolve_settings(build_parser().parse_args(shlex.split(run)[3:])), shlex.split(run)[-1])
+            for run in step.cmd[2].split("; ")]
+
+
+def test_target_commands_parse(tmp_path):
     steps = {s.name: s for s in gc.make_steps(gc.parse_args([str(tmp_path)]), tmp_path, "9.0")}
-    assert steps["bench-globals"].cmd[:2] == ["bash", "-c"]
-    runs = steps["bench-globals"].cmd[2].split("; ")
+    runs = _bench_runs(steps["bench-globals"])
     assert len(runs) == len(gc.GLOBALS_COUNTS)
-    for g, run in zip(gc.GLOBALS_COUNTS, runs):
-        st = resolve_settings(build_parser().parse_args(run.split()[3:]))
+    for g, (st, out) in zip(gc.GLOBALS_COUNTS, runs):
         assert st["ops"] == ["local", "longformer"] and st["window"] == 256 and st["globals"] == g
         assert st["seqlens"] == [16384] and st["passes"] == ["fwdbwd"] and st["backends"] == ["triton", "cuda"]
-    st = resolve_settings(build_parser().parse_args(steps["bench-memory"].cmd[3:]))
+        assert not st["bias"] and st["baselines"] == [] and out.endswith(f"bench-globals-{g}.json")
+    (st, _), = _bench_runs(steps["bench-memory"])
     assert st["seqlens"] == [gc.MEMORY_SEQLEN] and st["passes"] == ["fwdbwd"] and st["baselines"] == []
+    (on, on_out), (off, off_out) = _bench_runs(steps["bench-bias"])
+    assert on["bias"] and not off["bias"] and on["ops"] == off["ops"] == ["tglobal"] and on["passes"] == ["bwd"]
+    assert on_out.endswith("bench-bias-on.json") and off_out.endswith("bench-bias-off.json")
+    (st, _), = _bench_runs(steps["bench-host"])
+    assert st["seqlens"] == [gc.HOST_SEQLEN] and st["passes"] == ["fwd", "fwdbwd"] and len(st["ops"]) == 4
     assert steps["profile"].cmd[1].endswith("profile_ops.py")
 
 
@@ -228,19 +241,22 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
                                                   _record("longformer", 16384, "longattn:cuda", "fwd", 9.0)]}
         (tmp_path / f"bench-globals-{g}.json").write_text(json.dumps(run))
     bench = {"settings": settings, "results": [
-        _record("tglobal", 16384, "longattn:triton", "fwdbwd", 3.0, host_overhead_ms=0.05),
-        _record("tglobal", 16384, "longattn:cuda", "fwdbwd", 2.0, host_overhead_ms=0.07)]}
+        _record("tglobal", 16384, "longattn:triton", "fwdbwd", 3.0, host_overhead_ms=0.5),
+        _record("tglobal", 16384, "longattn:cuda", "fwdbwd", 2.0, host_overhead_ms=0.7)]}
     (tmp_path / "bench-16384.json").write_text(json.dumps(bench))
+    host = {"settings": settings,
+            "results": [_record("local", 512, "longattn:cuda", "fwd", 0.1, host_overhead_ms=0.03)]}
+    (tmp_path / "bench-host.json").write_text(json.dumps(host))
+    for name, ms in (("on", 2.0), ("off", 1.9)):
+        run = {"settings": settings, "results": [_record("tglobal", 16384, "longattn:triton", "bwd", ms)]}
+        (tmp_path / f"bench-bias-{name}.json").write_text(json.dumps(run))
     t = 2 * 131072 * 2 * 4 * 2  # B * S * H * D bytes (bf16)
     memory = {"settings": settings, "results": [
         _record("local", 131072, "longattn:cuda", "fwdbwd", 1.0, peak_mem_bytes=5 * t),
         _record("tglobal", 131072, "longattn:cuda", "fwdbwd", 1.0, peak_mem_bytes=4 * t + 2 * t // 16)]}
     memory["results"][0]["S"] = memory["results"][1]["S"] = 131072 * 2  # B = 1 here: twice the tokens
     (tmp_path / "bench-memory.json").write_text(json.dumps(memory))
-    profile = {"results": [{"op": "tglobal", "backend": "triton", "pass": "bwd", "status": "ok", "us_per_call": 200.0,
-                            "launches_per_call": 3, "activities": [{"name": "_side_bias_grad_reduce",
-                                                                    "us_per_call": 10.0, "per_call": 1}]},
-                           {"op": "longformer", "globals": 64, "backend": "cuda", "pass": "fwd", "status": "ok",
+    profile = {"results": [{"op": "longformer", "globals": 64, "backend": "cuda", "pass": "fwd", "status": "ok",
                             "us_per_call": 5.0, "launches_per_call": 4, "activities": []}]}
     (tmp_path / "profile-ops.json").write_text(json.dumps(profile))
     lines = gc.targets_summary(tmp_path)
@@ -248,9 +264,10 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     assert "1 globals (<= 1.15x): cuda 1.10x (1.100 / 1.000 ms)" in text
     assert "64 globals (<= 1.15x): cuda 1.50x" in text
     assert "(<= 1.2x): 1.50x (3.000 / 2.000 ms)" in text
-    assert "kernels named *bias* 10 of 200 us (5.0%; <= 10 %)" in text
+    assert "share (1 - without / with; <= 10 %): triton 5.0% (2.000 / 1.900 ms)" in text
     assert "longformer/64 cuda fwd 4" in text
-    assert "tglobal triton fwdbwd 50; tglobal cuda fwdbwd 70" in text
+    assert "at S=512, us (fwd <= 40, fwd+bwd <= 80): local cuda fwd 30" in text
+    assert "at S=16384, us (fwd <= 40, fwd+bwd <= 80): tglobal triton fwdbwd 500; tglobal cuda fwdbwd 700" in text
     # local: (5t + 3t) / 7t; tglobal: (4t + t/8 + 3t + t/8) / (7t + t/4)
     assert lines[-1].endswith(f"local cuda {8 / 7:.2f}x; tglobal cuda {(7 + 1 / 4) / (7 + 1 / 4):.2f}x")
 

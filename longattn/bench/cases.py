@@ -38,6 +38,7 @@ class Settings:
     window: int | None = None
     globals: int = 1
     block_size: int = 16
+    bias: bool = True  # False: local / tglobal without their relative-position bias tables
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
     seed: int = 0
@@ -145,6 +146,9 @@ def build_case(op: str, S: int, settings: Settings) -> Case:
         t["side_bucket_emb"] = randn(NUM_BUCKETS, H)
         side_offsets = torch.arange(-G, G + 1, device=device)
         t["side_bias"] = t["side_bucket_emb"][t5_relative_bucket(side_offsets)].T.contiguous()  # (H, 2G+1)
+    if not st.bias:  # the tables are drawn all the same, so the other inputs are the biased case's
+        for name in ("bucket_emb", "rel_bias", "side_bucket_emb", "side_bias"):
+            t.pop(name, None)
     return case
 
 

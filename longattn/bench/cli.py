@@ -105,6 +105,9 @@ def add_parser(subparsers) -> None:
                    "Mistral/Gemma 3 sliding_window (keys per query)")
     s.add_argument("--globals", type=int, default=1, help="Longformer global tokens (default 1)")
     s.add_argument("--block-size", type=int, default=16, help="LongT5 global block size (default 16)")
+    s.add_argument("--no-bias", action="store_true",
+                   help="local and tglobal without their relative-position bias tables (the local op as Longformer's "
+                        "band runs it; the bias tables' cost is the difference; the longattn backends only)")
     s.add_argument("--dtype", choices=DTYPES, help="default bfloat16 on GPU, float32 on CPU")
     s.add_argument("--device", help="cuda or cpu (default: cuda when visible)")
     s.add_argument("--layers", type=int, help="model mode: layers (default 2; modernbert 3: one global, two "
@@ -160,7 +163,7 @@ def resolve_settings(args) -> dict:
         "seqlens": args.seqlen or _int_list((HF_GPU_SEQLEN if gpu else HF_CPU_SEQLEN) if hf else defaults["seqlen"]),
         "batch": args.batch, "heads": args.heads or (None if hf else defaults["heads"]),
         "head_dim": args.head_dim or (None if hf else 64),
-        "window": args.window, "globals": args.globals, "block_size": args.block_size,
+        "window": args.window, "globals": args.globals, "block_size": args.block_size, "bias": not args.no_bias,
         "dtype": args.dtype or defaults["dtype"], "device": device, "passes": passes,
         "backends": backends, "baselines": baselines, "check": args.check,
         "min_run_time": args.min_run_time or defaults["min_run_time"],
@@ -235,7 +238,8 @@ def run(args) -> int:
 
     shape = Settings(batch=settings["batch"], heads=settings["heads"], head_dim=settings["head_dim"],
                      window=settings["window"], globals=settings["globals"], block_size=settings["block_size"],
-                     dtype=getattr(torch, settings["dtype"]), device=settings["device"])
+                     bias=settings.get("bias", True), dtype=getattr(torch, settings["dtype"]),
+                     device=settings["device"])
     if settings["model"] in HF_FAMILIES:
         from .hf_model import describe
 

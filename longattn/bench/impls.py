@@ -70,6 +70,8 @@ def make(name: str, case: Case, grad: bool):
     """The forward function of implementation ``name`` for ``case`` (see module docstring)."""
     if name.startswith("longattn:"):
         return _make_longattn(name.split(":", 1)[1], case)
+    if case.op in ("local", "tglobal") and "rel_bias" not in case.tensors and name != "sdpa_dense":
+        raise Unavailable(f"{name} is built with the LongT5 bias tables (--no-bias times the longattn backends only)")
     if name == "hf":
         return _make_hf(case)
     if case.op not in ATTENTION_OPS:
@@ -97,7 +99,7 @@ def _make_longattn(backend: str, case: Case):
     kpm = t.get("key_padding_mask")  # None: no padding
     if case.op == "local":
         return lambda x: api.local_attention(x["q"], x["k"], x["v"], window, key_padding_mask=kpm,
-                                             rel_bias=x["rel_bias"], scale=case.scale, backend=backend)
+                                             rel_bias=x.get("rel_bias"), scale=case.scale, backend=backend)
     if case.op == "longformer":
         # max_globals given, as a model would (it knows its global count), so no host sync is timed.
         return lambda x: api.longformer_attention(x["q"], x["k"], x["v"], window, x["global_mask"],
@@ -105,8 +107,8 @@ def _make_longattn(backend: str, case: Case):
     if case.op == "tglobal":
         return lambda x: api.tglobal_attention(x["q"], x["k"], x["v"], x["side_k"], x["side_v"], window,
                                                x["query_block"], key_padding_mask=kpm, side_mask=x["side_mask"],
-                                               rel_bias=x["rel_bias"], side_bias=x["side_bias"], scale=case.scale,
-                                               backend=backend)
+                                               rel_bias=x.get("rel_bias"), side_bias=x.get("side_bias"),
+                                               scale=case.scale, backend=backend)
     return lambda x: api.block_aggregate(x["x"], x["block_ids"], case.num_blocks, weight=t["weight"],
                                          backend=backend)
 

@@ -22,19 +22,22 @@ PASS_TITLES = {"fwd": "forward", "bwd": "backward", "fwdbwd": "forward+backward"
 
 
 def git_commit() -> str | None:
-    """The checkout's commit (``+dirty`` when files differ); outside a git checkout (a copy of the tree sent
-    to a GPU machine) the ``LONGATTN_GIT_COMMIT`` environment variable, else None."""
+    """``LONGATTN_GIT_COMMIT`` when set (the commit a GPU machine's copy of the tree was sent from: that copy's own
+    ``.git``, when it has one, can be the session's stale one, seen 2026-11-30), else the checkout's commit (``+dirty``
+    when files differ), else None."""
+    explicit = os.environ.get("LONGATTN_GIT_COMMIT") or None
+    if explicit:
+        return explicit
     root = Path(__file__).resolve().parents[2]
-    fallback = os.environ.get("LONGATTN_GIT_COMMIT") or None
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if sha.returncode:
-            return fallback
+            return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return None
 
 
 def run_info(settings: dict) -> dict:

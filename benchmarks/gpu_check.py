@@ -19,8 +19,9 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   bias tables and with the same window, S=16384, Triton and CUDA), ``bench-memory`` (target 6: fwd+bwd
                   peak memory of every op at S=131072), ``profile`` (target 2: ``benchmarks/profile_ops.py``, each
                   op's kernels, launches and GPU time per call), ``bench-bias`` (target 5: TGlobal's backward with
-                  and without its bias tables) and ``bench-host`` (target 3: every op at S=512, where wall minus GPU
-                  time is the host's cost);
+                  and without its bias tables), ``bench-host`` (target 3: every op at S=512, where wall minus GPU
+                  time is the host's cost) and ``host-profile`` (``benchmarks/host_profile.py``: where that host time
+                  goes, by cProfile, into ``OUTDIR/host-profile.txt``);
 5. ``memcheck``, ``racecheck``  compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once,
                   small shapes);
    ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths 2048,16384,4096,9000: padded vs packed
@@ -242,6 +243,8 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
              cmd=[py, str(ROOT / "benchmarks" / "profile_ops.py"), "--json", str(outdir / "profile-ops.json")]),
         Step("bench-bias", 20, 90, needs_gpu=True, cmd=bias_cmd(py, outdir)),
         Step("bench-host", 20, 90, needs_gpu=True, cmd=host_cmd(py, outdir)),
+        Step("host-profile", 20, 90, needs_gpu=True,
+             cmd=[py, str(ROOT / "benchmarks" / "host_profile.py"), "--out", str(outdir / "host-profile.txt")]),
         Step("memcheck", 30, 120, needs_gpu=True,
              cmd=[sanitizer, "--tool", "memcheck", "--error-exitcode", "3", py, sanitize_script]),
         Step("racecheck", 30, 150, needs_gpu=True,

@@ -44,3 +44,19 @@ def test_cpu_run_lists_each_pass_and_writes_the_run(tmp_path, capsys):
     assert "aten::bmm" not in {a["name"] for a in rows[0]["activities"]} or \
         "aten::matmul" not in {a["name"] for a in rows[0]["activities"]}
     assert "local" in capsys.readouterr().out
+
+
+def test_host_profile_plumbing_on_cpu(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("host_profile", ROOT / "benchmarks" / "host_profile.py")
+    hp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hp)
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("the CPU plumbing run: on a GPU the script profiles the kernel backends")
+    out = tmp_path / "host.txt"
+    assert hp.main(["--seqlen", "32", "--op", "aggregate", "--calls", "3", "--top", "5", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "aggregate  torch  fwd" in text and "aggregate  torch  fwdbwd" in text
+    assert text.count("==== aggregate torch") == 2 and "Ordered by: internal time" in text
+    assert "us per call" in capsys.readouterr().out

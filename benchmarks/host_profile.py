@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longattn.bench import impls, timing  # noqa: E402
-from longattn.bench.cases import OPS, Settings, build_case  # noqa: E402
+from longattn.bench.cases import OPS, Settings, build_case, script_settings  # noqa: E402
 from longattn.bench.runner import _pass_fn  # noqa: E402
 
 
@@ -88,8 +88,7 @@ def main(argv=None) -> int:
         p.error(f"--op: unknown {sorted(set(ops) - set(OPS))}; expected some of {OPS}")
     if args.calls < 1 or args.top < 1:
         p.error("--calls and --top: positive integers")
-    settings = (Settings(heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda") if on_gpu
-                else Settings(heads=2, head_dim=32, dtype=torch.float32, device="cpu"))
+    settings = script_settings(on_gpu)
     report = run(ops, [b for b in args.backend.split(",") if b], args.seqlen, args.calls, args.top, settings)
     print(report.split("\n\n", 1)[0])
     if args.out:

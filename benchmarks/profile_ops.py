@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longattn.bench import impls, output, timing  # noqa: E402
-from longattn.bench.cases import OPS, Settings, build_case  # noqa: E402
+from longattn.bench.cases import OPS, Settings, build_case, script_settings  # noqa: E402
 from longattn.bench.runner import _pass_fn  # noqa: E402
 
 CALLS = 3  # profiled calls per pass (after one warm-up): the per-call figures are their mean
@@ -109,8 +109,7 @@ def main(argv=None) -> int:
     unknown = set(ops) - set(OPS)
     if unknown:
         p.error(f"--op: unknown {sorted(unknown)}; expected some of {OPS}")
-    settings = (Settings(heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda") if on_gpu
-                else Settings(heads=2, head_dim=32, dtype=torch.float32, device="cpu"))
+    settings = script_settings(on_gpu)
     counts = tuple(int(g) for g in args.globals.split(",") if g)
     results = run(ops, [b for b in args.backend.split(",") if b], args.seqlen, counts, settings)
     info = output.run_info({"mode": "profile-ops", "device": settings.device, "seqlens": [args.seqlen],

@@ -77,6 +77,14 @@ class Case:
         return f"{self.op} B={self.B} S={self.S} H={self.H} D={self.D} window={self.window[0]}{extra}"
 
 
+def script_settings(on_gpu: bool) -> Settings:
+    """The shape of the benchmark scripts beside the bench (``benchmarks/profile_ops.py``, ``host_profile.py``):
+    DESIGN.md's standard shape on a GPU (B=1, H=12, D=64, bf16), a small float32 one on CPU (their plumbing runs)."""
+    if on_gpu:
+        return Settings(heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda")
+    return Settings(heads=2, head_dim=32, dtype=torch.float32, device="cpu")
+
+
 def t5_relative_bucket(relative_position: torch.Tensor, num_buckets: int = NUM_BUCKETS,
                        max_distance: int = MAX_DISTANCE) -> torch.Tensor:
     """T5's bidirectional relative-position bucket (the formula of HF's ``_relative_position_bucket``)."""

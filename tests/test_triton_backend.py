@@ -248,7 +248,7 @@ def ptxas_usage(ptx: str) -> str:
 
 # Kernel flags shown next to each compiled kernel's register / spill line.
 _SHOWN = ("BACKWARD", "SIDE", "SIDE_INDEX", "HAS_DROPOUT", "BLOCK_D", "HAS_RANGES", "HAS_KRANGES", "HAS_HALO",
-          "HAS_DLSE", "HAS_DOFFSET")
+          "HAS_DLSE", "HAS_DOFFSET", "PERSISTENT")
 
 
 def compile_sm90(fn, constexprs: dict, warps: int, types: dict | None = None, none_args=()) -> str:
@@ -291,6 +291,9 @@ def compile_all_for_sm90():
         for dropout in (False, True):  # HAS_DROPOUT: the Philox keep mask in every attention kernel
             for backward in (False, True):
                 build(band_side._rows_kernel, dict(BACKWARD=backward, **flags, **tiles, HAS_DROPOUT=dropout), warps)
+            # the dQ pass of long sequences (_common.query_programs): runs of query tiles, one bias row each
+            build(band_side._rows_kernel, dict(BACKWARD=True, PERSISTENT=True, **flags, **tiles, HAS_DROPOUT=dropout),
+                  warps)
             for side in (False, True):
                 build(band_side._keys_kernel, dict(SIDE=side, **flags, **tiles, HAS_DROPOUT=dropout), warps)
         # Longformer's band pass: side keys read through the slot index, row masks in the kernel, no biases

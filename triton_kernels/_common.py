@@ -95,6 +95,41 @@ def split_count(n_programs: int, n_units: int, device=None, *, waves: int = 4, c
     return max(1, min(n_units, cdiv(waves * num_sms(device), n_programs), cap))
 
 
+# The dQ pass's bias-gradient partials (``bias_grad.partials``) may take this much: a quarter of q's bytes (about 1/28
+# of the memory floor of q, k, v, o and their gradients), and at least _PARTIAL_MIN_BYTES, so that small problems
+# (LongT5 TGlobal at S = 16384, B = 1, H = 12: 30 MiB) keep one query tile per program.
+_PARTIAL_SHARE = 4
+_PARTIAL_MIN_BYTES = 32 << 20
+
+
+@functools.cache
+def query_programs(n_rows: int, n_tiles: int, row_bytes: int, q_bytes: int, device=None, *, waves: int = 4) -> int:
+    """dQ programs per (b, h) (``band_side._rows_kernel``), each owning one partial row of ``row_bytes`` for its run of
+    consecutive query tiles (with fewer programs than tiles: PERSISTENT, the runs balanced to within one tile), so
+    the partials take ``n_rows * programs * row_bytes`` bytes, ``n_rows = B * H``. A partial row's side columns number
+    2G + L (G ~ S / block length), so one row per query tile would be quadratic in S (LongT5 TGlobal at S = 131072:
+    1.6 GB); the one split heuristic of the dQ pass, next to ``split_count``.
+
+    ``n_tiles`` (one tile per program, the kernel compiled as without persistence) when their rows fit the budget,
+    ``max(_PARTIAL_MIN_BYTES, q_bytes / _PARTIAL_SHARE)``. Otherwise as many as fit, but never fewer than keep
+    ``waves`` waves of the device's SMs busy (memory then gives way), then rounded down (by at most a quarter) to fill
+    the last wave best: a program holds an SM alone (255 registers x 8 warps on sm_90), and a run of ~30 tiles leaves
+    no later programs to fill a part-empty last wave. Under the interpreter: about 2 tiles per program on multi-tile
+    inputs with partials, so tests cross the accumulate path."""
+    if row_bytes == 0 or n_tiles < 2:
+        return n_tiles
+    if interpreting():
+        return cdiv(n_tiles, 2)
+    column = n_rows * row_bytes  # one program per (b, h)
+    budget = max(_PARTIAL_MIN_BYTES, q_bytes // _PARTIAL_SHARE)
+    if n_tiles * column <= budget:
+        return n_tiles
+    sms = num_sms(device)
+    programs = min(n_tiles, max(budget // column, cdiv(waves * sms, n_rows)))
+    return max(range(programs - programs // 4, programs + 1),
+               key=lambda p: (n_rows * p / (sms * cdiv(n_rows * p, sms)), p))
+
+
 def head_dim_block(D: int) -> int:
     """Head dim padded to a power of two >= 16 (tl.dot's minimum); the pad columns are masked to zero."""
     return max(16, next_power_of_2(D))

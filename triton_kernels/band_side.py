@@ -2,7 +2,8 @@
 
 Kernels:
 
-- ``_rows_kernel``: one program per (query tile, batch * head). It walks the key tiles of its band, then the
+- ``_rows_kernel``: one program per (query tile, batch * head) (a backward with large bias partials: per run of
+  consecutive query tiles, ``_common.query_programs``). It walks the key tiles of its band, then the
   side-key tiles, in one loop structure; ``BACKWARD`` picks the per-tile step: the online softmax (forward,
   saving the row log-sum-exp) or the dQ accumulation (backward), which also sums each tile's dS by bias-table
   entry in registers (``bias_grad``: one float32 partial row per program). Its backward also computes and
@@ -51,6 +52,7 @@ from ._common import (
     load_query_block,
     load_ranges,
     load_rows,
+    query_programs,
     range_arg,
     range_mask,
     range_tiles,
@@ -224,7 +226,7 @@ def _rows_kernel(
     stride_qgs=None, stride_qgh=None, stride_kgb=None, stride_kgs=None, stride_kgh=None, stride_vgb=None,
     stride_vgs=None, stride_vgh=None, GLse=None, PartO=None, PartL=None, Counter=None, GKMask=None, GKRange=None,
     GTBounds=None, keys_per_split=None, splits=None, HAS_GKMASK: tl.constexpr = False,
-    HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
+    HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16, PERSISTENT: tl.constexpr = False,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Out, Lse, writes Delta) of one query tile.
 
@@ -233,8 +235,14 @@ def _rows_kernel(
     it: the query tiles of the grid cover every row [0, S) of every (b, h), and no program returns early.
 
     The backward with a bias table also writes this program's row of bias-gradient partial sums into Part
-    (``bias_grad``: band_width + side_width float32 columns per (b, query tile, h)). Grouped-query attention:
+    (``bias_grad``: band_width + side_width float32 columns per (b, program, h)). Grouped-query attention:
     K, V, SK, SV have ``H // GROUP`` heads; query head h reads K/V head ``h // GROUP``.
+
+    PERSISTENT (backward with bias tables; ``_common.query_programs``): fewer query programs P than tiles; program p
+    of axis 0 (after any lead programs) owns query tiles ``[p * n / P, (p + 1) * n / P)`` (n = cdiv(S, BLOCK_M),
+    rounded down) and one bias row for all of them: zeroed first, then each tile adds its sums into it (``bias_grad``'s
+    ACCUMULATE stores), so the partials hold one row per program, not per tile. Off, a program is one query tile,
+    compiled as before.
 
     SIDE_INDEX: SK, SV are (B, S, H // GROUP, D) (the band K, V) and side key g of batch row b is row
     ``SIdx[b, g]`` (rows ``stride_ib`` apart), read in place. Forward only: with HAS_QMASK rows i where
@@ -288,158 +296,179 @@ def _rows_kernel(
         pid_m -= n_lead
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows = offs_m[:, None]
-    row_ok = offs_m < S
+    first = pid_m  # this program's query tiles: [first, first + n_own)
+    n_own = 1
+    n_programs = n_tiles
+    if PERSISTENT:  # one bias row for n_own tiles: zeroed here, every tile adds its sums into it (ACCUMULATE)
+        n_tiles = tl.cdiv(S, BLOCK_M)
+        first = (pid_m.to(tl.int64) * n_tiles // n_programs).to(tl.int32)  # runs balanced to within one tile
+        n_own = ((pid_m + 1).to(tl.int64) * n_tiles // n_programs).to(tl.int32) - first
+        zero_fill(Part + ((b * n_programs + pid_m) * H + h) * (band_width + side_width), 0, band_width + side_width,
+                  1024)
+    # n_own = 1 (not PERSISTENT): a constant trip count of 1, folded away: the kernel is compiled as without the loop.
+    # disable_licm: the tile-invariant values stay inside the loop (hoisted out, live through all of it, they cost
+    # sm_90 D = 64 without dropout 604 bytes of spill stores against 272, the side-key loop's among them).
+    for j in tl.range(0, n_own, disable_licm=True):
+        m_tile = first + j
+        if PERSISTENT:
+            tl.debug_barrier()  # the zero fill's and the previous tile's stores are visible to every thread
+        m0 = m_tile * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        rows = offs_m[:, None]
+        row_ok = offs_m < S
 
-    q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), offs_m, S, stride_qs, offs_d, D)
-    pid_kv = kv_program(pid_bh, H, GROUP)
-    k_base = K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh)
-    v_base = V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh)
-    stat_ptrs = pid_bh.to(tl.int64) * S + offs_m  # (B, H, S) contiguous statistics
-    do = q  # unused in the forward
-    lse = tl.zeros([BLOCK_M], dtype=tl.float32)
-    delta = lse
-    if BACKWARD:
-        do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
-        lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))
-        delta = _row_delta(do, Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), offs_m, S, stride_os,
-                           offs_d, D, lse, DLse, stat_ptrs, HAS_DLSE)
-        tl.store(Delta + stat_ptrs, delta, mask=row_ok)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    BIAS_L: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # bias_grad's skewed tile width
-    bias_row = Part + ((b * n_tiles + pid_m) * H + h) * (band_width + side_width)
+        q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), offs_m, S, stride_qs, offs_d, D)
+        pid_kv = kv_program(pid_bh, H, GROUP)
+        k_base = K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh)
+        v_base = V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh)
+        stat_ptrs = pid_bh.to(tl.int64) * S + offs_m  # (B, H, S) contiguous statistics
+        do = q  # unused in the forward
+        lse = tl.zeros([BLOCK_M], dtype=tl.float32)
+        delta = lse
+        if BACKWARD:
+            do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
+            lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))
+            delta = _row_delta(do, Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), offs_m, S, stride_os,
+                               offs_d, D, lse, DLse, stat_ptrs, HAS_DLSE)
+            tl.store(Delta + stat_ptrs, delta, mask=row_ok)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        BIAS_L: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # bias_grad's skewed tile width
+        bias_row = Part + ((b * n_programs + pid_m) * H + h) * (band_width + side_width)  # this program's row
 
-    # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
-    # reachable keys [key_lo, key_hi)).
-    n_start = m0 - left
-    halo = None
-    if HAS_HALO:
-        hk_base = HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh)
-        hv_base = HV + batch_head_offset(pid_kv, H // GROUP, stride_hvb, stride_hvh)
-        halo = (key_lo, key_hi, HMask + b * n_halo, halo_left)
-        t_lo = tl.maximum(0, key_lo - n_start) // BLOCK_N
-        t_hi = (tl.minimum(key_hi - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
-    else:
-        t_lo = tl.maximum(0, -n_start) // BLOCK_N
-        t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
-    bounds = TBounds + (b * n_tiles + pid_m) * 8  # this tile's row of _common.tile_bounds
-    if HAS_KRANGES:
-        t_lo, t_hi = range_tiles(t_lo, t_hi, n_start, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
-        cover_lo, cover_hi = tl.load(bounds + 2), tl.load(bounds + 3)
-    if BACKWARD and HAS_BBIAS:  # band entry t = tt * BLOCK_N + c - r in tile tt: column tt * BLOCK_N + c + shift
-        band_shift = (BLOCK_M - 1) - tl.arange(0, BLOCK_M)
-        zero_fill(bias_row, 0, t_lo * BLOCK_N, BLOCK_N)
-        carry = tl.zeros([BIAS_L], dtype=tl.float32)
-    # With a halo, a query tile whose band stays inside [0, S) runs today's loop (part 0: plain loads, no halo mask);
-    # one reaching outside (those within left / right of the ends) walks its tiles reading through the halo (part 1).
-    # Two loops, one of them empty, rather than one with a per-tile branch or select: the loads stay pipelined and
-    # today's loop keeps its instructions (sm_90 SASS, D = 64, all masks and biases: forward 713 -> 717 per tile,
-    # dQ without spills inside either loop; the halo loop first spilled inside both).
-    for part in tl.static_range(2 if HAS_HALO else 1):
-        t_begin = t_lo
-        t_end = t_hi
+        # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
+        # reachable keys [key_lo, key_hi)).
+        n_start = m0 - left
+        halo = None
         if HAS_HALO:
-            reach_out = (n_start < 0) | (m0 + BLOCK_M - 1 + right >= S)
-            if part == 0:
-                t_end = tl.where(reach_out, t_lo, t_hi)
-            else:
-                t_begin = tl.where(reach_out, t_lo, t_hi)
-        for t in range(t_begin, t_end):
-            n0 = n_start + t * BLOCK_N
-            cols = n0 + offs_n
-            if HAS_HALO and part == 1:
-                k = load_halo_rows(k_base, hk_base, cols, S, stride_ks, stride_hks, halo, offs_d, D, HALO_ALIGN)
-                v = load_halo_rows(v_base, hv_base, cols, S, stride_vs, stride_hvs, halo, offs_d, D, HALO_ALIGN)
-            else:
-                k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
-                v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-            edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
-            s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
-                            KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO and part == 1, HAS_HMASK)
-            if HAS_KRANGES:
-                s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
-                                  BLOCK_N)
-            z = s
-            if HAS_DROPOUT:  # band tiles start at m0 - left: any alignment
-                z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, False, False, drop_offset,
-                                HAS_DOFFSET)
-            m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
-                                           DOT_PREC)
-            if BACKWARD and HAS_BBIAS:
-                carry = chain_add(carry, shifted_column_sums(ds, band_shift, BIAS_L), bias_row, t * BLOCK_N,
-                                  band_width, BLOCK_N, False)
-    if BACKWARD and HAS_BBIAS:
-        chain_flush(carry, bias_row, (t_hi - 1) * BLOCK_N, band_width, BLOCK_N, False)
-        zero_fill(bias_row, (t_hi - 1) * BLOCK_N + BIAS_L, band_width, BLOCK_N)
-
-    # Side keys: extra tiles of the same loop (always masked: g < G and side_mask).
-    qb = tl.zeros([BLOCK_M], dtype=tl.int32)
-    if HAS_SBIAS:
-        qb = load_query_block(QBlock + b * S, offs_m, row_ok, G)
-    sk_base = SK + batch_head_offset(pid_kv, H // GROUP, stride_skb, stride_skh)
-    sv_base = SV + batch_head_offset(pid_kv, H // GROUP, stride_svb, stride_svh)
-    side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G,
-            SIdx + b * stride_ib, S if SIDE_INDEX else G)
-    side_row = bias_row + band_width
-    if G > 0:
-        g_begin = 0  # side tiles [g_begin, g_end) in steps of BLOCK_N
-        g_end = G
-        if HAS_SRANGES:
-            g_begin, g_end = _side_span(bounds, G, BLOCK_N)
-        if BACKWARD and HAS_SBIAS:  # side entry g - qb + G: column (G - qhi + g0) + c + shift (see bias_grad)
-            qhi, side_shift, _ = side_group(qb, row_ok, BIAS_L)
-            zero_fill(side_row, 0, tl.minimum(G - qhi + g_begin, side_width), BLOCK_N)
+            hk_base = HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh)
+            hv_base = HV + batch_head_offset(pid_kv, H // GROUP, stride_hvb, stride_hvh)
+            halo = (key_lo, key_hi, HMask + b * n_halo, halo_left)
+            t_lo = tl.maximum(0, key_lo - n_start) // BLOCK_N
+            t_hi = (tl.minimum(key_hi - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+        else:
+            t_lo = tl.maximum(0, -n_start) // BLOCK_N
+            t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+        bounds = TBounds + (b * n_tiles + m_tile) * 8  # this tile's row of _common.tile_bounds
+        if HAS_KRANGES:
+            t_lo, t_hi = range_tiles(t_lo, t_hi, n_start, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
+            cover_lo, cover_hi = tl.load(bounds + 2), tl.load(bounds + 3)
+        if BACKWARD and HAS_BBIAS:  # band entry t = tt * BLOCK_N + c - r in tile tt: column tt * BLOCK_N + c + shift
+            band_shift = (BLOCK_M - 1) - tl.arange(0, BLOCK_M)
+            if not PERSISTENT:
+                zero_fill(bias_row, 0, t_lo * BLOCK_N, BLOCK_N)
             carry = tl.zeros([BIAS_L], dtype=tl.float32)
-        for g0 in range(g_begin, g_end, BLOCK_N):
-            k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
-                                 DOT_PREC)
-            if HAS_SRANGES:  # every side tile masked: a cover test here costs the dQ kernel's bias sums spills
-                s = range_mask(s, (g0 + offs_n)[None, :], *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
-            z = s
-            if HAS_DROPOUT:
-                z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True, drop_offset,
-                                HAS_DOFFSET)
-            m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
-                                           DOT_PREC)
-            if BACKWARD and HAS_SBIAS:
-                carry = chain_add(carry, grouped_column_sums(ds, side_shift, BIAS_L, DOT_PREC), side_row, G - qhi + g0,
-                                  side_width, BLOCK_N, False)
-        if BACKWARD and HAS_SBIAS:
-            last = G - qhi + g_begin + (tl.cdiv(g_end - g_begin, BLOCK_N) - 1) * BLOCK_N  # the last tile's column
-            chain_flush(carry, side_row, last, side_width, BLOCK_N, False)
-            zero_fill(side_row, last + BIAS_L, side_width, BLOCK_N)
+        # With a halo, a query tile whose band stays inside [0, S) runs today's loop (part 0: plain loads, no halo
+        # mask); one reaching outside (those within left / right of the ends) walks its tiles reading through the halo
+        # (part 1).
+        # Two loops, one of them empty, rather than one with a per-tile branch or select: the loads stay pipelined and
+        # today's loop keeps its instructions (sm_90 SASS, D = 64, all masks and biases: forward 713 -> 717 per tile,
+        # dQ without spills inside either loop; the halo loop first spilled inside both).
+        for part in tl.static_range(2 if HAS_HALO else 1):
+            t_begin = t_lo
+            t_end = t_hi
+            if HAS_HALO:
+                reach_out = (n_start < 0) | (m0 + BLOCK_M - 1 + right >= S)
+                if part == 0:
+                    t_end = tl.where(reach_out, t_lo, t_hi)
+                else:
+                    t_begin = tl.where(reach_out, t_lo, t_hi)
+            for t in range(t_begin, t_end):
+                n0 = n_start + t * BLOCK_N
+                cols = n0 + offs_n
+                if HAS_HALO and part == 1:
+                    k = load_halo_rows(k_base, hk_base, cols, S, stride_ks, stride_hks, halo, offs_d, D, HALO_ALIGN)
+                    v = load_halo_rows(v_base, hv_base, cols, S, stride_vs, stride_hvs, halo, offs_d, D, HALO_ALIGN)
+                else:
+                    k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
+                    v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+                edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
+                s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
+                                KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO and part == 1, HAS_HMASK)
+                if HAS_KRANGES:
+                    s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
+                                      BLOCK_N)
+                z = s
+                if HAS_DROPOUT:  # band tiles start at m0 - left: any alignment
+                    z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, False, False,
+                                    drop_offset, HAS_DOFFSET)
+                m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
+                                               DOT_PREC)
+                if BACKWARD and HAS_BBIAS:
+                    carry = chain_add(carry, shifted_column_sums(ds, band_shift, BIAS_L), bias_row, t * BLOCK_N,
+                                      band_width, BLOCK_N, PERSISTENT)
+        if BACKWARD and HAS_BBIAS:
+            chain_flush(carry, bias_row, (t_hi - 1) * BLOCK_N, band_width, BLOCK_N, PERSISTENT)
+            if not PERSISTENT:
+                zero_fill(bias_row, (t_hi - 1) * BLOCK_N + BIAS_L, band_width, BLOCK_N)
 
-    res_base = Res + batch_head_offset(pid_bh, H, stride_rb, stride_rh)
-    if BACKWARD:
-        store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
-        if HAS_SBIAS:  # after dq's store: acc's registers are free for these (usually absent) passes
-            _side_bias_passes(q, do, lse, delta, QBlock + b * S, offs_m, S, side_row, side_width, side, G, D, scale,
-                              (Rng, pid_bh, drop_thresh, drop_scale), (SRange + b * 2 * S, bounds), HAS_SMASK,
-                              SIDE_INDEX, BLOCK_N, BLOCK_D, BIAS_L, HAS_DROPOUT, DOT_PREC, HAS_SRANGES, drop_offset,
-                              HAS_DOFFSET)
-    else:
-        has_key = l_i > 0.0
-        out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
-        out_rows = offs_m
-        real = row_ok
-        if HAS_QMASK:
-            real = tl.load(QMask + b * S + offs_m, mask=row_ok, other=0) != 0
-            out = tl.where(real[:, None], out, 0.0)
-        if GLOBAL_ROWS:  # a used slot's row is the global rows' (combine_when_last): not stored here
-            out_rows = tl.where(_slot_row(KMask + b * S, SIdx + b * stride_ib, SMask + b * G, offs_m, row_ok, real, G),
-                                -1, offs_m)
-        store_rows(res_base, out, out_rows, S, stride_rs, offs_d, D)
-        row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
-        if KMASK_ROWS:
-            row_lse = tl.where(tl.load(KMask + b * S + offs_m, mask=row_ok, other=0) != 0, row_lse, float("inf"))
-        tl.store(Lse + stat_ptrs, row_lse, mask=row_ok)
+        # Side keys: extra tiles of the same loop (always masked: g < G and side_mask).
+        qb = tl.zeros([BLOCK_M], dtype=tl.int32)
+        if HAS_SBIAS:
+            qb = load_query_block(QBlock + b * S, offs_m, row_ok, G)
+        sk_base = SK + batch_head_offset(pid_kv, H // GROUP, stride_skb, stride_skh)
+        sv_base = SV + batch_head_offset(pid_kv, H // GROUP, stride_svb, stride_svh)
+        side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G,
+                SIdx + b * stride_ib, S if SIDE_INDEX else G)
+        side_row = bias_row + band_width
+        if G > 0:
+            g_begin = 0  # side tiles [g_begin, g_end) in steps of BLOCK_N
+            g_end = G
+            if HAS_SRANGES:
+                g_begin, g_end = _side_span(bounds, G, BLOCK_N)
+            if BACKWARD and HAS_SBIAS:  # side entry g - qb + G: column (G - qhi + g0) + c + shift (see bias_grad)
+                qhi, side_shift, _ = side_group(qb, row_ok, BIAS_L)
+                if not PERSISTENT:
+                    zero_fill(side_row, 0, tl.minimum(G - qhi + g_begin, side_width), BLOCK_N)
+                carry = tl.zeros([BIAS_L], dtype=tl.float32)
+            for g0 in range(g_begin, g_end, BLOCK_N):
+                k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
+                                     DOT_PREC)
+                if HAS_SRANGES:  # every side tile masked: a cover test here costs the dQ kernel's bias sums spills
+                    s = range_mask(s, (g0 + offs_n)[None, :], *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
+                z = s
+                if HAS_DROPOUT:
+                    z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True, drop_offset,
+                                    HAS_DOFFSET)
+                m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
+                                               DOT_PREC)
+                if BACKWARD and HAS_SBIAS:
+                    sums = grouped_column_sums(ds, side_shift, BIAS_L, DOT_PREC)
+                    carry = chain_add(carry, sums, side_row, G - qhi + g0, side_width, BLOCK_N, PERSISTENT)
+            if BACKWARD and HAS_SBIAS:
+                last = G - qhi + g_begin + (tl.cdiv(g_end - g_begin, BLOCK_N) - 1) * BLOCK_N  # the last tile's column
+                chain_flush(carry, side_row, last, side_width, BLOCK_N, PERSISTENT)
+                if not PERSISTENT:
+                    zero_fill(side_row, last + BIAS_L, side_width, BLOCK_N)
+
+        res_base = Res + batch_head_offset(pid_bh, H, stride_rb, stride_rh)
+        if BACKWARD:
+            store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
+            if HAS_SBIAS:  # after dq's store: acc's registers are free for these (usually absent) passes
+                _side_bias_passes(q, do, lse, delta, QBlock + b * S, offs_m, S, side_row, side_width, side, G, D, scale,
+                                  (Rng, pid_bh, drop_thresh, drop_scale), (SRange + b * 2 * S, bounds), HAS_SMASK,
+                                  SIDE_INDEX, BLOCK_N, BLOCK_D, BIAS_L, HAS_DROPOUT, DOT_PREC, HAS_SRANGES, drop_offset,
+                                  HAS_DOFFSET)
+        else:
+            has_key = l_i > 0.0
+            out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
+            out_rows = offs_m
+            real = row_ok
+            if HAS_QMASK:
+                real = tl.load(QMask + b * S + offs_m, mask=row_ok, other=0) != 0
+                out = tl.where(real[:, None], out, 0.0)
+            if GLOBAL_ROWS:  # a used slot's row is the global rows' (combine_when_last): not stored here
+                slot = _slot_row(KMask + b * S, SIdx + b * stride_ib, SMask + b * G, offs_m, row_ok, real, G)
+                out_rows = tl.where(slot, -1, offs_m)
+            store_rows(res_base, out, out_rows, S, stride_rs, offs_d, D)
+            row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
+            if KMASK_ROWS:
+                row_lse = tl.where(tl.load(KMask + b * S + offs_m, mask=row_ok, other=0) != 0, row_lse, float("inf"))
+            tl.store(Lse + stat_ptrs, row_lse, mask=row_ok)
 
 
 @triton.jit
@@ -739,10 +768,11 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     Launches, in stream order: the dQ pass (which also writes delta, read by the later passes), the band dK/dV
     pass, the side keys' dK/dV pass (G > 0), then at most one ``bias_grad.reduce_partials`` launch that sums every
     float32 partial of the backward in a fixed order: the bias tables' rows (the dQ kernel sums dS by table entry
-    per query tile, ``bias_grad``) and the side keys' dK/dV over query chunks. Side keys' dK/dV: every query
-    attends every side key, so one program per side-key tile would walk all S queries (e.g. Longformer's single
-    global token: B * H programs for the whole GPU); the query range is therefore split into ``side_splits``
-    chunks (one chunk writes dside_k, dside_v directly). No torch op runs besides allocations.
+    per query tile into one row per dQ program, ``bias_grad``; a program of several tiles when one row per tile
+    would exceed ``_common.query_programs``' budget) and the side keys' dK/dV over query chunks. Side keys'
+    dK/dV: every query attends every side key, so one program per side-key tile would walk all S queries (e.g.
+    Longformer's single global token: B * H programs for the whole GPU); the query range is therefore split into
+    ``side_splits`` chunks (one chunk writes dside_k, dside_v directly). No torch op runs besides allocations.
 
     With ``side_index`` (see ``forward``) the side keys' dK/dV are added into dk/dv at the rows it names (kept
     slots must name distinct rows) by the reduction launch, and dside_k, dside_v are returned empty.
@@ -775,15 +805,17 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
                 BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps)
     n_tiles = cdiv(S, BLOCK_M)
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
-    part = bias_grad.partials(B, n_tiles, H, widths, delta)
+    n_programs = query_programs(B * H, n_tiles, 4 * sum(widths), q.numel() * q.element_size(), q.device)
+    persistent = dict(PERSISTENT=True) if n_programs < n_tiles else {}  # programs of several tiles, one bias row each
+    part = bias_grad.partials(B, n_programs, H, widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     rows_role, keys_role = (fused_rows.role(True), fused_rows.keys_role()) if fused_rows is not None else ({}, {})
-    _rows_kernel[(n_tiles + rows_role.get("n_lead", 0), B * H)](
+    _rows_kernel[(n_programs + rows_role.get("n_lead", 0), B * H)](
         q, k, v, *_side_or_dummy(side_k, side_v, q), dout, out, dq, lse, delta, *extra, part, sidx, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, SIDE_INDEX=indexed,
-        **ranged, **meta, **halo, **delta_lse, **rows_role,
+        **ranged, **meta, **halo, **delta_lse, **rows_role, **persistent,
     )
     halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
     _keys_kernel[(cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](

@@ -5,7 +5,9 @@ backward's one fixed-order reduction of float32 partials (``reduce_partials``).
 ``t - G + query_block[b, i]`` (side). The dQ program of a query tile (``band_side._rows_kernel`` with
 ``BACKWARD``) already holds dS for each of its key tiles; the helpers here sum it by table entry in registers
 and write one float32 row of partial sums per program (``partials``); ``reduce_partials`` sums the rows over
-programs in a fixed order. No atomics, no second pass over q/k/v: two runs are bitwise equal.
+programs in a fixed order. No atomics, no second pass over q/k/v: two runs are bitwise equal. A program of several
+query tiles (``PERSISTENT``, when one row per tile would not fit ``_common.query_programs``' budget) zeroes its row
+and adds each tile's sums into it in tile order (the ACCUMULATE stores below).
 
 Row-shifted column sums. In a (BLOCK_M, BLOCK_N) tile, dS[r, c] belongs to table entry ``e0 + c + shift[r]``:
 - band key tile ``tt`` of query tile ``m0`` (its keys start at ``m0 - left + tt * BLOCK_N``, see ``_common``):
@@ -26,12 +28,17 @@ and add into the row (``ACCUMULATE``); most programs run none.
 Precision: float32 sums of float32 dS; the one-hot product rounds dS to TF32 (10-bit mantissa, finer than the
 bf16/fp16 rounding of dS in dQ's own product) for 16-bit inputs and is exact ("ieee") for float32 inputs.
 
-Partial rows (``partials``): program (b, query tile, h) owns one row of ``band_width + side_width`` floats;
-band entry t is column ``t + BLOCK_M - 1``, side entry e is column ``band_width + e``. Every column is written
-by its program (the entries its tiles never reach with zeros), so the buffer needs no initialisation.
-LongT5 TGlobal at S = 16384, H = 12, G = 1024, W = 255 with 64 x 64 tiles (L = 128): 384 band + 2176 side
-columns x 256 query tiles x 12 heads = 30 MiB per batch row, written once and read once by the reduction
-(~20 us of HBM time on an H100, against a backward of several ms).
+Partial rows (``partials``): dQ program (b, p, h) owns one row of ``band_width + side_width`` floats; band entry
+t is column ``t + BLOCK_M - 1``, side entry e is column ``band_width + e``. Every column is written by its program
+(the entries its tiles never reach with zeros; PERSISTENT: the whole row zeroed first), so the buffer needs no
+initialisation. The side columns grow with G ~ S, so one row per query tile is quadratic in S; ``query_programs``
+keeps one per tile while the rows fit max(32 MiB, q's bytes / 4), else fewer programs of consecutive tiles.
+LongT5 TGlobal (H = 12, W = 255, G = S / 16, bf16, D = 64, 64 x 64 tiles, L = 128; B = 1, 132 SMs):
+    S = 16384:  384 + 2176 columns x 256 programs (1 tile each) x 12 heads = 30 MiB (as one row per tile);
+    S = 65536:  384 + 8320 columns x 77 programs (13-14 tiles) x 12 heads = 31 MiB (one per tile: 408 MiB);
+    S = 131072: 384 + 16512 columns x 55 programs (37-38 tiles) x 12 heads = 43 MiB (one per tile: 1584 MiB),
+written once (read and written per tile by a persistent program: L2-resident, ~66 KB) and read once by the
+reduction.
 
 The reduction (``reduce_partials``, ``_reduce_kernel``): one launch per backward, after the dK/dV passes, whose
 programs are laid out over every output it writes: the band table's gradient, the side table's, and the side
@@ -48,7 +55,10 @@ product; the three 64 x 64 x 64 wgmma products are unchanged). For LongT5 (5 ban
 tile in dQ, 5 + 16 in the dK/dV kernels at 1085 / 1175 per tile) that is 4475 extra instructions against
 45491 per query tile: 9 % of the backward if it is issue-bound, less where the tensor cores bound it. The
 separate kernel this replaced recomputed every score on the FMA units (12 ms per call on an H100, 88 % of the
-backward).
+backward). PERSISTENT (same build, all masks and biases; not timed): each chain step also loads the row's entries
+from L2 before its barrier and store; the side tile loop has 1220 instructions per tile and no spill (1227
+without), the band loop 1515 with 22 local (spill) loads per tile (1399, none without: the outer loop keeps more
+values live), against 5 band and 128 side tiles per query tile at S = 131072.
 """
 
 from __future__ import annotations
@@ -71,12 +81,12 @@ def row_widths(has_band: bool, has_side: bool, W: int, G: int, block_m: int, blo
     return band, side
 
 
-def partials(B, n_query_tiles, H, widths, like):
-    """Uninitialised float32 (B, query tiles, H, band_width + side_width) (the kernel writes every column);
-    ``like`` (never read) when there is no table to differentiate."""
+def partials(B, n_programs, H, widths, like):
+    """Uninitialised float32 (B, dQ programs per (b, h), H, band_width + side_width) (the kernel writes every
+    column); ``like`` (never read) when there is no table to differentiate."""
     if sum(widths) == 0:
         return like
-    return torch.empty(B, n_query_tiles, H, sum(widths), dtype=torch.float32, device=like.device)
+    return torch.empty(B, n_programs, H, sum(widths), dtype=torch.float32, device=like.device)
 
 
 class SideSums(NamedTuple):
@@ -120,11 +130,11 @@ def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m, side_sums
     """(dband_bias, dside_bias), contiguous in the tables' dtypes (None when absent), and the side keys' dK/dV of
     ``side_sums`` (a ``SideSums`` or None), in one launch of ``_reduce_kernel`` (none when there is nothing to
     write): each output element is its float32 partials summed in a fixed order (the programs' rows over
-    (batch row, query tile) in order; the query chunks in order), so two runs are bitwise equal. A table's
+    (batch row, dQ program) in order; the query chunks in order), so two runs are bitwise equal. A table's
     entries are columns of ``part`` (``partials``); the side table of G = 0 scores no key: zeros. ``row_sums``: a
     ``RowSums`` or None, Longformer's global-row dq (its programs after the side keys')."""
     H = next((t.shape[0] for t in (band_bias, side_bias) if t is not None), 0)
-    n_z = part.shape[0] * part.shape[1] if sum(widths) else 0  # rows of partial sums: (batch row, query tile)
+    n_z = part.shape[0] * part.shape[1] if sum(widths) else 0  # rows of partial sums: (batch row, dQ program)
     device = part.device
     dband = None if band_bias is None else torch.empty(H, W, dtype=band_bias.dtype, device=device)
     dside = None if side_bias is None else torch.empty(H, 2 * G + 1, dtype=side_bias.dtype, device=device)
@@ -183,8 +193,8 @@ def _sum_rows(Src, Dst, src_off, dst_off, cols, ok, n_z, stride_z, ACCUMULATE: t
 
 @triton.jit
 def _table_tile(Part, Dst, p, H, part_width, c0, n_cols, n_z, BLOCK_C: tl.constexpr, UNROLL: tl.constexpr):
-    """Program ``p`` of a table's gradient (H, n_cols): columns ``[c0, c0 + n_cols)`` of the partial rows (B, query
-    tiles, H, part_width) summed over (B, query tiles) (``n_z`` rows)."""
+    """Program ``p`` of a table's gradient (H, n_cols): columns ``[c0, c0 + n_cols)`` of the partial rows (B, dQ
+    programs, H, part_width) summed over (B, dQ programs) (``n_z`` rows)."""
     per_row = tl.cdiv(n_cols, BLOCK_C)
     h = p // per_row
     cols = (p % per_row) * BLOCK_C + tl.arange(0, BLOCK_C)

@@ -12,10 +12,10 @@ aggregation with dropped tokens, with and without the RMS-norm weight, per-row k
 arbitrary values), halo keys (strided halo buffers read in place, halo masks, halos wider than S and than the
 window), dropout with halo keys and a dropout offset (the kHalo dropout kernels, also with an empty halo) and the lse
 gradient (NaN where lse = +inf, which must not reach any gradient), and Longformer's band pass (side keys read in
-place through an index with out-of-range values, padding rows, the side-add kernel; the kIndexed kernels, with and
-without dropout, with and without per-row key / slot ranges) and its global rows (side_only, lse_split, the side-add
-kernel into strided destinations, the zero fill of a new dq). Exits non-zero on a CUDA error or a non-finite result;
-the sanitizer reports memory / race errors itself.
+place through an index with out-of-range values, padding rows, the finish kernel; the kIndexed kernels, with and
+without dropout, with and without per-row key / slot ranges) and its global rows (side_only, lse_split, the dK/dV
+epilogue's add into strided destinations, the zero fill of a new dq), and bias tables of each dtype (read and written
+in place). Exits non-zero on a CUDA error or a non-finite result; the sanitizer reports memory / race errors itself.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ def packed_ranges(B, S, G, gen):
 
 
 def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=True, masks=True, bias=True,
-              ranges=False, halo=None, dlse=False, dropout=None):
+              ranges=False, halo=None, dlse=False, dropout=None, bias_dtype=torch.float32):
     """``halo``: None or (HL, HR), halo keys on both sides; ``dlse``: pass a random lse gradient; ``dropout``: None or
-    (dropout_p, dropout_offset)."""
+    (dropout_p, dropout_offset); ``bias_dtype``: the bias tables' dtype (read and written in place by the kernels,
+    float64 through a float32 copy)."""
     ops = torch.ops.longattn
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -59,8 +60,8 @@ def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=Tru
         bkm[0] = False  # a batch row whose band is empty: rows with no band key
     sm = (torch.rand(B, G, generator=gen, device="cuda") > 0.3) if masks and G else None
     qb = torch.randint(-1, max(G, 1), (B, S), generator=gen, device="cuda", dtype=torch.int32) if bias else None
-    bb = torch.randn(H, left + right + 1, generator=gen, device="cuda") if bias else None
-    sb = torch.randn(H, 2 * G + 1, generator=gen, device="cuda") if bias else None
+    bb = torch.randn(H, left + right + 1, generator=gen, device="cuda").to(bias_dtype) if bias else None
+    sb = torch.randn(H, 2 * G + 1, generator=gen, device="cuda").to(bias_dtype) if bias else None
     scale = D**-0.5
     extra = {}
     if ranges:
@@ -88,7 +89,7 @@ def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=Tru
 
 
 def longformer_band(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, dropout=0.0, padding=True, ranges=False):
-    """The kIndexed kernels (side_index / query_mask / band_rows_only) and the side-add kernel: slots point at
+    """The kIndexed kernels (side_index / query_mask / band_rows_only) and the finish kernel: slots point at
     distinct tokens of k / v (a random permutation), some unused, batch row 1 with indices outside [0, S) (read as
     zeros, given no gradient); padded rows and globals among the band rows' complement. ``ranges``: the packed band
     pass (the kIndexed && kRanges kernels), key ranges over the band keys and side ranges over the G slots, packed in
@@ -235,6 +236,10 @@ def main() -> int:
     band_side(torch.bfloat16, 64, S=1, G=1, left=0, right=0)  # a single token
     band_side(torch.float16, 64, S=130, G=0, left=129, right=129)  # dense window
     print("band_side edge cases ok")
+    for bias_dtype in (torch.float16, torch.bfloat16, torch.float64):  # the tables read / written in their dtype
+        band_side(torch.bfloat16, 64, bias_dtype=bias_dtype)
+    band_side(torch.float16, 64, S=1000, G=10, left=20, right=20)  # several query chunks: the finish kernel's sums
+    print("band_side bias dtypes and side-key chunks ok")
     for D in (32, 64, 128):
         band_side(torch.bfloat16, D, ranges=True)  # per-row key ranges (packed varlen batches)
     print("band_side with key ranges ok")
@@ -266,7 +271,7 @@ def main() -> int:
     longformer_band(torch.float16, 64, ranges="key")
     longformer_band(torch.bfloat16, 64, ranges="side", dropout=0.1)
     longformer_band(torch.bfloat16, 64, G=0, padding=False, ranges=True)  # no slots, ranges: the row masks alone
-    print("Longformer band pass (indexed side keys, side add, with and without ranges) ok")
+    print("Longformer band pass (indexed side keys, finish kernel, with and without ranges) ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         longformer_glue(dtype)
     longformer_glue(torch.bfloat16, S=1, G=1, C=1)

@@ -8,7 +8,8 @@
 // out of bounds. All of them (check_fwd_args / check_bwd_args) run before any copy, allocation or CUDA
 // call. Strides: q, k, v, side_k, side_v, dout and out must have a dense last dim (checked; the others are
 // free, and an operand whose row starts break cp.async's 16-byte alignment is copied); masks, query_block,
-// the bias tables and lse are copied to the dense layout the kernels index when they are not in it. Values
+// the bias tables and lse are copied to the dense layout the kernels index when they are not in it (bias tables are
+// read in their own dtype when float32, float16 or bfloat16, and their gradients written in it: no cast kernel). Values
 // inside tensors are not checked (that would cost a device sync): query_block entries are clamped to
 // [-1, G-1] in the kernels, masks are bool by type, and per-row key ranges (key_ranges / side_ranges, int32
 // (B, S, 2), checked contiguous) may hold any values: the kernels only ever mask with them.
@@ -24,10 +25,11 @@
 // stride) makes side key g of batch row b token side_index[b, g] of side_k / side_v, then (B, S, H, D) (k and v
 // themselves), read in place by the kIndexed kernels; query_mask ((B, S) bool, forward) zeroes the output of rows
 // where it is False and band_rows_only (forward) sets the lse of rows outside band_key_mask to +inf, both in the
-// kernel's epilogue. The backward adds the side keys' dK/dV into rows side_index of dk / dv (band_side_bwd_side_add_
-// kernel: the kept slots of a batch row must name distinct rows, as Longformer's do; any index value is safe) and
-// returns dside_k / dside_v empty. With key_ranges / side_ranges (a packed batch) it runs the kIndexed && kRanges
-// kernels: side_ranges[b, i] is a range of slots g. Not combined with halo keys or a dropout offset.
+// kernel's epilogue. The backward adds the side keys' dK/dV into rows side_index of dk / dv (the finish kernel,
+// band_side_bwd_finish_kernel: the kept slots of a batch row must name distinct rows, as Longformer's do; any index
+// value is safe) and returns dside_k / dside_v empty. With key_ranges / side_ranges (a packed batch) it runs the
+// kIndexed && kRanges kernels: side_ranges[b, i] is a range of slots g. Not combined with halo keys or a dropout
+// offset.
 //
 // Longformer's global rows (the backend's global_rows_*: each slot's query row against one key split, a batch row
 // per split): side_only makes the rows attend their side keys only (no band tile walked, no band CTA in the dK/dV
@@ -35,8 +37,12 @@
 // empty). The backward's lse_split reads the lse of batch row b at row b / lse_split of an (B / lse_split, H, S) lse
 // (every split against the merged statistics; no dlse then), and dside_k_into / dside_v_into ((B / C, S', H, D), any
 // strides keeping element pairs 4-byte aligned, C = B / their batch size) take the side keys' dK/dV added in: side
-// key g of batch row b is row (b % C) * G + g of batch row b / C, rows >= S' dropped (the side-add kernel, as for
-// side_index); dside_k / dside_v then come back empty.
+// key g of batch row b is row (b % C) * G + g of batch row b / C, rows >= S' dropped (added by the dK/dV kernel's
+// epilogue: side_only runs one query chunk, so each key row has one owner CTA and no partials exist); dside_k /
+// dside_v then come back empty.
+//
+// The backward runs at most 4 kernels: delta, dQ, dK/dV and the finish kernel (only when a partial buffer exists:
+// several query chunks or side_index, or a bias table), and no ATen kernel for contiguous inputs.
 //
 // query_index ((B_q, G) int64, unit last stride; only with side_only) has the global rows read their query rows in
 // place instead of from a copy per split: q (k and v, unused, like it; in the backward dout and out too) is then the
@@ -307,7 +313,7 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
 }
 
 // The side keys' gradient destinations (SplitArgs): both or neither, never with side_index; (B / C, S', H, D) like
-// q, element pairs 4-byte aligned (the side-add kernel's stores).
+// q, element pairs 4-byte aligned (the dK/dV epilogue's pair stores).
 void check_into_args(const SplitArgs& split, const Dims& d, const at::Tensor& q, const OptTensor& side_index) {
   TORCH_CHECK(split.dsk_into.has_value() == split.dsv_into.has_value(), kBwd,
               ": dside_k_into and dside_v_into must be given together, got ", given(split.dsk_into), " and ",
@@ -377,8 +383,32 @@ at::Tensor loadable(const at::Tensor& t) { return aligned_for_cp_async(t) ? t : 
 
 OptTensor contiguous(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
 
-// Bias tables are a few KB; the kernels read float32.
-OptTensor float_table(const OptTensor& t) { return t ? OptTensor(t->to(at::kFloat).contiguous()) : std::nullopt; }
+// The TableKind the kernels read and write a bias table of this dtype in, or -1 (float64 and others: a float32 copy is
+// read, and the gradient is written in float32 and cast).
+int table_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kTableF32;
+    case at::kHalf: return kTableF16;
+    case at::kBFloat16: return kTableBF16;
+    default: return -1;
+  }
+}
+
+// A bias table as the kernels read it: in place when dense, 4-byte aligned (table_at reads aligned 32-bit words) and of
+// a TableKind (no copy, no cast kernel), else a dense copy (of float32 for other dtypes).
+OptTensor bias_table(const OptTensor& t) {
+  if (!t) return std::nullopt;
+  if (table_kind(t->scalar_type()) < 0) return t->to(at::kFloat).contiguous();
+  const at::Tensor dense = t->contiguous();
+  return reinterpret_cast<uintptr_t>(dense.data_ptr()) % 4 == 0 ? dense : dense.clone();
+}
+
+// The gradient of a bias table: allocated in the dtype the finish kernel writes (the table's, or float32 for the
+// others, cast after it).
+at::Tensor table_grad(const at::Tensor& table) {
+  const at::ScalarType t = table.scalar_type();
+  return at::empty(table.sizes(), table.options().dtype(table_kind(t) >= 0 ? t : at::kFloat));
+}
 
 Strides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
@@ -401,7 +431,7 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
   const at::Tensor q = loadable(q_in), k = loadable(k_in), v = loadable(v_in);
   const at::Tensor sk = loadable(sk_in), sv = loadable(sv_in);
   const OptTensor bkm = contiguous(band_key_mask), sm = contiguous(side_mask);
-  const OptTensor bb = float_table(band_bias), sb = float_table(side_bias);
+  const OptTensor bb = bias_table(band_bias), sb = bias_table(side_bias);
   const OptTensor qb = side_bias ? contiguous(query_block) : std::nullopt;  // only read with side_bias
   r.keep = {q, k, v, sk, sv};
   for (const auto* t : {&bkm, &sm, &bb, &sb, &qb})
@@ -421,8 +451,10 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
   p.band_key_mask = bkm ? reinterpret_cast<const uint8_t*>(bkm->data_ptr<bool>()) : nullptr;
   p.side_mask = sm ? reinterpret_cast<const uint8_t*>(sm->data_ptr<bool>()) : nullptr;
   p.query_block = qb ? qb->data_ptr<int32_t>() : nullptr;
-  p.band_bias = bb ? bb->data_ptr<float>() : nullptr;
-  p.side_bias = sb ? sb->data_ptr<float>() : nullptr;
+  p.band_bias = bb ? bb->data_ptr() : nullptr;
+  p.side_bias = sb ? sb->data_ptr() : nullptr;
+  p.band_bias_kind = bb ? table_kind(bb->scalar_type()) : kTableF32;
+  p.side_bias_kind = sb ? table_kind(sb->scalar_type()) : kTableF32;
   // Checked contiguous int32 (B, S, 2): read in place; nullptr selects the kernels without ranges.
   p.key_ranges = key_ranges ? key_ranges->data_ptr<int32_t>() : nullptr;
   p.side_ranges = side_ranges ? side_ranges->data_ptr<int32_t>() : nullptr;
@@ -584,13 +616,17 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
     return {dq, dk, dv, dside, dside.clone(), dbb, dsb, dhk, dhv};
   }
 
-  // Side-key tiles get split over chunks of query tiles (float32 partials summed below) so that few side
-  // keys still fill the GPU; a chunk is never shorter than a band CTA's walk, which would only add partial
-  // traffic without shortening the critical path.
+  // Side-key tiles get split over chunks of query tiles (float32 partials, summed by the finish kernel) so that few
+  // side keys still fill the GPU; a chunk is never shorter than a band CTA's walk, which would only add partial
+  // traffic without shortening the critical path. The global rows (side_only) take one chunk: their queries are a few
+  // slots (a query tile or so) against many key tiles (all S tokens over the splits), which fill the GPU on their own;
+  // each side-key row then has one owner CTA, which writes it (dside_*_into: adds it) in its epilogue, with no
+  // (B, S, H, D) float32 partials (2 x 384 MiB at S = 131072, H = 12, D = 64).
   const int64_t n_query_tiles = (p.S + kTile - 1) / kTile;
   const int64_t n_side_tiles = (p.G + kTile - 1) / kTile;
   int64_t chunks = 1;
-  if (n_side_tiles > 0) {
+  p.side_chunk_tiles = static_cast<int>(n_query_tiles);
+  if (n_side_tiles > 0 && !side_only) {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
     const int64_t occupancy_chunks = (2 * sms + n_side_tiles * p.B * p.H - 1) / (n_side_tiles * p.B * p.H);
@@ -598,18 +634,32 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
     const int64_t chunk_tiles = std::max(band_walk, (n_query_tiles + occupancy_chunks - 1) / occupancy_chunks);
     p.side_chunk_tiles = std::min(chunk_tiles, n_query_tiles);
     chunks = (n_query_tiles + p.side_chunk_tiles - 1) / p.side_chunk_tiles;
-  } else {
-    p.side_chunk_tiles = 1;
   }
   p.side_chunks = chunks;
-  at::Tensor dsk_part = at::empty({chunks, p.B, p.G, p.H, p.D}, fopts);
-  at::Tensor dsv_part = at::empty_like(dsk_part);
-  // Bias partials: one row per key CTA, accumulated in place by that CTA, hence zero-initialised. Size
+  // Partials except for the global rows (side_only: one chunk, the side CTA's epilogue writes its rows; the other
+  // callers keep the partials + finish path, and their dK/dV instantiations keep their registers).
+  at::Tensor dsk_part, dsv_part;
+  if (n_side_tiles > 0 && !side_only) {
+    dsk_part = at::empty({chunks, p.B, p.G, p.H, p.D}, fopts);
+    dsv_part = at::empty_like(dsk_part);
+  }
+  // The side keys' gradients, unless added into dk / dv (side_index) or dside_*_into.
+  const bool returns_side = !side_index && !into;
+  at::Tensor dsk = returns_side ? at::empty({p.B, p.G, p.H, p.D}, opts) : q.new_empty({0});
+  at::Tensor dsv = returns_side ? at::empty_like(dsk) : q.new_empty({0});
+  // Bias partials: one row per key CTA, accumulated in place by that CTA, zeroed by the delta kernel (no fill launch).
+  // Size
   // B*H*n_band_tiles*(L+R+1) floats for the band table (n_band_tiles = ceil(S/64) without halo keys; e.g. 3 MB for
   // LongT5 r=127, S=16384, B*H=12).
   at::Tensor dbb_part, dsb_part;
-  if (band_bias) dbb_part = at::zeros({p.B, p.H, p.n_band_tiles, p.band_width}, fopts);
-  if (side_bias) dsb_part = at::zeros({p.B, p.H, n_side_tiles * chunks, 2 * p.G + 1}, fopts);
+  if (band_bias) {
+    dbb_part = at::empty({p.B, p.H, p.n_band_tiles, p.band_width}, fopts);
+    dbb = table_grad(*band_bias);
+  }
+  if (side_bias) {
+    dsb_part = at::empty({p.B, p.H, n_side_tiles * chunks, 2 * p.G + 1}, fopts);
+    dsb = table_grad(*side_bias);
+  }
   at::Tensor delta = at::empty({p.B, p.H, p.S}, fopts);
 
   p.dout = dout.data_ptr();
@@ -628,10 +678,14 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  p.dsk_partial = dsk_part.data_ptr<float>();
-  p.dsv_partial = dsv_part.data_ptr<float>();
+  p.dsk_partial = dsk_part.defined() ? dsk_part.data_ptr<float>() : nullptr;
+  p.dsv_partial = dsv_part.defined() ? dsv_part.data_ptr<float>() : nullptr;
+  p.dside_k = returns_side ? dsk.data_ptr() : nullptr;
+  p.dside_v = returns_side ? dsv.data_ptr() : nullptr;
   p.dband_bias_partial = band_bias ? dbb_part.data_ptr<float>() : nullptr;
   p.dside_bias_partial = side_bias ? dsb_part.data_ptr<float>() : nullptr;
+  p.dband_bias = band_bias ? dbb.data_ptr() : nullptr;
+  p.dside_bias = side_bias ? dsb.data_ptr() : nullptr;
   p.dhalo_k = p.halo_k != nullptr ? dhk.data_ptr() : nullptr;
   p.dhalo_v = p.halo_k != nullptr ? dhv.data_ptr() : nullptr;
   const OptTensor dlse = contiguous(dlse_in);
@@ -651,21 +705,11 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
   C10_CUDA_CHECK(run_band_side_bwd_delta(p, bf16, stream));
   C10_CUDA_CHECK(run_band_side_bwd_dq(p, bf16, stream));
   C10_CUDA_CHECK(run_band_side_bwd_dkdv(p, bf16, stream));
-  if (side_index || into) {
-    // Longformer: the side keys' dK/dV added into their tokens' rows of dk / dv (band pass) or into the split keys'
-    // rows of dside_*_into (global rows), after the dK/dV kernel (stream order), in chunk order: deterministic, no
-    // scatter.
-    C10_CUDA_CHECK(run_band_side_bwd_side_add(p, bf16, stream));
-    if (band_bias) dbb = dbb_part.sum(at::IntArrayRef{0, 2}).to(band_bias->scalar_type());
-    if (side_bias) dsb = dsb_part.sum(at::IntArrayRef{0, 2}).to(side_bias->scalar_type());
-    return {dq, dk, dv, q.new_empty({0}), q.new_empty({0}), dbb, dsb, dhk, dhv};
-  }
-
-  // Fixed-order reductions (ATen's sum has no atomics): deterministic run to run.
-  at::Tensor dsk = dsk_part.sum(0).to(q.scalar_type());
-  at::Tensor dsv = dsv_part.sum(0).to(q.scalar_type());
-  if (band_bias) dbb = dbb_part.sum(at::IntArrayRef{0, 2}).to(band_bias->scalar_type());
-  if (side_bias) dsb = dsb_part.sum(at::IntArrayRef{0, 2}).to(side_bias->scalar_type());
+  // What the partials owe (side keys over chunks, into their rows; the bias tables over key CTAs), in one launch
+  // after the dK/dV kernel (stream order), in a fixed order: deterministic, no ATen sum, cast or scatter.
+  C10_CUDA_CHECK(run_band_side_bwd_finish(p, bf16, stream));
+  if (band_bias && dbb.scalar_type() != band_bias->scalar_type()) dbb = dbb.to(band_bias->scalar_type());
+  if (side_bias && dsb.scalar_type() != side_bias->scalar_type()) dsb = dsb.to(side_bias->scalar_type());
   return {dq, dk, dv, dsk, dsv, dbb, dsb, dhk, dhv};
 }
 

@@ -2,12 +2,13 @@
 (no band keys, so no all-False band mask), ``query_index`` (the slots' rows of q, dout and out read in place by every
 key split, no copy of them per split), the backward's ``lse_split`` (every key split reads the merged glse, no
 per-split copy) and ``dside_k_into`` / ``dside_v_into`` (the keys' dK/dV added into the band pass's dk / dv by the
-side-add kernel, no ``add_``), and ``cuda_longformer_rows_add``'s ``zero_fill`` (a new dq for separate global
+dK/dV kernel's epilogue, no ``add_``), and ``cuda_longformer_rows_add``'s ``zero_fill`` (a new dq for separate global
 projections, no ``zeros_like``).
 
 CPU: the changed index arithmetic emulated statement by statement from csrc/band_side (the indexed query-tile loads,
-the delta kernel and the forward's epilogue with ``query_index``, ``lse_at``, the side-add kernel's two destinations,
-the walk and the dK/dV grid with ``side_only``) against the torch composition it replaces (``KeySplits.rows`` of the
+the delta kernel and the forward's epilogue with ``query_index``, ``lse_at``, the side keys' destinations
+(side_key_rows: the finish kernel's sum over chunks, the dK/dV epilogue's one-chunk add), the walk and the dK/dV grid
+with ``side_only``) against the torch composition it replaces (``KeySplits.rows`` of the
 gathered rows, ``KeySplits.stats`` / ``unkeys`` + ``add_``, ``scatter_add``); the raw ops' checks (their CPU
 registrations), fakes, and the backend's call sequence on meta tensors. GPU (``@pytest.mark.gpu``): the raw ops
 against the composition they replace.
@@ -160,71 +161,106 @@ def test_lse_split_index_matches_key_splits_stats(C):
     assert torch.equal(expanded.view(Bx * C, H_, G_), want)
 
 
-def _emulate_side_add(partials, side_mask, B_, G_, H_, D_, dk, dv, *, side_index=None, into=None):
-    """band_side_bwd_side_add_kernel thread by thread: ``partials`` (dsk, dsv) of (chunks, B, G, H, D); ``dk`` / ``dv``
-    (B, S, H, D) for the indexed band pass, else ``into`` = (dk_into, dv_into) (B / C, S', H, D), any even strides,
-    updated through their flat storage with the kernel's stride arithmetic. Returns the destinations."""
+def _side_key_rows(b, g, h, B_, G_, H_, D_, side_mask, *, side_index=None, S_=None, into=None, dside=None):
+    """bwd_kernel.h side_key_rows: where side key g of batch row b (head h) puts its final dK / dV row -> (the flat
+    storage offsets of the row's first element in the k and v destinations, add), or None (nothing). Destinations:
+    rows side_index of (B, S, H, D) dk / dv (added), the split keys' rows of ``into`` = (dk_into, dv_into) (B / C, S',
+    H, D) through their strides (added), else rows g of (B, G, H, D) ``dside`` (stored, masked slots included)."""
+    if side_index is None and into is None:
+        at = ((b * G_ + g) * H_ + h) * D_
+        return at, at, False
+    if side_mask is not None and not side_mask.reshape(-1)[b * G_ + g]:
+        return None
+    if into is None:
+        row = int(side_index[b, g])
+        if row < 0 or row >= S_:
+            return None
+        at = ((b * S_ + row) * H_ + h) * D_
+        return at, at, True
+    into_split, into_rows = B_ // into[0].shape[0], into[0].shape[1]
+    row, kb = (b % into_split) * G_ + g, b // into_split
+    if row >= into_rows:
+        return None
+    (kbs, krs, khs), (vbs, vrs, vhs) = (x.stride()[:3] for x in into)
+    return (into[0].storage_offset() + kb * kbs + row * krs + h * khs,
+            into[1].storage_offset() + kb * vbs + row * vrs + h * vhs, True)
+
+
+def _flat(x):
+    return x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0)
+
+
+def _put_pair(flat, at, pair, add):
+    """bwd_kernel.h put_pair: two elements stored, or added to what is there (in the destination's dtype here)."""
+    if add:
+        flat[at:at + 2] += pair.to(flat.dtype)
+    else:
+        flat[at:at + 2] = pair.to(flat.dtype)
+
+
+def _emulate_finish_side_keys(partials, side_mask, B_, G_, H_, D_, dk, dv, *, side_index=None, into=None):
+    """band_side_bwd_finish_kernel's side-key warps thread by thread (one thread per (b, g, h, column pair), t = warp *
+    32 + lane): ``partials`` (dsk, dsv) of (chunks, B, G, H, D) summed in chunk order and put where side_key_rows says:
+    ``dk`` / ``dv`` (B, S, H, D) for the indexed band pass, or ``into`` = (dk_into, dv_into) (B / C, S', H, D), any
+    even strides, updated through their flat storage with the kernel's stride arithmetic, or (neither) new (B, G, H, D)
+    side-key gradients. Returns the destinations."""
     dsk, dsv = (p.reshape(p.shape[0], -1) for p in partials)
     pairs = D_ // 2
-    if into is not None:
-        into_split, into_rows = B_ // into[0].shape[0], into[0].shape[1]
-        flat = [x.as_strided((x.untyped_storage().nbytes() // x.element_size(),), (1,), 0) for x in into]
-        strides = [x.stride()[:3] for x in into]
-    else:
-        flat = [dk.view(-1), dv.view(-1)]
+    if into is None and side_index is None:
+        dk, dv = (torch.full((B_, G_, H_, D_), float("nan"), dtype=p.dtype) for p in partials)
+    dests = into if into is not None else (dk, dv)
+    flat = [_flat(x) for x in dests]
+    S_ = dk.shape[1] if dk is not None else None
     for t in range(B_ * G_ * H_ * pairs):
         bgh, d = t // pairs, (t % pairs) * 2
         h, bg = bgh % H_, bgh // H_
-        b, g = bg // G_, bg % G_
-        if side_mask is not None and not side_mask.view(-1)[bg]:
+        rows = _side_key_rows(bg // G_, bg % G_, h, B_, G_, H_, D_, side_mask, side_index=side_index, S_=S_,
+                              into=into)
+        if rows is None:
             continue
-        if into is None:
-            row = int(side_index[b, g])
-            if row < 0 or row >= dk.shape[1]:
-                continue
-            out = ((b * dk.shape[1] + row) * H_ + h) * D_ + d
-            at_k = at_v = out
-        else:
-            row, kb = (b % into_split) * G_ + g, b // into_split
-            if row >= into_rows:
-                continue
-            (kbs, krs, khs), (vbs, vrs, vhs) = strides
-            at_k = into[0].storage_offset() + kb * kbs + row * krs + h * khs + d
-            at_v = into[1].storage_offset() + kb * vbs + row * vrs + h * vhs + d
         at = bgh * D_ + d
         sk = dsk[:, at:at + 2].sum(0)  # chunk order: float32 adds in sequence (exact here: float64 data)
         sv = dsv[:, at:at + 2].sum(0)
-        flat[0][at_k:at_k + 2] += sk.to(flat[0].dtype)
-        flat[1][at_v:at_v + 2] += sv.to(flat[1].dtype)
-    return into if into is not None else (dk, dv)
+        _put_pair(flat[0], rows[0] + d, sk, rows[2])
+        _put_pair(flat[1], rows[1] + d, sv, rows[2])
+    return dests
+
+
+def _split_keys_case(seed, Sk, n, strided, masked, lead, H_, D_):
+    """Two batch rows of Sk keys in splits of n -> (KeySplits, B * C, [dK, dV] values (*lead, B * C, n, H, D), the
+    splits' key mask or None, the destinations' values, the destinations (``strided``: (B, H, S, D) storage seen as
+    (B, S, H, D)))."""
+    gen = torch.Generator().manual_seed(seed)
+    Bx = 2
+    sp = _longformer.KeySplits(Sk, n)
+    BC = Bx * sp.C
+    values = [torch.randn(*lead, BC, sp.n, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2)]
+    key_mask = torch.rand(Bx, Sk, generator=gen) > 0.3
+    side_mask = sp.key_mask(key_mask, Bx, "cpu") if masked else None
+    base = [torch.randn(Bx, Sk, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2)]
+    if strided:
+        into = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in base]
+    else:
+        into = [x.clone() for x in base]
+    return sp, BC, values, side_mask, base, into
 
 
 @pytest.mark.parametrize("Sk, n, strided, masked", [(12, 4, False, True), (10, 4, True, True), (7, 7, False, True),
                                                      (10, 4, False, False)],
                          ids=["splits", "padded-strided", "one-split", "padded-no-mask"])
-def test_side_add_into_matches_unkeys_add(Sk, n, strided, masked):
+def test_finish_into_matches_unkeys_add(Sk, n, strided, masked):
     """The global rows' dside_*_into: split c of key batch row b lands on rows c n .. of batch b (the padding keys past
     S dropped, also without a mask to drop them; masked keys given nothing), through any even strides: what
     ``KeySplits.unkeys`` + ``add_`` did."""
-    gen = torch.Generator().manual_seed(Sk)
-    Bx, H_, D_, chunks = 2, 3, 4, 3
-    sp = _longformer.KeySplits(Sk, n)
-    BC = Bx * sp.C
-    partials = [torch.randn(chunks, BC, sp.n, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2)]
-    key_mask = torch.rand(Bx, Sk, generator=gen) > 0.3
-    side_mask = sp.key_mask(key_mask, Bx, "cpu") if masked else None
-    base = [torch.randn(Bx, Sk, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2)]
-    if strided:  # (B, H, S, D) storage seen as (B, S, H, D)
-        into = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in base]
-    else:
-        into = [x.clone() for x in base]
-    got = _emulate_side_add(partials, side_mask, BC, sp.n, H_, D_, None, None, into=into)
+    H_, D_ = 3, 4
+    sp, BC, partials, side_mask, base, into = _split_keys_case(Sk, Sk, n, strided, masked, (3,), H_, D_)
+    got = _emulate_finish_side_keys(partials, side_mask, BC, sp.n, H_, D_, None, None, into=into)
     for g, x, part in zip(got, base, partials):
         kept = part.sum(0) if side_mask is None else part.sum(0) * side_mask.reshape(BC, sp.n)[:, :, None, None]
         torch.testing.assert_close(g, x + sp.unkeys(kept), rtol=0, atol=1e-12)
 
 
-def test_side_add_indexed_unchanged():
+def test_finish_indexed_matches_scatter_add():
     """The kIndexed band pass's branch of the same kernel: rows side_index of dk / dv (out of range skipped, unused
     slots given nothing), what ``scatter_add`` did."""
     gen = torch.Generator().manual_seed(0)
@@ -238,9 +274,74 @@ def test_side_add_indexed_unchanged():
         keep = used & (pos >= 0) & (pos < Sx)
         summed = part.sum(0) * keep[:, :, None, None]
         want.append(x.scatter_add(1, pos.clamp(0, Sx - 1)[:, :, None, None].expand(Bx, G_, H_, D_), summed))
-    got = _emulate_side_add(partials, used, Bx, G_, H_, D_, dk.clone(), dv.clone(), side_index=pos)
+    got = _emulate_finish_side_keys(partials, used, Bx, G_, H_, D_, dk.clone(), dv.clone(), side_index=pos)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+def _emulate_one_chunk_epilogue(acc, scale, B_, G_, H_, D_, side_mask, *, into=None, side_index=None, dk=None,
+                                dv=None):
+    """The dK/dV kernel's side-tile epilogue with one chunk (``dsk_partial == nullptr``), CTA by CTA, warp by warp,
+    lane by lane: ``acc`` = (acc_dk, acc_dv) (B, G, H, D), the CTAs' unscaled accumulators by key row; thread (warp,
+    lane) of the CTA on key tile key0 owns rows k0 = key0 + 16 warp + lane // 4 and k0 + 8, columns 8 n + 2 (lane % 4)
+    (+1), and puts dK = acc_dk * scale, dV = acc_dv where side_key_rows says. Every destination element is written by
+    at most one thread (checked) -> the destinations."""
+    dests = into if into is not None else (dk, dv)
+    if dests[0] is None:
+        dests = tuple(torch.full((B_, G_, H_, D_), float("nan"), dtype=acc[0].dtype) for _ in range(2))
+    flat = [_flat(x) for x in dests]
+    S_ = dk.shape[1] if dk is not None else None
+    written = set()
+    for b in range(B_):
+        for h in range(H_):
+            for key0 in range(0, G_, TILE):  # side CTAs: one per key tile (one chunk)
+                for warp in range(4):
+                    for lane in range(32):
+                        for half in range(2):
+                            g = key0 + warp * 16 + lane // 4 + 8 * half
+                            if g >= G_:
+                                continue
+                            rows = _side_key_rows(b, g, h, B_, G_, H_, D_, side_mask, side_index=side_index, S_=S_,
+                                                  into=into)
+                            if rows is None:
+                                continue
+                            for n in range(D_ // 8):
+                                col = n * 8 + (lane % 4) * 2
+                                for which, (x, sc) in enumerate(((acc[0], scale), (acc[1], 1.0))):
+                                    key = (which, rows[which] + col)
+                                    assert key not in written
+                                    written.add(key)
+                                    _put_pair(flat[which], rows[which] + col, x[b, g, h, col:col + 2] * sc, rows[2])
+    return dests
+
+
+@pytest.mark.parametrize("Sk, n, strided, masked", [(12, 4, False, True), (10, 4, True, True), (130, 130, False, True),
+                                                     (10, 4, False, False)],
+                         ids=["splits", "padded-strided", "one-split-two-tiles", "padded-no-mask"])
+def test_one_chunk_epilogue_matches_unkeys_add(Sk, n, strided, masked):
+    """``side_only`` runs one query chunk, and the dK/dV epilogue adds each side key's row into ``dside_*_into`` itself
+    (no (chunks, B, S, H, D) float32 partials, no second kernel): what ``KeySplits.unkeys`` + ``add_`` did, and what
+    the finish kernel gives the same accumulators as one chunk of partials."""
+    H_, D_, scale = 2, 16, 0.25
+    sp, BC, acc, side_mask, base, into = _split_keys_case(Sk + 1, Sk, n, strided, masked, (), H_, D_)
+    want_finish = _emulate_finish_side_keys([acc[0][None] * scale, acc[1][None]], side_mask, BC, sp.n, H_, D_, None,
+                                            None, into=[x.clone() for x in into])
+    got = _emulate_one_chunk_epilogue(acc, scale, BC, sp.n, H_, D_, side_mask, into=into)
+    for g, x, a, sc, f in zip(got, base, acc, (scale, 1.0), want_finish):
+        kept = a * sc if side_mask is None else a * sc * side_mask.reshape(BC, sp.n)[:, :, None, None]
+        torch.testing.assert_close(g, x + sp.unkeys(kept), rtol=0, atol=1e-12)
+        assert torch.equal(g, f)
+
+
+def test_one_chunk_epilogue_stores_every_returned_row():
+    """Without ``dside_*_into`` (separate global k / v projections) the epilogue stores every side key's row of the
+    returned (B, G, H, D) gradients, masked keys included (no NaN of the empty buffer survives)."""
+    gen = torch.Generator().manual_seed(3)
+    Bx, G_, H_, D_ = 2, 70, 2, 16
+    acc = [torch.randn(Bx, G_, H_, D_, generator=gen, dtype=torch.float64) for _ in range(2)]
+    side_mask = torch.rand(Bx, G_, generator=gen) > 0.5
+    got = _emulate_one_chunk_epilogue(acc, 0.5, Bx, G_, H_, D_, side_mask)
+    assert torch.equal(got[0], acc[0] * 0.5) and torch.equal(got[1], acc[1])
 
 
 def _walk(S_, G_, left, right, m0, side_only, ranges):

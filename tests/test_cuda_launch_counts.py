@@ -4,8 +4,9 @@
 ops run their fakes) and asserts that no torch glue runs around them. This file pins the raw ops themselves, in order,
 for the forward and the backward op of each pattern: a raw op added to a path (a copy kernel in disguise, such as the
 per-split copy of the global rows that ``query_index`` replaced) fails here and needs its reason written beside the
-table. A raw op counts as one however many kernels it launches inside (the band op's backward: delta, dQ, dK/dV and
-the side add).
+table. A raw op counts as one however many kernels it launches inside (the band op's backward: delta, dQ, dK/dV and,
+when partials are owed, the finish kernel; kernels are counted on GPU by
+``tests/test_host_sync.py::test_gpu_no_sync_and_kernel_count``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ _BAND_FWD, _BAND_BWD = "longattn.cuda_band_side_fwd", "longattn.cuda_band_side_b
 _SLOTS, _MERGE, _ADD = ("longattn.cuda_longformer_" + x for x in ("global_slots", "rows_merge", "rows_add"))
 # Longformer: forward = the slot layout, the band pass (kIndexed: global keys read in place), the global rows' band op
 # over the key splits (side_only, query_index: the slots' rows read in place) and the merge of the splits into out;
-# backward = the band pass, the global rows (lse_split, their keys' dK/dV added into the band pass's by its side-add
-# kernel) and the sum of the splits' dq rows into dq. Packed (per-row key ranges): the same raw ops, the band pass
-# taking the ranges in its own launch (kIndexed && kRanges), pinned from the second call on (the first computes the
+# backward = the band pass, the global rows (lse_split, their keys' dK/dV added into the band pass's by the dK/dV
+# kernel's epilogue) and the sum of the splits' dq rows into dq. Packed (per-row key ranges): the same raw ops, the band
+# pass taking the ranges in its own launch (kIndexed && kRanges), pinned from the second call on (the first computes the
 # ranges) by tests/test_backend_glue.py::test_cuda_packed_longformer_glue_is_the_first_calls_only.
 _LONGFORMER = ([_SLOTS, _BAND_FWD, _BAND_FWD, _MERGE], [_BAND_BWD, _BAND_BWD, _ADD])
 CUDA_RAW_OPS = {  # pattern -> (forward op's raw ops, backward op's raw ops)

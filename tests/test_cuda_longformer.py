@@ -1,5 +1,5 @@
 """The CUDA backend's fused Longformer band pass (``cuda_backend.longformer_band_forward`` / ``_backward``;
-csrc/band_side, the kIndexed kernels and ``band_side_bwd_side_add_kernel``).
+csrc/band_side, the kIndexed kernels and ``band_side_bwd_finish_kernel``).
 
 CPU part (always runs): the raw ops' checks of ``side_index`` / ``query_mask`` / ``band_rows_only`` (their CPU
 registrations run the CUDA ones' checks, then say they need CUDA tensors), the fake shapes, and that the backend's
@@ -332,7 +332,7 @@ def test_fused_band_pass_equals_the_gathered_composition(name):
     dq2, dk2, dv2 = _longformer.gathered_band_backward(cuda_backend.band_side_backward, dout, q, k, v, out, lse, pos,
                                                        used, band_rows, *window, 0.125, **ranges)
     assert torch.equal(dq, dq2)
-    # The side keys' float32 partials are summed by the side-add kernel here and by ATen there (order may differ).
+    # The side keys' float32 partials are summed by the finish kernel here and by ATen there (order may differ).
     torch.testing.assert_close(dk, dk2)
     torch.testing.assert_close(dv, dv2)
 

@@ -4,7 +4,7 @@ op each way in place of the gathered composition (``_longformer.gathered_band_*`
 
 CPU: statement-level emulations of what the kernels do for it (csrc/band_side/ranges.h: the ranged tile walk and the
 element masks; the forward's indexed side tiles and row masks; the dK/dV kernel's side CTAs over query chunks narrowed
-by the slot ranges, then the side-add kernel), against the torch backend's gathered band pass. GPU
+by the slot ranges, then the finish kernel), against the torch backend's gathered band pass. GPU
 (``@pytest.mark.gpu``): the whole packed op against the torch backend in float64 and the fp64 oracle.
 """
 
@@ -17,7 +17,7 @@ from longattn import dispatch
 from longattn.backends import _longformer
 from tests import reference
 from tests.conftest import grads
-from tests.test_cuda_global_rows import TILE, _emulate_side_add, _load_rows_by_index
+from tests.test_cuda_global_rows import TILE, _emulate_finish_side_keys, _load_rows_by_index
 from tests.test_cuda_longformer import gpu_ready
 from tests.tolerance import assert_within_rule
 
@@ -216,7 +216,7 @@ def test_packed_band_forward_emulation_matches_the_torch_band_pass(window):
 @pytest.mark.parametrize("chunk_tiles", [1, 2, 4])
 def test_packed_side_grads_emulation_matches_the_scatter(chunk_tiles):
     """The kIndexed && kRanges backward's side keys: the dK/dV kernel's side CTAs (query chunks narrowed by the slot
-    ranges, K / V read through side_index), then the side-add kernel into rows side_index of zero dk / dv, equal the
+    ranges, K / V read through side_index), then the finish kernel into rows side_index of zero dk / dv, equal the
     torch backend's side-key gradients of the gathered composition scattered into those rows (what the CUDA backend
     ran before)."""
     from longattn.backends import torch_backend
@@ -233,7 +233,8 @@ def test_packed_side_grads_emulation_matches_the_scatter(chunk_tiles):
     delta = (dout * out).sum(-1).transpose(1, 2)
     partials = _emulate_packed_side_partials(dout, q, k, v, lse, delta, pos, used, scale, side_ranges, chunk_tiles)
     Bx, G_, H_, D_ = pos.shape[0], pos.shape[1], q.shape[2], q.shape[3]
-    got = _emulate_side_add(partials, used, Bx, G_, H_, D_, torch.zeros_like(k), torch.zeros_like(v), side_index=pos)
+    got = _emulate_finish_side_keys(partials, used, Bx, G_, H_, D_, torch.zeros_like(k), torch.zeros_like(v),
+                                    side_index=pos)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
 

@@ -1,15 +1,18 @@
 // Backward kernels of the band + side keys primitive. No atomics anywhere, so results are bitwise
 // reproducible:
 //
-//   band_side_bwd_delta_kernel   delta = rowsum(dO * O) per query row (float32, (B, H, S)).
+//   band_side_bwd_delta_kernel   delta = rowsum(dO * O) per query row (float32, (B, H, S)); also zeroes the
+//                                bias partials (grid-stride), which the dK/dV CTAs then accumulate into.
 //   band_side_bwd_dq_kernel      one CTA per query tile walks the same key tiles as the forward
 //                                (walk_key_tiles) and accumulates dQ = scale * dS K in registers.
 //   band_side_bwd_dkdv_kernel    one CTA per key tile: a band key tile iterates over the query tiles that
 //                                see it and writes its dK, dV rows directly; a side-key tile iterates over
-//                                one chunk of query tiles and writes float32 partials that the host sums
-//                                over chunks in a fixed order. Bias-table gradients: each CTA reduces its
-//                                dS tile by table entry in shared memory, one thread per entry in a fixed
-//                                order, into its own row of a partial buffer (host sums rows in fixed order).
+//                                one chunk of query tiles and writes float32 partials, or for Longformer's
+//                                global rows (side_only: one chunk) its rows directly. Bias-table gradients: each
+//                                CTA reduces its dS tile by table entry in shared memory, one thread per entry
+//                                in a fixed order, into its own row of a partial buffer.
+//   band_side_bwd_finish_kernel  the partials summed in a fixed order and written in the outputs' dtypes (side
+//                                keys over chunks, the bias tables over key CTAs).
 //
 // P is recomputed from the saved lse with the forward's score_log2, so masked entries (score -inf) and
 // rows with no key (lse +inf) give P = 0 and hence zero gradients.
@@ -27,7 +30,7 @@
 // are the forward's: rows and band keys shifted by drop_offset (dropout.h).
 //
 // kIndexed (Longformer's band pass, never with kHalo; with or without kRanges): the side tiles are the tokens
-// side_index names (load_side_kv_async); the side keys' dK/dV partials go to the side-add kernel below.
+// side_index names (load_side_kv_async); the side keys' dK/dV partials go to the finish kernel below.
 //
 // dlse (the gradient of the lse output): dS = P (dP - delta + dlse), i.e. delta - dlse in place of delta,
 // computed once by the delta kernel; nothing else changes.
@@ -35,8 +38,9 @@
 // Longformer's global rows: side_only (no band tile walked, no band CTA in the dK/dV grid: dk / dv of the band keys
 // are not written), lse_split (the delta kernel copies lse row b / lse_split, every key split's merged statistics,
 // into the lse_in of batch row b: the other kernels read lse as always), dside_k_into (the side keys' dK/dV added into
-// the split keys' rows by the side-add kernel) and kQueryIndex (query_index: q, dout and out rows read in place at the
-// slots' tokens, by the delta kernel and the Q / dO tile loads of the dQ and dK/dV kernels, load_query_tile_async).
+// the split keys' rows by the dK/dV epilogue: one query chunk) and kQueryIndex (query_index: q, dout and out rows read
+// in place at the slots' tokens, by the delta kernel and the Q / dO tile loads of the dQ and dK/dV kernels,
+// load_query_tile_async).
 #pragma once
 
 #include "band_side/dropout.h"
@@ -51,8 +55,24 @@ namespace longattn {
 // (b, s) are token query_index[b / query_split, s] of batch row b / query_split; a token outside [0, query_tokens)
 // gives delta = 0 (dlse ignored), so the row's dS, hence its dq and key gradients, are 0 whatever its lse.
 // ------------------------------------------------------------------------------------------------
+__host__ __device__ inline int side_ctas_per_bh(const BandSideParams& p) {
+  return ((p.G + 63) / 64) * p.side_chunks;  // the dK/dV grid's side CTAs (64-key tiles x chunks)
+}
+
+// Zeros x[0, n) with the whole grid (grid-stride).
+__device__ __forceinline__ void grid_zero_fill(float* x, int64_t n) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = 0.f;
+}
+
 template <typename T, bool kQueryIndex>
 __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
+  // The bias partials the dK/dV CTAs accumulate into, zeroed here (stream order puts this before the dK/dV kernel):
+  // no zero-fill launch, and no zeroing loop in the dK/dV kernel, whose D = 128 instantiations sit at 255 registers.
+  if (p.dband_bias_partial != nullptr)
+    grid_zero_fill(p.dband_bias_partial, (int64_t)p.B * p.H * p.n_band_tiles * p.band_width);
+  if (p.dside_bias_partial != nullptr)
+    grid_zero_fill(p.dside_bias_partial, (int64_t)p.B * p.H * side_ctas_per_bh(p) * (2 * p.G + 1));
   const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= (int64_t)p.B * p.S * p.H) return;
@@ -212,6 +232,62 @@ __device__ __forceinline__ void side_bias_grad_tile(const BandSideParams& p, con
     }
     partial_row[u] += acc;
   }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Where a side key's final dK / dV row goes (the dK/dV epilogue with one chunk, or the finish kernel with partials):
+//   - kIndexed band pass (side_index): row side_index[b, g] of dk / dv (contiguous (B, S, H, D)), added: the band CTAs
+//     leave it at exactly 0 in the Longformer op (global tokens are never band keys), so the add is exact; the kept
+//     slots of a batch row name distinct rows (Longformer's do); indices outside [0, S) get nothing.
+//   - global rows (dside_k_into): row (b % into_split) * G + g of batch row b / into_split of dside_*_into, added;
+//     rows >= into_rows (the last split's padding) get nothing.
+//   - otherwise row g of dside_k / dside_v (contiguous (B, G, H, D)), stored (every row, masked ones get 0).
+// Added destinations skip the slots side_mask drops (no gradient). Distinct (b, g) -> distinct rows: every element
+// has one writer, so no atomics are needed.
+// ------------------------------------------------------------------------------------------------
+template <typename T>
+struct SideKeyRows {
+  T* k;
+  T* v;
+  bool add;  // add into the row (else store)
+};
+
+template <typename T>
+__device__ __forceinline__ bool side_key_rows(const BandSideParams& p, int b, int g, int h, SideKeyRows<T>& r) {
+  r.add = p.side_index != nullptr || p.dside_k_into != nullptr;
+  if (!r.add) {
+    const int64_t at = (((int64_t)b * p.G + g) * p.H + h) * p.D;
+    r.k = reinterpret_cast<T*>(p.dside_k) + at;
+    r.v = reinterpret_cast<T*>(p.dside_v) + at;
+    return true;
+  }
+  if (p.side_mask != nullptr && !p.side_mask[(int64_t)b * p.G + g]) return false;
+  if (p.side_index != nullptr) {
+    const int64_t row = p.side_index[(int64_t)b * p.side_index_stride + g];
+    if (row < 0 || row >= p.S) return false;
+    const int64_t at = (((int64_t)b * p.S + row) * p.H + h) * p.D;
+    r.k = reinterpret_cast<T*>(p.dk) + at;
+    r.v = reinterpret_cast<T*>(p.dv) + at;
+    return true;
+  }
+  const int64_t row = (int64_t)(b % p.into_split) * p.G + g, kb = b / p.into_split;
+  if (row >= p.into_rows) return false;
+  const Strides& ks = p.dsk_into_st;
+  const Strides& vs = p.dsv_into_st;
+  r.k = reinterpret_cast<T*>(p.dside_k_into) + kb * ks.batch + row * ks.row + h * ks.head;
+  r.v = reinterpret_cast<T*>(p.dside_v_into) + kb * vs.batch + row * vs.row + h * vs.head;
+  return true;
+}
+
+// Two adjacent elements (x, y) stored at dst, or added in float32 to what is there (one rounding to T). Element pairs:
+// the API checks the destinations' base and strides keep them 4-byte aligned.
+template <typename T>
+__device__ __forceinline__ void put_pair(T* dst, float x, float y, bool add) {
+  if (add) {
+    x = __fadd_rn(to_float(dst[0]), x);
+    y = __fadd_rn(to_float(dst[1]), y);
+  }
+  *reinterpret_cast<uint32_t*>(dst) = pack2<T>(x, y);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -406,6 +482,24 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
                      lane, p.scale, p.scale);
     store_rows<T, D>(acc_dv, reinterpret_cast<T*>(p.dv) + off, (int64_t)p.H * D, kt.key0 + warp * 16, p.S,
                      lane, 1.f, 1.f);
+  } else if (kRanges && p.dsk_partial == nullptr) {
+    // Longformer's global rows (side_only, which runs the kRanges kernels only: the other instantiations keep their
+    // code, and registers, without this): one query chunk and no band CTA, so this CTA alone owns its side keys'
+    // rows, and its dK/dV are final: added into the rows they are (dside_*_into, whose earlier writes stream order
+    // puts before this kernel), or stored into dside_k / dside_v. No partial buffer, no atomics.
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int g = (half ? k1 : k0);
+      SideKeyRows<T> rows;
+      if (g >= p.G || !side_key_rows(p, b, g, h, rows)) continue;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        const int col = n * 8 + (lane % 4) * 2;
+        put_pair(rows.k + col, __fmul_rn(acc_dk[n][2 * half], p.scale), __fmul_rn(acc_dk[n][2 * half + 1], p.scale),
+                 rows.add);
+        put_pair(rows.v + col, acc_dv[n][2 * half], acc_dv[n][2 * half + 1], rows.add);
+      }
+    }
   } else {
     // float32 partials (side_chunks, B, G, H, D) of this chunk.
     const int64_t off = (((int64_t)chunk * p.B + b) * p.G * p.H + h) * D;
@@ -432,59 +526,94 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
 namespace longattn {
 
 // ------------------------------------------------------------------------------------------------
-// After the dK/dV kernel, for Longformer: the side keys' float32 partials (side_chunks, B, G, H, D), summed in chunk
-// order, added into the rows of the keys they are (the partial sums never round through a side-key gradient tensor):
-//   - kIndexed band pass (side_index): rows side_index[b, g] of dk / dv (contiguous (B, S, H, D)), for the slots
-//     side_mask keeps and indices in [0, S). The band pass leaves those rows at exactly 0 in the Longformer op
-//     (global tokens are never band keys), so the add is exact; the kept slots of a batch row name distinct rows
-//     (Longformer's do).
-//   - global rows (dside_k_into): split b % into_split of key batch row b / into_split, i.e. row
-//     (b % into_split) * G + g of dside_k_into / dside_v_into, rows >= into_rows (the last split's padding) dropped;
-//     distinct for distinct (b, g). Keys side_mask drops have no gradient (nothing is added).
-// One thread per (b, g, h, column pair); every element is read and written by one thread: no atomics, bitwise
-// deterministic.
+// After the dK/dV kernel: everything its partial buffers still owe, in one launch (no ATen sum / cast / zero fill):
+//   side keys (p.dsk_partial != nullptr: several query chunks, or side_index): per (b, g, h, column pair) one thread
+//     sums the chunks' float32 partials in chunk order and writes the pair where side_key_rows says;
+//   band-bias table (p.band_bias): per entry (h, t) one warp sums column t of the B x n_band_tiles partial rows of
+//     head h and writes dband_bias[h, t] in its dtype;
+//   side-bias table (p.side_bias): likewise per (h, u) over the B x n_side_ctas rows, into dside_bias.
+// A warp's job is one of these (finish_warps: the side-key warps first, then the two tables'); a table sum is each
+// lane's rows in order (lane, lane + 32, ...) then a fixed xor tree: every output has one writer and a fixed order of
+// float32 adds, so the result is bitwise reproducible.
 // ------------------------------------------------------------------------------------------------
-template <typename T>
-__global__ void band_side_bwd_side_add_kernel(const BandSideParams p) {
-  const int pairs_per_row = p.D / 2;
-  const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= (int64_t)p.B * p.G * p.H * pairs_per_row) return;
-  const int64_t bgh = t / pairs_per_row;  // ((b * G + g) * H + h)
-  const int d = (int)(t % pairs_per_row) * 2;
-  const int h = (int)(bgh % p.H);
-  const int64_t bg = bgh / p.H;
-  const int b = (int)(bg / p.G), g = (int)(bg % p.G);
-  if (p.side_mask != nullptr && !p.side_mask[bg]) return;
-  T* dk;
-  T* dv;
-  if (p.side_index != nullptr) {
-    const int64_t row = p.side_index[(int64_t)b * p.side_index_stride + g];
-    if (row < 0 || row >= p.S) return;
-    const int64_t out = (((int64_t)b * p.S + row) * p.H + h) * p.D + d;
-    dk = reinterpret_cast<T*>(p.dk) + out;
-    dv = reinterpret_cast<T*>(p.dv) + out;
+struct FinishWarps {
+  int64_t side_keys, band_bias, side_bias;
+  __host__ __device__ int64_t total() const { return side_keys + band_bias + side_bias; }
+};
+
+__host__ __device__ inline FinishWarps finish_warps(const BandSideParams& p) {
+  const int64_t pairs = p.dsk_partial != nullptr ? (int64_t)p.B * p.G * p.H * (p.D / 2) : 0;
+  return {(pairs + 31) / 32, p.band_bias != nullptr ? (int64_t)p.H * p.band_width : 0,
+          p.side_bias != nullptr ? (int64_t)p.H * (2 * p.G + 1) : 0};
+}
+
+// Column `col` of the partial rows of head h: (B, H, rows, width) float32, summed over b and rows by one warp.
+__device__ __forceinline__ float warp_column_sum(const float* partial, const BandSideParams& p, int h, int rows,
+                                                 int width, int col, int lane) {
+  float acc = 0.f;
+  for (int64_t r = lane; r < (int64_t)p.B * rows; r += 32) {
+    const int64_t b = r / rows, x = r % rows;
+    acc += partial[((b * p.H + h) * rows + x) * width + col];
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  return acc;
+}
+
+__device__ __forceinline__ void store_table(void* table, int kind, int64_t i, float x) {
+  if (kind == kTableF32) {
+    reinterpret_cast<float*>(table)[i] = x;
+  } else if (kind == kTableBF16) {
+    reinterpret_cast<__nv_bfloat16*>(table)[i] = __float2bfloat16_rn(x);
   } else {
-    const int64_t row = (int64_t)(b % p.into_split) * p.G + g, kb = b / p.into_split;
-    if (row >= p.into_rows) return;
-    const Strides& ks = p.dsk_into_st;
-    const Strides& vs = p.dsv_into_st;
-    dk = reinterpret_cast<T*>(p.dside_k_into) + kb * ks.batch + row * ks.row + h * ks.head + d;
-    dv = reinterpret_cast<T*>(p.dside_v_into) + kb * vs.batch + row * vs.row + h * vs.head + d;
+    reinterpret_cast<__half*>(table)[i] = __float2half_rn(x);
   }
-  const int64_t chunk_stride = (int64_t)p.B * p.G * p.H * p.D;
-  const int64_t at = bgh * p.D + d;
-  float2 sk = make_float2(0.f, 0.f), sv = make_float2(0.f, 0.f);
-  for (int c = 0; c < p.side_chunks; ++c) {
-    const float2 a = *reinterpret_cast<const float2*>(p.dsk_partial + c * chunk_stride + at);
-    const float2 e = *reinterpret_cast<const float2*>(p.dsv_partial + c * chunk_stride + at);
-    sk.x += a.x;
-    sk.y += a.y;
-    sv.x += e.x;
-    sv.y += e.y;
+}
+
+template <typename T>
+__global__ void band_side_bwd_finish_kernel(const BandSideParams p) {
+  const FinishWarps jobs = finish_warps(p);
+  int64_t w = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (w < jobs.side_keys) {
+    const int pairs_per_row = p.D / 2;
+    const int64_t t = w * 32 + lane;
+    if (t >= (int64_t)p.B * p.G * p.H * pairs_per_row) return;
+    const int64_t bgh = t / pairs_per_row;  // ((b * G + g) * H + h)
+    const int d = (int)(t % pairs_per_row) * 2;
+    const int h = (int)(bgh % p.H);
+    const int64_t bg = bgh / p.H;
+    SideKeyRows<T> rows;
+    if (!side_key_rows(p, (int)(bg / p.G), (int)(bg % p.G), h, rows)) return;
+    const int64_t chunk_stride = (int64_t)p.B * p.G * p.H * p.D;
+    const int64_t at = bgh * p.D + d;
+    float2 sk = make_float2(0.f, 0.f), sv = make_float2(0.f, 0.f);
+    for (int c = 0; c < p.side_chunks; ++c) {
+      const float2 a = *reinterpret_cast<const float2*>(p.dsk_partial + c * chunk_stride + at);
+      const float2 e = *reinterpret_cast<const float2*>(p.dsv_partial + c * chunk_stride + at);
+      sk.x += a.x;
+      sk.y += a.y;
+      sv.x += e.x;
+      sv.y += e.y;
+    }
+    put_pair(rows.k + d, sk.x, sk.y, rows.add);
+    put_pair(rows.v + d, sv.x, sv.y, rows.add);
+    return;
   }
-  // Element pairs: the API checks the into tensors' base and strides keep them 4-byte aligned.
-  *reinterpret_cast<uint32_t*>(dk) = pack2<T>(to_float(dk[0]) + sk.x, to_float(dk[1]) + sk.y);
-  *reinterpret_cast<uint32_t*>(dv) = pack2<T>(to_float(dv[0]) + sv.x, to_float(dv[1]) + sv.y);
+  w -= jobs.side_keys;
+  if (w < jobs.band_bias) {  // warp-uniform branches from here on
+    const int h = (int)(w / p.band_width), col = (int)(w % p.band_width);
+    const float sum = warp_column_sum(p.dband_bias_partial, p, h, p.n_band_tiles, p.band_width, col, lane);
+    if (lane == 0) store_table(p.dband_bias, p.band_bias_kind, w, sum);
+    return;
+  }
+  w -= jobs.band_bias;
+  if (w < jobs.side_bias) {
+    const int width = 2 * p.G + 1;
+    const int h = (int)(w / width), col = (int)(w % width);
+    const float sum = warp_column_sum(p.dside_bias_partial, p, h, side_ctas_per_bh(p), width, col, lane);
+    if (lane == 0) store_table(p.dside_bias, p.side_bias_kind, w, sum);
+  }
 }
 
 }  // namespace longattn

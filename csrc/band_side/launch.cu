@@ -1,5 +1,5 @@
 // The band + side kernels' host entry points (launch.h): the (dtype, head dim) dispatch to the tile kernels'
-// instantiation files, and the backward's two small kernels (delta, Longformer's side-add), launched here.
+// instantiation files, and the backward's two small kernels (delta, finish), launched here.
 #include "band_side/bwd_kernel.h"
 #include "band_side/launch.h"
 #include "band_side/launch_template.h"
@@ -32,15 +32,15 @@ cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStre
   return cudaGetLastError();
 }
 
-cudaError_t run_band_side_bwd_side_add(const BandSideParams& p, bool bf16, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  const int64_t pairs = (int64_t)p.B * p.G * p.H * (p.D / 2);
-  if (pairs == 0) return cudaSuccess;
-  const dim3 grid((unsigned)((pairs + kThreads - 1) / kThreads));
+cudaError_t run_band_side_bwd_finish(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  constexpr int kWarps = 8;  // one job per warp (finish_warps)
+  const int64_t warps = finish_warps(p).total();
+  if (warps == 0) return cudaSuccess;
+  const dim3 grid((unsigned)((warps + kWarps - 1) / kWarps));
   if (bf16) {
-    band_side_bwd_side_add_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(p);
+    band_side_bwd_finish_kernel<__nv_bfloat16><<<grid, kWarps * 32, 0, stream>>>(p);
   } else {
-    band_side_bwd_side_add_kernel<__half><<<grid, kThreads, 0, stream>>>(p);
+    band_side_bwd_finish_kernel<__half><<<grid, kWarps * 32, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

@@ -14,10 +14,11 @@ cudaError_t run_band_side_fwd(const BandSideParams& p, bool bf16, cudaStream_t s
 cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStream_t stream);
 // Backward, step 2: p.dq.
 cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream);
-// Backward, step 3: p.dk, p.dv, side-key partials and bias-gradient partials.
+// Backward, step 3: p.dk, p.dv, the side keys' gradients or their partials, and bias-gradient partials.
 cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStream_t stream);
-// Backward, step 4 (p.side_index or p.dside_k_into only): the side-key partials summed and added into the keys' rows
-// (rows p.side_index of p.dk, p.dv, or the key splits' rows of p.dside_k_into, p.dside_v_into).
-cudaError_t run_band_side_bwd_side_add(const BandSideParams& p, bool bf16, cudaStream_t stream);
+// Backward, step 4 (no launch unless finish_warps(p) has work): what the partials owe, summed in a fixed order: the
+// side keys' dK/dV (into p.dside_k / p.dside_v, or added into rows p.side_index of p.dk, p.dv, or into
+// p.dside_*_into) and the bias tables' gradients (p.dband_bias, p.dside_bias, in their dtypes).
+cudaError_t run_band_side_bwd_finish(const BandSideParams& p, bool bf16, cudaStream_t stream);
 
 }  // namespace longattn

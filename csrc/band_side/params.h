@@ -11,6 +11,9 @@
 
 namespace longattn {
 
+// The dtype of a bias table and of its gradient: read and written in place (no float32 copy, no cast kernel).
+enum TableKind : int { kTableF32 = 0, kTableF16 = 1, kTableBF16 = 2 };
+
 struct Strides {
   int64_t batch, row, head;
 };
@@ -27,8 +30,8 @@ struct BandSideParams {
   const uint8_t* band_key_mask;  // (B, S) bool or nullptr
   const uint8_t* side_mask;      // (B, G) bool or nullptr
   const int32_t* query_block;    // (B, S) or nullptr (only read when side_bias is given)
-  const float* band_bias;        // (H, band_width) float32 or nullptr
-  const float* side_bias;        // (H, 2G + 1) float32 or nullptr
+  const void* band_bias;         // (H, band_width), dtype band_bias_kind (a TableKind), or nullptr
+  const void* side_bias;         // (H, 2G + 1), dtype side_bias_kind, or nullptr
 
   int B, S, H, G, D;
   int left, right, band_width;  // band_width = left + right + 1
@@ -55,13 +58,15 @@ struct BandSideParams {
   void* dq;  // contiguous (B, S, H, D)
   void* dk;
   void* dv;
-  // Side-key gradients are produced per (query chunk) as float32 partials (n_chunks, B, G, H, D) and
-  // summed in a fixed order on the host side: no atomics, deterministic.
+  // Side-key gradients: float32 partials (n_chunks, B, G, H, D) per query chunk, summed in chunk order by the finish
+  // kernel; for Longformer's global rows (side_only: one chunk, dsk_partial == nullptr) the side CTA's dK/dV rows are
+  // final and its epilogue writes them (side_key_rows). No atomics either way: deterministic.
   float* dsk_partial;
   float* dsv_partial;
   int side_chunks;       // number of query chunks per side-key tile
   int side_chunk_tiles;  // query tiles per chunk
-  // Bias-table gradient partials, one row per (b, h, key CTA), reduced in fixed order afterwards:
+  // Bias-table gradient partials, one row per (b, h, key CTA), zeroed by the delta kernel, accumulated by that CTA,
+  // reduced in a fixed order by the finish kernel:
   //   band: (B, H, n_band_key_tiles, band_width);  side: (B, H, n_side_tiles * side_chunks, 2G + 1)
   float* dband_bias_partial;
   float* dside_bias_partial;
@@ -108,9 +113,9 @@ struct BandSideParams {
   // outside [0, S) read zeros (and get no gradient). query_mask: (B, S) bool or nullptr, forward only: rows where it
   // is False get out = 0. band_rows_only (forward): rows where band_key_mask is False get lse = +inf. Backward: the
   // side keys' dK/dV partials are summed and added into rows side_index[b, g] of dk / dv for the slots side_mask
-  // keeps (band_side_bwd_side_add_kernel). With key_ranges / side_ranges (a packed batch: the kIndexed && kRanges
-  // kernels) side_ranges[b, i] is a range of slots g, the same index the side keys have without side_index. After the
-  // fields above, so those keep their offsets.
+  // keeps (by the finish kernel). With key_ranges / side_ranges (a packed batch: the kIndexed && kRanges kernels)
+  // side_ranges[b, i] is a range of slots g, the same index the side keys have without side_index. After the fields
+  // above, so those keep their offsets.
   const int64_t* side_index;
   int64_t side_index_stride;
   const uint8_t* query_mask;
@@ -122,11 +127,12 @@ struct BandSideParams {
   // lse_merged, (B / lse_split, H, S) (every key split of a slot against the merged statistics), and the delta kernel
   // copies row b / lse_split of it into row b of lse_expanded (= lse_in, (B, H, S)) before the dQ / dK/dV kernels
   // read it: their code is unchanged. lse_split = 1: lse_merged / lse_expanded unused.
-  // dside_k_into / dside_v_into (backward, or nullptr): the side keys' dK/dV partials, summed in chunk order, are
-  // added into them instead of being returned (band_side_bwd_side_add_kernel): side key g of batch row b is row
-  // (b % into_split) * G + g of batch row b / into_split of these (B / into_split, into_rows, H, D) tensors (strided
-  // as dsk_into_st / dsv_into_st, unit last stride), rows >= into_rows dropped (the keys' padding). After the fields
-  // above, so those keep their offsets.
+  // dside_k_into / dside_v_into (backward, or nullptr): the side keys' dK/dV are added into them instead of being
+  // returned (by the dK/dV epilogue: side_only runs one query chunk, so each key row has one owner CTA; the finish
+  // kernel would add summed partials the same way): side key g of batch row b is row (b % into_split) * G + g of
+  // batch row b / into_split of these (B / into_split, into_rows, H, D) tensors (strided as dsk_into_st /
+  // dsv_into_st, unit last stride), rows >= into_rows dropped (the keys' padding), slots side_mask drops skipped.
+  // After the fields above, so those keep their offsets.
   bool side_only;
   int lse_split;
   const float* lse_merged;
@@ -150,6 +156,17 @@ struct BandSideParams {
   int64_t query_index_stride;
   int query_split;
   int query_tokens;
+
+  // ---- bias tables' dtypes and the backward's outputs (after the fields above, so those keep their offsets) ----
+  // band_bias / side_bias are read in their own dtype (TableKind), and the finish kernel writes the gradients
+  // dband_bias (H, band_width) / dside_bias (H, 2G + 1) (contiguous, the same kind) from the partials above. dside_k /
+  // dside_v: contiguous (B, G, H, D) of q's dtype, the side keys' gradients when neither side_index nor dside_k_into
+  // takes them (written by the dK/dV epilogue with one chunk, else by the finish kernel).
+  int band_bias_kind, side_bias_kind;
+  void* dband_bias;
+  void* dside_bias;
+  void* dside_k;
+  void* dside_v;
 };
 
 }  // namespace longattn

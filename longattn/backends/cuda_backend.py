@@ -7,8 +7,10 @@ under ``torch.compile`` / FakeTensor, says when the backend cannot run, and maps
 
 Kernel design (see csrc/band_side/*.h): flash-attention-2 style tiles of 64 queries x 64 keys, 4 warps,
 ``mma.sync.m16n8k16`` + ``ldmatrix`` + ``cp.async`` double buffering, online softmax, lse saved; backward
-as three kernels (delta, dQ per query tile, dK/dV per key tile) with no atomics, so gradients are bitwise
-reproducible. Attention dropout (``dropout_p > 0``) runs in separate instantiations of the same kernels
+as three kernels (delta, dQ per query tile, dK/dV per key tile) and, when partial sums are owed (side keys split over
+query chunks, bias tables), a fourth that sums them in a fixed order and writes the gradients in their dtypes, with no
+atomics and no ATen kernel around them, so gradients are bitwise reproducible; bias tables are read in their own
+dtype. Attention dropout (``dropout_p > 0``) runs in separate instantiations of the same kernels
 (``csrc/band_side/dropout.h``: Philox bits of ``longattn._dropout``'s counter layout, regenerated in the
 backward), so ``dropout_p = 0`` runs exactly the dropout-free code. Per-row key ranges (``key_ranges`` /
 ``side_ranges``, the feature ``"ranges"`` of packed variable-length batches) likewise
@@ -28,7 +30,7 @@ Longformer's band pass (``longformer_band_forward`` / ``longformer_band_backward
 that ``longattn.backends._longformer`` calls) runs in a fourth kind of instantiation (``kIndexed``, with or without
 dropout, never with halo keys): side key g is token ``pos[b, g]`` of k / v, read in place; the forward's
 epilogue zeroes padding rows and sets the lse of non-band rows to +inf; the backward adds the side keys' dK/dV
-(float32 partials over query chunks, summed in chunk order) into rows ``pos`` of dk / dv with a small kernel. No
+(float32 partials over query chunks, summed in chunk order) into rows ``pos`` of dk / dv with the finish kernel. No
 gather, masked_fill or scatter around the kernels. With per-row key ranges (packed batches: ``key_ranges`` over the
 band keys, ``side_ranges`` over the slots g) it runs the ``kIndexed && kRanges`` instantiation, the same single raw op
 each way (a call without ranges keeps the code without them).
@@ -43,8 +45,9 @@ position (out of range: skipped). The global rows' band op itself runs with ``si
 walked, no mask for them) and ``query_index`` (the slots' rows of q, and in the backward of dout and out, read in place
 at the tokens ``pos`` names, every split from the same unsplit tensors: no copy per split), its backward with
 ``lse_split`` (each split reads the merged glse, no per-split copy) and, when the global rows share k / v with the band
-pass, with ``dside_k_into`` / ``dside_v_into``: the keys' dK/dV added by the side-add kernel into the band pass's dk /
-dv. So the CUDA Longformer op runs 4 raw ops forward (slots, band pass, global rows, merge) and 3 backward (band pass,
+pass, with ``dside_k_into`` / ``dside_v_into``: the keys' dK/dV added into the band pass's dk / dv by the dK/dV
+kernel's epilogue (one query chunk: each key row has one owner CTA, so no (B, S, H, D) float32 partials). So the CUDA
+Longformer op runs 4 raw ops forward (slots, band pass, global rows, merge) and 3 backward (band pass,
 global rows, dq add). What torch still runs
 around the global rows: when no split size near ``SPLIT_KEYS`` divides S (``_longformer.whole_split``; a prime S)
 the padded copies of k / v / the key mask (and, with separate global k / v projections, the un-padding of their
@@ -363,7 +366,7 @@ def global_rows_backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, d
     merged ``glse``), then the splits' dq rows summed in float32, in split order, and added into rows ``pos`` of dq by a
     kernel (unused slots, glse = +inf, have none). dq is added into ``dq_into``, else into a new dq the add zeroes
     first. dk / dv: with ``dk_into`` and ``dv_into`` (k / v shared with the band pass) the keys' gradients are added
-    into them by the band op's side-add kernel (``dside_k_into`` / ``dside_v_into``); else returned
+    into them by the band op's dK/dV epilogue (``dside_k_into`` / ``dside_v_into``); else returned
     (``KeySplits.unkeys`` of the op's split gradients: views, copies only when the last split is padded)."""
     _check_slots(q, pos, used)
     drop = _longformer.dropout_kwargs(dropout_p, rng)

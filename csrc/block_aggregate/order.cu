@@ -17,7 +17,8 @@
 //     same-block tokens of lower lanes (__match_any_sync); the group's leader then advances the cursor. So each
 //     block's tokens land in sequence order: exactly the stable sort.
 //
-// Cost (predicted, not measured: no GPU when written), S = 131072, G = 8192, B = 1 (LongT5, blocks of 16): 64 CTAs
+// Measured on an H200 (2026-11-30) at S = 16384, G = 1024, B = 1: 10.8 us.
+// Cost (predicted, not measured at this length), S = 131072, G = 8192, B = 1 (LongT5, blocks of 16): 64 CTAs
 // of 512 threads, 40 registers, 8.4 KB of shared memory (sm_90, no spill). Phase 1 reads the row's 512 KB of ids
 // from L2 once per CTA (32 MB in all, a quarter of the Triton order kernel's two passes with 64-id tiles; int4
 // loads, 4 in flight per thread, ~4 instructions per id): ~5 us. Phases 2 and 4 read only the marked chunks: with

@@ -10,7 +10,8 @@
 // <= r' + n < G, so a second walk over [0, G) (none when n >= G) places them. The slot of each position is a
 // bijection of [0, S), so every one of the G slots is written exactly once (outputs need no initialisation).
 //
-// Cost (a prediction, not measured: no GPU when written): 2 bytes read and 1 written per token, latency-bound on
+// Measured on an H200 (2026-11-30) at S = 16384, B = 1: 8.0 us.
+// Cost (a prediction, not measured at this length): 2 bytes read and 1 written per token, latency-bound on
 // one SM per row: at S = 131072, 8 chunks of one 16-byte load per mask and thread plus a block scan (3 barriers),
 // about 10-20 us for B = 1 (rows side by side for larger B), in place of and / xor / argsort (a radix sort) / gather.
 #include "longformer/rows.h"

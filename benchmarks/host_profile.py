@@ -26,7 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longattn.bench import impls, timing  # noqa: E402
-from longattn.bench.cases import OPS, Settings, build_case, script_settings  # noqa: E402
+from longattn.bench.cases import (  # noqa: E402
+    Settings,
+    add_script_arguments,
+    build_case,
+    script_choices,
+    script_settings,
+)
 from longattn.bench.runner import _pass_fn  # noqa: E402
 
 
@@ -76,20 +82,16 @@ def run(ops, backends, seqlen: int, calls: int, top: int, settings: Settings) ->
 def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlen", type=int, default=512 if on_gpu else 64)
-    p.add_argument("--op", default=",".join(OPS))
-    p.add_argument("--backend", default="triton,cuda" if on_gpu else "torch")
+    add_script_arguments(p, on_gpu, 512, 64)
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", help="write the report here (it is printed too)")
     args = p.parse_args(argv)
-    ops = [o for o in args.op.split(",") if o]
-    if set(ops) - set(OPS):
-        p.error(f"--op: unknown {sorted(set(ops) - set(OPS))}; expected some of {OPS}")
+    ops, backends = script_choices(p, args)
     if args.calls < 1 or args.top < 1:
         p.error("--calls and --top: positive integers")
     settings = script_settings(on_gpu)
-    report = run(ops, [b for b in args.backend.split(",") if b], args.seqlen, args.calls, args.top, settings)
+    report = run(ops, backends, args.seqlen, args.calls, args.top, settings)
     print(report.split("\n\n", 1)[0])
     if args.out:
         Path(args.out).write_text(report)

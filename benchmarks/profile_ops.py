@@ -25,7 +25,13 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from longattn.bench import impls, output, timing  # noqa: E402
-from longattn.bench.cases import OPS, Settings, build_case, script_settings  # noqa: E402
+from longattn.bench.cases import (  # noqa: E402
+    Settings,
+    add_script_arguments,
+    build_case,
+    script_choices,
+    script_settings,
+)
 from longattn.bench.runner import _pass_fn  # noqa: E402
 
 CALLS = 3  # profiled calls per pass (after one warm-up): the per-call figures are their mean
@@ -99,19 +105,14 @@ def _line(rec: dict) -> str:
 def main(argv=None) -> int:
     on_gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlen", type=int, default=16384 if on_gpu else 256)
-    p.add_argument("--op", default=",".join(OPS))
-    p.add_argument("--backend", default="triton,cuda" if on_gpu else "torch")
+    add_script_arguments(p, on_gpu, 16384, 256)
     p.add_argument("--globals", default="1,64", help="Longformer global-token counts (comma list)")
     p.add_argument("--json", help="write the run here")
     args = p.parse_args(argv)
-    ops = [o for o in args.op.split(",") if o]
-    unknown = set(ops) - set(OPS)
-    if unknown:
-        p.error(f"--op: unknown {sorted(unknown)}; expected some of {OPS}")
+    ops, backends = script_choices(p, args)
     settings = script_settings(on_gpu)
     counts = tuple(int(g) for g in args.globals.split(",") if g)
-    results = run(ops, [b for b in args.backend.split(",") if b], args.seqlen, counts, settings)
+    results = run(ops, backends, args.seqlen, counts, settings)
     info = output.run_info({"mode": "profile-ops", "device": settings.device, "seqlens": [args.seqlen],
                             "ops": ops, "globals": list(counts), "heads": settings.heads,
                             "head_dim": settings.head_dim, "dtype": str(settings.dtype), "calls": CALLS})

@@ -85,6 +85,21 @@ def script_settings(on_gpu: bool) -> Settings:
     return Settings(heads=2, head_dim=32, dtype=torch.float32, device="cpu")
 
 
+def add_script_arguments(parser, on_gpu: bool, seqlen_gpu: int, seqlen_cpu: int) -> None:
+    """The scripts' shared options: ``--seqlen``, ``--op`` and ``--backend`` (comma lists; see ``script_choices``)."""
+    parser.add_argument("--seqlen", type=int, default=seqlen_gpu if on_gpu else seqlen_cpu)
+    parser.add_argument("--op", default=",".join(OPS))
+    parser.add_argument("--backend", default="triton,cuda" if on_gpu else "torch")
+
+
+def script_choices(parser, args) -> tuple[list[str], list[str]]:
+    """(ops, backends) of ``add_script_arguments``' options; an unknown op is the parser's error."""
+    ops = [o for o in args.op.split(",") if o]
+    if set(ops) - set(OPS):
+        parser.error(f"--op: unknown {sorted(set(ops) - set(OPS))}; expected some of {OPS}")
+    return ops, [b for b in args.backend.split(",") if b]
+
+
 def t5_relative_bucket(relative_position: torch.Tensor, num_buckets: int = NUM_BUCKETS,
                        max_distance: int = MAX_DISTANCE) -> torch.Tensor:
     """T5's bidirectional relative-position bucket (the formula of HF's ``_relative_position_bucket``)."""

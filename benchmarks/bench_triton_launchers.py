@@ -8,26 +8,27 @@ whole Triton route on tiny CPU tensors: the public op, its custom ops, the Trito
 plans, argument lists, the fused Longformer's roles) and their output allocations, with every ``@triton.jit``
 kernel's launch replaced by a no-op (``JITFunction.__getitem__``), and the backend made available on CPU.
 
-``launch``: ``stub`` leaves Triton out; ``bind`` also runs what Triton's ``JITFunction.run`` does on the host before
-its C launcher, for an sm_90 target: the generated binder (each argument's specialisation), the compile-cache key and
-the check of the globals the kernel reads. Only the C launcher (and the driver) is left out, which needs a GPU: on
-one, ``longattn bench``'s host-overhead column is the complete figure.
+Routes: ``stub`` leaves Triton out; ``triton`` also runs what Triton's ``JITFunction.run`` does on the host before
+its C launcher, for an sm_90 target (``tests/triton_emulation.py``: the generated binder, each argument's native
+specialisation, the compile-cache key, the check of the globals the kernel reads); ``cached`` launches through
+longattn's launch cache (``triton_kernels/_launch.py``), the route the backend takes. Only the C launcher (and the
+driver) is left out, which needs a GPU: on one, ``longattn bench``'s host-overhead column is the complete figure.
 
-Measured (this project's 2-core CPU, pytest-benchmark minimum, us, forward / forward+backward, 2026-11-30):
+Measured (this project's 2-core CPU, Triton 3.8, pytest-benchmark minimum, us, forward / forward+backward,
+2026-11-30):
 
-=================  ==============  ==============  ======================================
-op                 stub            bind            bind, kernels reading no constexpr global
-=================  ==============  ==============  ======================================
-local              24.6 / 128      59.0 / 251      57.4 / 240
-tglobal            26.3 / 169      61.3 / 344      58.9 / 329
-longformer         58.5 / 251      118 / 488       115 / 471
-block_aggregate    15.9 / 70.7     27.4 / 109      28.1 / 108
-=================  ==============  ==============  ======================================
+=================  ==============  ==============  ==============
+op                 stub            triton          cached
+=================  ==============  ==============  ==============
+local              24.7 / 128      66.0 / 276      37.1 / 175
+tglobal            27.1 / 172      68.3 / 378      39.5 / 237
+longformer         60.8 / 255      134 / 549       80.6 / 339
+block_aggregate    16.7 / 71.5     34.7 / 128      24.8 / 95.1
+=================  ==============  ==============  ==============
 
-Triton's binding is ~30 us per launch of a band kernel (97 to 121 parameters: a native specialisation call each,
-and the bound-argument dict and list), more than all of longattn's own host work. The last column is after
-``LOG2E`` and the dropout ``FLAG`` became literals (Triton compares every ``tl.constexpr`` global a kernel reads with
-its compiled value at each launch, ~0.5 us each; ``bias_grad.SIDE_SPAN`` is the one left).
+Triton's binding is ~30 to 40 us per launch of a band kernel (97 to 121 parameters), more than all of longattn's own
+host work; the cache leaves ~12. What is left above the ``stub`` column's floor is longattn's launchers
+(argument lists of ~130 entries) and the autograd plumbing (``bench_host_overhead.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from __future__ import annotations
 import pytest
 import torch
 import triton
+from longattn.triton_kernels import _launch
+from longattn.triton_kernels._common import interpreting as triton_interpreting
 
 import longattn
 from longattn.backends import triton_backend
@@ -69,51 +72,28 @@ CALLS = {
 }
 
 
-def _binding_launch():
-    """``JITFunction.__getitem__`` replaced by Triton's host-side launch steps (``JITFunction.run`` up to its C
-    launcher) for an sm_90 target, on CPU tensors: binder, cache key, used-globals check; no compile, no launch."""
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime import jit
-
-    backend = make_backend(GPUTarget("cuda", 90, 32))
-    binders = {}
-
-    def getitem(self, grid):
-        def launch(*args, **kwargs):
-            kwargs["debug"] = kwargs.get("debug", self.debug) or knobs.runtime.debug
-            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-            if self not in binders:
-                self.cache_key  # noqa: B018 (as a first compile would: records the globals the kernel reads)
-                binders[self] = {}, jit.create_function_from_signature(self.signature, self.params, backend)
-            key_cache, binder = binders[self]
-            bound_args, specialization, options = binder(*args, **kwargs)
-            jit.compute_cache_key(key_cache, specialization, options)
-            absent = object()
-            for (name, _), (val, globals_dict) in self.used_global_vals.items():
-                if globals_dict.get(name, absent) != val:
-                    raise RuntimeError(f"global {name} changed")
-            return tuple(bound_args.values())
-
-        return launch
-
-    return getitem
-
-
-@pytest.fixture(params=["stub", "bind"])
+@pytest.fixture(params=["stub", "triton", "cached"])
 def stubbed_triton(request, monkeypatch):
-    """The Triton backend on CPU with no-op kernel launches (``stub``), or with Triton's binding steps (``bind``)."""
+    """The Triton backend on CPU with no-op kernel launches (``stub``), or with Triton's host-side launch path for an
+    sm_90 target emulated up to its C launcher (``tests/triton_emulation.py``): through ``JITFunction.run`` on every
+    call (``triton``), or through longattn's cached launches (``cached``, ``triton_kernels/_launch.py``)."""
     if request.param == "stub":
-        getitem = lambda self, grid: lambda *a, **k: None  # noqa: E731
-    else:
-        try:
-            getitem = _binding_launch()
-        except (ImportError, AttributeError) as exc:  # Triton internals of another version
-            pytest.skip(f"Triton's launch internals differ from 3.8's: {exc}")
-    monkeypatch.setattr(triton.runtime.jit.JITFunction, "__getitem__", getitem)
-    monkeypatch.setattr(triton_backend, "unavailable_reasons", lambda device: [])
-    return request.param
+        monkeypatch.setattr(triton.runtime.jit.JITFunction, "__getitem__", lambda self, grid: lambda *a, **k: None)
+        monkeypatch.setattr(_launch, "ENABLED", False)
+        monkeypatch.setattr(triton_backend, "unavailable_reasons", lambda device: [])
+        yield request.param
+        return
+    if triton_interpreting():
+        pytest.skip("TRITON_INTERPRET=1 replaces triton.jit: nothing to launch")
+    try:
+        from tests.triton_emulation import EmulatedTriton
+
+        emulation = EmulatedTriton(record=False).install()
+    except (ImportError, AttributeError) as exc:  # Triton internals of another version
+        pytest.skip(f"Triton's launch internals differ from 3.6's and 3.8's: {exc}")
+    monkeypatch.setattr(_launch, "ENABLED", request.param == "cached")
+    yield request.param
+    emulation.uninstall()
 
 
 @pytest.mark.parametrize("which", ["fwd", "fwd_bwd"])

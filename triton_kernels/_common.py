@@ -27,6 +27,8 @@ import triton.language as tl
 
 from longattn._memo import LastCall
 
+from ._launch import cached
+
 # Tile shapes, (BLOCK_M, BLOCK_N, num_warps), by padded head dim.
 #
 # NOT MEASURED: this was written on a machine without a GPU; the choice below is from tile arithmetic
@@ -594,7 +596,7 @@ def _tile_bounds(key_ranges, side_ranges, n_keys, n_side, block_m, like, used):
     n_tiles = cdiv(R, block_m)
     bounds = torch.empty(B, n_tiles, 8, dtype=torch.int32, device=like.device)
     if bounds.numel():
-        _tile_bounds_kernel[(n_tiles, B)](like if key_ranges is None else key_ranges,
+        cached(_tile_bounds_kernel)[(n_tiles, B)](like if key_ranges is None else key_ranges,
                                           like if side_ranges is None else side_ranges,
                                           like if used is None else used, bounds, R, n_keys, n_side,
                                           HAS_K=key_ranges is not None, HAS_S=side_ranges is not None,

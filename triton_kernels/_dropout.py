@@ -29,6 +29,7 @@ import triton.language as tl
 from longattn._dropout import dropout_scale, keep_threshold_i32
 
 from ._common import cdiv, interpreting
+from ._launch import cached
 
 
 @triton.jit
@@ -201,7 +202,7 @@ def dropout_tiles(rng: torch.Tensor, BH: int, row0: int, n_rows: int, col0: int,
     out = torch.empty((BH, n_rows, n_cols), dtype=torch.int32, device=rng.device)
     block_m, block_n = block
     grid = (cdiv(n_rows, block_m), cdiv(n_cols, block_n), BH)
-    _tiles_kernel[grid](rng, out, n_rows, n_cols, row0, col0, out.stride(0), out.stride(1),
+    cached(_tiles_kernel)[grid](rng, out, n_rows, n_cols, row0, col0, out.stride(0), out.stride(1),
                         0 if thresh is None else thresh, BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned,
                         KEEP=thresh is not None, SIDE=side, GLOBAL_ROWS=global_rows,
                         num_warps=1 if interpreting() else 4)

@@ -67,6 +67,7 @@ from ._common import (
 )
 from ._dropout import check_offset, keep_scale_tile
 from ._dropout import kernel_args as _dropout_meta
+from ._launch import cached
 from .bias_grad import chain_add, chain_flush, grouped_column_sums, shifted_column_sums, side_group, zero_fill
 
 
@@ -739,7 +740,7 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     grid = (cdiv(S, BLOCK_M) + rows_role.get("n_lead", 0), B * H)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     ranged, _, _ = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q, range_bounds)
-    _rows_kernel[grid](
+    cached(_rows_kernel)[grid](
         q, k, v, *_side_or_dummy(side_k, side_v, q), q, q, out, lse, lse, *extra, lse, sidx, as_u8(query_mask, q),
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(q), *strides3(q), *strides3(out), stride_ib,
@@ -810,7 +811,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     part = bias_grad.partials(B, n_programs, H, widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     rows_role, keys_role = (fused_rows.role(True), fused_rows.keys_role()) if fused_rows is not None else ({}, {})
-    _rows_kernel[(n_programs + rows_role.get("n_lead", 0), B * H)](
+    cached(_rows_kernel)[(n_programs + rows_role.get("n_lead", 0), B * H)](
         q, k, v, *_side_or_dummy(side_k, side_v, q), dout, out, dq, lse, delta, *extra, part, sidx, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
@@ -818,7 +819,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         **ranged, **meta, **halo, **delta_lse, **rows_role, **persistent,
     )
     halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
-    _keys_kernel[(cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](
+    cached(_keys_kernel)[(cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,
         *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, stride_ib,
         S, S, H, H // H_kv, G, D, left, right, float(scale), cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
@@ -862,7 +863,7 @@ def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ran
     part_k = torch.empty(splits, B, G, H_kv, D, dtype=q.dtype if direct else torch.float32, device=q.device)
     part_v = torch.empty_like(part_k)
     sidx, stride_ib, indexed = _index_args(side_index, q)
-    _keys_kernel[(*grid, splits)](
+    cached(_keys_kernel)[(*grid, splits)](
         q, side_k, side_v, dout, lse, delta, part_k, part_v, *extra, sidx,
         *strides3(q), *strides3(side_k), *strides3(side_v), *strides3(dout), *strides3(part_k[0]),
         part_k[0].numel(), stride_ib, S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True,

@@ -71,6 +71,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv
+from ._launch import cached
 from .global_rows import combine_program
 
 
@@ -155,7 +156,7 @@ def reduce_partials(part, widths, band_bias, side_bias, W, G, block_m, side_sums
     pk, pv, ok, ov = side_sums[:4] if keys else (part,) * 4
     sidx = side_sums.index if index else part
     smask = side_sums.mask if index and side_sums.mask is not None and side_sums.mask.numel() else None
-    _reduce_kernel[(n_programs,)](
+    cached(_reduce_kernel)[(n_programs,)](
         part, part if dband is None else dband, part if dside is None else dside, pk, pv, ok, ov, sidx,
         part if smask is None else smask.view(torch.uint8),
         H, sum(widths), n_z, block_m - 1, W, widths[0], 2 * G + 1, n_z if G else 0, band_end, side_end,

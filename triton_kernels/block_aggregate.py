@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from ._common import cdiv, interpreting, next_power_of_2
+from ._launch import cached
 
 # Aggregation tiles. Channel tile: a whole LongT5 d_model row (512..4096) takes 2..16 passes of 256. Token step:
 # 16 rows of a block per load (LongT5's global_block_size is 16). Untuned; measured on an H200 (2026-11-30, S = 16384,
@@ -242,7 +243,7 @@ def _order(block_ids, num_blocks, device):
     bounds = torch.empty(B, num_blocks + 1, dtype=torch.int32, device=device)
     # S = 0: ids, order and scratch are never read (empty tensors may be null pointers): bounds stands in.
     ids, order_arg, scratch_arg = (block_ids, order, scratch) if S else (bounds, bounds, bounds)
-    _order_kernel[(cdiv(num_blocks, meta["BLOCK_G"]), B)](ids, order_arg, bounds, scratch_arg, S, num_blocks,
+    cached(_order_kernel)[(cdiv(num_blocks, meta["BLOCK_G"]), B)](ids, order_arg, bounds, scratch_arg, S, num_blocks,
                                                                  **meta)
     return order, bounds
 
@@ -266,7 +267,7 @@ def forward(x, block_ids, num_blocks, weight, eps):
     block_c, block_s = _blocks(C)
     # Without a weight, W, Sums and Rstd are never read: ``out`` stands in (empty tensors may be null pointers).
     w, s_ptr, r_ptr = (out, out, out) if weight is None else (weight, sums, rstd)
-    _aggregate_kernel[(B * G,)](
+    cached(_aggregate_kernel)[(B * G,)](
         x, order if S else bounds, bounds, w, out, s_ptr, r_ptr,
         x.stride(0), x.stride(1), S, G, C, float(eps),
         HAS_WEIGHT=weight is not None, BLOCK_S=block_s, BLOCK_C=block_c,
@@ -286,10 +287,10 @@ def _weight_grads(dout, weight, sums, rstd, B, G, C):
     dweight = torch.empty(C, dtype=weight.dtype, device=weight.device)
     partial = torch.empty(tiles, C, dtype=torch.float32, device=dout.device)
     if tiles:
-        _rows_grad_kernel[(tiles,)](dout, weight, sums, rstd, coef, partial, dout.stride(0), dout.stride(1), R, G,
-                                    C, **rows)
+        cached(_rows_grad_kernel)[(tiles,)](dout, weight, sums, rstd, coef, partial, dout.stride(0), dout.stride(1),
+                                            R, G, C, **rows)
     grid = (cdiv(C, dweight_meta["BLOCK_C"]),)
-    _dweight_kernel[grid](partial if tiles else dweight, dweight, tiles, C, **dweight_meta)
+    cached(_dweight_kernel)[grid](partial if tiles else dweight, dweight, tiles, C, **dweight_meta)
     return coef, dweight
 
 
@@ -309,7 +310,7 @@ def backward(dout, x, block_ids, num_blocks, weight, sums, rstd, eps):
     # null pointer) and the statistics, and the weight path is off.
     weighted = coef is not None and G > 0
     d = dout if G else dx
-    _scatter_grad_kernel[grid](
+    cached(_scatter_grad_kernel)[grid](
         d, block_ids, weight if weighted else d, sums if weighted else d, rstd if weighted else d,
         coef if weighted else d, dx, d.stride(0), d.stride(1), S, G, C,
         HAS_WEIGHT=weighted, BLOCK_S=block_s, BLOCK_C=block_c,

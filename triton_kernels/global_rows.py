@@ -58,6 +58,7 @@ from ._common import (
 )
 from ._dropout import keep_scale_tile
 from ._dropout import kernel_args as _dropout_meta
+from ._launch import cached
 
 
 @triton.jit
@@ -374,7 +375,7 @@ def forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None, k
     part_o = torch.empty(splits, B * H, G, BLOCK_D, dtype=torch.float32, device=q.device)
     part_l = torch.empty(splits, B * H, G, dtype=torch.float32, device=q.device)
     glse = torch.empty(B, H, G, dtype=torch.float32, device=q.device)
-    _split_kernel[(slot_tiles, B * H, splits)](
+    cached(_split_kernel)[(slot_tiles, B * H, splits)](
         q, k, v, q, q, part_l, pos, used8, as_u8(key_mask, used8), part_o, part_l,
         *strides3(q), *strides3(k), *strides3(v), *strides3(q), *strides3(q),
         S, H, G, D, float(scale), keys_per_split, pos.stride(0),
@@ -382,7 +383,7 @@ def forward(q, k, v, pos, used, key_mask, scale, out, dropout_p=0.0, rng=None, k
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
         DOT_PREC=dot_precision(q.dtype), **_dropout_meta(dropout_p, rng, glse), num_warps=warps,
     )
-    _combine_kernel[(slot_tiles, B * H)](
+    cached(_combine_kernel)[(slot_tiles, B * H)](
         part_o, part_l, pos, used8, out, glse, *strides3(out), S, H, G, D, splits, 1.0, pos.stride(0),
         BACKWARD=False, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
     )
@@ -404,7 +405,7 @@ def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_i
                 BLOCK_D=BLOCK_D,
                 DOT_PREC=dot_precision(q.dtype), **_dropout_meta(dropout_p, rng, glse), num_warps=warps)
     part_q = torch.empty(splits, B * H, G, BLOCK_D, dtype=torch.float32, device=q.device)
-    _split_kernel[(slot_tiles, B * H, splits)](
+    cached(_split_kernel)[(slot_tiles, B * H, splits)](
         q, k, v, dout, out, glse, pos, used8, kmask, part_q, part_q, *common, S, H, G, D, float(scale),
         keys_per_split, pos.stride(0), BACKWARD=True,
         TBounds=tile_bounds(key_ranges if has_kr else None, None, S, 0, BLOCK_M, q, used8), **meta,
@@ -413,11 +414,11 @@ def backward(dout, q, k, v, out, glse, pos, used, key_mask, scale, dq_into, dk_i
     dq, dk, dv = (torch.empty(B, S, H, D, dtype=q.dtype, device=q.device) if into is None else into
                   for into in (dq_into, dk_into, dv_into))
     # The keys pass runs first: it zeroes a new dq's rows, whose global rows the combine then writes.
-    _keys_kernel[(cdiv(S, BLOCK_N), B * H)](
+    cached(_keys_kernel)[(cdiv(S, BLOCK_N), B * H)](
         q, k, v, dout, out, glse, pos, used8, kmask, dk, dv, dq, *common, *strides3(dk), S, H, G, D, float(scale),
         pos.stride(0), ADD_DK=dk_into is not None, ADD_DV=dv_into is not None, ZERO_DQ=dq_into is None, **meta,
     )
-    _combine_kernel[(slot_tiles, B * H)](
+    cached(_combine_kernel)[(slot_tiles, B * H)](
         part_q, part_q, pos, used8, dq, glse, *strides3(dq), S, H, G, D, splits, float(scale), pos.stride(0),
         BACKWARD=True, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
     )

@@ -46,6 +46,7 @@ import triton.language as tl
 from longattn._memo import LastCall
 
 from ._common import cdiv, interpreting, load_ranges, store_tile_bounds
+from ._launch import cached
 
 # Chunk = tokens per iteration of the serial walk, whose iterations are latency-bound: the larger, the fewer. 8192
 # over 16 warps = 16 tokens per thread (one 16-byte load per contiguous mask): ~128 registers on sm_90, no spill
@@ -307,6 +308,6 @@ def _launch(global_mask, key_padding_mask, band_rows, pos, used, G, extra):
     gm = global_mask.view(torch.uint8)
     pm = gm if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     block, warps = (_INTERPRET_BLOCK, 1) if interpreting() else (_GPU_BLOCK, _GPU_WARPS)
-    _slots_kernel[(B,)](gm, pm, band_rows.view(torch.uint8), pos, used.view(torch.uint8), S, G, gm.stride(0),
+    cached(_slots_kernel)[(B,)](gm, pm, band_rows.view(torch.uint8), pos, used.view(torch.uint8), S, G, gm.stride(0),
                         gm.stride(1), pm.stride(0), pm.stride(1), HAS_PAD=key_padding_mask is not None, BLOCK=block,
                         num_warps=warps, **extra)

@@ -20,8 +20,10 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   peak memory of every op at S=131072), ``profile`` (target 2: ``benchmarks/profile_ops.py``, each
                   op's kernels, launches and GPU time per call), ``bench-bias`` (target 5: TGlobal's backward with
                   and without its bias tables), ``bench-host`` (target 3: every op at S=512, where wall minus GPU
-                  time is the host's cost) and ``host-profile`` (``benchmarks/host_profile.py``: where that host time
-                  goes, by cProfile, into ``OUTDIR/host-profile.txt``);
+                  time is the host's cost), ``bench-host-launch`` (its Triton run again with Triton's own launches,
+                  ``LONGATTN_TRITON_LAUNCH=triton``: the launch cache's share) and ``host-profile``
+                  (``benchmarks/host_profile.py``: where that host time goes, by cProfile, into
+                  ``OUTDIR/host-profile.txt``);
 5. ``memcheck``, ``racecheck``  compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once,
                   small shapes);
    ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths 2048,16384,4096,9000: padded vs packed
@@ -80,7 +82,7 @@ GLOBALS_COUNTS = (1, 64)  # issue 12, target 4: Longformer's cost from 1 to 64 g
 MEMORY_SEQLEN = 131072  # issue 12, target 6
 HOST_SEQLEN = 512  # issue 12, target 3: a shape whose kernels take a few microseconds, so wall minus GPU is the host
 EXTRA_RUNS = ("bench-ragged.json", "bench-halo.json", "tune-triton.json", "bench-memory.json", "profile-ops.json",
-              "bench-host.json", "bench-bias-on.json", "bench-bias-off.json",
+              "bench-host.json", "bench-host-triton-launch.json", "bench-bias-on.json", "bench-bias-off.json",
               *(f"bench-globals-{g}.json" for g in GLOBALS_COUNTS))  # saved as their own files
 
 
@@ -168,9 +170,9 @@ def build_cmd(python: str) -> list[str]:
                           f"LONGATTN_SKIP_CUDA_BUILD=1 {install}; exit 1; }}"]
 
 
-def _kernel_bench(python: str, outdir: Path, name: str, *args: str) -> str:
+def _kernel_bench(python: str, outdir: Path, name: str, *args: str, backends: str = "triton,cuda") -> str:
     """One ``longattn bench`` run of the kernel backends alone (no baselines) into ``OUTDIR/<name>.json``."""
-    return shlex.join([python, "-m", "longattn", "bench", *args, "--no-progress", "--backend", "triton,cuda",
+    return shlex.join([python, "-m", "longattn", "bench", *args, "--no-progress", "--backend", backends,
                        "--baseline", "none", "--json", str(outdir / f"{name}.json")])
 
 
@@ -195,6 +197,14 @@ def host_cmd(python: str, outdir: Path) -> list[str]:
     """Target 3: every op at a tiny length, where the host overhead column is the host cost itself."""
     return ["bash", "-c", _kernel_bench(python, outdir, "bench-host", "--op", "local,longformer,tglobal,aggregate",
                                         "--seqlen", str(HOST_SEQLEN), "--pass", "fwd,fwdbwd", "--min-run-time", "0.1")]
+
+
+def host_launch_cmd(python: str, outdir: Path) -> list[str]:
+    """Target 3, the Triton launch cache's share: ``host_cmd``'s Triton run again with Triton's own launches (the step
+    sets ``LONGATTN_TRITON_LAUNCH=triton``; ``triton_kernels/_launch.py``)."""
+    return ["bash", "-c", _kernel_bench(python, outdir, "bench-host-triton-launch", "--op",
+                                        "local,longformer,tglobal,aggregate", "--seqlen", str(HOST_SEQLEN), "--pass",
+                                        "fwd,fwdbwd", "--min-run-time", "0.1", backends="triton")]
 
 
 def memory_cmd(python: str, outdir: Path) -> list[str]:
@@ -243,6 +253,8 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
              cmd=[py, str(ROOT / "benchmarks" / "profile_ops.py"), "--json", str(outdir / "profile-ops.json")]),
         Step("bench-bias", 20, 90, needs_gpu=True, cmd=bias_cmd(py, outdir)),
         Step("bench-host", 20, 90, needs_gpu=True, cmd=host_cmd(py, outdir)),
+        Step("bench-host-launch", 15, 60, needs_gpu=True, cmd=host_launch_cmd(py, outdir),
+             env={"LONGATTN_TRITON_LAUNCH": "triton"}),
         Step("host-profile", 20, 90, needs_gpu=True,
              cmd=[py, str(ROOT / "benchmarks" / "host_profile.py"), "--out", str(outdir / "host-profile.txt")]),
         Step("memcheck", 30, 120, needs_gpu=True,
@@ -467,6 +479,19 @@ def _memory_floor(run: dict, r: dict) -> tuple[float, float] | None:
     return 3 * t, 7 * t  # q, k, v; q, k, v, o, dq, dk, dv
 
 
+def _launch_cache_lines(cached_run, triton_run) -> list[str]:
+    """Target 3: the Triton backend's host overhead at S = HOST_SEQLEN with the launch cache and with Triton's own
+    launches (``bench-host-launch``), op by op."""
+    def host(run):
+        return {(r["op"], r["pass"]): r["host_overhead_ms"] * 1e3 for r in (run or {}).get("results", [])
+                if r["impl"] == "longattn:triton" and r["status"] == "ok" and r.get("host_overhead_ms") is not None}
+
+    cached, plain = host(cached_run), host(triton_run)
+    cells = [f"{op} {p} {plain[op, p]:.0f} -> {cached[op, p]:.0f}" for op, p in sorted(cached) if (op, p) in plain]
+    return [f"  3 Triton host overhead at S={HOST_SEQLEN}, us, Triton's launches -> cached: " + "; ".join(cells)
+            ] if cells else []
+
+
 def targets_summary(outdir: Path) -> list[str]:
     """Issue 12's targets, measured value beside each bound, from the runs this check wrote."""
     lines = ["", "issue 12 targets:"]
@@ -498,6 +523,7 @@ def targets_summary(outdir: Path) -> list[str]:
             lines.append(f"  3/7 host overhead at {label}, us (fwd <= 40, fwd+bwd <= 80): " + "; ".join(
                 f"{r['op']} {r['impl'].split(':', 1)[1]} {r['pass']} {r['host_overhead_ms'] * 1e3:.0f}"
                 for r in host))
+    lines += _launch_cache_lines(_load(outdir, "bench-host.json"), _load(outdir, "bench-host-triton-launch.json"))
     memory = _load(outdir, "bench-memory.json")
     cells = []
     for r in (memory or {}).get("results", []):

@@ -230,6 +230,10 @@ def test_target_commands_parse(tmp_path):
     assert on_out.endswith("bench-bias-on.json") and off_out.endswith("bench-bias-off.json")
     (st, _), = _bench_runs(steps["bench-host"])
     assert st["seqlens"] == [gc.HOST_SEQLEN] and st["passes"] == ["fwd", "fwdbwd"] and len(st["ops"]) == 4
+    (plain, out), = _bench_runs(steps["bench-host-launch"])
+    assert steps["bench-host-launch"].env == {"LONGATTN_TRITON_LAUNCH": "triton"} and plain["backends"] == ["triton"]
+    assert {k: v for k, v in plain.items() if k != "backends"} == {k: v for k, v in st.items() if k != "backends"}
+    assert out.endswith("bench-host-triton-launch.json")
     assert steps["profile"].cmd[1].endswith("profile_ops.py")
 
 
@@ -246,7 +250,11 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     (tmp_path / "bench-16384.json").write_text(json.dumps(bench))
     host = {"settings": settings,
             "results": [_record("local", 512, "longattn:cuda", "fwd", 0.1, host_overhead_ms=0.03)]}
+    host["results"].append(_record("local", 512, "longattn:triton", "fwd", 0.1, host_overhead_ms=0.04))
     (tmp_path / "bench-host.json").write_text(json.dumps(host))
+    plain = {"settings": settings,
+             "results": [_record("local", 512, "longattn:triton", "fwd", 0.1, host_overhead_ms=0.09)]}
+    (tmp_path / "bench-host-triton-launch.json").write_text(json.dumps(plain))
     for name, ms in (("on", 2.0), ("off", 1.9)):
         run = {"settings": settings, "results": [_record("tglobal", 16384, "longattn:triton", "bwd", ms)]}
         (tmp_path / f"bench-bias-{name}.json").write_text(json.dumps(run))
@@ -266,7 +274,8 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     assert "(<= 1.2x): 1.50x (3.000 / 2.000 ms)" in text
     assert "share (1 - without / with; <= 10 %): triton 5.0% (2.000 / 1.900 ms)" in text
     assert "longformer/64 cuda fwd 4" in text
-    assert "at S=512, us (fwd <= 40, fwd+bwd <= 80): local cuda fwd 30" in text
+    assert "at S=512, us (fwd <= 40, fwd+bwd <= 80): local cuda fwd 30; local triton fwd 40" in text
+    assert "Triton host overhead at S=512, us, Triton's launches -> cached: local fwd 90 -> 40" in text
     assert "at S=16384, us (fwd <= 40, fwd+bwd <= 80): tglobal triton fwdbwd 500; tglobal cuda fwdbwd 700" in text
     # local: (5t + 3t) / 7t; tglobal: (4t + t/8 + 3t + t/8) / (7t + t/4)
     assert lines[-1].endswith(f"local cuda {8 / 7:.2f}x; tglobal cuda {(7 + 1 / 4) / (7 + 1 / 4):.2f}x")

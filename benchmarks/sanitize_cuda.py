@@ -14,7 +14,8 @@ window), dropout with halo keys and a dropout offset (the kHalo dropout kernels,
 gradient (NaN where lse = +inf, which must not reach any gradient), and Longformer's band pass (side keys read in
 place through an index with out-of-range values, padding rows, the finish kernel; the kIndexed kernels, with and
 without dropout, with and without per-row key / slot ranges) and its global rows (side_only, lse_split, the dK/dV
-epilogue's add into strided destinations, the zero fill of a new dq), and bias tables of each dtype (read and written
+epilogue's add into strided destinations, the zero fill of a new dq) and its fused forward (the split CTAs' arrival
+counters and last-arriver merge, in one launch with the band CTAs), and bias tables of each dtype (read and written
 in place). Exits non-zero on a CUDA error or a non-finite result; the sanitizer reports memory / race errors itself.
 """
 
@@ -206,6 +207,51 @@ def longformer_global_rows(dtype, D, *, B=2, S=300, H=2, G=37, n=128, dropout=0.
         raise RuntimeError("query_index outside [0, S): expected out = 0")
 
 
+def longformer_fused(dtype, D, *, B=2, S=300, H=2, G=3, split_keys=64, ranges=False, projections=False, many=False):
+    """Longformer's fused forward (cuda_backend.longformer_forward: the slots kernel zeroing the arrival counters, then
+    one launch of the global rows' split CTAs, the last of each slot tile merging them, and the band CTAs, which leave
+    the used slots' rows to the merge), then the composed backward; out, lse and glse must equal the composed
+    forward's bitwise. ``many``: 80 globals in row 0 (two slot tiles) and more globals than slots in row 1."""
+    from longattn.backends import _longformer, cuda_backend
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+
+    def randn():
+        return torch.randn(B, S, H, D, generator=gen, device="cuda").to(dtype)
+
+    q, k, v = randn(), randn(), randn()
+    qg, kg, vg = (randn(), randn(), randn()) if projections else (None, None, None)
+    glob = torch.zeros(B, S, dtype=torch.bool, device="cuda")
+    glob[0, [0, S // 2, S - 1]] = True
+    glob[1, [min(5, S - 1), S - 1]] = True  # S - 1 is padding in row 1
+    if many:
+        glob[0, 1:240:3] = True
+        glob[1, :G + 10] = True
+    pad = torch.ones(B, S, dtype=torch.bool, device="cuda")
+    pad[1, S - 20:] = False
+    key_ranges = packed_ranges(B, S, G, gen)[0] if ranges else None
+    left, right = min(40, S - 1), min(33, S - 1)
+    saved = _longformer.SPLIT_KEYS
+    _longformer.SPLIT_KEYS = split_keys
+    try:
+        args = (q, k, v, qg, kg, vg, glob, pad, left, right, D ** -0.5, G, 0.0, None, key_ranges)
+        fused = cuda_backend.longformer_forward(*args)
+        composed = _longformer.composed_forward(cuda_backend, *args)
+        out, lse, glse, band_rows, pos, used = fused
+        grads = _longformer.composed_backward(cuda_backend, torch.randn_like(out), q, k, v, qg, kg, vg, out, lse,
+                                              glse, band_rows, pos, used, glob, pad, left, right, D ** -0.5, 0.0,
+                                              None, key_ranges)
+    finally:
+        _longformer.SPLIT_KEYS = saved
+    torch.cuda.synchronize()
+    for name, a, b in zip(("out", "lse", "glse"), fused, composed):
+        if not torch.equal(a, b):
+            raise RuntimeError(f"fused {name} differs from the composed path (longformer fused, dtype={dtype}, D={D})")
+    for name, t in (("out", out), *zip(("dq", "dk", "dv"), grads)):
+        if not torch.isfinite(t).all():
+            raise RuntimeError(f"non-finite {name} (longformer fused, dtype={dtype}, D={D})")
+
+
 def block_aggregate(dtype, weighted):
     ops = torch.ops.longattn
     B, S, C, G = 2, 300, 96, 20
@@ -285,6 +331,15 @@ def main() -> int:
     longformer_global_rows(torch.bfloat16, 64, ranges=True, in_place=False)  # side_only without query_index
     longformer_global_rows(torch.float16, 128, G=0)  # no slots
     print("Longformer global rows (side_only, query_index, lse_split, dside_*_into, zero_fill) ok")
+    for D in (32, 64, 128):
+        longformer_fused(torch.float16, D)  # 5 splits of 60 keys
+        longformer_fused(torch.bfloat16, D, G=96, many=True, projections=True)  # two slot tiles
+    longformer_fused(torch.float16, 64, S=331, split_keys=64)  # prime S: the last split padded
+    longformer_fused(torch.bfloat16, 64, G=40, ranges=True)  # packed: the kRanges band CTAs
+    longformer_fused(torch.float16, 64, G=12, many=True)  # more globals than slots in both rows
+    longformer_fused(torch.float16, 64, S=1, G=1, split_keys=None)
+    longformer_fused(torch.bfloat16, 64, S=4096, H=4, G=1, split_keys=1024)  # 4 splits racing to merge
+    print("Longformer fused forward (split CTAs merged by the last to arrive, band CTAs) ok")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for weighted in (False, True):
             block_aggregate(dtype, weighted)

@@ -64,6 +64,7 @@
 #include <vector>
 
 #include "band_side/launch.h"
+#include "band_side_call.h"
 #include "common/arg_checks.h"
 #include "common/philox.h"
 
@@ -77,10 +78,7 @@ constexpr int kTile = 64;  // BandSideTraits::kBlockM == kBlockN; the host needs
 constexpr const char* kFwd = "cuda_band_side_fwd";
 constexpr const char* kBwd = "cuda_band_side_bwd";
 
-struct Dims {
-  int64_t B, S, H, D, G;
-  int64_t HL, HR;  // halo keys left / right of the local ones (0, 0 without a halo)
-};
+using Dims = BandSideDims;
 
 // The halo-key arguments of both ops (all absent / 0 without a halo).
 struct HaloArgs {
@@ -416,10 +414,7 @@ int floor_div(int64_t a, int64_t b) { return static_cast<int>(a >= 0 ? a / b : -
 
 // The input half of the params, from checked arguments. Tensors that had to be copied or converted are
 // kept alive in `keep`.
-struct Prepared {
-  BandSideParams p{};
-  std::vector<at::Tensor> keep;
-};
+using Prepared = BandSideCall;
 
 Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                  const at::Tensor& sk_in, const at::Tensor& sv_in, const OptTensor& band_key_mask,
@@ -754,6 +749,20 @@ BwdGrads band_side_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at
 }
 
 }  // namespace
+
+BandSideDims check_band_side_pass(const char* op, const BandSidePass& a) {
+  const OptTensor none;
+  return check_fwd_args(op, a.q, a.k, a.v, a.side_k, a.side_v, a.band_key_mask, a.side_mask, none, none, none, a.left,
+                        a.right, a.scale, {0.0, none, false, 0}, a.key_ranges, a.side_ranges, {none, none, none, 0},
+                        {a.side_index, a.query_mask, a.band_rows_only, a.side_only, a.query_index});
+}
+
+BandSideCall prepare_band_side_pass(const BandSideDims& d, const BandSidePass& a) {
+  const OptTensor none;
+  return prepare(d, a.q, a.k, a.v, a.side_k, a.side_v, a.band_key_mask, a.side_mask, none, none, none, a.left, a.right,
+                 a.scale, {0.0, none, false, 0}, a.key_ranges, a.side_ranges, {none, none, none, 0},
+                 {a.side_index, a.query_mask, a.band_rows_only, a.side_only, a.query_index});
+}
 
 TORCH_LIBRARY_IMPL(longattn, CUDA, m) {
   m.impl("cuda_band_side_fwd", &band_side_fwd);

@@ -55,12 +55,20 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
   // key splits (whose band op reads the slots' rows in place through query_index), the splits merged into rows pos of
   // out (returning glse) and their dq rows summed into rows pos of dq (zero_fill: dq, contiguous, zeroed first: a new
   // dq for separate global projections).
+  // global_slots' zero: Longformer's fused forward's arrival counters (contiguous int32), zeroed by the same launch.
   m.def(
-      "cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G) "
+      "cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G, Tensor(a!)? zero=None) "
       "-> (Tensor band_rows, Tensor pos, Tensor used)");
   m.def(
       "cuda_longformer_rows_merge(Tensor out_parts, Tensor lse_parts, Tensor pos, Tensor used, Tensor(a!) out) "
       "-> Tensor glse");
+  // Longformer's fused forward (longformer_fused_api.cpp): the band pass and the global rows' key splits, merged, in
+  // one launch; counter: B * H * ceil(G / 64) int32 zeros (global_slots' zero), used by the launch.
+  m.def(
+      "cuda_longformer_fwd(Tensor q, Tensor k, Tensor v, Tensor band_rows, Tensor pos, Tensor used, "
+      "Tensor? key_padding_mask, int left, int right, float scale, Tensor q_global, Tensor split_k, Tensor split_v, "
+      "Tensor? split_mask, Tensor(a!) counter, Tensor? key_ranges=None, Tensor? side_ranges=None, "
+      "Tensor? split_ranges=None) -> (Tensor out, Tensor lse, Tensor glse)");
   m.def("cuda_longformer_rows_add(Tensor dq_parts, Tensor pos, Tensor used, Tensor(a!) dq, bool zero_fill=False) "
         "-> ()");
 }

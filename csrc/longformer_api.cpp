@@ -1,6 +1,7 @@
 // Torch-facing API of Longformer's glue kernels (csrc/longformer/rows.h): argument checks and allocation. CUDA
 // implementations of longattn::cuda_longformer_global_slots / cuda_longformer_rows_merge / cuda_longformer_rows_add
-// (schemas in extension.cpp), and CPU implementations that run the same checks and then say the ops need CUDA
+// (schemas in extension.cpp; global_slots' optional `zero`: Longformer's fused forward's arrival counters, zeroed by
+// the slots kernel), and CPU implementations that run the same checks and then say the ops need CUDA
 // tensors.
 //
 // All checks run before any allocation or CUDA call. Strides: the masks of global_slots are read in place with any
@@ -39,7 +40,8 @@ void unit_last_stride(const char* op, const at::Tensor& t, const char* name) {
               t.strides());
 }
 
-void check_slots_args(const at::Tensor& global_mask, const OptTensor& key_padding_mask, int64_t G) {
+void check_slots_args(const at::Tensor& global_mask, const OptTensor& key_padding_mask, int64_t G,
+                      const OptTensor& zero) {
   dtype_is(kSlots, global_mask, "global_mask", at::kBool);
   TORCH_CHECK(global_mask.dim() == 2, kSlots, ": global_mask must have shape (B, S), got ", global_mask.sizes());
   const int64_t B = global_mask.size(0), S = global_mask.size(1);
@@ -52,11 +54,20 @@ void check_slots_args(const at::Tensor& global_mask, const OptTensor& key_paddin
     shape_is(kSlots, *key_padding_mask, "key_padding_mask", {B, S}, "(B, S)");
   }
   TORCH_CHECK(G >= 0 && G <= S, kSlots, ": G must be in [0, S] = [0, ", S, "], got ", G);
+  if (zero.has_value()) {
+    same_device(kSlots, *zero, "zero", global_mask, "global_mask");
+    dtype_is(kSlots, *zero, "zero", at::kInt);
+    contiguous(kSlots, *zero, "zero");
+    // The CTAs (B of them, S > 0) stride over it; with none running there must be nothing to zero.
+    TORCH_CHECK(zero->numel() == 0 || (B > 0 && S > 0), kSlots, ": zero must be empty when B or S is 0, got ",
+                zero->numel(), " elements");
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_slots(const at::Tensor& global_mask,
-                                                            const OptTensor& key_padding_mask, int64_t G) {
-  check_slots_args(global_mask, key_padding_mask, G);
+                                                            const OptTensor& key_padding_mask, int64_t G,
+                                                            const OptTensor& zero) {
+  check_slots_args(global_mask, key_padding_mask, G, zero);
   on_cuda(kSlots, global_mask, "global_mask");
   const c10::cuda::CUDAGuard guard(global_mask.device());
   const int64_t B = global_mask.size(0), S = global_mask.size(1);
@@ -78,6 +89,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> global_slots(const at::Tensor& gl
   p.band_rows = reinterpret_cast<uint8_t*>(band_rows.data_ptr<bool>());
   p.pos = pos.data_ptr<int64_t>();
   p.used = reinterpret_cast<uint8_t*>(used.data_ptr<bool>());
+  if (zero.has_value()) {
+    p.zero = zero->data_ptr<int32_t>();
+    p.zero_count = zero->numel();
+  }
   C10_CUDA_CHECK(run_global_slots(p, c10::cuda::getCurrentCUDAStream()));
   return {band_rows, pos, used};
 }
@@ -191,8 +206,9 @@ void rows_add(const at::Tensor& dq_parts, const at::Tensor& pos, const at::Tenso
 // CPU: the same checks, so bad arguments are reported identically (and testable without a GPU), then
 // NotImplementedError.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> global_slots_cpu(const at::Tensor& global_mask,
-                                                                const OptTensor& key_padding_mask, int64_t G) {
-  check_slots_args(global_mask, key_padding_mask, G);
+                                                                const OptTensor& key_padding_mask, int64_t G,
+                                                                const OptTensor& zero) {
+  check_slots_args(global_mask, key_padding_mask, G, zero);
   needs_cuda(kSlots, global_mask);
 }
 

@@ -69,14 +69,20 @@ SCHEMAS = {
         "Tensor? weight, Tensor sums, Tensor rstd, float eps) -> (Tensor dx, Tensor dweight)",
     # Longformer's glue ops: their argument checks are tested in tests/test_cuda_longformer.py.
     "cuda_longformer_global_slots":
-        "longattn::cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G) "
-        "-> (Tensor band_rows, Tensor pos, Tensor used)",
+        "longattn::cuda_longformer_global_slots(Tensor global_mask, Tensor? key_padding_mask, int G, "
+        "Tensor(a!)? zero=None) -> (Tensor band_rows, Tensor pos, Tensor used)",
     "cuda_longformer_rows_merge":
         "longattn::cuda_longformer_rows_merge(Tensor out_parts, Tensor lse_parts, Tensor pos, Tensor used, "
         "Tensor(a!) out) -> Tensor glse",
     "cuda_longformer_rows_add":
         "longattn::cuda_longformer_rows_add(Tensor dq_parts, Tensor pos, Tensor used, Tensor(a!) dq, "
         "bool zero_fill=False) -> ()",
+    # Longformer's fused forward: its checks are tested in tests/test_cuda_longformer_fused.py.
+    "cuda_longformer_fwd":
+        "longattn::cuda_longformer_fwd(Tensor q, Tensor k, Tensor v, Tensor band_rows, Tensor pos, Tensor used, "
+        "Tensor? key_padding_mask, int left, int right, float scale, Tensor q_global, Tensor split_k, "
+        "Tensor split_v, Tensor? split_mask, Tensor(a!) counter, Tensor? key_ranges=None, "
+        "Tensor? side_ranges=None, Tensor? split_ranges=None) -> (Tensor out, Tensor lse, Tensor glse)",
 }
 
 

@@ -20,14 +20,16 @@ from tests.test_backend_glue import PATTERNS, replay
 _CUDA_BUILT = hasattr(torch.ops.longattn, "cuda_band_side_fwd")
 
 _BAND_FWD, _BAND_BWD = "longattn.cuda_band_side_fwd", "longattn.cuda_band_side_bwd"
-_SLOTS, _MERGE, _ADD = ("longattn.cuda_longformer_" + x for x in ("global_slots", "rows_merge", "rows_add"))
-# Longformer: forward = the slot layout, the band pass (kIndexed: global keys read in place), the global rows' band op
-# over the key splits (side_only, query_index: the slots' rows read in place) and the merge of the splits into out;
-# backward = the band pass, the global rows (lse_split, their keys' dK/dV added into the band pass's by the dK/dV
-# kernel's epilogue) and the sum of the splits' dq rows into dq. Packed (per-row key ranges): the same raw ops, the band
-# pass taking the ranges in its own launch (kIndexed && kRanges), pinned from the second call on (the first computes the
+_SLOTS, _FUSED, _ADD = ("longattn.cuda_longformer_" + x for x in ("global_slots", "fwd", "rows_add"))
+# Longformer: forward = the slot layout (whose launch also zeroes the fused launch's arrival counters), then the fused
+# forward, one launch: the global rows' split CTAs over the key splits (side_only, query_index: the slots' rows read in
+# place; the last CTA of a slot tile to arrive merges the splits into out) leading the band pass's CTAs (kIndexed:
+# global keys read in place) (cuda_backend.longformer_forward; dropout keeps the composed 4, slots / band pass / global
+# rows / merge); backward = the band pass, the global rows (lse_split, their keys' dK/dV added into the band pass's by
+# the dK/dV kernel's epilogue) and the sum of the splits' dq rows into dq. Packed (per-row key ranges): the same raw
+# ops, the band CTAs taking the ranges (kIndexed && kRanges), pinned from the second call on (the first computes the
 # ranges) by tests/test_backend_glue.py::test_cuda_packed_longformer_glue_is_the_first_calls_only.
-_LONGFORMER = ([_SLOTS, _BAND_FWD, _BAND_FWD, _MERGE], [_BAND_BWD, _BAND_BWD, _ADD])
+_LONGFORMER = ([_SLOTS, _FUSED], [_BAND_BWD, _BAND_BWD, _ADD])
 CUDA_RAW_OPS = {  # pattern -> (forward op's raw ops, backward op's raw ops)
     "local": ([_BAND_FWD], [_BAND_BWD]),
     "tglobal": ([_BAND_FWD], [_BAND_BWD]),

@@ -356,7 +356,7 @@ def _glue_call(op_name, change=None):
     args = dict(global_mask=torch.zeros(B, S, dtype=torch.bool), key_padding_mask=torch.ones(B, S, dtype=torch.bool),
                 G=G, x=z, pos=torch.arange(G).repeat(B, 1), C=C_SPLITS, out_parts=parts, dq_parts=parts,
                 lse_parts=torch.zeros(B * C_SPLITS, H, G), used=torch.ones(B, G, dtype=torch.bool), out=z.clone(),
-                dq=z.clone(), zero_fill=False)
+                dq=z.clone(), zero_fill=False, zero=None)
     args.update(change or {})
     op = getattr(torch.ops.longattn, f"cuda_longformer_{op_name}").default
     return op.redispatch(_CPU, *[args[a.name] for a in op._schema.arguments])
@@ -380,6 +380,12 @@ GLUE_BAD = {
                        r"key_padding_mask must be on global_mask's device"),
         "G-negative": ({"G": -1}, r"G must be in \[0, S\]"),
         "G-above-S": ({"G": S + 1}, r"G must be in \[0, S\]"),
+        "zero-dtype": ({"zero": torch.zeros(4, dtype=torch.int64)}, r"zero must be Int"),
+        "zero-strided": ({"zero": torch.zeros(8, dtype=torch.int32)[::2]}, r"zero must be contiguous"),
+        "zero-device": ({"zero": torch.zeros(4, dtype=torch.int32, device="meta")},
+                        r"zero must be on global_mask's device"),
+        "zero-no-ctas": ({"global_mask": torch.zeros(0, S, dtype=torch.bool), "key_padding_mask": None,
+                          "zero": torch.zeros(4, dtype=torch.int32)}, r"zero must be empty when B or S is 0"),
     },
     "rows_merge": {
         **_SLOT_BAD,
@@ -418,6 +424,7 @@ def test_glue_op_rejects_bad_arguments(op, case):
 
 GLUE_VALID = {
     "global_slots": {"no-pad": {"key_padding_mask": None}, "no-slots": {"G": 0}, "all-slots": {"G": S},
+                     "zero": {"zero": torch.ones(B * H, dtype=torch.int32)},
                      "strided": {"global_mask": torch.zeros(S, B, dtype=torch.bool).T,
                                  "key_padding_mask": torch.ones(B, 2 * S, dtype=torch.bool)[:, ::2]}},
     "rows_merge": {"bf16": {"out": torch.zeros(B, S, H, D, dtype=torch.bfloat16),

@@ -1,7 +1,8 @@
 // Forward kernel of the band + side keys primitive (flash-attention 2 style).
 //
-// Grid (query tiles, B, H); one CTA owns 64 queries of one (b, h). walk_key_tiles feeds it one sequence
-// of key tiles -- first the band tiles that intersect its queries' windows, then the side-key tiles --
+// Grid (query tiles, B, H); one CTA owns 64 queries of one (b, h) (band_side_fwd_tile, the kernel's whole body, which
+// Longformer's fused forward runs at its own tile coordinates: longformer/fused_fwd.h). walk_key_tiles feeds it one
+// sequence of key tiles -- first the band tiles that intersect its queries' windows, then the side-key tiles --
 // with the next tile's K and V arriving by cp.async while the current one is multiplied. Per tile:
 // S = Q K^T on tensor cores, score_log2 (scale, bias, masks; range tests only on edge tiles), online
 // softmax in registers, O += P V with P re-packed from the S accumulators. The row log-sum-exp is written
@@ -69,19 +70,38 @@ __device__ __forceinline__ void mask_unindexed_rows(const BandSideParams& p, int
   }
 }
 
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
-__global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
+// kIndexed with Longformer's fused forward (kSlotRowsElsewhere, longformer/fused_fwd.h): whether row i holds a used
+// slot's token, whose out row the global rows' merge writes in the same launch (so the band pass must not). That is a
+// global row (real, not a band row) among the first G globals of its batch row: the slot layout (global_slots) puts the
+// globals first, in sequence order, so every global when slot G - 1 is unused (fewer than G globals), else those up
+// to pos[b, G - 1]. p.side_mask is then the slots' used flags, contiguous (B, G), and p.side_index their positions.
+__device__ __forceinline__ bool is_used_slot_row(const BandSideParams& p, int b, int i) {
+  const int64_t at = (int64_t)b * p.S + i;
+  if (p.G == 0 || p.band_key_mask == nullptr || p.band_key_mask[at] || (p.query_mask != nullptr && !p.query_mask[at]))
+    return false;
+  const int last = p.G - 1;
+  if (p.side_mask != nullptr && !p.side_mask[(int64_t)b * p.G + last]) return true;
+  return i <= __ldg(p.side_index + (int64_t)b * p.side_index_stride + last);
+}
+
+// The forward of one query tile: rows [m0, m0 + 64) of batch row b, head h, in the dynamic shared memory `smem_raw`
+// (Traits::kFwdSmem bytes). The whole body of band_side_fwd_kernel, and shared with Longformer's fused forward
+// (longformer/fused_fwd.h), whose CTAs run it for one of two params at their own tile coordinates.
+// kSlotRowsElsewhere (only with kIndexed): rows holding a used slot's token are not stored (is_used_slot_row).
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex,
+          bool kSlotRowsElsewhere = false>
+__device__ __forceinline__ void band_side_fwd_tile(const BandSideParams& p, int m0, int b, int h,
+                                                   unsigned char* smem_raw) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   static_assert(!(kIndexed && kHalo), "indexed side keys come without halo keys");
   static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
+  static_assert(!kSlotRowsElsewhere || kIndexed, "slot rows are Longformer's band pass's");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + Traits::kTileElems;      // 2 buffers
   T* sV = sK + 2 * Traits::kTileElems;  // 2 buffers
 
-  const int m0 = blockIdx.x * Traits::kBlockM, b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   load_query_tile_async<Traits, kQueryIndex>(sQ, p, p.q, p.q_st, b, h, m0, tid);  // joins the first K/V group
@@ -177,12 +197,28 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const B
   if constexpr (kIndexed) longformer_row_masks(p, b, i0, i1, inv, lse);
   if constexpr (kQueryIndex) mask_unindexed_rows(p, b, i0, i1, inv, lse);
   T* out = reinterpret_cast<T*>(p.out) + ((int64_t)b * p.S * p.H + h) * D;
-  store_rows<T, D>(acc_o, out, (int64_t)p.H * D, m0 + warp * 16, p.S, lane, inv[0], inv[1]);
+  if constexpr (kSlotRowsElsewhere) {
+    const int rows[2] = {i0, i1};
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (rows[r] < p.S && !is_used_slot_row(p, b, rows[r]))
+        store_frag_row<T, D>(acc_o, r, out + (int64_t)rows[r] * p.H * D, lane, inv[r]);
+    }
+  } else {
+    store_rows<T, D>(acc_o, out, (int64_t)p.H * D, m0 + warp * 16, p.S, lane, inv[0], inv[1]);
+  }
   if (lane % 4 == 0) {
     float* lse_row = p.lse + ((int64_t)b * p.H + h) * p.S;
     if (i0 < p.S) lse_row[i0] = lse[0];
     if (i1 < p.S) lse_row[i1] = lse[1];
   }
+}
+
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
+__global__ void __launch_bounds__(Traits::kThreads) band_side_fwd_kernel(const BandSideParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  band_side_fwd_tile<Traits, kDropout, kRanges, kHalo, kIndexed, kQueryIndex>(p, blockIdx.x * Traits::kBlockM,
+                                                                               blockIdx.y, blockIdx.z, smem_raw);
 }
 
 }  // namespace longattn

@@ -75,10 +75,10 @@ cudaError_t dispatch_flags(const BandSideParams& p, F&& f) {
                 : f.template operator()<false, false, false, false, false>();
 }
 
-// Above 48 KiB of dynamic shared memory a kernel must opt in (once per kernel and device; cheap).
-template <typename Kernel>
-cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, int smem, const BandSideParams& p,
-                          cudaStream_t stream) {
+// Above 48 KiB of dynamic shared memory a kernel must opt in (once per kernel and device; cheap). Params: the
+// kernel's one argument (BandSideParams, or Longformer's fused forward's LongformerFwdParams).
+template <typename Kernel, typename Params>
+cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, int smem, const Params& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;

@@ -16,7 +16,7 @@
 
 namespace longattn {
 
-// The slot layout (_longformer.global_slots): one CTA per batch row.
+// The slot layout (_longformer.global_slots): one CTA per batch row; the CTAs also zero `zero` (fused.h's counters).
 struct SlotsParams {
   int B, S, G;
   const uint8_t* global_mask;  // (B, S) bool, any strides
@@ -26,6 +26,10 @@ struct SlotsParams {
   uint8_t* band_rows;  // (B, S) bool, contiguous: real & ~global
   int64_t* pos;        // (B, G) int64, contiguous: globals in order, then non-globals in order
   uint8_t* used;       // (B, G) bool, contiguous: the slot holds a global
+  // Longformer's fused forward (fused.h): its arrival counters, zeroed here so that its one launch needs no memset
+  // (zero_count int32 entries; nullptr / 0: none).
+  int32_t* zero;
+  int64_t zero_count;
 };
 
 enum class RowsDType { kFloat32, kFloat16, kBFloat16 };

@@ -10,6 +10,9 @@
 // <= r' + n < G, so a second walk over [0, G) (none when n >= G) places them. The slot of each position is a
 // bijection of [0, S), so every one of the G slots is written exactly once (outputs need no initialisation).
 //
+// With `zero` (Longformer's fused forward, fused.h) the CTAs also zero its zero_count arrival counters, strided over
+// the grid: one store per thread for the few counters a call has (B * H * ceil(G / 64)).
+//
 // Measured on an H200 (2026-11-30) at S = 16384, B = 1: 8.0 us.
 // Cost (a prediction, not measured at this length): 2 bytes read and 1 written per token, latency-bound on
 // one SM per row: at S = 131072, 8 chunks of one 16-byte load per mask and thread plus a block scan (3 barriers),
@@ -89,6 +92,9 @@ __device__ __forceinline__ uint32_t load_tokens(const SlotsParams& p, int b, int
 __global__ void __launch_bounds__(kThreads) global_slots_kernel(const SlotsParams p) {
   __shared__ int scratch[kWarps + 1];
   const int b = blockIdx.x;
+  // The fused forward's arrival counters (a few per (b, h)): zeroed by this launch, read by the next one.
+  for (int64_t i = (int64_t)b * kThreads + threadIdx.x; i < p.zero_count; i += (int64_t)gridDim.x * kThreads)
+    p.zero[i] = 0;
   int64_t* pos = p.pos + (int64_t)b * p.G;
   uint8_t* used = p.used + (int64_t)b * p.G;
   uint8_t* band_rows = p.band_rows + (int64_t)b * p.S;

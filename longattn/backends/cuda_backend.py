@@ -46,9 +46,12 @@ walked, no mask for them) and ``query_index`` (the slots' rows of q, and in the 
 at the tokens ``pos`` names, every split from the same unsplit tensors: no copy per split), its backward with
 ``lse_split`` (each split reads the merged glse, no per-split copy) and, when the global rows share k / v with the band
 pass, with ``dside_k_into`` / ``dside_v_into``: the keys' dK/dV added into the band pass's dk / dv by the dK/dV
-kernel's epilogue (one query chunk: each key row has one owner CTA, so no (B, S, H, D) float32 partials). So the CUDA
-Longformer op runs 4 raw ops forward (slots, band pass, global rows, merge) and 3 backward (band pass,
-global rows, dq add). What torch still runs
+kernel's epilogue (one query chunk: each key row has one owner CTA, so no (B, S, H, D) float32 partials). The composed
+Longformer op (``_longformer.composed_forward``) runs 4 raw ops forward (slots, band pass, global rows, merge) and 3
+backward (band pass, global rows, dq add). ``longformer_forward`` fuses the forward into 2 raw ops and 2 launches: the
+slots kernel (zeroing arrival counters) and ``cuda_longformer_fwd``, one grid of the global rows' split CTAs, the last
+of each slot tile merging its splits (no merge launch), then the band pass's CTAs (``csrc/longformer/fused_fwd.h``;
+dropout and G = 0 keep the composition). The backward is the composed one (3 raw ops, 8 launches). What torch still runs
 around the global rows: when no split size near ``SPLIT_KEYS`` divides S (``_longformer.whole_split``; a prime S)
 the padded copies of k / v / the key mask (and, with separate global k / v projections, the un-padding of their
 gradients); with per-slot key ranges (packed batches) their shift into each split; with only one of k_global /
@@ -56,6 +59,8 @@ v_global given, the shared one's ``add_``.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -301,9 +306,10 @@ def longformer_band_backward(dout, q, k, v, out, lse, pos, used, band_rows, left
 # ------------------------------------------------------------------------------------------------------
 
 
-def global_slots(global_mask, key_padding_mask, G):
+def global_slots(global_mask, key_padding_mask, G, zero=None):
     """Longformer's slot layout (``_longformer.global_slots``, bitwise equal) in one launch -> (band_rows (B, S) bool,
-    pos (B, G) int64, used (B, G) bool), all contiguous; the masks are read in place (any strides)."""
+    pos (B, G) int64, used (B, G) bool), all contiguous; the masks are read in place (any strides). ``zero``: None, or
+    a contiguous int32 tensor the same launch zeroes (``longformer_forward``'s arrival counters)."""
     if global_mask.dtype != torch.bool or global_mask.dim() != 2:
         raise ValueError(f"global_mask: expected a bool (B, S) tensor, got {global_mask.dtype} "
                          f"{tuple(global_mask.shape)}")
@@ -315,7 +321,44 @@ def global_slots(global_mask, key_padding_mask, G):
                          f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}")
     if isinstance(G, bool) or not isinstance(G, int) or not 0 <= G <= global_mask.shape[1]:
         raise ValueError(f"G: expected an int in [0, S] = [0, {global_mask.shape[1]}], got {G!r}")
-    return tuple(torch.ops.longattn.cuda_longformer_global_slots(global_mask, key_padding_mask, G))
+    extra = () if zero is None else (zero,)  # (a library built before ``zero`` takes the call without it)
+    return tuple(torch.ops.longattn.cuda_longformer_global_slots(global_mask, key_padding_mask, G, *extra))
+
+
+_TILE = 64  # the kernels' query tile: slots per split CTA of the fused forward (its counters: one per slot tile)
+_FUSED_FORWARD = _C is not None and hasattr(torch.ops.longattn, "cuda_longformer_fwd")  # else a library to rebuild
+_THIS = sys.modules[__name__]
+
+
+def longformer_forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, G,
+                       dropout_p=0.0, rng=None, key_ranges=None):
+    """Longformer's whole forward (``_longformer.forward``'s contract) in two launches: the slots kernel, which also
+    zeroes the arrival counters, then ``cuda_longformer_fwd`` (``csrc/longformer/fused_fwd.h``): one grid whose
+    leading CTAs are the global rows' split-KV CTAs (the slot queries, read in place at ``pos``, against one
+    ``_longformer.KeySplits`` key split each; the last CTA of a slot tile to arrive merges its splits into the used
+    slots' rows of out and glse, in split order) and whose other CTAs are the band pass (``longformer_band_forward``'s
+    kIndexed kernel, which leaves those rows to the merge). Bitwise the composed path's result (the same tile code and
+    merge), in 2 launches instead of 4.
+
+    The composed path (``_longformer.composed_forward`` on this backend's functions) runs what is not fused: no slots
+    (G = 0: slots and band pass, 2 launches already) and dropout (one unsplit global-rows pass, 4 launches). Per-row
+    key ranges (packed batches) are fused (their ``slot_ranges`` / ``KeySplits.ranges`` are torch ops on a first call,
+    kept for the next, as in the composed path), as are separate global projections; an S that no split size near
+    ``SPLIT_KEYS`` divides pads copies of k_global / v_global and the key mask (``KeySplits.keys``), as before."""
+    if not G or dropout_p or not _FUSED_FORWARD:
+        return _longformer.composed_forward(_THIS, q, k, v, q_global, k_global, v_global, global_mask,
+                                            key_padding_mask, left, right, scale, G, dropout_p, rng, key_ranges)
+    B, S, H, _ = q.shape
+    qg, kg, vg = _longformer.global_projections(q, k, v, q_global, k_global, v_global)
+    counter = torch.empty(B * H * -(-G // _TILE), dtype=torch.int32, device=q.device)
+    band_rows, pos, used = global_slots(global_mask, key_padding_mask, G, zero=counter)
+    band_ranges, row_ranges = _longformer.slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
+    sp = _longformer.key_splits(S, {})
+    out, lse, glse = torch.ops.longattn.cuda_longformer_fwd(
+        q, k, v, band_rows, pos, used, key_padding_mask, left, right, float(scale), qg, sp.keys(kg), sp.keys(vg),
+        sp.key_mask(key_padding_mask, B, q.device), counter, key_ranges=band_ranges.get("key_ranges"),
+        side_ranges=band_ranges.get("side_ranges"), split_ranges=sp.ranges(row_ranges.get("key_ranges")))
+    return out, lse, glse, band_rows, pos, used
 
 
 def _check_slots(q, pos, used):
@@ -435,7 +478,7 @@ def _register_fakes():
         return  # a library built before the Longformer glue ops (rebuild it)
 
     @torch.library.register_fake("longattn::cuda_longformer_global_slots")
-    def _(global_mask, key_padding_mask, G):
+    def _(global_mask, key_padding_mask, G, zero=None):
         B, S = global_mask.shape
         return (global_mask.new_empty(B, S), global_mask.new_empty(B, G, dtype=torch.int64),
                 global_mask.new_empty(B, G))
@@ -447,6 +490,15 @@ def _register_fakes():
     @torch.library.register_fake("longattn::cuda_longformer_rows_add")
     def _(dq_parts, pos, used, dq, zero_fill=False):
         return None
+
+    if not hasattr(torch.ops.longattn, "cuda_longformer_fwd"):
+        return  # a library built before the fused forward (rebuild it)
+
+    @torch.library.register_fake("longattn::cuda_longformer_fwd")
+    def _(q, k, v, band_rows, pos, used, key_padding_mask, left, right, scale, q_global, split_k, split_v, split_mask,
+          counter, key_ranges=None, side_ranges=None, split_ranges=None):
+        out, lse = _fake.band_side_forward(q)
+        return out, lse, lse.new_empty(q.shape[0], q.shape[2], pos.shape[1])
 
 
 if _C is not None and hasattr(torch.ops.longattn, "cuda_band_side_fwd"):

@@ -47,7 +47,17 @@ def info_dict() -> dict:
         "backends": available_backends(),
         "features": backend_features(),
         "auto_table": _auto_table_summary(auto_table()),
+        "triton_launch": triton_launch_mode(),
     }
+
+
+def triton_launch_mode() -> str:
+    """How the Triton backend launches its kernels (``triton_kernels/_launch.py``)."""
+    from .triton_kernels import _launch
+
+    if _launch.ENABLED:
+        return "cached (compiled kernels' launchers called directly; LONGATTN_TRITON_LAUNCH=triton: Triton's own)"
+    return "Triton's own kernel[grid] (LONGATTN_TRITON_LAUNCH=triton)"
 
 
 # dropout_p > 0, H_kv < H, packed batches (*_varlen), sequence-parallel halo keys read in place, an lse gradient,
@@ -83,7 +93,7 @@ def format_info() -> str:
     info = info_dict()
     lines = [f"{key:<14} {info[key]}" for key in
              ("longattn", "python", "torch", "torch_cuda", "triton", "transformers", "device", "cuda_extension",
-              "auto_table")]
+              "auto_table", "triton_launch")]
     lines.append("backends (on the device above):")
     for name, reasons in info["backends"].items():
         lines.append(f"  {name:<8} " + ("available" if not reasons else "unavailable: " + "; ".join(reasons)))

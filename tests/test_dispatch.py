@@ -172,3 +172,13 @@ def test_info_lists_each_backends_optional_features():
     assert features["torch"] == dict.fromkeys(info.OPTIONAL_FEATURES, "yes")  # the reference takes everything
     assert "grouped-query" in features["cuda"]["grouped_kv"]  # a declined feature shows the backend's reason
     assert "optional features" in info.format_info()
+
+
+def test_info_says_how_triton_launches(monkeypatch):
+    from longattn.triton_kernels import _launch
+
+    from longattn import info
+
+    assert info.triton_launch_mode().startswith("cached") == _launch.ENABLED
+    monkeypatch.setattr(_launch, "ENABLED", False)
+    assert "LONGATTN_TRITON_LAUNCH=triton" in info.format_info().split("triton_launch", 1)[1].splitlines()[0]

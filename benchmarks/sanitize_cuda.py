@@ -15,7 +15,8 @@ gradient (NaN where lse = +inf, which must not reach any gradient), and Longform
 place through an index with out-of-range values, padding rows, the finish kernel; the kIndexed kernels, with and
 without dropout, with and without per-row key / slot ranges) and its global rows (side_only, lse_split, the dK/dV
 epilogue's add into strided destinations, the zero fill of a new dq) and its fused forward (the split CTAs' arrival
-counters and last-arriver merge, in one launch with the band CTAs), and bias tables of each dtype (read and written
+counters and last-arriver merge, in one launch with the band CTAs) and backward (one delta, dQ and finish launch for
+both passes), and bias tables of each dtype (read and written
 in place). Exits non-zero on a CUDA error or a non-finite result; the sanitizer reports memory / race errors itself.
 """
 
@@ -210,8 +211,11 @@ def longformer_global_rows(dtype, D, *, B=2, S=300, H=2, G=37, n=128, dropout=0.
 def longformer_fused(dtype, D, *, B=2, S=300, H=2, G=3, split_keys=64, ranges=False, projections=False, many=False):
     """Longformer's fused forward (cuda_backend.longformer_forward: the slots kernel zeroing the arrival counters, then
     one launch of the global rows' split CTAs, the last of each slot tile merging them, and the band CTAs, which leave
-    the used slots' rows to the merge), then the composed backward; out, lse and glse must equal the composed
-    forward's bitwise. ``many``: 80 globals in row 0 (two slot tiles) and more globals than slots in row 1."""
+    the used slots' rows to the merge), then the fused backward (cuda_backend.longformer_backward: delta of both
+    passes, the split dQ CTAs leading the band's, band dK/dV, the finish of the band's side keys and the splits' dq
+    sum, the global rows' dK/dV; separate projections: the composed path) and the composed one; out, lse, glse and
+    every gradient must equal the composed path's bitwise. ``many``: 80 globals in row 0 (two slot tiles) and more
+    globals than slots in row 1."""
     from longattn.backends import _longformer, cuda_backend
 
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -238,13 +242,15 @@ def longformer_fused(dtype, D, *, B=2, S=300, H=2, G=3, split_keys=64, ranges=Fa
         fused = cuda_backend.longformer_forward(*args)
         composed = _longformer.composed_forward(cuda_backend, *args)
         out, lse, glse, band_rows, pos, used = fused
-        grads = _longformer.composed_backward(cuda_backend, torch.randn_like(out), q, k, v, qg, kg, vg, out, lse,
-                                              glse, band_rows, pos, used, glob, pad, left, right, D ** -0.5, 0.0,
-                                              None, key_ranges)
+        bwd_args = (torch.randn_like(out), q, k, v, qg, kg, vg, out, lse, glse, band_rows, pos, used, glob, pad, left,
+                    right, D ** -0.5, 0.0, None, key_ranges)
+        grads = cuda_backend.longformer_backward(*bwd_args)
+        composed_grads = _longformer.composed_backward(cuda_backend, *bwd_args)
     finally:
         _longformer.SPLIT_KEYS = saved
     torch.cuda.synchronize()
-    for name, a, b in zip(("out", "lse", "glse"), fused, composed):
+    names = ("out", "lse", "glse", "dq", "dk", "dv", "dq_global", "dk_global", "dv_global")
+    for name, a, b in zip(names, (*fused[:3], *grads), (*composed[:3], *composed_grads)):
         if not torch.equal(a, b):
             raise RuntimeError(f"fused {name} differs from the composed path (longformer fused, dtype={dtype}, D={D})")
     for name, t in (("out", out), *zip(("dq", "dk", "dv"), grads)):

@@ -312,31 +312,33 @@ Dims check_fwd_args(const char* op, const at::Tensor& q, const at::Tensor& k, co
 
 // The side keys' gradient destinations (SplitArgs): both or neither, never with side_index; (B / C, S', H, D) like
 // q, element pairs 4-byte aligned (the dK/dV epilogue's pair stores).
-void check_into_args(const SplitArgs& split, const Dims& d, const at::Tensor& q, const OptTensor& side_index) {
-  TORCH_CHECK(split.dsk_into.has_value() == split.dsv_into.has_value(), kBwd,
+void check_into_args(const char* op, const SplitArgs& split, const Dims& d, const at::Tensor& q,
+                     const OptTensor& side_index) {
+  TORCH_CHECK(split.dsk_into.has_value() == split.dsv_into.has_value(), op,
               ": dside_k_into and dside_v_into must be given together, got ", given(split.dsk_into), " and ",
               given(split.dsv_into));
   if (!split.dsk_into.has_value()) return;
-  TORCH_CHECK(!side_index.has_value(), kBwd, ": dside_k_into must be None with side_index, got a tensor");
+  TORCH_CHECK(!side_index.has_value(), op, ": dside_k_into must be None with side_index, got a tensor");
   for (const auto& [t, name] : {std::pair{&*split.dsk_into, "dside_k_into"}, std::pair{&*split.dsv_into,
                                                                                        "dside_v_into"}}) {
-    same_device(kBwd, *t, name, q, "q");
-    TORCH_CHECK(t->scalar_type() == q.scalar_type(), kBwd, ": ", name, " must have q's dtype ", q.scalar_type(),
+    same_device(op, *t, name, q, "q");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ", q.scalar_type(),
                 ", got ", t->scalar_type());
     const bool batches = t->dim() == 4 && (t->size(0) == 0 ? d.B == 0 : d.B % t->size(0) == 0);
     TORCH_CHECK(batches && t->size(2) == d.H && t->size(3) == d.D && t->sizes() == split.dsk_into->sizes() &&
                     t->size(1) < (int64_t(1) << 31),
-                kBwd, ": ", name, " must have shape (B / C, S', H, D) with C dividing B = ", d.B, ", H = ", d.H,
+                op, ": ", name, " must have shape (B / C, S', H, D) with C dividing B = ", d.B, ", H = ", d.H,
                 ", D = ", d.D, ", S' < 2^31, like dside_k_into, got ", t->sizes());
-    last_dim_contiguous(kBwd, *t, name);
+    last_dim_contiguous(op, *t, name);
     bool aligned = reinterpret_cast<uintptr_t>(t->data_ptr()) % 4 == 0;
     for (int i = 0; i < 3; ++i) aligned = aligned && t->stride(i) % 2 == 0;
-    TORCH_CHECK(aligned, kBwd, ": ", name, " must keep element pairs 4-byte aligned (an aligned base, even strides), ",
+    TORCH_CHECK(aligned, op, ": ", name, " must keep element pairs 4-byte aligned (an aligned base, even strides), ",
                 "got strides ", t->strides());
   }
 }
 
-Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+Dims check_bwd_args(const char* op, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v,
                     const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out, const at::Tensor& lse,
                     const OptTensor& band_key_mask, const OptTensor& side_mask, const OptTensor& query_block,
                     const OptTensor& band_bias, const OptTensor& side_bias, int64_t left, int64_t right,
@@ -345,23 +347,23 @@ Dims check_bwd_args(const at::Tensor& dout, const at::Tensor& q, const at::Tenso
                     const OptTensor& side_index, bool side_only, const SplitArgs& split,
                     const OptTensor& query_index) {
   const OptTensor no_query_mask;
-  const Dims d = check_fwd_args(kBwd, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
+  const Dims d = check_fwd_args(op, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias,
                                 side_bias, left, right, scale, drop, key_ranges, side_ranges, halo,
                                 {side_index, no_query_mask, false, side_only, query_index});
   // Like q (read at the rows query_index names, when given).
-  check_operand(kBwd, dout, "dout", q, q.size(1), "(B, S, H, D)");
-  check_operand(kBwd, out, "out", q, q.size(1), "(B, S, H, D)");
-  same_device(kBwd, lse, "lse", q, "q");
-  dtype_is(kBwd, lse, "lse", at::kFloat);
-  TORCH_CHECK(split.lse_split >= 1 && split.lse_split <= 65535 && d.B % split.lse_split == 0, kBwd,
+  check_operand(op, dout, "dout", q, q.size(1), "(B, S, H, D)");
+  check_operand(op, out, "out", q, q.size(1), "(B, S, H, D)");
+  same_device(op, lse, "lse", q, "q");
+  dtype_is(op, lse, "lse", at::kFloat);
+  TORCH_CHECK(split.lse_split >= 1 && split.lse_split <= 65535 && d.B % split.lse_split == 0, op,
               ": lse_split must be in [1, 65535] and divide q's B = ", d.B, ", got ", split.lse_split);
-  shape_is(kBwd, lse, "lse", {d.B / split.lse_split, d.H, d.S}, "(B / lse_split, H, S)");
-  check_optional(kBwd, dlse, "dlse", q, at::kFloat, {d.B, d.H, d.S}, "(B, H, S)");
-  TORCH_CHECK(!dlse.has_value() || split.lse_split == 1, kBwd, ": dlse must be None with lse_split > 1, got ",
+  shape_is(op, lse, "lse", {d.B / split.lse_split, d.H, d.S}, "(B / lse_split, H, S)");
+  check_optional(op, dlse, "dlse", q, at::kFloat, {d.B, d.H, d.S}, "(B, H, S)");
+  TORCH_CHECK(!dlse.has_value() || split.lse_split == 1, op, ": dlse must be None with lse_split > 1, got ",
               "a tensor with lse_split = ", split.lse_split);
-  check_into_args(split, d, q, side_index);
+  check_into_args(op, split, d, q, side_index);
   // The delta kernel runs one warp per (b, s, h) row, 8 rows per CTA, on a 1-D grid.
-  TORCH_CHECK(d.B * d.S * d.H <= int64_t(8) * std::numeric_limits<int32_t>::max(), kBwd,
+  TORCH_CHECK(d.B * d.S * d.H <= int64_t(8) * std::numeric_limits<int32_t>::max(), op,
               ": q's B * S * H must be <= 8 * (2^31 - 1) (CUDA grid limit), got ", d.B * d.S * d.H);
   return d;
 }
@@ -556,24 +558,26 @@ std::tuple<at::Tensor, at::Tensor> band_side_fwd(const at::Tensor& q, const at::
 using BwdGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                             at::Tensor, at::Tensor>;
 
-BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out_in,
-                       const at::Tensor& lse_in, const OptTensor& band_key_mask, const OptTensor& side_mask,
-                       const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
-                       int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng,
-                       bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
-                       const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
-                       int64_t halo_left, const OptTensor& dlse_in, int64_t dropout_offset,
-                       const OptTensor& side_index, bool side_only, int64_t lse_split,
-                       const OptTensor& dside_k_into, const OptTensor& dside_v_into, const OptTensor& query_index) {
+// band_side_bwd's params and outputs after its checks, before its launches (launch = false: nothing to launch, the
+// outputs are final). Scratch tensors (delta, the partial buffers, copies) are kept alive in call.keep.
+struct BwdCall {
+  Prepared call;
+  BwdGrads grads;
+  bool launch;
+};
+
+BwdCall prepare_bwd(const Dims& d, const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k,
+                    const at::Tensor& v, const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out_in,
+                    const at::Tensor& lse_in, const OptTensor& band_key_mask, const OptTensor& side_mask,
+                    const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
+                    int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng,
+                    bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
+                    const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
+                    int64_t halo_left, const OptTensor& dlse_in, int64_t dropout_offset,
+                    const OptTensor& side_index, bool side_only, int64_t lse_split,
+                    const OptTensor& dside_k_into, const OptTensor& dside_v_into, const OptTensor& query_index) {
   const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
   const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
-  const SplitArgs split{lse_split, dside_k_into, dside_v_into};
-  const Dims d = check_bwd_args(dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
-                                query_block, band_bias, side_bias, left, right, scale, drop, key_ranges,
-                                side_ranges, halo, dlse_in, side_index, side_only, split, query_index);
-  on_cuda(kBwd, q, "q");
-  const c10::cuda::CUDAGuard guard(q.device());
   const OptTensor no_query_mask;
   Prepared r = prepare(d, q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band_bias, side_bias,
                        left, right, scale, drop, key_ranges, side_ranges, halo,
@@ -608,7 +612,7 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
     at::Tensor dside = side_index || into ? q.new_empty({0}) : at::zeros({p.B, p.G, p.H, p.D}, opts);
     if (band_bias) dbb = at::zeros_like(*band_bias, at::MemoryFormat::Contiguous);
     if (side_bias) dsb = at::zeros_like(*side_bias, at::MemoryFormat::Contiguous);
-    return {dq, dk, dv, dside, dside.clone(), dbb, dsb, dhk, dhv};
+    return {std::move(r), {dq, dk, dv, dside, dside.clone(), dbb, dsb, dhk, dhv}, false};
   }
 
   // Side-key tiles get split over chunks of query tiles (float32 partials, summed by the finish kernel) so that few
@@ -695,6 +699,39 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
     p.into_rows = static_cast<int>(dside_k_into->size(1));
   }
 
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&dout, &out, &lse, &delta, &lse_expanded,
+                                                                       &dsk_part, &dsv_part, &dbb_part, &dsb_part})
+    if (t->defined()) r.keep.push_back(*t);
+  if (dlse) r.keep.push_back(*dlse);
+  return {std::move(r), {dq, dk, dv, dsk, dsv, dbb, dsb, dhk, dhv}, true};
+}
+
+BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& side_k, const at::Tensor& side_v, const at::Tensor& out_in,
+                       const at::Tensor& lse_in, const OptTensor& band_key_mask, const OptTensor& side_mask,
+                       const OptTensor& query_block, const OptTensor& band_bias, const OptTensor& side_bias,
+                       int64_t left, int64_t right, double scale, double dropout_p, const OptTensor& rng,
+                       bool dropout_global_rows, const OptTensor& key_ranges, const OptTensor& side_ranges,
+                       const OptTensor& halo_k, const OptTensor& halo_v, const OptTensor& halo_mask,
+                       int64_t halo_left, const OptTensor& dlse_in, int64_t dropout_offset,
+                       const OptTensor& side_index, bool side_only, int64_t lse_split,
+                       const OptTensor& dside_k_into, const OptTensor& dside_v_into, const OptTensor& query_index) {
+  const HaloArgs halo{halo_k, halo_v, halo_mask, halo_left};
+  const DropoutArgs drop{dropout_p, rng, dropout_global_rows, dropout_offset};
+  const SplitArgs split{lse_split, dside_k_into, dside_v_into};
+  const Dims d = check_bwd_args(kBwd, dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask,
+                                query_block, band_bias, side_bias, left, right, scale, drop, key_ranges,
+                                side_ranges, halo, dlse_in, side_index, side_only, split, query_index);
+  on_cuda(kBwd, q, "q");
+  const c10::cuda::CUDAGuard guard(q.device());
+  BwdCall c = prepare_bwd(d, dout_in, q, k, v, side_k, side_v, out_in, lse_in, band_key_mask, side_mask, query_block,
+                          band_bias, side_bias, left, right, scale, dropout_p, rng, dropout_global_rows, key_ranges,
+                          side_ranges, halo_k, halo_v, halo_mask, halo_left, dlse_in, dropout_offset, side_index,
+                          side_only, lse_split, dside_k_into, dside_v_into, query_index);
+  if (!c.launch) return c.grads;
+  at::Tensor& dbb = std::get<5>(c.grads);
+  at::Tensor& dsb = std::get<6>(c.grads);
+  const BandSideParams& p = c.call.p;
   const bool bf16 = q.scalar_type() == at::kBFloat16;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(run_band_side_bwd_delta(p, bf16, stream));
@@ -705,7 +742,7 @@ BwdGrads band_side_bwd(const at::Tensor& dout_in, const at::Tensor& q, const at:
   C10_CUDA_CHECK(run_band_side_bwd_finish(p, bf16, stream));
   if (band_bias && dbb.scalar_type() != band_bias->scalar_type()) dbb = dbb.to(band_bias->scalar_type());
   if (side_bias && dsb.scalar_type() != side_bias->scalar_type()) dsb = dsb.to(side_bias->scalar_type());
-  return {dq, dk, dv, dsk, dsv, dbb, dsb, dhk, dhv};
+  return c.grads;
 }
 
 // CPU: the same checks, so bad arguments are reported identically (and testable without a GPU), then
@@ -741,7 +778,7 @@ BwdGrads band_side_bwd_cpu(const at::Tensor& dout, const at::Tensor& q, const at
                            const OptTensor& side_index, bool side_only, int64_t lse_split,
                            const OptTensor& dside_k_into, const OptTensor& dside_v_into,
                            const OptTensor& query_index) {
-  check_bwd_args(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
+  check_bwd_args(kBwd, dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias,
                  side_bias, left, right, scale, {dropout_p, rng, dropout_global_rows, dropout_offset}, key_ranges,
                  side_ranges, {halo_k, halo_v, halo_mask, halo_left}, dlse, side_index, side_only,
                  {lse_split, dside_k_into, dside_v_into}, query_index);
@@ -762,6 +799,27 @@ BandSideCall prepare_band_side_pass(const BandSideDims& d, const BandSidePass& a
   return prepare(d, a.q, a.k, a.v, a.side_k, a.side_v, a.band_key_mask, a.side_mask, none, none, none, a.left, a.right,
                  a.scale, {0.0, none, false, 0}, a.key_ranges, a.side_ranges, {none, none, none, 0},
                  {a.side_index, a.query_mask, a.band_rows_only, a.side_only, a.query_index});
+}
+
+BandSideDims check_band_side_bwd_pass(const char* op, const BandSideBwdPass& a) {
+  const OptTensor none;
+  const BandSidePass& f = a.pass;
+  return check_bwd_args(op, a.dout, f.q, f.k, f.v, f.side_k, f.side_v, a.out, a.lse, f.band_key_mask, f.side_mask, none,
+                        none, none, f.left, f.right, f.scale, {0.0, none, false, 0}, f.key_ranges, f.side_ranges,
+                        {none, none, none, 0}, none, f.side_index, f.side_only, {a.lse_split, a.dside_k_into,
+                                                                                a.dside_v_into},
+                        f.query_index);
+}
+
+BandSideBwdCall prepare_band_side_bwd_pass(const BandSideDims& d, const BandSideBwdPass& a) {
+  const OptTensor none;
+  const BandSidePass& f = a.pass;
+  BwdCall c = prepare_bwd(d, a.dout, f.q, f.k, f.v, f.side_k, f.side_v, a.out, a.lse, f.band_key_mask, f.side_mask,
+                          none, none, none, f.left, f.right, f.scale, 0.0, none, false, f.key_ranges, f.side_ranges,
+                          none, none, none, 0, none, 0, f.side_index, f.side_only, a.lse_split, a.dside_k_into,
+                          a.dside_v_into, f.query_index);
+  const BwdGrads& g = c.grads;
+  return {std::move(c.call), std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g), std::get<4>(g), c.launch};
 }
 
 TORCH_LIBRARY_IMPL(longattn, CUDA, m) {

@@ -1,7 +1,7 @@
-// One band + side forward pass as another raw op runs it inside its own launch (Longformer's fused forward,
-// longformer_fused_api.cpp, runs the band pass and the global rows' key splits in one kernel): the checks and the
-// params cuda_band_side_fwd (band_side_api.cpp) would run and build for the same arguments, without halo keys, dropout
-// or bias tables. Host-only (ATen).
+// One band + side pass as another raw op runs it inside its own launches (Longformer's fused forward and backward,
+// longformer_fused_api.cpp / longformer_fused_bwd_api.cpp, run the band pass and the global rows' key splits in shared
+// kernels): the checks and the params cuda_band_side_fwd / cuda_band_side_bwd (band_side_api.cpp) would run and build
+// for the same arguments, without halo keys, dropout, bias tables or dlse. Host-only (ATen).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,5 +50,31 @@ struct BandSideCall {
 BandSideDims check_band_side_pass(const char* op, const BandSidePass& a);
 // The params of a checked pass (any copies on q's device).
 BandSideCall prepare_band_side_pass(const BandSideDims& d, const BandSidePass& a);
+
+// cuda_band_side_bwd's arguments that Longformer's passes use: the pass's (query_mask None, band_rows_only False) and
+// the backward's own.
+struct BandSideBwdPass {
+  const BandSidePass& pass;
+  const at::Tensor& dout;
+  const at::Tensor& out;
+  const at::Tensor& lse;
+  int64_t lse_split;
+  const std::optional<at::Tensor>& dside_k_into;
+  const std::optional<at::Tensor>& dside_v_into;
+};
+
+// A backward pass's params (delta, dq, dk, dv and the partial buffers allocated and set; scratch kept in call.keep) and
+// its dq, dk, dv, dside_k, dside_v (cuda_band_side_bwd's first five outputs). launch = false: nothing to launch (an
+// empty pass), the outputs are final.
+struct BandSideBwdCall {
+  BandSideCall call;
+  at::Tensor dq, dk, dv, dside_k, dside_v;
+  bool launch;
+};
+
+// cuda_band_side_bwd's checks of the pass (c10::Error naming `op` and the argument; metadata only, no CUDA call).
+BandSideDims check_band_side_bwd_pass(const char* op, const BandSideBwdPass& a);
+// Everything cuda_band_side_bwd does before its launches (allocations on q's device).
+BandSideBwdCall prepare_band_side_bwd_pass(const BandSideDims& d, const BandSideBwdPass& a);
 
 }  // namespace longattn

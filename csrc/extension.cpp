@@ -69,6 +69,15 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
       "Tensor? key_padding_mask, int left, int right, float scale, Tensor q_global, Tensor split_k, Tensor split_v, "
       "Tensor? split_mask, Tensor(a!) counter, Tensor? key_ranges=None, Tensor? side_ranges=None, "
       "Tensor? split_ranges=None) -> (Tensor out, Tensor lse, Tensor glse)");
+  // Longformer's fused backward (longformer_fused_bwd_api.cpp): the band pass's and the global rows' backward and the
+  // splits' dq sum, in 5 launches (shared_kv: the splits are k / v's, the rows' key gradients added into dk / dv; else
+  // returned per split as dsplit_k / dsplit_v; q_global: the rows' dq into a new dq_global, else into dq).
+  m.def(
+      "cuda_longformer_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor glse, "
+      "Tensor band_rows, Tensor pos, Tensor used, int left, int right, float scale, Tensor split_k, Tensor split_v, "
+      "Tensor? split_mask, Tensor? key_ranges=None, Tensor? side_ranges=None, Tensor? split_ranges=None, "
+      "Tensor? q_global=None, bool shared_kv=True) "
+      "-> (Tensor dq, Tensor dk, Tensor dv, Tensor dq_global, Tensor dsplit_k, Tensor dsplit_v)");
   m.def("cuda_longformer_rows_add(Tensor dq_parts, Tensor pos, Tensor used, Tensor(a!) dq, bool zero_fill=False) "
         "-> ()");
 }

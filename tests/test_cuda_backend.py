@@ -83,6 +83,13 @@ SCHEMAS = {
         "Tensor? key_padding_mask, int left, int right, float scale, Tensor q_global, Tensor split_k, "
         "Tensor split_v, Tensor? split_mask, Tensor(a!) counter, Tensor? key_ranges=None, "
         "Tensor? side_ranges=None, Tensor? split_ranges=None) -> (Tensor out, Tensor lse, Tensor glse)",
+    # Longformer's fused backward: likewise.
+    "cuda_longformer_bwd":
+        "longattn::cuda_longformer_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor glse, Tensor band_rows, Tensor pos, Tensor used, int left, int right, float scale, Tensor split_k, "
+        "Tensor split_v, Tensor? split_mask, Tensor? key_ranges=None, Tensor? side_ranges=None, "
+        "Tensor? split_ranges=None, Tensor? q_global=None, bool shared_kv=True) -> (Tensor dq, Tensor dk, Tensor dv, "
+        "Tensor dq_global, Tensor dsplit_k, Tensor dsplit_v)",
 }
 
 

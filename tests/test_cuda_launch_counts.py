@@ -20,16 +20,18 @@ from tests.test_backend_glue import PATTERNS, replay
 _CUDA_BUILT = hasattr(torch.ops.longattn, "cuda_band_side_fwd")
 
 _BAND_FWD, _BAND_BWD = "longattn.cuda_band_side_fwd", "longattn.cuda_band_side_bwd"
-_SLOTS, _FUSED, _ADD = ("longattn.cuda_longformer_" + x for x in ("global_slots", "fwd", "rows_add"))
+_SLOTS, _FUSED = ("longattn.cuda_longformer_" + x for x in ("global_slots", "fwd"))
 # Longformer: forward = the slot layout (whose launch also zeroes the fused launch's arrival counters), then the fused
 # forward, one launch: the global rows' split CTAs over the key splits (side_only, query_index: the slots' rows read in
 # place; the last CTA of a slot tile to arrive merges the splits into out) leading the band pass's CTAs (kIndexed:
 # global keys read in place) (cuda_backend.longformer_forward; dropout keeps the composed 4, slots / band pass / global
-# rows / merge); backward = the band pass, the global rows (lse_split, their keys' dK/dV added into the band pass's by
-# the dK/dV kernel's epilogue) and the sum of the splits' dq rows into dq. Packed (per-row key ranges): the same raw
-# ops, the band CTAs taking the ranges (kIndexed && kRanges), pinned from the second call on (the first computes the
-# ranges) by tests/test_backend_glue.py::test_cuda_packed_longformer_glue_is_the_first_calls_only.
-_LONGFORMER = ([_SLOTS, _FUSED], [_BAND_BWD, _BAND_BWD, _ADD])
+# rows / merge). Packed (per-row key ranges): the same raw ops, the band CTAs taking the ranges (kIndexed && kRanges),
+# pinned from the second call on (the first computes the ranges) by
+# tests/test_backend_glue.py::test_cuda_packed_longformer_glue_is_the_first_calls_only.
+# The backward is one raw op, cuda_longformer_bwd (cuda_backend.longformer_backward: 5 launches, delta / dQ of both
+# passes / band dK/dV / finish of the band's side keys and the splits' dq sum / the global rows' dK/dV), with or
+# without separate global projections; dropout keeps the composed three (band pass, global rows, dq add).
+_LONGFORMER = ([_SLOTS, _FUSED], ["longattn.cuda_longformer_bwd"])
 CUDA_RAW_OPS = {  # pattern -> (forward op's raw ops, backward op's raw ops)
     "local": ([_BAND_FWD], [_BAND_BWD]),
     "tglobal": ([_BAND_FWD], [_BAND_BWD]),

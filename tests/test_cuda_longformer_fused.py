@@ -1,7 +1,10 @@
 """The CUDA backend's fused Longformer forward (``cuda_backend.longformer_forward``): the slots kernel, which also
 zeroes the arrival counters, then one ``cuda_longformer_fwd`` launch (csrc/longformer/fused_fwd.h) whose leading CTAs
 are the global rows' split-KV CTAs (the last of a slot tile to arrive merges its splits) and whose others are the band
-pass.
+pass; and its fused backward (``cuda_backend.longformer_backward``): one ``cuda_longformer_bwd`` raw op of 5 launches
+(csrc/longformer/fused_bwd.h: delta of both passes' rows, dQ with the global rows' split CTAs leading the band pass's,
+the band dK/dV, one finish launch of the band's side keys and the splits' dq sum, the global rows' dK/dV). The
+backward's tests are the last two sections.
 
 CPU part (needs the built extension, not a GPU): the raw op's checks (its CPU registration runs the CUDA one's, then
 says it needs CUDA tensors), its fake, that the backend's calls pass those checks for every layout (key splits, padded
@@ -42,6 +45,9 @@ N = S // C  # keys per split
 _CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _F16 = dict(dtype=torch.float16)
 _SLOTS, _FUSED = "longattn.cuda_longformer_global_slots", "longattn.cuda_longformer_fwd"
+_FUSED_BWD, _BAND_BWD = "longattn.cuda_longformer_bwd", "longattn.cuda_band_side_bwd"
+BUILT_BWD = cuda_backend._C is not None and hasattr(torch.ops.longattn, "cuda_longformer_bwd")
+needs_bwd_build = pytest.mark.skipif(not BUILT_BWD, reason="longattn._C is not built (or predates cuda_longformer_bwd)")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -118,12 +124,18 @@ def test_fused_op_accepts_valid_arguments(case):
         _fused_call(FUSED_VALID[case])
 
 
-@needs_build
-def test_fused_op_fake_shapes():
+def _meta_operands():
+    """(B, S, H, D) and split (B * C, N, H, D) bf16 operands, a (B, S) mask and the slots' pos / used, on meta."""
     meta = dict(device="meta", dtype=torch.bfloat16)
     z, split = torch.empty(B, S, H, D, **meta), torch.empty(B * C, N, H, D, **meta)
     mask = torch.empty(B, S, dtype=torch.bool, device="meta")
     pos, used = torch.empty(B, G, dtype=torch.int64, device="meta"), torch.empty(B, G, dtype=torch.bool, device="meta")
+    return z, split, mask, pos, used
+
+
+@needs_build
+def test_fused_op_fake_shapes():
+    z, split, mask, pos, used = _meta_operands()
     counter = torch.empty(B * H, dtype=torch.int32, device="meta")
     out, lse, glse = torch.ops.longattn.cuda_longformer_fwd(z, z, z, mask, pos, used, mask, 4, 5, 0.125, z, split,
                                                             split, None, counter)
@@ -347,6 +359,13 @@ GPU_CASES = {
 }
 
 
+def _assert_bitwise(names, got, want):
+    """Each named tensor of ``got`` has ``want``'s shape, dtype and bits."""
+    for what, a, b in zip(names, got, want, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype, what
+        assert torch.equal(a, b), (what, (a != b).sum().item() if a.shape == b.shape else None)
+
+
 def _gpu_args(name, monkeypatch, dtype=None):
     """Case ``name``'s backend arguments (in ``dtype``, default the case's), its key splits set -> (args, G,
     key_ranges)."""
@@ -368,9 +387,7 @@ def test_fused_forward_is_bitwise_the_composed_path(name, monkeypatch):
     args, Gx, key_ranges = _gpu_args(name, monkeypatch)
     fused = cuda_backend.longformer_forward(*args, Gx, 0.0, None, key_ranges)
     composed = _longformer.composed_forward(cuda_backend, *args, Gx, 0.0, None, key_ranges)
-    for what, a, b in zip(("out", "lse", "glse", "band_rows", "pos", "used"), fused, composed):
-        assert a.shape == b.shape and a.dtype == b.dtype, what
-        assert torch.equal(a, b), (what, (a != b).sum().item() if a.shape == b.shape else None)
+    _assert_bitwise(("out", "lse", "glse", "band_rows", "pos", "used"), fused, composed)
 
 
 @pytest.mark.gpu
@@ -392,8 +409,8 @@ def test_fused_forward_is_deterministic(name, monkeypatch):
 @needs_build
 @pytest.mark.parametrize("name", ["start-middle-end-bf16-d128", "64-globals", "projections-d32", "padded-splits"])
 def test_fused_longformer_within_rule(name, monkeypatch):
-    """The public op (fused forward, composed backward) against the fp64 oracle within the rule, the torch backend in
-    the same dtype as the baseline: out and every gradient."""
+    """The public op (fused forward and backward) against the fp64 oracle within the rule, the torch backend in the
+    same dtype as the baseline: out and every gradient."""
     dtype = GPU_CASES[name][2]
     (q, k, v, qg, kg, vg, glob, pad, left, right, _), Gx, _ = _gpu_args(name, monkeypatch, torch.float64)
     leaves = [x.requires_grad_() for x in (q, k, v, qg, kg, vg) if x is not None]
@@ -421,7 +438,8 @@ def test_fused_longformer_within_rule(name, monkeypatch):
 @pytest.mark.parametrize("projections", [False, True])
 def test_fused_forward_launches_two_kernels_without_sync(projections, monkeypatch):
     """The public forward: the slots kernel and the fused kernel, nothing else, and no host sync (sync debug mode
-    "error"); the backward's kernels (the composed backward) are printed."""
+    "error"); the backward's kernels are printed (counted by
+    test_fused_backward_launches_five_kernels_without_sync)."""
     from tests.test_host_sync import _gpu_kernels
 
     monkeypatch.setattr(_longformer, "SPLIT_KEYS", 64)  # several splits
@@ -441,7 +459,7 @@ def test_fused_forward_launches_two_kernels_without_sync(projections, monkeypatc
     leaves = [x.requires_grad_() for x in (q, k, v, qg, kg, vg) if x is not None]
     out = forward()
     backward = _gpu_kernels(lambda: torch.autograd.grad(out, leaves, torch.ones_like(out)))
-    print(f"composed backward: {len(backward)} kernels {backward}")
+    print(f"backward: {len(backward)} kernels {backward}")
 
 
 @pytest.mark.gpu
@@ -460,3 +478,288 @@ def test_opcheck_fused_op(monkeypatch):
             sp.key_mask(pad, 2, q.device), counter)
     torch.library.opcheck(torch.ops.longattn.cuda_longformer_fwd.default, args)
     assert not counter.any()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The fused backward's raw op (cuda_longformer_bwd): checks (CPU registration), fake, the backend's calls, and
+# emulations of its launches' index arithmetic (csrc/longformer/fused_bwd.h, fused_bwd.cu, fused_bwd_dq.h).
+# --------------------------------------------------------------------------------------------------------
+
+
+def _fused_bwd_call(change=None):
+    """cuda_longformer_bwd on CPU with valid arguments (B, S, H, D, G, C above) changed by ``change``, straight to the
+    CPU kernel."""
+    z = torch.zeros(B, S, H, D, **_F16)
+    split = torch.zeros(B * C, N, H, D, **_F16)
+    args = dict(dout=z, q=z, k=z, v=z, out=z, lse=torch.zeros(B, H, S), glse=torch.zeros(B, H, G),
+                band_rows=torch.ones(B, S, dtype=torch.bool), pos=torch.arange(G).repeat(B, 1),
+                used=torch.ones(B, G, dtype=torch.bool), left=4, right=5, scale=0.125, split_k=split, split_v=split,
+                split_mask=torch.ones(B * C, N, dtype=torch.bool), key_ranges=None, side_ranges=None,
+                split_ranges=None, q_global=None, shared_kv=True)
+    args.update(change or {})
+    op = torch.ops.longattn.cuda_longformer_bwd.default
+    return op.redispatch(_CPU, *[args[a.name] for a in op._schema.arguments])
+
+
+FUSED_BWD_BAD = {  # change -> message pattern after "cuda_longformer_bwd: "
+    "q-dtype": ({"q": torch.zeros(B, S, H, D)}, r"q must be float16 or bfloat16"),
+    "dout-shape": ({"dout": torch.zeros(B, S + 1, H, D, **_F16)}, r"dout must have shape"),
+    "out-dtype": ({"out": torch.zeros(B, S, H, D, dtype=torch.bfloat16)}, r"out must have q's dtype"),
+    "lse-shape": ({"lse": torch.zeros(B, H, S + 1)}, r"lse must have shape"),
+    "lse-dtype": ({"lse": torch.zeros(B, H, S, **_F16)}, r"lse must be Float"),
+    "glse-shape": ({"glse": torch.zeros(B, H, G + 1)}, r"lse must have shape \(B / lse_split, H, S\)"),
+    "pos-dtype": ({"pos": torch.zeros(B, G, dtype=torch.int32)}, r"side_index must be Long"),
+    "used-shape": ({"used": torch.ones(B, G + 1, dtype=torch.bool)}, r"side_mask must have shape"),
+    "band_rows-shape": ({"band_rows": torch.ones(B, S + 1, dtype=torch.bool)}, r"band_key_mask must have shape"),
+    "left": ({"left": S}, r"left must be in \[0, S - 1\]"),
+    "split_k-dim": ({"split_k": torch.zeros(B * C, N, H * D, **_F16)}, r"split_k must have shape \(B \* C, n, H, D\)"),
+    "splits-B": ({"split_k": torch.zeros(B * C + 1, N, H, D, **_F16)}, r"side_k's B must be a multiple of q's B_q"),
+    "split_v-shape": ({"split_v": torch.zeros(B * C, N + 1, H, D, **_F16)}, r"side_v must have shape"),
+    "split_mask-shape": ({"split_mask": torch.ones(B * C, N + 1, dtype=torch.bool)}, r"side_mask must have shape"),
+    "split_ranges-dtype": ({"split_ranges": torch.zeros(B * C, G, 2, dtype=torch.int64)}, r"side_ranges must be Int"),
+    "q_global-dtype": ({"q_global": torch.zeros(B, S, H, D, dtype=torch.bfloat16)},
+                       r"q_global must have q's dtype and shape"),
+    "q_global-shape": ({"q_global": torch.zeros(B, S + 1, H, D, **_F16)}, r"q_global must have q's dtype and shape"),
+}
+
+
+@needs_bwd_build
+@pytest.mark.parametrize("case", FUSED_BWD_BAD)
+def test_fused_backward_op_rejects_bad_arguments(case):
+    change, pattern = FUSED_BWD_BAD[case]
+    with pytest.raises(RuntimeError, match=rf"^cuda_longformer_bwd: {pattern}") as info:
+        _fused_bwd_call(change)
+    assert not isinstance(info.value, NotImplementedError), info.value
+
+
+FUSED_BWD_VALID = {
+    "default": {},
+    "no-split-mask": {"split_mask": None},
+    "one-split": {"split_k": torch.zeros(B, S, H, D, **_F16), "split_v": torch.zeros(B, S, H, D, **_F16),
+                  "split_mask": None},
+    "ranges": {"key_ranges": torch.zeros(B, S, 2, **_I32), "side_ranges": torch.zeros(B, S, 2, **_I32),
+               "split_ranges": torch.zeros(B * C, G, 2, **_I32)},
+    "no-slots": {"pos": torch.zeros(B, 0, dtype=torch.int64), "used": torch.ones(B, 0, dtype=torch.bool),
+                 "glse": torch.zeros(B, H, 0)},
+    "all-slots": {"pos": torch.arange(S).repeat(B, 1), "used": torch.ones(B, S, dtype=torch.bool),
+                  "glse": torch.zeros(B, H, S)},
+    "bf16": {x: torch.zeros(B, S, H, D, dtype=torch.bfloat16) for x in ("dout", "q", "k", "v", "out")}
+    | {x: torch.zeros(B * C, N, H, D, dtype=torch.bfloat16) for x in ("split_k", "split_v")},
+    "projections": {"q_global": torch.zeros(B, S, H, D, **_F16), "shared_kv": False},
+}
+
+
+@needs_bwd_build
+@pytest.mark.parametrize("case", FUSED_BWD_VALID)
+def test_fused_backward_op_accepts_valid_arguments(case):
+    with pytest.raises(NotImplementedError, match="cuda_longformer_bwd: needs CUDA tensors"):
+        _fused_bwd_call(FUSED_BWD_VALID[case])
+
+
+@needs_bwd_build
+def test_fused_backward_op_fake_shapes():
+    z, split, mask, pos, used = _meta_operands()
+    lse, glse = torch.empty(B, H, S, device="meta"), torch.empty(B, H, G, device="meta")
+    op = torch.ops.longattn.cuda_longformer_bwd
+    grads_ = op(z, z, z, z, z, lse, glse, mask, pos, used, 4, 5, 0.125, split, split, None)
+    assert [(g.shape, g.dtype) for g in grads_] == [((B, S, H, D), torch.bfloat16)] * 3 + [((0,), torch.bfloat16)] * 3
+    grads_ = op(z, z, z, z, z, lse, glse, mask, pos, used, 4, 5, 0.125, split, split, None, q_global=z, shared_kv=False)
+    assert [g.shape for g in grads_] == [(B, S, H, D)] * 4 + [(B * C, N, H, D)] * 2
+
+
+def _backward_args(device, Sx=S, **kw):
+    """cuda_backend.longformer_backward's arguments for _backend_args' case (the slots from the torch layout; out, lse,
+    glse of the right shapes, values irrelevant to the checks)."""
+    q, k, v, qg, kg, vg, glob, pad, left, right, scale, Gx, p, rng, key_ranges = _backend_args(device, Sx, **kw)
+    band_rows, pos, used = _longformer.global_slots(glob, pad, Gx)
+    lse, glse = torch.zeros(B, H, Sx, device=device), torch.zeros(B, H, Gx, device=device)
+    return (torch.zeros_like(q), q, k, v, qg, kg, vg, torch.zeros_like(q), lse, glse, band_rows, pos, used, glob, pad,
+            left, right, scale, p, rng, key_ranges)
+
+
+@needs_bwd_build
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backend_backward_calls_pass_the_fused_op_checks(layout, monkeypatch):
+    """The backend's fused backward call, on CPU tensors, gets through every check of the raw op's CPU registration to
+    its "needs CUDA tensors"."""
+    split_keys, Sx, kw = LAYOUTS[layout]
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", split_keys)
+    with pytest.raises(NotImplementedError, match="cuda_longformer_bwd: needs CUDA tensors"):
+        cuda_backend.longformer_backward(*_backward_args("cpu", Sx, **kw))
+
+
+@needs_bwd_build
+@pytest.mark.parametrize("change, raw_ops", [
+    ({}, [_FUSED_BWD]),
+    ({"Gx": 0}, [_BAND_BWD]),  # no slots: the band pass alone (4 launches)
+    ({"dropout": True}, [_BAND_BWD, _BAND_BWD, "longattn.cuda_longformer_rows_add"]),  # dropout: the composed path
+    ({"projections": True}, [_FUSED_BWD]),
+    ({"projections": "k_global"}, [_BAND_BWD, _BAND_BWD, "longattn.cuda_longformer_rows_add"]),  # k_global alone
+], ids=["fused", "no-slots", "dropout", "projections", "k_global-alone"])
+def test_which_backward_calls_are_fused(change, raw_ops, monkeypatch):
+    """On meta tensors (the raw ops' fakes): the fused backward is 1 raw op and no torch glue, with or without separate
+    global projections; G = 0, dropout and k_global without v_global keep the composed path. The gradients' shapes:
+    (B, S, H, D), empty (0,) for absent projections."""
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", 16)
+    change = dict(change)
+    dropout = change.pop("dropout", False)
+    alone = change.get("projections") == "k_global"
+    args = list(_backward_args("meta", **change))
+    if dropout:
+        args[18:20] = [0.1, torch.zeros(2, dtype=torch.int64, device="meta")]
+    if alone:
+        args[4], args[6] = None, None  # q_global, v_global
+    with torch.no_grad(), DeviceWork() as work:
+        got = cuda_backend.longformer_backward(*args)
+    assert work.kernels == raw_ops and work.glue == (["aten.add_"] if alone else []), (work.kernels, work.glue)
+    for x, g in zip(args[1:7], got):
+        assert g.shape == ((0,) if x is None else (B, S, H, D))
+
+
+def _fused_bwd_launches(Bx, Hx, Sx, Gx, Cx, Dx, finish_warps):
+    """The fused backward's launches, statement by statement (fused_bwd.cu run_small, fused_bwd_dq.h): the delta
+    launch's warps -> ("band", b, s, h) / ("rows", bc, g, h); the dQ launch's CTAs -> ("rows", slot tile, bc, h) /
+    ("band", query tile, b, h); the finish launch's CTAs and threads -> ("finish", warp) / ("add", b, g, e)."""
+    band_rows, rows_rows = Bx * Sx * Hx, Bx * Cx * Gx * Hx
+    delta = []
+    for w in range(-(-(band_rows + rows_rows) // 8) * 8):
+        if w < band_rows:
+            delta.append(("band", w // (Hx * Sx), (w // Hx) % Sx, w % Hx))
+        elif w - band_rows < rows_rows:  # band_side_bwd_delta_row's bound on the global rows' params
+            r = w - band_rows
+            delta.append(("rows", r // (Hx * Gx), (r // Hx) % Gx, r % Hx))
+    n_slot_tiles, n_query_tiles = -(-Gx // 64), -(-Sx // 64)
+    n_lead = n_slot_tiles * Bx * Cx * Hx
+    dq = []
+    for x in range(n_lead + n_query_tiles * Bx * Hx):
+        if x < n_lead:
+            tile, rest = x % n_slot_tiles, x // n_slot_tiles
+            dq.append(("rows", tile, rest % (Bx * Cx), rest // (Bx * Cx)))
+        else:
+            x -= n_lead
+            tile, rest = x % n_query_tiles, x // n_query_tiles
+            dq.append(("band", tile, rest % Bx, rest // Bx))
+    n_finish_ctas = -(-finish_warps // 8)
+    elements = Bx * Gx * Hx * Dx
+    finish = []
+    HD = Hx * Dx
+    for cta in range(n_finish_ctas + -(-elements // 256)):
+        for tid in range(0, 256):
+            if cta < n_finish_ctas:
+                if tid % 32 == 0 and cta * 8 + tid // 32 < finish_warps:
+                    finish.append(("finish", cta * 8 + tid // 32))
+                continue
+            t = (cta - n_finish_ctas) * 256 + tid
+            if t < elements:
+                bg = t // HD
+                finish.append(("add", bg // Gx, bg % Gx, t % HD))
+    return delta, dq, finish
+
+
+@pytest.mark.parametrize("Bx, Hx, Sx, Gx, Cx, Dx", [(1, 1, 1, 1, 1, 32), (2, 3, 300, 70, 4, 64),
+                                                    (3, 2, 130, 64, 1, 128), (1, 12, 1024, 1, 4, 64),
+                                                    (2, 2, 200, 200, 3, 32)])
+def test_fused_backward_launches_cover_every_job_once(Bx, Hx, Sx, Gx, Cx, Dx):
+    """Every delta row of both passes (band (b, s, h); global rows (b * C + c, g, h)) once; every dQ tile of both
+    passes once; every band finish warp and every element of every slot row once in the finish launch."""
+    finish_warps = -(-(Bx * Gx * Hx * (Dx // 2)) // 32)  # finish_warps(band): the side keys' column pairs, no bias
+    delta, dq, finish = _fused_bwd_launches(Bx, Hx, Sx, Gx, Cx, Dx, finish_warps)
+    assert sorted(delta) == sorted([("band", b, s, h) for b in range(Bx) for s in range(Sx) for h in range(Hx)]
+                                   + [("rows", bc, g, h) for bc in range(Bx * Cx) for g in range(Gx)
+                                      for h in range(Hx)])
+    n_slot_tiles, n_query_tiles = -(-Gx // 64), -(-Sx // 64)
+    assert sorted(dq) == sorted([("rows", t, bc, h) for t in range(n_slot_tiles) for bc in range(Bx * Cx)
+                                 for h in range(Hx)]
+                                + [("band", t, b, h) for t in range(n_query_tiles) for b in range(Bx)
+                                   for h in range(Hx)])
+    assert sorted(finish) == sorted([("finish", w) for w in range(finish_warps)]
+                                    + [("add", b, g, e) for b in range(Bx) for g in range(Gx)
+                                       for e in range(Hx * Dx)])
+
+
+# --------------------------------------------------------------------------------------------------------
+# GPU: the fused backward against the composed path, and the profiler.
+# --------------------------------------------------------------------------------------------------------
+
+
+def _backward_of(args, Gx, key_ranges, fused):
+    """dout and the six gradients of the fused (``longformer_backward``) or composed backward, after the (fused)
+    forward of the same arguments."""
+    out, lse, glse, band_rows, pos, used = cuda_backend.longformer_forward(*args, Gx, 0.0, None, key_ranges)
+    gen = torch.Generator().manual_seed(7)
+    dout = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    q, k, v, qg, kg, vg, glob, pad, left, right, scale = args
+    bwd_args = (dout, q, k, v, qg, kg, vg, out, lse, glse, band_rows, pos, used, glob, pad, left, right, scale, 0.0,
+                None, key_ranges)
+    if fused:
+        return cuda_backend.longformer_backward(*bwd_args)
+    return _longformer.composed_backward(cuda_backend, *bwd_args)
+
+
+@pytest.mark.gpu
+@gpu_ready
+@needs_bwd_build
+@pytest.mark.parametrize("name", GPU_CASES)
+def test_fused_backward_is_bitwise_the_composed_path(name, monkeypatch):
+    """dq, dk, dv (and the global projections' gradients) bitwise equal to the composed backward's (8 launches): the
+    same tile code per CTA, and each element's adds in the same order (with separate projections too: dq_global
+    zeroed by the delta launch, the splits' dk / dv stored per split)."""
+    args, Gx, key_ranges = _gpu_args(name, monkeypatch)
+    fused = _backward_of(args, Gx, key_ranges, True)
+    composed = _backward_of(args, Gx, key_ranges, False)
+    _assert_bitwise(("dq", "dk", "dv", "dq_global", "dk_global", "dv_global"), fused, composed)
+
+
+@pytest.mark.gpu
+@gpu_ready
+@needs_bwd_build
+@pytest.mark.parametrize("name", ["long", "two-slot-tiles"])
+def test_fused_backward_is_deterministic(name, monkeypatch):
+    """Repeated fused backward calls are bitwise equal."""
+    args, Gx, key_ranges = _gpu_args(name, monkeypatch)
+    first = _backward_of(args, Gx, key_ranges, True)
+    for _ in range(3):
+        for a, b in zip(first, _backward_of(args, Gx, key_ranges, True)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@gpu_ready
+@needs_bwd_build
+@pytest.mark.parametrize("projections", [False, True])
+def test_fused_backward_launches_five_kernels_without_sync(projections, monkeypatch):
+    """The public backward: delta, dQ, band dK/dV, finish, rows dK/dV, nothing else, and no host sync (sync debug mode
+    "error")."""
+    from tests.test_host_sync import _gpu_kernels
+
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", 60)  # 5 whole splits: no padded copy
+    (q, k, v, qg, kg, vg, glob, pad, left, right, _), _ = _gpu_case(300, 64, torch.float16, "start-middle-end",
+                                                                    projections=projections)
+    leaves = [x.requires_grad_() for x in (q, k, v, qg, kg, vg) if x is not None]
+    out = longattn.longformer_attention(q, k, v, (left, right), glob, key_padding_mask=pad, q_global=qg, k_global=kg,
+                                        v_global=vg, max_globals=3, backend="cuda")
+    dout = torch.ones_like(out)
+    torch.autograd.grad(out, leaves, dout, retain_graph=True)  # warm up outside the checks
+    kernels = _gpu_kernels(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
+    print(f"fused backward: {len(kernels)} kernels {kernels}")
+    assert len(kernels) == 5, kernels
+    for at, name in enumerate(("longformer_bwd_delta_kernel", "longformer_bwd_dq_kernel", "band_side_bwd_dkdv_kernel",
+                               "longformer_bwd_finish_kernel", "band_side_bwd_dkdv_kernel")):
+        assert name in kernels[at], kernels
+
+
+@pytest.mark.gpu
+@gpu_ready
+@needs_bwd_build
+def test_opcheck_fused_backward_op(monkeypatch):
+    """Schema, the fake against the CUDA implementation, and tracing."""
+    monkeypatch.setattr(_longformer, "SPLIT_KEYS", 64)
+    args, _ = _gpu_case(300, 64, torch.float16, "64")
+    q, k, v, _, _, _, glob, pad, left, right, scale = args
+    out, lse, glse, band_rows, pos, used = cuda_backend.longformer_forward(*args, 64, 0.0, None, None)
+    sp = _longformer.key_splits(300, {})
+    dout = torch.randn_like(out)
+    bwd = (dout, q, k, v, out, lse, glse, band_rows, pos, used, left, right, scale, sp.keys(k), sp.keys(v),
+           sp.key_mask(pad, 2, q.device))
+    torch.library.opcheck(torch.ops.longattn.cuda_longformer_bwd.default, bwd)
+    torch.library.opcheck(torch.ops.longattn.cuda_longformer_bwd.default, bwd, {"q_global": k, "shared_kv": False})

@@ -65,15 +65,12 @@ __device__ __forceinline__ void grid_zero_fill(float* x, int64_t n) {
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = 0.f;
 }
 
+// One warp's row of (B, S, H) (b slowest, h fastest): the grid's warp first_row + row (first_row = 0 in the delta
+// kernel). The delta kernel's body, which Longformer's fused backward (longformer/fused_bwd.h) runs for the band pass's
+// and the global rows' rows in one launch.
 template <typename T, bool kQueryIndex>
-__global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
-  // The bias partials the dK/dV CTAs accumulate into, zeroed here (stream order puts this before the dK/dV kernel):
-  // no zero-fill launch, and no zeroing loop in the dK/dV kernel, whose D = 128 instantiations sit at 255 registers.
-  if (p.dband_bias_partial != nullptr)
-    grid_zero_fill(p.dband_bias_partial, (int64_t)p.B * p.H * p.n_band_tiles * p.band_width);
-  if (p.dside_bias_partial != nullptr)
-    grid_zero_fill(p.dside_bias_partial, (int64_t)p.B * p.H * side_ctas_per_bh(p) * (2 * p.G + 1));
-  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+__device__ __forceinline__ void band_side_bwd_delta_row(const BandSideParams& p, int64_t first_row) {
+  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32 - first_row;
   const int lane = threadIdx.x % 32;
   if (row >= (int64_t)p.B * p.S * p.H) return;
   const int h = row % p.H;
@@ -105,6 +102,17 @@ __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
   }
 }
 
+template <typename T, bool kQueryIndex>
+__global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
+  // The bias partials the dK/dV CTAs accumulate into, zeroed here (stream order puts this before the dK/dV kernel):
+  // no zero-fill launch, and no zeroing loop in the dK/dV kernel, whose D = 128 instantiations sit at 255 registers.
+  if (p.dband_bias_partial != nullptr)
+    grid_zero_fill(p.dband_bias_partial, (int64_t)p.B * p.H * p.n_band_tiles * p.band_width);
+  if (p.dside_bias_partial != nullptr)
+    grid_zero_fill(p.dside_bias_partial, (int64_t)p.B * p.H * side_ctas_per_bh(p) * (2 * p.G + 1));
+  band_side_bwd_delta_row<T, kQueryIndex>(p, 0);
+}
+
 // The lse in log2 units, +inf for rows past the end (so their P is 0 with no extra test).
 __device__ __forceinline__ float lse_log2(const BandSideParams& p, int b, int h, int i) {
   return i < p.S ? p.lse_in[((int64_t)b * p.H + h) * p.S + i] * kLog2e : INFINITY;
@@ -116,20 +124,22 @@ __device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h,
 // ------------------------------------------------------------------------------------------------
 // dQ
 // ------------------------------------------------------------------------------------------------
+// The dQ of one query tile: rows [m0, m0 + 64) of batch row b, head h, in the dynamic shared memory `smem_raw`
+// (Traits::kBwdDqSmem bytes). The dQ kernel's whole body, which Longformer's fused backward (longformer/fused_bwd.h)
+// runs at its own tile coordinates for the band pass and the global rows' key splits.
 template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
-__global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
+__device__ __forceinline__ void band_side_bwd_dq_tile(const BandSideParams& p, int m0, int b, int h,
+                                                      unsigned char* smem_raw) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   static_assert(!(kIndexed && kHalo), "indexed side keys come without halo keys");
   static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + Traits::kTileElems;
   T* sK = sdO + Traits::kTileElems;     // 2 buffers
   T* sV = sK + 2 * Traits::kTileElems;  // 2 buffers
 
-  const int m0 = blockIdx.x * Traits::kBlockM, b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
   load_query_tile_async<Traits, kQueryIndex>(sQ, p, p.q, p.q_st, b, h, m0, tid);
@@ -186,6 +196,13 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(cons
 
   T* dq = reinterpret_cast<T*>(p.dq) + ((int64_t)b * p.S * p.H + h) * D;
   store_rows<T, D>(acc_dq, dq, (int64_t)p.H * D, m0 + warp * 16, p.S, lane, p.scale, p.scale);
+}
+
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
+__global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dq_kernel(const BandSideParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  band_side_bwd_dq_tile<Traits, kDropout, kRanges, kHalo, kIndexed, kQueryIndex>(p, blockIdx.x * Traits::kBlockM,
+                                                                                 blockIdx.y, blockIdx.z, smem_raw);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -570,10 +587,13 @@ __device__ __forceinline__ void store_table(void* table, int kind, int64_t i, fl
   }
 }
 
+// Finish job w (finish_warps) for the grid's warp first_warp + w (first_warp = 0 in the finish kernel): the finish
+// kernel's body, which Longformer's fused backward (longformer/fused_bwd.h) runs in its finish launch beside the global
+// rows' dq sum.
 template <typename T>
-__global__ void band_side_bwd_finish_kernel(const BandSideParams p) {
+__device__ __forceinline__ void band_side_bwd_finish_warp(const BandSideParams& p, int64_t first_warp) {
   const FinishWarps jobs = finish_warps(p);
-  int64_t w = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  int64_t w = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32 - first_warp;
   const int lane = threadIdx.x % 32;
   if (w < jobs.side_keys) {
     const int pairs_per_row = p.D / 2;
@@ -614,6 +634,11 @@ __global__ void band_side_bwd_finish_kernel(const BandSideParams p) {
     const float sum = warp_column_sum(p.dside_bias_partial, p, h, side_ctas_per_bh(p), width, col, lane);
     if (lane == 0) store_table(p.dside_bias, p.side_bias_kind, w, sum);
   }
+}
+
+template <typename T>
+__global__ void band_side_bwd_finish_kernel(const BandSideParams p) {
+  band_side_bwd_finish_warp<T>(p, 0);
 }
 
 }  // namespace longattn

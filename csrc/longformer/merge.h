@@ -1,4 +1,5 @@
-// The global rows' log-sum-exp merge of their key splits, per output element (rows.h): the body of rows_merge_kernel
+// The global rows' log-sum-exp merge of their key splits, per output element (rows.h), and the backward's sum of their
+// dq rows (SplitRows, at the end). The merge is the body of rows_merge_kernel
 // (rows.cu, after the split band op: one element a thread) and of the fused forward's last-arriving split CTA
 // (fused_fwd.h, in the same launch: 16 bytes of a row a thread). _longformer.KeySplits.merge's formula in float32,
 // the splits walked in split order:
@@ -113,5 +114,30 @@ __device__ __forceinline__ void merge_elements(const RowsParams& p, const Slot& 
     store_elements<T, V>(rows + h * p.rows_sh + d0, acc);
   }
 }
+
+// The backward's sum of a slot's split dq rows (slot.write: used, in range): element e = h * D + d of the C splits'
+// rows (p.parts, dtype T), summed in split order in float32, added to its row of p.rows with one rounding. The body of
+// rows_add_kernel (rows.cu, one slot a CTA: the pointers once, then its elements) and of Longformer's fused backward's
+// finish launch (fused_bwd.h, one element a thread).
+template <typename T>
+struct SplitRows {
+  const T* parts;  // split 0's row of the slot
+  T* rows;         // the slot's row of p.rows
+  int64_t split_stride;
+
+  __device__ __forceinline__ SplitRows(const RowsParams& p, const Slot& slot)
+      : parts(reinterpret_cast<const T*>(p.parts) + slot.part_offset),
+        rows(reinterpret_cast<T*>(p.rows) + slot.row_offset),
+        split_stride((int64_t)p.G * (p.H * p.D)) {}
+
+  __device__ __forceinline__ void add(const RowsParams& p, int e) const {
+    const int h = e / p.D, d = e - h * p.D;
+    float acc = 0.f;
+#pragma unroll 4
+    for (int c = 0; c < p.C; ++c) acc += to_float(parts[c * split_stride + e]);
+    T& dst = rows[h * p.rows_sh + d];
+    dst = from_float<T>(to_float(dst) + acc);
+  }
+};
 
 }  // namespace longattn

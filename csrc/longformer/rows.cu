@@ -4,7 +4,8 @@
 //
 // One CTA per slot (b, g) and kThreads elements of its row of H * D (grid.y: the row's chunks); each thread walks the C
 // splits in split order (deterministic). The merge of one element is merge.h's merge_elements, which Longformer's fused
-// forward (fused_fwd.h) runs in its last-arriving split CTA instead of this launch.
+// forward (fused_fwd.h) runs in its last-arriving split CTA instead of this launch; the add of one element is
+// merge.h's SplitRows, which Longformer's fused backward (fused_bwd.h) runs in its finish launch.
 // Traffic: the merge reads the C partial rows and lse; the add reads the C dq rows and updates G rows of dq: small
 // beside the band op over the same (B * C, G, H, D) rows.
 #include <algorithm>
@@ -34,17 +35,8 @@ __global__ void __launch_bounds__(kThreads) rows_add_kernel(const RowsParams p) 
   const Slot slot = slot_of(p);
   if (!slot.write) return;  // unused slots' dq rows are 0 (glse = +inf); bad positions are skipped
   const int HD = p.H * p.D;
-  const int64_t split_stride = (int64_t)p.G * HD;
-  const T* parts = reinterpret_cast<const T*>(p.parts) + slot.part_offset;
-  T* rows = reinterpret_cast<T*>(p.rows) + slot.row_offset;
-  for (int e = first_element(); e < HD; e += kThreads * gridDim.y) {
-    const int h = e / p.D, d = e - h * p.D;
-    float acc = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < p.C; ++c) acc += to_float(parts[c * split_stride + e]);
-    T& dst = rows[h * p.rows_sh + d];
-    dst = from_float<T>(to_float(dst) + acc);
-  }
+  const SplitRows<T> rows(p, slot);
+  for (int e = first_element(); e < HD; e += kThreads * gridDim.y) rows.add(p, e);
 }
 
 template <template <typename> class Kernel>

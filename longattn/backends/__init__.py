@@ -130,7 +130,9 @@ A backend may also compute the slot layout itself (the Triton and CUDA backends 
     ``0 <= G <= S``.
 
 Or the whole op (the Triton backend: the slots kernel and one band launch led by the global rows' programs forward,
-the band backward's four launches with the global rows folded in, ``triton_kernels/longformer.py``):
+the band backward's four launches with the global rows folded in, ``triton_kernels/longformer.py``; the CUDA backend:
+the slots kernel and ``cuda_longformer_fwd`` forward, ``cuda_longformer_bwd``'s five launches backward,
+``csrc/longformer/fused_*.h``, each falling back to the composition for dropout):
 
 ``longformer_forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, G,
     dropout_p, rng, key_ranges) -> (out, lse, glse, band_rows, pos, used)`` and

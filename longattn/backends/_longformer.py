@@ -27,7 +27,7 @@ scatter). Others get the gather / ``masked_fill`` / ``scatter_add`` composition 
 A backend with ``global_slots`` (Triton, CUDA) computes step 1 in one kernel, bitwise equal to the torch function here
 (argsort, gather and mask ops otherwise).
 
-A backend with ``longformer_forward`` / ``longformer_backward`` (Triton both; CUDA the forward) runs all three steps
+A backend with ``longformer_forward`` / ``longformer_backward`` (Triton, CUDA) runs all three steps
 itself, in fewer launches than the composition (``composed_forward`` / ``composed_backward``, the steps above, which
 it may still call for cases it does not fuse).
 
@@ -145,8 +145,8 @@ def forward(backend, q, k, v, q_global, k_global, v_global, global_mask, key_pad
     counters (``longattn._dropout``). ``key_ranges`` (B, S, 2): each row's sequence bounds in a packed batch
     (``slot_ranges``).
 
-    A backend with ``longformer_forward`` / ``longformer_backward`` (same arguments, without ``backend``; Triton, and
-    CUDA's forward) runs the whole op in its own launches; others get the composition below (``composed_forward``)."""
+    A backend with ``longformer_forward`` / ``longformer_backward`` (same arguments, without ``backend``; Triton,
+    CUDA) runs the whole op in its own launches; others get the composition below (``composed_forward``)."""
     if hasattr(backend, "longformer_forward"):
         return backend.longformer_forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left,
                                           right, scale, G, dropout_p, rng, key_ranges)

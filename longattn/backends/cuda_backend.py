@@ -51,7 +51,11 @@ Longformer op (``_longformer.composed_forward``) runs 4 raw ops forward (slots, 
 backward (band pass, global rows, dq add). ``longformer_forward`` fuses the forward into 2 raw ops and 2 launches: the
 slots kernel (zeroing arrival counters) and ``cuda_longformer_fwd``, one grid of the global rows' split CTAs, the last
 of each slot tile merging its splits (no merge launch), then the band pass's CTAs (``csrc/longformer/fused_fwd.h``;
-dropout and G = 0 keep the composition). The backward is the composed one (3 raw ops, 8 launches). What torch still runs
+dropout and G = 0 keep the composition). ``longformer_backward`` fuses the backward into 1 raw op and 5 launches
+(``cuda_longformer_bwd``, ``csrc/longformer/fused_bwd.h``: one delta launch for both passes' rows, one dQ launch of the
+global rows' split CTAs then the band pass's, the band dK/dV, one finish launch (the band's side keys and the splits'
+dq sum), the global rows' dK/dV; separate global projections too); dropout keeps the composed 3 raw ops (8 launches),
+G = 0 the band pass's one (4). What torch still runs
 around the global rows: when no split size near ``SPLIT_KEYS`` divides S (``_longformer.whole_split``; a prime S)
 the padded copies of k / v / the key mask (and, with separate global k / v projections, the un-padding of their
 gradients); with per-slot key ranges (packed batches) their shift into each split; with only one of k_global /
@@ -361,6 +365,44 @@ def longformer_forward(q, k, v, q_global, k_global, v_global, global_mask, key_p
     return out, lse, glse, band_rows, pos, used
 
 
+_FUSED_BACKWARD = _C is not None and hasattr(torch.ops.longattn, "cuda_longformer_bwd")  # else a library to rebuild
+
+
+def longformer_backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask,
+                        key_padding_mask, left, right, scale, dropout_p=0.0, rng=None, key_ranges=None):
+    """Longformer's whole backward (``_longformer.backward``'s contract) in one raw op and 5 launches
+    (``csrc/longformer/fused_bwd.h``): one delta launch for the band pass's rows and the global rows'; one dQ launch
+    whose leading CTAs are the global rows' split dQ CTAs (the slot queries, read in place at ``pos``, against one
+    ``_longformer.KeySplits`` key split each, with the merged ``glse``) and whose other CTAs are the band pass's; the
+    band pass's dK/dV; one finish launch (the band pass's side-key partials added into rows ``pos`` of dk / dv, and the
+    splits' dq rows summed into rows ``pos`` of dq, or of dq_global, which the delta launch zeroes, with a separate
+    ``q_global``); the global rows' dK/dV, added into dk / dv (k / v shared) or stored per split (separate ``k_global``
+    and ``v_global``: ``KeySplits.unkeys`` of them, views unless the last split is padded). Bitwise the composed path's
+    gradients (the same tile code, and every element's adds in the same order), in 5 launches instead of 8.
+
+    The composed path (``_longformer.composed_backward``) runs what is not fused: no slots (G = 0: the band pass, 4
+    launches), dropout, and one of ``k_global`` / ``v_global`` without the other. Per-row key ranges (packed batches)
+    are fused, their ranges kept from the forward's call as in the composed path; an S that no split size near
+    ``SPLIT_KEYS`` divides pads copies of the keys and the key mask (and un-pads separate projections' gradients)."""
+    G = glse.shape[-1]
+    if not G or dropout_p or not _FUSED_BACKWARD or (k_global is None) != (v_global is None):
+        return _longformer.composed_backward(_THIS, dout, q, k, v, q_global, k_global, v_global, out, lse, glse,
+                                             band_rows, pos, used, global_mask, key_padding_mask, left, right, scale,
+                                             dropout_p, rng, key_ranges)
+    B, S = q.shape[:2]
+    _, kg, vg = _longformer.global_projections(q, k, v, q_global, k_global, v_global)
+    band_ranges, row_ranges = _longformer.slot_ranges(global_mask, key_padding_mask, pos, used, G, key_ranges)
+    sp = _longformer.key_splits(S, {})
+    shared = k_global is None
+    dq, dk, dv, dqg, dkg, dvg = torch.ops.longattn.cuda_longformer_bwd(
+        dout, q, k, v, out, lse, glse, band_rows, pos, used, left, right, float(scale), sp.keys(kg), sp.keys(vg),
+        sp.key_mask(key_padding_mask, B, q.device), key_ranges=band_ranges.get("key_ranges"),
+        side_ranges=band_ranges.get("side_ranges"), split_ranges=sp.ranges(row_ranges.get("key_ranges")),
+        q_global=q_global, shared_kv=shared)
+    # Absent projections get the op's distinct empty (0,) tensors (a custom op's outputs may not alias one another).
+    return dq, dk, dv, dqg, dkg if shared else sp.unkeys(dkg), dvg if shared else sp.unkeys(dvg)
+
+
 def _check_slots(q, pos, used):
     """ValueErrors for the global rows' slot arguments, before any launch (the raw ops repeat them)."""
     B = q.shape[0]
@@ -499,6 +541,19 @@ def _register_fakes():
           counter, key_ranges=None, side_ranges=None, split_ranges=None):
         out, lse = _fake.band_side_forward(q)
         return out, lse, lse.new_empty(q.shape[0], q.shape[2], pos.shape[1])
+
+
+    if not hasattr(torch.ops.longattn, "cuda_longformer_bwd"):
+        return  # a library built before the fused backward (rebuild it)
+
+    @torch.library.register_fake("longattn::cuda_longformer_bwd")
+    def _(dout, q, k, v, out, lse, glse, band_rows, pos, used, left, right, scale, split_k, split_v, split_mask,
+          key_ranges=None, side_ranges=None, split_ranges=None, q_global=None, shared_kv=True):
+        dense = torch.contiguous_format
+        dqg = q.new_empty(0) if q_global is None else torch.empty_like(q, memory_format=dense)
+        splits = (q.new_empty(0), q.new_empty(0)) if shared_kv else tuple(
+            torch.empty_like(x, memory_format=dense) for x in (split_k, split_v))
+        return (*(torch.empty_like(x, memory_format=dense) for x in (q, k, v)), dqg, *splits)
 
 
 if _C is not None and hasattr(torch.ops.longattn, "cuda_band_side_fwd"):

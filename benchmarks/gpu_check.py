@@ -1,7 +1,7 @@
 """The whole GPU verification in one command, sized for a short GPU lease (``benchmarks/gpu_check.sh``).
 
     benchmarks/gpu_check.sh OUTDIR [--budget SECONDS] [--skip STEP,...] [--commit SHA] [--python PY]
-                             [--bench-backends LIST] [--bench-baselines LIST]
+                             [--bench-backends LIST] [--bench-baselines LIST] [--tests LIST]
 
 On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
 
@@ -12,7 +12,8 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   (``/usr/bin/g++``) when CXX is unset (seen on an H200 image, 2026-11-30: CXX=/opt/gcc/bin/g++).
                   If that build fails, longattn is installed without the extension (the step still fails), so
                   the Triton backend, which needs the package installed, still runs in the steps after;
-3. ``tests``      ``pytest -m "gpu and not slow"`` (junit XML in OUTDIR; 4 workers when pytest-xdist is there);
+3. ``tests``      ``pytest -m "gpu and not slow"`` (junit XML in OUTDIR; 4 workers when pytest-xdist is there), on
+                  tests/ or on the files / node ids ``--tests`` names;
 4. ``bench-16384`` ``longattn bench --check`` on DESIGN.md's standard shapes at S=16384 (local, longformer, tglobal,
                   aggregate; fwd and fwd+bwd; every backend and baseline), then issue 12's targets:
                   ``bench-globals`` (target 4: Longformer with 1 and 64 global tokens against the local op without
@@ -65,6 +66,7 @@ import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +123,9 @@ def parse_args(argv=None):
                                                  f"up to S={TORCH_ABOVE}, then triton,cuda)")
     parser.add_argument("--bench-baselines", help="the standard benches' baselines (comma list or none; default: all "
                                                   f"up to S={SLOW_ABOVE}, then flex,sdpa_mask,sdpa_dense)")
+    parser.add_argument("--tests", help="the tests step's pytest targets instead of all of tests/ (comma list of files "
+                                        "or node ids relative to the root, e.g. to rerun what a run of the same "
+                                        "commit failed, or the tests of the kernels changed since it)")
     args = parser.parse_args(argv)
     if not args.budget > 0:
         parser.error(f"--budget: expected a positive number of seconds, got {args.budget}")
@@ -221,6 +226,13 @@ def ragged_cmd(python: str, outdir: Path) -> list[str]:
             "--json", str(outdir / "bench-ragged.json")]
 
 
+def test_targets(chosen: str | None) -> list[str]:
+    """The tests step's pytest targets: ``chosen`` (a comma list of files or node ids under the root), else tests/."""
+    if not chosen:
+        return [str(ROOT / "tests")]
+    return [str(ROOT / t.strip()) for t in chosen.split(",") if t.strip()]
+
+
 def _has_xdist(python: str) -> bool:
     """Whether ``python`` can run pytest-xdist (the GPU tests then run in 4 processes: most of their time is
     Triton compiling kernels on the CPU)."""
@@ -244,7 +256,7 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
         Step("tests", 60, 240, needs_gpu=True,
              cmd=[py, "-m", "pytest", "-q", "-m", "gpu and not slow", "-p", "no:cacheprovider",
                   *(["-n", "4"] if _has_xdist(py) else []), "--junitxml", str(outdir / "pytest.xml"),
-                  str(ROOT / "tests")]),
+                  *test_targets(args.tests)]),
         Step(f"bench-{BENCH_SEQLENS[0]}", 45, 300, needs_gpu=True,
              cmd=bench_cmd(py, outdir, BENCH_SEQLENS[0], *bench_choice)),
         Step("bench-globals", 30, 120, needs_gpu=True, cmd=globals_cmd(py, outdir)),
@@ -384,6 +396,42 @@ def save_run(run: dict, name: str) -> str:
     stem = results_stem(run, run["settings"])
     saved = ROOT / "benchmarks" / "results" / f"{stem}.json"
     saved.write_text(json.dumps(run, indent=1, default=str) + "\n")
+    return str(saved.relative_to(ROOT))
+
+
+def failed_tests(junit: Path) -> list[str]:
+    """The node ids (file::name) of the tests that failed or errored in a junit XML, in file order."""
+    if not junit.is_file():
+        return []
+    failed = []
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            path = case.get("classname", "").replace(".", "/")
+            failed.append(f"{path}.py::{case.get('name')}")
+    return failed
+
+
+def run_record(outcomes: list[Outcome], outdir: Path, gpu: str | None, commit: str | None, args,
+               elapsed: float) -> dict:
+    """The run itself as JSON: device, commit, budget, each step's status and seconds, the failed tests."""
+    return {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "device": f"cuda:0 {gpu}" if gpu else None,
+            "git_commit": commit, "budget_s": args.budget, "elapsed_s": round(elapsed, 1),
+            "skip": sorted(args.skip), "tests": args.tests,
+            "steps": [{"name": o.name, "status": o.status, "seconds": round(o.seconds, 1), "note": o.note}
+                      for o in outcomes],
+            "failed_tests": failed_tests(outdir / "pytest.xml")}
+
+
+def save_run_record(record: dict, outdir: Path) -> str:
+    """``OUTDIR/gpu-check.json``, and on a GPU a copy under benchmarks/results/ (``<timestamp>_<gpu>_gpu-check``)."""
+    (outdir / "gpu-check.json").write_text(json.dumps(record, indent=1) + "\n")
+    if not record["device"]:
+        return ""
+    sys.path.insert(0, str(ROOT))
+    from longattn.bench.cli import results_stem
+
+    saved = ROOT / "benchmarks" / "results" / f"{results_stem(record, {'mode': 'gpu-check'})}.json"
+    saved.write_text(json.dumps(record, indent=1) + "\n")
     return str(saved.relative_to(ROOT))
 
 
@@ -536,8 +584,8 @@ def targets_summary(outdir: Path) -> list[str]:
 
 def summary(outcomes: list[Outcome], outdir: Path, elapsed: float, budget: float) -> str:
     lines = ["", f"== gpu_check summary ({elapsed:.0f} s of {budget:.0f} s budget; logs in {outdir}) ==",
-             f"{'step':<14}{'status':<48}{'s':>6}  note"]
-    lines += [f"{o.name:<14}{o.status:<48}{o.seconds:>6.0f}  {o.note}" for o in outcomes]
+             f"{'step':<19}{'status':<48}{'s':>6}  note"]
+    lines += [f"{o.name:<19}{o.status:<48}{o.seconds:>6.0f}  {o.note}" for o in outcomes]
     lines.append("")
     lines += bench_summary(merge_bench(outdir))
     lines += targets_summary(outdir)
@@ -566,9 +614,11 @@ def main(argv=None) -> int:
         return 2
     remaining = args.budget - (time.monotonic() - start)
     outcomes = run_steps(steps, outdir, remaining, have_gpu=arch, skip=args.skip, env=env)
-    text = summary(outcomes, outdir, time.monotonic() - start, args.budget)
+    elapsed = time.monotonic() - start
+    text = summary(outcomes, outdir, elapsed, args.budget)
     (outdir / "summary.txt").write_text(text + "\n")
-    print(text)
+    note = save_run_record(run_record(outcomes, outdir, gpu if arch else None, commit, args, elapsed), outdir)
+    print(text + (f"\nrun record: {note}" if note else ""))
     return 1 if any(o.status.startswith(("FAILED", "stopped")) for o in outcomes) else 0
 
 

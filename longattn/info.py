@@ -52,8 +52,12 @@ def info_dict() -> dict:
 
 
 def triton_launch_mode() -> str:
-    """How the Triton backend launches its kernels (``triton_kernels/_launch.py``)."""
-    from .triton_kernels import _launch
+    """How the Triton backend launches its kernels (``triton_kernels/_launch.py``), or why it cannot: from a source
+    tree that was never installed, ``longattn.triton_kernels`` does not exist (an install maps it)."""
+    try:
+        from .triton_kernels import _launch
+    except ImportError as exc:
+        return f"unavailable ({type(exc).__name__}: {exc})"
 
     if _launch.ENABLED:
         return "cached (compiled kernels' launchers called directly; LONGATTN_TRITON_LAUNCH=triton: Triton's own)"

@@ -7,6 +7,7 @@ backend capabilities), since only the choice is under test, never a kernel.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,14 @@ def test_info_says_how_triton_launches(monkeypatch):
     assert info.triton_launch_mode().startswith("cached") == _launch.ENABLED
     monkeypatch.setattr(_launch, "ENABLED", False)
     assert "LONGATTN_TRITON_LAUNCH=triton" in info.format_info().split("triton_launch", 1)[1].splitlines()[0]
+
+
+def test_info_runs_from_an_uninstalled_tree(monkeypatch):
+    """``longattn info`` from a source tree never installed (the GPU check's first step, seen on an H200 on
+    2026-11-30): ``longattn.triton_kernels`` does not import, and info says so instead of failing."""
+    from longattn import info
+
+    monkeypatch.setitem(sys.modules, "longattn.triton_kernels", None)  # import of it raises ImportError
+    monkeypatch.delitem(sys.modules, "longattn.triton_kernels._launch", raising=False)
+    assert info.triton_launch_mode().startswith("unavailable (ModuleNotFoundError")
+    assert "triton_launch" in info.format_info()

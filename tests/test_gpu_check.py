@@ -312,3 +312,30 @@ def test_bench_backends_and_baselines_can_be_chosen(tmp_path):
     args = gc.parse_args([str(tmp_path), "--bench-backends", "triton,cuda", "--bench-baselines", "none"])
     cmd = {s.name: s for s in gc.make_steps(args, tmp_path, "9.0")}["bench-16384"].cmd
     assert cmd[cmd.index("--backend") + 1] == "triton,cuda" and cmd[cmd.index("--baseline") + 1] == "none"
+
+
+def test_tests_step_runs_the_chosen_targets(tmp_path):
+    default = {s.name: s for s in gc.make_steps(gc.parse_args([str(tmp_path)]), tmp_path, "9.0")}["tests"].cmd
+    assert default[-1] == str(gc.ROOT / "tests")
+    args = gc.parse_args([str(tmp_path), "--tests", "tests/test_a.py, tests/test_b.py::test_c[x]"])
+    cmd = {s.name: s for s in gc.make_steps(args, tmp_path, "9.0")}["tests"].cmd
+    assert cmd[-2:] == [str(gc.ROOT / "tests/test_a.py"), str(gc.ROOT / "tests/test_b.py::test_c[x]")]
+    assert "gpu and not slow" in cmd
+
+
+def test_run_record_lists_steps_and_failed_tests(tmp_path):
+    (tmp_path / "pytest.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_a" name="test_ok"/>'
+        '<testcase classname="tests.test_a" name="test_bad[x]"><failure message="m"/></testcase>'
+        '<testcase classname="tests.test_b" name="test_err"><error message="e"/></testcase>'
+        '<testcase classname="tests.test_b" name="test_skip"><skipped message="s"/></testcase>'
+        '</testsuite></testsuites>')
+    args = gc.parse_args([str(tmp_path), "--skip", "racecheck", "--tests", "tests/test_a.py"])
+    outcomes = [gc.Outcome("build", "ok", 58.04, "build.log"), gc.Outcome("tests", "FAILED (rc 1)", 97.0, "tests.log")]
+    record = gc.run_record(outcomes, tmp_path, None, "abc123", args, 160.0)
+    assert record["failed_tests"] == ["tests/test_a.py::test_bad[x]", "tests/test_b.py::test_err"]
+    assert [s["name"] for s in record["steps"]] == ["build", "tests"] and record["steps"][0]["seconds"] == 58.0
+    assert record["git_commit"] == "abc123" and record["skip"] == ["racecheck"] and record["tests"] == "tests/test_a.py"
+    # Without a GPU the record stays in OUTDIR: benchmarks/results/ holds GPU runs only.
+    assert gc.save_run_record(record, tmp_path) == ""
+    assert json.loads((tmp_path / "gpu-check.json").read_text()) == record

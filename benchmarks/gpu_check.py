@@ -14,7 +14,9 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   the Triton backend, which needs the package installed, still runs in the steps after;
 3. ``tests``      ``pytest -m "gpu and not slow"`` (junit XML in OUTDIR; 4 workers when pytest-xdist is there), on
                   tests/ or on the files / node ids ``--tests`` names;
-4. ``bench-16384`` ``longattn bench --check`` on DESIGN.md's standard shapes at S=16384 (local, longformer, tglobal,
+4. ``memcheck``   compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once, small shapes), before
+                  any timing: a short budget then drops a timing rather than the memory check;
+5. ``bench-16384`` ``longattn bench --check`` on DESIGN.md's standard shapes at S=16384 (local, longformer, tglobal,
                   aggregate; fwd and fwd+bwd; every backend and baseline), then issue 12's targets:
                   ``bench-globals`` (target 4: Longformer with 1 and 64 global tokens against the local op without
                   bias tables and with the same window, S=16384, Triton and CUDA), ``bench-memory`` (target 6: fwd+bwd
@@ -25,8 +27,7 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   ``LONGATTN_TRITON_LAUNCH=triton``: the launch cache's share) and ``host-profile``
                   (``benchmarks/host_profile.py``: where that host time goes, by cProfile, into
                   ``OUTDIR/host-profile.txt``);
-5. ``memcheck``, ``racecheck``  compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once,
-                  small shapes);
+   ``racecheck``  compute-sanitizer's race check on the same script;
    ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths 2048,16384,4096,9000: padded vs packed
                   vs one by one, Triton and CUDA); ``bench-4096``, ``bench-65536``: the other standard lengths, at
                   S=65536 without HF (seconds per call); the torch backend (the CPU path) only at S=4096;
@@ -52,7 +53,10 @@ Expected time on an H100, from the first GPU run's logs (2026-11-24): build 39 s
 (dtype, head dim) is its own translation unit, so the build is as long as the longest of them); ``longattn bench`` at
 one length about 2 minutes, most of it FlexAttention's compiles (20-37 s per op). With the GPU test set
 (under 3 minutes) the three bench lengths may not all fit in 480 s: the last one (S=65536) is then skipped
-or stopped, and the summary says so; give ``--budget`` more, or ``--skip`` steps, to get it.
+or stopped, and the summary says so; give ``--budget`` more, or ``--skip`` steps, to get it. On an H200 (2026-11-30,
+commit a3ce0e6): build 58 s, the whole GPU test set 97 s (4 workers), and ``bench-16384`` with every baseline ran past
+its 300 s limit before the aggregate op (the host-overhead measurement of each row and FlexAttention's compiles): to
+time the kernels again after a run that measured the baselines, pass ``--bench-baselines none``.
 """
 
 from __future__ import annotations
@@ -257,6 +261,10 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
              cmd=[py, "-m", "pytest", "-q", "-m", "gpu and not slow", "-p", "no:cacheprovider",
                   *(["-n", "4"] if _has_xdist(py) else []), "--junitxml", str(outdir / "pytest.xml"),
                   *test_targets(args.tests)]),
+        # Correctness before speed: the sanitizer on every kernel right after the tests, so a short budget drops a
+        # timing rather than the memory check of kernels that may never have run under it.
+        Step("memcheck", 30, 120, needs_gpu=True,
+             cmd=[sanitizer, "--tool", "memcheck", "--error-exitcode", "3", py, sanitize_script]),
         Step(f"bench-{BENCH_SEQLENS[0]}", 45, 300, needs_gpu=True,
              cmd=bench_cmd(py, outdir, BENCH_SEQLENS[0], *bench_choice)),
         Step("bench-globals", 30, 120, needs_gpu=True, cmd=globals_cmd(py, outdir)),
@@ -269,8 +277,6 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
              env={"LONGATTN_TRITON_LAUNCH": "triton"}),
         Step("host-profile", 20, 90, needs_gpu=True,
              cmd=[py, str(ROOT / "benchmarks" / "host_profile.py"), "--out", str(outdir / "host-profile.txt")]),
-        Step("memcheck", 30, 120, needs_gpu=True,
-             cmd=[sanitizer, "--tool", "memcheck", "--error-exitcode", "3", py, sanitize_script]),
         Step("racecheck", 30, 150, needs_gpu=True,
              cmd=[sanitizer, "--tool", "racecheck", "--error-exitcode", "3", py, sanitize_script]),
         Step("bench-ragged", 45, 180, needs_gpu=True, cmd=ragged_cmd(py, outdir)),

@@ -230,9 +230,11 @@ def test_target_commands_parse(tmp_path):
     assert on_out.endswith("bench-bias-on.json") and off_out.endswith("bench-bias-off.json")
     (st, _), = _bench_runs(steps["bench-host"])
     assert st["seqlens"] == [gc.HOST_SEQLEN] and st["passes"] == ["fwd", "fwdbwd"] and len(st["ops"]) == 4
+    assert st["baselines"] == ["sdpa_dense"]  # torch's own host cost on the same machine, the floor
     (plain, out), = _bench_runs(steps["bench-host-launch"])
     assert steps["bench-host-launch"].env == {"LONGATTN_TRITON_LAUNCH": "triton"} and plain["backends"] == ["triton"]
-    assert {k: v for k, v in plain.items() if k != "backends"} == {k: v for k, v in st.items() if k != "backends"}
+    same = lambda settings: {k: v for k, v in settings.items() if k not in ("backends", "baselines")}  # noqa: E731
+    assert same(plain) == same(st) and plain["baselines"] == []
     assert out.endswith("bench-host-triton-launch.json")
     assert steps["profile"].cmd[1].endswith("profile_ops.py")
 
@@ -251,6 +253,8 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     host = {"settings": settings,
             "results": [_record("local", 512, "longattn:cuda", "fwd", 0.1, host_overhead_ms=0.03)]}
     host["results"].append(_record("local", 512, "longattn:triton", "fwd", 0.1, host_overhead_ms=0.04))
+    host["results"] += [_record("local", 512, "sdpa_dense", p, 0.1, host_overhead_ms=ms)
+                        for p, ms in (("fwd", 0.025), ("fwdbwd", 0.3))]
     (tmp_path / "bench-host.json").write_text(json.dumps(host))
     plain = {"settings": settings,
              "results": [_record("local", 512, "longattn:triton", "fwd", 0.1, host_overhead_ms=0.09)]}
@@ -274,7 +278,8 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     assert "(<= 1.2x): 1.50x (3.000 / 2.000 ms)" in text
     assert "share (1 - without / with; <= 10 %): triton 5.0% (2.000 / 1.900 ms)" in text
     assert "longformer/64 cuda fwd 4" in text
-    assert "at S=512, us (fwd <= 40, fwd+bwd <= 80): local cuda fwd 30; local triton fwd 40" in text
+    assert ("at S=512, us (fwd <= 40, fwd+bwd <= 80): local cuda fwd 30; local triton fwd 40; dense SDPA fwd 25; "
+            "dense SDPA fwdbwd 300") in text
     assert "Triton host overhead at S=512, us, Triton's launches -> cached: local fwd 90 -> 40" in text
     assert "at S=16384, us (fwd <= 40, fwd+bwd <= 80): tglobal triton fwdbwd 500; tglobal cuda fwdbwd 700" in text
     # local: (5t + 3t) / 7t; tglobal: (4t + t/8 + 3t + t/8) / (7t + t/4)

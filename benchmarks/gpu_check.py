@@ -521,6 +521,13 @@ def _fwdbwd_ms(run: dict | None, op: str) -> dict:
     return _pass_ms(run, op, "fwdbwd")
 
 
+def _flop_ratio(run: dict | None, op: str, base: str) -> float | None:
+    """``op``'s useful forward FLOPs over ``base``'s in one run (the bench counts the pairs each attends: the ratio
+    no exact kernel can beat; Longformer's global rows attend all S keys and every row the G global keys)."""
+    flops = {r["op"]: r["fwd_flops"] for r in (run or {}).get("results", []) if r.get("fwd_flops")}
+    return flops[op] / flops[base] if op in flops and base in flops else None
+
+
 def _memory_floor(run: dict, r: dict) -> tuple[float, float] | None:
     """(bytes held by the inputs the bench does not count in its peak, the floor: inputs + outputs + gradients) of
     a fwd+bwd row (target 6's bound is 1.2x the floor; the output gradient is the caller's, in neither)."""
@@ -569,8 +576,10 @@ def targets_summary(outdir: Path) -> list[str]:
         run = _load(outdir, f"bench-globals-{g}.json")
         local, lf = _fwdbwd_ms(run, "local"), _fwdbwd_ms(run, "longformer")
         cells = [f"{b} {lf[b] / local[b]:.2f}x ({lf[b]:.3f} / {local[b]:.3f} ms)" for b in sorted(lf) if b in local]
+        floor = _flop_ratio(run, "longformer", "local")
         lines.append(f"  4 Longformer/local (no bias) fwd+bwd, S=16384, window 256, {g} globals (<= 1.15x): "
-                     + ("; ".join(cells) or "not measured"))
+                     + ("; ".join(cells) or "not measured")
+                     + (f"; useful-FLOP ratio {floor:.2f}x (the floor of any exact kernel)" if floor else ""))
     tg = _fwdbwd_ms(bench, "tglobal")
     lines.append(f"  5 Triton/CUDA TGlobal fwd+bwd at S={BENCH_SEQLENS[0]} (<= 1.2x): "
                  + (f"{tg['triton'] / tg['cuda']:.2f}x ({tg['triton']:.3f} / {tg['cuda']:.3f} ms)"

@@ -242,8 +242,9 @@ def test_target_commands_parse(tmp_path):
 def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     settings = {"mode": "ops", "batch": 1, "heads": 2, "head_dim": 4, "dtype": "bfloat16", "block_size": 16}
     for g, lf in ((1, 1.1), (64, 1.5)):
-        run = {"settings": settings, "results": [_record("local", 16384, "longattn:cuda", "fwdbwd", 1.0),
-                                                  _record("longformer", 16384, "longattn:cuda", "fwdbwd", lf),
+        run = {"settings": settings, "results": [_record("local", 16384, "longattn:cuda", "fwdbwd", 1.0, fwd_flops=8.0),
+                                                  _record("longformer", 16384, "longattn:cuda", "fwdbwd", lf,
+                                                          fwd_flops=8.0 + g / 8),
                                                   _record("longformer", 16384, "longattn:cuda", "fwd", 9.0)]}
         (tmp_path / f"bench-globals-{g}.json").write_text(json.dumps(run))
     bench = {"settings": settings, "results": [
@@ -274,7 +275,7 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     lines = gc.targets_summary(tmp_path)
     text = "\n".join(lines)
     assert "1 globals (<= 1.15x): cuda 1.10x (1.100 / 1.000 ms)" in text
-    assert "64 globals (<= 1.15x): cuda 1.50x" in text
+    assert "64 globals (<= 1.15x): cuda 1.50x (1.500 / 1.000 ms); useful-FLOP ratio 2.00x" in text
     assert "(<= 1.2x): 1.50x (3.000 / 2.000 ms)" in text
     assert "share (1 - without / with; <= 10 %): triton 5.0% (2.000 / 1.900 ms)" in text
     assert "longformer/64 cuda fwd 4" in text

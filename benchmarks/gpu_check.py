@@ -2,6 +2,7 @@
 
     benchmarks/gpu_check.sh OUTDIR [--budget SECONDS] [--skip STEP,...] [--commit SHA] [--python PY]
                              [--bench-backends LIST] [--bench-baselines LIST] [--tests LIST]
+                             [--baselines-from RUN.json]
 
 On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
 
@@ -130,7 +131,12 @@ def parse_args(argv=None):
     parser.add_argument("--tests", help="the tests step's pytest targets instead of all of tests/ (comma list of files "
                                         "or node ids relative to the root, e.g. to rerun what a run of the same "
                                         "commit failed, or the tests of the kernels changed since it)")
+    parser.add_argument("--baselines-from", help="a saved ops run (path relative to the root, under "
+                                                 "benchmarks/results/) whose baseline rows complete this run's, e.g. "
+                                                 "with --bench-baselines none: the baselines are not timed twice")
     args = parser.parse_args(argv)
+    if args.baselines_from and not (ROOT / args.baselines_from).is_file():
+        parser.error(f"--baselines-from: no file {args.baselines_from} under {ROOT}")
     if not args.budget > 0:
         parser.error(f"--budget: expected a positive number of seconds, got {args.budget}")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
@@ -292,7 +298,7 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
     steps.append(Step("tune", 40, TUNE_CAP_S, needs_gpu=True,
                       cmd=[py, str(ROOT / "benchmarks" / "tune_triton.py"), "--budget", str(TUNE_CAP_S),
                            "--json", str(outdir / "tune-triton.json")]))
-    steps.append(Step("results", 1, 60, fn=lambda: collect_results(py, outdir)))
+    steps.append(Step("results", 1, 60, fn=lambda: collect_results(py, outdir, args.baselines_from)))
     return steps
 
 
@@ -362,8 +368,30 @@ def merge_bench(outdir: Path) -> dict | None:
     return merged
 
 
-def collect_results(python: str, outdir: Path) -> str:
-    """Merge the bench runs, keep a copy under benchmarks/results/, refresh the auto table and README section."""
+def add_baselines(merged: dict, earlier: dict, name: str) -> str:
+    """Copy into ``merged`` the rows of ``earlier`` (a saved ops run, file ``name``) that it lacks: the baselines and
+    the torch backend at the lengths it measured, each marked ``measured_in``, so a run that timed only the kernels
+    (``--bench-baselines none``) still reports against every baseline without timing them twice. Only from a run on
+    the same device; returns what it did."""
+    if earlier.get("device") != merged.get("device"):
+        return f"baselines not taken from {name}: device {earlier.get('device')!r}, not {merged.get('device')!r}"
+    have = {(r["op"], r["S"], r["pass"], r["impl"]) for r in merged["results"]}
+    seqlens = set(merged["settings"]["seqlens"])
+    when = f"{earlier['timestamp'][:19]} (commit {str(earlier.get('git_commit'))[:7]})"
+    taken = [{**r, "measured_in": when} for r in earlier["results"]
+             if (r["kind"] != "longattn" or r["impl"] == "longattn:torch") and r["S"] in seqlens
+             and (r["op"], r["S"], r["pass"], r["impl"]) not in have]
+    merged["results"] += taken
+    merged["settings"]["baselines"] = sorted({*merged["settings"].get("baselines", []),
+                                              *(r["impl"] for r in taken if r["kind"] != "longattn")})
+    merged["note"] = (f"The kernels' rows from this run; {len(taken)} baseline and torch-backend rows from {name}, "
+                      f"measured on the same device (marked measured_in), so the baselines were not timed twice.")
+    return f"{len(taken)} baseline rows from {name}"
+
+
+def collect_results(python: str, outdir: Path, baselines_from: str | None = None) -> str:
+    """Merge the bench runs (and ``baselines_from``'s baseline rows, ``add_baselines``), keep a copy under
+    benchmarks/results/, refresh the auto table and README section."""
     notes = []
     for extra in EXTRA_RUNS:  # their own files: not merged into the ops runs
         if (outdir / extra).is_file():
@@ -371,6 +399,8 @@ def collect_results(python: str, outdir: Path) -> str:
     merged = merge_bench(outdir)
     if merged is None:
         return ", ".join([*notes, "no bench results"])
+    if baselines_from:
+        notes.append(add_baselines(merged, json.loads((ROOT / baselines_from).read_text()), baselines_from))
     (outdir / "bench.json").write_text(json.dumps(merged, indent=1, default=str) + "\n")
     notes.append("bench.json")
     if merged.get("device_type") != "cuda":

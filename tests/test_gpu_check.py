@@ -345,3 +345,23 @@ def test_run_record_lists_steps_and_failed_tests(tmp_path):
     # Without a GPU the record stays in OUTDIR: benchmarks/results/ holds GPU runs only.
     assert gc.save_run_record(record, tmp_path) == ""
     assert json.loads((tmp_path / "gpu-check.json").read_text()) == record
+
+
+def test_baselines_from_an_earlier_run_complete_a_kernels_only_run(tmp_path):
+    settings = {"mode": "ops", "seqlens": [16384], "baselines": []}
+    now = {"device": "cuda:0 H200", "settings": dict(settings), "results": [
+        _record("local", 16384, "longattn:cuda", "fwd", 0.25)]}
+    earlier = {"device": "cuda:0 H200", "timestamp": "2026-11-30T22:02:01+00:00", "git_commit": "a3ce0e6e36",
+               "results": [_record("local", 16384, "longattn:cuda", "fwd", 0.29),  # a kernel row: not taken
+                           _record("local", 16384, "flex", "fwd", 0.49),
+                           _record("local", 16384, "longattn:torch", "fwd", 34.0),
+                           _record("local", 4096, "flex", "fwd", 0.1)]}  # a length this run did not measure
+    assert gc.add_baselines(now, earlier, "old.json") == "2 baseline rows from old.json"
+    assert [(r["impl"], r["time_ms"]) for r in now["results"]] == [("longattn:cuda", 0.25), ("flex", 0.49),
+                                                                    ("longattn:torch", 34.0)]
+    assert now["results"][1]["measured_in"] == "2026-11-30T22:02:01 (commit a3ce0e6)"
+    assert now["settings"]["baselines"] == ["flex"] and "old.json" in now["note"]
+    other = {**earlier, "device": "cuda:0 H100"}
+    assert gc.add_baselines(now, other, "h100.json").startswith("baselines not taken from h100.json: device")
+    with pytest.raises(SystemExit):
+        gc.parse_args([str(tmp_path), "--baselines-from", "benchmarks/results/no-such-run.json"])

@@ -44,8 +44,9 @@ def packed_ranges(B, S, G, gen):
 def band_side(dtype, D, *, S=200, G=70, left=70, right=60, B=2, H=2, strided=True, masks=True, bias=True,
               ranges=False, halo=None, dlse=False, dropout=None, bias_dtype=torch.float32):
     """``halo``: None or (HL, HR), halo keys on both sides; ``dlse``: pass a random lse gradient; ``dropout``: None or
-    (dropout_p, dropout_offset); ``bias_dtype``: the bias tables' dtype (read and written in place by the kernels,
-    float64 through a float32 copy)."""
+    (dropout_p, dropout_offset); ``bias_dtype``: the bias tables' dtype (float16 / bfloat16 converted to float32 by
+    the forward's conversion kernel and the backward's delta kernel, gradients written in the table's dtype; float64
+    through a float32 copy)."""
     ops = torch.ops.longattn
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -288,8 +289,10 @@ def main() -> int:
     band_side(torch.bfloat16, 64, S=1, G=1, left=0, right=0)  # a single token
     band_side(torch.float16, 64, S=130, G=0, left=129, right=129)  # dense window
     print("band_side edge cases ok")
-    for bias_dtype in (torch.float16, torch.bfloat16, torch.float64):  # the tables read / written in their dtype
+    for bias_dtype in (torch.float16, torch.bfloat16, torch.float64):  # converted on the device, written in their dtype
         band_side(torch.bfloat16, 64, bias_dtype=bias_dtype)
+    # Tables larger than the delta kernel's grid (4 rows: one CTA): its conversion loop strides over them.
+    band_side(torch.float16, 64, S=1, G=300, left=200, right=200, bias_dtype=torch.bfloat16)
     band_side(torch.float16, 64, S=1000, G=10, left=20, right=20)  # several query chunks: the finish kernel's sums
     print("band_side bias dtypes and side-key chunks ok")
     for D in (32, 64, 128):

@@ -8,8 +8,9 @@
 // out of bounds. All of them (check_fwd_args / check_bwd_args) run before any copy, allocation or CUDA
 // call. Strides: q, k, v, side_k, side_v, dout and out must have a dense last dim (checked; the others are
 // free, and an operand whose row starts break cp.async's 16-byte alignment is copied); masks, query_block,
-// the bias tables and lse are copied to the dense layout the kernels index when they are not in it (bias tables are
-// read in their own dtype when float32, float16 or bfloat16, and their gradients written in it: no cast kernel). Values
+// the bias tables and lse are copied to the dense layout the kernels index when they are not in it (float32 bias tables
+// are read in place, float16 / bfloat16 ones converted to float32 by longattn's own kernels (the forward's conversion
+// launch, the backward's delta kernel), and their gradients written in the table's dtype: no ATen cast). Values
 // inside tensors are not checked (that would cost a device sync): query_block entries are clamped to
 // [-1, G-1] in the kernels, masks are bool by type, and per-row key ranges (key_ranges / side_ranges, int32
 // (B, S, 2), checked contiguous) may hold any values: the kernels only ever mask with them.
@@ -383,8 +384,8 @@ at::Tensor loadable(const at::Tensor& t) { return aligned_for_cp_async(t) ? t : 
 
 OptTensor contiguous(const OptTensor& t) { return t ? OptTensor(t->contiguous()) : std::nullopt; }
 
-// The TableKind the kernels read and write a bias table of this dtype in, or -1 (float64 and others: a float32 copy is
-// read, and the gradient is written in float32 and cast).
+// The TableKind of a bias table of this dtype (the finish kernel writes its gradient in it), or -1 (float64 and others:
+// a float32 copy is read, and the gradient is written in float32 and cast).
 int table_kind(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return kTableF32;
@@ -394,13 +395,11 @@ int table_kind(at::ScalarType t) {
   }
 }
 
-// A bias table as the kernels read it: in place when dense, 4-byte aligned (table_at reads aligned 32-bit words) and of
-// a TableKind (no copy, no cast kernel), else a dense copy (of float32 for other dtypes).
+// A bias table as the kernels get it: dense, in its dtype when it has a TableKind (float32 read in place; a 16-bit one
+// converted to float32 by longattn's kernels, bias_tables.h), else a dense float32 copy.
 OptTensor bias_table(const OptTensor& t) {
   if (!t) return std::nullopt;
-  if (table_kind(t->scalar_type()) < 0) return t->to(at::kFloat).contiguous();
-  const at::Tensor dense = t->contiguous();
-  return reinterpret_cast<uintptr_t>(dense.data_ptr()) % 4 == 0 ? dense : dense.clone();
+  return table_kind(t->scalar_type()) < 0 ? t->to(at::kFloat).contiguous() : t->contiguous();
 }
 
 // The gradient of a bias table: allocated in the dtype the finish kernel writes (the table's, or float32 for the
@@ -448,10 +447,22 @@ Prepared prepare(const Dims& d, const at::Tensor& q_in, const at::Tensor& k_in, 
   p.band_key_mask = bkm ? reinterpret_cast<const uint8_t*>(bkm->data_ptr<bool>()) : nullptr;
   p.side_mask = sm ? reinterpret_cast<const uint8_t*>(sm->data_ptr<bool>()) : nullptr;
   p.query_block = qb ? qb->data_ptr<int32_t>() : nullptr;
-  p.band_bias = bb ? bb->data_ptr() : nullptr;
-  p.side_bias = sb ? sb->data_ptr() : nullptr;
   p.band_bias_kind = bb ? table_kind(bb->scalar_type()) : kTableF32;
   p.side_bias_kind = sb ? table_kind(sb->scalar_type()) : kTableF32;
+  // 16-bit tables: the float32 workspace the conversion (forward launch / delta kernel) fills and the tile kernels
+  // read, one stream-ordered allocation for both (no host sync, no ATen cast).
+  const bool band16 = bb && p.band_bias_kind != kTableF32, side16 = sb && p.side_bias_kind != kTableF32;
+  const int64_t n_band16 = band16 ? d.H * (left + right + 1) : 0, n_side16 = side16 ? d.H * (2 * d.G + 1) : 0;
+  float* workspace = nullptr;
+  if (band16 || side16) {
+    const at::Tensor ws = at::empty({n_band16 + n_side16}, q.options().dtype(at::kFloat));
+    r.keep.push_back(ws);
+    workspace = ws.data_ptr<float>();
+  }
+  p.band_bias = band16 ? workspace : bb ? bb->data_ptr<float>() : nullptr;
+  p.side_bias = side16 ? workspace + n_band16 : sb ? sb->data_ptr<float>() : nullptr;
+  p.band_bias_in = band16 ? bb->data_ptr() : nullptr;
+  p.side_bias_in = side16 ? sb->data_ptr() : nullptr;
   // Checked contiguous int32 (B, S, 2): read in place; nullptr selects the kernels without ranges.
   p.key_ranges = key_ranges ? key_ranges->data_ptr<int32_t>() : nullptr;
   p.side_ranges = side_ranges ? side_ranges->data_ptr<int32_t>() : nullptr;

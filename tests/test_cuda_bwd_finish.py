@@ -1,8 +1,8 @@
 """The CUDA band op's backward without ATen glue (issue 12, targets 2 and 6): bias partials zeroed by the delta kernel
 (no ``at::zeros`` launch), the finish kernel (``band_side_bwd_finish_kernel``: side keys over chunks, the band- and
-side-bias tables over key CTAs, in the outputs' dtypes; no ATen ``sum`` / ``to``), bias tables read in their own
-dtype (no float32 cast kernel), and one query chunk for Longformer's global rows (their keys' rows written by the
-dK/dV epilogue: no (B, S, H, D) float32 partials).
+side-bias tables over key CTAs, in the outputs' dtypes; no ATen ``sum`` / ``to``), 16-bit bias tables converted to
+float32 by the delta kernel (no ATen cast; tests/test_cuda_bias_tables.py), and one query chunk for Longformer's
+global rows (their keys' rows written by the dK/dV epilogue: no (B, S, H, D) float32 partials).
 
 CPU: the kernels' index arithmetic emulated from csrc/band_side/bwd_kernel.h (the delta kernel's zero fill of an
 uninitialised buffer, band_bias_grad_tile / side_bias_grad_tile, the finish kernel's warp jobs and lane-strided sums
@@ -234,9 +234,9 @@ def _run(name, case, backend):
 @pytest.mark.parametrize("bias_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("name", ["local", "tglobal"])
 def test_bias_tables_of_every_dtype_within_rule(name, dtype, bias_dtype):
-    """Bias tables read in place in their dtype (float64: a float32 copy) and their gradients written by the finish
-    kernel in it: out and every gradient against the fp64 oracle within the rule (baseline: the torch backend), and
-    bitwise reproducible."""
+    """Bias tables of every dtype (16-bit: converted to float32 by longattn's kernels; float64: a float32 copy) and
+    their gradients written by the finish kernel in it: out and every gradient against the fp64 oracle within the rule
+    (baseline: the torch backend), and bitwise reproducible."""
     case = make_case(B=2, S=200, H=2, D=64, window=(40, 25), G=0 if name == "local" else 25, bias=True,
                      padding="tail", side_padding=True, seed=7, device="cuda")
     oracle = case.cast(torch.float64)

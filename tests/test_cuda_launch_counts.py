@@ -4,8 +4,9 @@
 ops run their fakes) and asserts that no torch glue runs around them. This file pins the raw ops themselves, in order,
 for the forward and the backward op of each pattern: a raw op added to a path (a copy kernel in disguise, such as the
 per-split copy of the global rows that ``query_index`` replaced) fails here and needs its reason written beside the
-table. A raw op counts as one however many kernels it launches inside (the band op's backward: delta, dQ, dK/dV and,
-when partials are owed, the finish kernel; kernels are counted on GPU by
+table. A raw op counts as one however many kernels it launches inside (the band op's forward: the band kernel, after a
+conversion of 16-bit bias tables to float32 when given such tables; its backward: delta (which converts them), dQ,
+dK/dV and, when partials are owed, the finish kernel; kernels are counted on GPU by
 ``tests/test_host_sync.py::test_gpu_no_sync_and_kernel_count``).
 """
 

@@ -181,7 +181,9 @@ def test_gpu_no_sync_and_kernel_count(backend):
             fwd_limit, bwd_limit = TRITON_LAUNCH_LIMITS[name]
             assert len(forward) <= fwd_limit and len(backward) <= bwd_limit, (name, forward, backward)
         elif name in ("local", "tglobal"):
-            # The band op's own kernels only: forward 1 (the bias tables read in their dtype, no cast copy), backward
-            # delta, dQ, dK/dV and the finish kernel (bias partials written whole by the dK/dV CTAs, summed and cast by
-            # the finish kernel: no zero fill, sum or copy).
-            assert len(forward) == 1 and len(backward) <= BACKWARD_LIMIT, (name, forward, backward)
+            # The band op's own kernels only (issue 12, target 2: <= 2 forward, <= 4 backward): forward the band kernel,
+            # after longattn's conversion of 16-bit bias tables to the float32 the tile kernels read (these inputs'
+            # tables are fp16: 2; float32 tables: 1), backward delta (which also converts the tables and zeroes the
+            # bias partials), dQ, dK/dV and the finish kernel (partials summed and written in the tables' dtype): no
+            # zero fill, sum or cast copy.
+            assert len(forward) <= 2 and len(backward) <= BACKWARD_LIMIT, (name, forward, backward)

@@ -1,8 +1,9 @@
 // Backward kernels of the band + side keys primitive. No atomics anywhere, so results are bitwise
 // reproducible:
 //
-//   band_side_bwd_delta_kernel   delta = rowsum(dO * O) per query row (float32, (B, H, S)); also zeroes the
-//                                bias partials (grid-stride), which the dK/dV CTAs then accumulate into.
+//   band_side_bwd_delta_kernel   delta = rowsum(dO * O) per query row (float32, (B, H, S)); also converts 16-bit
+//                                bias tables to float32 (bias_tables.h) and zeroes the bias partials (grid-stride),
+//                                which the dK/dV CTAs then accumulate into.
 //   band_side_bwd_dq_kernel      one CTA per query tile walks the same key tiles as the forward
 //                                (walk_key_tiles) and accumulates dQ = scale * dS K in registers.
 //   band_side_bwd_dkdv_kernel    one CTA per key tile: a band key tile iterates over the query tiles that
@@ -43,6 +44,7 @@
 // load_query_tile_async).
 #pragma once
 
+#include "band_side/bias_tables.h"
 #include "band_side/dropout.h"
 #include "band_side/ranges.h"
 #include "band_side/tile_ops.h"
@@ -104,6 +106,9 @@ __device__ __forceinline__ void band_side_bwd_delta_row(const BandSideParams& p,
 
 template <typename T, bool kQueryIndex>
 __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
+  // 16-bit bias tables into the float32 workspaces the dQ and dK/dV kernels read (stream order: after this kernel), so
+  // the backward has no conversion launch of its own.
+  convert_bias_tables(p);
   // The bias partials the dK/dV CTAs accumulate into, zeroed here (stream order puts this before the dK/dV kernel):
   // no zero-fill launch, and no zeroing loop in the dK/dV kernel, whose D = 128 instantiations sit at 255 registers.
   if (p.dband_bias_partial != nullptr)
@@ -115,7 +120,9 @@ __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
 
 // The lse in log2 units, +inf for rows past the end (so their P is 0 with no extra test).
 __device__ __forceinline__ float lse_log2(const BandSideParams& p, int b, int h, int i) {
-  return i < p.S ? p.lse_in[((int64_t)b * p.H + h) * p.S + i] * kLog2e : INFINITY;
+  // Rounding pinned (__fmul_rn is never contracted into the exp2 argument's subtraction): this is inlined into every
+  // dQ / dK/dV instantiation and Longformer's fused dQ, whose P must agree bitwise (see the forward's lse epilogue).
+  return i < p.S ? __fmul_rn(p.lse_in[((int64_t)b * p.H + h) * p.S + i], kLog2e) : INFINITY;
 }
 __device__ __forceinline__ float delta_at(const BandSideParams& p, int b, int h, int i) {
   return i < p.S ? p.delta[((int64_t)b * p.H + h) * p.S + i] : 0.f;

@@ -192,7 +192,11 @@ __device__ __forceinline__ void band_side_fwd_tile(const BandSideParams& p, int 
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const bool empty = !(l > 0.f);
     inv[r] = empty ? 0.f : 1.f / l;
-    lse[r] = empty ? INFINITY : row_max[r] * kLn2 + logf(l);
+    // Rounding pinned (__fmul_rn / __fadd_rn are never contracted into an FFMA): this body is inlined into several
+    // kernels (band_side_fwd_kernel's instantiations, Longformer's fused forward), and ptxas contracted the
+    // `row_max * ln2 + ln2 * log2(l)` of logf differently in each, which broke the fused forward's bitwise
+    // equality with the composed path in ~1 % of the lse values.
+    lse[r] = empty ? INFINITY : __fadd_rn(__fmul_rn(row_max[r], kLn2), __fmul_rn(__log2f(l), kLn2));
   }
   if constexpr (kIndexed) longformer_row_masks(p, b, i0, i1, inv, lse);
   if constexpr (kQueryIndex) mask_unindexed_rows(p, b, i0, i1, inv, lse);

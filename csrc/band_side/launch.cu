@@ -1,12 +1,21 @@
 // The band + side kernels' host entry points (launch.h): the (dtype, head dim) dispatch to the tile kernels'
-// instantiation files, and the backward's two small kernels (delta, finish), launched here.
+// instantiation files, the forward's bias-table conversion and the backward's two small kernels (delta, finish),
+// launched here.
 #include "band_side/bwd_kernel.h"
 #include "band_side/launch.h"
 #include "band_side/launch_template.h"
 
 namespace longattn {
 
+// The forward's conversion of 16-bit bias tables (bias_tables.h): one thread an entry of both tables.
+__global__ void band_side_bias_convert_kernel(const BandSideParams p) { convert_bias_tables(p); }
+
 cudaError_t run_band_side_fwd(const BandSideParams& p, bool bf16, cudaStream_t stream) {
+  if (const int64_t n = bias_convert_count(p); n > 0) {  // a 16-bit table: convert it first (stream order)
+    constexpr int kThreads = 256;
+    band_side_bias_convert_kernel<<<(unsigned)((n + kThreads - 1) / kThreads), kThreads, 0, stream>>>(p);
+    if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
+  }
   return dispatch_traits(bf16, p.D, [&](auto traits) { return launch_band_side_fwd<decltype(traits)>(p, stream); });
 }
 

@@ -8,9 +8,10 @@
 
 namespace longattn {
 
-// Forward: fills p.out and p.lse.
+// Forward: fills p.out and p.lse (after converting 16-bit bias tables, p.band_bias_in / p.side_bias_in, into their
+// float32 workspaces: a second launch only then).
 cudaError_t run_band_side_fwd(const BandSideParams& p, bool bf16, cudaStream_t stream);
-// Backward, step 1: p.delta = rowsum(dout * out).
+// Backward, step 1: p.delta = rowsum(dout * out); also converts 16-bit bias tables and zeroes the bias partials.
 cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStream_t stream);
 // Backward, step 2: p.dq.
 cudaError_t run_band_side_bwd_dq(const BandSideParams& p, bool bf16, cudaStream_t stream);

@@ -11,7 +11,8 @@
 
 namespace longattn {
 
-// The dtype of a bias table and of its gradient: read and written in place (no float32 copy, no cast kernel).
+// The dtype of a bias table and of its gradient (TableKind): the tile kernels read float32 (16-bit tables converted by
+// longattn's own kernels, bias_tables.h), the finish kernel writes the gradient in the table's dtype.
 enum TableKind : int { kTableF32 = 0, kTableF16 = 1, kTableBF16 = 2 };
 
 struct Strides {
@@ -30,8 +31,8 @@ struct BandSideParams {
   const uint8_t* band_key_mask;  // (B, S) bool or nullptr
   const uint8_t* side_mask;      // (B, G) bool or nullptr
   const int32_t* query_block;    // (B, S) or nullptr (only read when side_bias is given)
-  const void* band_bias;         // (H, band_width), dtype band_bias_kind (a TableKind), or nullptr
-  const void* side_bias;         // (H, 2G + 1), dtype side_bias_kind, or nullptr
+  const float* band_bias;        // (H, band_width) float32 or nullptr (a 16-bit table: its float32 copy, see below)
+  const float* side_bias;        // (H, 2G + 1) float32 or nullptr
 
   int B, S, H, G, D;
   int left, right, band_width;  // band_width = left + right + 1
@@ -158,15 +159,22 @@ struct BandSideParams {
   int query_tokens;
 
   // ---- bias tables' dtypes and the backward's outputs (after the fields above, so those keep their offsets) ----
-  // band_bias / side_bias are read in their own dtype (TableKind), and the finish kernel writes the gradients
-  // dband_bias (H, band_width) / dside_bias (H, 2G + 1) (contiguous, the same kind) from the partials above. dside_k /
-  // dside_v: contiguous (B, G, H, D) of q's dtype, the side keys' gradients when neither side_index nor dside_k_into
-  // takes them (written by the dK/dV epilogue with one chunk, else by the finish kernel).
+  // band_bias_kind / side_bias_kind: the caller's tables' dtypes (TableKind). A 16-bit table (fp16 / bf16, what LongT5
+  // models pass) is band_bias_in / side_bias_in (contiguous, that dtype), converted into the float32 workspace that
+  // band_bias / side_bias then point to by longattn's own kernel before any tile kernel reads it (bias_tables.h: the
+  // forward's conversion launch, the backward's delta kernel); nullptr for a float32 table (read in place) or none.
+  // The tile kernels read float32 only: a per-element dtype switch in their score loop cost 15-30 % on an H200. The
+  // finish kernel writes the gradients dband_bias (H, band_width) / dside_bias (H, 2G + 1) (contiguous, the table's
+  // kind) from the partials above. dside_k / dside_v: contiguous (B, G, H, D) of q's dtype, the side keys' gradients
+  // when neither side_index nor dside_k_into takes them (written by the dK/dV epilogue with one chunk, else by the
+  // finish kernel).
   int band_bias_kind, side_bias_kind;
   void* dband_bias;
   void* dside_bias;
   void* dside_k;
   void* dside_v;
+  const void* band_bias_in;
+  const void* side_bias_in;
 };
 
 }  // namespace longattn

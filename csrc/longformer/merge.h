@@ -102,11 +102,13 @@ __device__ __forceinline__ void merge_elements(const RowsParams& p, const Slot& 
       float x[V];
       load_elements<T, V>(parts + c * split_stride + e, x);
 #pragma unroll
-      for (int v = 0; v < V; ++v) acc[v] += w * x[v];
+      for (int v = 0; v < V; ++v) acc[v] = __fmaf_rn(w, x[v], acc[v]);  // one rounding in every kernel (glse's note)
     }
   }
   const bool seen = total > 0.f;
-  if (d0 == 0) *glse = seen ? top + __logf(total) : kInf;
+  // Roundings pinned (never contracted): this body is inlined into rows_merge_kernel and the fused forward, and
+  // __logf(x) = lg2(x) * ln2 followed by the add is an FFMA in one kernel and not in another unless written so.
+  if (d0 == 0) *glse = seen ? __fadd_rn(top, __fmul_rn(__log2f(total), kLn2)) : kInf;
   T* rows = reinterpret_cast<T*>(p.rows) + slot.row_offset;
   if (slot.write) {
 #pragma unroll

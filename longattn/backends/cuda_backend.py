@@ -9,8 +9,9 @@ Kernel design (see csrc/band_side/*.h): flash-attention-2 style tiles of 64 quer
 ``mma.sync.m16n8k16`` + ``ldmatrix`` + ``cp.async`` double buffering, online softmax, lse saved; backward
 as three kernels (delta, dQ per query tile, dK/dV per key tile) and, when partial sums are owed (side keys split over
 query chunks, bias tables), a fourth that sums them in a fixed order and writes the gradients in their dtypes, with no
-atomics and no ATen kernel around them, so gradients are bitwise reproducible; bias tables are read in their own
-dtype. Attention dropout (``dropout_p > 0``) runs in separate instantiations of the same kernels
+atomics and no ATen kernel around them, so gradients are bitwise reproducible; the tile kernels read float32 bias
+tables (a float16 / bfloat16 table converted by a small kernel before the forward's band kernel, and by the backward's
+delta kernel: no ATen cast). Attention dropout (``dropout_p > 0``) runs in separate instantiations of the same kernels
 (``csrc/band_side/dropout.h``: Philox bits of ``longattn._dropout``'s counter layout, regenerated in the
 backward), so ``dropout_p = 0`` runs exactly the dropout-free code. Per-row key ranges (``key_ranges`` /
 ``side_ranges``, the feature ``"ranges"`` of packed variable-length batches) likewise

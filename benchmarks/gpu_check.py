@@ -382,6 +382,10 @@ def add_baselines(merged: dict, earlier: dict, name: str) -> str:
              if (r["kind"] != "longattn" or r["impl"] == "longattn:torch") and r["S"] in seqlens
              and (r["op"], r["S"], r["pass"], r["impl"]) not in have]
     merged["results"] += taken
+    sys.path.insert(0, str(ROOT))
+    from longattn.bench.runner import add_ratios
+
+    add_ratios(merged["results"])  # the kernels' rows against the baselines they now sit beside
     merged["settings"]["baselines"] = sorted({*merged["settings"].get("baselines", []),
                                               *(r["impl"] for r in taken if r["kind"] != "longattn")})
     merged["note"] = (f"The kernels' rows from this run; {len(taken)} baseline and torch-backend rows from {name}, "

@@ -103,11 +103,12 @@ def _run(inputs, tables, dims, dout):
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "one-row"])
 def test_tables_of_every_dtype_are_their_float32_values(dtype, table_dtype, layout):
     """A table of any dtype (``strided``: a transposed view, copied dense first; ``one-row``: S = 1, so the delta
-    kernel's grid (one CTA) is smaller than the tables, 2 x 401 + 2 x 601 entries, and its conversion loop strides)
+    kernel's grid (one CTA) is smaller than the tables, 2 x 1 + 2 x 601 entries, and its conversion loop strides; the
+    window is 0 there: the API takes left, right <= S - 1, which the H200 run of 2026-11-30 caught in this test)
     gives out, lse and the q / k / v / side-key gradients bitwise equal to the call with the same tables upcast to
     float32 (the kernels read the same float32 values; an entry left unconverted would differ), and table gradients in
     the table's dtype: the float32 call's gradients rounded once."""
-    shape = {"S_": 1, "G_": 300, "left": 200, "right": 200} if layout == "one-row" else {}
+    shape = {"S_": 1, "G_": 300, "left": 0, "right": 0} if layout == "one-row" else {}
     inputs, (bb32, sb32), dims, dout = _case(dtype, **shape)
     bb32, sb32 = bb32.to(table_dtype).float(), sb32.to(table_dtype).float()  # values the 16-bit dtype holds exactly
     tables = [t.to(table_dtype) for t in (bb32, sb32)]

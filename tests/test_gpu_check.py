@@ -360,6 +360,7 @@ def test_baselines_from_an_earlier_run_complete_a_kernels_only_run(tmp_path):
     assert [(r["impl"], r["time_ms"]) for r in now["results"]] == [("longattn:cuda", 0.25), ("flex", 0.49),
                                                                     ("longattn:torch", 34.0)]
     assert now["results"][1]["measured_in"] == "2026-11-30T22:02:01 (commit a3ce0e6)"
+    assert now["results"][0]["best_baseline"] == "flex" and now["results"][0]["vs_best_baseline"] == 0.49 / 0.25
     assert now["settings"]["baselines"] == ["flex"] and "old.json" in now["note"]
     other = {**earlier, "device": "cuda:0 H100"}
     assert gc.add_baselines(now, other, "h100.json").startswith("baselines not taken from h100.json: device")

@@ -60,6 +60,15 @@ backward). PERSISTENT (same build, all masks and biases; not timed): each chain 
 from L2 before its barrier and store; the side tile loop has 1220 instructions per tile and no spill (1227
 without), the band loop 1515 with 22 local (spill) loads per tile (1399, none without: the outer loop keeps more
 values live), against 5 band and 128 side tiles per query tile at S = 131072.
+
+Measured since (H200, 2026-11-30, commit dffeee2, Triton 3.6): TGlobal's backward takes 3.382 ms with both tables and
+1.601 ms without, so the tables cost 52.7 % of it, not the 9 % predicted above. The figures above came from a build
+without the launch's argument specialization (scalar 16-bit K/V loads, other register counts). Compiled as the
+launch specializes it (``tests/test_triton_bias_cost.py``), the dQ kernel has 120 registers without the tables (two
+programs per SM) and 255 with both (one per SM). The H200 timings give about 1.8-1.9 warp-instructions per cycle per
+SM at two programs and 0.95-1.2 at one. By that model the extra 1.78 ms splits as: the sums in dQ ~615 us, dQ's fall
+to one program per SM ~580 us, the per-element bias gathers ~140 us in dQ and ~435 us in the dK/dV kernels, the
+reduction ~15 us. The gathers alone (no sums) already take dQ past 128 registers on Triton 3.6.
 """
 
 from __future__ import annotations

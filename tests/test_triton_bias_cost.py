@@ -1,0 +1,113 @@
+"""Static cost of the bias tables in the Triton dQ kernel (issue 12, target 5), from sm_90 code compiled on the CPU.
+
+``tests/test_triton_backend.py::compile_sm90`` compiles without the JIT's argument specialization, so its K/V loads
+are scalar 16-bit loads and its register counts are not the GPU's. Here the kernel is compiled as a launch at
+LongT5 TGlobal's benchmark shape specializes it (B = 1, S = 16384, H = 12, D = 64 bf16, window 127, G = 1024: every
+pointer 16-byte aligned, integers divisible by 16 marked so, GROUP = 1 a constant), and the per-tile loops are read
+from the SASS. The H200 timings of 2026-11-30 (Triton 3.6) divided by these loops' instruction counts give about 1.8-1.9
+warp-instructions per cycle per SM for the attention kernels at two programs per SM (<= 128 registers at 8 warps:
+Longformer's forward and dQ, no tables) and 0.95-1.2 at one (local and TGlobal with tables: dQ 255 registers), so
+crossing 128 registers roughly halves a kernel's throughput before any instruction it adds is counted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+from tests.conftest import needs_triton, run_sm90_compile
+
+pytestmark = needs_triton
+
+_STRIDES = {"": (16384 * 768, 768, 64), "s": (1024 * 768, 768, 64)}  # (B, S, H, D) / (B, G, H, D) contiguous
+_DQ_INTS = dict(stride_ib=0, S=16384, H=12, GROUP=1, G=1024, D=64, left=127, right=127, drop_thresh=0)
+for _names, _kind in (("q k v do o r", ""), ("sk sv", "s")):
+    for _t in _names.split():
+        _DQ_INTS.update(zip((f"stride_{_t}b", f"stride_{_t}s", f"stride_{_t}h"), _STRIDES[_kind]))
+
+
+def compile_specialized(fn, constexprs: dict, ints: dict, warps: int):
+    """``fn`` compiled for sm_90 as a launch with integer arguments ``ints`` specializes it: integers equal to 1
+    become constants, multiples of 16 get the divisibility hint, as does every pointer (16-byte aligned)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tests.test_triton_backend import _POINTER_TYPES
+
+    constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs,
+                  **{n: 1 for n, v in ints.items() if v == 1}}
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name not in ints and (name in _POINTER_TYPES or name[0].isupper()):
+            sig[name], attrs[(i,)] = _POINTER_TYPES.get(name, "*fp32"), [["tt.divisibility", 16]]
+        else:
+            sig[name] = "fp32" if "scale" in name else "i32"
+            if ints.get(name, 1) % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+
+
+def sass_loops(cubin: bytes, min_len: int = 250) -> list[tuple[int, int, int]]:
+    """(instructions, barriers, local-memory accesses) of each loop of at least ``min_len`` instructions (a backward
+    branch and its target), from cuobjdump's SASS of ``cubin``."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in
+           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
+    loops = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
+            if len(body) >= min_len:
+                loops.append((len(body), sum(o.startswith("BAR") for o in body),
+                              sum(o.startswith(("LDL", "STL")) for o in body)))
+    return loops
+
+
+def dq_costs() -> dict:
+    """{variant: (registers, spill bytes stored, shared bytes, programs per SM, loops)} of the dQ kernel at the
+    benchmark's shape, without tables and with both; printed as a table."""
+    from longattn.triton_kernels import _common, band_side
+
+    from tests.test_triton_backend import ptxas_usage
+
+    bm, bn, warps = _common.attention_tiles(64)
+    base = dict(BACKWARD=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, DOT_PREC="tf32", HAS_DROPOUT=False,
+                HAS_KMASK=False, HAS_SMASK=True)
+    out = {}
+    for name, tables, widths in (("no tables", False, (0, 0)), ("both tables", True, (384, 2176))):
+        ints = dict(_DQ_INTS, band_width=widths[0], side_width=widths[1])
+        kernel = compile_specialized(band_side._rows_kernel, dict(base, HAS_BBIAS=tables, HAS_SBIAS=tables), ints,
+                                     warps)
+        regs, spill = map(int, re.search(r"(\d+) registers, spill stores/loads \('(\d+)'", ptxas_usage(
+            kernel.asm["ptx"])).groups())
+        per_sm = min(65536 // (-(-regs // 8) * 8 * 32 * warps), 232448 // (kernel.metadata.shared + 1024))
+        out[name] = (regs, spill, kernel.metadata.shared, per_sm, sass_loops(kernel.asm["cubin"]))
+        print(f"dQ {name}: {regs} registers, {spill} B spilled, {kernel.metadata.shared} B shared, {per_sm} per SM, "
+              f"loops (instructions, barriers, local accesses) {out[name][4]}")
+    return out
+
+
+def check_dq_costs():
+    """No tables: two dQ programs per SM (the tables' register cost is the cliff this guards); with both tables
+    no spill inside the tile loops."""
+    costs = dq_costs()
+    assert costs["no tables"][3] >= 2, costs["no tables"]
+    assert all(local == 0 for _, _, local in costs["both tables"][4]), costs["both tables"]
+
+
+def test_dq_costs_sm90():
+    run_sm90_compile("tests.test_triton_bias_cost:check_dq_costs")

@@ -240,7 +240,7 @@ def ragged_cmd(python: str, outdir: Path) -> list[str]:
             "--json", str(outdir / "bench-ragged.json")]
 
 
-def test_targets(chosen: str | None) -> list[str]:
+def pytest_targets(chosen: str | None) -> list[str]:
     """The tests step's pytest targets: ``chosen`` (a comma list of files or node ids under the root), else tests/."""
     if not chosen:
         return [str(ROOT / "tests")]
@@ -270,7 +270,7 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
         Step("tests", 60, 240, needs_gpu=True,
              cmd=[py, "-m", "pytest", "-q", "-m", "gpu and not slow", "-p", "no:cacheprovider",
                   *(["-n", "4"] if _has_xdist(py) else []), "--junitxml", str(outdir / "pytest.xml"),
-                  *test_targets(args.tests)]),
+                  *pytest_targets(args.tests)]),
         # Correctness before speed: the sanitizer on every kernel right after the tests, so a short budget drops a
         # timing rather than the memory check of kernels that may never have run under it.
         Step("memcheck", 30, 120, needs_gpu=True,
@@ -368,6 +368,12 @@ def merge_bench(outdir: Path) -> dict | None:
     return merged
 
 
+def _longattn_importable() -> None:
+    """Put the checkout first on sys.path: the results helpers import longattn from this tree, installed or not."""
+    if sys.path[0] != str(ROOT):
+        sys.path.insert(0, str(ROOT))
+
+
 def add_baselines(merged: dict, earlier: dict, name: str) -> str:
     """Copy into ``merged`` the rows of ``earlier`` (a saved ops run, file ``name``) that it lacks: the baselines and
     the torch backend at the lengths it measured, each marked ``measured_in``, so a run that timed only the kernels
@@ -382,7 +388,7 @@ def add_baselines(merged: dict, earlier: dict, name: str) -> str:
              if (r["kind"] != "longattn" or r["impl"] == "longattn:torch") and r["S"] in seqlens
              and (r["op"], r["S"], r["pass"], r["impl"]) not in have]
     merged["results"] += taken
-    sys.path.insert(0, str(ROOT))
+    _longattn_importable()
     from longattn.bench.runner import add_ratios
 
     add_ratios(merged["results"])  # the kernels' rows against the baselines they now sit beside
@@ -409,7 +415,7 @@ def collect_results(python: str, outdir: Path, baselines_from: str | None = None
     notes.append("bench.json")
     if merged.get("device_type") != "cuda":
         return "bench.json (CPU run: not saved under benchmarks/results/)"
-    sys.path.insert(0, str(ROOT))
+    _longattn_importable()
     from longattn.bench.cli import results_stem
 
     saved = ROOT / "benchmarks" / "results" / f"{results_stem(merged, merged['settings'])}.json"
@@ -432,7 +438,7 @@ def save_run(run: dict, name: str) -> str:
     not take for the standard shapes' run), takes its file's: ``bench-halo``, ``bench-globals-64``."""
     if run.get("device_type") != "cuda":
         return f"{name} (CPU run: not saved)"
-    sys.path.insert(0, str(ROOT))
+    _longattn_importable()
     from longattn.bench.cli import results_stem
 
     if run["settings"].get("mode") in (None, "ops"):  # saved under its own mode, which the README report never reads
@@ -471,7 +477,7 @@ def save_run_record(record: dict, outdir: Path) -> str:
     (outdir / "gpu-check.json").write_text(json.dumps(record, indent=1) + "\n")
     if not record["device"]:
         return ""
-    sys.path.insert(0, str(ROOT))
+    _longattn_importable()
     from longattn.bench.cli import results_stem
 
     saved = ROOT / "benchmarks" / "results" / f"{results_stem(record, {'mode': 'gpu-check'})}.json"

@@ -1,4 +1,5 @@
-"""``benchmarks/profile_ops.py``'s plumbing on CPU (its figures are GPU kernels; here it lists aten ops)."""
+"""The plumbing of ``benchmarks/profile_ops.py`` (its figures are GPU kernels; here it lists aten ops) and of
+``benchmarks/host_profile.py``'s per-call breakdown, on CPU."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("profile_ops", ROOT / "benchmarks" / "profile_ops.py")
+def _load(name: str = "profile_ops"):
+    """``benchmarks/<name>.py`` as a module (the benchmark scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -47,9 +49,7 @@ def test_cpu_run_lists_each_pass_and_writes_the_run(tmp_path, capsys):
 
 
 def test_host_profile_plumbing_on_cpu(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("host_profile", ROOT / "benchmarks" / "host_profile.py")
-    hp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(hp)
+    hp = _load("host_profile")
     if torch.cuda.is_available():
         import pytest
 
@@ -60,3 +60,71 @@ def test_host_profile_plumbing_on_cpu(tmp_path, capsys):
     assert "aggregate  torch  fwd" in text and "aggregate  torch  fwdbwd" in text
     assert text.count("==== aggregate torch") == 2 and "Ordered by: internal time" in text
     assert "us per call" in capsys.readouterr().out
+
+
+def test_breakdown_times_and_profiles_ops_on_other_threads():
+    """A CUDA op's backward runs on the autograd engine's device thread: the breakdown must time and profile op
+    implementations there too (here a worker thread runs a torch-backend op on CPU), and restore what it wraps."""
+    import threading
+
+    import longattn
+    from longattn import _ops
+
+    hp = _load("host_profile")
+    original = _ops._call
+    q = torch.randn(1, 16, 2, 8, requires_grad=True)
+
+    def call():
+        out = longattn.local_attention(q, q, q, 3, backend="torch")
+        torch.autograd.grad(out.sum(), q)
+
+    breakdown = hp.Breakdown(profile_other_threads=True).install()
+    try:
+        call()
+        assert breakdown.seconds["ops_main"] > 0 and breakdown.seconds["ops_other"] == 0
+        worker = threading.Thread(target=call)
+        worker.start()
+        worker.join()
+        assert breakdown.seconds["ops_other"] > 0
+        if sys.version_info < (3, 12):  # from 3.12 cProfile is process-wide: no per-thread profiler is needed
+            (profiler,) = breakdown.profilers.values()
+            assert any("local" in str(entry.code) or "band_side" in str(entry.code) for entry in profiler.getstats())
+        line = breakdown.line(2, 1e-3)
+        assert "other threads" in line and "missed 0" in line
+    finally:
+        breakdown.uninstall()
+    assert _ops._call is original
+
+
+def count_steady_state_launches():
+    """Child process (no TRITON_INTERPRET; Triton's launch path emulated for sm_90): after a warm-up call, a
+    Triton-backend local fwd+bwd makes its launches from longattn's launch cache, none through Triton's own path."""
+    import longattn
+    from tests.triton_emulation import EmulatedTriton
+
+    hp = _load("host_profile")
+    emulation = EmulatedTriton(record=False).install()
+    breakdown = hp.Breakdown().install()
+    try:
+        q = torch.randn(1, 48, 2, 16, requires_grad=True)
+        bias = torch.randn(2, 11, requires_grad=True)
+
+        def call():
+            out = longattn.local_attention(q, q, q, 5, rel_bias=bias, backend="triton")
+            torch.autograd.grad(out, (q, bias), torch.ones_like(out))
+
+        call()
+        assert breakdown.counts["first"] > 0 and breakdown.counts["jit.run"] == breakdown.counts["first"]
+        breakdown.reset()
+        call()
+        assert breakdown.counts["launch"] >= 3 and breakdown.counts["first"] == 0 and breakdown.counts["jit.run"] == 0
+        assert breakdown.seconds["launch"] > 0
+    finally:
+        breakdown.uninstall()
+        emulation.uninstall()
+
+
+def test_breakdown_counts_cached_and_missed_triton_launches():
+    from tests.conftest import run_sm90_compile
+
+    run_sm90_compile("tests.test_profile_ops:count_steady_state_launches")

@@ -291,8 +291,8 @@ def compile_all_for_sm90():
         for dropout in (False, True):  # HAS_DROPOUT: the Philox keep mask in every attention kernel
             for backward in (False, True):
                 build(band_side._rows_kernel, dict(BACKWARD=backward, **flags, **tiles, HAS_DROPOUT=dropout), warps)
-            # the dQ pass of long sequences (_common.query_programs): runs of query tiles, one bias row each
-            build(band_side._rows_kernel, dict(BACKWARD=True, PERSISTENT=True, **flags, **tiles, HAS_DROPOUT=dropout),
+            # the side dK/dV pass of long sequences (_common.partial_programs): runs of side-key tiles, a bias row each
+            build(band_side._keys_kernel, dict(SIDE=True, PERSISTENT=True, **flags, **tiles, HAS_DROPOUT=dropout),
                   warps)
             for side in (False, True):
                 build(band_side._keys_kernel, dict(SIDE=side, **flags, **tiles, HAS_DROPOUT=dropout), warps)

@@ -1,13 +1,15 @@
-"""Static cost of the bias tables in the Triton dQ kernel (issue 12, target 5), from sm_90 code compiled on the CPU.
+"""Static cost of the bias tables in the Triton backward (issue 12, target 5), from sm_90 code compiled on the CPU.
 
 ``tests/test_triton_backend.py::compile_sm90`` compiles without the JIT's argument specialization, so its K/V loads
-are scalar 16-bit loads and its register counts are not the GPU's. Here the kernel is compiled as a launch at
-LongT5 TGlobal's benchmark shape specializes it (B = 1, S = 16384, H = 12, D = 64 bf16, window 127, G = 1024: every
+are scalar 16-bit loads and its register counts are not the GPU's. Here the kernels are compiled as a launch at
+LongT5 TGlobal's benchmark shape specializes them (B = 1, S = 16384, H = 12, D = 64 bf16, window 127, G = 1024: every
 pointer 16-byte aligned, integers divisible by 16 marked so, GROUP = 1 a constant), and the per-tile loops are read
 from the SASS. The H200 timings of 2026-11-30 (Triton 3.6) divided by these loops' instruction counts give about 1.8-1.9
 warp-instructions per cycle per SM for the attention kernels at two programs per SM (<= 128 registers at 8 warps:
-Longformer's forward and dQ, no tables) and 0.95-1.2 at one (local and TGlobal with tables: dQ 255 registers), so
-crossing 128 registers roughly halves a kernel's throughput before any instruction it adds is counted.
+Longformer's forward and dQ, no tables) and 0.95-1.2 at one (local and TGlobal with tables: dQ then 255 registers), so
+crossing 128 registers roughly halves a kernel's throughput before any instruction it adds is counted. The tables'
+sums by entry now run in the dK/dV kernels (one program per SM with or without them: 166-182 registers), so the dQ
+kernel keeps two programs per SM with both tables; ``check_dq_costs`` guards that.
 """
 
 from __future__ import annotations
@@ -77,36 +79,69 @@ def sass_loops(cubin: bytes, min_len: int = 250) -> list[tuple[int, int, int]]:
     return loops
 
 
+def _usage(kernel, warps: int) -> tuple:
+    """(registers, spill bytes stored, shared bytes, programs per SM, loops) of a compiled kernel."""
+    from tests.test_triton_backend import ptxas_usage
+
+    regs, spill = map(int, re.search(r"(\d+) registers, spill stores/loads \('(\d+)'", ptxas_usage(
+        kernel.asm["ptx"])).groups())
+    per_sm = min(65536 // (-(-regs // 8) * 8 * 32 * warps), 232448 // (kernel.metadata.shared + 1024))
+    return regs, spill, kernel.metadata.shared, per_sm, sass_loops(kernel.asm["cubin"])
+
+
+def _show(name: str, cost: tuple) -> None:
+    print(f"{name}: {cost[0]} registers, {cost[1]} B spilled, {cost[2]} B shared, {cost[3]} per SM, loops "
+          f"(instructions, barriers, local accesses) {cost[4]}")
+
+
 def dq_costs() -> dict:
     """{variant: (registers, spill bytes stored, shared bytes, programs per SM, loops)} of the dQ kernel at the
     benchmark's shape, without tables and with both; printed as a table."""
     from longattn.triton_kernels import _common, band_side
 
-    from tests.test_triton_backend import ptxas_usage
-
     bm, bn, warps = _common.attention_tiles(64)
     base = dict(BACKWARD=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, DOT_PREC="tf32", HAS_DROPOUT=False,
                 HAS_KMASK=False, HAS_SMASK=True)
     out = {}
-    for name, tables, widths in (("no tables", False, (0, 0)), ("both tables", True, (384, 2176))):
-        ints = dict(_DQ_INTS, band_width=widths[0], side_width=widths[1])
-        kernel = compile_specialized(band_side._rows_kernel, dict(base, HAS_BBIAS=tables, HAS_SBIAS=tables), ints,
+    for name, tables in (("no tables", False), ("both tables", True)):
+        kernel = compile_specialized(band_side._rows_kernel, dict(base, HAS_BBIAS=tables, HAS_SBIAS=tables), _DQ_INTS,
                                      warps)
-        regs, spill = map(int, re.search(r"(\d+) registers, spill stores/loads \('(\d+)'", ptxas_usage(
-            kernel.asm["ptx"])).groups())
-        per_sm = min(65536 // (-(-regs // 8) * 8 * 32 * warps), 232448 // (kernel.metadata.shared + 1024))
-        out[name] = (regs, spill, kernel.metadata.shared, per_sm, sass_loops(kernel.asm["cubin"]))
-        print(f"dQ {name}: {regs} registers, {spill} B spilled, {kernel.metadata.shared} B shared, {per_sm} per SM, "
-              f"loops (instructions, barriers, local accesses) {out[name][4]}")
+        out[name] = _usage(kernel, warps)
+        _show(f"dQ {name}", out[name])
+    return out
+
+
+def kv_costs() -> dict:
+    """{(band | side, tables): cost as ``dq_costs``} of the dK/dV kernels at the benchmark's shape, which sum dS by
+    table entry when they have the tables (band rows of 318 columns, side rows of 2049)."""
+    from longattn.triton_kernels import _common, band_side
+
+    bm, bn, warps = _common.attention_tiles(64)
+    out = {}
+    for side in (False, True):
+        n = 1024 if side else 16384
+        ints = {name: v for name, v in _DQ_INTS.items() if name in band_side._keys_kernel.arg_names}
+        ints.update(stride_gb=n * 768, stride_gs=768, stride_gh=64, stride_split=n * 768 if side else 0, N=n,
+                    tiles_per_split=96 if side else 256, part_width=2049 if side else 318)
+        for tables in (False, True):
+            meta = dict(SIDE=side, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, DOT_PREC="tf32", HAS_DROPOUT=False,
+                        HAS_KMASK=False, HAS_SMASK=True, HAS_BBIAS=tables, HAS_SBIAS=tables)
+            kernel = compile_specialized(band_side._keys_kernel, meta, ints, warps)
+            key = ("side" if side else "band", tables)
+            out[key] = _usage(kernel, warps)
+            _show(f"dK/dV {key[0]} keys, {'both tables' if tables else 'no tables'}", out[key])
     return out
 
 
 def check_dq_costs():
-    """No tables: two dQ programs per SM (the tables' register cost is the cliff this guards); with both tables
-    no spill inside the tile loops."""
+    """Two dQ programs per SM with both tables as without (the occupancy the tables cost until the sums moved to
+    the dK/dV kernels); no spill inside the tile loops of the dQ or dK/dV kernels, with or without the tables."""
     costs = dq_costs()
     assert costs["no tables"][3] >= 2, costs["no tables"]
-    assert all(local == 0 for _, _, local in costs["both tables"][4]), costs["both tables"]
+    assert costs["both tables"][3] >= 2, costs["both tables"]
+    kv = kv_costs()
+    for cost in (*costs.values(), *kv.values()):
+        assert all(local == 0 for _, _, local in cost[4]), cost
 
 
 def test_dq_costs_sm90():

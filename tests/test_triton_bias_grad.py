@@ -1,12 +1,12 @@
-"""Bias-table gradients of the Triton backend (summed inside the dQ kernel, ``triton_kernels/bias_grad.py``).
+"""Bias-table gradients of the Triton backend (summed inside the dK/dV kernels, ``triton_kernels/bias_grad.py``).
 
 Against the fp64 oracle with the tolerance rule, on the layouts that take each path of the reduction: band
 tables over windows that are asymmetric, causal, wider than S; side tables whose block ids fit one group per
 query tile (LongT5's ``i // block_len``), tiles mixing padding rows (-1) with far larger ids, and random ids
-(several extra passes per tile); S not a multiple of the tile; plus bitwise determinism. Runs on a GPU or on
-CPU under ``TRITON_INTERPRET=1`` (16 x 16 tiles: a side group spans 16 block ids; dQ programs of about 2 query tiles
-each, ``_common.query_programs``, so the partial rows are accumulated across tiles). Also: one tile per program
-and uneven runs of tiles per program, and the budget rule of the partials at GPU sizes (pure Python).
+(several groups per tile); S not a multiple of the tile; plus bitwise determinism. Runs on a GPU or on CPU under
+``TRITON_INTERPRET=1`` (16 x 16 tiles: a side group spans 16 block ids; side dK/dV programs of about 2 side-key
+tiles each, ``_common.partial_programs``, so a side row takes the sums of several tiles). Also: one side-key tile
+per program and uneven runs of tiles per program, and the budget rule of the partials at GPU sizes (pure Python).
 """
 
 from __future__ import annotations
@@ -83,24 +83,26 @@ def test_non_square_tiles(tiles, monkeypatch):
 
 
 def _spy_programs(monkeypatch, programs=None):
-    """Record (n_tiles, dQ programs per (b, h)) of each backward; ``programs(n_tiles)`` overrides the count."""
+    """Record (side-key tiles, side dK/dV programs per (b, h, chunk)) of each backward; ``programs(n_tiles)``
+    overrides the count."""
     from longattn.triton_kernels import _common, band_side
 
     seen = []
 
-    def query_programs(n_rows, n_tiles, row_bytes, q_bytes, device=None):
-        n = programs(n_tiles) if programs else _common.query_programs(n_rows, n_tiles, row_bytes, q_bytes, device)
+    def partial_programs(n_rows, n_tiles, row_bytes, q_bytes, device=None, *, spent=0):
+        n = programs(n_tiles) if programs else _common.partial_programs(n_rows, n_tiles, row_bytes, q_bytes, device,
+                                                                         spent=spent)
         seen.append((n_tiles, n))
         return n
 
-    monkeypatch.setattr(band_side, "query_programs", query_programs)
+    monkeypatch.setattr(band_side, "partial_programs", partial_programs)
     return seen
 
 
 @pytest.mark.parametrize("name", ["longt5-blocks", "padding-far-below"])
 def test_multi_tile_programs_match_oracle(name, monkeypatch):
-    # The default launch: under the interpreter about 2 query tiles per dQ program (uneven: S = 45 -> 3 tiles in 2
-    # programs, S = 70 -> 5 in 3), padding rows and padded side keys; each row summed across its tiles.
+    # The default launch: under the interpreter about 2 side-key tiles per side dK/dV program (uneven: G = 22 -> 2
+    # tiles in 1 program, G = 70 -> 5 in 3), padding rows and padded side keys; each row summed across its tiles.
     seen = _spy_programs(monkeypatch)
     check_backend_against_oracle(CASES[name](), "triton", torch.float32)
     if INTERPRET:
@@ -109,8 +111,8 @@ def test_multi_tile_programs_match_oracle(name, monkeypatch):
 
 @pytest.mark.parametrize("programs", [lambda n: n, lambda n: 1, lambda n: 2], ids=["one-tile-each", "one", "two"])
 def test_tiles_per_program_match_oracle(programs, monkeypatch):
-    # One tile per program (the kernel without PERSISTENT, as on a GPU for S <= 16384), all tiles in one program,
-    # and runs of 2 and 3 (interpreter: 5 tiles of 16 rows; GPU: 2 of 64).
+    # One side-key tile per program (the kernel without PERSISTENT, as on a GPU for S <= 65536), all tiles in one
+    # program, and runs of 2 and 3 (interpreter: 5 side-key tiles of 16; GPU: 2 of 64).
     seen = _spy_programs(monkeypatch, programs)
     check_backend_against_oracle(CASES["padding-far-below"](), "triton", torch.float32)
     assert len(seen) == 1 and seen[0][1] == programs(seen[0][0])
@@ -118,13 +120,13 @@ def test_tiles_per_program_match_oracle(programs, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET, reason="GPU tile sizes")
-def test_persistent_dq_at_gpu_tiles(monkeypatch):
-    # 64 query tiles of 64 rows in 5 runs of 12-13 per dQ program (PERSISTENT), bf16, LongT5 blocks with a padded
-    # tail: against the oracle, and bitwise equal over two runs.
-    seen = _spy_programs(monkeypatch, lambda n: 5)
+def test_persistent_side_keys_at_gpu_tiles(monkeypatch):
+    # 4 side-key tiles of 64 (G = 256) in 3 runs per side dK/dV program (PERSISTENT), bf16, LongT5 blocks with a
+    # padded tail: against the oracle, and bitwise equal over two runs.
+    seen = _spy_programs(monkeypatch, lambda n: 3)
     case = _longt5_case(1, 4096, 16, [4000], window=(127, 127))
     check_backend_against_oracle(case, "triton", torch.bfloat16)
-    assert seen[0] == (64, 5)
+    assert seen[0] == (4, 3)
     case = case.cast(torch.bfloat16)
     first = grads(case.run("triton"), case.leaves())
     second = grads(case.run("triton"), case.leaves())
@@ -132,29 +134,36 @@ def test_persistent_dq_at_gpu_tiles(monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_query_programs_budget(monkeypatch):
+def test_partial_programs_budget(monkeypatch):
     # Issue 12 target 6: LongT5 TGlobal's bias partials (B = 1, H = 12, D = 64 bf16, W = 255, G = S / 16) on a
-    # 132-SM device. One row per query tile is quadratic in S (1.6 GB at S = 131072); the budget keeps them to a few
-    # percent of the bytes of q, k, v, o, dq, dk, dv above S = 32768, and one tile per program at S = 16384.
-    from longattn.triton_kernels import _common, bias_grad
+    # 132-SM device. The band rows (one per band dK/dV program and head) grow like S; one side row per side-key tile
+    # would be quadratic in S (101 MiB at S = 131072); the budget keeps both to a few percent of the bytes of q, k,
+    # v, o, dq, dk, dv above S = 32768, and one tile per program at S = 16384.
+    from longattn.triton_kernels import _common, band_side, bias_grad
 
     monkeypatch.setattr(_common, "interpreting", lambda: False)
     monkeypatch.setattr(_common, "num_sms", lambda device=None: 132)
-    rule = _common.query_programs.__wrapped__  # uncached: the patched device facts
+    rule = _common.partial_programs.__wrapped__  # uncached: the patched device facts
+    monkeypatch.setattr(band_side, "partial_programs", rule)
     B, H, D = 1, 12, 64
+    meta = dict(BLOCK_M=64, BLOCK_N=64)
     for S in (16384, 65536, 131072, 1 << 20):
-        n_tiles = S // 64
-        row_bytes = 4 * sum(bias_grad.row_widths(True, True, 255, S // 16, 64, 64))
+        G = S // 16
+        q = torch.empty(B, S, H, D, dtype=torch.bfloat16, device="meta")
+        widths = bias_grad.row_widths(True, True, 255, G, 64, 64)
+        band_bytes = 4 * B * H * (S // 64) * widths[0]
+        plan = band_side._side_plan(q, q, G, meta, widths, band_bytes)
+        n_rows = B * H * plan.splits
+        part_bytes = band_bytes + 4 * n_rows * plan.programs * widths[1]
         q_bytes = B * S * H * D * 2
-        programs = rule(B * H, n_tiles, row_bytes, q_bytes)
-        part_bytes = B * H * programs * row_bytes
+        assert plan.tiles == G // 64
         if S == 16384:
-            assert programs == n_tiles  # 30 MiB: the kernel as without persistence
+            assert plan.programs == plan.tiles  # 9 MiB: the kernel as without persistence
         else:
-            assert programs < n_tiles and part_bytes <= 0.05 * 7 * q_bytes
-            assert B * H * programs >= 3 * 132 and B * H * programs % 132 == 0  # busy SMs, whole waves
+            assert plan.programs < plan.tiles and part_bytes <= 0.05 * 7 * q_bytes
+            assert n_rows * plan.programs >= 3 * 132 and n_rows * plan.programs % 132 == 0  # busy SMs, whole waves
         if S == 131072:
-            assert part_bytes <= 64 << 20 < B * H * n_tiles * row_bytes
+            assert part_bytes <= 64 << 20 < band_bytes + 4 * n_rows * plan.tiles * widths[1]
     assert rule(B * H, 2048, 0, 1 << 30) == 2048  # no partials: one tile per program
     monkeypatch.setattr(_common, "interpreting", lambda: True)
     assert rule(B * H, 5, 4, 1) == 3 and rule(B * H, 1, 4, 1) == 1

@@ -97,33 +97,36 @@ def split_count(n_programs: int, n_units: int, device=None, *, waves: int = 4, c
     return max(1, min(n_units, cdiv(waves * num_sms(device), n_programs), cap))
 
 
-# The dQ pass's bias-gradient partials (``bias_grad.partials``) may take this much: a quarter of q's bytes (about 1/28
-# of the memory floor of q, k, v, o and their gradients), and at least _PARTIAL_MIN_BYTES, so that small problems
-# (LongT5 TGlobal at S = 16384, B = 1, H = 12: 30 MiB) keep one query tile per program.
+# The backward's bias-gradient partials (``bias_grad``) may take this much: a quarter of q's bytes (about 1/28 of the
+# memory floor of q, k, v, o and their gradients), and at least _PARTIAL_MIN_BYTES, so that small problems (LongT5
+# TGlobal at S = 16384, B = 1, H = 12: 10 MiB) keep one side-key tile per program.
 _PARTIAL_SHARE = 4
 _PARTIAL_MIN_BYTES = 32 << 20
 
 
 @functools.cache
-def query_programs(n_rows: int, n_tiles: int, row_bytes: int, q_bytes: int, device=None, *, waves: int = 4) -> int:
-    """dQ programs per (b, h) (``band_side._rows_kernel``), each owning one partial row of ``row_bytes`` for its run of
-    consecutive query tiles (with fewer programs than tiles: PERSISTENT, the runs balanced to within one tile), so
-    the partials take ``n_rows * programs * row_bytes`` bytes, ``n_rows = B * H``. A partial row's side columns number
-    2G + L (G ~ S / block length), so one row per query tile would be quadratic in S (LongT5 TGlobal at S = 131072:
-    1.6 GB); the one split heuristic of the dQ pass, next to ``split_count``.
+def partial_programs(n_rows: int, n_tiles: int, row_bytes: int, q_bytes: int, device=None, *, spent: int = 0,
+                     waves: int = 4) -> int:
+    """Programs per row of the grid's other axes (``n_rows`` of them) of a pass whose programs each own one partial
+    row of ``row_bytes`` for a run of consecutive tiles (with fewer programs than ``n_tiles``: PERSISTENT, the runs
+    balanced to within one tile), so the partials take ``n_rows * programs * row_bytes`` bytes: the side-key dK/dV
+    pass (``band_side._keys_kernel`` with SIDE), ``n_rows = B * H * splits``, whose side-bias rows have 2G + L columns
+    (G ~ S / block length), so one row per side-key tile would be quadratic in S (LongT5 TGlobal at S = 131072:
+    101 MiB); the one split heuristic of that pass next to ``split_count``.
 
     ``n_tiles`` (one tile per program, the kernel compiled as without persistence) when their rows fit the budget,
-    ``max(_PARTIAL_MIN_BYTES, q_bytes / _PARTIAL_SHARE)``. Otherwise as many as fit, but never fewer than keep
-    ``waves`` waves of the device's SMs busy (memory then gives way), then rounded down (by at most a quarter) to fill
-    the last wave best: a program holds an SM alone (255 registers x 8 warps on sm_90), and a run of ~30 tiles leaves
-    no later programs to fill a part-empty last wave. Under the interpreter: about 2 tiles per program on multi-tile
-    inputs with partials, so tests cross the accumulate path."""
+    ``max(_PARTIAL_MIN_BYTES, q_bytes / _PARTIAL_SHARE) - spent`` (``spent``: the bytes of the other partials, the
+    band-bias rows). Otherwise as many as fit, but never fewer than keep ``waves`` waves of the device's SMs busy
+    (memory then gives way), then rounded down (by at most a quarter) to fill the last wave best: a program holds an
+    SM alone (over 128 registers x 8 warps on sm_90), and a long run of tiles leaves no later programs to fill a
+    part-empty last wave. Under the interpreter: about 2 tiles per program on multi-tile inputs with partials, so
+    tests cross the accumulate path."""
     if row_bytes == 0 or n_tiles < 2:
         return n_tiles
     if interpreting():
         return cdiv(n_tiles, 2)
-    column = n_rows * row_bytes  # one program per (b, h)
-    budget = max(_PARTIAL_MIN_BYTES, q_bytes // _PARTIAL_SHARE)
+    column = n_rows * row_bytes  # one program per row of the other axes
+    budget = max(_PARTIAL_MIN_BYTES, q_bytes // _PARTIAL_SHARE) - spent
     if n_tiles * column <= budget:
         return n_tiles
     sms = num_sms(device)
@@ -331,6 +334,13 @@ def ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.con
 def kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
     """dK (unscaled) and dV of a key tile accumulated over one query tile (q, do: (BLOCK_M, BLOCK_D); s: its
     float32 scores against the key tile; lse, delta: the rows' statistics). -> (dk, dv)."""
+    dk, dv, _ = kv_grad_ds_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def kv_grad_ds_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``kv_grad_step`` that also returns the tile's float32 dS (the bias-table sums read it). -> (dk, dv, ds)."""
     p = tl.exp2((s - lse[:, None]) * 1.4426950408889634)  # lse = +inf (row outside [0, S), no key): p = 0
     pz = p
     if HAS_DROPOUT:
@@ -341,7 +351,7 @@ def kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT: tl.constexpr, 
         dp = dp * z
     ds = p * (dp - delta[:, None])
     dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
-    return dk, dv
+    return dk, dv, ds
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -2,15 +2,16 @@
 
 Kernels:
 
-- ``_rows_kernel``: one program per (query tile, batch * head) (a backward with large bias partials: per run of
-  consecutive query tiles, ``_common.query_programs``). It walks the key tiles of its band, then the
+- ``_rows_kernel``: one program per (query tile, batch * head). It walks the key tiles of its band, then the
   side-key tiles, in one loop structure; ``BACKWARD`` picks the per-tile step: the online softmax (forward,
-  saving the row log-sum-exp) or the dQ accumulation (backward), which also sums each tile's dS by bias-table
-  entry in registers (``bias_grad``: one float32 partial row per program). Its backward also computes and
-  stores its rows' ``delta = rowsum(dout * out)`` (minus the lse gradient), the row term the dK/dV passes read.
+  saving the row log-sum-exp) or the dQ accumulation (backward). Its backward also computes and stores its rows'
+  ``delta = rowsum(dout * out)`` (minus the lse gradient), the row term the dK/dV passes read.
 - ``_keys_kernel``: one program per (key tile, batch * head), walking the query tiles that see it and
   accumulating dK and dV in registers, so no atomics. With ``SIDE`` its key tile is a side-key tile and it
-  walks its share of the query tiles (each query attends every side key; see ``backward``).
+  walks its share of the query tiles (each query attends every side key; see ``backward``). With a bias table
+  it also sums each (query tile, key tile)'s dS by table entry (``bias_grad``: float32 partial rows, one per
+  (program, head)); the side pass's programs own runs of side-key tiles when one row per tile would not fit
+  ``_common.partial_programs``' budget (PERSISTENT).
 
 The backward's float32 partials (bias-table rows, side keys' dK/dV per query chunk) are summed in a fixed order
 by one launch of ``bias_grad.reduce_partials``: a backward launches at most four kernels and no torch op.
@@ -25,6 +26,8 @@ contiguous float32 (B, H, S).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -47,12 +50,12 @@ from ._common import (
     halo_grad_args,
     halo_row,
     head_dim_block,
-    kv_grad_step,
+    kv_grad_ds_step,
     load_halo_rows,
     load_query_block,
     load_ranges,
     load_rows,
-    query_programs,
+    partial_programs,
     range_arg,
     range_mask,
     range_tiles,
@@ -68,7 +71,7 @@ from ._common import (
 from ._dropout import check_offset, keep_scale_tile
 from ._dropout import kernel_args as _dropout_meta
 from ._launch import cached
-from .bias_grad import chain_add, chain_flush, grouped_column_sums, shifted_column_sums, side_group, zero_fill
+from .bias_grad import chain_add, chain_flush, shifted_column_sums, zero_fill
 
 
 @triton.jit
@@ -98,16 +101,13 @@ def _keep_scale(Rng, bh, rows, n0, drop_thresh, drop_scale, BLOCK_N: tl.constexp
 def _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                DOT_PREC: tl.constexpr):
     """One key tile of a query tile: online-softmax update (forward) or dQ accumulation (backward).
-
-    Returns (m_i, l_i, acc, ds): the backward's dS tile feeds the bias-table sums (the forward's is unused).
-    """
-    ds = s
+    -> (m_i, l_i, acc)."""
     if BACKWARD:
         ds = ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
         acc += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     else:
         m_i, l_i, acc = softmax_step(s, z, v, m_i, l_i, acc, HAS_DROPOUT, DOT_PREC)
-    return m_i, l_i, acc, ds
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -146,43 +146,6 @@ def _side_span(bounds, G, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _side_bias_passes(q, do, lse, delta, qb_ptr, offs_m, S, side_row, side_width, side, G, D, scale, drop, ranges,
-                      HAS_SMASK: tl.constexpr, SIDE_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BIAS_L: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
-                      HAS_RANGES: tl.constexpr, drop_offset, HAS_DOFFSET: tl.constexpr):
-    """Side-bias sums of the rows left out of the side loop's group, whose block ids lie ``SIDE_SPAN`` or more
-    below the tile's largest (e.g. padding rows, qb = -1, in a tile with others): per pass, the next group
-    (``side_group``), its dS recomputed over all side tiles and added into the row. Usually no pass runs.
-    The block ids (and side ranges, ``ranges``: (this batch row's, the tile's bounds)) are reloaded here rather
-    than kept live through the side loop (which would spill); the passes walk the side loop's tiles."""
-    row_ok = offs_m < S
-    qb = load_query_block(qb_ptr, offs_m, row_ok, G)
-    g_begin = 0
-    g_end = G
-    if HAS_RANGES:
-        g_begin, g_end = _side_span(ranges[1], G, BLOCK_N)
-    pending = side_group(qb, row_ok, BIAS_L)[2]
-    while tl.max(pending.to(tl.int32), 0) > 0:
-        qhi, shift, pending = side_group(qb, pending, BIAS_L)
-        tl.debug_barrier()  # the previous pass's stores are visible to every thread
-        carry = tl.zeros([BIAS_L], dtype=tl.float32)
-        for g0 in range(g_begin, g_end, BLOCK_N):
-            k, v, s = _side_tile(q, g0, *side, G, D, scale, True, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
-                                 DOT_PREC)
-            if HAS_RANGES:
-                s = range_mask(s, g0 + tl.arange(0, BLOCK_N)[None, :], *load_ranges(ranges[0], offs_m, row_ok, G))
-            z = s
-            if HAS_DROPOUT:
-                z = _keep_scale(drop[0], drop[1], offs_m, g0, drop[2], drop[3], BLOCK_N, True, True, drop_offset,
-                                HAS_DOFFSET)
-            ds = ds_tile(s, z, v, do, lse, delta, HAS_DROPOUT, DOT_PREC)
-            sums = grouped_column_sums(ds, shift, BIAS_L, DOT_PREC)
-            carry = chain_add(carry, sums, side_row, G - qhi + g0, side_width, BLOCK_N, True)
-        last = G - qhi + g_begin + (tl.cdiv(g_end - g_begin, BLOCK_N) - 1) * BLOCK_N
-        chain_flush(carry, side_row, last, side_width, BLOCK_N, True)
-
-
-@triton.jit
 def _row_delta(do, o_base, offs_m, S, stride_os, offs_d, D, lse, DLse, stat_ptrs, HAS_DLSE: tl.constexpr):
     """(BLOCK_M,) float32 ``delta = <do, out>`` of rows ``offs_m`` (0 past S), the softmax-backward row term.
 
@@ -209,12 +172,11 @@ def _slot_row(band_ptr, pos_ptr, used_ptr, rows, row_ok, real, G):
 
 @triton.jit
 def _rows_kernel(
-    Q, K, V, SK, SV, DO, Out, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias, Part, SIdx, QMask,
+    Q, K, V, SK, SV, DO, Out, Res, Lse, Delta, KMask, SMask, QBlock, BBias, SBias, SIdx, QMask,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_skb, stride_sks, stride_skh, stride_svb, stride_svs, stride_svh,
     stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, stride_rb, stride_rs, stride_rh, stride_ib,
-    S, H, GROUP, G, D, left, right, scale, band_width, side_width, Rng, drop_thresh, drop_scale, KRange, SRange,
-    TBounds,
+    S, H, GROUP, G, D, left, right, scale, Rng, drop_thresh, drop_scale, KRange, SRange, TBounds,
     BACKWARD: tl.constexpr, HAS_KMASK: tl.constexpr, HAS_SMASK: tl.constexpr, HAS_BBIAS: tl.constexpr,
     HAS_SBIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr, SIDE_INDEX: tl.constexpr = False,
@@ -227,7 +189,7 @@ def _rows_kernel(
     stride_qgs=None, stride_qgh=None, stride_kgb=None, stride_kgs=None, stride_kgh=None, stride_vgb=None,
     stride_vgs=None, stride_vgh=None, GLse=None, PartO=None, PartL=None, Counter=None, GKMask=None, GKRange=None,
     GTBounds=None, keys_per_split=None, splits=None, HAS_GKMASK: tl.constexpr = False,
-    HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16, PERSISTENT: tl.constexpr = False,
+    HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Out, Lse, writes Delta) of one query tile.
 
@@ -235,15 +197,10 @@ def _rows_kernel(
     float32 (B, H, S) like Lse) and stores it into Delta (float32 (B, H, S)) for the dK/dV passes launched after
     it: the query tiles of the grid cover every row [0, S) of every (b, h), and no program returns early.
 
-    The backward with a bias table also writes this program's row of bias-gradient partial sums into Part
-    (``bias_grad``: band_width + side_width float32 columns per (b, program, h)). Grouped-query attention:
-    K, V, SK, SV have ``H // GROUP`` heads; query head h reads K/V head ``h // GROUP``.
-
-    PERSISTENT (backward with bias tables; ``_common.query_programs``): fewer query programs P than tiles; program p
-    of axis 0 (after any lead programs) owns query tiles ``[p * n / P, (p + 1) * n / P)`` (n = cdiv(S, BLOCK_M),
-    rounded down) and one bias row for all of them: zeroed first, then each tile adds its sums into it (``bias_grad``'s
-    ACCUMULATE stores), so the partials hold one row per program, not per tile. Off, a program is one query tile,
-    compiled as before.
+    The bias tables' gradients are not summed here (the dK/dV passes do it, ``bias_grad``): with or without the
+    tables the dQ kernel stays within 128 registers at 8 warps on sm_90 (two programs per SM; the cost test,
+    ``tests/test_triton_bias_cost.py``). Grouped-query attention: K, V, SK, SV have ``H // GROUP`` heads; query
+    head h reads K/V head ``h // GROUP``.
 
     SIDE_INDEX: SK, SV are (B, S, H // GROUP, D) (the band K, V) and side key g of batch row b is row
     ``SIdx[b, g]`` (rows ``stride_ib`` apart), read in place. Forward only: with HAS_QMASK rows i where
@@ -297,179 +254,133 @@ def _rows_kernel(
         pid_m -= n_lead
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    first = pid_m  # this program's query tiles: [first, first + n_own)
-    n_own = 1
-    n_programs = n_tiles
-    if PERSISTENT:  # one bias row for n_own tiles: zeroed here, every tile adds its sums into it (ACCUMULATE)
-        n_tiles = tl.cdiv(S, BLOCK_M)
-        first = (pid_m.to(tl.int64) * n_tiles // n_programs).to(tl.int32)  # runs balanced to within one tile
-        n_own = ((pid_m + 1).to(tl.int64) * n_tiles // n_programs).to(tl.int32) - first
-        zero_fill(Part + ((b * n_programs + pid_m) * H + h) * (band_width + side_width), 0, band_width + side_width,
-                  1024)
-    # n_own = 1 (not PERSISTENT): a constant trip count of 1, folded away: the kernel is compiled as without the loop.
-    # disable_licm: the tile-invariant values stay inside the loop (hoisted out, live through all of it, they cost
-    # sm_90 D = 64 without dropout 604 bytes of spill stores against 272, the side-key loop's among them).
-    for j in tl.range(0, n_own, disable_licm=True):
-        m_tile = first + j
-        if PERSISTENT:
-            tl.debug_barrier()  # the zero fill's and the previous tile's stores are visible to every thread
-        m0 = m_tile * BLOCK_M
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        rows = offs_m[:, None]
-        row_ok = offs_m < S
+    m_tile = pid_m
+    m0 = m_tile * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m[:, None]
+    row_ok = offs_m < S
+    # With a bias table the tile loops keep their loop-invariant values inside (no LICM): hoisted, the tables'
+    # index tensors stay live through the loop (sm_90 D = 64, LongT5 shape: the dQ kernel 144 registers against
+    # 128, one program per SM instead of two; see tests/test_triton_bias_cost.py). Off, the loops compile as before.
+    NO_LICM: tl.constexpr = BACKWARD and (HAS_BBIAS or HAS_SBIAS)
 
-        q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), offs_m, S, stride_qs, offs_d, D)
-        pid_kv = kv_program(pid_bh, H, GROUP)
-        k_base = K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh)
-        v_base = V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh)
-        stat_ptrs = pid_bh.to(tl.int64) * S + offs_m  # (B, H, S) contiguous statistics
-        do = q  # unused in the forward
-        lse = tl.zeros([BLOCK_M], dtype=tl.float32)
-        delta = lse
-        if BACKWARD:
-            do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
-            lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))
-            delta = _row_delta(do, Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), offs_m, S, stride_os,
-                               offs_d, D, lse, DLse, stat_ptrs, HAS_DLSE)
-            tl.store(Delta + stat_ptrs, delta, mask=row_ok)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        BIAS_L: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # bias_grad's skewed tile width
-        bias_row = Part + ((b * n_programs + pid_m) * H + h) * (band_width + side_width)  # this program's row
+    q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), offs_m, S, stride_qs, offs_d, D)
+    pid_kv = kv_program(pid_bh, H, GROUP)
+    k_base = K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh)
+    v_base = V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh)
+    stat_ptrs = pid_bh.to(tl.int64) * S + offs_m  # (B, H, S) contiguous statistics
+    do = q  # unused in the forward
+    lse = tl.zeros([BLOCK_M], dtype=tl.float32)
+    delta = lse
+    if BACKWARD:
+        do = load_rows(DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh), offs_m, S, stride_dos, offs_d, D)
+        lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))
+        delta = _row_delta(do, Out + batch_head_offset(pid_bh, H, stride_ob, stride_oh), offs_m, S, stride_os,
+                           offs_d, D, lse, DLse, stat_ptrs, HAS_DLSE)
+        tl.store(Delta + stat_ptrs, delta, mask=row_ok)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
-        # reachable keys [key_lo, key_hi)).
-        n_start = m0 - left
-        halo = None
+    # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
+    # reachable keys [key_lo, key_hi)).
+    n_start = m0 - left
+    halo = None
+    if HAS_HALO:
+        hk_base = HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh)
+        hv_base = HV + batch_head_offset(pid_kv, H // GROUP, stride_hvb, stride_hvh)
+        halo = (key_lo, key_hi, HMask + b * n_halo, halo_left)
+        t_lo = tl.maximum(0, key_lo - n_start) // BLOCK_N
+        t_hi = (tl.minimum(key_hi - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+    else:
+        t_lo = tl.maximum(0, -n_start) // BLOCK_N
+        t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
+    bounds = TBounds + (b * n_tiles + m_tile) * 8  # this tile's row of _common.tile_bounds
+    if HAS_KRANGES:
+        t_lo, t_hi = range_tiles(t_lo, t_hi, n_start, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
+        cover_lo, cover_hi = tl.load(bounds + 2), tl.load(bounds + 3)
+    # With a halo, a query tile whose band stays inside [0, S) runs today's loop (part 0: plain loads, no halo
+    # mask); one reaching outside (those within left / right of the ends) walks its tiles reading through the halo
+    # (part 1).
+    # Two loops, one of them empty, rather than one with a per-tile branch or select: the loads stay pipelined and
+    # today's loop keeps its instructions (sm_90 SASS, D = 64, all masks and biases: forward 713 -> 717 per tile,
+    # dQ without spills inside either loop; the halo loop first spilled inside both).
+    for part in tl.static_range(2 if HAS_HALO else 1):
+        t_begin = t_lo
+        t_end = t_hi
         if HAS_HALO:
-            hk_base = HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh)
-            hv_base = HV + batch_head_offset(pid_kv, H // GROUP, stride_hvb, stride_hvh)
-            halo = (key_lo, key_hi, HMask + b * n_halo, halo_left)
-            t_lo = tl.maximum(0, key_lo - n_start) // BLOCK_N
-            t_hi = (tl.minimum(key_hi - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
-        else:
-            t_lo = tl.maximum(0, -n_start) // BLOCK_N
-            t_hi = (tl.minimum(S - 1, m0 + BLOCK_M - 1 + right) - n_start) // BLOCK_N + 1
-        bounds = TBounds + (b * n_tiles + m_tile) * 8  # this tile's row of _common.tile_bounds
-        if HAS_KRANGES:
-            t_lo, t_hi = range_tiles(t_lo, t_hi, n_start, tl.load(bounds), tl.load(bounds + 1), BLOCK_N)
-            cover_lo, cover_hi = tl.load(bounds + 2), tl.load(bounds + 3)
-        if BACKWARD and HAS_BBIAS:  # band entry t = tt * BLOCK_N + c - r in tile tt: column tt * BLOCK_N + c + shift
-            band_shift = (BLOCK_M - 1) - tl.arange(0, BLOCK_M)
-            if not PERSISTENT:
-                zero_fill(bias_row, 0, t_lo * BLOCK_N, BLOCK_N)
-            carry = tl.zeros([BIAS_L], dtype=tl.float32)
-        # With a halo, a query tile whose band stays inside [0, S) runs today's loop (part 0: plain loads, no halo
-        # mask); one reaching outside (those within left / right of the ends) walks its tiles reading through the halo
-        # (part 1).
-        # Two loops, one of them empty, rather than one with a per-tile branch or select: the loads stay pipelined and
-        # today's loop keeps its instructions (sm_90 SASS, D = 64, all masks and biases: forward 713 -> 717 per tile,
-        # dQ without spills inside either loop; the halo loop first spilled inside both).
-        for part in tl.static_range(2 if HAS_HALO else 1):
-            t_begin = t_lo
-            t_end = t_hi
-            if HAS_HALO:
-                reach_out = (n_start < 0) | (m0 + BLOCK_M - 1 + right >= S)
-                if part == 0:
-                    t_end = tl.where(reach_out, t_lo, t_hi)
-                else:
-                    t_begin = tl.where(reach_out, t_lo, t_hi)
-            for t in range(t_begin, t_end):
-                n0 = n_start + t * BLOCK_N
-                cols = n0 + offs_n
-                if HAS_HALO and part == 1:
-                    k = load_halo_rows(k_base, hk_base, cols, S, stride_ks, stride_hks, halo, offs_d, D, HALO_ALIGN)
-                    v = load_halo_rows(v_base, hv_base, cols, S, stride_vs, stride_hvs, halo, offs_d, D, HALO_ALIGN)
-                else:
-                    k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
-                    v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
-                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-                edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
-                s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
-                                KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO and part == 1, HAS_HMASK)
-                if HAS_KRANGES:
-                    s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
-                                      BLOCK_N)
-                z = s
-                if HAS_DROPOUT:  # band tiles start at m0 - left: any alignment
-                    z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, False, False,
-                                    drop_offset, HAS_DOFFSET)
-                m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
-                                               DOT_PREC)
-                if BACKWARD and HAS_BBIAS:
-                    carry = chain_add(carry, shifted_column_sums(ds, band_shift, BIAS_L), bias_row, t * BLOCK_N,
-                                      band_width, BLOCK_N, PERSISTENT)
-        if BACKWARD and HAS_BBIAS:
-            chain_flush(carry, bias_row, (t_hi - 1) * BLOCK_N, band_width, BLOCK_N, PERSISTENT)
-            if not PERSISTENT:
-                zero_fill(bias_row, (t_hi - 1) * BLOCK_N + BIAS_L, band_width, BLOCK_N)
+            reach_out = (n_start < 0) | (m0 + BLOCK_M - 1 + right >= S)
+            if part == 0:
+                t_end = tl.where(reach_out, t_lo, t_hi)
+            else:
+                t_begin = tl.where(reach_out, t_lo, t_hi)
+        for t in tl.range(t_begin, t_end, disable_licm=NO_LICM):
+            n0 = n_start + t * BLOCK_N
+            cols = n0 + offs_n
+            if HAS_HALO and part == 1:
+                k = load_halo_rows(k_base, hk_base, cols, S, stride_ks, stride_hks, halo, offs_d, D, HALO_ALIGN)
+                v = load_halo_rows(v_base, hv_base, cols, S, stride_vs, stride_hvs, halo, offs_d, D, HALO_ALIGN)
+            else:
+                k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
+                v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
+            s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
+                            KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO and part == 1, HAS_HMASK)
+            if HAS_KRANGES:
+                s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
+                                  BLOCK_N)
+            z = s
+            if HAS_DROPOUT:  # band tiles start at m0 - left: any alignment
+                z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, False, False,
+                                drop_offset, HAS_DOFFSET)
+            m_i, l_i, acc = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT, DOT_PREC)
 
-        # Side keys: extra tiles of the same loop (always masked: g < G and side_mask).
-        qb = tl.zeros([BLOCK_M], dtype=tl.int32)
-        if HAS_SBIAS:
-            qb = load_query_block(QBlock + b * S, offs_m, row_ok, G)
-        sk_base = SK + batch_head_offset(pid_kv, H // GROUP, stride_skb, stride_skh)
-        sv_base = SV + batch_head_offset(pid_kv, H // GROUP, stride_svb, stride_svh)
-        side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G,
-                SIdx + b * stride_ib, S if SIDE_INDEX else G)
-        side_row = bias_row + band_width
-        if G > 0:
-            g_begin = 0  # side tiles [g_begin, g_end) in steps of BLOCK_N
-            g_end = G
-            if HAS_SRANGES:
-                g_begin, g_end = _side_span(bounds, G, BLOCK_N)
-            if BACKWARD and HAS_SBIAS:  # side entry g - qb + G: column (G - qhi + g0) + c + shift (see bias_grad)
-                qhi, side_shift, _ = side_group(qb, row_ok, BIAS_L)
-                if not PERSISTENT:
-                    zero_fill(side_row, 0, tl.minimum(G - qhi + g_begin, side_width), BLOCK_N)
-                carry = tl.zeros([BIAS_L], dtype=tl.float32)
-            for g0 in range(g_begin, g_end, BLOCK_N):
-                k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
-                                     DOT_PREC)
-                if HAS_SRANGES:  # every side tile masked: a cover test here costs the dQ kernel's bias sums spills
-                    s = range_mask(s, (g0 + offs_n)[None, :], *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
-                z = s
-                if HAS_DROPOUT:
-                    z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True, drop_offset,
-                                    HAS_DOFFSET)
-                m_i, l_i, acc, ds = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT,
-                                               DOT_PREC)
-                if BACKWARD and HAS_SBIAS:
-                    sums = grouped_column_sums(ds, side_shift, BIAS_L, DOT_PREC)
-                    carry = chain_add(carry, sums, side_row, G - qhi + g0, side_width, BLOCK_N, PERSISTENT)
-            if BACKWARD and HAS_SBIAS:
-                last = G - qhi + g_begin + (tl.cdiv(g_end - g_begin, BLOCK_N) - 1) * BLOCK_N  # the last tile's column
-                chain_flush(carry, side_row, last, side_width, BLOCK_N, PERSISTENT)
-                if not PERSISTENT:
-                    zero_fill(side_row, last + BIAS_L, side_width, BLOCK_N)
+    # Side keys: extra tiles of the same loop (always masked: g < G and side_mask).
+    qb = tl.zeros([BLOCK_M], dtype=tl.int32)
+    if HAS_SBIAS:
+        qb = load_query_block(QBlock + b * S, offs_m, row_ok, G)
+    sk_base = SK + batch_head_offset(pid_kv, H // GROUP, stride_skb, stride_skh)
+    sv_base = SV + batch_head_offset(pid_kv, H // GROUP, stride_svb, stride_svh)
+    side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G,
+            SIdx + b * stride_ib, S if SIDE_INDEX else G)
+    if G > 0:
+        g_begin = 0  # side tiles [g_begin, g_end) in steps of BLOCK_N
+        g_end = G
+        if HAS_SRANGES:
+            g_begin, g_end = _side_span(bounds, G, BLOCK_N)
+        for g0 in tl.range(g_begin, g_end, BLOCK_N, disable_licm=NO_LICM):
+            k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
+                                 DOT_PREC)
+            if HAS_SRANGES:  # every side tile masked
+                s = range_mask(s, (g0 + offs_n)[None, :], *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
+            z = s
+            if HAS_DROPOUT:
+                z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True, drop_offset,
+                                HAS_DOFFSET)
+            m_i, l_i, acc = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT, DOT_PREC)
 
-        res_base = Res + batch_head_offset(pid_bh, H, stride_rb, stride_rh)
-        if BACKWARD:
-            store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
-            if HAS_SBIAS:  # after dq's store: acc's registers are free for these (usually absent) passes
-                _side_bias_passes(q, do, lse, delta, QBlock + b * S, offs_m, S, side_row, side_width, side, G, D, scale,
-                                  (Rng, pid_bh, drop_thresh, drop_scale), (SRange + b * 2 * S, bounds), HAS_SMASK,
-                                  SIDE_INDEX, BLOCK_N, BLOCK_D, BIAS_L, HAS_DROPOUT, DOT_PREC, HAS_SRANGES, drop_offset,
-                                  HAS_DOFFSET)
-        else:
-            has_key = l_i > 0.0
-            out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
-            out_rows = offs_m
-            real = row_ok
-            if HAS_QMASK:
-                real = tl.load(QMask + b * S + offs_m, mask=row_ok, other=0) != 0
-                out = tl.where(real[:, None], out, 0.0)
-            if GLOBAL_ROWS:  # a used slot's row is the global rows' (combine_when_last): not stored here
-                slot = _slot_row(KMask + b * S, SIdx + b * stride_ib, SMask + b * G, offs_m, row_ok, real, G)
-                out_rows = tl.where(slot, -1, offs_m)
-            store_rows(res_base, out, out_rows, S, stride_rs, offs_d, D)
-            row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
-            if KMASK_ROWS:
-                row_lse = tl.where(tl.load(KMask + b * S + offs_m, mask=row_ok, other=0) != 0, row_lse, float("inf"))
-            tl.store(Lse + stat_ptrs, row_lse, mask=row_ok)
+    res_base = Res + batch_head_offset(pid_bh, H, stride_rb, stride_rh)
+    if BACKWARD:
+        store_rows(res_base, acc * scale, offs_m, S, stride_rs, offs_d, D)
+    else:
+        has_key = l_i > 0.0
+        out = acc / tl.where(has_key, l_i, 1.0)[:, None]  # a row with no key has acc = 0: out = 0
+        out_rows = offs_m
+        real = row_ok
+        if HAS_QMASK:
+            real = tl.load(QMask + b * S + offs_m, mask=row_ok, other=0) != 0
+            out = tl.where(real[:, None], out, 0.0)
+        if GLOBAL_ROWS:  # a used slot's row is the global rows' (combine_when_last): not stored here
+            slot = _slot_row(KMask + b * S, SIdx + b * stride_ib, SMask + b * G, offs_m, row_ok, real, G)
+            out_rows = tl.where(slot, -1, offs_m)
+        store_rows(res_base, out, out_rows, S, stride_rs, offs_d, D)
+        row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("inf"))
+        if KMASK_ROWS:
+            row_lse = tl.where(tl.load(KMask + b * S + offs_m, mask=row_ok, other=0) != 0, row_lse, float("inf"))
+        tl.store(Lse + stat_ptrs, row_lse, mask=row_ok)
 
 
 @triton.jit
@@ -490,6 +401,7 @@ def _keys_kernel(
     stride_qgh=None, stride_kgb=None, stride_kgs=None, stride_kgh=None, stride_vgb=None, stride_vgs=None,
     stride_vgh=None, stride_ob=None, stride_os=None, stride_oh=None, HAS_GKMASK: tl.constexpr = False,
     HAS_GRANGES: tl.constexpr = False, ZERO_DQG: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
+    Part=None, part_width=None, PERSISTENT: tl.constexpr = False,
 ):
     """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles.
 
@@ -502,6 +414,16 @@ def _keys_kernel(
     Grouped-query attention: K, V, DK, DV have ``H // GROUP`` heads and a program owns one (batch, K/V head);
     it walks the query tiles of each of the GROUP query heads reading that K/V head (one flat loop over
     (head, tile)), summing their dK/dV in registers: deterministic, no atomics, no repeated K/V.
+
+    With the band table (HAS_BBIAS; band keys) or the side table (HAS_SBIAS; SIDE) and ``Part``: each (query tile,
+    key tile)'s dS summed by table entry (``bias_grad``) into this program's rows of Part, contiguous float32
+    (splits, B, programs, H, part_width) (band: splits = 1), one row per query head of its group, zeroed first. The
+    band walk then runs from the last query tile down, so that the entries' base rises by BLOCK_M per tile
+    (``chain_add``, the carry reset at each head); the side sums are read-added-written per tile (``side_entry_sums``).
+    PERSISTENT (side keys; ``_common.partial_programs``): fewer programs P along axis 0 than side-key tiles; program
+    p owns tiles ``[p * n / P, (p + 1) * n / P)`` (n = cdiv(G, BLOCK_N), rounded down), walked in order, one row per
+    head for all of them. Off, a program is one key tile, compiled as before. The dQ kernel has no sums: it keeps two
+    programs per SM with the tables (``tests/test_triton_bias_cost.py``).
 
     HAS_RANGES: ``Ranges`` (contiguous int32 (B, S, 2)) holds each query row's band key range, or with SIDE its
     side key range. The query tiles at either end of the walk whose rows' ranges all miss this key tile are
@@ -521,127 +443,165 @@ def _keys_kernel(
     With GLOBAL_SEPARATE the global keys are KG, VG's: their sums go to DKG, DVG instead. With ZERO_DQG the tile's
     rows of DQG (a new dq of a separate QG, DK's layout) are zeroed for the reduction to add the global rows into.
     """
-    pid_n = tl.program_id(0)
+    pid_p = tl.program_id(0)
     pid_kv = tl.program_id(1)  # (batch, K/V head)
     b = (pid_kv // (H // GROUP)).to(tl.int64)
     pid_q0 = b * H + (pid_kv % (H // GROUP)) * GROUP  # its first query head's (batch, head) program index
-    n0 = pid_n * BLOCK_N
-    halo = None
-    if HAS_HALO:  # this tile's part of the keys: [part_lo, part_hi), the S keys' or a halo part
-        th = pid_n - tl.cdiv(N, BLOCK_N)  # >= 0: a halo tile
-        n_left = tl.cdiv(halo_left, BLOCK_N)
-        part_lo = tl.where(th < 0, 0, tl.where(th < n_left, -halo_left, S))
-        part_hi = tl.where(th < 0, S, tl.where(th < n_left, 0, S + n_halo - halo_left))
-        # Halo tiles start at multiples of 4: the left part's first up to 3 keys before -halo_left, the right part's
-        # up to 3 before S (keys outside the part: not loaded, not stored), so the dropout bits take the aligned
-        # path (one Philox call per 4 keys) on every tile. ``_common.halo_grad_args`` counts them alike.
-        n0 = tl.where(th < 0, n0, tl.where(th < n_left, th * BLOCK_N - (halo_left + 3) // 4 * 4,
-                                            S // 4 * 4 + (th - n_left) * BLOCK_N))
-        halo = (tl.maximum(key_lo, part_lo), tl.minimum(key_hi, part_hi), HMask + b * n_halo, halo_left)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    if HAS_HALO:
-        k = load_halo_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh),
-                           HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh), offs_n, S, stride_ks,
-                           stride_hks, halo, offs_d, D, HALO_ALIGN)
-        v = load_halo_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh),
-                           HV + batch_head_offset(pid_kv, H // GROUP, stride_hvb, stride_hvh), offs_n, S, stride_vs,
-                           stride_hvs, halo, offs_d, D, HALO_ALIGN)
-    else:
-        kv_rows = side_rows(SIdx + b * stride_ib, offs_n, G, SIDE and SIDE_INDEX)
-        n_kv = S if SIDE and SIDE_INDEX else N
-        k = load_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh), kv_rows, n_kv, stride_ks,
-                      offs_d, D)
-        v = load_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh), kv_rows, n_kv, stride_vs,
-                      offs_d, D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    if SIDE:  # every query attends every side key: this program's chunk of all query tiles
-        m_start = 0
-        t_lo = tl.program_id(2) * tiles_per_split
-        t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(S, BLOCK_M))
-    else:  # queries i with i - left <= j <= i + right for some key j of the tile, as tiles from n0 - right
-        m_start = n0 - right
-        t_lo = tl.maximum(0, -m_start) // BLOCK_M
-        t_hi = (tl.minimum(S - 1, n0 + BLOCK_N - 1 + left) - m_start) // BLOCK_M + 1
-        if HAS_HALO:  # a tile of halo keys no query reaches: no query tile (its dK, dV rows are zeros)
-            t_hi = tl.where((n0 + BLOCK_N <= halo[0]) | (n0 >= halo[1]), t_lo, t_hi)
-    if HAS_RANGES:
-        range_ptr = Ranges + b * 2 * S
-        t_lo, t_hi = trim_row_tiles(range_ptr, t_lo, t_hi, m_start, S, n0, n0 + BLOCK_N, N, BLOCK_M)
-    n_t = t_hi - t_lo
-    for it in range(0, GROUP * n_t):  # query head it // n_t of the group, its query tile t_lo + it % n_t
-        pid_bh = pid_q0 + it // n_t
-        h = pid_bh % H
-        q_base = Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh)
-        do_base = DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh)
-        t = t_lo + it % n_t
-        m0 = m_start + t * BLOCK_M
-        rows = m0 + offs_m
-        row_ok = (rows >= 0) & (rows < S)
-        q = load_rows(q_base, rows, S, stride_qs, offs_d, D)
-        do = load_rows(do_base, rows, S, stride_dos, offs_d, D)
-        stat_ptrs = pid_bh.to(tl.int64) * S + rows
-        lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))  # rows outside [0, S): p = 0
-        delta = tl.load(Delta + stat_ptrs, mask=row_ok, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-        if SIDE:
-            qblock = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
-            if HAS_SBIAS:
-                qblock = load_query_block(QBlock + b * S, rows, row_ok, G)[:, None]
-            s = side_scores(qk, qblock, offs_n[None, :], G, scale, SBias + h * (2 * G + 1), SMask + b * G,
-                            HAS_SBIAS, HAS_SMASK)
+    # This pass sums dS by a table's entries into Part (given with the table; None compiles the sums out).
+    SUMS: tl.constexpr = (HAS_SBIAS if SIDE else HAS_BBIAS) and Part is not None
+    BIAS_L: tl.constexpr = 2 * BLOCK_M if BLOCK_M >= BLOCK_N else 2 * BLOCK_N  # bias_grad's skewed tile width
+    rows_ptr = Part
+    if SUMS:  # the rows of this program's GROUP heads, contiguous in Part (splits, B, programs, H, part_width)
+        n_batch = tl.num_programs(1) // (H // GROUP)
+        rows_ptr = Part + (((tl.program_id(2) * n_batch + b) * tl.num_programs(0) + pid_p) * H +
+                           (pid_q0 - b * H)) * part_width
+        zero_fill(rows_ptr, 0, GROUP * part_width, 1024)
+        tl.debug_barrier()  # the zeros are visible to every thread before the sums' stores
+    first = pid_p  # this program's key tiles: [first, first + n_own)
+    n_own = 1
+    if PERSISTENT:  # (side keys) one row per head for n_own tiles: each adds its sums into it
+        n_key_tiles = tl.cdiv(N, BLOCK_N)
+        first = (pid_p.to(tl.int64) * n_key_tiles // tl.num_programs(0)).to(tl.int32)  # balanced to within one tile
+        n_own = ((pid_p + 1).to(tl.int64) * n_key_tiles // tl.num_programs(0)).to(tl.int32) - first
+    # n_own = 1 (not PERSISTENT): a constant trip count of 1, folded away: the kernel is compiled as without the loop.
+    for j in tl.range(0, n_own, disable_licm=True):
+        pid_n = first + j
+        n0 = pid_n * BLOCK_N
+        halo = None
+        if HAS_HALO:  # this tile's part of the keys: [part_lo, part_hi), the S keys' or a halo part
+            th = pid_n - tl.cdiv(N, BLOCK_N)  # >= 0: a halo tile
+            n_left = tl.cdiv(halo_left, BLOCK_N)
+            part_lo = tl.where(th < 0, 0, tl.where(th < n_left, -halo_left, S))
+            part_hi = tl.where(th < 0, S, tl.where(th < n_left, 0, S + n_halo - halo_left))
+            # Halo tiles start at multiples of 4: the left part's first up to 3 keys before -halo_left, the right part's
+            # up to 3 before S (keys outside the part: not loaded, not stored), so the dropout bits take the aligned
+            # path (one Philox call per 4 keys) on every tile. ``_common.halo_grad_args`` counts them alike.
+            n0 = tl.where(th < 0, n0, tl.where(th < n_left, th * BLOCK_N - (halo_left + 3) // 4 * 4,
+                                                S // 4 * 4 + (th - n_left) * BLOCK_N))
+            halo = (tl.maximum(key_lo, part_lo), tl.minimum(key_hi, part_hi), HMask + b * n_halo, halo_left)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        if HAS_HALO:
+            k = load_halo_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh),
+                               HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh), offs_n, S, stride_ks,
+                               stride_hks, halo, offs_d, D, HALO_ALIGN)
+            v = load_halo_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh),
+                               HV + batch_head_offset(pid_kv, H // GROUP, stride_hvb, stride_hvh), offs_n, S, stride_vs,
+                               stride_hvs, halo, offs_d, D, HALO_ALIGN)
         else:
-            edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
-            s = band_scores(qk, rows[:, None], offs_n[None, :], edge, S, left, right, scale,
-                            BBias + h * (left + right + 1), KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO,
-                            HAS_HMASK)
-        if HAS_RANGES:
-            s = range_mask(s, offs_n[None, :], *load_ranges(range_ptr, rows, row_ok, N))
-        z = s
-        if HAS_DROPOUT:  # key tiles start at multiples of 4 (of BLOCK_N, or halo tiles: see above): aligned
-            z = _keep_scale(Rng, pid_bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, True, SIDE, drop_offset,
-                            HAS_DOFFSET)
-        dk, dv = kv_grad_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT, DOT_PREC)
+            kv_rows = side_rows(SIdx + b * stride_ib, offs_n, G, SIDE and SIDE_INDEX)
+            n_kv = S if SIDE and SIDE_INDEX else N
+            k = load_rows(K + batch_head_offset(pid_kv, H // GROUP, stride_kb, stride_kh), kv_rows, n_kv, stride_ks,
+                          offs_d, D)
+            v = load_rows(V + batch_head_offset(pid_kv, H // GROUP, stride_vb, stride_vh), kv_rows, n_kv, stride_vs,
+                          offs_d, D)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    out_offset = tl.program_id(2).to(tl.int64) * stride_split + batch_head_offset(pid_kv, H // GROUP, stride_gb,
-                                                                                  stride_gh)
-    if HAS_HALO:  # a halo tile stores the rows of its part into DHK, DHV
-        halo_offset = batch_head_offset(pid_kv, H // GROUP, stride_dhb, stride_gh)
-        dk_out = tl.where(th >= 0, DHK + halo_offset, DK + out_offset)
-        dv_out = tl.where(th >= 0, DHV + halo_offset, DV + out_offset)
-        n_out = tl.where(th >= 0, n_halo, N)
-        out_rows = tl.where(th < 0, offs_n, tl.where((offs_n >= part_lo) & (offs_n < part_hi),
-                                                     halo_row(offs_n, S, halo_left), -1))
-        store_rows(dk_out, dk * scale, out_rows, n_out, stride_gs, offs_d, D)
-        store_rows(dv_out, dv, out_rows, n_out, stride_gs, offs_d, D)
-    else:
-        dk_out = DK
-        dv_out = DV
-        if GLOBAL_ROWS:
-            if ZERO_DQG:
-                store_rows(DQG + out_offset, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), offs_n, N, stride_gs,
-                           offs_d, D)
-            if GLOBAL_SEPARATE:
-                store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
-                store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
-                dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-                dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-                dk_out = DKG
-                dv_out = DVG
-            # Loaded again (KG, VG are K, V without separate projections): the band loop's tiles need not stay live
-            # across it (sm_90, D = 128: 104 bytes of spills otherwise).
-            k = load_rows(KG + batch_head_offset(pid_kv, H, stride_kgb, stride_kgh), offs_n, S, stride_kgs, offs_d, D)
-            v = load_rows(VG + batch_head_offset(pid_kv, H, stride_vgb, stride_vgh), offs_n, S, stride_vgs, offs_d, D)
-            dk, dv = global_rows.slot_key_grads(
-                k, v, n0, dk, dv, pid_kv, QG, DO, Out, GLse, SIdx, SMask, GKMask, GKRange, stride_qgb, stride_qgs,
-                stride_qgh, stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, S, H, G, D, scale,
-                stride_ib, Rng, drop_thresh, drop_scale, HAS_GKMASK, SLOT_BLOCK, BLOCK_N, DOT_PREC, HAS_DROPOUT,
-                HAS_GRANGES)
-        store_rows(dk_out + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
-        store_rows(dv_out + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
+        if SIDE:  # every query attends every side key: this program's chunk of all query tiles
+            m_start = 0
+            t_lo = tl.program_id(2) * tiles_per_split
+            t_hi = tl.minimum(t_lo + tiles_per_split, tl.cdiv(S, BLOCK_M))
+        else:  # queries i with i - left <= j <= i + right for some key j of the tile, as tiles from n0 - right
+            m_start = n0 - right
+            t_lo = tl.maximum(0, -m_start) // BLOCK_M
+            t_hi = (tl.minimum(S - 1, n0 + BLOCK_N - 1 + left) - m_start) // BLOCK_M + 1
+            if HAS_HALO:  # a tile of halo keys no query reaches: no query tile (its dK, dV rows are zeros)
+                t_hi = tl.where((n0 + BLOCK_N <= halo[0]) | (n0 >= halo[1]), t_lo, t_hi)
+        if HAS_RANGES:
+            range_ptr = Ranges + b * 2 * S
+            t_lo, t_hi = trim_row_tiles(range_ptr, t_lo, t_hi, m_start, S, n0, n0 + BLOCK_N, N, BLOCK_M)
+        n_t = t_hi - t_lo
+        carry = tl.zeros([BIAS_L], dtype=tl.float32)
+        # Query head it // n_t of the group, its query tile t_lo + it % n_t. With the sums no LICM: hoisted, their
+        # gather indices stay live through the loop (sm_90 D = 64: 255 registers and spills against 208-250, none).
+        for it in tl.range(0, GROUP * n_t, disable_licm=SUMS):
+            pid_bh = pid_q0 + it // n_t
+            h = pid_bh % H
+            q_base = Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh)
+            do_base = DO + batch_head_offset(pid_bh, H, stride_dob, stride_doh)
+            t = t_lo + it % n_t
+            if SUMS and not SIDE:  # band sums: the walk from the last query tile, the entries' base rises (chain_add)
+                t = t_hi - 1 - it % n_t
+            m0 = m_start + t * BLOCK_M
+            rows = m0 + offs_m
+            row_ok = (rows >= 0) & (rows < S)
+            q = load_rows(q_base, rows, S, stride_qs, offs_d, D)
+            do = load_rows(do_base, rows, S, stride_dos, offs_d, D)
+            stat_ptrs = pid_bh.to(tl.int64) * S + rows
+            lse = tl.load(Lse + stat_ptrs, mask=row_ok, other=float("inf"))  # rows outside [0, S): p = 0
+            delta = tl.load(Delta + stat_ptrs, mask=row_ok, other=0.0)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            if SIDE:
+                qblock = tl.zeros([BLOCK_M, 1], dtype=tl.int32)
+                if HAS_SBIAS:
+                    qb = load_query_block(QBlock + b * S, rows, row_ok, G)
+                    qblock = qb[:, None]
+                s = side_scores(qk, qblock, offs_n[None, :], G, scale, SBias + h * (2 * G + 1), SMask + b * G,
+                                HAS_SBIAS, HAS_SMASK)
+            else:
+                edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
+                s = band_scores(qk, rows[:, None], offs_n[None, :], edge, S, left, right, scale,
+                                BBias + h * (left + right + 1), KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO,
+                                HAS_HMASK)
+            if HAS_RANGES:
+                s = range_mask(s, offs_n[None, :], *load_ranges(range_ptr, rows, row_ok, N))
+            z = s
+            if HAS_DROPOUT:  # key tiles start at multiples of 4 (of BLOCK_N, or halo tiles: see above): aligned
+                z = _keep_scale(Rng, pid_bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, True, SIDE, drop_offset,
+                                HAS_DOFFSET)
+            dk, dv, ds = kv_grad_ds_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT, DOT_PREC)
+            if SUMS:  # this head's row: the tile's dS summed by table entry (bias_grad)
+                row = rows_ptr + (it // n_t) * part_width
+                if SIDE:  # side entry g - qb + G, read-add-written (the query tiles' entries overlap)
+                    bias_grad.side_entry_sums(ds, qb, row_ok, row, G + n0, part_width, BIAS_L, DOT_PREC)
+                else:  # band column n0 - m0 + left + c - r + BLOCK_M - 1 = (left + right - t * BLOCK_M) + x: a chain
+                    carry = tl.where(it % n_t == 0, 0.0, carry)  # a new head's first tile
+                    base = left + right - t * BLOCK_M
+                    carry = chain_add(carry, shifted_column_sums(ds, (BLOCK_M - 1) - offs_m, BIAS_L), row, base,
+                                      part_width, BLOCK_M)
+                    if it % n_t == n_t - 1:
+                        chain_flush(carry, row, base, part_width, BLOCK_M)
+
+        out_offset = tl.program_id(2).to(tl.int64) * stride_split + batch_head_offset(pid_kv, H // GROUP, stride_gb,
+                                                                                      stride_gh)
+        if HAS_HALO:  # a halo tile stores the rows of its part into DHK, DHV
+            halo_offset = batch_head_offset(pid_kv, H // GROUP, stride_dhb, stride_gh)
+            dk_out = tl.where(th >= 0, DHK + halo_offset, DK + out_offset)
+            dv_out = tl.where(th >= 0, DHV + halo_offset, DV + out_offset)
+            n_out = tl.where(th >= 0, n_halo, N)
+            out_rows = tl.where(th < 0, offs_n, tl.where((offs_n >= part_lo) & (offs_n < part_hi),
+                                                         halo_row(offs_n, S, halo_left), -1))
+            store_rows(dk_out, dk * scale, out_rows, n_out, stride_gs, offs_d, D)
+            store_rows(dv_out, dv, out_rows, n_out, stride_gs, offs_d, D)
+        else:
+            dk_out = DK
+            dv_out = DV
+            if GLOBAL_ROWS:
+                if ZERO_DQG:
+                    store_rows(DQG + out_offset, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), offs_n, N, stride_gs,
+                               offs_d, D)
+                if GLOBAL_SEPARATE:
+                    store_rows(DK + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
+                    store_rows(DV + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
+                    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+                    dk_out = DKG
+                    dv_out = DVG
+                # Loaded again (KG, VG are K, V without separate projections): the band loop's tiles need not stay live
+                # across it (sm_90, D = 128: 104 bytes of spills otherwise).
+                k = load_rows(KG + batch_head_offset(pid_kv, H, stride_kgb, stride_kgh), offs_n, S, stride_kgs, offs_d,
+                              D)
+                v = load_rows(VG + batch_head_offset(pid_kv, H, stride_vgb, stride_vgh), offs_n, S, stride_vgs, offs_d,
+                              D)
+                dk, dv = global_rows.slot_key_grads(
+                    k, v, n0, dk, dv, pid_kv, QG, DO, Out, GLse, SIdx, SMask, GKMask, GKRange, stride_qgb, stride_qgs,
+                    stride_qgh, stride_dob, stride_dos, stride_doh, stride_ob, stride_os, stride_oh, S, H, G, D, scale,
+                    stride_ib, Rng, drop_thresh, drop_scale, HAS_GKMASK, SLOT_BLOCK, BLOCK_N, DOT_PREC, HAS_DROPOUT,
+                    HAS_GRANGES)
+            store_rows(dk_out + out_offset, dk * scale, offs_n, N, stride_gs, offs_d, D)
+            store_rows(dv_out + out_offset, dv, offs_n, N, stride_gs, offs_d, D)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -741,10 +701,10 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     sidx, stride_ib, indexed = _index_args(side_index, q)
     ranged, _, _ = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q, range_bounds)
     cached(_rows_kernel)[grid](
-        q, k, v, *_side_or_dummy(side_k, side_v, q), q, q, out, lse, lse, *extra, lse, sidx, as_u8(query_mask, q),
+        q, k, v, *_side_or_dummy(side_k, side_v, q), q, q, out, lse, lse, *extra, sidx, as_u8(query_mask, q),
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(q), *strides3(q), *strides3(out), stride_ib,
-        S, H, H // k.shape[2], G, D, left, right, float(scale), 0, 0,
+        S, H, H // k.shape[2], G, D, left, right, float(scale),
         BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias),
         **_dropout_meta(dropout_p, rng, lse, dropout_offset), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
@@ -768,9 +728,10 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
 
     Launches, in stream order: the dQ pass (which also writes delta, read by the later passes), the band dK/dV
     pass, the side keys' dK/dV pass (G > 0), then at most one ``bias_grad.reduce_partials`` launch that sums every
-    float32 partial of the backward in a fixed order: the bias tables' rows (the dQ kernel sums dS by table entry
-    per query tile into one row per dQ program, ``bias_grad``; a program of several tiles when one row per tile
-    would exceed ``_common.query_programs``' budget) and the side keys' dK/dV over query chunks. Side keys'
+    float32 partial of the backward in a fixed order: the bias tables' rows (the dK/dV kernels sum dS by table
+    entry, ``bias_grad``: the band pass one row per (band program, head), the side pass one per (query chunk, side
+    program, head), a side program of several side-key tiles when one row per tile would exceed
+    ``_common.partial_programs``' budget) and the side keys' dK/dV over query chunks. Side keys'
     dK/dV: every query attends every side key, so one program per side-key tile would walk all S queries (e.g.
     Longformer's single global token: B * H programs for the whole GPU); the query range is therefore split into
     ``side_splits`` chunks (one chunk writes dside_k, dside_v directly). No torch op runs besides allocations.
@@ -805,29 +766,29 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
                 BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps)
     n_tiles = cdiv(S, BLOCK_M)
+    halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
+    n_keys = cdiv(S, BLOCK_N) + halo_tiles  # band dK/dV programs per (b, K/V head)
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
-    n_programs = query_programs(B * H, n_tiles, 4 * sum(widths), q.numel() * q.element_size(), q.device)
-    persistent = dict(PERSISTENT=True) if n_programs < n_tiles else {}  # programs of several tiles, one bias row each
-    part = bias_grad.partials(B, n_programs, H, widths, delta)
+    side = _side_plan(q, side_k, G, meta, widths, 4 * B * H * n_keys * widths[0])
+    parts = bias_grad.partials((B, n_keys, H), (side.splits, B, side.programs, H), widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     rows_role, keys_role = (fused_rows.role(True), fused_rows.keys_role()) if fused_rows is not None else ({}, {})
-    cached(_rows_kernel)[(n_programs + rows_role.get("n_lead", 0), B * H)](
-        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, out, dq, lse, delta, *extra, part, sidx, q,
+    cached(_rows_kernel)[(n_tiles + rows_role.get("n_lead", 0), B * H)](
+        q, k, v, *_side_or_dummy(side_k, side_v, q), dout, out, dq, lse, delta, *extra, sidx, q,
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
-        S, H, H // H_kv, G, D, left, right, float(scale), *widths, BACKWARD=True, SIDE_INDEX=indexed,
-        **ranged, **meta, **halo, **delta_lse, **rows_role, **persistent,
+        S, H, H // H_kv, G, D, left, right, float(scale), BACKWARD=True, SIDE_INDEX=indexed,
+        **ranged, **meta, **halo, **delta_lse, **rows_role,
     )
-    halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
-    cached(_keys_kernel)[(cdiv(S, BLOCK_N) + halo_tiles, B * H_kv, 1)](
+    cached(_keys_kernel)[(n_keys, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,
         *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, stride_ib,
         S, S, H, H // H_kv, G, D, left, right, float(scale), cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
-        HAS_RANGES=has_kr, **meta, **halo, **halo_out, **keys_role,
+        HAS_RANGES=has_kr, Part=parts.band, part_width=widths[0], **meta, **halo, **halo_out, **keys_role,
     )
     dsk, dsv, side_sums = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges, G,
-                                          side_index, side_mask, dk, dv)
-    dbb, dsb = bias_grad.reduce_partials(part, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M, side_sums,
+                                          side_index, side_mask, dk, dv, side, parts.side, widths[1])
+    dbb, dsb = bias_grad.reduce_partials(parts, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M, side_sums,
                                          None if fused_rows is None else fused_rows.row_sums(dq))
     dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))
     return dq, dk, dv, dsk, dsv, dbb, dsb, *halo_grads
@@ -838,8 +799,34 @@ def side_splits(n_programs: int, n_query_tiles: int, device=None) -> int:
     return split_count(n_programs, n_query_tiles, device)
 
 
+class _SidePlan(NamedTuple):
+    """The side keys' dK/dV launch: ``tiles`` side-key tiles, ``splits`` query chunks of ``per_split`` query tiles,
+    ``programs`` side-key programs per (batch row, K/V head, chunk): ``tiles``, or fewer, each a run of tiles with one
+    side-bias row per head (PERSISTENT, ``_common.partial_programs``)."""
+
+    tiles: int
+    splits: int
+    per_split: int
+    programs: int
+
+
+def _side_plan(q, side_k, G, meta, widths, spent) -> _SidePlan:
+    """``_SidePlan`` of the side keys' dK/dV pass (``spent``: the band rows' bytes, from the partials' budget)."""
+    B, S, H, D = q.shape
+    if G == 0:
+        return _SidePlan(0, 1, 0, 0)
+    n_tiles = cdiv(S, meta["BLOCK_M"])
+    tiles = cdiv(G, meta["BLOCK_N"])
+    splits = side_splits(tiles * B * side_k.shape[2], n_tiles, q.device)
+    per_split = cdiv(n_tiles, splits)
+    splits = cdiv(n_tiles, per_split)
+    programs = partial_programs(B * H * splits, tiles, 4 * widths[1], q.numel() * q.element_size(), q.device,
+                                spent=spent)
+    return _SidePlan(tiles, splits, per_split, programs)
+
+
 def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ranges, G, side_index, side_mask, dk,
-                    dv):
+                    dv, plan, part, part_width):
     """The side keys' dK/dV pass -> (dside_k, dside_v, side sums for ``bias_grad.reduce_partials`` or None).
 
     Slice z of the (splits, B, G, H_kv, D) partials sums query chunk z (see ``backward``). Without ``side_index``:
@@ -847,27 +834,26 @@ def _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, ran
     else by the reduction from float32 partials. With it (side key g of batch row b is row ``side_index[b, g]`` of
     k, v, which are then (B, S, H_kv, D)): float32 partials that the reduction adds into those rows of dk, dv
     (after the band dK/dV, stream order); dside_k, dside_v are empty. ``ranges``: (pointer, flag) of the side
-    ranges (``_range_args``)."""
+    ranges (``_range_args``). ``plan``: its ``_SidePlan``; with a side table its programs write the side-bias rows
+    ``part`` ((splits, B, plan.programs, H, part_width), ``bias_grad.Partials``)."""
     B, S, H, D = q.shape
     H_kv = side_k.shape[2]
     if G == 0:
         if side_index is not None:
             return q.new_empty(0), q.new_empty(0), None
         return (*(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (side_k, side_v)), None)
-    n_tiles = cdiv(S, meta["BLOCK_M"])
-    grid = (cdiv(G, meta["BLOCK_N"]), B * H_kv)
-    splits = side_splits(grid[0] * grid[1], n_tiles, q.device)
-    per_split = cdiv(n_tiles, splits)
-    splits = cdiv(n_tiles, per_split)
+    splits = plan.splits
     direct = splits == 1 and side_index is None  # one chunk writes the gradients themselves
     part_k = torch.empty(splits, B, G, H_kv, D, dtype=q.dtype if direct else torch.float32, device=q.device)
     part_v = torch.empty_like(part_k)
     sidx, stride_ib, indexed = _index_args(side_index, q)
-    cached(_keys_kernel)[(*grid, splits)](
+    persistent = dict(PERSISTENT=True) if plan.programs < plan.tiles else {}  # runs of side-key tiles
+    cached(_keys_kernel)[(plan.programs, B * H_kv, splits)](
         q, side_k, side_v, dout, lse, delta, part_k, part_v, *extra, sidx,
         *strides3(q), *strides3(side_k), *strides3(side_v), *strides3(dout), *strides3(part_k[0]),
-        part_k[0].numel(), stride_ib, S, G, H, H // H_kv, G, D, 0, 0, float(scale), per_split, SIDE=True,
-        SIDE_INDEX=indexed, Ranges=ranges[0], HAS_RANGES=ranges[1], **meta,
+        part_k[0].numel(), stride_ib, S, G, H, H // H_kv, G, D, 0, 0, float(scale), plan.per_split, SIDE=True,
+        SIDE_INDEX=indexed, Ranges=ranges[0], HAS_RANGES=ranges[1], Part=part, part_width=part_width, **meta,
+        **persistent,
     )
     if indexed:
         return q.new_empty(0), q.new_empty(0), bias_grad.SideSums(part_k, part_v, dk, dv, side_index, side_mask)

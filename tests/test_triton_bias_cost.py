@@ -30,23 +30,25 @@ for _names, _kind in (("q k v do o r", ""), ("sk sv", "s")):
         _DQ_INTS.update(zip((f"stride_{_t}b", f"stride_{_t}s", f"stride_{_t}h"), _STRIDES[_kind]))
 
 
-def compile_specialized(fn, constexprs: dict, ints: dict, warps: int):
+def compile_specialized(fn, constexprs: dict, ints: dict, warps: int, types: dict | None = None):
     """``fn`` compiled for sm_90 as a launch with integer arguments ``ints`` specializes it: integers equal to 1
-    become constants, multiples of 16 get the divisibility hint, as does every pointer (16-byte aligned)."""
+    become constants, multiples of 16 get the divisibility hint, as does every pointer (16-byte aligned).
+    ``types``: pointer types beyond ``test_triton_backend._POINTER_TYPES``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from tests.test_triton_backend import _POINTER_TYPES
 
+    pointer_types = {**_POINTER_TYPES, **(types or {})}
     constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs,
                   **{n: 1 for n, v in ints.items() if v == 1}}
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name not in ints and (name in _POINTER_TYPES or name[0].isupper()):
-            sig[name], attrs[(i,)] = _POINTER_TYPES.get(name, "*fp32"), [["tt.divisibility", 16]]
+        elif name not in ints and (name in pointer_types or name[0].isupper()):
+            sig[name], attrs[(i,)] = pointer_types.get(name, "*fp32"), [["tt.divisibility", 16]]
         else:
             sig[name] = "fp32" if "scale" in name else "i32"
             if ints.get(name, 1) % 16 == 0:
@@ -56,9 +58,8 @@ def compile_specialized(fn, constexprs: dict, ints: dict, warps: int):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 
 
-def sass_loops(cubin: bytes, min_len: int = 250) -> list[tuple[int, int, int]]:
-    """(instructions, barriers, local-memory accesses) of each loop of at least ``min_len`` instructions (a backward
-    branch and its target), from cuobjdump's SASS of ``cubin``."""
+def sass_instructions(cubin: bytes) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of every instruction in cuobjdump's SASS of ``cubin``."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -66,8 +67,14 @@ def sass_loops(cubin: bytes, min_len: int = 250) -> list[tuple[int, int, int]]:
         f.write(cubin)
         f.flush()
         sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in
-           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
+    return [(int(m.group(1), 16), m.group(2), m.group(3)) for m in
+            re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", sass)]
+
+
+def sass_loops(cubin: bytes, min_len: int = 250) -> list[tuple[int, int, int]]:
+    """(instructions, barriers, local-memory accesses) of each loop of at least ``min_len`` instructions (a backward
+    branch and its target), from cuobjdump's SASS of ``cubin``."""
+    ins = sass_instructions(cubin)
     loops = []
     for addr, op, rest in ins:
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None

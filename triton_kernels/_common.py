@@ -49,6 +49,12 @@ _TILES_ENV = "LONGATTN_TRITON_TILES"
 # Under TRITON_INTERPRET=1 (CPU tests) every tile op is a numpy call, so small tiles keep the tests fast and
 # make small sequences cross several tiles (edge and interior paths both run). 16 is tl.dot's minimum.
 _INTERPRET_TILES = (16, 16, 1)
+# Warps of the side keys' dK/dV launch with a narrow (16-key) side tile (``side_tiles``). From an offline sm_90
+# compile at Longformer's shape (bf16, D = 64, 1 global, Triton 3.8, 3.6 alike; not timed): per query tile, 4 warps
+# issue 4 x 472 SASS instructions (79 registers), 8 warps 8 x 381, 2 warps 2 x 748 (220 registers); the 64-key tile
+# issued 8 x 436. Its few programs (one per side tile, batch * head and query chunk) run one or two to an SM, so the
+# fewest warp-instructions at the fewest per warp scheduler win: 4.
+_SIDE_KEY_WARPS = 4
 
 # exp(x) = exp2(x log2 e), exp2 being the hardware instruction; log2 e = 1.4426950408889634 is written as a literal
 # where it is used. A tl.constexpr global costs every launch a check (Triton compares each global a kernel reads with
@@ -148,6 +154,34 @@ def attention_tiles(D: int) -> tuple[int, int, int]:
     if interpreting():
         return _INTERPRET_TILES
     return _GPU_TILES[head_dim_block(D)]
+
+
+def side_tiles(G: int, D: int, side_bias: bool = False) -> tuple[int, int]:
+    """(SIDE_N, num_warps of the side keys' dK/dV launch) for G side keys and head dim D: the side tiles' width in the
+    forward / dQ kernels' side loop (``band_side._rows_kernel``'s SIDE_N) and the key tile of the side keys' dK/dV
+    (``band_side._keys_kernel`` with SIDE), chosen here once for both passes.
+
+    ``max(16, next_power_of_2(G))`` keys when that is narrower than ``attention_tiles``' BLOCK_N (16: tl.dot's
+    minimum), else BLOCK_N itself. Longformer's few global keys (1 to a dozen) would otherwise fill a 64-key tile with
+    masked columns: one side tile against the 9 band tiles of a 64-row query tile at window +-256, ~10 % more MMA
+    work in the forward, the dQ pass and the side dK/dV. A narrow tile holds all G keys (one side tile per query
+    tile). With a side bias table the width stays BLOCK_N (the side dK/dV pass's side-bias sums are built
+    for it).
+
+    Offline sm_90 compile at Longformer's benchmark shape (bf16, S = 16384, D = 64, window +-256; Triton 3.6 / 3.8;
+    static SASS, not timed): with 1 global (G = 1 is a compile-time constant, so most of a wide tile's masked columns
+    were folded away already) the side tile's wgmma go from 8 / 16 of 64x32x16 per warpgroup (forward / dQ) to 4 / 12
+    of 64x8x16 plus 1 of 64x32x16, but its instructions only by ~40-65 per warp of ~5000 per query tile; with
+    2 to 15 globals (G not a constant) the side loop shrinks from 564 / 566-572 to 207-211 / 203-207 instructions per
+    warp. The dQ kernel stays at <= 128 registers (two programs per SM). The side dK/dV: see ``_SIDE_KEY_WARPS``;
+    under the interpreter or the tile override its warps are ``attention_tiles``'."""
+    block_m, block_n, warps = attention_tiles(D)
+    side_n = min(block_n, max(16, next_power_of_2(G)))
+    if side_bias or G == 0 or side_n == block_n:
+        return block_n, warps
+    if interpreting() or os.environ.get(_TILES_ENV):
+        return side_n, warps
+    return side_n, _SIDE_KEY_WARPS
 
 
 def dot_precision(dtype) -> str:

@@ -3,15 +3,16 @@
 Kernels:
 
 - ``_rows_kernel``: one program per (query tile, batch * head). It walks the key tiles of its band, then the
-  side-key tiles, in one loop structure; ``BACKWARD`` picks the per-tile step: the online softmax (forward,
+  side-key tiles (SIDE_N keys wide: ``_common.side_tiles``, 16 for up to 16 side keys without a side bias, else
+  BLOCK_N), in one loop structure; ``BACKWARD`` picks the per-tile step: the online softmax (forward,
   saving the row log-sum-exp) or the dQ accumulation (backward). Its backward also computes and stores its rows'
   ``delta = rowsum(dout * out)`` (minus the lse gradient), the row term the dK/dV passes read.
 - ``_keys_kernel``: one program per (key tile, batch * head), walking the query tiles that see it and
-  accumulating dK and dV in registers, so no atomics. With ``SIDE`` its key tile is a side-key tile and it
-  walks its share of the query tiles (each query attends every side key; see ``backward``). With a bias table
-  it also sums each (query tile, key tile)'s dS by table entry (``bias_grad``: float32 partial rows, one per
-  (program, head)); the side pass's programs own runs of side-key tiles when one row per tile would not fit
-  ``_common.partial_programs``' budget (PERSISTENT).
+  accumulating dK and dV in registers, so no atomics. With ``SIDE`` its key tile is a side-key tile (the forward's
+  side tile width, ``_common.side_tiles``) and it walks its share of the query tiles (each query attends every side
+  key; see ``backward``). With a bias table it also sums each (query tile, key tile)'s dS by table entry
+  (``bias_grad``: float32 partial rows, one per (program, head)); the side pass's programs own runs of side-key
+  tiles when one row per tile would not fit ``_common.partial_programs``' budget (PERSISTENT).
 
 The backward's float32 partials (bias-table rows, side keys' dK/dV per query chunk) are summed in a fixed order
 by one launch of ``bias_grad.reduce_partials``: a backward launches at most four kernels and no torch op.
@@ -61,6 +62,7 @@ from ._common import (
     range_tiles,
     ranged_scores,
     side_scores,
+    side_tiles,
     softmax_step,
     split_count,
     store_rows,
@@ -190,6 +192,7 @@ def _rows_kernel(
     stride_vgs=None, stride_vgh=None, GLse=None, PartO=None, PartL=None, Counter=None, GKMask=None, GKRange=None,
     GTBounds=None, keys_per_split=None, splits=None, HAS_GKMASK: tl.constexpr = False,
     HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
+    SIDE_N: tl.constexpr = 0,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Out, Lse, writes Delta) of one query tile.
 
@@ -231,7 +234,14 @@ def _rows_kernel(
     (HAS_GRANGES). Forward: each writes its partials into PartO / PartL and the last of a slot tile's ``splits``
     merges them into Res and GLse (``global_rows.combine_when_last``, Counter zeroed before the launch), and the
     band programs leave the used slots' rows of Res to it. Backward: partial dq into PartO (summed by the reduction).
+
+    SIDE_N: the side tiles' width (``_common.side_tiles``: narrower than BLOCK_N for a few side keys); 0 (the
+    default) means BLOCK_N. With HAS_SBIAS it must be BLOCK_N: the side dK/dV pass, whose key tile is the side tile,
+    sums dS by side-bias entry in BLOCK_N-wide tiles (narrow tiles with a side bias are not built or tested).
     """
+    SN: tl.constexpr = SIDE_N if SIDE_N > 0 else BLOCK_N
+    if HAS_SBIAS:
+        tl.static_assert(SN == BLOCK_N, "a side bias table needs SIDE_N == BLOCK_N")
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     n_tiles = tl.num_programs(0)  # query tiles
@@ -338,7 +348,7 @@ def _rows_kernel(
                                 drop_offset, HAS_DOFFSET)
             m_i, l_i, acc = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT, DOT_PREC)
 
-    # Side keys: extra tiles of the same loop (always masked: g < G and side_mask).
+    # Side keys: extra tiles of the same loop, SN keys wide (always masked: g < G and side_mask).
     qb = tl.zeros([BLOCK_M], dtype=tl.int32)
     if HAS_SBIAS:
         qb = load_query_block(QBlock + b * S, offs_m, row_ok, G)
@@ -347,18 +357,20 @@ def _rows_kernel(
     side = (sk_base, sv_base, stride_sks, stride_svs, qb[:, None], SBias + h * (2 * G + 1), SMask + b * G,
             SIdx + b * stride_ib, S if SIDE_INDEX else G)
     if G > 0:
-        g_begin = 0  # side tiles [g_begin, g_end) in steps of BLOCK_N
+        g_begin = 0  # side tiles [g_begin, g_end) in steps of SN
         g_end = G
         if HAS_SRANGES:
-            g_begin, g_end = _side_span(bounds, G, BLOCK_N)
-        for g0 in tl.range(g_begin, g_end, BLOCK_N, disable_licm=NO_LICM):
-            k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, BLOCK_N, BLOCK_D,
-                                 DOT_PREC)
+            g_begin, g_end = _side_span(bounds, G, SN)
+        # A narrow side tile holds all G side keys: one tile at most, nothing to pipeline (pipelined, its buffers
+        # cost the sm_90 dQ kernel 2 registers, Triton 3.8, G = 3: 130, past the two-programs-per-SM 128).
+        for g0 in tl.range(g_begin, g_end, SN, disable_licm=NO_LICM, num_stages=1 if SN < BLOCK_N else None):
+            k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, SN, BLOCK_D, DOT_PREC)
             if HAS_SRANGES:  # every side tile masked
-                s = range_mask(s, (g0 + offs_n)[None, :], *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
+                s = range_mask(s, (g0 + tl.arange(0, SN))[None, :],
+                               *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
             z = s
             if HAS_DROPOUT:
-                z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, BLOCK_N, True, True, drop_offset,
+                z = _keep_scale(Rng, pid_bh, offs_m, g0, drop_thresh, drop_scale, SN, True, True, drop_offset,
                                 HAS_DOFFSET)
             m_i, l_i, acc = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT, DOT_PREC)
 
@@ -403,7 +415,8 @@ def _keys_kernel(
     HAS_GRANGES: tl.constexpr = False, ZERO_DQG: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
     Part=None, part_width=None, PERSISTENT: tl.constexpr = False,
 ):
-    """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles.
+    """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles. BLOCK_N keys
+    per tile; with SIDE the launcher passes the side tile width (``_common.side_tiles``).
 
     K, V are the band (B, S, H, D) or side (B, G, H, D) tensors. DK and DV are contiguous, (B, N, H, D) for
     band keys, (splits, B, G, H, D) for side keys, where program (., ., z) sums query tiles
@@ -695,6 +708,7 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
+    side_n = side_tiles(G, D, side_bias is not None)[0]
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
     rows_role = fused_rows.role(False) if fused_rows is not None else {}
     grid = (cdiv(S, BLOCK_M) + rows_role.get("n_lead", 0), B * H)
@@ -709,7 +723,7 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         **_dropout_meta(dropout_p, rng, lse, dropout_offset), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
-        **ranged, **halo, **rows_role,
+        **ranged, **halo, **rows_role, SIDE_N=side_n,
     )
     return out, lse
 
@@ -752,6 +766,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     halo = halo_args(halo_k, halo_v, halo_mask, halo_left, k, v, left, right)
     G = _side_count(side_k, side_index)
     BLOCK_M, BLOCK_N, warps = attention_tiles(D)
+    side_n, side_warps = side_tiles(G, D, side_bias is not None)
     ranged, (kr, has_kr), side_ranges = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q, range_bounds)
     lse = lse.contiguous()
     delta_lse = dlse_args(dlse, lse)
@@ -778,7 +793,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), BACKWARD=True, SIDE_INDEX=indexed,
-        **ranged, **meta, **halo, **delta_lse, **rows_role,
+        **ranged, **meta, **halo, **delta_lse, **rows_role, SIDE_N=side_n,
     )
     cached(_keys_kernel)[(n_keys, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,
@@ -786,8 +801,9 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         S, S, H, H // H_kv, G, D, left, right, float(scale), cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
         HAS_RANGES=has_kr, Part=parts.band, part_width=widths[0], **meta, **halo, **halo_out, **keys_role,
     )
-    dsk, dsv, side_sums = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, meta, side_ranges, G,
-                                          side_index, side_mask, dk, dv, side, parts.side, widths[1])
+    side_meta = dict(meta, BLOCK_N=side_n, num_warps=side_warps)  # the side dK/dV's key tile: a side tile
+    dsk, dsv, side_sums = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, side_meta, side_ranges,
+                                          G, side_index, side_mask, dk, dv, side, parts.side, widths[1])
     dbb, dsb = bias_grad.reduce_partials(parts, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M, side_sums,
                                          None if fused_rows is None else fused_rows.row_sums(dq))
     dbb, dsb = (q.new_empty(0) if grad is None else grad for grad in (dbb, dsb))

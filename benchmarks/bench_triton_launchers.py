@@ -15,19 +15,21 @@ longattn's launch cache (``triton_kernels/_launch.py``), the route the backend t
 driver) is left out, which needs a GPU: on one, ``longattn bench``'s host-overhead column is the complete figure.
 
 Measured (this project's 2-core CPU, Triton 3.8, pytest-benchmark minimum, us, forward / forward+backward,
-2026-11-30):
+2026-12-01, after the bias-table sums moved to the dK/dV kernels and the narrow side tile; 2026-11-30's figures in
+brackets where they differ by more than 5 us):
 
-=================  ==============  ==============  ==============
-op                 stub            triton          cached
-=================  ==============  ==============  ==============
-local              24.7 / 128      66.0 / 276      37.1 / 175
-tglobal            27.1 / 172      68.3 / 378      39.5 / 237
-longformer         60.8 / 255      134 / 549       80.6 / 339
-block_aggregate    16.7 / 71.5     34.7 / 128      24.8 / 95.1
-=================  ==============  ==============  ==============
+=================  ===================  ===================  ===================
+op                 stub                 triton               cached
+=================  ===================  ===================  ===================
+local              25.8 / 136           66.6 / 278           37.4 / 183
+tglobal            27.5 / 184 (172)     68.0 / 393 (378)     40.4 / 253 (237)
+longformer         59.7 / 257           133 / 550            81.8 / 345
+block_aggregate    17.1 / 72.6          35.5 / 129           25.0 / 96.8
+=================  ===================  ===================  ===================
 
-Triton's binding is ~30 to 40 us per launch of a band kernel (97 to 121 parameters), more than all of longattn's own
-host work; the cache leaves ~12. What is left above the ``stub`` column's floor is longattn's launchers
+TGlobal's backward now plans the side pass's partial rows and launches the dK/dV kernels with the bias rows' pointers
+(+12 to 16 us). Triton's binding is ~30 to 40 us per launch of a band kernel (97 to 121 parameters), more than all of
+longattn's own host work; the cache leaves ~12. What is left above the ``stub`` column's floor is longattn's launchers
 (argument lists of ~130 entries) and the autograd plumbing (``bench_host_overhead.py``).
 """
 

@@ -96,6 +96,7 @@ def _spy_programs(monkeypatch, programs=None):
         return n
 
     monkeypatch.setattr(band_side, "partial_programs", partial_programs)
+    monkeypatch.setattr(band_side, "_plan_side", band_side._plan_side.__wrapped__)  # uncached: every plan is seen
     return seen
 
 

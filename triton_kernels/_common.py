@@ -148,8 +148,15 @@ def head_dim_block(D: int) -> int:
 
 def attention_tiles(D: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps) for a head dim D (padded as ``head_dim_block``)."""
-    if os.environ.get(_TILES_ENV):
-        block_m, block_n, warps = (int(x) for x in os.environ[_TILES_ENV].split(","))
+    return _attention_tiles(D, os.environ.get(_TILES_ENV))
+
+
+# Per call only the override is read (tests set it at run time); the rest is cached, as is side_tiles' choice:
+# every band op call picks its tiles twice or more (forward, backward, side keys).
+@functools.cache
+def _attention_tiles(D: int, override: str | None) -> tuple[int, int, int]:
+    if override:
+        block_m, block_n, warps = (int(x) for x in override.split(","))
         return block_m, block_n, warps
     if interpreting():
         return _INTERPRET_TILES
@@ -175,11 +182,16 @@ def side_tiles(G: int, D: int, side_bias: bool = False) -> tuple[int, int]:
     2 to 15 globals (G not a constant) the side loop shrinks from 564 / 566-572 to 207-211 / 203-207 instructions per
     warp. The dQ kernel stays at <= 128 registers (two programs per SM). The side dK/dV: see ``_SIDE_KEY_WARPS``;
     under the interpreter or the tile override its warps are ``attention_tiles``'."""
-    block_m, block_n, warps = attention_tiles(D)
+    return _side_tiles(G, D, side_bias, os.environ.get(_TILES_ENV))
+
+
+@functools.cache
+def _side_tiles(G: int, D: int, side_bias: bool, override: str | None) -> tuple[int, int]:
+    block_m, block_n, warps = _attention_tiles(D, override)
     side_n = min(block_n, max(16, next_power_of_2(G)))
     if side_bias or G == 0 or side_n == block_n:
         return block_n, warps
-    if interpreting() or os.environ.get(_TILES_ENV):
+    if interpreting() or override:
         return side_n, warps
     return side_n, _SIDE_KEY_WARPS
 

@@ -28,6 +28,7 @@ contiguous float32 (B, H, S).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -784,7 +785,8 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
     n_keys = cdiv(S, BLOCK_N) + halo_tiles  # band dK/dV programs per (b, K/V head)
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
-    side = _side_plan(q, side_k, G, meta, widths, 4 * B * H * n_keys * widths[0])
+    side_meta = dict(meta, BLOCK_N=side_n, num_warps=side_warps)  # the side dK/dV's key tile: a side tile
+    side = _side_plan(q, side_k, G, side_meta, widths, 4 * B * H * n_keys * widths[0])
     parts = bias_grad.partials((B, n_keys, H), (side.splits, B, side.programs, H), widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
     rows_role, keys_role = (fused_rows.role(True), fused_rows.keys_role()) if fused_rows is not None else ({}, {})
@@ -801,7 +803,6 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         S, S, H, H // H_kv, G, D, left, right, float(scale), cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
         HAS_RANGES=has_kr, Part=parts.band, part_width=widths[0], **meta, **halo, **halo_out, **keys_role,
     )
-    side_meta = dict(meta, BLOCK_N=side_n, num_warps=side_warps)  # the side dK/dV's key tile: a side tile
     dsk, dsv, side_sums = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, side_meta, side_ranges,
                                           G, side_index, side_mask, dk, dv, side, parts.side, widths[1])
     dbb, dsb = bias_grad.reduce_partials(parts, widths, band_bias, side_bias, left + right + 1, G, BLOCK_M, side_sums,
@@ -829,15 +830,20 @@ class _SidePlan(NamedTuple):
 def _side_plan(q, side_k, G, meta, widths, spent) -> _SidePlan:
     """``_SidePlan`` of the side keys' dK/dV pass (``spent``: the band rows' bytes, from the partials' budget)."""
     B, S, H, D = q.shape
+    return _plan_side(B, S, H, side_k.shape[2], G, meta["BLOCK_M"], meta["BLOCK_N"], widths[1],
+                      q.numel() * q.element_size(), q.device, spent)
+
+
+@functools.lru_cache(maxsize=256)  # integer arithmetic on the call's sizes: once per shape
+def _plan_side(B, S, H, H_kv, G, block_m, block_n, side_width, q_bytes, device, spent) -> _SidePlan:
     if G == 0:
         return _SidePlan(0, 1, 0, 0)
-    n_tiles = cdiv(S, meta["BLOCK_M"])
-    tiles = cdiv(G, meta["BLOCK_N"])
-    splits = side_splits(tiles * B * side_k.shape[2], n_tiles, q.device)
+    n_tiles = cdiv(S, block_m)
+    tiles = cdiv(G, block_n)
+    splits = side_splits(tiles * B * H_kv, n_tiles, device)
     per_split = cdiv(n_tiles, splits)
     splits = cdiv(n_tiles, per_split)
-    programs = partial_programs(B * H * splits, tiles, 4 * widths[1], q.numel() * q.element_size(), q.device,
-                                spent=spent)
+    programs = partial_programs(B * H * splits, tiles, 4 * side_width, q_bytes, device, spent=spent)
     return _SidePlan(tiles, splits, per_split, programs)
 
 

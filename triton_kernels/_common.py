@@ -55,6 +55,13 @@ _INTERPRET_TILES = (16, 16, 1)
 # issued 8 x 436. Its few programs (one per side tile, batch * head and query chunk) run one or two to an SM, so the
 # fewest warp-instructions at the fewest per warp scheduler win: 4.
 _SIDE_KEY_WARPS = 4
+# Whether the forward's band loop keeps its loop-invariant values inside when a bias table is given (band_side's
+# FWD_TABLE_NO_LICM), by Triton version: Triton 3.6 (the H200 image's) hoists the tables' index tensors out of the loop
+# and then needs 185 registers for LongT5 TGlobal's forward and 140 for the local op with its table (one program per
+# SM at 8 warps); with the loop kept as written, 128 and 116 (two per SM), for +13 % instructions in the band loop.
+# Triton 3.8 allocates the hoisted form in 125 / 98 and the kept one in 131 / 98: it keeps LICM. sm_90, D = 64, bf16,
+# S = 16384, window 127, G = 1024, compiled on the CPU as a launch specializes it; not timed.
+FORWARD_TABLE_NO_LICM = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
 
 # exp(x) = exp2(x log2 e), exp2 being the hardware instruction; log2 e = 1.4426950408889634 is written as a literal
 # where it is used. A tl.constexpr global costs every launch a check (Triton compares each global a kernel reads with

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from . import bias_grad, global_rows
 from ._common import (
+    FORWARD_TABLE_NO_LICM,
     as_u8,
     attention_tiles,
     band_scores,
@@ -193,7 +194,7 @@ def _rows_kernel(
     stride_vgs=None, stride_vgh=None, GLse=None, PartO=None, PartL=None, Counter=None, GKMask=None, GKRange=None,
     GTBounds=None, keys_per_split=None, splits=None, HAS_GKMASK: tl.constexpr = False,
     HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
-    SIDE_N: tl.constexpr = 0,
+    SIDE_N: tl.constexpr = 0, FWD_TABLE_NO_LICM: tl.constexpr = False,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Out, Lse, writes Delta) of one query tile.
 
@@ -276,6 +277,8 @@ def _rows_kernel(
     # index tensors stay live through the loop (sm_90 D = 64, LongT5 shape: the dQ kernel 144 registers against
     # 128, one program per SM instead of two; see tests/test_triton_bias_cost.py). Off, the loops compile as before.
     NO_LICM: tl.constexpr = BACKWARD and (HAS_BBIAS or HAS_SBIAS)
+    # The forward's band loop likewise where the Triton version needs it (_common.FORWARD_TABLE_NO_LICM).
+    BAND_NO_LICM: tl.constexpr = NO_LICM or (FWD_TABLE_NO_LICM and (HAS_BBIAS or HAS_SBIAS))
 
     q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), offs_m, S, stride_qs, offs_d, D)
     pid_kv = kv_program(pid_bh, H, GROUP)
@@ -327,7 +330,7 @@ def _rows_kernel(
                 t_end = tl.where(reach_out, t_lo, t_hi)
             else:
                 t_begin = tl.where(reach_out, t_lo, t_hi)
-        for t in tl.range(t_begin, t_end, disable_licm=NO_LICM):
+        for t in tl.range(t_begin, t_end, disable_licm=BAND_NO_LICM):
             n0 = n_start + t * BLOCK_N
             cols = n0 + offs_n
             if HAS_HALO and part == 1:
@@ -724,9 +727,19 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         **_dropout_meta(dropout_p, rng, lse, dropout_offset), BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
-        **ranged, **halo, **rows_role, SIDE_N=side_n,
+        **ranged, **halo, **rows_role, SIDE_N=side_n, **_forward_licm(band_bias, side_bias),
     )
     return out, lse
+
+
+def _forward_licm(band_bias, side_bias) -> dict:
+    """The forward's FWD_TABLE_NO_LICM meta: given only with a bias table (a launch without one stays as before)."""
+    if FORWARD_TABLE_NO_LICM and (band_bias is not None or side_bias is not None):
+        return _NO_LICM_META
+    return {}
+
+
+_NO_LICM_META = dict(FWD_TABLE_NO_LICM=True)
 
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,

@@ -151,7 +151,7 @@ def test_partial_programs_budget(monkeypatch):
     for S in (16384, 65536, 131072, 1 << 20):
         G = S // 16
         q = torch.empty(B, S, H, D, dtype=torch.bfloat16, device="meta")
-        widths = bias_grad.row_widths(True, True, 255, G, 64, 64)
+        widths = bias_grad.row_widths(True, True, 255, G, 64)
         band_bytes = 4 * B * H * (S // 64) * widths[0]
         plan = band_side._side_plan(q, q, G, meta, widths, band_bytes)
         n_rows = B * H * plan.splits

@@ -797,7 +797,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     n_tiles = cdiv(S, BLOCK_M)
     halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
     n_keys = cdiv(S, BLOCK_N) + halo_tiles  # band dK/dV programs per (b, K/V head)
-    widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M, BLOCK_N)
+    widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M)
     side_meta = dict(meta, BLOCK_N=side_n, num_warps=side_warps)  # the side dK/dV's key tile: a side tile
     side = _side_plan(q, side_k, G, side_meta, widths, 4 * B * H * n_keys * widths[0])
     parts = bias_grad.partials((B, n_keys, H), (side.splits, B, side.programs, H), widths, delta)

@@ -95,10 +95,9 @@ from ._launch import cached
 from .global_rows import combine_program
 
 
-def row_widths(has_band: bool, has_side: bool, W: int, G: int, block_m: int, block_n: int) -> tuple[int, int]:
+def row_widths(has_band: bool, has_side: bool, W: int, G: int, block_m: int) -> tuple[int, int]:
     """(band_width, side_width) columns of a partial row: band entry t is column ``t + block_m - 1`` (the chain's
-    columns below, all zero, need no room), side entry e column e; 0 for an absent table. ``block_n``: unused, kept
-    for the callers' symmetry."""
+    columns below, all zero, need no room), side entry e column e; 0 for an absent table."""
     band = block_m - 1 + W if has_band else 0
     side = 2 * G + 1 if has_side and G > 0 else 0
     return band, side

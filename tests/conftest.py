@@ -124,6 +124,24 @@ def make_case(B=2, S=37, H=2, D=16, window=(4, 3), G=0, *, bias=False, padding=N
                 side_bias, D**-0.5 if scale is None else scale).cast(dtype)
 
 
+def longformer_leaves(name, B, S, H, D, *, projections, pad_tail, dtype, device):
+    """Random Longformer inputs seeded by ``name``: ``(q, k, v), kwargs, leaves``. q, k, v (and with
+    ``projections`` q_global, k_global, v_global) are (B, S, H, D) leaves drawn in float64 then cast; ``kwargs``
+    holds them and a key_padding_mask whose batch row 1 loses its last ``pad_tail`` tokens; ``leaves`` lists every
+    tensor that gets a gradient."""
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+
+    def leaf():
+        return torch.randn(B, S, H, D, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
+
+    q, k, v = leaf(), leaf(), leaf()
+    qg, kg, vg = (leaf(), leaf(), leaf()) if projections else (None, None, None)
+    pad = torch.ones(B, S, dtype=torch.bool)
+    pad[1, S - pad_tail:] = False
+    kwargs = dict(key_padding_mask=pad.to(device), q_global=qg, k_global=kg, v_global=vg)
+    return (q, k, v), kwargs, [x for x in (q, k, v, qg, kg, vg) if x is not None]
+
+
 def grads(out, leaves, seed=1):
     """Gradients of <out, R> for a fixed random R, for every leaf (zeros where a leaf is unused)."""
     gen = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ import torch
 
 import longattn
 from tests import reference
-from tests.conftest import grads, run_sm90_compile
+from tests.conftest import grads, longformer_leaves, run_sm90_compile
 from tests.tolerance import assert_close_to_oracle, assert_within_rule
 
 TRITON = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
@@ -51,18 +51,9 @@ CASES = {
 
 def _inputs(name, dtype, device):
     B, S, H, D, window, layout, projections, max_globals = CASES[name]
-    gen = torch.Generator().manual_seed(sum(map(ord, name)))
-
-    def leaf():
-        return torch.randn(B, S, H, D, generator=gen, dtype=torch.float64).to(device, dtype).requires_grad_()
-
-    q, k, v = leaf(), leaf(), leaf()
-    qg, kg, vg = (leaf(), leaf(), leaf()) if projections else (None, None, None)
-    pad = torch.ones(B, S, dtype=torch.bool)
-    pad[1, S - 6 :] = False
-    kwargs = dict(key_padding_mask=pad.to(device), q_global=qg, k_global=kg, v_global=vg)
-    leaves = [x for x in (q, k, v, qg, kg, vg) if x is not None]
-    return (q, k, v, window, _globals(B, S, layout).to(device)), kwargs, leaves, max_globals
+    qkv, kwargs, leaves = longformer_leaves(name, B, S, H, D, projections=projections, pad_tail=6, dtype=dtype,
+                                            device=device)
+    return (*qkv, window, _globals(B, S, layout).to(device)), kwargs, leaves, max_globals
 
 
 def _run(name, dtype, backend, device="cpu", dropout_p=0.0):

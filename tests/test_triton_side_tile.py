@@ -16,7 +16,8 @@ import torch
 
 import longattn
 from tests import reference
-from tests.conftest import INTERPRET, check_backend_against_oracle, grads, make_case, needs_triton, run_sm90_compile
+from tests.conftest import (INTERPRET, check_backend_against_oracle, grads, longformer_leaves, make_case, needs_triton,
+                            run_sm90_compile)
 from tests.conftest import TRITON_DEVICE as DEVICE
 from tests.tolerance import assert_within_rule
 
@@ -76,20 +77,11 @@ LONGFORMER = {
 def _longformer_inputs(name, dtype):
     S, D, window, g0, g1, max_globals, projections = LONGFORMER[name]
     B, H = 2, 2
-    gen = torch.Generator().manual_seed(sum(map(ord, name)))
-
-    def leaf():
-        return torch.randn(B, S, H, D, generator=gen, dtype=torch.float64).to(DEVICE, dtype).requires_grad_()
-
-    q, k, v = leaf(), leaf(), leaf()
-    qg, kg, vg = (leaf(), leaf(), leaf()) if projections else (None, None, None)
+    qkv, kwargs, leaves = longformer_leaves(name, B, S, H, D, projections=projections, pad_tail=7, dtype=dtype,
+                                            device=DEVICE)
     glob = torch.zeros(B, S, dtype=torch.bool)
     glob[0, g0], glob[1, g1] = True, True
-    pad = torch.ones(B, S, dtype=torch.bool)
-    pad[1, S - 7:] = False
-    kwargs = dict(key_padding_mask=pad.to(DEVICE), q_global=qg, k_global=kg, v_global=vg)
-    leaves = [x for x in (q, k, v, qg, kg, vg) if x is not None]
-    return (q, k, v, window, glob.to(DEVICE)), kwargs, leaves, max_globals
+    return (*qkv, window, glob.to(DEVICE)), kwargs, leaves, max_globals
 
 
 def _longformer_run(name, dtype, backend):

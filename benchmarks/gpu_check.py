@@ -22,7 +22,8 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   ``bench-globals`` (target 4: Longformer with 1 and 64 global tokens against the local op without
                   bias tables and with the same window, S=16384, Triton and CUDA), ``bench-memory`` (target 6: fwd+bwd
                   peak memory of every op at S=131072), ``profile`` (target 2: ``benchmarks/profile_ops.py``, each
-                  op's kernels, launches and GPU time per call), ``bench-bias`` (target 5: TGlobal's backward with
+                  op's kernels, launches and GPU time per call; then target 4's shapes, local without bias and
+                  Longformer with 1 and 64 globals at window 256, kernel by kernel: ``profile-globals.json``), ``bench-bias`` (target 5: TGlobal's backward with
                   and without its bias tables), ``bench-host`` (target 3: every op at S=512, where wall minus GPU
                   time is the host's cost), ``bench-host-launch`` (its Triton run again with Triton's own launches,
                   ``LONGATTN_TRITON_LAUNCH=triton``: the launch cache's share) and ``host-profile``
@@ -40,7 +41,7 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   ``TUNE_CAP_S``), the most informative configs first, into ``OUTDIR/tune-triton.json``;
 8. ``results``    the bench JSONs merged into ``OUTDIR/bench.json``, copied to ``benchmarks/results/``, the
                   refreshed ``auto`` table (``OUTDIR/auto_table.json``) and README section (``OUTDIR/results.md``);
-                  the other runs' JSONs (globals, memory, profile, ragged, halo, tune) copied there as their own
+                  the other runs' JSONs (globals, memory, profiles, ragged, halo, tune) copied there as their own
                   files.
 
 Then a short summary table, printed last. Each step gets the budget that remains (minus a small reserve for
@@ -90,6 +91,7 @@ GLOBALS_COUNTS = (1, 64)  # issue 12, target 4: Longformer's cost from 1 to 64 g
 MEMORY_SEQLEN = 131072  # issue 12, target 6
 HOST_SEQLEN = 512  # issue 12, target 3: a shape whose kernels take a few microseconds, so wall minus GPU is the host
 EXTRA_RUNS = ("bench-ragged.json", "bench-halo.json", "tune-triton.json", "bench-memory.json", "profile-ops.json",
+              "profile-globals.json",
               "bench-host.json", "bench-host-triton-launch.json", "bench-bias-on.json", "bench-bias-off.json",
               *(f"bench-globals-{g}.json" for g in GLOBALS_COUNTS))  # saved as their own files
 
@@ -202,6 +204,18 @@ def globals_cmd(python: str, outdir: Path) -> list[str]:
         for g in GLOBALS_COUNTS)]
 
 
+def profile_cmd(python: str, outdir: Path) -> list[str]:
+    """Target 2: every op's kernels at the bench's shapes (``profile-ops.json``); then target 4's: the local op
+    without bias tables and Longformer with 1 and 64 globals at the same window (256), S=16384
+    (``profile-globals.json``), so the summary can say which kernels Longformer's extra time is in."""
+    script = str(ROOT / "benchmarks" / "profile_ops.py")
+    return ["bash", "-c", "; ".join([
+        shlex.join([python, script, "--json", str(outdir / "profile-ops.json")]),
+        shlex.join([python, script, "--op", "local,longformer", "--no-bias", "--window", "256", "--seqlen", "16384",
+                    "--globals", ",".join(map(str, GLOBALS_COUNTS)), "--json", str(outdir / "profile-globals.json")]),
+    ])]
+
+
 def bias_cmd(python: str, outdir: Path) -> list[str]:
     """Target 5: TGlobal's backward at S=16384 with and without its two bias tables (their gradients' cost is the
     difference: the Triton kernels reduce them inside the dQ pass, so no kernel of their own shows it)."""
@@ -280,8 +294,7 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
              cmd=bench_cmd(py, outdir, BENCH_SEQLENS[0], *bench_choice)),
         Step("bench-globals", 30, 120, needs_gpu=True, cmd=globals_cmd(py, outdir)),
         Step("bench-memory", 30, 120, needs_gpu=True, cmd=memory_cmd(py, outdir)),
-        Step("profile", 30, 120, needs_gpu=True,
-             cmd=[py, str(ROOT / "benchmarks" / "profile_ops.py"), "--json", str(outdir / "profile-ops.json")]),
+        Step("profile", 30, 150, needs_gpu=True, cmd=profile_cmd(py, outdir)),
         Step("bench-bias", 20, 90, needs_gpu=True, cmd=bias_cmd(py, outdir)),
         Step("bench-host", 20, 90, needs_gpu=True, cmd=host_cmd(py, outdir)),
         Step("bench-host-launch", 15, 60, needs_gpu=True, cmd=host_launch_cmd(py, outdir),
@@ -598,6 +611,32 @@ def _launch_cache_lines(cached_run, triton_run) -> list[str]:
             ] if cells else []
 
 
+def _globals_kernel_lines(profiled) -> list[str]:
+    """Target 4 by kernel (``profile-globals.json``): each backend's GPU microseconds per fwd+bwd call of the local op
+    (no bias, window 256) and of Longformer with each global count, and Longformer's kernels by their time (fwd and
+    bwd passes added up, name cut short): where its extra time over the band alone goes."""
+    rows = [r for r in (profiled or {}).get("results", []) if r.get("status") == "ok"]
+    lines = []
+    for backend in sorted({r["backend"] for r in rows}):
+        totals, kernels = {}, {}
+        for r in rows:
+            if r["backend"] != backend:
+                continue
+            case = r["op"] + (f"/{r['globals']}" if "globals" in r else "")
+            totals[case] = totals.get(case, 0.0) + r["us_per_call"]
+            for a in r["activities"]:
+                names = kernels.setdefault(case, {})
+                names[a["name"][:40]] = names.get(a["name"][:40], 0.0) + a["us_per_call"]
+        base = totals.get("local")
+        cells = [f"{case} {us:.0f}" + (f" ({us / base:.2f}x)" if base and case != "local" else "")
+                 for case, us in totals.items()]
+        lines.append(f"  4 {backend} GPU us per fwd+bwd call (profile, no bias, window 256): " + "; ".join(cells))
+        lines += [f"    {case}: " + "; ".join(f"{name} {us:.0f}" for name, us in sorted(names.items(),
+                                                                                      key=lambda kv: -kv[1]))
+                  for case, names in kernels.items()]
+    return lines
+
+
 def _sdpa_floor(run) -> str:
     """"; dense SDPA <pass> <us> ..." from a run's dense-SDPA rows (the first op's): torch's own host overhead for one
     attention call on the same machine, the floor the targets' figures are read against."""
@@ -621,6 +660,7 @@ def targets_summary(outdir: Path) -> list[str]:
         lines.append(f"  4 Longformer/local (no bias) fwd+bwd, S=16384, window 256, {g} globals (<= 1.15x): "
                      + ("; ".join(cells) or "not measured")
                      + (f"; useful-FLOP ratio {floor:.2f}x (the floor of any exact kernel)" if floor else ""))
+    lines += _globals_kernel_lines(_load(outdir, "profile-globals.json"))
     tg = _fwdbwd_ms(bench, "tglobal")
     lines.append(f"  5 Triton/CUDA TGlobal fwd+bwd at S={BENCH_SEQLENS[0]} (<= 1.2x): "
                  + (f"{tg['triton'] / tg['cuda']:.2f}x ({tg['triton']:.3f} / {tg['cuda']:.3f} ms)"

@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     ops, backends = script_choices(p, args)
     if args.calls < 1 or args.top < 1:
         p.error("--calls and --top: positive integers")
-    settings = script_settings(on_gpu)
+    settings = script_settings(on_gpu, args)
     report = run(ops, backends, args.seqlen, args.calls, args.top, settings)
     print(report.split("\n\n", 1)[0])
     if args.out:

@@ -1,7 +1,8 @@
 """Which kernels each op launches, how many and for how long (issue 12: targets 2 and 5 on a GPU).
 
     python benchmarks/profile_ops.py [--seqlen 16384] [--op local,longformer,tglobal,aggregate]
-                                     [--backend triton,cuda] [--globals 1,64] [--json OUT]
+                                     [--backend triton,cuda] [--globals 1,64] [--window W] [--no-bias]
+                                     [--json OUT]
 
 For each op, backend and pass (``fwd``: the forward alone; ``bwd``: the backward of a saved forward), a few calls
 run under ``torch.profiler`` after a warm-up, and each GPU activity (kernel, memset, memcpy) is listed with its
@@ -110,11 +111,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the run here")
     args = p.parse_args(argv)
     ops, backends = script_choices(p, args)
-    settings = script_settings(on_gpu)
+    settings = script_settings(on_gpu, args)
     counts = tuple(int(g) for g in args.globals.split(",") if g)
     results = run(ops, backends, args.seqlen, counts, settings)
     info = output.run_info({"mode": "profile-ops", "device": settings.device, "seqlens": [args.seqlen],
-                            "ops": ops, "globals": list(counts), "heads": settings.heads,
+                            "ops": ops, "globals": list(counts), "window": settings.window, "bias": settings.bias,
+                            "heads": settings.heads,
                             "head_dim": settings.head_dim, "dtype": str(settings.dtype), "calls": CALLS})
     run_json = {**info, "results": results}
     if args.json:

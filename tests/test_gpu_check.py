@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -236,7 +237,11 @@ def test_target_commands_parse(tmp_path):
     same = lambda settings: {k: v for k, v in settings.items() if k not in ("backends", "baselines")}  # noqa: E731
     assert same(plain) == same(st) and plain["baselines"] == []
     assert out.endswith("bench-host-triton-launch.json")
-    assert steps["profile"].cmd[1].endswith("profile_ops.py")
+    plain, globals_ = (shlex.split(c) for c in steps["profile"].cmd[2].split("; "))
+    assert plain[1].endswith("profile_ops.py") and plain[-1].endswith("profile-ops.json")
+    assert globals_[1].endswith("profile_ops.py") and globals_[-1].endswith("profile-globals.json")
+    assert "--no-bias" in globals_ and globals_[globals_.index("--window") + 1] == "256"
+    assert globals_[globals_.index("--globals") + 1] == ",".join(map(str, gc.GLOBALS_COUNTS))
 
 
 def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
@@ -272,6 +277,18 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     profile = {"results": [{"op": "longformer", "globals": 64, "backend": "cuda", "pass": "fwd", "status": "ok",
                             "us_per_call": 5.0, "launches_per_call": 4, "activities": []}]}
     (tmp_path / "profile-ops.json").write_text(json.dumps(profile))
+
+    def prof(op, which, us, kernels, **extra):
+        return {"op": op, "backend": "triton", "pass": which, "status": "ok", "us_per_call": us, **extra,
+                "activities": [{"name": n, "per_call": 1, "us_per_call": t} for n, t in kernels]}
+
+    by_kernel = {"results": [prof("local", "fwd", 200.0, [("_rows_kernel", 200.0)]),
+                             prof("local", "bwd", 600.0, [("_rows_kernel", 250.0), ("_keys_kernel", 350.0)]),
+                             prof("longformer", "fwd", 250.0, [("_rows_kernel", 240.0), ("_slots_kernel", 10.0)],
+                                  globals=1),
+                             prof("longformer", "bwd", 750.0, [("_rows_kernel", 260.0), ("_keys_kernel", 490.0)],
+                                  globals=1)]}
+    (tmp_path / "profile-globals.json").write_text(json.dumps(by_kernel))
     lines = gc.targets_summary(tmp_path)
     text = "\n".join(lines)
     assert "1 globals (<= 1.15x): cuda 1.10x (1.100 / 1.000 ms)" in text
@@ -279,6 +296,8 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     assert "(<= 1.2x): 1.50x (3.000 / 2.000 ms)" in text
     assert "share (1 - without / with; <= 10 %): triton 5.0% (2.000 / 1.900 ms)" in text
     assert "longformer/64 cuda fwd 4" in text
+    assert "4 triton GPU us per fwd+bwd call (profile, no bias, window 256): local 800; longformer/1 1000 (1.25x)" in text
+    assert "    longformer/1: _rows_kernel 500; _keys_kernel 490; _slots_kernel 10" in text
     assert ("at S=512, us (fwd <= 40, fwd+bwd <= 80): local cuda fwd 30; local triton fwd 40; dense SDPA fwd 25; "
             "dense SDPA fwdbwd 300") in text
     assert "Triton host overhead at S=512, us, Triton's launches -> cached: local fwd 90 -> 40" in text

@@ -48,6 +48,22 @@ def test_cpu_run_lists_each_pass_and_writes_the_run(tmp_path, capsys):
     assert "local" in capsys.readouterr().out
 
 
+def test_window_and_no_bias_reach_the_profiled_cases(tmp_path, monkeypatch):
+    """Target 4's profile (``gpu_check``'s profile-globals): the local op at Longformer's window, without its table."""
+    po = _load()
+    seen = []
+    real = po.build_case
+    monkeypatch.setattr(po, "build_case", lambda op, S, st: seen.append((op, st.window, st.bias)) or real(op, S, st))
+    out = tmp_path / "profile.json"
+    po.main(["--seqlen", "48", "--op", "local,longformer", "--backend", "torch", "--no-bias", "--window", "6",
+             "--globals", "2", "--json", str(out)])
+    assert seen == [("local", 6, False), ("longformer", 6, False)]
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["window"] == 6 and settings["bias"] is False
+    rows = json.loads(out.read_text())["results"]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+
+
 def test_host_profile_plumbing_on_cpu(tmp_path, capsys):
     hp = _load("host_profile")
     if torch.cuda.is_available():

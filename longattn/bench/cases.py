@@ -77,19 +77,25 @@ class Case:
         return f"{self.op} B={self.B} S={self.S} H={self.H} D={self.D} window={self.window[0]}{extra}"
 
 
-def script_settings(on_gpu: bool) -> Settings:
+def script_settings(on_gpu: bool, args=None) -> Settings:
     """The shape of the benchmark scripts beside the bench (``benchmarks/profile_ops.py``, ``host_profile.py``):
-    DESIGN.md's standard shape on a GPU (B=1, H=12, D=64, bf16), a small float32 one on CPU (their plumbing runs)."""
+    DESIGN.md's standard shape on a GPU (B=1, H=12, D=64, bf16), a small float32 one on CPU (their plumbing runs).
+    ``args``: the parsed ``add_script_arguments`` options, whose ``--window`` and ``--no-bias`` apply."""
+    window, bias = (None, True) if args is None else (args.window, not args.no_bias)
     if on_gpu:
-        return Settings(heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda")
-    return Settings(heads=2, head_dim=32, dtype=torch.float32, device="cpu")
+        return Settings(heads=12, head_dim=64, dtype=torch.bfloat16, device="cuda", window=window, bias=bias)
+    return Settings(heads=2, head_dim=32, dtype=torch.float32, device="cpu", window=window, bias=bias)
 
 
 def add_script_arguments(parser, on_gpu: bool, seqlen_gpu: int, seqlen_cpu: int) -> None:
-    """The scripts' shared options: ``--seqlen``, ``--op`` and ``--backend`` (comma lists; see ``script_choices``)."""
+    """The scripts' shared options: ``--seqlen``, ``--op`` and ``--backend`` (comma lists; see ``script_choices``),
+    ``--window`` (one side; default the op's, ``DEFAULT_WINDOW``) and ``--no-bias`` (local / tglobal without their
+    bias tables: with both, the local op is the band pass Longformer runs, as in the bench's target 4 rows)."""
     parser.add_argument("--seqlen", type=int, default=seqlen_gpu if on_gpu else seqlen_cpu)
     parser.add_argument("--op", default=",".join(OPS))
     parser.add_argument("--backend", default="triton,cuda" if on_gpu else "torch")
+    parser.add_argument("--window", type=int, default=None, help="window, one side (default: the op's)")
+    parser.add_argument("--no-bias", action="store_true", help="local / tglobal without their bias tables")
 
 
 def script_choices(parser, args) -> tuple[list[str], list[str]]:

@@ -33,16 +33,18 @@ def _wide_tiles(monkeypatch):
 
 @pytest.fixture
 def side_widths(monkeypatch):
-    """The side tile widths the band launchers pick (``band_side.side_tiles``), one per forward / backward."""
+    """The side tile widths the band launchers pick (``band_side.launch_tiles``), one per forward / backward."""
     from longattn.triton_kernels import _common, band_side
 
     seen = []
 
-    def side_tiles(G, D, side_bias=False):
-        seen.append(_common.side_tiles(G, D, side_bias)[0])
-        return _common.side_tiles(G, D, side_bias)
+    def launch_tiles(D, G, side_bias, dtype):
+        tiles = _common.launch_tiles(D, G, side_bias, dtype)
+        assert tiles.side_n == _common.side_tiles(G, D, side_bias)[0]
+        seen.append(tiles.side_n)
+        return tiles
 
-    monkeypatch.setattr(band_side, "side_tiles", side_tiles)
+    monkeypatch.setattr(band_side, "launch_tiles", launch_tiles)
     return seen
 
 

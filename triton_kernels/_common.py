@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -201,6 +202,33 @@ def _side_tiles(G: int, D: int, side_bias: bool, override: str | None) -> tuple[
     if interpreting() or override:
         return side_n, warps
     return side_n, _SIDE_KEY_WARPS
+
+
+class LaunchTiles(NamedTuple):
+    """A band launch's tiles (``launch_tiles``): BLOCK_M, BLOCK_N, num_warps (``attention_tiles``), SIDE_N and the
+    side keys' dK/dV warps (``side_tiles``), BLOCK_D (``head_dim_block``) and DOT_PREC (``dot_precision``)."""
+
+    block_m: int
+    block_n: int
+    warps: int
+    side_n: int
+    side_warps: int
+    block_d: int
+    dot_prec: str
+
+
+def launch_tiles(D: int, G: int, side_bias: bool, dtype) -> LaunchTiles:
+    """Every tile choice of a band launch (head dim D, G side keys, a side bias table or not, q's dtype) in one cached
+    lookup: the launchers pick them at every forward and backward, and looked up one by one they cost ~3 us of a
+    call's host time (this CPU). The tile override is read per call, as ``attention_tiles`` reads it."""
+    return _launch_tiles(D, G, side_bias, dtype, os.environ.get(_TILES_ENV))
+
+
+@functools.lru_cache(maxsize=1024)  # G (TGlobal's S / block) varies with the length
+def _launch_tiles(D: int, G: int, side_bias: bool, dtype, override: str | None) -> LaunchTiles:
+    block_m, block_n, warps = _attention_tiles(D, override)
+    return LaunchTiles(block_m, block_n, warps, *_side_tiles(G, D, side_bias, override), head_dim_block(D),
+                       dot_precision(dtype))
 
 
 def dot_precision(dtype) -> str:
@@ -573,17 +601,17 @@ def dlse_args(dlse, lse):
     return dict(DLse=dlse.contiguous(), HAS_DLSE=True)
 
 
-def halo_grad_args(halo, dk):
+def halo_grad_args(halo, dk, block_n: int):
     """(the (dhalo_k, dhalo_v) returned, empty without a halo; the dK/dV kernel's output keywords; its extra key
     tiles): contiguous (B, n_halo, H_kv, D) like ``dk``, written by ``cdiv(HL, BLOCK_N) + cdiv(HR + S % 4, BLOCK_N)``
-    programs (none for an empty part) past those of the S keys (``band_side._keys_kernel``)."""
+    programs (none for an empty part) past those of the S keys (``band_side._keys_kernel``); ``block_n``: the band
+    launch's BLOCK_N."""
     if not halo["HAS_HALO"]:
         return (), {}, 0
     B, S, H_kv, D = dk.shape
     n_halo, left = halo["n_halo"], halo["halo_left"]
     dhk = torch.empty(B, n_halo, H_kv, D, dtype=dk.dtype, device=dk.device)
     dhv = torch.empty_like(dhk)
-    block_n = attention_tiles(D)[1]
     # an empty halo tensor may have a null data pointer: dk stands in (no halo tile, never written)
     out = dict(DHK=dhk if n_halo else dk, DHV=dhv if n_halo else dk, stride_dhb=dhk.stride(0))
     # the right part's tiles start at S rounded down to a multiple of 4 (``band_side._keys_kernel``): S % 4 more keys

@@ -39,21 +39,19 @@ from . import bias_grad, global_rows
 from ._common import (
     FORWARD_TABLE_NO_LICM,
     as_u8,
-    attention_tiles,
     band_scores,
     band_tile_interior,
     batch_head_offset,
     cdiv,
     check_bounds,
     dlse_args,
-    dot_precision,
     ds_tile,
     halo_args,
     halo_excluded,
     halo_grad_args,
     halo_row,
-    head_dim_block,
     kv_grad_ds_step,
+    launch_tiles,
     load_halo_rows,
     load_query_block,
     load_ranges,
@@ -64,7 +62,6 @@ from ._common import (
     range_tiles,
     ranged_scores,
     side_scores,
-    side_tiles,
     softmax_step,
     split_count,
     store_rows,
@@ -711,8 +708,8 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
     G = _side_count(side_k, side_index)
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device)
-    BLOCK_M, BLOCK_N, warps = attention_tiles(D)
-    side_n = side_tiles(G, D, side_bias is not None)[0]
+    tiles = launch_tiles(D, G, side_bias is not None, q.dtype)
+    BLOCK_M = tiles.block_m
     extra = _common_args(band_key_mask, side_mask, query_block, band_bias, side_bias, q)
     rows_role = fused_rows.role(False) if fused_rows is not None else {}
     grid = (cdiv(S, BLOCK_M) + rows_role.get("n_lead", 0), B * H)
@@ -725,9 +722,9 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         S, H, H // k.shape[2], G, D, left, right, float(scale),
         BACKWARD=False, **_flags(band_key_mask, side_mask, band_bias, side_bias),
         **_dropout_meta(dropout_p, rng, lse, dropout_offset), BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps,
+        BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, DOT_PREC=tiles.dot_prec, num_warps=tiles.warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
-        **ranged, **halo, **rows_role, SIDE_N=side_n, **_forward_licm(band_bias, side_bias),
+        **ranged, **halo, **rows_role, SIDE_N=tiles.side_n, **_forward_licm(band_bias, side_bias),
     )
     return out, lse
 
@@ -779,8 +776,8 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     check_offset(dropout_offset)
     halo = halo_args(halo_k, halo_v, halo_mask, halo_left, k, v, left, right)
     G = _side_count(side_k, side_index)
-    BLOCK_M, BLOCK_N, warps = attention_tiles(D)
-    side_n, side_warps = side_tiles(G, D, side_bias is not None)
+    tiles = launch_tiles(D, G, side_bias is not None, q.dtype)
+    BLOCK_M, BLOCK_N = tiles.block_m, tiles.block_n
     ranged, (kr, has_kr), side_ranges = _range_args(key_ranges, side_ranges, B, S, G, BLOCK_M, q, range_bounds)
     lse = lse.contiguous()
     delta_lse = dlse_args(dlse, lse)
@@ -793,12 +790,12 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     meta = dict(**_flags(band_key_mask, side_mask, band_bias, side_bias),
                 **_dropout_meta(dropout_p, rng, delta, dropout_offset),
                 BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                BLOCK_D=head_dim_block(D), DOT_PREC=dot_precision(q.dtype), num_warps=warps)
+                BLOCK_D=tiles.block_d, DOT_PREC=tiles.dot_prec, num_warps=tiles.warps)
     n_tiles = cdiv(S, BLOCK_M)
-    halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk)
+    halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk, BLOCK_N)
     n_keys = cdiv(S, BLOCK_N) + halo_tiles  # band dK/dV programs per (b, K/V head)
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M)
-    side_meta = dict(meta, BLOCK_N=side_n, num_warps=side_warps)  # the side dK/dV's key tile: a side tile
+    side_meta = dict(meta, BLOCK_N=tiles.side_n, num_warps=tiles.side_warps)  # the side dK/dV's key tile: a side tile
     side = _side_plan(q, side_k, G, side_meta, widths, 4 * B * H * n_keys * widths[0])
     parts = bias_grad.partials((B, n_keys, H), (side.splits, B, side.programs, H), widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
@@ -808,7 +805,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         *strides3(q), *strides3(k), *strides3(v), *strides3(side_k), *strides3(side_v),
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), BACKWARD=True, SIDE_INDEX=indexed,
-        **ranged, **meta, **halo, **delta_lse, **rows_role, SIDE_N=side_n,
+        **ranged, **meta, **halo, **delta_lse, **rows_role, SIDE_N=tiles.side_n,
     )
     cached(_keys_kernel)[(n_keys, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,

@@ -29,7 +29,8 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
                   ``LONGATTN_TRITON_LAUNCH=triton``: the launch cache's share) and ``host-profile``
                   (``benchmarks/host_profile.py``: where that host time goes, by cProfile and per call by thread
                   (the backward runs on the autograd engine's device thread), Triton launch and launch-cache miss,
-                  into ``OUTDIR/host-profile.txt``);
+                  and ``benchmarks/launch_probe.py``'s one launch by thread and pointer count, into
+                  ``OUTDIR/host-profile.txt``);
    ``racecheck``  compute-sanitizer's race check on the same script;
    ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths 2048,16384,4096,9000: padded vs packed
                   vs one by one, Triton and CUDA); ``bench-4096``, ``bench-65536``: the other standard lengths, at

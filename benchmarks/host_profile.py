@@ -18,6 +18,9 @@ missed (``first``: a key's first launch, through Triton's ``JITFunction.run``) o
 device thread, which a ``cProfile.Profile`` enabled in the calling thread does not see before Python 3.12; here every
 op implementation that runs off the calling thread is also profiled by a profiler of its own thread (from 3.12
 cProfile is process-wide and that profiler is not needed: its enable fails and is skipped).
+
+On a GPU with the Triton backend the summary ends with ``benchmarks/launch_probe.py``'s lines: one cached launch
+timed on the calling thread and inside an autograd backward, with 1 and 24 pointers.
 """
 
 from __future__ import annotations
@@ -209,6 +212,12 @@ def main(argv=None) -> int:
         p.error("--calls and --top: positive integers")
     settings = script_settings(on_gpu, args)
     report = run(ops, backends, args.seqlen, args.calls, args.top, settings)
+    if on_gpu and "triton" in backends:  # the same launch by thread and pointer count (benchmarks/launch_probe.py)
+        from benchmarks.launch_probe import probe
+
+        summary, sections = report.split("\n\n", 1)
+        report = "\n".join([summary, "launch probe (one cached launch, us per call):",
+                             *probe(torch.device(settings.device))]) + "\n\n" + sections
     print(report.split("\n\n", 1)[0])
     if args.out:
         Path(args.out).write_text(report)

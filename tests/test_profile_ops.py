@@ -144,3 +144,28 @@ def test_breakdown_counts_cached_and_missed_triton_launches():
     from tests.conftest import run_sm90_compile
 
     run_sm90_compile("tests.test_profile_ops:count_steady_state_launches")
+
+
+def check_launch_probe():
+    """``benchmarks/launch_probe.py`` with Triton's launch path emulated for sm_90 (its CPU plumbing): one line per
+    launch kind with both threads' figures, the launches going through longattn's launch cache."""
+    from tests.triton_emulation import EmulatedTriton
+
+    emulation = EmulatedTriton().install()
+    try:
+        lines = _load("launch_probe").probe(torch.device("cpu"), calls=3)
+    finally:
+        emulation.uninstall()
+    assert [line.split("  ")[0].strip() for line in lines] == ["launch, 1 pointer", "launch, 24 pointers",
+                                                                "torch add_"]
+    assert all("calling thread" in line and "in autograd backward" in line for line in lines)
+    # first calls (1 per kernel) through Triton's path, then 3 + 3 cached launches of each: all recorded
+    assert emulation.misses == 2 and len(emulation.launches) == 2 * 7
+    assert [len(launch.args) for launch in emulation.launches] == [2] * 7 + [25] * 7  # the pointers and BLOCK
+
+
+def test_launch_probe_plumbing():
+    from tests.conftest import run_sm90_compile
+
+    run_sm90_compile("tests.test_profile_ops:check_launch_probe")
+

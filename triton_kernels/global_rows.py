@@ -30,6 +30,8 @@ skips the slot tiles at either end that cannot see it; pairs are masked per elem
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -353,11 +355,16 @@ def _plan(q, G, slot_block=None):
     """(tiles (BLOCK_M, BLOCK_N, warps), slot tiles, splits, keys per split) for G slots over S keys; BLOCK_M =
     ``slot_block`` when given."""
     B, S, H, D = q.shape
-    BLOCK_M, BLOCK_N, warps = attention_tiles(D)
+    return _sized_plan(B, S, H, G, slot_block, q.device, attention_tiles(D))
+
+
+@functools.lru_cache(maxsize=256)  # integer arithmetic on the call's sizes (and the SM count): once per shape
+def _sized_plan(B, S, H, G, slot_block, device, tiles):
+    BLOCK_M, BLOCK_N, warps = tiles
     BLOCK_M = slot_block or BLOCK_M
     slot_tiles = cdiv(G, BLOCK_M)
     key_tiles = cdiv(S, BLOCK_N)
-    splits = split_count(slot_tiles * B * H, key_tiles, q.device, cap=64)
+    splits = split_count(slot_tiles * B * H, key_tiles, device, cap=64)
     keys_per_split = cdiv(key_tiles, splits) * BLOCK_N
     return (BLOCK_M, BLOCK_N, warps), slot_tiles, cdiv(S, keys_per_split), keys_per_split
 
@@ -471,7 +478,9 @@ class FusedRows:
         B, S, H, D = q.shape
         return B, H * cdiv(G, SLOT_BLOCK)  # (B * H, slot tiles) as (B, H * slot tiles): zeroed per batch row
 
+    @functools.cached_property
     def _inputs(self) -> dict:
+        """The global rows' keywords both band kernels take (the backward's two launches share them)."""
         return dict(QG=self.q, KG=self.k, VG=self.v, **_named_strides("qg", self.q), **_named_strides("kg", self.k),
                     **_named_strides("vg", self.v), GLse=self.glse, GKMask=self.key_mask, GKRange=self.kr,
                     HAS_GKMASK=self.has_kmask, HAS_GRANGES=self.has_kr)
@@ -482,7 +491,7 @@ class FusedRows:
         return dict(GLOBAL_ROWS=True, n_lead=self.slot_tiles * self.splits, n_slot_tiles=self.slot_tiles,
                     PartO=self.part_o, PartL=self.part_l, keys_per_split=self.keys_per_split, splits=self.splits,
                     SLOT_BLOCK=SLOT_BLOCK,
-                    **({} if backward else dict(Counter=self.counter)), GTBounds=self.bounds, **self._inputs())
+                    **({} if backward else dict(Counter=self.counter)), GTBounds=self.bounds, **self._inputs)
 
     def keys_role(self) -> dict:
         """``band_side._keys_kernel``'s keywords (band keys): the key tiles' gradients over the global queries."""
@@ -490,7 +499,7 @@ class FusedRows:
         new_q, new_kv = self.dq is not None, self.dk is not None
         return dict(GLOBAL_ROWS=True, GLOBAL_SEPARATE=new_kv, ZERO_DQG=new_q, Out=self.out, SLOT_BLOCK=SLOT_BLOCK,
                     **_named_strides("o", self.out), DKG=self.dk if new_kv else dummy,
-                    DVG=self.dv if new_kv else dummy, DQG=self.dq if new_q else dummy, **self._inputs())
+                    DVG=self.dv if new_kv else dummy, DQG=self.dq if new_q else dummy, **self._inputs)
 
     def row_sums(self, dq):
         """The reduction's share (``bias_grad.RowSums``): the partial dq summed into the global rows of the new dq, or
@@ -501,4 +510,10 @@ class FusedRows:
 
 
 def _named_strides(name: str, x) -> dict:
-    return dict(zip((f"stride_{name}b", f"stride_{name}s", f"stride_{name}h"), strides3(x)))
+    """{stride_<name>b, stride_<name>s, stride_<name>h: x's (batch, sequence, head) strides}."""
+    return dict(zip(_stride_names(name), strides3(x)))
+
+
+@functools.cache
+def _stride_names(name: str) -> tuple[str, str, str]:
+    return f"stride_{name}b", f"stride_{name}s", f"stride_{name}h"

@@ -125,6 +125,114 @@ def check_cached_launches():
     print(f"launches {len(emulation.launches)}, from the cache {checked.hits}, Triton kernels {len(checked.keys)}")
 
 
+def _pointers_kernel():
+    """A ``@triton.jit`` kernel of 12 pointers and 2 scalars (its body is never compiled: the emulation launches
+    nothing)."""
+    import triton
+
+    @triton.jit
+    def _pointers(x, d0, d1, d2, d3, d4, d5, d6, d7, d8, d9, y, n, flag):
+        pass
+
+    return _pointers
+
+
+def _pointer_args(dummy, **changes) -> dict:
+    """One call's arguments of ``_pointers_kernel``: ``dummy`` for d0 to d9, then ``changes``."""
+    args = dict(x=torch.zeros(64), **{f"d{i}": dummy for i in range(10)}, y=torch.zeros(64), n=64, flag=False)
+    return {**args, **changes}
+
+
+def check_repeated_tensors():
+    """A kernel given one dummy tensor for 10 pointers, as the launchers pass them: the cache reads the dtype and
+    pointer of each distinct tensor only, so the dummy or another tensor misaligned or of another dtype, each way a
+    repeat can stop repeating (another dtype, a misaligned tensor, None, another tensor), a second pattern of repeats
+    in the same layout, and a changed scalar must each launch Triton's kernel for that call (``_Checked``); every call
+    twice, the second time from the cache."""
+    from longattn.triton_kernels._launch import cached
+    from tests.triton_emulation import EmulatedTriton
+
+    f32, misaligned, f16 = (lambda: torch.zeros(1)), (lambda: torch.zeros(5)[1:]), (lambda: torch.zeros(1).half())
+    calls = [lambda: _pointer_args(f32()), lambda: _pointer_args(misaligned()), lambda: _pointer_args(f16()),
+             lambda: _pointer_args(f32(), x=misaligned()), lambda: _pointer_args(f32(), y=f16()),
+             lambda: _pointer_args(f32(), d3=f16()), lambda: _pointer_args(f32(), d9=misaligned()),
+             lambda: _pointer_args(f32(), d5=None), lambda: _pointer_args(f32(), d0=f32()),
+             lambda: _pointer_args(f32(), **dict.fromkeys([f"d{i}" for i in range(5, 10)], f32())),
+             lambda: _pointer_args(f32(), n=65), lambda: _pointer_args(f32(), flag=True),
+             lambda: _pointer_args(f32(), n=True)]
+    kernel = _pointers_kernel()
+    emulation = EmulatedTriton().install()
+    checked = _Checked(emulation)
+    try:
+        for second in (False, True):
+            hits = checked.hits
+            for call in calls:
+                args = call()
+                n, flag = args.pop("n"), args.pop("flag")
+                cached(kernel)[(1,)](*args.values(), n=n, flag=flag)
+            if second:
+                assert checked.hits - hits == len(calls), "the second round was not served from the cache"
+        layouts = cached(kernel).layouts.values()
+        assert sum(len(layout.sharings) for layout in layouts) >= 2, "no repeats checked: the test checks nothing"
+        assert len(checked.keys) >= 8, "Triton compiled one kernel for most calls: the test checks nothing"
+    finally:
+        checked._undo()
+        emulation.uninstall()
+
+
+def test_repeated_tensors_launch_triton_kernel():
+    assert os.environ.get("LONGATTN_TRITON_LAUNCH") != "triton", "the cached launches are off: nothing to test"
+    run_sm90_compile("tests.test_triton_launch:check_repeated_tensors")
+
+
+def check_launch_hooks():
+    """Triton's hook chains in ``knobs.runtime``: empty, the cached launch passes None for both hooks and builds no
+    launch metadata (Triton would call the empty chains); with a hook in either chain, that chain and the compiled
+    kernel's metadata reach the launcher."""
+    from triton import knobs
+
+    from longattn.triton_kernels import _launch
+    from longattn.triton_kernels._launch import cached
+    from tests.triton_emulation import EmulatedTriton
+
+    kernel = _pointers_kernel()
+    emulation = EmulatedTriton().install()
+    _launch.runtime.hooks = knobs.runtime
+    seen = []
+    compiled = None
+    try:
+        def launch():
+            args = _pointer_args(torch.zeros(1))
+            n, flag = args.pop("n"), args.pop("flag")
+            return cached(kernel)[(1,)](*args.values(), n=n, flag=flag)
+
+        compiled = launch()  # the first launch: Triton's own path, which calls the chains itself
+        real_run, real_metadata = compiled.run, compiled.launch_metadata
+        compiled.run = lambda *a: (seen.append(a[6:9]), real_run(*a))
+        compiled.launch_metadata = lambda *a: ("metadata", real_metadata(*a))[0]
+        launch()
+        assert seen[-1] == (None, None, None), seen[-1]
+        for chain in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+            hook = lambda metadata: None  # noqa: E731 (never called: the emulated launcher calls no hook)
+            chain.add(hook)
+            try:
+                launch()
+                enter, leave = seen[-1][1:]
+                assert seen[-1][0] == "metadata" and chain in (enter, leave), seen[-1]
+                assert (enter is None) == (chain is knobs.runtime.launch_exit_hook), seen[-1]
+            finally:
+                chain.remove(hook)
+    finally:
+        if compiled is not None:
+            vars(compiled).pop("run", None), vars(compiled).pop("launch_metadata", None)
+        emulation.uninstall()
+
+
+def test_empty_launch_hooks_are_not_called():
+    assert os.environ.get("LONGATTN_TRITON_LAUNCH") != "triton", "the cached launches are off: nothing to test"
+    run_sm90_compile("tests.test_triton_launch:check_launch_hooks")
+
+
 def test_cached_launches_match_triton():
     env_off = os.environ.get("LONGATTN_TRITON_LAUNCH") == "triton"
     assert not env_off, "LONGATTN_TRITON_LAUNCH=triton turns the cached launches off: nothing to test"

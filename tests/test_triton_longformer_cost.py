@@ -1,0 +1,152 @@
+"""Static cost of Longformer's band kernels next to the local op's (issue 12, target 4), from sm_90 code compiled on
+the CPU as the real launches specialize it.
+
+The launches are captured, not rebuilt: the local op and the Longformer op (1 and 64 globals) run forward and backward
+at the H200 benchmark's shape (B = 1, S = 16384, H = 12, D = 64, bf16, window +-256, no tables) on CPU tensors with
+Triton's launch path emulated (``tests/triton_emulation.py``, 132 SMs for the split heuristics), so each compile gets
+exactly the keywords, integers (== 1: constants; multiples of 16: hinted) and pointer types that launch passes.
+
+What is guarded (offline compile, Triton 3.6 and 3.8, 2026-12-01):
+
+- the forward and dQ kernels keep two programs per SM (<= 128 registers at 8 warps): local 108-122, Longformer
+  98-116 (1 global) and 117-122 (64 globals). Crossing 128 roughly halves a kernel's throughput
+  (``tests/test_triton_bias_cost.py``);
+- ptxas pipelines the band loop's wgmma (no "wgmma.mma_async instructions are serialized") in the local op's forward
+  and dQ kernels and in Longformer's with 64 globals;
+- nothing spills inside a tile loop of any band kernel (dK/dV: 164-198 registers, one program per SM either way).
+
+Not guarded, printed: with exactly 1 global, ``G == 1`` is specialized to a constant and ptxas serializes every wgmma
+of the forward and dQ band loops (a wait after each HGMMA; Triton 3.6: band loops of 511 / 543 SASS instructions per
+tile against 490 / 503 with G compiled as a runtime integer), and it serializes the band dK/dV kernel of both ops
+(Triton 3.6; 3.8 too, except Longformer with 64 globals).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+
+from tests.conftest import needs_triton, run_sm90_compile
+
+pytestmark = needs_triton
+
+_PTR = {"bfloat16": "*bf16", "float32": "*fp32", "uint8": "*u8", "int64": "*i64", "int32": "*i32"}
+SHAPE = dict(B=1, S=16384, H=12, D=64, window=256)
+
+
+def captured_launches() -> list[tuple[str, object, dict]]:
+    """[(op, kernel, {parameter: value})] of every band launch (``band_side._rows_kernel`` / ``_keys_kernel``) of the
+    local op and of Longformer with 1 and 64 globals, forward and backward, at ``SHAPE`` (values: tensors stay
+    tensors, CPU ones never read)."""
+    import torch
+
+    import longattn
+    from longattn.backends import triton_backend
+    from longattn.bench.cases import global_positions
+    from longattn.triton_kernels import _common, band_side
+
+    from tests.triton_emulation import EmulatedTriton
+
+    B, S, H, D, W = (SHAPE[k] for k in ("B", "S", "H", "D", "window"))
+    saved = triton_backend.unsupported_reasons, _common.num_sms
+    emulation = EmulatedTriton(record=True).install()
+    triton_backend.unsupported_reasons = lambda *a, **k: []  # bf16 on CPU: launches emulated, never run
+    _common.num_sms = lambda device=None: 132  # the H200's splits (global rows, side keys)
+    kernels = (band_side._rows_kernel, band_side._keys_kernel)
+    out = []
+    try:
+        for name, G in (("local", 0), ("longformer G=1", 1), ("longformer G=64", 64)):
+            q, k, v = (torch.randn(B, S, H, D, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+            start = len(emulation.launches)
+            if G:
+                glob = torch.zeros(B, S, dtype=torch.bool)
+                glob[:, global_positions(S, G)] = True
+                attn = longattn.longformer_attention(q, k, v, W, glob, max_globals=G, backend="triton")
+            else:
+                attn = longattn.local_attention(q, k, v, W, backend="triton")
+            torch.autograd.grad(attn, (q, k, v), torch.ones_like(attn))
+            out += [(name, launch.kernel, dict(zip(launch.kernel.arg_names, launch.args)))
+                    for launch in emulation.launches[start:] if launch.kernel in kernels]
+    finally:
+        emulation.uninstall()
+        triton_backend.unsupported_reasons, _common.num_sms = saved
+    return out
+
+
+def compile_launch(fn, args: dict, warps: int):
+    """``fn`` compiled for sm_90 with ``args`` (a captured launch's values) specialized as that launch specializes
+    them (``test_triton_bias_cost.compile_specialized``: pointers typed by their tensor's dtype)."""
+    import torch
+
+    from tests.test_triton_bias_cost import compile_specialized
+
+    constexprs, ints, types = {}, {}, {}
+    for p in fn.params:
+        value = args[p.name]
+        if p.is_constexpr or value is None:
+            constexprs[p.name] = value
+        elif isinstance(value, torch.Tensor):
+            assert value.data_ptr() % 16 == 0, p.name  # compile_specialized hints every pointer 16-byte aligned
+            types[p.name] = _PTR[str(value.dtype).split(".")[-1]]
+        elif isinstance(value, int):
+            ints[p.name] = value
+    return compile_specialized(fn, constexprs, ints, warps, types)
+
+
+def wgmma_serialized(ptx: str) -> bool:
+    """ptxas (sm_90a) reports that it serializes the kernel's wgmma (a wait after every HGMMA)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        run = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    return "wgmma.mma_async instructions are serialized" in run.stderr
+
+
+def _role(args: dict) -> str:
+    if "SIDE" in args:
+        return "side dK/dV" if args["SIDE"] else "band dK/dV"
+    return "dQ" if args["BACKWARD"] else "forward"
+
+
+def longformer_costs() -> dict:
+    """{(op, kernel role): (registers, spill bytes, shared bytes, programs per SM, loops, wgmma serialized)}, printed
+    as a table (loops: ``test_triton_bias_cost.sass_loops``' (instructions, barriers, local accesses))."""
+    from longattn.triton_kernels import _common
+
+    from tests.test_triton_bias_cost import _usage
+
+    _, _, warps = _common.attention_tiles(SHAPE["D"])
+    costs = {}
+    for op, fn, args in captured_launches():
+        role = _role(args)
+        w = _common.side_tiles(args["G"], SHAPE["D"])[1] if role == "side dK/dV" else warps
+        kernel = compile_launch(fn, args, w)
+        costs[op, role] = (*_usage(kernel, w), wgmma_serialized(kernel.asm["ptx"]))
+        c = costs[op, role]
+        print(f"{op:16s} {role:10s} {w} warps: {c[0]} registers, {c[1]} B spilled, {c[2]} B shared, {c[3]} per SM, "
+              f"loops {c[4]}, wgmma {'serialized' if c[5] else 'pipelined'}")
+    return costs
+
+
+def check_longformer_costs():
+    """The guarded state (module doc): two forward / dQ programs per SM in every op, pipelined wgmma in the local op's
+    and 64 globals' forward / dQ, no spill inside any tile loop."""
+    costs = longformer_costs()
+    ops = ("local", "longformer G=1", "longformer G=64")
+    assert {op for op, _ in costs} == set(ops), sorted(costs)
+    for op in ops:
+        for role in ("forward", "dQ"):
+            assert costs[op, role][3] >= 2, (op, role, costs[op, role])  # <= 128 registers at 8 warps
+    for op in ("local", "longformer G=64"):
+        for role in ("forward", "dQ"):
+            assert not costs[op, role][5], (op, role, "wgmma serialized")
+    for key, cost in costs.items():
+        assert all(local == 0 for _, _, local in cost[4]), (key, cost)
+
+
+def test_longformer_costs_sm90():
+    run_sm90_compile("tests.test_triton_longformer_cost:check_longformer_costs")

@@ -18,19 +18,20 @@ On a fresh H100/H200 machine (torch, Triton, nvcc; no network), in order:
 4. ``memcheck``   compute-sanitizer on ``benchmarks/sanitize_cuda.py`` (every CUDA kernel once, small shapes), before
                   any timing: a short budget then drops a timing rather than the memory check;
 5. ``bench-16384`` ``longattn bench --check`` on DESIGN.md's standard shapes at S=16384 (local, longformer, tglobal,
-                  aggregate; fwd and fwd+bwd; every backend and baseline), then issue 12's targets:
-                  ``bench-globals`` (target 4: Longformer with 1 and 64 global tokens against the local op without
-                  bias tables and with the same window, S=16384, Triton and CUDA), ``bench-memory`` (target 6: fwd+bwd
-                  peak memory of every op at S=131072), ``profile`` (target 2: ``benchmarks/profile_ops.py``, each
-                  op's kernels, launches and GPU time per call; then target 4's shapes, local without bias and
-                  Longformer with 1 and 64 globals at window 256, kernel by kernel: ``profile-globals.json``), ``bench-bias`` (target 5: TGlobal's backward with
-                  and without its bias tables), ``bench-host`` (target 3: every op at S=512, where wall minus GPU
-                  time is the host's cost), ``bench-host-launch`` (its Triton run again with Triton's own launches,
-                  ``LONGATTN_TRITON_LAUNCH=triton``: the launch cache's share) and ``host-profile``
-                  (``benchmarks/host_profile.py``: where that host time goes, by cProfile and per call by thread
-                  (the backward runs on the autograd engine's device thread), Triton launch and launch-cache miss,
-                  and ``benchmarks/launch_probe.py``'s one launch by thread and pointer count, into
-                  ``OUTDIR/host-profile.txt``);
+                  aggregate; fwd and fwd+bwd; every backend and baseline), then issue 12's targets: ``bench-globals``
+                  (target 4: Longformer with 1 and 64 global tokens against the local op without bias tables and with
+                  the same window, S=16384, Triton and CUDA), ``bench-memory`` (target 6: fwd+bwd peak memory of every
+                  op at S=131072), ``profile`` (target 2: ``benchmarks/profile_ops.py``, each op's kernels, launches
+                  and GPU time per call; then target 4's shapes, local without bias and Longformer with 1 and 64
+                  globals at window 256, kernel by kernel: ``profile-globals.json``), ``bench-bias`` (target 5:
+                  TGlobal's backward with and without its bias tables), ``bench-kv-stages`` (the Triton backwards with
+                  the dK/dV loop pipelined 1 deep against the default: ``_common._KV_STAGES_ENV``), ``bench-host``
+                  (target 3: every op at S=512, where wall minus GPU time is the host's cost), ``bench-host-launch``
+                  (its Triton run again with Triton's own launches, ``LONGATTN_TRITON_LAUNCH=triton``: the launch
+                  cache's share) and ``host-profile`` (``benchmarks/host_profile.py``: where that host time goes, by
+                  cProfile and per call by thread (the backward runs on the autograd engine's device thread), Triton
+                  launch and launch-cache miss, and ``benchmarks/launch_probe.py``'s one launch by thread and pointer
+                  count, into ``OUTDIR/host-profile.txt``);
    ``racecheck``  compute-sanitizer's race check on the same script;
    ``bench-ragged``: ``longattn bench --ragged --check`` (issue 14's lengths 2048,16384,4096,9000: padded vs packed
                   vs one by one, Triton and CUDA); ``bench-4096``, ``bench-65536``: the other standard lengths, at
@@ -92,7 +93,7 @@ GLOBALS_COUNTS = (1, 64)  # issue 12, target 4: Longformer's cost from 1 to 64 g
 MEMORY_SEQLEN = 131072  # issue 12, target 6
 HOST_SEQLEN = 512  # issue 12, target 3: a shape whose kernels take a few microseconds, so wall minus GPU is the host
 EXTRA_RUNS = ("bench-ragged.json", "bench-halo.json", "tune-triton.json", "bench-memory.json", "profile-ops.json",
-              "profile-globals.json",
+              "profile-globals.json", "bench-kv-default.json", "bench-kv-stages-1.json",
               "bench-host.json", "bench-host-triton-launch.json", "bench-bias-on.json", "bench-bias-off.json",
               *(f"bench-globals-{g}.json" for g in GLOBALS_COUNTS))  # saved as their own files
 
@@ -217,6 +218,17 @@ def profile_cmd(python: str, outdir: Path) -> list[str]:
     ])]
 
 
+def kv_stages_cmd(python: str, outdir: Path) -> list[str]:
+    """The Triton dK/dV kernels' query-tile loop pipelined 1 deep (``LONGATTN_TRITON_KV_STAGES=1``: ptxas then
+    pipelines its wgmma, but the next tile's loads are not prefetched) against the default, each op's backward at
+    S=16384 (``_common._KV_STAGES_ENV``)."""
+    args = ("--op", "local,tglobal,longformer", "--seqlen", "16384", "--pass", "bwd", "--min-run-time", "0.2")
+    return ["bash", "-c", "; ".join([
+        _kernel_bench(python, outdir, "bench-kv-default", *args, backends="triton"),
+        "LONGATTN_TRITON_KV_STAGES=1 " + _kernel_bench(python, outdir, "bench-kv-stages-1", *args, backends="triton"),
+    ])]
+
+
 def bias_cmd(python: str, outdir: Path) -> list[str]:
     """Target 5: TGlobal's backward at S=16384 with and without its two bias tables (their gradients' cost is the
     difference: the Triton kernels reduce them inside the dQ pass, so no kernel of their own shows it)."""
@@ -297,6 +309,7 @@ def make_steps(args, outdir: Path, arch: str | None) -> list[Step]:
         Step("bench-memory", 30, 120, needs_gpu=True, cmd=memory_cmd(py, outdir)),
         Step("profile", 30, 150, needs_gpu=True, cmd=profile_cmd(py, outdir)),
         Step("bench-bias", 20, 90, needs_gpu=True, cmd=bias_cmd(py, outdir)),
+        Step("bench-kv-stages", 30, 120, needs_gpu=True, cmd=kv_stages_cmd(py, outdir)),
         Step("bench-host", 20, 90, needs_gpu=True, cmd=host_cmd(py, outdir)),
         Step("bench-host-launch", 15, 60, needs_gpu=True, cmd=host_launch_cmd(py, outdir),
              env={"LONGATTN_TRITON_LAUNCH": "triton"}),
@@ -662,6 +675,12 @@ def targets_summary(outdir: Path) -> list[str]:
                      + ("; ".join(cells) or "not measured")
                      + (f"; useful-FLOP ratio {floor:.2f}x (the floor of any exact kernel)" if floor else ""))
     lines += _globals_kernel_lines(_load(outdir, "profile-globals.json"))
+    default, staged = (_load(outdir, f"bench-kv-{name}.json") for name in ("default", "stages-1"))
+    cells = [f"{op} {default_ms:.3f} -> {staged_ms:.3f}" for op in ("local", "tglobal", "longformer")
+             if (default_ms := _pass_ms(default, op, "bwd").get("triton")) and
+             (staged_ms := _pass_ms(staged, op, "bwd").get("triton"))]
+    if cells:
+        lines.append("  4/5 Triton backward, dK/dV loop pipelined 3 (default) -> 1 deep, ms: " + "; ".join(cells))
     tg = _fwdbwd_ms(bench, "tglobal")
     lines.append(f"  5 Triton/CUDA TGlobal fwd+bwd at S={BENCH_SEQLENS[0]} (<= 1.2x): "
                  + (f"{tg['triton'] / tg['cuda']:.2f}x ({tg['triton']:.3f} / {tg['cuda']:.3f} ms)"

@@ -229,6 +229,13 @@ def test_target_commands_parse(tmp_path):
     (on, on_out), (off, off_out) = _bench_runs(steps["bench-bias"])
     assert on["bias"] and not off["bias"] and on["ops"] == off["ops"] == ["tglobal"] and on["passes"] == ["bwd"]
     assert on_out.endswith("bench-bias-on.json") and off_out.endswith("bench-bias-off.json")
+    default_cmd, staged_cmd = steps["bench-kv-stages"].cmd[2].split("; ")
+    assert staged_cmd.startswith("LONGATTN_TRITON_KV_STAGES=1 ") and "KV_STAGES" not in default_cmd
+    (default, default_out), (staged, staged_out) = _bench_runs(
+        gc.Step("x", 1, 1, cmd=["bash", "-c", f"{default_cmd}; {staged_cmd.split(' ', 1)[1]}"]))
+    assert default == staged and default["passes"] == ["bwd"] and default["backends"] == ["triton"]
+    assert default["ops"] == ["local", "tglobal", "longformer"] and default["seqlens"] == [16384]
+    assert default_out.endswith("bench-kv-default.json") and staged_out.endswith("bench-kv-stages-1.json")
     (st, _), = _bench_runs(steps["bench-host"])
     assert st["seqlens"] == [gc.HOST_SEQLEN] and st["passes"] == ["fwd", "fwdbwd"] and len(st["ops"]) == 4
     assert st["baselines"] == ["sdpa_dense"]  # torch's own host cost on the same machine, the floor
@@ -289,6 +296,9 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
                              prof("longformer", "bwd", 750.0, [("_rows_kernel", 260.0), ("_keys_kernel", 490.0)],
                                   globals=1)]}
     (tmp_path / "profile-globals.json").write_text(json.dumps(by_kernel))
+    for name, ms in (("default", 1.5), ("stages-1", 1.25)):
+        run = {"settings": settings, "results": [_record("local", 16384, "longattn:triton", "bwd", ms)]}
+        (tmp_path / f"bench-kv-{name}.json").write_text(json.dumps(run))
     lines = gc.targets_summary(tmp_path)
     text = "\n".join(lines)
     assert "1 globals (<= 1.15x): cuda 1.10x (1.100 / 1.000 ms)" in text
@@ -298,6 +308,7 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     assert "longformer/64 cuda fwd 4" in text
     assert "4 triton GPU us per fwd+bwd call (profile, no bias, window 256): local 800; longformer/1 1000 (1.25x)" in text
     assert "    longformer/1: _rows_kernel 500; _keys_kernel 490; _slots_kernel 10" in text
+    assert "dK/dV loop pipelined 3 (default) -> 1 deep, ms: local 1.500 -> 1.250" in text
     assert ("at S=512, us (fwd <= 40, fwd+bwd <= 80): local cuda fwd 30; local triton fwd 40; dense SDPA fwd 25; "
             "dense SDPA fwdbwd 300") in text
     assert "Triton host overhead at S=512, us, Triton's launches -> cached: local fwd 90 -> 40" in text

@@ -153,5 +153,49 @@ def check_longformer_costs():
         assert all(local == 0 for _, _, local in cost[4]), (key, cost)
 
 
+def check_kv_stages():
+    """``LONGATTN_TRITON_KV_STAGES=1`` reaches both dK/dV launches (band and side keys) and compiles the band one as
+    the module doc says: wgmma pipelined by ptxas, a shorter loop than the default's, no spill."""
+    import os
+
+    from longattn.triton_kernels import _common
+
+    from tests.test_triton_bias_cost import _usage
+
+    _, _, warps = _common.attention_tiles(SHAPE["D"])
+    default = {op: args for op, _, args in captured_launches() if _role(args) == "band dK/dV"}
+    os.environ[_common._KV_STAGES_ENV] = "1"
+    try:
+        staged = [(op, fn, args) for op, fn, args in captured_launches() if "SIDE" in args]
+    finally:
+        del os.environ[_common._KV_STAGES_ENV]
+    assert {args["KV_STAGES"] for _, _, args in staged} == {1}, "KV_STAGES did not reach every dK/dV launch"
+    assert all(args.get("KV_STAGES") is None for args in default.values())
+    fn, args = next((fn, args) for op, fn, args in staged if op == "local" and not args["SIDE"])
+    cost, base = (_usage(compile_launch(fn, a, warps), warps) for a in (args, default["local"]))
+    print(f"local band dK/dV, KV_STAGES=1: {cost[0]} registers, loops {cost[4]} (default: loops {base[4]})")
+    assert not wgmma_serialized(compile_launch(fn, args, warps).asm["ptx"])
+    assert cost[4][0][0] < base[4][0][0] and all(local == 0 for _, _, local in cost[4]), (cost, base)
+
+
+def test_kv_stages_sm90():
+    run_sm90_compile("tests.test_triton_longformer_cost:check_kv_stages")
+
+
 def test_longformer_costs_sm90():
     run_sm90_compile("tests.test_triton_longformer_cost:check_longformer_costs")
+
+
+def test_kv_stages_override_is_checked(monkeypatch):
+    import pytest
+
+    from longattn.triton_kernels import _common
+
+    monkeypatch.setenv(_common._KV_STAGES_ENV, "2")
+    assert _common.launch_tiles(64, 0, False, None).kv_stages == 2
+    for bad in ("0", "two", "-1", ""):
+        monkeypatch.setenv(_common._KV_STAGES_ENV, bad)
+        with pytest.raises(ValueError, match="LONGATTN_TRITON_KV_STAGES"):
+            _common.launch_tiles(64, 0, False, None)
+    monkeypatch.delenv(_common._KV_STAGES_ENV)
+    assert _common.launch_tiles(64, 0, False, None).kv_stages is None

@@ -47,6 +47,11 @@ from ._launch import cached
 _GPU_TILES = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 32, 8)}
 # For tuning runs: LONGATTN_TRITON_TILES="BLOCK_M,BLOCK_N,num_warps" overrides the table (powers of two >= 16).
 _TILES_ENV = "LONGATTN_TRITON_TILES"
+# For measurements: LONGATTN_TRITON_KV_STAGES=N software-pipelines the dK/dV kernels' query-tile loop N deep instead of
+# the launch default (3 on sm_90). At 3 (and 2) ptxas serializes that loop's wgmma, with 1 it pipelines them and the
+# loop is 11 % shorter (sm_90 SASS, local op, D = 64, Triton 3.6 / 3.8), but the next tile's loads are no longer
+# prefetched: which is faster is for a GPU to say (``benchmarks/gpu_check.py``'s bench-kv-stages).
+_KV_STAGES_ENV = "LONGATTN_TRITON_KV_STAGES"
 # Under TRITON_INTERPRET=1 (CPU tests) every tile op is a numpy call, so small tiles keep the tests fast and
 # make small sequences cross several tiles (edge and interior paths both run). 16 is tl.dot's minimum.
 _INTERPRET_TILES = (16, 16, 1)
@@ -206,7 +211,8 @@ def _side_tiles(G: int, D: int, side_bias: bool, override: str | None) -> tuple[
 
 class LaunchTiles(NamedTuple):
     """A band launch's tiles (``launch_tiles``): BLOCK_M, BLOCK_N, num_warps (``attention_tiles``), SIDE_N and the
-    side keys' dK/dV warps (``side_tiles``), BLOCK_D (``head_dim_block``) and DOT_PREC (``dot_precision``)."""
+    side keys' dK/dV warps (``side_tiles``), BLOCK_D (``head_dim_block``), DOT_PREC (``dot_precision``) and the
+    dK/dV kernels' KV_STAGES (None: the launch default; ``_KV_STAGES_ENV``)."""
 
     block_m: int
     block_n: int
@@ -215,20 +221,24 @@ class LaunchTiles(NamedTuple):
     side_warps: int
     block_d: int
     dot_prec: str
+    kv_stages: int | None
 
 
 def launch_tiles(D: int, G: int, side_bias: bool, dtype) -> LaunchTiles:
     """Every tile choice of a band launch (head dim D, G side keys, a side bias table or not, q's dtype) in one cached
     lookup: the launchers pick them at every forward and backward, and looked up one by one they cost ~3 us of a
-    call's host time (this CPU). The tile override is read per call, as ``attention_tiles`` reads it."""
-    return _launch_tiles(D, G, side_bias, dtype, os.environ.get(_TILES_ENV))
+    call's host time (this CPU). The overrides are read per call, as ``attention_tiles`` reads its own."""
+    return _launch_tiles(D, G, side_bias, dtype, os.environ.get(_TILES_ENV), os.environ.get(_KV_STAGES_ENV))
 
 
 @functools.lru_cache(maxsize=1024)  # G (TGlobal's S / block) varies with the length
-def _launch_tiles(D: int, G: int, side_bias: bool, dtype, override: str | None) -> LaunchTiles:
+def _launch_tiles(D: int, G: int, side_bias: bool, dtype, override: str | None, kv_stages: str | None
+                  ) -> LaunchTiles:
     block_m, block_n, warps = _attention_tiles(D, override)
+    if kv_stages is not None and not (kv_stages.isdigit() and int(kv_stages) >= 1):
+        raise ValueError(f"{_KV_STAGES_ENV}: expected a positive integer, got {kv_stages!r}")
     return LaunchTiles(block_m, block_n, warps, *_side_tiles(G, D, side_bias, override), head_dim_block(D),
-                       dot_precision(dtype))
+                       dot_precision(dtype), None if kv_stages is None else int(kv_stages))
 
 
 def dot_precision(dtype) -> str:

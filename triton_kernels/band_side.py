@@ -419,7 +419,7 @@ def _keys_kernel(
     stride_qgh=None, stride_kgb=None, stride_kgs=None, stride_kgh=None, stride_vgb=None, stride_vgs=None,
     stride_vgh=None, stride_ob=None, stride_os=None, stride_oh=None, HAS_GKMASK: tl.constexpr = False,
     HAS_GRANGES: tl.constexpr = False, ZERO_DQG: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
-    Part=None, part_width=None, PERSISTENT: tl.constexpr = False,
+    Part=None, part_width=None, PERSISTENT: tl.constexpr = False, KV_STAGES: tl.constexpr = None,
 ):
     """dK, dV of one tile of N keys (band keys: N = S; side keys with SIDE: N = G) over its query tiles. BLOCK_N keys
     per tile; with SIDE the launcher passes the side tile width (``_common.side_tiles``).
@@ -455,6 +455,9 @@ def _keys_kernel(
     zeros for rows no query reaches.
 
     HAS_DOFFSET: dropout rows and band keys drawn ``drop_offset`` further on (``_keep_scale``), as in ``_rows_kernel``.
+
+    KV_STAGES: the query-tile loop's software-pipelining depth (None: the launch's num_stages;
+    ``_common.launch_tiles``).
 
     GLOBAL_ROWS (Longformer's band keys, no halo, H_kv = H; SIdx / SMask the slots' positions / ``used``): the key
     tile's gradients over the global queries too (``global_rows.slot_key_grads``, arguments as in ``_rows_kernel``;
@@ -535,7 +538,7 @@ def _keys_kernel(
         carry = tl.zeros([BIAS_L], dtype=tl.float32)
         # Query head it // n_t of the group, its query tile t_lo + it % n_t. With the sums no LICM: hoisted, their
         # gather indices stay live through the loop (sm_90 D = 64: 255 registers and spills against 208-250, none).
-        for it in tl.range(0, GROUP * n_t, disable_licm=SUMS):
+        for it in tl.range(0, GROUP * n_t, disable_licm=SUMS, num_stages=KV_STAGES):
             pid_bh = pid_q0 + it // n_t
             h = pid_bh % H
             q_base = Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh)
@@ -800,7 +803,8 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
     halo_grads, halo_out, halo_tiles = halo_grad_args(halo, dk, BLOCK_N)
     n_keys = cdiv(S, BLOCK_N) + halo_tiles  # band dK/dV programs per (b, K/V head)
     widths = bias_grad.row_widths(band_bias is not None, side_bias is not None, left + right + 1, G, BLOCK_M)
-    side_meta = dict(meta, BLOCK_N=tiles.side_n, num_warps=tiles.side_warps)  # the side dK/dV's key tile: a side tile
+    keys_meta = dict(meta, KV_STAGES=tiles.kv_stages) if tiles.kv_stages is not None else meta
+    side_meta = dict(keys_meta, BLOCK_N=tiles.side_n, num_warps=tiles.side_warps)  # its key tile: a side tile
     side = _side_plan(q, side_k, G, side_meta, widths, 4 * B * H * n_keys * widths[0])
     parts = bias_grad.partials((B, n_keys, H), (side.splits, B, side.programs, H), widths, delta)
     sidx, stride_ib, indexed = _index_args(side_index, q)
@@ -816,7 +820,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,
         *strides3(q), *strides3(k), *strides3(v), *strides3(dout), *strides3(dk), 0, stride_ib,
         S, S, H, H // H_kv, G, D, left, right, float(scale), cdiv(S, BLOCK_M), SIDE=False, Ranges=kr,
-        HAS_RANGES=has_kr, Part=parts.band, part_width=widths[0], **meta, **halo, **halo_out, **keys_role,
+        HAS_RANGES=has_kr, Part=parts.band, part_width=widths[0], **keys_meta, **halo, **halo_out, **keys_role,
     )
     dsk, dsv, side_sums = _side_key_grads(q, side_k, side_v, dout, lse, delta, extra, scale, side_meta, side_ranges,
                                           G, side_index, side_mask, dk, dv, side, parts.side, widths[1])

@@ -14,23 +14,26 @@ specialisation, the compile-cache key, the check of the globals the kernel reads
 longattn's launch cache (``triton_kernels/_launch.py``), the route the backend takes. Only the C launcher (and the
 driver) is left out, which needs a GPU: on one, ``longattn bench``'s host-overhead column is the complete figure.
 
-Measured (this project's 2-core CPU, Triton 3.8, pytest-benchmark minimum, us, forward / forward+backward,
-2026-12-01, after the bias-table sums moved to the dK/dV kernels and the narrow side tile; 2026-11-30's figures in
-brackets where they differ by more than 5 us):
+Measured (this project's 2-core CPU, Triton 3.8, pytest-benchmark minimum of two runs, us, forward /
+forward+backward, 2026-12-01 at 9b71f5f..a7c62c9's tree, the machine otherwise idle):
 
 =================  ===================  ===================  ===================
 op                 stub                 triton               cached
 =================  ===================  ===================  ===================
-local              25.8 / 136           66.6 / 278           37.4 / 183
-tglobal            27.5 / 184 (172)     68.0 / 393 (378)     40.4 / 253 (237)
-longformer         59.7 / 257           133 / 550            81.8 / 345
-block_aggregate    17.1 / 72.6          35.5 / 129           25.0 / 96.8
+local              22.1 / 107           61.9 / 229           35.7 / 145
+tglobal            25.5 / 140           66.0 / 327           39.3 / 198
+longformer         59.0 / 196           127 / 455            80.1 / 271
+block_aggregate    13.1 / 58.4          30.4 / 107           20.8 / 82.4
 =================  ===================  ===================  ===================
 
-TGlobal's backward now plans the side pass's partial rows and launches the dK/dV kernels with the bias rows' pointers
-(+12 to 16 us). Triton's binding is ~30 to 40 us per launch of a band kernel (97 to 121 parameters), more than all of
-longattn's own host work; the cache leaves ~12. What is left above the ``stub`` column's floor is longattn's launchers
-(argument lists of ~130 entries) and the autograd plumbing (``bench_host_overhead.py``).
+The same day's figures of the tree before that work (5723a06), alternated with these, were within 0.5 to 3.6 us of them
+(Longformer's stub forward+backward 7.5 us more): the launch cache's repeated-tensor key (``_launch``), the tile
+choices in one lookup (``_common.launch_tiles``) and the global rows' cached plan save about that much here. The
+earlier table (26-183 us for local) was measured on a loaded machine. Triton's binding is ~30 to 40 us per launch of
+a band kernel (97 to 121 parameters), more than all of longattn's own host work; the cache leaves ~9 to 12. What is
+left above the ``stub`` column's floor is longattn's launchers (argument lists of ~130 entries) and the autograd
+plumbing (``bench_host_overhead.py``). Not in any column: on a GPU Triton keeps empty launch-hook chains that its
+launcher calls at every launch, with launch metadata built for them; the cached route skips them (``_launch._live``).
 """
 
 from __future__ import annotations

@@ -226,8 +226,9 @@ class LaunchTiles(NamedTuple):
 
 def launch_tiles(D: int, G: int, side_bias: bool, dtype) -> LaunchTiles:
     """Every tile choice of a band launch (head dim D, G side keys, a side bias table or not, q's dtype) in one cached
-    lookup: the launchers pick them at every forward and backward, and looked up one by one they cost ~3 us of a
-    call's host time (this CPU). The overrides are read per call, as ``attention_tiles`` reads its own."""
+    lookup: the launchers pick them at every forward and backward, and looked up one by one each read the tile
+    override and a cache again (a microsecond or two of a call's host time on this CPU, within the run-to-run noise of
+    whole calls). The overrides are read per call, as ``attention_tiles`` reads its own."""
     return _launch_tiles(D, G, side_bias, dtype, os.environ.get(_TILES_ENV), os.environ.get(_KV_STAGES_ENV))
 
 

@@ -219,9 +219,9 @@ def profile_cmd(python: str, outdir: Path) -> list[str]:
 
 
 def kv_stages_cmd(python: str, outdir: Path) -> list[str]:
-    """The Triton dK/dV kernels' query-tile loop pipelined 1 deep (``LONGATTN_TRITON_KV_STAGES=1``: ptxas then
-    pipelines its wgmma, but the next tile's loads are not prefetched) against the default, each op's backward at
-    S=16384 (``_common._KV_STAGES_ENV``)."""
+    """The Triton dK/dV kernels' query-tile loop software-pipelined 1 deep (``LONGATTN_TRITON_KV_STAGES=1``: fewer
+    instructions, but the next tile's loads not prefetched) against the default 3, each op's backward at S=16384
+    (``_common._KV_STAGES_ENV``)."""
     args = ("--op", "local,tglobal,longformer", "--seqlen", "16384", "--pass", "bwd", "--min-run-time", "0.2")
     return ["bash", "-c", "; ".join([
         _kernel_bench(python, outdir, "bench-kv-default", *args, backends="triton"),

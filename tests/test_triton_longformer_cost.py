@@ -11,19 +11,20 @@ What is guarded (offline compile, Triton 3.6 and 3.8, 2026-12-01):
 - the forward and dQ kernels keep two programs per SM (<= 128 registers at 8 warps): local 108-122, Longformer
   98-116 (1 global) and 117-122 (64 globals). Crossing 128 roughly halves a kernel's throughput
   (``tests/test_triton_bias_cost.py``);
-- ptxas pipelines the band loop's wgmma (no "wgmma.mma_async instructions are serialized") in the forward and dQ
-  kernels of the local op and of Longformer with 1 and 64 globals;
-- nothing spills inside a tile loop of any band kernel (dK/dV: 164-198 registers, one program per SM either way).
+- ptxas pipelines the wgmma (no "wgmma.mma_async instructions are serialized") of every kernel: the forward, dQ and
+  dK/dV kernels of the local op and of Longformer with 1 and 64 globals;
+- nothing spills inside a tile loop of any band kernel (dK/dV: 176-202 registers, one program per SM either way).
 
 With exactly 1 global, ``G == 1`` is specialized to a constant; the side loop, then folded into straight code after
 the band loop, made ptxas serialize every wgmma of the forward and dQ band loops (a wait after each HGMMA): Triton 3.6
 band loops of 511 / 543 SASS instructions per tile, 3.8 489 / 525. ``band_side._rows_kernel`` keeps that loop a loop
 (a bound the compiler cannot fold): 487 / 502 and 471 / 496, pipelined.
 
-Not guarded, printed: ptxas serializes the band dK/dV kernel's wgmma in both ops (Triton 3.6; 3.8 too, except
-Longformer with 64 globals): its query-tile loop is software-pipelined (``num_stages`` 3, the launch default), and
-with ``num_stages=1`` the local op's loop is pipelined by ptxas and 574 instructions instead of 645 (3.8), but loses
-its loads' prefetch; which is faster needs a GPU.
+ptxas also pipelines the wgmma of the dK/dV kernels (band keys of every op, Longformer's side keys): their query-tile
+loop used to have a zero-trip path that copied the zeroed dk, dv into the accumulators, and with it ptxas serialized
+them (Triton 3.6: the local op's loop 653 instructions per tile, 619 since; 3.8: 645, 610). ``check_kv_stages``: with
+``LONGATTN_TRITON_KV_STAGES=1`` (the loop not software-pipelined) the local op's loop is shorter still (574 on 3.8),
+without the next tile's prefetch; which is faster needs a GPU.
 """
 
 from __future__ import annotations
@@ -138,17 +139,16 @@ def longformer_costs() -> dict:
 
 
 def check_longformer_costs():
-    """The guarded state (module doc): two forward / dQ programs per SM in every op, pipelined wgmma in every op's
-    forward / dQ, no spill inside any tile loop."""
+    """The guarded state (module doc): two forward / dQ programs per SM in every op, pipelined wgmma in every kernel,
+    no spill inside any tile loop."""
     costs = longformer_costs()
     ops = ("local", "longformer G=1", "longformer G=64")
     assert {op for op, _ in costs} == set(ops), sorted(costs)
     for op in ops:
         for role in ("forward", "dQ"):
             assert costs[op, role][3] >= 2, (op, role, costs[op, role])  # <= 128 registers at 8 warps
-    for op in ops:
-        for role in ("forward", "dQ"):
-            assert not costs[op, role][5], (op, role, "wgmma serialized")
+    for (op, role), cost in costs.items():
+        assert not cost[5], (op, role, "wgmma serialized")
     for key, cost in costs.items():
         assert all(local == 0 for _, _, local in cost[4]), (key, cost)
 

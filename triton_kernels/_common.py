@@ -48,9 +48,9 @@ _GPU_TILES = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 32, 8
 # For tuning runs: LONGATTN_TRITON_TILES="BLOCK_M,BLOCK_N,num_warps" overrides the table (powers of two >= 16).
 _TILES_ENV = "LONGATTN_TRITON_TILES"
 # For measurements: LONGATTN_TRITON_KV_STAGES=N software-pipelines the dK/dV kernels' query-tile loop N deep instead of
-# the launch default (3 on sm_90). At 3 (and 2) ptxas serializes that loop's wgmma, with 1 it pipelines them and the
-# loop is 11 % shorter (sm_90 SASS, local op, D = 64, Triton 3.6 / 3.8), but the next tile's loads are no longer
-# prefetched: which is faster is for a GPU to say (``benchmarks/gpu_check.py``'s bench-kv-stages).
+# the launch default (3 on sm_90). At 1 the loop is ~6 % shorter (sm_90 SASS, local op, D = 64, Triton 3.8: 574
+# instructions per tile against 610), but the next tile's loads are no longer prefetched: which is faster is for a GPU
+# to say (``benchmarks/gpu_check.py``'s bench-kv-stages).
 _KV_STAGES_ENV = "LONGATTN_TRITON_KV_STAGES"
 # Under TRITON_INTERPRET=1 (CPU tests) every tile op is a numpy call, so small tiles keep the tests fast and
 # make small sequences cross several tiles (edge and interior paths both run). 16 is tl.dot's minimum.

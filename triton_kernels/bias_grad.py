@@ -73,7 +73,10 @@ index tensors alone took it to 144 / 162), band loop 627 / 664 and side loop 640
 tables (no LICM in their query loop either: hoisted, the skews' indices take the band pass to 255 registers and
 spill): band keys 211 / 208 registers, 1286 / 1395 instructions per tile (were 788 / 789; 654 / 660 without tables);
 side keys 202 / 254 registers, 1473 / 1365 static instructions per tile of which 1159 / 1112 run when one group covers
-the tile's rows, the rest being the rare further groups (were 838 / 845; 666 / 693 without). Per LongT5 query tile
+the tile's rows, the rest being the rare further groups (were 838 / 845; 666 / 693 without). Since ptxas pipelines
+the dK/dV kernels' wgmma (``band_side._keys_kernel``'s ``tl.assume``; they were serialized before, with tables or
+without): band keys 228 / 224 registers, 1244 / 1364 instructions per tile (614 / 630 without tables), side keys
+187 / 255, 1439 / 1240 static (624 / 635 without). Per LongT5 query tile
 (5 band + 16 side tiles in each pass) the model gives, for 3.6, about 36.0k cycles of the dQ and dK/dV passes before
 and 32.1k now (19.5k without tables): the occupancy regained in dQ is mostly spent again on the sums in the dK/dV
 kernels, where a band tile's skew and cross-warp row sum cost ~430 instructions (~230 of them the row sum) and a

@@ -12,7 +12,7 @@ What is guarded (offline compile, Triton 3.6 and 3.8, 2026-12-01):
   98-116 (1 global) and 117-122 (64 globals). Crossing 128 roughly halves a kernel's throughput
   (``tests/test_triton_bias_cost.py``);
 - ptxas pipelines the wgmma (no "wgmma.mma_async instructions are serialized") of every kernel: the forward, dQ and
-  dK/dV kernels of the local op and of Longformer with 1 and 64 globals;
+  dK/dV kernels of the local op (with grouped-query K/V too) and of Longformer with 1 and 64 globals;
 - nothing spills inside a tile loop of any band kernel (dK/dV: 176-202 registers, one program per SM either way).
 
 With exactly 1 global, ``G == 1`` is specialized to a constant; the side loop, then folded into straight code after
@@ -43,8 +43,8 @@ SHAPE = dict(B=1, S=16384, H=12, D=64, window=256)
 
 def captured_launches() -> list[tuple[str, object, dict]]:
     """[(op, kernel, {parameter: value})] of every band launch (``band_side._rows_kernel`` / ``_keys_kernel``) of the
-    local op and of Longformer with 1 and 64 globals, forward and backward, at ``SHAPE`` (values: tensors stay
-    tensors, CPU ones never read)."""
+    local op (also with 4 K/V heads for the 12 query heads) and of Longformer with 1 and 64 globals, forward and
+    backward, at ``SHAPE`` (values: tensors stay tensors, CPU ones never read)."""
     import torch
 
     import longattn
@@ -62,8 +62,10 @@ def captured_launches() -> list[tuple[str, object, dict]]:
     kernels = (band_side._rows_kernel, band_side._keys_kernel)
     out = []
     try:
-        for name, G in (("local", 0), ("longformer G=1", 1), ("longformer G=64", 64)):
-            q, k, v = (torch.randn(B, S, H, D, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        for name, G in (("local", 0), ("local GQA", 0), ("longformer G=1", 1), ("longformer G=64", 64)):
+            kv_heads = 4 if name == "local GQA" else H  # grouped-query K/V: the dK/dV loop's trip count GROUP * n_t
+            q = torch.randn(B, S, H, D, dtype=torch.bfloat16).requires_grad_()
+            k, v = (torch.randn(B, S, kv_heads, D, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
             start = len(emulation.launches)
             if G:
                 glob = torch.zeros(B, S, dtype=torch.bool)
@@ -142,7 +144,7 @@ def check_longformer_costs():
     """The guarded state (module doc): two forward / dQ programs per SM in every op, pipelined wgmma in every kernel,
     no spill inside any tile loop."""
     costs = longformer_costs()
-    ops = ("local", "longformer G=1", "longformer G=64")
+    ops = ("local", "local GQA", "longformer G=1", "longformer G=64")
     assert {op for op, _ in costs} == set(ops), sorted(costs)
     for op in ops:
         for role in ("forward", "dQ"):

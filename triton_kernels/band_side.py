@@ -541,7 +541,7 @@ def _keys_kernel(
             # the loop's zero-trip path, whose copy of the zeroed dk, dv into the accumulators made ptxas serialize
             # every wgmma of the kernel (sm_90, Triton 3.6 / 3.8: "non wgmma instructions defining accumulator
             # registers"); pipelined, the local op's loop is 619 / 610 instructions per tile instead of 653 / 645.
-            tl.assume(n_t > 0)
+            tl.assume(GROUP * n_t > 0)  # the trip count itself (GROUP = H // H_kv >= 1: not inferred otherwise)
         carry = tl.zeros([BIAS_L], dtype=tl.float32)
         # Query head it // n_t of the group, its query tile t_lo + it % n_t. With the sums no LICM: hoisted, their
         # gather indices stay live through the loop (sm_90 D = 64: 255 registers and spills against 208-250, none).

@@ -12,7 +12,8 @@ What is guarded (offline compile, Triton 3.6 and 3.8, 2026-12-01):
   98-116 (1 global) and 117-122 (64 globals). Crossing 128 roughly halves a kernel's throughput
   (``tests/test_triton_bias_cost.py``);
 - ptxas pipelines the wgmma (no "wgmma.mma_async instructions are serialized") of every kernel: the forward, dQ and
-  dK/dV kernels of the local op (with grouped-query K/V too) and of Longformer with 1 and 64 globals;
+  dK/dV kernels of the local op (with grouped-query K/V and packed sequences too) and of Longformer with 1 and 64
+  globals;
 - nothing spills inside a tile loop of any band kernel (dK/dV: 176-202 registers, one program per SM either way).
 
 With exactly 1 global, ``G == 1`` is specialized to a constant; the side loop, then folded into straight code after
@@ -22,7 +23,8 @@ band loops of 511 / 543 SASS instructions per tile, 3.8 489 / 525. ``band_side._
 
 ptxas also pipelines the wgmma of the dK/dV kernels (band keys of every op, Longformer's side keys): their query-tile
 loop used to have a zero-trip path that copied the zeroed dk, dv into the accumulators, and with it ptxas serialized
-them (Triton 3.6: the local op's loop 653 instructions per tile, 619 since; 3.8: 645, 610). ``check_kv_stages``: with
+them (Triton 3.6: the local op's loop 653 instructions per tile, 619 since; 3.8: 645, 610; packed 745, 717 on 3.6).
+``check_kv_stages``: with
 ``LONGATTN_TRITON_KV_STAGES=1`` (the loop not software-pipelined) the local op's loop is shorter still (574 on 3.8),
 without the next tile's prefetch; which is faster needs a GPU.
 """
@@ -43,8 +45,9 @@ SHAPE = dict(B=1, S=16384, H=12, D=64, window=256)
 
 def captured_launches() -> list[tuple[str, object, dict]]:
     """[(op, kernel, {parameter: value})] of every band launch (``band_side._rows_kernel`` / ``_keys_kernel``) of the
-    local op (also with 4 K/V heads for the 12 query heads) and of Longformer with 1 and 64 globals, forward and
-    backward, at ``SHAPE`` (values: tensors stay tensors, CPU ones never read)."""
+    local op (also with 4 K/V heads for the 12 query heads, and packed: three sequences in the row) and of
+    Longformer with 1 and 64 globals, forward and backward, at ``SHAPE`` (values: tensors stay tensors, CPU ones
+    never read)."""
     import torch
 
     import longattn
@@ -62,7 +65,8 @@ def captured_launches() -> list[tuple[str, object, dict]]:
     kernels = (band_side._rows_kernel, band_side._keys_kernel)
     out = []
     try:
-        for name, G in (("local", 0), ("local GQA", 0), ("longformer G=1", 1), ("longformer G=64", 64)):
+        for name, G in (("local", 0), ("local GQA", 0), ("local packed", 0), ("longformer G=1", 1),
+                        ("longformer G=64", 64)):
             kv_heads = 4 if name == "local GQA" else H  # grouped-query K/V: the dK/dV loop's trip count GROUP * n_t
             q = torch.randn(B, S, H, D, dtype=torch.bfloat16).requires_grad_()
             k, v = (torch.randn(B, S, kv_heads, D, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
@@ -71,6 +75,9 @@ def captured_launches() -> list[tuple[str, object, dict]]:
                 glob = torch.zeros(B, S, dtype=torch.bool)
                 glob[:, global_positions(S, G)] = True
                 attn = longattn.longformer_attention(q, k, v, W, glob, max_globals=G, backend="triton")
+            elif name == "local packed":  # three sequences in one row: per-row key ranges (HAS_RANGES)
+                cu = torch.tensor([0, 2048, 2048 + 9000, S], dtype=torch.int32)
+                attn = longattn.local_attention_varlen(q[0], k[0], v[0], cu, 9000, W, backend="triton")
             else:
                 attn = longattn.local_attention(q, k, v, W, backend="triton")
             torch.autograd.grad(attn, (q, k, v), torch.ones_like(attn))
@@ -144,7 +151,7 @@ def check_longformer_costs():
     """The guarded state (module doc): two forward / dQ programs per SM in every op, pipelined wgmma in every kernel,
     no spill inside any tile loop."""
     costs = longformer_costs()
-    ops = ("local", "local GQA", "longformer G=1", "longformer G=64")
+    ops = ("local", "local GQA", "local packed", "longformer G=1", "longformer G=64")
     assert {op for op, _ in costs} == set(ops), sorted(costs)
     for op in ops:
         for role in ("forward", "dQ"):

@@ -535,13 +535,19 @@ def _keys_kernel(
             range_ptr = Ranges + b * 2 * S
             t_lo, t_hi = trim_row_tiles(range_ptr, t_lo, t_hi, m_start, S, n0, n0 + BLOCK_N, N, BLOCK_M)
         n_t = t_hi - t_lo
-        if not HAS_HALO and not HAS_RANGES:
-            # Every band key tile has a query tile (n0 < S, windows >= 0: t_hi > t_lo), every side chunk one
-            # (``_plan_side``: chunk z starts at z * tiles_per_split < cdiv(S, BLOCK_M)). Told so, the compiler drops
-            # the loop's zero-trip path, whose copy of the zeroed dk, dv into the accumulators made ptxas serialize
-            # every wgmma of the kernel (sm_90, Triton 3.6 / 3.8: "non wgmma instructions defining accumulator
-            # registers"); pipelined, the local op's loop is 619 / 610 instructions per tile instead of 653 / 645.
-            tl.assume(GROUP * n_t > 0)  # the trip count itself (GROUP = H // H_kv >= 1: not inferred otherwise)
+        no_rows = n_t == 0  # with halo keys or ranges: a key tile that no query tile sees (else never)
+        if HAS_HALO or HAS_RANGES:
+            # Such a tile still walks one query tile, of rows -BLOCK_M..-1 (below): none in [0, S), so p = 0 (their
+            # lse loads as +inf). Its keys, which no query may read, can hold anything (NaN: 0 * NaN in the
+            # products), so its dS sums and, after the loop, its dk, dv are set to zero, as if never walked.
+            n_t = tl.maximum(n_t, 1)
+        # Every band key tile has a query tile (n0 < S, windows >= 0: t_hi > t_lo), every side chunk one
+        # (``_plan_side``: chunk z starts at z * tiles_per_split < cdiv(S, BLOCK_M)). Told so, the compiler drops the
+        # loop's zero-trip path, whose copy of the zeroed dk, dv into the accumulators made ptxas serialize every
+        # wgmma of the kernel (sm_90, Triton 3.6 / 3.8: "non wgmma instructions defining accumulator registers");
+        # pipelined, the local op's loop is 619 / 610 instructions per tile instead of 653 / 645, a packed batch's
+        # 715 / 776 instead of 745 / 826. The trip count itself: GROUP = H // H_kv >= 1 is not inferred otherwise.
+        tl.assume(GROUP * n_t > 0)
         carry = tl.zeros([BIAS_L], dtype=tl.float32)
         # Query head it // n_t of the group, its query tile t_lo + it % n_t. With the sums no LICM: hoisted, their
         # gather indices stay live through the loop (sm_90 D = 64: 255 registers and spills against 208-250, none).
@@ -554,6 +560,8 @@ def _keys_kernel(
             if SUMS and not SIDE:  # band sums: the walk from the last query tile, the entries' base rises (chain_add)
                 t = t_hi - 1 - it % n_t
             m0 = m_start + t * BLOCK_M
+            if HAS_HALO or HAS_RANGES:
+                m0 = tl.where(no_rows, -BLOCK_M, m0)
             rows = m0 + offs_m
             row_ok = (rows >= 0) & (rows < S)
             q = load_rows(q_base, rows, S, stride_qs, offs_d, D)
@@ -581,6 +589,8 @@ def _keys_kernel(
                 z = _keep_scale(Rng, pid_bh, rows, n0, drop_thresh, drop_scale, BLOCK_N, True, SIDE, drop_offset,
                                 HAS_DOFFSET)
             dk, dv, ds = kv_grad_ds_step(s, z, q, do, v, lse, delta, dk, dv, HAS_DROPOUT, DOT_PREC)
+            if SUMS and (HAS_HALO or HAS_RANGES):
+                ds = tl.where(no_rows, 0.0, ds)
             if SUMS:  # this head's row: the tile's dS summed by table entry (bias_grad)
                 row = rows_ptr + (it // n_t) * part_width
                 if SIDE:  # side entry g - qb + G, read-add-written (the query tiles' entries overlap)
@@ -592,6 +602,9 @@ def _keys_kernel(
                                       part_width, BLOCK_M)
                     if it % n_t == n_t - 1:
                         chain_flush(carry, row, base, part_width, BLOCK_M)
+        if HAS_HALO or HAS_RANGES:
+            dk = tl.where(no_rows, 0.0, dk)
+            dv = tl.where(no_rows, 0.0, dv)
 
         out_offset = tl.program_id(2).to(tl.int64) * stride_split + batch_head_offset(pid_kv, H // GROUP, stride_gb,
                                                                                       stride_gh)

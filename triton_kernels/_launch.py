@@ -140,8 +140,9 @@ class _Layout:
 def _live(hook):
     """A launch hook as Triton's C launcher should get it: None when there is nothing to call. Triton (3.6, 3.8) keeps
     an empty ``HookChain`` in ``knobs.runtime`` when no hook is set, and its launcher calls any hook that is not None,
-    with the ``launch_metadata`` built for it, at every launch: ~2 us a launch on this CPU for nothing (a profiler's
-    hook added to the chain makes it live again)."""
+    with the ``launch_metadata`` built for it, at every launch, for nothing: on this CPU the two empty calls take
+    0.28 us and the metadata's dict 0.24 us, plus ``launch_metadata``'s own call (a profiler's hook added to the
+    chain makes it live again)."""
     return None if hook is None or not getattr(hook, "calls", True) else hook
 
 

@@ -7,6 +7,8 @@ query tile (LongT5's ``i // block_len``), tiles mixing padding rows (-1) with fa
 ``TRITON_INTERPRET=1`` (16 x 16 tiles: a side group spans 16 block ids; side dK/dV programs of about 2 side-key
 tiles each, ``_common.partial_programs``, so a side row takes the sums of several tiles). Also: one side-key tile
 per program and uneven runs of tiles per program, and the budget rule of the partials at GPU sizes (pure Python).
+And the forward's two ways of adding the tables: through the product's accumulator, or after it where 1 / scale is
+unsafe (``_common.bias_acc``).
 """
 
 from __future__ import annotations
@@ -64,6 +66,25 @@ def test_side_table_without_side_keys_gets_zero_grad():
                                      backend="triton")
     (grad,) = torch.autograd.grad(out.sum(), [side_bias])
     assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.3, -0.7, 0.0, 2.0**-70], ids=["1", "0.3", "-0.7", "0", "2^-70"])
+def test_forward_tables_through_the_accumulator(scale, monkeypatch):
+    """The forward adds the tables through the product's accumulator, (q k^T + bias / scale) * scale, when 1 / scale
+    is safe (``_common.bias_acc``: LongT5's scale 1, a negative one), after the product otherwise (0 attends by the
+    tables alone; 2**-70); both against the oracle, with entries of -inf in both tables (offsets and side keys
+    masked through the tables) and padding."""
+    from longattn.triton_kernels import _common, band_side
+
+    case = _longt5_case(2, 45, 2, [45, 28], window=(6, 4), seed=3)
+    case.scale = scale
+    with torch.no_grad():
+        case.rel_bias[:, [0, 7]] = float("-inf")
+        case.side_bias[1, ::3] = float("-inf")
+    taken = []
+    monkeypatch.setattr(band_side, "bias_acc", lambda *a: taken.append(_common.bias_acc(*a)) or taken[-1])
+    check_backend_against_oracle(case, "triton", torch.float32)
+    assert taken and set(taken) == {abs(scale) >= _common.BIAS_ACC_MIN_SCALE}, taken
 
 
 def test_bias_grads_bitwise_deterministic():

@@ -61,14 +61,6 @@ _INTERPRET_TILES = (16, 16, 1)
 # issued 8 x 436. Its few programs (one per side tile, batch * head and query chunk) run one or two to an SM, so the
 # fewest warp-instructions at the fewest per warp scheduler win: 4.
 _SIDE_KEY_WARPS = 4
-# Whether the forward's band loop keeps its loop-invariant values inside when a bias table is given (band_side's
-# FWD_TABLE_NO_LICM), by Triton version: Triton 3.6 (the H200 image's) hoists the tables' index tensors out of the loop
-# and then needs 185 registers for LongT5 TGlobal's forward and 140 for the local op with its table (one program per
-# SM at 8 warps); with the loop kept as written, 128 and 116 (two per SM), for +13 % instructions in the band loop.
-# Triton 3.8 allocates the hoisted form in 125 / 98 and the kept one in 131 / 98: it keeps LICM. sm_90, D = 64, bf16,
-# S = 16384, window 127, G = 1024, compiled on the CPU as a launch specializes it; not timed.
-FORWARD_TABLE_NO_LICM = tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7)
-
 # exp(x) = exp2(x log2 e), exp2 being the hardware instruction; log2 e = 1.4426950408889634 is written as a literal
 # where it is used. A tl.constexpr global costs every launch a check (Triton compares each global a kernel reads with
 # its compiled value: ~0.5 us on this project's CPU), and a helper function around exp2 changes the register
@@ -269,6 +261,39 @@ def band_tile_interior(m0, n0, S, left, right, BLOCK_M: tl.constexpr, BLOCK_N: t
     return first_ok & last_ok & (n0 >= 0) & (n0 + BLOCK_N <= S)
 
 
+# The forward adds the bias tables' entries through tl.dot's accumulator: the scores are (q k^T + bias / scale) * scale
+# (``band_side._rows_kernel``'s BIAS_ACC). Added after the product instead, the table loads (a gather, which Triton
+# lays out for coalescing, not as the product's registers) pulled the scores' softmax into both layouts: every tile
+# converted the bias tile and the scores through shared memory (+4 barriers) and computed exp2 twice, and ptxas
+# serialized the wgmma of the local op with a band table (sm_90 SASS, D = 64, bf16, 64 x 64 tiles; Triton 3.6 / 3.8,
+# instructions per band tile 731 / 668 -> 577 / 568). As the accumulator, the tile is converted once into the
+# product's layout and everything after stays there. Dividing by scale is exact for a power of two and within a
+# rounding otherwise; it is done only when 1 / scale cannot push a bias entry of magnitude below 2**63 (ordinary
+# values, +-inf included) past float32's range: |scale| >= 2**-64. Otherwise (scale = 0, say) the tables are added
+# after the product as in the backward.
+BIAS_ACC_MIN_SCALE = 2.0**-64
+
+
+def bias_acc(band_bias, side_bias, scale: float) -> bool:
+    """Whether a forward launch adds its bias tables through the product's accumulator (``BIAS_ACC_MIN_SCALE``)."""
+    return (band_bias is not None or side_bias is not None) and abs(scale) >= BIAS_ACC_MIN_SCALE
+
+
+@triton.jit
+def band_bias(bias_ptr, rows, cols, left, right):
+    """Float32 ``band_bias`` entries of pairs (i, j) (``rows``, ``cols`` as in ``band_scores``; ``bias_ptr``: this
+    head's row of W entries), the offsets clamped into the row: a pair outside the band reads an entry, never out
+    of bounds, and is masked by ``band_scores``."""
+    return tl.load(bias_ptr + tl.minimum(tl.maximum(cols - rows + left, 0), left + right)).to(tl.float32)
+
+
+@triton.jit
+def side_bias(bias_ptr, qblock, g, G):
+    """Float32 ``side_bias`` entries of (query, side key g) pairs (``qblock``, ``g`` as in ``side_scores``;
+    ``bias_ptr``: this head's row of 2G + 1 entries), clamped into the row as ``band_bias``."""
+    return tl.load(bias_ptr + tl.minimum(tl.maximum(g - qblock + G, 0), 2 * G)).to(tl.float32)
+
+
 @triton.jit
 def band_scores(qk, rows, cols, edge, S, left, right, scale, bias_ptr, kmask_ptr,
                 HAS_BIAS: tl.constexpr, HAS_KMASK: tl.constexpr, halo=None, HAS_HALO: tl.constexpr = False,
@@ -287,8 +312,7 @@ def band_scores(qk, rows, cols, edge, S, left, right, scale, bias_ptr, kmask_ptr
     s = qk * scale
     t = cols - rows + left  # band offset j - i + left
     if HAS_BIAS:
-        # Clamped so that no offset outside the band ever reads out of bounds (those scores are masked).
-        s += tl.load(bias_ptr + tl.minimum(tl.maximum(t, 0), left + right)).to(tl.float32)
+        s += band_bias(bias_ptr, rows, cols, left, right)
     if edge:
         if HAS_HALO:
             keep = (t >= 0) & (t <= left + right) & (cols >= halo[0]) & (cols < halo[1])
@@ -346,8 +370,7 @@ def side_scores(qk, qblock, g, G, scale, bias_ptr, smask_ptr, HAS_BIAS: tl.const
     """
     s = qk * scale
     if HAS_BIAS:
-        index = g - qblock + G
-        s += tl.load(bias_ptr + tl.minimum(tl.maximum(index, 0), 2 * G)).to(tl.float32)
+        s += side_bias(bias_ptr, qblock, g, G)
     keep = (g >= 0) & (g < G)
     if HAS_SMASK:
         keep = keep & (tl.load(smask_ptr + g, mask=keep, other=0) != 0)

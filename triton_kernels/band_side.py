@@ -37,11 +37,12 @@ import triton.language as tl
 
 from . import bias_grad, global_rows
 from ._common import (
-    FORWARD_TABLE_NO_LICM,
     as_u8,
+    band_bias,
     band_scores,
     band_tile_interior,
     batch_head_offset,
+    bias_acc,
     cdiv,
     check_bounds,
     dlse_args,
@@ -61,6 +62,7 @@ from ._common import (
     range_mask,
     range_tiles,
     ranged_scores,
+    side_bias,
     side_scores,
     softmax_step,
     split_count,
@@ -123,18 +125,23 @@ def side_rows(sidx_ptr, g, G, SIDE_INDEX: tl.constexpr):
 
 @triton.jit
 def _side_tile(q, g0, sk_base, sv_base, stride_sks, stride_svs, qblock, sbias_ptr, smask_ptr, sidx_ptr, n_side, G, D,
-               scale, HAS_SBIAS: tl.constexpr, HAS_SMASK: tl.constexpr, SIDE_INDEX: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
+               scale, inv_scale, HAS_SBIAS: tl.constexpr, HAS_SMASK: tl.constexpr, SIDE_INDEX: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, BIAS_ACC: tl.constexpr):
     """(k, v, scores) of side keys ``[g0, g0 + BLOCK_N)`` against the query tile ``q`` (qblock: its (BLOCK_M, 1)
     block ids); the scores are masked (g < G, side_mask). With SIDE_INDEX side key g is row ``sidx_ptr[g]`` of the
-    ``n_side``-row K/V (``side_rows``); else row g."""
+    ``n_side``-row K/V (``side_rows``); else row g. BIAS_ACC: the side table enters through the product's
+    accumulator, its entries times ``inv_scale`` = 1 / scale (``_common.BIAS_ACC_MIN_SCALE``)."""
     g = g0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = side_rows(sidx_ptr, g, G, SIDE_INDEX)
     k = load_rows(sk_base, rows, n_side, stride_sks, offs_d, D)
     v = load_rows(sv_base, rows, n_side, stride_svs, offs_d, D)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    s = side_scores(qk, qblock, g[None, :], G, scale, sbias_ptr, smask_ptr, HAS_SBIAS, HAS_SMASK)
+    if HAS_SBIAS and BIAS_ACC:
+        qk = tl.dot(q, tl.trans(k), acc=side_bias(sbias_ptr, qblock, g[None, :], G) * inv_scale,
+                    input_precision=DOT_PREC)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s = side_scores(qk, qblock, g[None, :], G, scale, sbias_ptr, smask_ptr, HAS_SBIAS and not BIAS_ACC, HAS_SMASK)
     return k, v, s
 
 
@@ -191,7 +198,7 @@ def _rows_kernel(
     stride_vgs=None, stride_vgh=None, GLse=None, PartO=None, PartL=None, Counter=None, GKMask=None, GKRange=None,
     GTBounds=None, keys_per_split=None, splits=None, HAS_GKMASK: tl.constexpr = False,
     HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
-    SIDE_N: tl.constexpr = 0, FWD_TABLE_NO_LICM: tl.constexpr = False,
+    SIDE_N: tl.constexpr = 0, BIAS_ACC: tl.constexpr = False,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Out, Lse, writes Delta) of one query tile.
 
@@ -274,8 +281,6 @@ def _rows_kernel(
     # index tensors stay live through the loop (sm_90 D = 64, LongT5 shape: the dQ kernel 144 registers against
     # 128, one program per SM instead of two; see tests/test_triton_bias_cost.py). Off, the loops compile as before.
     NO_LICM: tl.constexpr = BACKWARD and (HAS_BBIAS or HAS_SBIAS)
-    # The forward's band loop likewise where the Triton version needs it (_common.FORWARD_TABLE_NO_LICM).
-    BAND_NO_LICM: tl.constexpr = NO_LICM or (FWD_TABLE_NO_LICM and (HAS_BBIAS or HAS_SBIAS))
 
     q = load_rows(Q + batch_head_offset(pid_bh, H, stride_qb, stride_qh), offs_m, S, stride_qs, offs_d, D)
     pid_kv = kv_program(pid_bh, H, GROUP)
@@ -298,6 +303,10 @@ def _rows_kernel(
     # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
     # reachable keys [key_lo, key_hi)).
     n_start = m0 - left
+    band_row = BBias + h * (left + right + 1)  # this head's band_bias entries
+    inv_scale = scale  # unused without BIAS_ACC (whose launches have a finite 1 / scale)
+    if BIAS_ACC:
+        inv_scale = 1.0 / scale
     halo = None
     if HAS_HALO:
         hk_base = HK + batch_head_offset(pid_kv, H // GROUP, stride_hkb, stride_hkh)
@@ -327,7 +336,7 @@ def _rows_kernel(
                 t_end = tl.where(reach_out, t_lo, t_hi)
             else:
                 t_begin = tl.where(reach_out, t_lo, t_hi)
-        for t in tl.range(t_begin, t_end, disable_licm=BAND_NO_LICM):
+        for t in tl.range(t_begin, t_end, disable_licm=NO_LICM):
             n0 = n_start + t * BLOCK_N
             cols = n0 + offs_n
             if HAS_HALO and part == 1:
@@ -336,10 +345,14 @@ def _rows_kernel(
             else:
                 k = load_rows(k_base, cols, S, stride_ks, offs_d, D)
                 v = load_rows(v_base, cols, S, stride_vs, offs_d, D)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+            if HAS_BBIAS and BIAS_ACC:
+                qk = tl.dot(q, tl.trans(k), acc=band_bias(band_row, rows, cols[None, :], left, right) * inv_scale,
+                            input_precision=DOT_PREC)
+            else:
+                qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
             edge = band_tile_interior(m0, n0, S, left, right, BLOCK_M, BLOCK_N) == 0
-            s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, BBias + h * (left + right + 1),
-                            KMask + b * S, HAS_BBIAS, HAS_KMASK, halo, HAS_HALO and part == 1, HAS_HMASK)
+            s = band_scores(qk, rows, cols[None, :], edge, S, left, right, scale, band_row, KMask + b * S,
+                            HAS_BBIAS and not BIAS_ACC, HAS_KMASK, halo, HAS_HALO and part == 1, HAS_HMASK)
             if HAS_KRANGES:
                 s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
                                   BLOCK_N)
@@ -370,7 +383,8 @@ def _rows_kernel(
         # A narrow side tile holds all G side keys: one tile at most, nothing to pipeline (pipelined, its buffers
         # cost the sm_90 dQ kernel 2 registers, Triton 3.8, G = 3: 130, past the two-programs-per-SM 128).
         for g0 in tl.range(g_begin, g_end, SN, disable_licm=NO_LICM, num_stages=1 if SN < BLOCK_N else None):
-            k, v, s = _side_tile(q, g0, *side, G, D, scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, SN, BLOCK_D, DOT_PREC)
+            k, v, s = _side_tile(q, g0, *side, G, D, scale, inv_scale, HAS_SBIAS, HAS_SMASK, SIDE_INDEX, SN, BLOCK_D,
+                                 DOT_PREC, BIAS_ACC)
             if HAS_SRANGES:  # every side tile masked
                 s = range_mask(s, (g0 + tl.arange(0, SN))[None, :],
                                *load_ranges(SRange + b * 2 * S, offs_m, row_ok, G))
@@ -752,19 +766,10 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         **_dropout_meta(dropout_p, rng, lse, dropout_offset), BLOCK_M=BLOCK_M,
         BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, DOT_PREC=tiles.dot_prec, num_warps=tiles.warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
-        **ranged, **halo, **rows_role, SIDE_N=tiles.side_n, **_forward_licm(band_bias, side_bias),
+        **ranged, **halo, **rows_role, SIDE_N=tiles.side_n,
+        BIAS_ACC=bias_acc(band_bias, side_bias, scale),
     )
     return out, lse
-
-
-def _forward_licm(band_bias, side_bias) -> dict:
-    """The forward's FWD_TABLE_NO_LICM meta: given only with a bias table (a launch without one stays as before)."""
-    if FORWARD_TABLE_NO_LICM and (band_bias is not None or side_bias is not None):
-        return _NO_LICM_META
-    return {}
-
-
-_NO_LICM_META = dict(FWD_TABLE_NO_LICM=True)
 
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,

@@ -70,17 +70,25 @@ from longattn.bench.timing import synchronize, time_call
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tried after the current config, by padded head dim (others: 64's list), most promising first (the first TOP of
-# them in the sweep's first pass). The order is from ptxas -v on an offline sm_90a compile (bf16, TGlobal's flags:
-# both biases, side mask; CPU only, a proxy, not a timing), registers per thread and spill stores/loads in bytes of
-# the forward / dQ / dK-dV kernels:
-#   D=64:  64x64/8w (current) 246/255/238 r, dQ spills 12/16; 64x32/8w 175/243/184 r and 32x64/8w 230/226/202 r, no
-#          spill; 128x64/8w dQ spills 508/912 (the big-tile alternative); 64x64/4w dQ spills 1036/1436.
-#   D=128: 64x32/8w (current) dQ spills 332/468; 32x32/8w 233/178/178 r, no spill at all; 32x64/8w dQ 44/36;
-#          64x64/8w dQ 660/820 (bigger tiles); 128x64/8w spills in all three (fwd 804/628, dQ 1528/2060).
-# With 255 registers x 8 warps a program holds the whole register file of an SM: one program per SM.
+# them in the sweep's first pass). The order is from the kernels compiled on the CPU for sm_90a as a launch at
+# S = 16384 specializes them (Triton 3.8, bf16, 2026-12-01; a proxy, not a timing): SASS instructions of the band
+# loop x warps per score of the tile, plain (local, Longformer) / with both tables (TGlobal), and programs per SM:
+#   D=64:  64x64/8w (current)  fwd 0.83 / 1.23, dQ 0.86 / 1.25, dK/dV 1.20 / 2.43   (2, 2, 1 per SM)
+#          64x64/4w            fwd 0.68 / 0.97, dQ 0.63 / 0.93, dK/dV 0.80 / 1.93   (3, 3, 2; dK/dV with tables
+#                              spills 36 B); 64x32/4w 0.81 / 1.08, 0.71 / 1.04, 1.17 / 2.14 (5, 4, 3 plain; 3, 4, 2);
+#          128x32/8w 0.77 / 1.05, 0.68 / 0.99, 1.23 / 2.32; 128x64/8w 0.64 / 0.94, 0.59 / 0.88, 0.83 / 2.02 at one
+#          program per SM; 64x32/8w 1.09 / 1.46, 1.05 / 1.53, 1.88 / 3.15.
+#   D=128: 64x32/8w (current)  fwd 1.27 / 1.66, dQ 1.32 / 1.86, dK/dV 2.29 / 3.56   (2, 2, 1 per SM)
+#          64x32/4w            fwd 0.97 / 1.25, dQ 0.88 / 1.19, dK/dV 1.57 / 2.55   (3, 2, 2; dK/dV with tables
+#                              spills 24 B); 128x32/8w 0.90 / 1.19, 0.79 / 1.09, 1.60 / 2.71 at one per SM; 32x32/4w
+#                              1.53 / 1.98, 1.39 / 1.77, 2.17 / 3.47; 64x64/4w spills 24-336 B.
+# Why 8 warps on a 64-row tile cost more: its two warpgroups split every product's columns, so the softmax's row
+# reductions cross warpgroups through shared memory each tile, and the backward's dP product, whose result is the
+# A operand of the next product, is computed whole by both warpgroups (16 wgmma per warpgroup and tile where 12
+# are needed). One warpgroup per 64 rows (4 warps) does neither.
 CANDIDATES = {
-    64: ((64, 32, 8), (128, 64, 8), (32, 64, 8), (64, 64, 4), (32, 32, 4), (128, 32, 8), (64, 16, 4), (32, 32, 8)),
-    128: ((32, 32, 8), (64, 64, 8), (32, 64, 8), (16, 32, 4), (32, 32, 4), (128, 32, 8), (64, 16, 8)),
+    64: ((64, 64, 4), (64, 32, 4), (128, 32, 8), (128, 64, 8), (64, 32, 8), (32, 64, 4), (32, 32, 4), (32, 64, 8)),
+    128: ((64, 32, 4), (128, 32, 8), (32, 32, 4), (32, 32, 8), (64, 64, 8), (32, 64, 8), (16, 32, 4), (64, 16, 8)),
 }
 TOP = 3
 # ``fits``: at most this many fp32 accumulator values per thread in the largest kernel (of 255 registers).

@@ -41,9 +41,10 @@ from ._launch import cached
 # 64x64 keeps >= 80 % of the work useful on the standard shapes while still feeding 64-wide MMAs; 32x32
 # wastes less but halves the MMA size and doubles the K/V reloads. flash-attn's 128x128 (tuned for dense
 # attention) would waste a third of LongT5's band. D = 128 halves BLOCK_N (q, acc, k/v and dK/dV tiles are
-# all D wide). Warps from ptxas register counts of an offline sm_90 compile (bf16, all masks and biases on;
-# a proxy, not a timing): with 4 warps the forward and dK/dV kernels spill (D=64: 128 / 288 bytes; D=128,
-# 64x64 tiles: up to 1.5 KB); with 8 warps nothing spills for D <= 64 and D=128 with 64x32 spills <= 24 B.
+# all D wide). The 8 warps date from kernels that spilled at 4 (an early offline sm_90 compile). The kernels of
+# 2026-12-01 compiled at 4 warps (one warpgroup per 64 rows) spill nothing but the dK/dV kernel with both tables
+# (24-36 B) and issue 18-33 % fewer instructions per score at more programs per SM (sm_90 SASS, static; the table
+# is beside ``benchmarks/tune_triton.py``'s CANDIDATES, whose sweep tries them first): the choice is a GPU's to make.
 _GPU_TILES = {16: (64, 64, 8), 32: (64, 64, 8), 64: (64, 64, 8), 128: (64, 32, 8)}
 # For tuning runs: LONGATTN_TRITON_TILES="BLOCK_M,BLOCK_N,num_warps" overrides the table (powers of two >= 16).
 _TILES_ENV = "LONGATTN_TRITON_TILES"

@@ -3,7 +3,8 @@
     python benchmarks/launch_probe.py [--calls 300]
 
 Why: on an H200 (2026-11-30) the Triton backwards cost 51 to 700 us per call more host time than twice this CPU's
-emulation of their host path, while the Triton forwards cost exactly twice it (``benchmarks/bench_triton_launchers.py``).
+emulation of their host path, while the Triton forwards cost exactly twice it
+(``benchmarks/bench_triton_launchers.py``).
 The backward differs in two ways: the autograd engine runs a CUDA tensor's backward on its device thread, and its
 launches pass more pointers (22 to a band launch), each of which Triton's C launcher resolves with
 ``cuPointerGetAttribute``. This probe times the same cached launch (``triton_kernels._launch.cached``) of a kernel that

@@ -306,7 +306,8 @@ def test_targets_summary_sets_each_measured_value_beside_its_bound(tmp_path):
     assert "(<= 1.2x): 1.50x (3.000 / 2.000 ms)" in text
     assert "share (1 - without / with; <= 10 %): triton 5.0% (2.000 / 1.900 ms)" in text
     assert "longformer/64 cuda fwd 4" in text
-    assert "4 triton GPU us per fwd+bwd call (profile, no bias, window 256): local 800; longformer/1 1000 (1.25x)" in text
+    assert ("4 triton GPU us per fwd+bwd call (profile, no bias, window 256): local 800; longformer/1 1000 (1.25x)"
+            in text)
     assert "    longformer/1: _rows_kernel 500; _keys_kernel 490; _slots_kernel 10" in text
     assert "dK/dV loop pipelined 3 (default) -> 1 deep, ms: local 1.500 -> 1.250" in text
     assert ("at S=512, us (fwd <= 40, fwd+bwd <= 80): local cuda fwd 30; local triton fwd 40; dense SDPA fwd 25; "

@@ -150,6 +150,7 @@ def check_repeated_tensors():
     in the same layout, and a changed scalar must each launch Triton's kernel for that call (``_Checked``); every call
     twice, the second time from the cache."""
     from longattn.triton_kernels._launch import cached
+
     from tests.triton_emulation import EmulatedTriton
 
     f32, misaligned, f16 = (lambda: torch.zeros(1)), (lambda: torch.zeros(5)[1:]), (lambda: torch.zeros(1).half())
@@ -189,10 +190,10 @@ def check_launch_hooks():
     """Triton's hook chains in ``knobs.runtime``: empty, the cached launch passes None for both hooks and builds no
     launch metadata (Triton would call the empty chains); with a hook in either chain, that chain and the compiled
     kernel's metadata reach the launcher."""
-    from triton import knobs
-
     from longattn.triton_kernels import _launch
     from longattn.triton_kernels._launch import cached
+    from triton import knobs
+
     from tests.triton_emulation import EmulatedTriton
 
     kernel = _pointers_kernel()

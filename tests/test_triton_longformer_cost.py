@@ -49,12 +49,11 @@ def captured_launches() -> list[tuple[str, object, dict]]:
     Longformer with 1 and 64 globals, forward and backward, at ``SHAPE`` (values: tensors stay tensors, CPU ones
     never read)."""
     import torch
+    from longattn.triton_kernels import _common, band_side
 
     import longattn
     from longattn.backends import triton_backend
     from longattn.bench.cases import global_positions
-    from longattn.triton_kernels import _common, band_side
-
     from tests.triton_emulation import EmulatedTriton
 
     B, S, H, D, W = (SHAPE[k] for k in ("B", "S", "H", "D", "window"))
@@ -197,7 +196,6 @@ def test_longformer_costs_sm90():
 
 def test_kv_stages_override_is_checked(monkeypatch):
     import pytest
-
     from longattn.triton_kernels import _common
 
     monkeypatch.setenv(_common._KV_STAGES_ENV, "2")

@@ -16,8 +16,15 @@ import torch
 
 import longattn
 from tests import reference
-from tests.conftest import (INTERPRET, check_backend_against_oracle, grads, longformer_leaves, make_case, needs_triton,
-                            run_sm90_compile)
+from tests.conftest import (
+    INTERPRET,
+    check_backend_against_oracle,
+    grads,
+    longformer_leaves,
+    make_case,
+    needs_triton,
+    run_sm90_compile,
+)
 from tests.conftest import TRITON_DEVICE as DEVICE
 from tests.tolerance import assert_within_rule
 

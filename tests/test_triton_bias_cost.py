@@ -30,10 +30,12 @@ for _names, _kind in (("q k v do o r", ""), ("sk sv", "s")):
         _DQ_INTS.update(zip((f"stride_{_t}b", f"stride_{_t}s", f"stride_{_t}h"), _STRIDES[_kind]))
 
 
-def compile_specialized(fn, constexprs: dict, ints: dict, warps: int, types: dict | None = None):
+def compile_specialized(fn, constexprs: dict, ints: dict, warps: int, types: dict | None = None,
+                        options: dict | None = None):
     """``fn`` compiled for sm_90 as a launch with integer arguments ``ints`` specializes it: integers equal to 1
     become constants, multiples of 16 get the divisibility hint, as does every pointer (16-byte aligned).
-    ``types``: pointer types beyond ``test_triton_backend._POINTER_TYPES``."""
+    ``types``: pointer types beyond ``test_triton_backend._POINTER_TYPES``; ``options``: launch options beyond
+    num_warps (``maxnreg``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -55,7 +57,7 @@ def compile_specialized(fn, constexprs: dict, ints: dict, warps: int, types: dic
                 attrs[(i,)] = [["tt.divisibility", 16]]
     consts = {(fn.arg_names.index(n),): v for n, v in constexprs.items()}
     return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, **(options or {})})
 
 
 def sass_instructions(cubin: bytes) -> list[tuple[int, str, str]]:
@@ -112,7 +114,7 @@ def dq_costs() -> dict:
     out = {}
     for name, tables in (("no tables", False), ("both tables", True)):
         kernel = compile_specialized(band_side._rows_kernel, dict(base, HAS_BBIAS=tables, HAS_SBIAS=tables), _DQ_INTS,
-                                     warps)
+                                     warps, options=_common.dq_cap(warps))  # as launched
         out[name] = _usage(kernel, warps)
         _show(f"dQ {name}", out[name])
     return out

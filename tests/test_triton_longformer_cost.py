@@ -9,8 +9,9 @@ exactly the keywords, integers (== 1: constants; multiples of 16: hinted) and po
 What is guarded (offline compile, Triton 3.6 and 3.8, 2026-12-01):
 
 - the forward and dQ kernels keep two programs per SM (<= 128 registers at 8 warps): local 108-122, Longformer
-  98-116 (1 global) and 117-122 (64 globals). Crossing 128 roughly halves a kernel's throughput
-  (``tests/test_triton_bias_cost.py``);
+  98-116 (1 global) and 117-122 (64 globals); the local op with a band table (LongT5's local attention, window 127)
+  too, whose dQ Triton 3.6's ptxas gave 170 registers until the dQ launch capped them (``_common.dq_cap``).
+  Crossing 128 roughly halves a kernel's throughput (``tests/test_triton_bias_cost.py``);
 - ptxas pipelines the wgmma (no "wgmma.mma_async instructions are serialized") of every kernel: the forward, dQ and
   dK/dV kernels of the local op (with grouped-query K/V and packed sequences too) and of Longformer with 1 and 64
   globals;
@@ -64,7 +65,7 @@ def captured_launches() -> list[tuple[str, object, dict]]:
     kernels = (band_side._rows_kernel, band_side._keys_kernel)
     out = []
     try:
-        for name, G in (("local", 0), ("local GQA", 0), ("local packed", 0), ("longformer G=1", 1),
+        for name, G in (("local", 0), ("local GQA", 0), ("local packed", 0), ("local table", 0), ("longformer G=1", 1),
                         ("longformer G=64", 64)):
             kv_heads = 4 if name == "local GQA" else H  # grouped-query K/V: the dK/dV loop's trip count GROUP * n_t
             q = torch.randn(B, S, H, D, dtype=torch.bfloat16).requires_grad_()
@@ -77,10 +78,13 @@ def captured_launches() -> list[tuple[str, object, dict]]:
             elif name == "local packed":  # three sequences in one row: per-row key ranges (HAS_RANGES)
                 cu = torch.tensor([0, 2048, 2048 + 9000, S], dtype=torch.int32)
                 attn = longattn.local_attention_varlen(q[0], k[0], v[0], cu, 9000, W, backend="triton")
+            elif name == "local table":  # LongT5's local attention: window 127, a band table, scale 1
+                table = torch.randn(H, 255, dtype=torch.bfloat16)
+                attn = longattn.local_attention(q, k, v, 127, rel_bias=table, scale=1.0, backend="triton")
             else:
                 attn = longattn.local_attention(q, k, v, W, backend="triton")
             torch.autograd.grad(attn, (q, k, v), torch.ones_like(attn))
-            out += [(name, launch.kernel, dict(zip(launch.kernel.arg_names, launch.args)))
+            out += [(name, launch.kernel, {**dict(zip(launch.kernel.arg_names, launch.args)), **launch.options})
                     for launch in emulation.launches[start:] if launch.kernel in kernels]
     finally:
         emulation.uninstall()
@@ -89,8 +93,9 @@ def captured_launches() -> list[tuple[str, object, dict]]:
 
 
 def compile_launch(fn, args: dict, warps: int):
-    """``fn`` compiled for sm_90 with ``args`` (a captured launch's values) specialized as that launch specializes
-    them (``test_triton_bias_cost.compile_specialized``: pointers typed by their tensor's dtype)."""
+    """``fn`` compiled for sm_90 with ``args`` (a captured launch's values, and its ``maxnreg`` option if it had one)
+    specialized as that launch specializes them (``test_triton_bias_cost.compile_specialized``: pointers typed by
+    their tensor's dtype)."""
     import torch
 
     from tests.test_triton_bias_cost import compile_specialized
@@ -105,7 +110,8 @@ def compile_launch(fn, args: dict, warps: int):
             types[p.name] = _PTR[str(value.dtype).split(".")[-1]]
         elif isinstance(value, int):
             ints[p.name] = value
-    return compile_specialized(fn, constexprs, ints, warps, types)
+    options = {"maxnreg": args["maxnreg"]} if "maxnreg" in args else None
+    return compile_specialized(fn, constexprs, ints, warps, types, options)
 
 
 def wgmma_serialized(ptx: str) -> bool:
@@ -150,7 +156,7 @@ def check_longformer_costs():
     """The guarded state (module doc): two forward / dQ programs per SM in every op, pipelined wgmma in every kernel,
     no spill inside any tile loop."""
     costs = longformer_costs()
-    ops = ("local", "local GQA", "local packed", "longformer G=1", "longformer G=64")
+    ops = ("local", "local GQA", "local packed", "local table", "longformer G=1", "longformer G=64")
     assert {op for op, _ in costs} == set(ops), sorted(costs)
     for op in ops:
         for role in ("forward", "dQ"):

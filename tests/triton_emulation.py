@@ -23,6 +23,7 @@ class Launch:
     triton_key: str  # Triton's compile-cache key of the compiled kernel launched
     grid: tuple
     args: tuple  # the launcher's arguments after the hooks: every parameter in signature order
+    options: dict = field(default_factory=dict)  # the launch options compiled in (num_warps, maxnreg, ...)
 
 
 @dataclass
@@ -35,6 +36,7 @@ class FakeCompiled:
     record: bool = True
     function: object = None
     packed_metadata: object = None
+    options: dict = field(default_factory=dict)
 
     def launch_metadata(self, grid, stream, *args):
         return None
@@ -42,7 +44,7 @@ class FakeCompiled:
     def run(self, grid_0, grid_1, grid_2, stream, function, packed_metadata, launch_metadata, enter_hook, exit_hook,
             *args):
         if self.record:
-            self.launches.append(Launch(self.kernel, self.triton_key, (grid_0, grid_1, grid_2), args))
+            self.launches.append(Launch(self.kernel, self.triton_key, (grid_0, grid_1, grid_2), args, self.options))
 
 
 class _Hooks:
@@ -87,15 +89,16 @@ class EmulatedTriton:
                 raise RuntimeError(f"global {name} changed")
         return key, tuple(bound_args.values())
 
-    def compiled(self, kernel, key) -> FakeCompiled:
+    def compiled(self, kernel, key, options=None) -> FakeCompiled:
         if (kernel, key) not in self._compiled:
-            self._compiled[kernel, key] = FakeCompiled(kernel, key, self.launches, self.record)
+            self._compiled[kernel, key] = FakeCompiled(kernel, key, self.launches, self.record, options=options or {})
         return self._compiled[kernel, key]
 
     def _run(self, kernel, *args, grid, warmup, **kwargs):
         self.misses += 1
         key, values = self.bind(kernel, args, kwargs)
-        compiled = self.compiled(kernel, key)
+        # Triton's key holds the options, so one compiled kernel has one set of them
+        compiled = self.compiled(kernel, key, {k: v for k, v in kwargs.items() if k not in kernel.arg_names})
         if not warmup:
             n = len(grid)
             compiled.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, 0, None, None, None, None, None,

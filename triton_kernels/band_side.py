@@ -208,7 +208,8 @@ def _rows_kernel(
 
     The bias tables' gradients are not summed here (the dK/dV passes do it, ``bias_grad``): with or without the
     tables the dQ kernel stays within 128 registers at 8 warps on sm_90 (two programs per SM; the cost test,
-    ``tests/test_triton_bias_cost.py``). Grouped-query attention: K, V, SK, SV have ``H // GROUP`` heads; query
+    ``tests/test_triton_bias_cost.py``), and without dropout it is launched capped there (``_common.dq_cap``).
+    Grouped-query attention: K, V, SK, SV have ``H // GROUP`` heads; query
     head h reads K/V head ``h // GROUP``.
 
     SIDE_INDEX: SK, SV are (B, S, H // GROUP, D) (the band K, V) and side key g of batch row b is row
@@ -840,6 +841,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), BACKWARD=True, SIDE_INDEX=indexed,
         **ranged, **meta, **halo, **delta_lse, **rows_role, SIDE_N=tiles.side_n,
+        **({} if meta["HAS_DROPOUT"] else tiles.dq_options),  # two programs per SM (_common.dq_cap)
     )
     cached(_keys_kernel)[(n_keys, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,

@@ -114,7 +114,7 @@ def dq_costs() -> dict:
     out = {}
     for name, tables in (("no tables", False), ("both tables", True)):
         kernel = compile_specialized(band_side._rows_kernel, dict(base, HAS_BBIAS=tables, HAS_SBIAS=tables), _DQ_INTS,
-                                     warps, options=_common.dq_cap(warps))  # as launched
+                                     warps, options=_common.rows_cap(warps))  # as launched
         out[name] = _usage(kernel, warps)
         _show(f"dQ {name}", out[name])
     return out
@@ -144,19 +144,23 @@ def kv_costs() -> dict:
 
 def forward_costs() -> dict:
     """{variant: cost as ``dq_costs`` + (wgmma serialized,)} of the forward kernel at the benchmark's shape as the
-    backend launches it (the tables through the product's accumulator, ``_common.bias_acc``): LongT5 TGlobal with
-    both tables, the local op with its band table (LongT5's local attention), a side table alone, and no tables."""
+    backend launches it (the tables through the product's accumulator, ``_common.bias_acc``; ``_common.rows_cap``):
+    LongT5 TGlobal with both tables, without and with its padding mask, the local op with its band table (LongT5's
+    local attention), a side table alone, and no tables."""
     from longattn.triton_kernels import _common, band_side
 
     from tests.test_triton_longformer_cost import wgmma_serialized
 
     bm, bn, warps = _common.attention_tiles(64)
     out = {}
-    for name, band, side, G in (("both tables", True, True, 1024), ("band table", True, False, 0),
-                                ("side table", False, True, 1024), ("no tables", False, False, 1024)):
+    for name, band, side, G, pad in (("both tables", True, True, 1024, False), ("both tables, padding", True, True,
+                                                                                 1024, True),
+                                     ("band table", True, False, 0, False), ("side table", False, True, 1024, False),
+                                     ("no tables", False, False, 1024, False)):
         meta = dict(BACKWARD=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, DOT_PREC="tf32", HAS_DROPOUT=False,
-                    HAS_KMASK=False, HAS_SMASK=G > 0, HAS_BBIAS=band, HAS_SBIAS=side, BIAS_ACC=band or side)
-        kernel = compile_specialized(band_side._rows_kernel, meta, dict(_DQ_INTS, G=G), warps)
+                    HAS_KMASK=pad, HAS_SMASK=G > 0, HAS_BBIAS=band, HAS_SBIAS=side, BIAS_ACC=band or side)
+        kernel = compile_specialized(band_side._rows_kernel, meta, dict(_DQ_INTS, G=G), warps,
+                                     options=_common.rows_cap(warps))  # as launched
         out[name] = (*_usage(kernel, warps), wgmma_serialized(kernel.asm["ptx"]))
         _show(f"forward {name}", out[name])
         print(f"  wgmma {'serialized' if out[name][5] else 'pipelined'}")

@@ -1,16 +1,18 @@
-"""Static cost of Longformer's band kernels next to the local op's (issue 12, target 4), from sm_90 code compiled on
-the CPU as the real launches specialize it.
+"""Static cost of Longformer's band kernels next to the local op's (issue 12, target 4), and of LongT5's (target 5),
+from sm_90 code compiled on the CPU as the real launches specialize it.
 
 The launches are captured, not rebuilt: the local op and the Longformer op (1 and 64 globals) run forward and backward
-at the H200 benchmark's shape (B = 1, S = 16384, H = 12, D = 64, bf16, window +-256, no tables) on CPU tensors with
-Triton's launch path emulated (``tests/triton_emulation.py``, 132 SMs for the split heuristics), so each compile gets
-exactly the keywords, integers (== 1: constants; multiples of 16: hinted) and pointer types that launch passes.
+at the H200 benchmark's shape (B = 1, S = 16384, H = 12, D = 64, bf16, window +-256, no tables; LongT5's local and
+TGlobal ops at window 127 with their tables) on CPU tensors with Triton's launch path emulated
+(``tests/triton_emulation.py``, 132 SMs for the split heuristics), so each compile gets exactly the keywords,
+integers (== 1: constants; multiples of 16: hinted), pointer types and launch options that launch passes.
 
 What is guarded (offline compile, Triton 3.6 and 3.8, 2026-12-01):
 
 - the forward and dQ kernels keep two programs per SM (<= 128 registers at 8 warps): local 108-122, Longformer
-  98-116 (1 global) and 117-122 (64 globals); the local op with a band table (LongT5's local attention, window 127)
-  too, whose dQ Triton 3.6's ptxas gave 170 registers until the dQ launch capped them (``_common.dq_cap``).
+  98-116 (1 global) and 117-122 (64 globals); LongT5's ops too, the local one with its band table (window 127) and
+  TGlobal with both tables and its padding mask, whose dQ and forward Triton 3.6's ptxas gave 170 and 169 registers
+  until those launches were capped (``_common.rows_cap``).
   Crossing 128 roughly halves a kernel's throughput (``tests/test_triton_bias_cost.py``);
 - ptxas pipelines the wgmma (no "wgmma.mma_async instructions are serialized") of every kernel: the forward, dQ and
   dK/dV kernels of the local op (with grouped-query K/V and packed sequences too) and of Longformer with 1 and 64
@@ -65,8 +67,8 @@ def captured_launches() -> list[tuple[str, object, dict]]:
     kernels = (band_side._rows_kernel, band_side._keys_kernel)
     out = []
     try:
-        for name, G in (("local", 0), ("local GQA", 0), ("local packed", 0), ("local table", 0), ("longformer G=1", 1),
-                        ("longformer G=64", 64)):
+        for name, G in (("local", 0), ("local GQA", 0), ("local packed", 0), ("local table", 0), ("tglobal", 0),
+                        ("longformer G=1", 1), ("longformer G=64", 64)):
             kv_heads = 4 if name == "local GQA" else H  # grouped-query K/V: the dK/dV loop's trip count GROUP * n_t
             q = torch.randn(B, S, H, D, dtype=torch.bfloat16).requires_grad_()
             k, v = (torch.randn(B, S, kv_heads, D, dtype=torch.bfloat16).requires_grad_() for _ in range(2))
@@ -81,6 +83,14 @@ def captured_launches() -> list[tuple[str, object, dict]]:
             elif name == "local table":  # LongT5's local attention: window 127, a band table, scale 1
                 table = torch.randn(H, 255, dtype=torch.bfloat16)
                 attn = longattn.local_attention(q, k, v, 127, rel_bias=table, scale=1.0, backend="triton")
+            elif name == "tglobal":  # LongT5 TGlobal: window 127, blocks of 16, both tables, scale 1, padding mask
+                n = S // 16
+                side_k, side_v = (torch.randn(B, n, H, D, dtype=torch.bfloat16) for _ in range(2))
+                blocks = (torch.arange(S) // 16).int()[None].expand(B, S)
+                attn = longattn.tglobal_attention(
+                    q, k, v, side_k, side_v, 127, blocks, key_padding_mask=torch.ones(B, S, dtype=torch.bool),
+                    rel_bias=torch.randn(H, 255, dtype=torch.bfloat16),
+                    side_bias=torch.randn(H, 2 * n + 1, dtype=torch.bfloat16), scale=1.0, backend="triton")
             else:
                 attn = longattn.local_attention(q, k, v, W, backend="triton")
             torch.autograd.grad(attn, (q, k, v), torch.ones_like(attn))
@@ -156,7 +166,7 @@ def check_longformer_costs():
     """The guarded state (module doc): two forward / dQ programs per SM in every op, pipelined wgmma in every kernel,
     no spill inside any tile loop."""
     costs = longformer_costs()
-    ops = ("local", "local GQA", "local packed", "local table", "longformer G=1", "longformer G=64")
+    ops = ("local", "local GQA", "local packed", "local table", "tglobal", "longformer G=1", "longformer G=64")
     assert {op for op, _ in costs} == set(ops), sorted(costs)
     for op in ops:
         for role in ("forward", "dQ"):

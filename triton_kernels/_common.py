@@ -205,8 +205,8 @@ def _side_tiles(G: int, D: int, side_bias: bool, override: str | None) -> tuple[
 class LaunchTiles(NamedTuple):
     """A band launch's tiles (``launch_tiles``): BLOCK_M, BLOCK_N, num_warps (``attention_tiles``), SIDE_N and the
     side keys' dK/dV warps (``side_tiles``), BLOCK_D (``head_dim_block``), DOT_PREC (``dot_precision``), the
-    dK/dV kernels' KV_STAGES (None: the launch default; ``_KV_STAGES_ENV``) and the dQ kernel's launch options
-    (``dq_options``)."""
+    dK/dV kernels' KV_STAGES (None: the launch default; ``_KV_STAGES_ENV``) and the forward / dQ kernel's launch
+    options without dropout (``rows_cap``)."""
 
     block_m: int
     block_n: int
@@ -216,22 +216,23 @@ class LaunchTiles(NamedTuple):
     block_d: int
     dot_prec: str
     kv_stages: int | None
-    dq_options: dict
+    rows_options: dict
 
 
-# The dQ kernel without dropout is written to hold two programs per SM (sm_90: 65536 registers, so 128 a thread at
-# 8 warps; ``tests/test_triton_bias_cost.py``), and is launched with that cap (ptxas's maxnreg). Without it Triton
-# 3.6's ptxas (the H200 image's) gave the dQ of the local op with a band table (LongT5's local attention) 170
-# registers, 158 with a padding mask: one program per SM. Capped, 126 / 125, no spill, its band loop 607 -> 624
-# instructions per tile (3.8 allocates 128 either way; every other op's dQ is at or under the cap already). With
-# dropout the kernel needs 182-239 and capped it spills inside its loops, so it is left uncapped. sm_90, D = 64,
-# bf16, S = 16384, compiled on the CPU as the launches specialize them; not timed.
+# The forward and dQ kernels (``band_side._rows_kernel``) without dropout are written to hold two programs per SM
+# (sm_90: 65536 registers, so 128 a thread at 8 warps; ``tests/test_triton_bias_cost.py``) and are launched with that
+# cap (ptxas's maxnreg). Without it Triton 3.6's ptxas (the H200 image's) gave LongT5 TGlobal's forward with its
+# padding mask 169 registers and the local op's dQ with a band table (LongT5's local attention) 170, 158 with
+# padding: one program per SM. Capped: 122, 126, 125, no spill, their band loops 649 -> 659, 607 -> 624 and
+# 679 -> 704 instructions per tile. Where ptxas already fit (Triton 3.8, every other op) the cap moves a loop by
+# -1 to +4 %. With dropout the kernels need 166-239 and capped they spill inside their loops: left uncapped. sm_90,
+# D = 64, bf16, S = 16384, compiled on the CPU as the launches specialize them; not timed.
 _TWO_PROGRAMS_REGISTERS = 65536 // 2 // 32  # a thread's registers at two programs per SM, times num_warps
 
 
-def dq_cap(warps: int) -> dict:
-    """The dQ launch's ``maxnreg`` keyword for ``warps`` warps (two programs per SM), or {} when no cap binds (a
-    thread has at most 255 registers)."""
+def rows_cap(warps: int) -> dict:
+    """The forward / dQ launch's ``maxnreg`` keyword for ``warps`` warps (two programs per SM), or {} when no cap
+    binds (a thread has at most 255 registers)."""
     cap = _TWO_PROGRAMS_REGISTERS // warps
     return {"maxnreg": cap} if cap < 255 else {}
 
@@ -251,7 +252,7 @@ def _launch_tiles(D: int, G: int, side_bias: bool, dtype, override: str | None, 
     if kv_stages is not None and not (kv_stages.isdigit() and int(kv_stages) >= 1):
         raise ValueError(f"{_KV_STAGES_ENV}: expected a positive integer, got {kv_stages!r}")
     return LaunchTiles(block_m, block_n, warps, *_side_tiles(G, D, side_bias, override), head_dim_block(D),
-                       dot_precision(dtype), None if kv_stages is None else int(kv_stages), dq_cap(warps))
+                       dot_precision(dtype), None if kv_stages is None else int(kv_stages), rows_cap(warps))
 
 
 def dot_precision(dtype) -> str:

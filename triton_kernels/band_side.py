@@ -208,9 +208,9 @@ def _rows_kernel(
 
     The bias tables' gradients are not summed here (the dK/dV passes do it, ``bias_grad``): with or without the
     tables the dQ kernel stays within 128 registers at 8 warps on sm_90 (two programs per SM; the cost test,
-    ``tests/test_triton_bias_cost.py``), and without dropout it is launched capped there (``_common.dq_cap``).
-    Grouped-query attention: K, V, SK, SV have ``H // GROUP`` heads; query
-    head h reads K/V head ``h // GROUP``.
+    ``tests/test_triton_bias_cost.py``); without dropout the forward and dQ are launched capped there
+    (``_common.rows_cap``). Grouped-query attention: K, V, SK, SV have ``H // GROUP`` heads; query head h reads K/V
+    head ``h // GROUP``.
 
     SIDE_INDEX: SK, SV are (B, S, H // GROUP, D) (the band K, V) and side key g of batch row b is row
     ``SIdx[b, g]`` (rows ``stride_ib`` apart), read in place. Forward only: with HAS_QMASK rows i where
@@ -768,7 +768,7 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, DOT_PREC=tiles.dot_prec, num_warps=tiles.warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
         **ranged, **halo, **rows_role, SIDE_N=tiles.side_n,
-        BIAS_ACC=bias_acc(band_bias, side_bias, scale),
+        BIAS_ACC=bias_acc(band_bias, side_bias, scale), **({} if dropout_p else tiles.rows_options),
     )
     return out, lse
 
@@ -841,7 +841,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), BACKWARD=True, SIDE_INDEX=indexed,
         **ranged, **meta, **halo, **delta_lse, **rows_role, SIDE_N=tiles.side_n,
-        **({} if meta["HAS_DROPOUT"] else tiles.dq_options),  # two programs per SM (_common.dq_cap)
+        **({} if meta["HAS_DROPOUT"] else tiles.rows_options),  # two programs per SM (_common.rows_cap)
     )
     cached(_keys_kernel)[(n_keys, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,

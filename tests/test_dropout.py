@@ -154,6 +154,18 @@ def test_triton_drops_the_same_entries_as_torch(op, dtype):
     _assert_drops_like_torch(op, OPS[op][2]().cast(torch.float64, DEVICE), "triton", dtype)
 
 
+@needs_triton
+@pytest.mark.parametrize("window", [(8, 3), (4, 20)], ids=["8-3", "4-20"])
+def test_triton_aligned_band_tiles_drop_the_same_entries(window):
+    """A left window that is a multiple of 4 makes the band tiles 4-aligned, and the forward and dQ draw their keep
+    bits one Philox call per 4 keys (``band_side._band_aligned``): the same entries as torch's."""
+    from longattn.triton_kernels import band_side
+
+    assert band_side._band_aligned(window[0])
+    case = make_case(B=2, S=41, H=2, D=16, window=window, bias=True, padding="tail")
+    _assert_drops_like_torch("local", case.cast(torch.float64, DEVICE), "triton", torch.float32)
+
+
 def _assert_drops_like_torch(op, case, backend, dtype):
     """``backend`` against torch for seed 5: outputs and every gradient within the rule (baseline: torch in
     ``dtype``; both against the fp64 oracle of the fp64 ``case`` with that seed's mask)."""

@@ -89,7 +89,7 @@ def _keep_scale(Rng, bh, rows, n0, drop_thresh, drop_scale, BLOCK_N: tl.constexp
                 SIDE: tl.constexpr, drop_offset, HAS_DOFFSET: tl.constexpr):
     """Dropout factors of a band (or, with SIDE, side-key) tile: ``_dropout.keep_scale_tile`` of query rows ``rows``
     (the bits of ``longattn._dropout``'s layout, so the forward, dQ and dK/dV kernels and every backend agree).
-    Band tiles start at ``m0 - left``: 4-aligned only when ``left`` is (else ``ALIGNED`` False: 4x the Philox work).
+    ``ALIGNED``: ``n0 % 4 == 0`` (one Philox call per 4 keys; else one per key).
 
     HAS_DOFFSET (``notes/halo_contract.md`` section 3): rows and band keys are drawn ``drop_offset`` further on (a
     sequence-parallel shard's start, a multiple of 4: aligned tiles stay aligned); side keys keep their ids."""
@@ -198,7 +198,7 @@ def _rows_kernel(
     stride_vgs=None, stride_vgh=None, GLse=None, PartO=None, PartL=None, Counter=None, GKMask=None, GKRange=None,
     GTBounds=None, keys_per_split=None, splits=None, HAS_GKMASK: tl.constexpr = False,
     HAS_GRANGES: tl.constexpr = False, SLOT_BLOCK: tl.constexpr = 16,
-    SIDE_N: tl.constexpr = 0, BIAS_ACC: tl.constexpr = False, BAND_ALIGNED: tl.constexpr = False,
+    SIDE_N: tl.constexpr = 0, BIAS_ACC: tl.constexpr = False,
 ):
     """Forward (Res = out, writes Lse) or dQ (Res = dq, reads DO, Out, Lse, writes Delta) of one query tile.
 
@@ -302,8 +302,13 @@ def _rows_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
-    # reachable keys [key_lo, key_hi)).
+    # reachable keys [key_lo, key_hi)). With dropout they start at the multiple of 4 at or below it instead, so the
+    # keep bits take one Philox call per 4 keys (``_dropout.keep_tile_aligned``), not one per key: the same bits, at a
+    # tile more for some query tiles (sm_90, D = 64, bf16, window 256: band loop 1337 -> 677 SASS instructions per
+    # tile in the forward, 2326 -> 684 in the dQ under Triton 3.6, 1328 -> 685 under 3.8; not timed).
     n_start = m0 - left
+    if HAS_DROPOUT:
+        n_start -= n_start & 3
     band_row = BBias + h * (left + right + 1)  # this head's band_bias entries
     inv_scale = scale  # unused without BIAS_ACC (whose launches have a finite 1 / scale)
     if BIAS_ACC:
@@ -358,9 +363,9 @@ def _rows_kernel(
                 s = ranged_scores(s, n0, cols[None, :], KRange + b * 2 * S, offs_m, row_ok, S, cover_lo, cover_hi,
                                   BLOCK_N)
             z = s
-            if HAS_DROPOUT:  # band tiles start at m0 - left: 4-aligned when left is (BAND_ALIGNED)
-                z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, BAND_ALIGNED, False,
-                                drop_offset, HAS_DOFFSET)
+            if HAS_DROPOUT:  # n0 % 4 == 0 (n_start above)
+                z = _keep_scale(Rng, pid_bh, offs_m, n0, drop_thresh, drop_scale, BLOCK_N, True, False, drop_offset,
+                                HAS_DOFFSET)
             m_i, l_i, acc = _rows_step(s, z, k, v, do, lse, delta, m_i, l_i, acc, BACKWARD, HAS_DROPOUT, DOT_PREC)
 
     # Side keys: extra tiles of the same loop, SN keys wide (always masked: g < G and side_mask).
@@ -769,20 +774,9 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
         **ranged, **halo, **rows_role, SIDE_N=tiles.side_n,
         BIAS_ACC=bias_acc(band_bias, side_bias, scale),
-        **(_band_aligned(left) if dropout_p else tiles.rows_options),  # (_common.rows_cap)
+        **({} if dropout_p else tiles.rows_options),  # two programs per SM (_common.rows_cap)
     )
     return out, lse
-
-
-def _band_aligned(left: int) -> dict:
-    """The forward / dQ launch's dropout keyword: with ``left`` a multiple of 4 its band tiles, which start at
-    ``m0 - left``, are 4-aligned, so their keep bits take one Philox call per 4 keys instead of one per key (the same
-    bits; sm_90, D = 64, bf16, window 256: band loop 1337 -> 677 SASS instructions per tile in the forward, 2326 ->
-    684 in the dQ under Triton 3.6, 1328 -> 685 under 3.8; not timed)."""
-    return _BAND_ALIGNED if left % 4 == 0 else {}
-
-
-_BAND_ALIGNED = dict(BAND_ALIGNED=True)
 
 
 def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, query_block, band_bias, side_bias,
@@ -853,7 +847,7 @@ def backward(dout, q, k, v, side_k, side_v, out, lse, band_key_mask, side_mask, 
         *strides3(dout), *strides3(out), *strides3(dq), stride_ib,
         S, H, H // H_kv, G, D, left, right, float(scale), BACKWARD=True, SIDE_INDEX=indexed,
         **ranged, **meta, **halo, **delta_lse, **rows_role, SIDE_N=tiles.side_n,
-        **(_band_aligned(left) if meta["HAS_DROPOUT"] else tiles.rows_options),  # (_common.rows_cap)
+        **({} if meta["HAS_DROPOUT"] else tiles.rows_options),  # two programs per SM (_common.rows_cap)
     )
     cached(_keys_kernel)[(n_keys, B * H_kv, 1)](
         q, k, v, dout, lse, delta, dk, dv, *extra, sidx,

@@ -42,7 +42,7 @@ from tests.conftest import needs_triton, run_sm90_compile
 
 pytestmark = needs_triton
 
-_PTR = {"bfloat16": "*bf16", "float32": "*fp32", "uint8": "*u8", "int64": "*i64", "int32": "*i32"}
+_PTR = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32", "uint8": "*u8", "int64": "*i64", "int32": "*i32"}
 SHAPE = dict(B=1, S=16384, H=12, D=64, window=256)
 
 

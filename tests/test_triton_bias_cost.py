@@ -145,8 +145,8 @@ def kv_costs() -> dict:
 def forward_costs() -> dict:
     """{variant: cost as ``dq_costs`` + (wgmma serialized,)} of the forward kernel at the benchmark's shape as the
     backend launches it (the tables through the product's accumulator, ``_common.bias_acc``; ``_common.rows_cap``):
-    LongT5 TGlobal with both tables, without and with its padding mask, the local op with its band table (LongT5's
-    local attention), a side table alone, and no tables."""
+    LongT5 TGlobal with both tables, without and with its padding mask (and dropout), the local op with its band
+    table (LongT5's local attention), a side table alone, no tables, and dropout alone."""
     from longattn.triton_kernels import _common, band_side
 
     from tests.test_triton_longformer_cost import wgmma_serialized
@@ -156,9 +156,11 @@ def forward_costs() -> dict:
     for name, band, side, G, pad in (("both tables", True, True, 1024, False), ("both tables, padding", True, True,
                                                                                  1024, True),
                                      ("band table", True, False, 0, False), ("side table", False, True, 1024, False),
-                                     ("no tables", False, False, 1024, False)):
-        meta = dict(BACKWARD=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, DOT_PREC="tf32", HAS_DROPOUT=False,
-                    HAS_KMASK=pad, HAS_SMASK=G > 0, HAS_BBIAS=band, HAS_SBIAS=side, BIAS_ACC=band or side)
+                                     ("no tables", False, False, 1024, False), ("dropout", False, False, 0, False),
+                                     ("both tables, padding, dropout", True, True, 1024, True)):
+        meta = dict(BACKWARD=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, DOT_PREC="tf32",
+                    HAS_DROPOUT="dropout" in name, HAS_KMASK=pad, HAS_SMASK=G > 0, HAS_BBIAS=band, HAS_SBIAS=side,
+                    BIAS_ACC=band or side)
         kernel = compile_specialized(band_side._rows_kernel, meta, dict(_DQ_INTS, G=G), warps,
                                      options=_common.rows_cap(warps))  # as launched
         out[name] = (*_usage(kernel, warps), wgmma_serialized(kernel.asm["ptx"]))

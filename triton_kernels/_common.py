@@ -219,14 +219,16 @@ class LaunchTiles(NamedTuple):
     rows_options: dict
 
 
-# The forward and dQ kernels (``band_side._rows_kernel``) without dropout are written to hold two programs per SM
-# (sm_90: 65536 registers, so 128 a thread at 8 warps; ``tests/test_triton_bias_cost.py``) and are launched with that
-# cap (ptxas's maxnreg). Without it Triton 3.6's ptxas (the H200 image's) gave LongT5 TGlobal's forward with its
-# padding mask 169 registers and the local op's dQ with a band table (LongT5's local attention) 170, 158 with
-# padding: one program per SM. Capped: 122, 126, 125, no spill, their band loops 649 -> 659, 607 -> 624 and
-# 679 -> 704 instructions per tile. Where ptxas already fit (Triton 3.8, every other op) the cap moves a loop by
-# -1 to +4 %. With dropout the kernels need 166-239 and capped they spill inside their loops: left uncapped. sm_90,
-# D = 64, bf16, S = 16384, compiled on the CPU as the launches specialize them; not timed.
+# The forward and dQ kernels (``band_side._rows_kernel``) are written to hold two programs per SM (sm_90: 65536
+# registers, so 128 a thread at 8 warps; ``tests/test_triton_bias_cost.py``) and are launched with that cap (ptxas's
+# maxnreg). Without it Triton 3.6's ptxas (the H200 image's) gave LongT5 TGlobal's forward with its padding mask 169
+# registers and the local op's dQ with a band table (LongT5's local attention) 170, 158 with padding: one program
+# per SM. Capped: 122, 126, 125, no spill, their band loops 649 -> 659, 607 -> 624 and 679 -> 704 instructions per
+# tile. Where ptxas already fit (Triton 3.8, every other op) the cap moves a loop by -1 to +4 %. With dropout the
+# forward needs 168-242 and capped it fits (its loops +1 to +3 %, at most 24 B spilled, outside them but for 2-3
+# local-memory accesses per tile of LongT5's forwards under 3.6); the dQ needs 217-235 and capped it spills inside
+# its loops (16-79 accesses per tile), so it is launched uncapped. sm_90, D = 64, bf16, S = 16384,
+# compiled on the CPU as the launches specialize them; not timed.
 _TWO_PROGRAMS_REGISTERS = 65536 // 2 // 32  # a thread's registers at two programs per SM, times num_warps
 
 

@@ -208,7 +208,7 @@ def _rows_kernel(
 
     The bias tables' gradients are not summed here (the dK/dV passes do it, ``bias_grad``): with or without the
     tables the dQ kernel stays within 128 registers at 8 warps on sm_90 (two programs per SM; the cost test,
-    ``tests/test_triton_bias_cost.py``); without dropout the forward and dQ are launched capped there
+    ``tests/test_triton_bias_cost.py``); the forward and, without dropout, the dQ are launched capped there
     (``_common.rows_cap``). Grouped-query attention: K, V, SK, SV have ``H // GROUP`` heads; query head h reads K/V
     head ``h // GROUP``.
 
@@ -773,8 +773,7 @@ def forward(q, k, v, side_k, side_v, band_key_mask, side_mask, query_block, band
         BLOCK_N=tiles.block_n, BLOCK_D=tiles.block_d, DOT_PREC=tiles.dot_prec, num_warps=tiles.warps,
         SIDE_INDEX=indexed, HAS_QMASK=query_mask is not None, KMASK_ROWS=band_rows_only and band_key_mask is not None,
         **ranged, **halo, **rows_role, SIDE_N=tiles.side_n,
-        BIAS_ACC=bias_acc(band_bias, side_bias, scale),
-        **({} if dropout_p else tiles.rows_options),  # two programs per SM (_common.rows_cap)
+        BIAS_ACC=bias_acc(band_bias, side_bias, scale), **tiles.rows_options,  # two programs per SM (rows_cap)
     )
     return out, lse
 

@@ -205,8 +205,8 @@ def _side_tiles(G: int, D: int, side_bias: bool, override: str | None) -> tuple[
 class LaunchTiles(NamedTuple):
     """A band launch's tiles (``launch_tiles``): BLOCK_M, BLOCK_N, num_warps (``attention_tiles``), SIDE_N and the
     side keys' dK/dV warps (``side_tiles``), BLOCK_D (``head_dim_block``), DOT_PREC (``dot_precision``), the
-    dK/dV kernels' KV_STAGES (None: the launch default; ``_KV_STAGES_ENV``) and the forward / dQ kernel's launch
-    options without dropout (``rows_cap``)."""
+    dK/dV kernels' KV_STAGES (None: the launch default; ``_KV_STAGES_ENV``) and the launch options of the forward
+    and, without dropout, of the dQ kernel (``rows_cap``)."""
 
     block_m: int
     block_n: int

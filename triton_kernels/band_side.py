@@ -304,8 +304,8 @@ def _rows_kernel(
     # Band key tiles start at m0 - left (see _common); skip those wholly outside [0, S) (with a halo: outside the
     # reachable keys [key_lo, key_hi)). With dropout they start at the multiple of 4 at or below it instead, so the
     # keep bits take one Philox call per 4 keys (``_dropout.keep_tile_aligned``), not one per key: the same bits, at a
-    # tile more for some query tiles (sm_90, D = 64, bf16, window 256: band loop 1337 -> 677 SASS instructions per
-    # tile in the forward, 2326 -> 684 in the dQ under Triton 3.6, 1328 -> 685 under 3.8; not timed).
+    # tile more for some query tiles (sm_90, D = 64, bf16, windows 127 and 256, Triton 3.6 / 3.8: band loop 1340 /
+    # 1337 -> 691 / 683 SASS instructions per tile in the forward, 2326 / 1328 -> 690 / 691 in the dQ; not timed).
     n_start = m0 - left
     if HAS_DROPOUT:
         n_start -= n_start & 3

@@ -153,14 +153,14 @@ def forward_costs() -> dict:
 
     bm, bn, warps = _common.attention_tiles(64)
     out = {}
-    for name, band, side, G, pad in (("both tables", True, True, 1024, False), ("both tables, padding", True, True,
-                                                                                 1024, True),
-                                     ("band table", True, False, 0, False), ("side table", False, True, 1024, False),
-                                     ("no tables", False, False, 1024, False), ("dropout", False, False, 0, False),
-                                     ("both tables, padding, dropout", True, True, 1024, True)):
-        meta = dict(BACKWARD=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, DOT_PREC="tf32",
-                    HAS_DROPOUT="dropout" in name, HAS_KMASK=pad, HAS_SMASK=G > 0, HAS_BBIAS=band, HAS_SBIAS=side,
-                    BIAS_ACC=band or side)
+    variants = (  # name, band table, side table, G, padding mask, dropout
+        ("both tables", True, True, 1024, False, False), ("both tables, padding", True, True, 1024, True, False),
+        ("band table", True, False, 0, False, False), ("side table", False, True, 1024, False, False),
+        ("no tables", False, False, 1024, False, False), ("dropout", False, False, 0, False, True),
+        ("both tables, padding, dropout", True, True, 1024, True, True))
+    for name, band, side, G, pad, drop in variants:
+        meta = dict(BACKWARD=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, DOT_PREC="tf32", HAS_DROPOUT=drop,
+                    HAS_KMASK=pad, HAS_SMASK=G > 0, HAS_BBIAS=band, HAS_SBIAS=side, BIAS_ACC=band or side)
         kernel = compile_specialized(band_side._rows_kernel, meta, dict(_DQ_INTS, G=G), warps,
                                      options=_common.rows_cap(warps))  # as launched
         out[name] = (*_usage(kernel, warps), wgmma_serialized(kernel.asm["ptx"]))
@@ -171,9 +171,9 @@ def forward_costs() -> dict:
 
 def check_dq_costs():
     """Two dQ programs per SM with both tables as without (the occupancy the tables cost until the sums moved to
-    the dK/dV kernels), two forward programs per SM with either table and its wgmma pipelined (added after the
-    product, a table serialized them: ``_common.BIAS_ACC_MIN_SCALE``); no spill inside the tile loops of the dQ,
-    dK/dV or forward kernels, with or without the tables."""
+    the dK/dV kernels), two forward programs per SM with either table or dropout and its wgmma pipelined (added
+    after the product, a table serialized them: ``_common.BIAS_ACC_MIN_SCALE``); no spill inside the tile loops of
+    the dQ, dK/dV or forward kernels, with or without the tables."""
     costs = dq_costs()
     assert costs["no tables"][3] >= 2, costs["no tables"]
     assert costs["both tables"][3] >= 2, costs["both tables"]

@@ -47,10 +47,10 @@ SHAPE = dict(B=1, S=16384, H=12, D=64, window=256)
 
 
 def captured_launches() -> list[tuple[str, object, dict]]:
-    """[(op, kernel, {parameter: value})] of every band launch (``band_side._rows_kernel`` / ``_keys_kernel``) of the
-    local op (also with 4 K/V heads for the 12 query heads, and packed: three sequences in the row) and of
-    Longformer with 1 and 64 globals, forward and backward, at ``SHAPE`` (values: tensors stay tensors, CPU ones
-    never read)."""
+    """[(op, kernel, {parameter or launch option: value})] of every band launch (``band_side._rows_kernel`` /
+    ``_keys_kernel``) of the local op (also with 4 K/V heads for the 12 query heads, packed: three sequences in the
+    row, and LongT5's: window 127 with a band table), of LongT5 TGlobal (both tables, padding mask) and of Longformer
+    with 1 and 64 globals, forward and backward, at ``SHAPE`` (values: tensors stay tensors, CPU ones never read)."""
     import torch
     from longattn.triton_kernels import _common, band_side
 

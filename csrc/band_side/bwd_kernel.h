@@ -183,12 +183,14 @@ __device__ __forceinline__ void band_side_bwd_dq_tile(const BandSideParams& p, i
         for (int e = 0; e < 4; ++e) dp[n][e] *= keep_scale(keep, n, e, p.drop_scale);  // Z dP
       }
     }
+    const uint64_t key_bits = column_key_bits(p, kt, b, lane);
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        float sc = score_log2<kHalo>(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, qb[r]);
+        float sc = score_log2<kHalo>(p, kt, column_key_kept(key_bits, n, e), s[n][e], r ? i1 : i0,
+                                     kt.key0 + frag_col(lane, n, e), b, h, qb[r]);
         if constexpr (kRanges) {
           if (!mask_bit(in_range, n, e)) sc = -INFINITY;
         }
@@ -405,6 +407,9 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
 
   // This thread's two key rows.
   const int k0 = kt.key0 + warp * 16 + lane / 4, k1 = k0 + 8;
+  // Their key-mask bits, read once for all the CTA's query tiles.
+  const uint64_t key_bits = tile_key_bits(p, kt, b, lane);
+  const bool key_kept[2] = {bool((key_bits >> (k0 - kt.key0)) & 1u), bool((key_bits >> (k1 - kt.key0)) & 1u)};
   float acc_dk[D / 8][4], acc_dv[D / 8][4];
   zero(acc_dk);
   zero(acc_dv);
@@ -448,7 +453,7 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int il = frag_col(lane, n, e);
-        float sc = score_log2<kHalo>(p, kt, pt[n][e], q0 + il, e >= 2 ? k1 : k0, b, h, qb[il]);
+        float sc = score_log2<kHalo>(p, kt, key_kept[e >> 1], pt[n][e], q0 + il, e >= 2 ? k1 : k0, b, h, qb[il]);
         if constexpr (kRanges) {
           if (!mask_bit(in_range, n, e)) sc = -INFINITY;
         }

@@ -131,12 +131,14 @@ __device__ __forceinline__ void band_side_fwd_tile(const BandSideParams& p, int 
     gemm_nt<T, D, BN, LDS>(s, sQ + warp * 16 * LDS, sKt, lane);
 
     float tile_max[2] = {-INFINITY, -INFINITY};
+    const uint64_t key_bits = column_key_bits(p, kt, b, lane);
 #pragma unroll
     for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        s[n][e] = score_log2<kHalo>(p, kt, s[n][e], r ? i1 : i0, kt.key0 + frag_col(lane, n, e), b, h, r ? qb1 : qb0);
+        s[n][e] = score_log2<kHalo>(p, kt, column_key_kept(key_bits, n, e), s[n][e], r ? i1 : i0,
+                                    kt.key0 + frag_col(lane, n, e), b, h, r ? qb1 : qb0);
         if constexpr (kRanges) {
           if (!mask_bit(in_range, n, e)) s[n][e] = -INFINITY;
         }

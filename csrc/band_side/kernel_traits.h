@@ -24,6 +24,7 @@ struct BandSideTraits {
   static constexpr int kThreads = kWarps * 32;
   static_assert(kBlockM == kWarps * 16 && kBlockN == kWarps * 16, "one warp owns 16 rows");
   static_assert(kHeadDim % 16 == 0, "mma k-steps of 16");
+  static_assert(kBlockN == 64, "tile_key_bits (tile_ops.h) holds one bit per key of a tile in a uint64_t");
   // Shared-memory rows are padded by 8 elements (16 bytes): consecutive rows then start in different
   // 16-byte bank groups, so the 8 row addresses of one ldmatrix hit 8 distinct groups (conflict-free)
   // for D = 32, 64 and 128 alike. Cheaper to reason about than an XOR swizzle at these sizes.

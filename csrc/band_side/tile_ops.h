@@ -115,10 +115,39 @@ __device__ __forceinline__ float halo_score_log2(const BandSideParams& p, float 
   return plus_band_bias(p, s, i, key, h) * kLog2e;
 }
 
-// The score of (query i, key) in log2 units, or -inf when the pair is masked. `acc` is <q_i, k>.
+// Bit c of the result is set where key t.key0 + c (c in [0, 64)) passes the tile's key mask (band_key_mask for band
+// tiles, side_mask for side tiles); keys outside [0, S) or [0, G) get 0 (range tests or the halo path decide them
+// first). All bits are set when the mask is absent. Called by every lane of the warp.
+//
+// Why a bitmask: reading the mask per score element cost a byte load and a branch that waits on it for each of the
+// thread's 32 elements per tile (sm_90 SASS of the previous form, CUDA 13.0: 64 LDG.U8 in the tile loop of every tile
+// kernel, the dK/dV's included), and Longformer's band pass always carries a key mask (its global keys are masked out
+// of the band). Two coalesced byte loads and two ballots per warp and tile replace them (per CTA in the dK/dV kernel).
+__device__ __forceinline__ uint64_t tile_key_bits(const BandSideParams& p, const KeyTile& t, int b, int lane) {
+  const uint8_t* mask = t.side ? p.side_mask : p.band_key_mask;
+  if (mask == nullptr) return ~0ull;
+  const int limit = t.side ? p.G : p.S;
+  const uint8_t* row = mask + (int64_t)b * limit;
+  const int lo = t.key0 + lane, hi = lo + 32;
+  const uint32_t lo_bits = __ballot_sync(0xffffffffu, lo >= 0 && lo < limit && row[lo]);
+  const uint32_t hi_bits = __ballot_sync(0xffffffffu, hi >= 0 && hi < limit && row[hi]);
+  return (uint64_t)hi_bits << 32 | lo_bits;
+}
+
+// Keys as fragment columns (forward, dQ): tile_key_bits shifted to this lane's columns, so that element (n, e) reads
+// bit n * 8 + (e & 1) of it (column_key_kept) -- a position known at compile time, one bit test per element.
+__device__ __forceinline__ uint64_t column_key_bits(const BandSideParams& p, const KeyTile& t, int b, int lane) {
+  return tile_key_bits(p, t, b, lane) >> (lane % 4 * 2);
+}
+__device__ __forceinline__ bool column_key_kept(uint64_t column_bits, int n, int e) {
+  return (column_bits >> (n * 8 + (e & 1))) & 1u;
+}
+
+// The score of (query i, key) in log2 units, or -inf when the pair is masked. `acc` is <q_i, k>; key_kept is the
+// key's bit of tile_key_bits (read only when the tile has a key mask).
 // kHalo: band keys outside [0, S) (met only on tiles with check_range) are halo keys (halo_score_log2).
 template <bool kHalo = false>
-__device__ __forceinline__ float score_log2(const BandSideParams& p, const KeyTile& t, float acc, int i,
+__device__ __forceinline__ float score_log2(const BandSideParams& p, const KeyTile& t, bool key_kept, float acc, int i,
                                             int key, int b, int h, int qb) {
   float s = acc * p.scale;
   if (!t.side) {
@@ -126,11 +155,11 @@ __device__ __forceinline__ float score_log2(const BandSideParams& p, const KeyTi
       if (t.check_range && (key < 0 || key >= p.S)) return halo_score_log2(p, s, i, key, b, h);
     }
     if (t.check_range && (key < i - p.left || key > i + p.right || key >= p.S)) return -INFINITY;
-    if (p.band_key_mask != nullptr && !p.band_key_mask[(int64_t)b * p.S + key]) return -INFINITY;
+    if (p.band_key_mask != nullptr && !key_kept) return -INFINITY;
     if (p.band_bias != nullptr) s += __ldg(p.band_bias + (int64_t)h * p.band_width + (key - i + p.left));
   } else {
     if (t.check_range && key >= p.G) return -INFINITY;
-    if (p.side_mask != nullptr && !p.side_mask[(int64_t)b * p.G + key]) return -INFINITY;
+    if (p.side_mask != nullptr && !key_kept) return -INFINITY;
     if (p.side_bias != nullptr) s += __ldg(p.side_bias + (int64_t)h * (2 * p.G + 1) + (key - qb + p.G));
   }
   // Not pinned with __fmul_rn like the lse epilogue: sm_90 SASS of every tile kernel (CUDA 13.0) multiplies by log2(e)

@@ -363,9 +363,9 @@ Dims check_bwd_args(const char* op, const at::Tensor& dout, const at::Tensor& q,
   TORCH_CHECK(!dlse.has_value() || split.lse_split == 1, op, ": dlse must be None with lse_split > 1, got ",
               "a tensor with lse_split = ", split.lse_split);
   check_into_args(op, split, d, q, side_index);
-  // The delta kernel runs one warp per (b, s, h) row, 8 rows per CTA, on a 1-D grid.
-  TORCH_CHECK(d.B * d.S * d.H <= int64_t(8) * std::numeric_limits<int32_t>::max(), op,
-              ": q's B * S * H must be <= 8 * (2^31 - 1) (CUDA grid limit), got ", d.B * d.S * d.H);
+  // The delta kernel runs kDeltaRowsPerCta (b, s, h) rows per CTA on a 1-D grid (launch.h).
+  TORCH_CHECK(d.B * d.S * d.H <= kDeltaRowsPerCta * std::numeric_limits<int32_t>::max(), op, ": q's B * S * H must be <= ",
+              kDeltaRowsPerCta, " * (2^31 - 1) (CUDA grid limit), got ", d.B * d.S * d.H);
   return d;
 }
 

@@ -84,9 +84,10 @@ Grads with_checked_args(const at::Tensor& dout, const at::Tensor& q, const at::T
   const int64_t dq_ctas = n_lead + (bd.S + kTile - 1) / kTile * bd.B * bd.H;
   TORCH_CHECK(dq_ctas < (int64_t(1) << 31), kOp, ": the dQ launch's ", dq_ctas,
               " CTAs exceed the grid limit 2^31 - 1 (q ", q.sizes(), ", split_k ", split_k.sizes(), ")");
-  const int64_t delta_rows = bd.B * bd.S * bd.H + rd.B * rd.S * rd.H;  // one warp each, 8 a CTA
-  TORCH_CHECK(delta_rows <= int64_t(8) * std::numeric_limits<int32_t>::max(), kOp,
-              ": the delta launch's B * S * H + B * C * G * H rows must be <= 8 * (2^31 - 1), got ", delta_rows);
+  const int64_t delta_rows = bd.B * bd.S * bd.H + rd.B * rd.S * rd.H;  // kDeltaRowsPerCta a CTA (launch.h)
+  TORCH_CHECK(delta_rows <= kDeltaRowsPerCta * (std::numeric_limits<int32_t>::max() - 1), kOp,
+              ": the delta launch's B * S * H + B * C * G * H rows must be <= ", kDeltaRowsPerCta,
+              " * (2^31 - 2), got ", delta_rows);
   return f(Checked{band_bwd, rows_bwd, bd, rd, n_slot_tiles, n_lead, shared_kv, q_global.has_value()});
 }
 

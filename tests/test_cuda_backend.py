@@ -375,9 +375,9 @@ def _band_side_cases(op):
                                                      rf"{op}: query_block is required with side_bias")
     cases["side_k-G>=2^28"] = BadCall(op, _set("side_k", lambda t, dev: _resized(t, 1, 1 << 28)),
                                       rf"{op}: side_k's G must be < 2\^28")
-    if bwd:  # B * S * H rows on the delta kernel's 1-D grid: 65535^2 * 5 > 8 * (2^31 - 1)
-        cases["B*S*H-grid"] = BadCall(op, lambda args, dev: None, rf"{op}: q's B \* S \* H must be",
-                                      dims=(("B", 65535), ("H", 65535), ("S", 5)))
+    if bwd:  # B * S * H rows on the delta kernel's 1-D grid, 32 a CTA (launch.h): 65535^2 * 17 > 32 * (2^31 - 1)
+        cases["B*S*H-grid"] = BadCall(op, lambda args, dev: None, rf"{op}: q's B \* S \* H must be <= 32 \*",
+                                      dims=(("B", 65535), ("H", 65535), ("S", 17)))
     return cases
 
 

@@ -146,8 +146,9 @@ def _lse_at(b, h, i, C, H_, S_):
 
 @pytest.mark.parametrize("C", [1, 3])
 def test_lse_split_index_matches_key_splits_stats(C):
-    """The delta kernel's copy of the merged lse into every split's row (one warp per (b, s, h) row, lane 0 writing
-    lse_expanded, which the dQ / dK/dV kernels then read as lse_in): what ``KeySplits.stats`` copied per split."""
+    """The delta kernel's copy of the merged lse into every split's row (8 lanes per (b, s, h) row, its first lane
+    writing lse_expanded, which the dQ / dK/dV kernels then read as lse_in): what ``KeySplits.stats`` copied per
+    split."""
     Bx, H_, G_ = 2, 3, 5
     sp = _longformer.KeySplits(4 * C, 4)
     assert sp.C == C

@@ -618,16 +618,18 @@ def test_which_backward_calls_are_fused(change, raw_ops, monkeypatch):
 
 def _fused_bwd_launches(Bx, Hx, Sx, Gx, Cx, Dx, finish_warps):
     """The fused backward's launches, statement by statement (fused_bwd.cu run_small, fused_bwd_dq.h): the delta
-    launch's warps -> ("band", b, s, h) / ("rows", bc, g, h); the dQ launch's CTAs -> ("rows", slot tile, bc, h) /
-    ("band", query tile, b, h); the finish launch's CTAs and threads -> ("finish", warp) / ("add", b, g, e)."""
+    launch's storing lanes -> ("band", b, s, h) / ("rows", bc, g, h); the dQ launch's CTAs -> ("rows", slot tile, bc,
+    h) / ("band", query tile, b, h); the finish launch's CTAs and threads -> ("finish", warp) / ("add", b, g, e)."""
     band_rows, rows_rows = Bx * Sx * Hx, Bx * Cx * Gx * Hx
+    band_warps, rows_warps = -(-band_rows // 4), -(-rows_rows // 4)  # delta_warps: 4 rows a warp, 8 lanes a row
     delta = []
-    for w in range(-(-(band_rows + rows_rows) // 8) * 8):
-        if w < band_rows:
-            delta.append(("band", w // (Hx * Sx), (w // Hx) % Sx, w % Hx))
-        elif w - band_rows < rows_rows:  # band_side_bwd_delta_row's bound on the global rows' params
-            r = w - band_rows
-            delta.append(("rows", r // (Hx * Gx), (r // Hx) % Gx, r % Hx))
+    for w in range(-(-(band_warps + rows_warps) // 8) * 8):  # 8 warps a CTA
+        name, warp, n_rows, S_ = ("band", w, band_rows, Sx) if w < band_warps else ("rows", w - band_warps, rows_rows,
+                                                                                      Gx)
+        for lane in range(0, 32, 8):  # each row's first lane, the one that stores (band_side_bwd_delta_rows)
+            r = warp * 4 + lane // 8
+            if r < n_rows:  # the bound on the pass's own params
+                delta.append((name, r // (Hx * S_), (r // Hx) % S_, r % Hx))
     n_slot_tiles, n_query_tiles = -(-Gx // 64), -(-Sx // 64)
     n_lead = n_slot_tiles * Bx * Cx * Hx
     dq = []

@@ -46,13 +46,14 @@
 
 #include "band_side/bias_tables.h"
 #include "band_side/dropout.h"
+#include "band_side/launch.h"
 #include "band_side/ranges.h"
 #include "band_side/tile_ops.h"
 
 namespace longattn {
 
 // ------------------------------------------------------------------------------------------------
-// delta = rowsum(dO * O) (- dlse where given and the row's lse < +inf): one warp per (b, s, h) row. With lse_split it
+// delta = rowsum(dO * O) (- dlse where given and the row's lse < +inf): 8 lanes per (b, s, h) row. With lse_split it
 // also writes the row's lse_in (see there). kQueryIndex (p.query_index, Longformer's global rows): dO and O of row
 // (b, s) are token query_index[b / query_split, s] of batch row b / query_split; a token outside [0, query_tokens)
 // gives delta = 0 (dlse ignored), so the row's dS, hence its dq and key gradients, are 0 whatever its lse.
@@ -67,33 +68,62 @@ __device__ __forceinline__ void grid_zero_fill(float* x, int64_t n) {
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = 0.f;
 }
 
-// One warp's row of (B, S, H) (b slowest, h fastest): the grid's warp first_row + row (first_row = 0 in the delta
-// kernel). The delta kernel's body, which Longformer's fused backward (longformer/fused_bwd.h) runs for the band pass's
-// and the global rows' rows in one launch.
+// <x, y> in float32 of two 16-byte chunks (8 T's each), pair by pair.
+template <typename T>
+__device__ __forceinline__ float chunk_dot(const uint4& x, const uint4& y) {
+  const uint32_t xs[4] = {x.x, x.y, x.z, x.w}, ys[4] = {y.x, y.y, y.z, y.w};
+  float acc = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 a = unpack2<T>(xs[i]), b = unpack2<T>(ys[i]);
+    acc = fmaf(a.x, b.x, acc);
+    acc = fmaf(a.y, b.y, acc);
+  }
+  return acc;
+}
+
+// Warp `warp` of the delta launch (counted from this pass's first): rows [warp, warp + 1) * kDeltaRowsPerWarp of
+// (B, S, H) (b slowest, h fastest), kDeltaLanesPerRow lanes a row (launch.h). Lane l of a row's group reads 16-byte
+// chunks l, l + 8, ... of the row's D / 8 (D is 32, 64 or 128) from dO and O: the backward's dout and out are
+// loadable() (band_side_api.cpp), their base and row starts 16-byte aligned. The delta kernel's body, which
+// Longformer's fused backward (longformer/fused_bwd.h) runs for the band pass's and the global rows' rows in one
+// launch.
+//
+// Why 8 lanes a row and 16-byte loads: with one warp a row and one 2-byte element a lane, the H200 ran the local op's
+// delta (S = 16384, H = 12, D = 64, bf16: 50 MB read, ~11 us at the H200's bandwidth) in 72 us, bound by instructions
+// (64-bit row decomposition per row, a runtime-D loop of dependent 2-byte loads) rather than by bytes.
 template <typename T, bool kQueryIndex>
-__device__ __forceinline__ void band_side_bwd_delta_row(const BandSideParams& p, int64_t first_row) {
-  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32 - first_row;
-  const int lane = threadIdx.x % 32;
-  if (row >= (int64_t)p.B * p.S * p.H) return;
+__device__ __forceinline__ void band_side_bwd_delta_rows(const BandSideParams& p, int64_t warp) {
+  const int lane = threadIdx.x % 32, part = lane % kDeltaLanesPerRow;
+  const int64_t row = warp * kDeltaRowsPerWarp + lane / kDeltaLanesPerRow;
+  const bool in_rows = row < (int64_t)p.B * p.S * p.H;  // uniform over the row's lanes
   const int h = row % p.H;
   const int s = (row / p.H) % p.S;
   const int b = row / ((int64_t)p.H * p.S);
   int64_t src_b = b, src_s = s;  // where the row's dO and O are
-  bool real = true;
+  bool real = in_rows;
   if constexpr (kQueryIndex) {
     src_b = b / p.query_split;
-    src_s = p.query_index[src_b * p.query_index_stride + s];
-    real = 0 <= src_s && src_s < p.query_tokens;  // one row per warp: uniform
+    if (in_rows) src_s = p.query_index[src_b * p.query_index_stride + s];
+    real = in_rows && 0 <= src_s && src_s < p.query_tokens;  // uniform over the row's lanes
   }
   float acc = 0.f;
   if (real) {
     const T* dO = reinterpret_cast<const T*>(p.dout) + src_b * p.do_st.batch + src_s * p.do_st.row + h * p.do_st.head;
     const T* O = reinterpret_cast<const T*>(p.o) + src_b * p.o_st.batch + src_s * p.o_st.row + h * p.o_st.head;
-    for (int d = lane; d < p.D; d += 32) acc += to_float(dO[d]) * to_float(O[d]);
-  }
+    // D <= 128 (band_side_api.cpp checks 32, 64 or 128): at most 2 chunks a lane, unrolled so the loads issue together.
+    constexpr int kMaxChunks = 128 / 8 / kDeltaLanesPerRow;
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) {
+    for (int i = 0; i < kMaxChunks; ++i) {
+      const int c = part + i * kDeltaLanesPerRow;
+      if (c < p.D / 8)
+        acc += chunk_dot<T>(__ldg(reinterpret_cast<const uint4*>(dO) + c), __ldg(reinterpret_cast<const uint4*>(O) + c));
+    }
+  }
+  // The row's lanes are aligned groups of 8: xor offsets below 8 stay inside the group.
+#pragma unroll
+  for (int off = kDeltaLanesPerRow / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (in_rows && part == 0) {
     const int64_t at = ((int64_t)b * p.H + h) * p.S + s;
     // lse_split (Longformer's key splits, never with dlse): batch row b's lse is row b / lse_split of the merged
     // statistics, copied here into the (B, H, S) lse_in the dQ and dK/dV kernels then read as always.
@@ -115,7 +145,7 @@ __global__ void band_side_bwd_delta_kernel(const BandSideParams p) {
     grid_zero_fill(p.dband_bias_partial, (int64_t)p.B * p.H * p.n_band_tiles * p.band_width);
   if (p.dside_bias_partial != nullptr)
     grid_zero_fill(p.dside_bias_partial, (int64_t)p.B * p.H * side_ctas_per_bh(p) * (2 * p.G + 1));
-  band_side_bwd_delta_row<T, kQueryIndex>(p, 0);
+  band_side_bwd_delta_rows<T, kQueryIndex>(p, (int64_t)blockIdx.x * kDeltaWarpsPerCta + threadIdx.x / 32);
 }
 
 // The lse in log2 units, +inf for rows past the end (so their P is 0 with no extra test).

@@ -29,15 +29,14 @@ cudaError_t run_band_side_bwd_dkdv(const BandSideParams& p, bool bf16, cudaStrea
 }
 
 cudaError_t run_band_side_bwd_delta(const BandSideParams& p, bool bf16, cudaStream_t stream) {
-  constexpr int kWarps = 8;  // one row per warp
-  const int64_t rows = (int64_t)p.B * p.S * p.H;
-  const dim3 grid((unsigned)((rows + kWarps - 1) / kWarps));
+  const int64_t warps = delta_warps((int64_t)p.B * p.S * p.H);  // kDeltaRowsPerWarp rows a warp
+  const dim3 grid((unsigned)((warps + kDeltaWarpsPerCta - 1) / kDeltaWarpsPerCta));
   // Longformer's global rows read dO / O in place at the slots' tokens (query_index): their own instantiation.
   const auto kernel = bf16 ? (p.query_index != nullptr ? band_side_bwd_delta_kernel<__nv_bfloat16, true>
                                                        : band_side_bwd_delta_kernel<__nv_bfloat16, false>)
                            : (p.query_index != nullptr ? band_side_bwd_delta_kernel<__half, true>
                                                        : band_side_bwd_delta_kernel<__half, false>);
-  kernel<<<grid, kWarps * 32, 0, stream>>>(p);
+  kernel<<<grid, kDeltaWarpsPerCta * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -122,6 +122,20 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float x, float y) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// One 32-bit register holding two T's (low half first) -> two floats: pack2's inverse.
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t x);
+
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t x) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&x));
+}
+
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
 template <>

@@ -10,17 +10,18 @@
 namespace longattn {
 namespace {
 
-// Warps [0, B * S * H) are the band pass's rows, the next B * C * G * H the global rows' (8 warps a CTA).
-// Also zeroes dq_global (p.zero, grid-stride), which the finish launch then adds into.
+// The leading delta_warps(B * S * H) warps take the band pass's rows, the next delta_warps(B * C * G * H) the global
+// rows' (band_side_bwd_delta_rows; kDeltaWarpsPerCta warps a CTA). Also zeroes dq_global (p.zero, grid-stride), which
+// the finish launch then adds into.
 template <typename T>
 __global__ void longformer_bwd_delta_kernel(const LongformerBwdParams p) {
   if (p.zero != nullptr) grid_zero_fill(p.zero, p.zero_count);
-  const int64_t w = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const int64_t band_rows = (int64_t)p.band.B * p.band.S * p.band.H;
-  if (w < band_rows) {  // warp-uniform
-    band_side_bwd_delta_row<T, false>(p.band, 0);
+  const int64_t w = (int64_t)blockIdx.x * kDeltaWarpsPerCta + threadIdx.x / 32;
+  const int64_t band_warps = delta_warps((int64_t)p.band.B * p.band.S * p.band.H);
+  if (w < band_warps) {  // warp-uniform
+    band_side_bwd_delta_rows<T, false>(p.band, w);
   } else {
-    band_side_bwd_delta_row<T, true>(p.rows, band_rows);
+    band_side_bwd_delta_rows<T, true>(p.rows, w - band_warps);
   }
 }
 
@@ -41,14 +42,15 @@ __global__ void longformer_bwd_finish_kernel(const LongformerBwdParams p) {
   if (slot.write) SplitRows<T>(a, slot).add(a, (int)(t % HD));
 }
 
-constexpr int kWarps = 8;  // delta: one row a warp; finish: one band job a warp, or one slot element a thread
+constexpr int kWarps = 8;  // finish: one band job a warp, or one slot element a thread
 
 template <typename T>
 cudaError_t run_small(const LongformerBwdParams& p, bool finish, cudaStream_t stream) {
   int64_t ctas;
   if (!finish) {
-    const int64_t rows = (int64_t)p.band.B * p.band.S * p.band.H + (int64_t)p.rows.B * p.rows.S * p.rows.H;
-    ctas = (rows + kWarps - 1) / kWarps;
+    const int64_t warps = delta_warps((int64_t)p.band.B * p.band.S * p.band.H) +
+                          delta_warps((int64_t)p.rows.B * p.rows.S * p.rows.H);
+    ctas = (warps + kDeltaWarpsPerCta - 1) / kDeltaWarpsPerCta;
   } else {
     const int64_t elements = (int64_t)p.add.B * p.add.G * p.add.H * p.add.D;
     ctas = p.n_finish_ctas + (elements + kWarps * 32 - 1) / (kWarps * 32);
@@ -57,7 +59,7 @@ cudaError_t run_small(const LongformerBwdParams& p, bool finish, cudaStream_t st
   if (finish) {
     longformer_bwd_finish_kernel<T><<<dim3((unsigned)ctas), kWarps * 32, 0, stream>>>(p);
   } else {
-    longformer_bwd_delta_kernel<T><<<dim3((unsigned)ctas), kWarps * 32, 0, stream>>>(p);
+    longformer_bwd_delta_kernel<T><<<dim3((unsigned)ctas), kDeltaWarpsPerCta * 32, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

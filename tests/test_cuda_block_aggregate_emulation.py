@@ -6,6 +6,8 @@
   each block's slice of ``perm`` bitwise, no slot written twice, none from ``seg[G]`` on, no id read out of the row.
   Ids: sorted, unsorted, -1 anywhere, out of range, all dropped, G = 1, S not a multiple of anything, S = 1, rows
   that start off a 16-byte boundary. (G = 0 launches nothing: the API returns before.)
+- ``aggregate_dweight_kernel`` (aggregate.cu) emulated lane by lane, with its constants and tiny ones: every channel
+  reads every (b, g) row once, and sums to the float64 reference.
 - GPU (``@pytest.mark.gpu``): the op's sums against the same sums taken in sequence order (what the stable order
   gives) bitwise, on unsorted ids with dropped and out-of-range ones; outputs and gradients against the torch backend.
 """
@@ -252,6 +254,62 @@ def test_order_all_dropped_and_large_rows(G):
     _check(_ids("dropped", 1, 2500, G, gen), G, 8, **TINY)  # 32 chunks: 2^7 tokens each
     _check(_ids("sorted", 1, 2500, G, gen), G, 0, **TINY)
     _check(_ids("unsorted", 1, 32 * 32 + 10, G, gen), G, 4, **TINY)  # just past 32 chunks of 32: chunks of 64
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# aggregate_dweight_kernel (aggregate.cu), emulated
+# ---------------------------------------------------------------------------------------------------------------
+
+_AGG_SOURCE = (Path(__file__).resolve().parents[1] / "csrc" / "block_aggregate" / "aggregate.cu").read_text()
+DWEIGHT = dict(warps=int(re.search(r"constexpr int kDweightWarps = (\d+);", _AGG_SOURCE).group(1)),
+               unroll=int(re.search(r"constexpr int kDweightUnroll = (\d+);", _AGG_SOURCE).group(1)))
+
+
+def emulate_dweight(dy, sums, rstd, warps, unroll):
+    """aggregate_dweight_kernel statement by statement: (C,) float32, and the (b, g) rows each channel read, in order.
+    dy (B, G, C) any float dtype; sums (B, G, C), rstd (B, G) float32. Every CTA (32 channels), warp and lane."""
+    B, G, C = dy.shape
+    dweight = torch.empty(C, dtype=torch.float32)
+    reads = {c: [] for c in range(C)}
+    for cta in range(-(-C // 32)):
+        warp_sums = torch.zeros(warps, 32, dtype=torch.float32)
+        for warp in range(warps):
+            for lane in range(32):
+                c = cta * 32 + lane
+                acc = torch.zeros((), dtype=torch.float32)
+                if c < C:
+                    for b in range(B):
+                        for g0 in range(warp, G, warps * unroll):
+                            for u in range(unroll):
+                                g = g0 + u * warps
+                                if g < G:
+                                    acc = acc + dy[b, g, c].float() * sums[b, g, c] * rstd[b, g]
+                                    reads[c].append((b, g))
+                warp_sums[warp, lane] = acc
+        for lane in range(32):  # warp 0, after the barrier: the warps' sums in warp order
+            c = cta * 32 + lane
+            if c < C:
+                total = torch.zeros((), dtype=torch.float32)
+                for w in range(warps):
+                    total = total + warp_sums[w, lane]
+                dweight[c] = total
+    return dweight, reads
+
+
+@pytest.mark.parametrize("consts", [DWEIGHT, dict(warps=2, unroll=3)], ids=["kernel", "tiny"])
+@pytest.mark.parametrize("B, G, C", [(1, 1, 1), (2, 5, 40), (1, 300, 33), (3, 7, 64)])
+def test_dweight_reads_every_row_once(consts, B, G, C):
+    """Each channel reads every (b, g) row exactly once, and the sum is dy * sums * rstd over the rows (float64
+    reference): G below, at and above warps * unroll, C not a multiple of 32."""
+    gen = torch.Generator().manual_seed(B * G + C)
+    dy = torch.randn(B, G, C, generator=gen).to(torch.bfloat16)
+    sums = torch.randn(B, G, C, generator=gen)
+    rstd = torch.rand(B, G, generator=gen) + 0.5
+    got, reads = emulate_dweight(dy, sums, rstd, **consts)
+    rows = sorted((b, g) for b in range(B) for g in range(G))
+    assert all(sorted(r) == rows for r in reads.values())
+    want = (dy.double() * sums.double() * rstd.double()[..., None]).sum((0, 1))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -99,9 +99,9 @@ def test_query_index_tiles_match_the_gathered_rows(C, G_, D_):
 
 
 def _emulate_delta(dout, out, lse, pos, C, dlse=None):
-    """bwd_kernel.h band_side_bwd_delta_kernel<T, kQueryIndex = true>, one (b, s, h) row per warp: dO and O of op row
-    (b, s) are token pos[b // C, s] of batch row b // C; a token outside [0, S) gives delta = 0 and ignores dlse
-    -> delta (B * C, H, G)."""
+    """bwd_kernel.h band_side_bwd_delta_rows<T, kQueryIndex = true>, row by row (its lanes:
+    tests/test_cuda_delta_emulation.py): dO and O of op row (b, s) are token pos[b // C, s] of batch row b // C; a
+    token outside [0, S) gives delta = 0 and ignores dlse -> delta (B * C, H, G)."""
     Bq, G_ = pos.shape
     S_, H_ = dout.shape[1], dout.shape[2]
     delta = torch.full((Bq * C * H_ * G_,), float("nan"), dtype=torch.float64)
@@ -285,8 +285,8 @@ def _emulate_one_chunk_epilogue(acc, scale, B_, G_, H_, D_, side_mask, *, into=N
     """The dK/dV kernel's side-tile epilogue with one chunk (``dsk_partial == nullptr``), CTA by CTA, warp by warp,
     lane by lane: ``acc`` = (acc_dk, acc_dv) (B, G, H, D), the CTAs' unscaled accumulators by key row; thread (warp,
     lane) of the CTA on key tile key0 owns rows k0 = key0 + 16 warp + lane // 4 and k0 + 8, columns 8 n + 2 (lane % 4)
-    (+1), and puts dK = acc_dk * scale, dV = acc_dv where side_key_rows says. Every destination element is written by
-    at most one thread (checked) -> the destinations."""
+    (+1), and puts dK = acc_dk * scale, dV = acc_dv where side_key_rows says (``put_acc_row``: a batch's loads before
+    its stores). Every destination element is written by at most one thread (checked) -> the destinations."""
     dests = into if into is not None else (dk, dv)
     if dests[0] is None:
         dests = tuple(torch.full((B_, G_, H_, D_), float("nan"), dtype=acc[0].dtype) for _ in range(2))
@@ -306,13 +306,19 @@ def _emulate_one_chunk_epilogue(acc, scale, B_, G_, H_, D_, side_mask, *, into=N
                                                   into=into)
                             if rows is None:
                                 continue
-                            for n in range(D_ // 8):
-                                col = n * 8 + (lane % 4) * 2
-                                for which, (x, sc) in enumerate(((acc[0], scale), (acc[1], 1.0))):
-                                    key = (which, rows[which] + col)
-                                    assert key not in written
-                                    written.add(key)
-                                    _put_pair(flat[which], rows[which] + col, x[b, g, h, col:col + 2] * sc, rows[2])
+                            # put_acc_row: the k row, then the v row, each in batches of up to 8 pairs whose
+                            # loads all come before the batch's stores.
+                            for which, (x, sc) in enumerate(((acc[0], scale), (acc[1], 1.0))):
+                                batch = min(8, D_ // 8)
+                                for n0 in range(0, D_ // 8, batch):
+                                    ats = [rows[which] + n * 8 + (lane % 4) * 2 for n in range(n0, n0 + batch)]
+                                    old = [flat[which][at:at + 2].clone() for at in ats] if rows[2] else None
+                                    for i, at in enumerate(ats):
+                                        assert (which, at) not in written
+                                        written.add((which, at))
+                                        col = at - rows[which]
+                                        pair = (x[b, g, h, col:col + 2] * sc).to(flat[which].dtype)
+                                        flat[which][at:at + 2] = old[i] + pair if rows[2] else pair
     return dests
 
 

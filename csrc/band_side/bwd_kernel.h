@@ -346,6 +346,38 @@ __device__ __forceinline__ void put_pair(T* dst, float x, float y, bool add) {
   *reinterpret_cast<uint32_t*>(dst) = pack2<T>(x, y);
 }
 
+// Row `half` of a thread's two dK/dV accumulator rows (acc[n][2 * half], acc[n][2 * half + 1] are columns n * 8 +
+// (lane % 4) * 2 and + 1), times scale, added into the row at dst in float32 (one rounding to T, as put_pair) or
+// stored. The loads of up to 8 pairs are issued before any of their stores: with put_pair's load-add-store per pair
+// the compiler cannot move a load above the previous pair's store (it cannot rule out aliasing), so every pair was a
+// full round trip to memory (sm_90 SASS, CUDA 13.0: 32 serialized read-modify-writes per thread in the global rows'
+// epilogue, whose launch took 199 us for one global token on the H200 at dffeee2, S = 16384). A thread's pairs are
+// distinct elements of one row, so the order of their loads and stores changes nothing.
+template <typename T, int D>
+__device__ __forceinline__ void put_acc_row(T* dst, const float (&acc)[D / 8][4], int half, float scale, int lane,
+                                            bool add) {
+  constexpr int kBatch = D / 8 < 8 ? D / 8 : 8;
+  T* const row = dst + (lane % 4) * 2;
+#pragma unroll
+  for (int n0 = 0; n0 < D / 8; n0 += kBatch) {
+    uint32_t old[kBatch];
+    if (add) {
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) old[i] = *reinterpret_cast<const uint32_t*>(row + (n0 + i) * 8);
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      float x = __fmul_rn(acc[n0 + i][2 * half], scale), y = __fmul_rn(acc[n0 + i][2 * half + 1], scale);
+      if (add) {
+        const float2 o = unpack2<T>(old[i]);
+        x = __fadd_rn(o.x, x);
+        y = __fadd_rn(o.y, y);
+      }
+      *reinterpret_cast<uint32_t*>(row + (n0 + i) * 8) = pack2<T>(x, y);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // dK, dV (band key tiles and side-key tiles x query chunks)
 // ------------------------------------------------------------------------------------------------
@@ -546,18 +578,14 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
     // code, and registers, without this): one query chunk and no band CTA, so this CTA alone owns its side keys'
     // rows, and its dK/dV are final: added into the rows they are (dside_*_into, whose earlier writes stream order
     // puts before this kernel), or stored into dside_k / dside_v. No partial buffer, no atomics.
+    // Row by row (k0's, then k1's), so that even two slots naming one row would add up as they did pair by pair.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int g = (half ? k1 : k0);
       SideKeyRows<T> rows;
       if (g >= p.G || !side_key_rows(p, b, g, h, rows)) continue;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        const int col = n * 8 + (lane % 4) * 2;
-        put_pair(rows.k + col, __fmul_rn(acc_dk[n][2 * half], p.scale), __fmul_rn(acc_dk[n][2 * half + 1], p.scale),
-                 rows.add);
-        put_pair(rows.v + col, acc_dv[n][2 * half], acc_dv[n][2 * half + 1], rows.add);
-      }
+      put_acc_row<T, D>(rows.k, acc_dk, half, p.scale, lane, rows.add);
+      put_acc_row<T, D>(rows.v, acc_dv, half, 1.f, lane, rows.add);
     }
   } else {
     // float32 partials (side_chunks, B, G, H, D) of this chunk.

@@ -364,8 +364,9 @@ Dims check_bwd_args(const char* op, const at::Tensor& dout, const at::Tensor& q,
               "a tensor with lse_split = ", split.lse_split);
   check_into_args(op, split, d, q, side_index);
   // The delta kernel runs kDeltaRowsPerCta (b, s, h) rows per CTA on a 1-D grid (launch.h).
-  TORCH_CHECK(d.B * d.S * d.H <= kDeltaRowsPerCta * std::numeric_limits<int32_t>::max(), op, ": q's B * S * H must be <= ",
-              kDeltaRowsPerCta, " * (2^31 - 1) (CUDA grid limit), got ", d.B * d.S * d.H);
+  TORCH_CHECK(d.B * d.S * d.H <= kDeltaRowsPerCta * std::numeric_limits<int32_t>::max(), op,
+              ": q's B * S * H must be <= ", kDeltaRowsPerCta, " * (2^31 - 1) (CUDA grid limit), got ",
+              d.B * d.S * d.H);
   return d;
 }
 

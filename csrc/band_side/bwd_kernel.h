@@ -116,8 +116,10 @@ __device__ __forceinline__ void band_side_bwd_delta_rows(const BandSideParams& p
 #pragma unroll
     for (int i = 0; i < kMaxChunks; ++i) {
       const int c = part + i * kDeltaLanesPerRow;
-      if (c < p.D / 8)
-        acc += chunk_dot<T>(__ldg(reinterpret_cast<const uint4*>(dO) + c), __ldg(reinterpret_cast<const uint4*>(O) + c));
+      if (c < p.D / 8) {
+        const uint4 dO_chunk = __ldg(reinterpret_cast<const uint4*>(dO) + c);
+        acc += chunk_dot<T>(dO_chunk, __ldg(reinterpret_cast<const uint4*>(O) + c));
+      }
     }
   }
   // The row's lanes are aligned groups of 8: xor offsets below 8 stay inside the group.

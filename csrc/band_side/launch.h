@@ -9,13 +9,15 @@
 namespace longattn {
 
 // The delta launch's layout (bwd_kernel.h band_side_bwd_delta_rows, run by band_side_bwd_delta_kernel and Longformer's
-// fused delta launch): kDeltaLanesPerRow lanes per (b, s, h) row, each reading 16-byte chunks of its dO and O, so a warp
-// takes kDeltaRowsPerWarp rows, and kDeltaWarpsPerCta warps a CTA on a 1-D grid (at most 2^31 - 1 CTAs).
+// fused delta launch): kDeltaLanesPerRow lanes per (b, s, h) row, each reading 16-byte chunks of its dO and O, so a
+// warp takes kDeltaRowsPerWarp rows, and kDeltaWarpsPerCta warps a CTA on a 1-D grid (at most 2^31 - 1 CTAs).
 constexpr int kDeltaLanesPerRow = 8;
 constexpr int kDeltaRowsPerWarp = 32 / kDeltaLanesPerRow;
 constexpr int kDeltaWarpsPerCta = 8;
 constexpr int64_t kDeltaRowsPerCta = int64_t(kDeltaRowsPerWarp) * kDeltaWarpsPerCta;
-__host__ __device__ inline int64_t delta_warps(int64_t rows) { return (rows + kDeltaRowsPerWarp - 1) / kDeltaRowsPerWarp; }
+__host__ __device__ inline int64_t delta_warps(int64_t rows) {
+  return (rows + kDeltaRowsPerWarp - 1) / kDeltaRowsPerWarp;
+}
 
 // Forward: fills p.out and p.lse (after converting 16-bit bias tables, p.band_bias_in / p.side_bias_in, into their
 // float32 workspaces: a second launch only then).

@@ -15,9 +15,10 @@ gradient (NaN where lse = +inf, which must not reach any gradient), and Longform
 place through an index with out-of-range values, padding rows, the finish kernel; the kIndexed kernels, with and
 without dropout, with and without per-row key / slot ranges) and its global rows (side_only, lse_split, the dK/dV
 epilogue's add into strided destinations, the zero fill of a new dq) and its fused forward (the split CTAs' arrival
-counters and last-arriver merge, in one launch with the band CTAs) and backward (one delta, dQ and finish launch for
-both passes), and bias tables of each dtype (read and written
-in place). Exits non-zero on a CUDA error or a non-finite result; the sanitizer reports memory / race errors itself.
+counters and last-arriver merge, in one launch with the band CTAs) and backward (one delta and one dQ launch for
+both passes, the global rows' dK/dV with the band's finish and the key owners' side-key sums in one launch), and bias
+tables of each dtype (read and written in place). Exits non-zero on a CUDA error or a non-finite result; the
+sanitizer reports memory / race errors itself.
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ TORCH_LIBRARY_FRAGMENT(longattn, m) {
       "Tensor? split_mask, Tensor(a!) counter, Tensor? key_ranges=None, Tensor? side_ranges=None, "
       "Tensor? split_ranges=None) -> (Tensor out, Tensor lse, Tensor glse)");
   // Longformer's fused backward (longformer_fused_bwd_api.cpp): the band pass's and the global rows' backward and the
-  // splits' dq sum, in 5 launches (shared_kv: the splits are k / v's, the rows' key gradients added into dk / dv; else
+  // splits' dq sum, in 4 launches (shared_kv: the splits are k / v's, the rows' key gradients added into dk / dv; else
   // returned per split as dsplit_k / dsplit_v; q_global: the rows' dq into a new dq_global, else into dq).
   m.def(
       "cuda_longformer_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor glse, "

@@ -2,7 +2,7 @@
 // longattn::cuda_longformer_bwd (schema in extension.cpp), and a CPU implementation that runs the same checks and then
 // says the op needs CUDA tensors.
 //
-// The op is _longformer.composed_backward without dropout in 5 launches: the band pass's backward (cuda_band_side_bwd
+// The op is _longformer.composed_backward without dropout in 4 launches (fused_bwd.h): the band pass's backward (cuda_band_side_bwd
 // with side_index = pos, side_mask = used; q, k, v, dout, out (B, S, H, D), lse (B, H, S), band_rows (B, S) bool,
 // per-row key_ranges / side_ranges as that op takes them) and the global rows' (cuda_band_side_bwd with side_only,
 // query_index = pos over the key splits: the slots' rows of q_global (like q), or of q when None; split_k / split_v
@@ -84,6 +84,11 @@ Grads with_checked_args(const at::Tensor& dout, const at::Tensor& q, const at::T
   const int64_t dq_ctas = n_lead + (bd.S + kTile - 1) / kTile * bd.B * bd.H;
   TORCH_CHECK(dq_ctas < (int64_t(1) << 31), kOp, ": the dQ launch's ", dq_ctas,
               " CTAs exceed the grid limit 2^31 - 1 (q ", q.sizes(), ", split_k ", split_k.sizes(), ")");
+  const int64_t slot_elements = bd.B * bd.G * bd.H * bd.D;  // the band finish's side-key pairs: half as many
+  const int64_t last_x =
+      rows_launch(shared_kv ? 0 : (slot_elements / 2 + 31) / 32, slot_elements, rd.B, rd.G, bd.H).grid_x();
+  TORCH_CHECK(last_x < (int64_t(1) << 31), kOp, ": the last launch's grid x, ", last_x,
+              ", exceeds the grid limit 2^31 - 1 (q ", q.sizes(), ", split_k ", split_k.sizes(), ")");
   const int64_t delta_rows = bd.B * bd.S * bd.H + rd.B * rd.S * rd.H;  // kDeltaRowsPerCta a CTA (launch.h)
   TORCH_CHECK(delta_rows <= kDeltaRowsPerCta * (std::numeric_limits<int32_t>::max() - 1), kOp,
               ": the delta launch's B * S * H + B * C * G * H rows must be <= ", kDeltaRowsPerCta,

@@ -29,8 +29,8 @@ _SLOTS, _FUSED = ("longattn.cuda_longformer_" + x for x in ("global_slots", "fwd
 # rows / merge). Packed (per-row key ranges): the same raw ops, the band CTAs taking the ranges (kIndexed && kRanges),
 # pinned from the second call on (the first computes the ranges) by
 # tests/test_backend_glue.py::test_cuda_packed_longformer_glue_is_the_first_calls_only.
-# The backward is one raw op, cuda_longformer_bwd (cuda_backend.longformer_backward: 5 launches, delta / dQ of both
-# passes / band dK/dV / finish of the band's side keys and the splits' dq sum / the global rows' dK/dV), with or
+# The backward is one raw op, cuda_longformer_bwd (cuda_backend.longformer_backward: 4 launches, delta / dQ of both
+# passes / band dK/dV / the global rows' dK/dV with the band's side-key finish and the splits' dq sum), with or
 # without separate global projections; dropout keeps the composed three (band pass, global rows, dq add).
 _LONGFORMER = ([_SLOTS, _FUSED], ["longattn.cuda_longformer_bwd"])
 CUDA_RAW_OPS = {  # pattern -> (forward op's raw ops, backward op's raw ops)

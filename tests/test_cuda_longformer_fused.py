@@ -1,9 +1,10 @@
 """The CUDA backend's fused Longformer forward (``cuda_backend.longformer_forward``): the slots kernel, which also
 zeroes the arrival counters, then one ``cuda_longformer_fwd`` launch (csrc/longformer/fused_fwd.h) whose leading CTAs
 are the global rows' split-KV CTAs (the last of a slot tile to arrive merges its splits) and whose others are the band
-pass; and its fused backward (``cuda_backend.longformer_backward``): one ``cuda_longformer_bwd`` raw op of 5 launches
+pass; and its fused backward (``cuda_backend.longformer_backward``): one ``cuda_longformer_bwd`` raw op of 4 launches
 (csrc/longformer/fused_bwd.h: delta of both passes' rows, dQ with the global rows' split CTAs leading the band pass's,
-the band dK/dV, one finish launch of the band's side keys and the splits' dq sum, the global rows' dK/dV). The
+the band dK/dV, then the global rows' dK/dV with the band's side-key finish and the splits' dq sum in the same grid;
+with shared k / v the CTA owning a global token's key row adds the side-key sum there before its own add). The
 backward's tests are the last two sections.
 
 CPU part (needs the built extension, not a GPU): the raw op's checks (its CPU registration runs the CUDA one's, then
@@ -439,7 +440,7 @@ def test_fused_longformer_within_rule(name, monkeypatch):
 def test_fused_forward_launches_two_kernels_without_sync(projections, monkeypatch):
     """The public forward: the slots kernel and the fused kernel, nothing else, and no host sync (sync debug mode
     "error"); the backward's kernels are printed (counted by
-    test_fused_backward_launches_five_kernels_without_sync)."""
+    test_fused_backward_launches_four_kernels_without_sync)."""
     from tests.test_host_sync import _gpu_kernels
 
     monkeypatch.setattr(_longformer, "SPLIT_KEYS", 64)  # several splits
@@ -616,10 +617,12 @@ def test_which_backward_calls_are_fused(change, raw_ops, monkeypatch):
         assert g.shape == ((0,) if x is None else (B, S, H, D))
 
 
-def _fused_bwd_launches(Bx, Hx, Sx, Gx, Cx, Dx, finish_warps):
-    """The fused backward's launches, statement by statement (fused_bwd.cu run_small, fused_bwd_dq.h): the delta
-    launch's storing lanes -> ("band", b, s, h) / ("rows", bc, g, h); the dQ launch's CTAs -> ("rows", slot tile, bc,
-    h) / ("band", query tile, b, h); the finish launch's CTAs and threads -> ("finish", warp) / ("add", b, g, e)."""
+def _fused_bwd_launches(Bx, Hx, Sx, Gx, Cx, Dx, n_keys, finish_jobs, first_job):
+    """The fused backward's launches, statement by statement (fused_bwd.cu, fused_bwd_dq.h, fused_bwd_rows.h): the
+    delta launch's storing lanes -> ("band", b, s, h) / ("rows", bc, g, h); the dQ launch's CTAs -> ("rows", slot tile,
+    bc, h) / ("band", query tile, b, h); launch 4's CTAs and threads -> ("keys", key tile, bc, h) / ("finish", job) /
+    ("add", b, g, e). ``finish_jobs``: finish_warps(band).total(); ``first_job``: the side keys' jobs with shared k / v
+    (their rows' owners take them), else 0."""
     band_rows, rows_rows = Bx * Sx * Hx, Bx * Cx * Gx * Hx
     band_warps, rows_warps = -(-band_rows // 4), -(-rows_rows // 4)  # delta_warps: 4 rows a warp, 8 lanes a row
     delta = []
@@ -641,31 +644,45 @@ def _fused_bwd_launches(Bx, Hx, Sx, Gx, Cx, Dx, finish_warps):
             x -= n_lead
             tile, rest = x % n_query_tiles, x // n_query_tiles
             dq.append(("band", tile, rest % Bx, rest // Bx))
-    n_finish_ctas = -(-finish_warps // 8)
+    # Launch 4: fused_bwd.h rows_launch, then longformer_bwd_rows_kernel over the grid (key_tiles + lead_x, B * C, H).
     elements = Bx * Gx * Hx * Dx
-    finish = []
-    HD = Hx * Dx
-    for cta in range(n_finish_ctas + -(-elements // 256)):
-        for tid in range(0, 256):
-            if cta < n_finish_ctas:
-                if tid % 32 == 0 and cta * 8 + tid // 32 < finish_warps:
-                    finish.append(("finish", cta * 8 + tid // 32))
-                continue
-            t = (cta - n_finish_ctas) * 256 + tid
-            if t < elements:
-                bg = t // HD
-                finish.append(("add", bg // Gx, bg % Gx, t % HD))
-    return delta, dq, finish
+    finish_ctas, add_ctas, key_tiles = -(-(finish_jobs - first_job) // 4), -(-elements // 128), -(-n_keys // 64)
+    per_x = max(Bx * Cx * Hx, 1)
+    lead_x = -(-(finish_ctas + add_ctas) // per_x)
+    last = []
+    for z in range(Hx):
+        for y in range(Bx * Cx):
+            for x in range(key_tiles + lead_x):
+                if x < key_tiles:
+                    last.append(("keys", x, y, z))
+                    continue
+                lead = (z * (Bx * Cx) + y) * lead_x + x - key_tiles
+                for tid in range(128):
+                    if lead < finish_ctas:
+                        job = first_job + lead * 4 + tid // 32
+                        if tid % 32 == 0 and job < finish_jobs:  # band_side_bwd_finish_warp: jobs past total idle
+                            last.append(("finish", job))
+                        continue
+                    t = (lead - finish_ctas) * 128 + tid
+                    if t < elements:
+                        bg = t // (Hx * Dx)
+                        last.append(("add", bg // Gx, bg % Gx, t % (Hx * Dx)))
+    return delta, dq, last
 
 
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-kv", "projections"])
 @pytest.mark.parametrize("Bx, Hx, Sx, Gx, Cx, Dx", [(1, 1, 1, 1, 1, 32), (2, 3, 300, 70, 4, 64),
                                                     (3, 2, 130, 64, 1, 128), (1, 12, 1024, 1, 4, 64),
-                                                    (2, 2, 200, 200, 3, 32)])
-def test_fused_backward_launches_cover_every_job_once(Bx, Hx, Sx, Gx, Cx, Dx):
+                                                    (2, 2, 200, 200, 3, 32), (1, 1, 4096, 1, 1, 64)])
+def test_fused_backward_launches_cover_every_job_once(Bx, Hx, Sx, Gx, Cx, Dx, shared):
     """Every delta row of both passes (band (b, s, h); global rows (b * C + c, g, h)) once; every dQ tile of both
-    passes once; every band finish warp and every element of every slot row once in the finish launch."""
-    finish_warps = -(-(Bx * Gx * Hx * (Dx // 2)) // 32)  # finish_warps(band): the side keys' column pairs, no bias
-    delta, dq, finish = _fused_bwd_launches(Bx, Hx, Sx, Gx, Cx, Dx, finish_warps)
+    passes once; in launch 4 every key tile of the global rows once, every element of every slot row once, and every
+    band finish job once, except the side keys' jobs with shared k / v (then their rows' owners add those sums: see
+    test_fused_backward_key_owners_finish_each_global_row_once)."""
+    side_key_jobs = -(-(Bx * Gx * Hx * (Dx // 2)) // 32)  # finish_warps(band): the side keys' column pairs, no bias
+    first_job = side_key_jobs if shared else 0
+    n_keys = -(-Sx // Cx)
+    delta, dq, last = _fused_bwd_launches(Bx, Hx, Sx, Gx, Cx, Dx, n_keys, side_key_jobs, first_job)
     assert sorted(delta) == sorted([("band", b, s, h) for b in range(Bx) for s in range(Sx) for h in range(Hx)]
                                    + [("rows", bc, g, h) for bc in range(Bx * Cx) for g in range(Gx)
                                       for h in range(Hx)])
@@ -674,9 +691,70 @@ def test_fused_backward_launches_cover_every_job_once(Bx, Hx, Sx, Gx, Cx, Dx):
                                  for h in range(Hx)]
                                 + [("band", t, b, h) for t in range(n_query_tiles) for b in range(Bx)
                                    for h in range(Hx)])
-    assert sorted(finish) == sorted([("finish", w) for w in range(finish_warps)]
-                                    + [("add", b, g, e) for b in range(Bx) for g in range(Gx)
-                                       for e in range(Hx * Dx)])
+    assert sorted(last) == sorted([("keys", t, bc, h) for t in range(-(-n_keys // 64)) for bc in range(Bx * Cx)
+                                   for h in range(Hx)]
+                                  + [("finish", w) for w in range(first_job, side_key_jobs)]
+                                  + [("add", b, g, e) for b in range(Bx) for g in range(Gx) for e in range(Hx * Dx)])
+
+
+def _key_owner_finishes(pos, used, Sx, n_keys, Cx):
+    """fused_bwd_rows.h KeyRowFinish with shared k / v, statement by statement, over launch 4's key tiles: begin's slot
+    table of each CTA (b * C + c, key tile), then row() for each of its split rows g < n that names a slot, as the
+    thread that then adds the global rows' dK/dV there (band_side_bwd_dkdv_tile's epilogue). Returns the (band batch
+    row, slot, dk row) each finish adds into, and the dk rows the global rows' add of the same thread goes to."""
+    Bx, Gx = pos.shape
+    finished = []
+    for b in range(Bx * Cx):
+        bb = b // Cx
+        for tile in range(-(-n_keys // 64)):
+            key0 = tile * 64
+            row0 = (b % Cx) * n_keys + key0
+            slot_of = [-1] * 64
+            for g in range(Gx):
+                if not used[bb, g]:
+                    continue
+                r = int(pos[bb, g]) - row0
+                if 0 <= r < 64:
+                    slot_of[r] = g
+            for g in range(key0, key0 + 64):
+                if g >= n_keys:  # the epilogue's g >= p.G
+                    continue
+                slot = slot_of[g - key0]
+                if slot < 0:
+                    continue
+                row = int(pos[bb, slot])
+                if not (used[bb, slot] and 0 <= row < Sx):  # side_key_rows(band, bb, slot)
+                    continue
+                into = (b % Cx) * n_keys + g  # side_key_rows(rows, b, g): the global rows' add, same thread
+                finished.append((bb, slot, row, into if into < Sx else None))
+    return finished
+
+
+@pytest.mark.parametrize("Sx, n_keys, Gx, where", [
+    (48, 48, 3, [0, 24, 47]), (48, 16, 3, [0, 24, 47]), (47, 16, 4, [0, 15, 16, 46]), (300, 64, 70, "every-4"),
+    (130, 64, 130, "all"), (200, 70, 5, [1, 69, 70, 139, 199]), (64, 16, 8, [])])
+def test_fused_backward_key_owners_finish_each_global_row_once(Sx, n_keys, Gx, where):
+    """With shared k / v, every used slot's dk / dv row (globals at the start, middle, end, at split boundaries, in a
+    padded last split, two slot tiles, every token) gets the band pass's side-key sum from exactly one key-tile CTA of
+    launch 4, in the thread that then adds its global rows' dK/dV into that same row (so the composed path's order
+    holds), and no other row gets one; unused slots (more slots than globals) and padding rows get nothing."""
+    Cx = -(-Sx // n_keys)
+    glob = torch.zeros(2, Sx, dtype=torch.bool)
+    if where == "all":
+        glob[:] = True
+    elif where == "every-4":
+        glob[:, ::4] = True
+    else:
+        glob[0, where] = True
+    glob[1, [Sx - 1]] = True
+    pad = torch.ones(2, Sx, dtype=torch.bool)
+    pad[1, Sx // 2:] = False  # row 1's global is a padding token: no slot
+    pad[1, 0] = True
+    _, pos, used = _longformer.global_slots(glob, pad, Gx)
+    finished = _key_owner_finishes(pos, used, Sx, n_keys, Cx)
+    expected = sorted((b, g, int(pos[b, g])) for b in range(2) for g in range(Gx) if used[b, g])
+    assert sorted((b, g, row) for b, g, row, _ in finished) == expected
+    assert all(into == row for _, _, row, into in finished)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -729,9 +807,9 @@ def test_fused_backward_is_deterministic(name, monkeypatch):
 @gpu_ready
 @needs_bwd_build
 @pytest.mark.parametrize("projections", [False, True])
-def test_fused_backward_launches_five_kernels_without_sync(projections, monkeypatch):
-    """The public backward: delta, dQ, band dK/dV, finish, rows dK/dV, nothing else, and no host sync (sync debug mode
-    "error")."""
+def test_fused_backward_launches_four_kernels_without_sync(projections, monkeypatch):
+    """The public backward: delta, dQ, band dK/dV, then the global rows' dK/dV with the band's finish and the splits'
+    dq sum, nothing else, and no host sync (sync debug mode "error")."""
     from tests.test_host_sync import _gpu_kernels
 
     monkeypatch.setattr(_longformer, "SPLIT_KEYS", 60)  # 5 whole splits: no padded copy
@@ -744,9 +822,9 @@ def test_fused_backward_launches_five_kernels_without_sync(projections, monkeypa
     torch.autograd.grad(out, leaves, dout, retain_graph=True)  # warm up outside the checks
     kernels = _gpu_kernels(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
     print(f"fused backward: {len(kernels)} kernels {kernels}")
-    assert len(kernels) == 5, kernels
+    assert len(kernels) == 4, kernels
     for at, name in enumerate(("longformer_bwd_delta_kernel", "longformer_bwd_dq_kernel", "band_side_bwd_dkdv_kernel",
-                               "longformer_bwd_finish_kernel", "band_side_bwd_dkdv_kernel")):
+                               "longformer_bwd_rows_kernel")):
         assert name in kernels[at], kernels
 
 

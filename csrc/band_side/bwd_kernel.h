@@ -383,14 +383,31 @@ __device__ __forceinline__ void put_acc_row(T* dst, const float (&acc)[D / 8][4]
 // ------------------------------------------------------------------------------------------------
 // dK, dV (band key tiles and side-key tiles x query chunks)
 // ------------------------------------------------------------------------------------------------
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
-__global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
+// What the global rows' epilogue (side_only, one query chunk) runs before it adds a key row's dK/dV into place: the
+// band_side kernels run none; Longformer's fused backward (longformer/fused_bwd_rows.h, KeyRowFinish) adds the band
+// pass's side-key sums into the rows its slots name there, so that the two adds keep the composed path's order without
+// a launch between them. begin(b, key0, scratch, tid) is called by the whole CTA (it may synchronize; `scratch` is
+// Traits::kBlockN free ints of shared memory), row(b, g, h, lane) by each thread for each of its two key rows g (split
+// row g of batch row b, any g < p.G) before its own add.
+struct NoKeyRowHook {
+  static constexpr bool kActive = false;
+  __device__ void begin(int, int, int*, int) const {}
+  __device__ void row(int, int, int, int) const {}
+};
+
+// The dK/dV of one key CTA: band key tile or (side-key tile, query chunk) number `cta` of the grid's x (band tiles
+// first) for batch row b, head h, in the dynamic shared memory `smem_raw` (Traits::kBwdDkvSmem bytes, or
+// kBwdDkvRangesSmem with kRanges). The dK/dV kernel's whole body, which Longformer's fused backward runs at its own
+// coordinates for the global rows (with its KeyRowHook).
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex,
+          typename KeyRowHook = NoKeyRowHook>
+__device__ __forceinline__ void band_side_bwd_dkdv_tile(const BandSideParams& p, int cta, int b, int h,
+                                                        unsigned char* smem_raw, KeyRowHook hook = {}) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   static_assert(!(kIndexed && kHalo), "indexed side keys come without halo keys");
   static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
   using T = typename Traits::Element;
   constexpr int D = Traits::kHeadDim, BM = Traits::kBlockM, BN = Traits::kBlockN, LDS = Traits::kSmemStride;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + Traits::kTileElems;
   T* sQ = sV + Traits::kTileElems;       // 2 buffers
@@ -405,7 +422,6 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
   int* sRangeHi = sRangeLo + 2 * BM;                                      // 2 x BM
   int* sHolds = sRangeHi + 2 * BM;                                        // 2 x 2
 
-  const int b = blockIdx.y, h = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   // ceil(S / 64); with halo keys the tiles of their span; 0 with side_only (no band keys; the kRanges kernels only,
   // see dispatch_flags). (Written so: reading p.n_band_tiles in every instantiation made ptxas spill in the plain
@@ -417,18 +433,18 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
   int q_first, q_count;
   float* bias_partial = nullptr;
   int side_cta = 0, chunk = 0;
-  kt.side = (int)blockIdx.x >= n_band_ctas;
+  kt.side = cta >= n_band_ctas;
   if (!kt.side) {
-    kt.key0 = kHalo ? (p.band_tile0 + (int)blockIdx.x) * BN : blockIdx.x * BN;
+    kt.key0 = kHalo ? (p.band_tile0 + cta) * BN : cta * BN;
     const BandQueryTiles<BM, BN, kHalo> qt(p, kt.key0);
     q_first = qt.first;
     q_count = qt.count;
     if (p.band_bias != nullptr)
-      bias_partial = p.dband_bias_partial + (((int64_t)b * p.H + h) * n_band_ctas + blockIdx.x) * p.band_width;
+      bias_partial = p.dband_bias_partial + (((int64_t)b * p.H + h) * n_band_ctas + cta) * p.band_width;
     if constexpr (kRanges) narrow_query_tiles<Traits>(p, p.key_ranges, b, kt.key0, p.S, q_first, q_count);
     if ((!kRanges && !kHalo) || q_count > 0) load_band_kv_async<Traits, kHalo>(p, kt.key0, sK, sV, b, h, tid);
   } else {
-    side_cta = blockIdx.x - n_band_ctas;
+    side_cta = cta - n_band_ctas;
     kt.key0 = (side_cta / p.side_chunks) * BN;
     chunk = side_cta % p.side_chunks;
     q_first = chunk * p.side_chunk_tiles;
@@ -579,13 +595,17 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
     // Longformer's global rows (side_only, which runs the kRanges kernels only: the other instantiations keep their
     // code, and registers, without this): one query chunk and no band CTA, so this CTA alone owns its side keys'
     // rows, and its dK/dV are final: added into the rows they are (dside_*_into, whose earlier writes stream order
-    // puts before this kernel), or stored into dside_k / dside_v. No partial buffer, no atomics.
-    // Row by row (k0's, then k1's), so that even two slots naming one row would add up as they did pair by pair.
+    // puts before this kernel, or the hook before the add), or stored into dside_k / dside_v. No partial buffer, no
+    // atomics. Row by row (k0's, then k1's), so that even two slots naming one row would add up as they did pair by
+    // pair.
+    if constexpr (KeyRowHook::kActive) hook.begin(b, kt.key0, sQb, tid);  // sQb: free after the loop's last barrier
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int g = (half ? k1 : k0);
+      if (g >= p.G) continue;
+      if constexpr (KeyRowHook::kActive) hook.row(b, g, h, lane);
       SideKeyRows<T> rows;
-      if (g >= p.G || !side_key_rows(p, b, g, h, rows)) continue;
+      if (!side_key_rows(p, b, g, h, rows)) continue;
       put_acc_row<T, D>(rows.k, acc_dk, half, p.scale, lane, rows.add);
       put_acc_row<T, D>(rows.v, acc_dv, half, 1.f, lane, rows.add);
     }
@@ -608,6 +628,13 @@ __global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(co
       }
     }
   }
+}
+
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
+__global__ void __launch_bounds__(Traits::kThreads) band_side_bwd_dkdv_kernel(const BandSideParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  band_side_bwd_dkdv_tile<Traits, kDropout, kRanges, kHalo, kIndexed, kQueryIndex>(p, blockIdx.x, blockIdx.y,
+                                                                                   blockIdx.z, smem_raw);
 }
 
 }  // namespace longattn
@@ -659,13 +686,33 @@ __device__ __forceinline__ void store_table(void* table, int kind, int64_t i, fl
   }
 }
 
-// Finish job w (finish_warps) for the grid's warp first_warp + w (first_warp = 0 in the finish kernel): the finish
-// kernel's body, which Longformer's fused backward (longformer/fused_bwd.h) runs in its finish launch beside the global
-// rows' dq sum.
+// Side key ((b * G + g) * H + h) = bgh's columns d, d + 1: its chunks' float32 partials summed in chunk order, then
+// put where side_key_rows said (`rows`). Also run by Longformer's fused backward for the rows its global rows' dK/dV
+// CTAs own (longformer/fused_bwd_rows.h).
 template <typename T>
-__device__ __forceinline__ void band_side_bwd_finish_warp(const BandSideParams& p, int64_t first_warp) {
+__device__ __forceinline__ void finish_side_key_pair(const BandSideParams& p, int64_t bgh, int d,
+                                                     const SideKeyRows<T>& rows) {
+  const int64_t chunk_stride = (int64_t)p.B * p.G * p.H * p.D;
+  const int64_t at = bgh * p.D + d;
+  float2 sk = make_float2(0.f, 0.f), sv = make_float2(0.f, 0.f);
+  for (int c = 0; c < p.side_chunks; ++c) {
+    const float2 a = *reinterpret_cast<const float2*>(p.dsk_partial + c * chunk_stride + at);
+    const float2 e = *reinterpret_cast<const float2*>(p.dsv_partial + c * chunk_stride + at);
+    sk.x += a.x;
+    sk.y += a.y;
+    sv.x += e.x;
+    sv.y += e.y;
+  }
+  put_pair(rows.k + d, sk.x, sk.y, rows.add);
+  put_pair(rows.v + d, sv.x, sv.y, rows.add);
+}
+
+// Finish job w (finish_warps), run by one warp: the finish kernel's body (job w = the grid's warp w), which Longformer's
+// fused backward runs in its last launch (longformer/fused_bwd_rows.h) beside the global rows' dq sum and dK/dV, from
+// the first table job on where the side keys' rows' owners take those.
+template <typename T>
+__device__ __forceinline__ void band_side_bwd_finish_warp(const BandSideParams& p, int64_t w) {
   const FinishWarps jobs = finish_warps(p);
-  int64_t w = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32 - first_warp;
   const int lane = threadIdx.x % 32;
   if (w < jobs.side_keys) {
     const int pairs_per_row = p.D / 2;
@@ -676,20 +723,7 @@ __device__ __forceinline__ void band_side_bwd_finish_warp(const BandSideParams& 
     const int h = (int)(bgh % p.H);
     const int64_t bg = bgh / p.H;
     SideKeyRows<T> rows;
-    if (!side_key_rows(p, (int)(bg / p.G), (int)(bg % p.G), h, rows)) return;
-    const int64_t chunk_stride = (int64_t)p.B * p.G * p.H * p.D;
-    const int64_t at = bgh * p.D + d;
-    float2 sk = make_float2(0.f, 0.f), sv = make_float2(0.f, 0.f);
-    for (int c = 0; c < p.side_chunks; ++c) {
-      const float2 a = *reinterpret_cast<const float2*>(p.dsk_partial + c * chunk_stride + at);
-      const float2 e = *reinterpret_cast<const float2*>(p.dsv_partial + c * chunk_stride + at);
-      sk.x += a.x;
-      sk.y += a.y;
-      sv.x += e.x;
-      sv.y += e.y;
-    }
-    put_pair(rows.k + d, sk.x, sk.y, rows.add);
-    put_pair(rows.v + d, sv.x, sv.y, rows.add);
+    if (side_key_rows(p, (int)(bg / p.G), (int)(bg % p.G), h, rows)) finish_side_key_pair(p, bgh, d, rows);
     return;
   }
   w -= jobs.side_keys;
@@ -710,7 +744,7 @@ __device__ __forceinline__ void band_side_bwd_finish_warp(const BandSideParams& 
 
 template <typename T>
 __global__ void band_side_bwd_finish_kernel(const BandSideParams p) {
-  band_side_bwd_finish_warp<T>(p, 0);
+  band_side_bwd_finish_warp<T>(p, (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32);
 }
 
 }  // namespace longattn

@@ -120,7 +120,7 @@ __device__ __forceinline__ void merge_elements(const RowsParams& p, const Slot& 
 // The backward's sum of a slot's split dq rows (slot.write: used, in range): element e = h * D + d of the C splits'
 // rows (p.parts, dtype T), summed in split order in float32, added to its row of p.rows with one rounding. The body of
 // rows_add_kernel (rows.cu, one slot a CTA: the pointers once, then its elements) and of Longformer's fused backward's
-// finish launch (fused_bwd.h, one element a thread).
+// last launch (fused_bwd_rows.h, one element a thread).
 template <typename T>
 struct SplitRows {
   const T* parts;  // split 0's row of the slot

@@ -5,7 +5,7 @@
 // One CTA per slot (b, g) and kThreads elements of its row of H * D (grid.y: the row's chunks); each thread walks the C
 // splits in split order (deterministic). The merge of one element is merge.h's merge_elements, which Longformer's fused
 // forward (fused_fwd.h) runs in its last-arriving split CTA instead of this launch; the add of one element is
-// merge.h's SplitRows, which Longformer's fused backward (fused_bwd.h) runs in its finish launch.
+// merge.h's SplitRows, which Longformer's fused backward (fused_bwd.h) runs in its last launch.
 // Traffic: the merge reads the C partial rows and lse; the add reads the C dq rows and updates G rows of dq: small
 // beside the band op over the same (B * C, G, H, D) rows.
 #include <algorithm>

@@ -131,7 +131,7 @@ A backend may also compute the slot layout itself (the Triton and CUDA backends 
 
 Or the whole op (the Triton backend: the slots kernel and one band launch led by the global rows' programs forward,
 the band backward's four launches with the global rows folded in, ``triton_kernels/longformer.py``; the CUDA backend:
-the slots kernel and ``cuda_longformer_fwd`` forward, ``cuda_longformer_bwd``'s five launches backward,
+the slots kernel and ``cuda_longformer_fwd`` forward, ``cuda_longformer_bwd``'s four launches backward,
 ``csrc/longformer/fused_*.h``, each falling back to the composition for dropout):
 
 ``longformer_forward(q, k, v, q_global, k_global, v_global, global_mask, key_padding_mask, left, right, scale, G,

@@ -52,15 +52,14 @@ Longformer op (``_longformer.composed_forward``) runs 4 raw ops forward (slots, 
 backward (band pass, global rows, dq add). ``longformer_forward`` fuses the forward into 2 raw ops and 2 launches: the
 slots kernel (zeroing arrival counters) and ``cuda_longformer_fwd``, one grid of the global rows' split CTAs, the last
 of each slot tile merging its splits (no merge launch), then the band pass's CTAs (``csrc/longformer/fused_fwd.h``;
-dropout and G = 0 keep the composition). ``longformer_backward`` fuses the backward into 1 raw op and 5 launches
+dropout and G = 0 keep the composition). ``longformer_backward`` fuses the backward into 1 raw op and 4 launches
 (``cuda_longformer_bwd``, ``csrc/longformer/fused_bwd.h``: one delta launch for both passes' rows, one dQ launch of the
-global rows' split CTAs then the band pass's, the band dK/dV, one finish launch (the band's side keys and the splits'
-dq sum), the global rows' dK/dV; separate global projections too); dropout keeps the composed 3 raw ops (8 launches),
-G = 0 the band pass's one (4). What torch still runs
-around the global rows: when no split size near ``SPLIT_KEYS`` divides S (``_longformer.whole_split``; a prime S)
-the padded copies of k / v / the key mask (and, with separate global k / v projections, the un-padding of their
-gradients); with per-slot key ranges (packed batches) their shift into each split; with only one of k_global /
-v_global given, the shared one's ``add_``.
+global rows' split CTAs then the band pass's, the band dK/dV, then the global rows' dK/dV with the band's side-key
+finish and the splits' dq sum in the same grid; separate global projections too); dropout keeps the composed 3 raw
+ops (8 launches), G = 0 the band pass's one (4). What torch still runs around the global rows: when no split size
+near ``SPLIT_KEYS`` divides S (``_longformer.whole_split``; a prime S) the padded copies of k / v / the key mask (and,
+with separate global k / v projections, the un-padding of their gradients); with per-slot key ranges (packed
+batches) their shift into each split; with only one of k_global / v_global given, the shared one's ``add_``.
 """
 
 from __future__ import annotations
@@ -371,15 +370,17 @@ _FUSED_BACKWARD = _C is not None and hasattr(torch.ops.longattn, "cuda_longforme
 
 def longformer_backward(dout, q, k, v, q_global, k_global, v_global, out, lse, glse, band_rows, pos, used, global_mask,
                         key_padding_mask, left, right, scale, dropout_p=0.0, rng=None, key_ranges=None):
-    """Longformer's whole backward (``_longformer.backward``'s contract) in one raw op and 5 launches
+    """Longformer's whole backward (``_longformer.backward``'s contract) in one raw op and 4 launches
     (``csrc/longformer/fused_bwd.h``): one delta launch for the band pass's rows and the global rows'; one dQ launch
     whose leading CTAs are the global rows' split dQ CTAs (the slot queries, read in place at ``pos``, against one
     ``_longformer.KeySplits`` key split each, with the merged ``glse``) and whose other CTAs are the band pass's; the
-    band pass's dK/dV; one finish launch (the band pass's side-key partials added into rows ``pos`` of dk / dv, and the
-    splits' dq rows summed into rows ``pos`` of dq, or of dq_global, which the delta launch zeroes, with a separate
-    ``q_global``); the global rows' dK/dV, added into dk / dv (k / v shared) or stored per split (separate ``k_global``
-    and ``v_global``: ``KeySplits.unkeys`` of them, views unless the last split is padded). Bitwise the composed path's
-    gradients (the same tile code, and every element's adds in the same order), in 5 launches instead of 8.
+    band pass's dK/dV; one last grid (``csrc/longformer/fused_bwd_rows.h``) of the global rows' dK/dV, added into dk /
+    dv (k / v shared) or stored per split (separate ``k_global`` and ``v_global``: ``KeySplits.unkeys`` of them, views
+    unless the last split is padded), beside the band pass's finish (its side-key partials added into rows ``pos`` of
+    dk / dv: with k / v shared by the CTA that owns the row, just before its own add) and the splits' dq rows summed
+    into rows ``pos`` of dq (or of dq_global, which the delta launch zeroes, with a separate ``q_global``). Bitwise the
+    composed path's gradients (the same tile code, and every element's adds in the same order), in 4 launches instead
+    of 8.
 
     The composed path (``_longformer.composed_backward``) runs what is not fused: no slots (G = 0: the band pass, 4
     launches), dropout, and one of ``k_global`` / ``v_global`` without the other. Per-row key ranges (packed batches)

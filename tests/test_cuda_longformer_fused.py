@@ -733,11 +733,13 @@ def _key_owner_finishes(pos, used, Sx, n_keys, Cx):
 @pytest.mark.parametrize("Sx, n_keys, Gx, where", [
     (48, 48, 3, [0, 24, 47]), (48, 16, 3, [0, 24, 47]), (47, 16, 4, [0, 15, 16, 46]), (300, 64, 70, "every-4"),
     (130, 64, 130, "all"), (200, 70, 5, [1, 69, 70, 139, 199]), (64, 16, 8, [])])
-def test_fused_backward_key_owners_finish_each_global_row_once(Sx, n_keys, Gx, where):
+@pytest.mark.parametrize("bad_pos", [False, True], ids=["slots", "bad-positions"])
+def test_fused_backward_key_owners_finish_each_global_row_once(Sx, n_keys, Gx, where, bad_pos):
     """With shared k / v, every used slot's dk / dv row (globals at the start, middle, end, at split boundaries, in a
     padded last split, two slot tiles, every token) gets the band pass's side-key sum from exactly one key-tile CTA of
     launch 4, in the thread that then adds its global rows' dK/dV into that same row (so the composed path's order
-    holds), and no other row gets one; unused slots (more slots than globals) and padding rows get nothing."""
+    holds), and no other row gets one; unused slots (more slots than globals), padding rows and used slots whose
+    position lies outside [0, S) (the raw op takes any index values) get nothing."""
     Cx = -(-Sx // n_keys)
     glob = torch.zeros(2, Sx, dtype=torch.bool)
     if where == "all":
@@ -751,8 +753,12 @@ def test_fused_backward_key_owners_finish_each_global_row_once(Sx, n_keys, Gx, w
     pad[1, Sx // 2:] = False  # row 1's global is a padding token: no slot
     pad[1, 0] = True
     _, pos, used = _longformer.global_slots(glob, pad, Gx)
+    if bad_pos:  # the raw op takes any index: used slots outside [0, S) (the padded split's rows too) get nothing
+        used[0, :2] = True
+        pos[0, :2] = torch.tensor([Cx * n_keys - 1 if Cx * n_keys > Sx else Sx + 3, -2])
     finished = _key_owner_finishes(pos, used, Sx, n_keys, Cx)
-    expected = sorted((b, g, int(pos[b, g])) for b in range(2) for g in range(Gx) if used[b, g])
+    expected = sorted((b, g, int(pos[b, g])) for b in range(2) for g in range(Gx)
+                      if used[b, g] and 0 <= pos[b, g] < Sx)
     assert sorted((b, g, row) for b, g, row, _ in finished) == expected
     assert all(into == row for _, _, row, into in finished)
 

@@ -8,8 +8,11 @@
   that start off a 16-byte boundary. (G = 0 launches nothing: the API returns before.)
 - ``aggregate_dweight_kernel`` (aggregate.cu) emulated lane by lane, with its constants and tiny ones: every channel
   reads every (b, g) row once, and sums to the float64 reference.
+- ``aggregate_dx_chunks_kernel`` (aggregate.cu) emulated thread by thread: every element of dx written once, from its
+  block's row through dout's strides (or dsums'), 0 for dropped tokens; and when the scalar kernel is taken instead.
 - GPU (``@pytest.mark.gpu``): the op's sums against the same sums taken in sequence order (what the stable order
-  gives) bitwise, on unsorted ids with dropped and out-of-range ones; outputs and gradients against the torch backend.
+  gives) bitwise, on unsorted ids with dropped and out-of-range ones; outputs and gradients against the torch backend;
+  dx bitwise dout's block rows through either dx kernel.
 """
 
 from __future__ import annotations
@@ -313,6 +316,86 @@ def test_dweight_reads_every_row_once(consts, B, G, C):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# aggregate_dx_chunks_kernel (aggregate.cu), emulated
+# ---------------------------------------------------------------------------------------------------------------
+
+DX_CHUNK = int(re.search(r"constexpr int kDxChunk = (\d+);", _AGG_SOURCE).group(1))
+DX_THREADS = int(re.search(r"constexpr int kThreads = (\d+);", _AGG_SOURCE).group(1))
+
+
+def dx_chunks_ok(C, element_bytes, weight, dx_ptr, dsums_ptr, dout_ptr, do_sb, do_sg):
+    """aggregate.cu's dx_chunks_ok: whether every 16-byte chunk of the chunked dx launch is aligned."""
+    V = DX_CHUNK // element_bytes
+    if C % V or dx_ptr % DX_CHUNK:
+        return False
+    if weight:
+        return dsums_ptr % DX_CHUNK == 0
+    return dout_ptr % DX_CHUNK == 0 and do_sb % V == 0 and do_sg % V == 0
+
+
+def emulate_dx_chunks(ids, G, C, element_bytes, source):
+    """aggregate_dx_chunks_kernel statement by statement over its 1-D grid: dx (B, S, C) float64 and how many times
+    each element was written. ``source(b, id, c0, V)``: the V values the thread loads (dsums' or dout's row)."""
+    B, S = ids.shape
+    V = DX_CHUNK // element_bytes
+    chunks = C // V
+    dx = torch.full((B * S * C,), float("nan"), dtype=torch.float64)
+    writes = torch.zeros(B * S * C, dtype=torch.int64)
+    for cta in range(-(-(B * S * chunks) // DX_THREADS)):
+        for tid in range(DX_THREADS):
+            t = cta * DX_THREADS + tid
+            if t >= B * S * chunks:
+                continue
+            bs, c0 = t // chunks, (t % chunks) * V
+            b = bs // S
+            i = int(ids.view(-1)[bs])
+            v = source(b, i, c0, V) if 0 <= i < G else torch.zeros(V, dtype=torch.float64)
+            dx[bs * C + c0: bs * C + c0 + V] = v
+            writes[bs * C + c0: bs * C + c0 + V] += 1
+    return dx.view(B, S, C), writes.view(B, S, C)
+
+
+@pytest.mark.parametrize("element_bytes", [2, 4])
+@pytest.mark.parametrize("weight", [True, False])
+@pytest.mark.parametrize("B, S, G, C", [(1, 1, 1, 8), (2, 37, 5, 24), (1, 300, 20, 96), (3, 5, 2, 1024)])
+def test_dx_chunks_write_every_element_once(element_bytes, weight, B, S, G, C):
+    """Every element of dx written once, by the chunk that holds it: the source row of its token's block (dsums'
+    float32 row without strides, or dout's through its batch and block strides; 8 spare elements per row, so the
+    rows start 16-byte aligned) and 0 for dropped tokens (-1 and out-of-range ids)."""
+    gen = torch.Generator().manual_seed(B * S + C + element_bytes)
+    ids = torch.randint(-2, G + 2, (B, S), generator=gen, dtype=torch.int32)
+    rows = torch.randn(B, G, C + 8, generator=gen, dtype=torch.float64)  # dout (B, G, C) as a strided view
+    flat = rows.view(-1)
+    do_sb, do_sg = G * (C + 8), C + 8
+    if weight:
+        def source(b, i, c0, V):
+            return rows[b, i, c0:c0 + V]  # dsums (B, G, C): its own row
+    else:
+        def source(b, i, c0, V):
+            at = b * do_sb + i * do_sg + c0
+            return flat[at:at + V]
+    assert dx_chunks_ok(C, element_bytes, weight, 0, 0, 0, do_sb, do_sg)
+    dx, writes = emulate_dx_chunks(ids, G, C, element_bytes, source)
+    assert bool((writes == 1).all())
+    keep = ((ids >= 0) & (ids < G))[..., None]
+    want = torch.where(keep, rows[torch.arange(B)[:, None], ids.clamp(0, G - 1).long(), :C], 0.0)
+    assert torch.equal(dx, want)
+
+
+def test_dx_chunks_only_when_aligned():
+    """The scalar kernel takes any layout the chunks cannot: C not a multiple of the chunk, a misaligned pointer, or
+    dout strides off the chunk (without a weight; with one the source is dsums, the kernel's own float32 rows)."""
+    assert dx_chunks_ok(768, 2, False, 0, 0, 512, 1024 * 768, 768)
+    assert not dx_chunks_ok(764, 2, False, 0, 0, 0, 764 * 4, 764)  # C % 8
+    assert dx_chunks_ok(764, 4, False, 0, 0, 0, 764 * 4, 764)  # float32: chunks of 4
+    assert not dx_chunks_ok(768, 2, False, 8, 0, 0, 0, 768)  # dx off 16 bytes
+    assert not dx_chunks_ok(768, 2, False, 0, 0, 2, 0, 768)  # dout off 16 bytes
+    assert not dx_chunks_ok(768, 2, False, 0, 0, 0, 0, 770)  # dout's block stride
+    assert dx_chunks_ok(768, 2, True, 0, 0, 2, 0, 770)  # with a weight dout is not read here
+    assert not dx_chunks_ok(768, 2, True, 0, 4, 0, 0, 768)  # dsums off 16 bytes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # GPU: the op itself
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -375,6 +458,39 @@ def test_cuda_op_sums_in_stable_order(dtype, weight_dtype):
     for a, r in zip(got, ref):
         assert a.dtype == r.dtype
         torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@gpu_ready
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["chunks", "odd-strides", "odd-C"])
+def test_cuda_dx_is_the_blocks_rows(dtype, layout):
+    """Without a weight dx[b, s] is dout[b, id] bitwise (0 for dropped ids), through the chunked kernel (aligned rows)
+    and the scalar one (dout rows at an odd stride; C not a multiple of the chunk); with a weight, tokens of one block
+    get the same row."""
+    B, S, G = 2, 3000, 200
+    C = 101 if layout == "odd-C" else 96
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(-2, G + 2, (B, S), generator=gen, dtype=torch.int32).cuda()
+    x = torch.randn(B, S, C, generator=gen).to(dtype).cuda()
+    pad = 1 if layout == "odd-strides" else 8
+    dout = torch.randn(B, G, C + pad, generator=gen).to(dtype).cuda()[..., :C]
+    _, sums, rstd = torch.ops.longattn.cuda_block_aggregate_fwd(x, ids, G, None, 1e-6)
+    dx = torch.ops.longattn.cuda_block_aggregate_bwd(dout, x, ids, G, None, sums, rstd, 1e-6)[0]
+    keep = ((ids >= 0) & (ids < G))[..., None]
+    want = torch.where(keep, dout[torch.arange(B, device="cuda")[:, None], ids.clamp(0, G - 1).long()], 0)
+    assert torch.equal(dx, want)
+    weight = torch.rand(C, device="cuda") + 0.5
+    _, sums, rstd = torch.ops.longattn.cuda_block_aggregate_fwd(x, ids, G, weight, 1e-6)
+    dx = torch.ops.longattn.cuda_block_aggregate_bwd(dout, x, ids, G, weight, sums, rstd, 1e-6)[0]
+    first = torch.full((B, G + 4), -1, dtype=torch.long)
+    for b in range(B):
+        for s_, i in enumerate(ids[b].tolist()):
+            if 0 <= i < G and first[b, i] < 0:
+                first[b, i] = s_
+    rows = first[torch.arange(B)[:, None], ids.clamp(0, G - 1).long().cpu()].cuda()
+    same = torch.where(keep, dx[torch.arange(B, device="cuda")[:, None], rows.clamp(min=0)], 0)
+    assert torch.equal(dx, same)
 
 
 @pytest.mark.gpu

@@ -1,5 +1,9 @@
 // Kernels of block aggregation; see aggregate.h for the contract and the determinism argument.
 #include "block_aggregate/aggregate.h"
+
+#include <cstdint>
+#include <limits>
+
 #include "common/ptx.h"
 
 namespace longattn {
@@ -78,7 +82,89 @@ __global__ void __launch_bounds__(kThreads) aggregate_dsums_kernel(const Aggrega
     p.dsums[row * p.C + c] = rs * weight_at(p, c) * to_float(dy[c]) - sums[c] * rs * rs * rs * mean;
 }
 
-// dx[b, s] = dsums[b, id] (or dout[b, id] without weight); 0 for dropped tokens. One CTA per (s, b).
+// dx[b, s] = dsums[b, id] (or dout[b, id] without weight); 0 for dropped tokens.
+//
+// aggregate_dx_chunks_kernel: kDxChunk = 16 bytes of dx a thread (8 channels of a 16-bit dtype, 4 of float32), the
+// threads over (b, s, chunk) with the chunk fastest, so a warp stores 512 contiguous bytes and reads its sources in
+// 16-byte loads (dsums: float32 rows of C, 2 or 1 loads a chunk; dout: 1). Taken when every chunk is 16-byte aligned
+// (dx_chunks_ok: C a multiple of the chunk, and dout's pointer and strides with it without a weight), else
+// aggregate_dx_kernel: one CTA per (s, b), a thread per channel. Both write the same bits (one rounding per element).
+// Why: one CTA of 256 threads per token, 3 two-byte stores a thread at LongT5-base's C = 768, took 24 us on the H200
+// (2026-11-30, S = 16384, bf16) for 25 MB written (about 5 us of the H200's bandwidth): bound by scheduling 16384
+// short CTAs, not by bytes.
+constexpr int kDxChunk = 16;
+
+template <typename T>
+__device__ __forceinline__ void load_chunk(const T* src, float (&v)[kDxChunk / sizeof(T)]) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      v[i] = __uint_as_float(words[i]);
+    } else {
+      const float2 f = unpack2<T>(words[i]);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* dst, const float (&v)[kDxChunk / sizeof(T)]) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      words[i] = __float_as_uint(v[i]);
+    } else {
+      words[i] = pack2<T>(v[2 * i], v[2 * i + 1]);
+    }
+  }
+  *reinterpret_cast<uint4*>(dst) = make_uint4(words[0], words[1], words[2], words[3]);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) aggregate_dx_chunks_kernel(const AggregateParams p) {
+  constexpr int V = kDxChunk / sizeof(T);
+  const int chunks = p.C / V;
+  const int64_t t = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (t >= (int64_t)p.B * p.S * chunks) return;
+  const int64_t bs = t / chunks;  // b * S + s
+  const int c0 = (int)(t % chunks) * V;
+  const int64_t b = bs / p.S;
+  const int id = p.ids[bs];
+  float v[V];
+  if (id >= 0 && id < p.G) {  // out-of-range ids are dropped, never read through
+    if (p.weight != nullptr) {
+      const float4* src = reinterpret_cast<const float4*>(p.dsums + (b * p.G + id) * p.C + c0);
+#pragma unroll
+      for (int i = 0; i < V / 4; ++i) {
+        const float4 f = src[i];
+        v[4 * i] = f.x;
+        v[4 * i + 1] = f.y;
+        v[4 * i + 2] = f.z;
+        v[4 * i + 3] = f.w;
+      }
+    } else {
+      load_chunk<T>(reinterpret_cast<const T*>(p.dout) + b * p.do_sb + id * p.do_sg + c0, v);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) v[i] = 0.f;
+  }
+  store_chunk<T>(reinterpret_cast<T*>(p.dx) + bs * p.C + c0, v);
+}
+
+// Whether every 16-byte chunk of the dx launch is aligned (dx and dsums: allocations of C-element rows).
+bool dx_chunks_ok(const AggregateParams& p, int element_bytes) {
+  const int V = kDxChunk / element_bytes;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % kDxChunk == 0; };
+  if (p.C % V != 0 || !aligned(p.dx)) return false;
+  if (p.weight != nullptr) return aligned(p.dsums);
+  return aligned(p.dout) && p.do_sb % V == 0 && p.do_sg % V == 0;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) aggregate_dx_kernel(const AggregateParams p) {
   const int s = blockIdx.x, b = blockIdx.y;
@@ -166,7 +252,14 @@ cudaError_t run_block_aggregate_bwd(const AggregateParams& p, cudaStream_t strea
       aggregate_dsums_kernel<T><<<dim3(p.G, p.B), kThreads, 0, stream>>>(p);
     if (p.weight != nullptr && p.C > 0)
       aggregate_dweight_kernel<T><<<dim3((p.C + 31) / 32), kDweightWarps * 32, 0, stream>>>(p);
-    if (p.S > 0 && p.B > 0) aggregate_dx_kernel<T><<<dim3(p.S, p.B), kThreads, 0, stream>>>(p);
+    if (p.S > 0 && p.B > 0) {
+      const int64_t chunk_ctas = ((int64_t)p.B * p.S * (p.C / (kDxChunk / (int)sizeof(T))) + kThreads - 1) / kThreads;
+      if (dx_chunks_ok(p, sizeof(T)) && chunk_ctas <= std::numeric_limits<int32_t>::max()) {
+        if (chunk_ctas > 0) aggregate_dx_chunks_kernel<T><<<dim3((unsigned)chunk_ctas), kThreads, 0, stream>>>(p);
+      } else {
+        aggregate_dx_kernel<T><<<dim3(p.S, p.B), kThreads, 0, stream>>>(p);
+      }
+    }
     return cudaGetLastError();
   });
 }

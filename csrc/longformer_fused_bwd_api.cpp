@@ -2,19 +2,19 @@
 // longattn::cuda_longformer_bwd (schema in extension.cpp), and a CPU implementation that runs the same checks and then
 // says the op needs CUDA tensors.
 //
-// The op is _longformer.composed_backward without dropout in 4 launches (fused_bwd.h): the band pass's backward (cuda_band_side_bwd
-// with side_index = pos, side_mask = used; q, k, v, dout, out (B, S, H, D), lse (B, H, S), band_rows (B, S) bool,
-// per-row key_ranges / side_ranges as that op takes them) and the global rows' (cuda_band_side_bwd with side_only,
-// query_index = pos over the key splits: the slots' rows of q_global (like q), or of q when None; split_k / split_v
-// (B * C, n, H, D) the C splits' keys of k / v, or of the global projections; split_mask (B * C, n) bool or None,
-// split_ranges (B * C, G, 2) int32 or None; lse_split = C on glse (B, H, G)), and their splits' dq rows summed into
-// rows pos of dq, or of a new dq_global with q_global (cuda_longformer_rows_add). shared_kv: the splits are k / v's
-// (the keys' dK/dV added into the band pass's dk / dv), else a separate projection's (returned per split, as
-// cuda_band_side_bwd's dside_k / dside_v). Each pass is checked as cuda_band_side_bwd checks it (band_side_call.h;
-// messages name this op). Returns (dq, dk, dv, dq_global, dsplit_k, dsplit_v): the first three (B, S, H, D),
-// dq_global (B, S, H, D) with q_global, dsplit_k / dsplit_v (B * C, n, H, D) without shared_kv (else empty (0,)), all
-// bitwise the composed path's. All checks run before any allocation or CUDA call; the allocations are the outputs and
-// the two passes' scratch (delta, the side keys' partials, the splits' dq rows (B * C, G, H, D)).
+// The op is _longformer.composed_backward without dropout in 4 launches (fused_bwd.h): the band pass's backward
+// (cuda_band_side_bwd with side_index = pos, side_mask = used; q, k, v, dout, out (B, S, H, D), lse (B, H, S),
+// band_rows (B, S) bool, per-row key_ranges / side_ranges as that op takes them) and the global rows'
+// (cuda_band_side_bwd with side_only, query_index = pos over the key splits: the slots' rows of q_global (like q), or
+// of q when None; split_k / split_v (B * C, n, H, D) the C splits' keys of k / v, or of the global projections;
+// split_mask (B * C, n) bool or None, split_ranges (B * C, G, 2) int32 or None; lse_split = C on glse (B, H, G)), and
+// their splits' dq rows summed into rows pos of dq, or of a new dq_global with q_global (cuda_longformer_rows_add).
+// shared_kv: the splits are k / v's (the keys' dK/dV added into the band pass's dk / dv), else a separate projection's
+// (returned per split, as cuda_band_side_bwd's dside_k / dside_v). Each pass is checked as cuda_band_side_bwd checks it
+// (band_side_call.h; messages name this op). Returns (dq, dk, dv, dq_global, dsplit_k, dsplit_v): the first three (B,
+// S, H, D), dq_global (B, S, H, D) with q_global, dsplit_k / dsplit_v (B * C, n, H, D) without shared_kv (else empty
+// (0,)), all bitwise the composed path's. All checks run before any allocation or CUDA call; the allocations are the
+// outputs and the two passes' scratch (delta, the side keys' partials, the splits' dq rows (B * C, G, H, D)).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

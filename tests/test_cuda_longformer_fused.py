@@ -4,7 +4,7 @@ are the global rows' split-KV CTAs (the last of a slot tile to arrive merges its
 pass; and its fused backward (``cuda_backend.longformer_backward``): one ``cuda_longformer_bwd`` raw op of 4 launches
 (csrc/longformer/fused_bwd.h: delta of both passes' rows, dQ with the global rows' split CTAs leading the band pass's,
 the band dK/dV, then the global rows' dK/dV with the band's side-key finish and the splits' dq sum in the same grid;
-with shared k / v the CTA owning a global token's key row adds the side-key sum there before its own add). The
+with shared k / v the CTA owning a global token's key row adds the side-key sum there first, then its own). The
 backward's tests are the last two sections.
 
 CPU part (needs the built extension, not a GPU): the raw op's checks (its CPU registration runs the CUDA one's, then
@@ -697,11 +697,12 @@ def test_fused_backward_launches_cover_every_job_once(Bx, Hx, Sx, Gx, Cx, Dx, sh
                                   + [("add", b, g, e) for b in range(Bx) for g in range(Gx) for e in range(Hx * Dx)])
 
 
-def _key_owner_finishes(pos, used, Sx, n_keys, Cx):
-    """fused_bwd_rows.h KeyRowFinish with shared k / v, statement by statement, over launch 4's key tiles: begin's slot
-    table of each CTA (b * C + c, key tile), then row() for each of its split rows g < n that names a slot, as the
-    thread that then adds the global rows' dK/dV there (band_side_bwd_dkdv_tile's epilogue). Returns the (band batch
-    row, slot, dk row) each finish adds into, and the dk rows the global rows' add of the same thread goes to."""
+def _key_owner_finishes(pos, used, Sx, n_keys, Cx, Dx=64):
+    """fused_bwd_rows.h finish_owned_key_rows with shared k / v, statement by statement, over launch 4's key tiles and
+    their 128 threads: the slot table of each CTA (b * C + c, key tile), then each thread's two rows and column pairs.
+    Returns, per finished element pair, (band batch row, slot, dk row, column, thread) and the thread that then adds
+    the global rows' dK/dV into that dk element pair (band_side_bwd_dkdv_tile's epilogue: rows k0 / k1 of the thread,
+    put_acc_row's columns), or None where the epilogue adds nothing there."""
     Bx, Gx = pos.shape
     finished = []
     for b in range(Bx * Cx):
@@ -716,17 +717,28 @@ def _key_owner_finishes(pos, used, Sx, n_keys, Cx):
                 r = int(pos[bb, g]) - row0
                 if 0 <= r < 64:
                     slot_of[r] = g
-            for g in range(key0, key0 + 64):
-                if g >= n_keys:  # the epilogue's g >= p.G
-                    continue
-                slot = slot_of[g - key0]
-                if slot < 0:
-                    continue
-                row = int(pos[bb, slot])
-                if not (used[bb, slot] and 0 <= row < Sx):  # side_key_rows(band, bb, slot)
-                    continue
-                into = (b % Cx) * n_keys + g  # side_key_rows(rows, b, g): the global rows' add, same thread
-                finished.append((bb, slot, row, into if into < Sx else None))
+            # (dk row, column) -> the thread adding the global rows' dK/dV there (no split mask: a slot's token is real)
+            epilogue = {}
+            for tid in range(128):
+                warp, lane = tid // 32, tid % 32
+                for g in (key0 + warp * 16 + lane // 4, key0 + warp * 16 + lane // 4 + 8):
+                    into = (b % Cx) * n_keys + g  # side_key_rows(rows, b, g)
+                    if g < n_keys and into < Sx:
+                        for n in range(Dx // 8):
+                            epilogue[(into, n * 8 + (lane % 4) * 2)] = tid
+            for tid in range(128):
+                lane = tid % 32
+                for half in range(2):
+                    r = (tid // 32) * 16 + lane // 4 + 8 * half
+                    slot = slot_of[r]
+                    if key0 + r >= n_keys or slot < 0:
+                        continue
+                    row = int(pos[bb, slot])
+                    if not (used[bb, slot] and 0 <= row < Sx):  # side_key_rows(band, bb, slot)
+                        continue
+                    for n in range(Dx // 8):
+                        col = n * 8 + (lane % 4) * 2
+                        finished.append((bb, slot, row, col, tid, epilogue.get((row, col))))
     return finished
 
 
@@ -735,11 +747,11 @@ def _key_owner_finishes(pos, used, Sx, n_keys, Cx):
     (130, 64, 130, "all"), (200, 70, 5, [1, 69, 70, 139, 199]), (64, 16, 8, [])])
 @pytest.mark.parametrize("bad_pos", [False, True], ids=["slots", "bad-positions"])
 def test_fused_backward_key_owners_finish_each_global_row_once(Sx, n_keys, Gx, where, bad_pos):
-    """With shared k / v, every used slot's dk / dv row (globals at the start, middle, end, at split boundaries, in a
-    padded last split, two slot tiles, every token) gets the band pass's side-key sum from exactly one key-tile CTA of
-    launch 4, in the thread that then adds its global rows' dK/dV into that same row (so the composed path's order
-    holds), and no other row gets one; unused slots (more slots than globals), padding rows and used slots whose
-    position lies outside [0, S) (the raw op takes any index values) get nothing."""
+    """With shared k / v, every column pair of every used slot's dk / dv row (globals at the start, middle, end, at
+    split boundaries, in a padded last split, two slot tiles, every token) gets the band pass's side-key sum once, from
+    one key-tile CTA of launch 4, in the thread that later adds its global rows' dK/dV into that same pair (so the
+    composed path's order holds), and no other row gets one; unused slots (more slots than globals), padding rows and
+    used slots whose position lies outside [0, S) (the raw op takes any index values) get nothing."""
     Cx = -(-Sx // n_keys)
     glob = torch.zeros(2, Sx, dtype=torch.bool)
     if where == "all":
@@ -757,10 +769,10 @@ def test_fused_backward_key_owners_finish_each_global_row_once(Sx, n_keys, Gx, w
         used[0, :2] = True
         pos[0, :2] = torch.tensor([Cx * n_keys - 1 if Cx * n_keys > Sx else Sx + 3, -2])
     finished = _key_owner_finishes(pos, used, Sx, n_keys, Cx)
-    expected = sorted((b, g, int(pos[b, g])) for b in range(2) for g in range(Gx)
-                      if used[b, g] and 0 <= pos[b, g] < Sx)
-    assert sorted((b, g, row) for b, g, row, _ in finished) == expected
-    assert all(into == row for _, _, row, into in finished)
+    expected = sorted((b, g, int(pos[b, g]), col) for b in range(2) for g in range(Gx)
+                      if used[b, g] and 0 <= pos[b, g] < Sx for col in range(0, 64, 2))
+    assert sorted((b, g, row, col) for b, g, row, col, _, _ in finished) == expected
+    assert all(tid == adder for *_, tid, adder in finished)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -383,26 +383,13 @@ __device__ __forceinline__ void put_acc_row(T* dst, const float (&acc)[D / 8][4]
 // ------------------------------------------------------------------------------------------------
 // dK, dV (band key tiles and side-key tiles x query chunks)
 // ------------------------------------------------------------------------------------------------
-// What the global rows' epilogue (side_only, one query chunk) runs before it adds a key row's dK/dV into place: the
-// band_side kernels run none; Longformer's fused backward (longformer/fused_bwd_rows.h, KeyRowFinish) adds the band
-// pass's side-key sums into the rows its slots name there, so that the two adds keep the composed path's order without
-// a launch between them. begin(b, key0, scratch, tid) is called by the whole CTA (it may synchronize; `scratch` is
-// Traits::kBlockN free ints of shared memory), row(b, g, h, lane) by each thread for each of its two key rows g (split
-// row g of batch row b, any g < p.G) before its own add.
-struct NoKeyRowHook {
-  static constexpr bool kActive = false;
-  __device__ void begin(int, int, int*, int) const {}
-  __device__ void row(int, int, int, int) const {}
-};
-
 // The dK/dV of one key CTA: band key tile or (side-key tile, query chunk) number `cta` of the grid's x (band tiles
 // first) for batch row b, head h, in the dynamic shared memory `smem_raw` (Traits::kBwdDkvSmem bytes, or
 // kBwdDkvRangesSmem with kRanges). The dK/dV kernel's whole body, which Longformer's fused backward runs at its own
-// coordinates for the global rows (with its KeyRowHook).
-template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex,
-          typename KeyRowHook = NoKeyRowHook>
+// coordinates for the global rows.
+template <typename Traits, bool kDropout, bool kRanges, bool kHalo, bool kIndexed, bool kQueryIndex>
 __device__ __forceinline__ void band_side_bwd_dkdv_tile(const BandSideParams& p, int cta, int b, int h,
-                                                        unsigned char* smem_raw, KeyRowHook hook = {}) {
+                                                        unsigned char* smem_raw) {
   static_assert(!(kHalo && kRanges), "halo keys come without ranges");
   static_assert(!(kIndexed && kHalo), "indexed side keys come without halo keys");
   static_assert(!kQueryIndex || (kRanges && !kIndexed), "indexed query rows: side_only, run by the kRanges walk");
@@ -595,17 +582,14 @@ __device__ __forceinline__ void band_side_bwd_dkdv_tile(const BandSideParams& p,
     // Longformer's global rows (side_only, which runs the kRanges kernels only: the other instantiations keep their
     // code, and registers, without this): one query chunk and no band CTA, so this CTA alone owns its side keys'
     // rows, and its dK/dV are final: added into the rows they are (dside_*_into, whose earlier writes stream order
-    // puts before this kernel, or the hook before the add), or stored into dside_k / dside_v. No partial buffer, no
-    // atomics. Row by row (k0's, then k1's), so that even two slots naming one row would add up as they did pair by
-    // pair.
-    if constexpr (KeyRowHook::kActive) hook.begin(b, kt.key0, sQb, tid);  // sQb: free after the loop's last barrier
+    // puts before this kernel, or Longformer's fused backward before this body), or stored into dside_k / dside_v. No
+    // partial buffer, no atomics. Row by row (k0's, then k1's), so that even two slots naming one row would add up as
+    // they did pair by pair.
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int g = (half ? k1 : k0);
-      if (g >= p.G) continue;
-      if constexpr (KeyRowHook::kActive) hook.row(b, g, h, lane);
       SideKeyRows<T> rows;
-      if (!side_key_rows(p, b, g, h, rows)) continue;
+      if (g >= p.G || !side_key_rows(p, b, g, h, rows)) continue;
       put_acc_row<T, D>(rows.k, acc_dk, half, p.scale, lane, rows.add);
       put_acc_row<T, D>(rows.v, acc_dv, half, 1.f, lane, rows.add);
     }
@@ -707,9 +691,9 @@ __device__ __forceinline__ void finish_side_key_pair(const BandSideParams& p, in
   put_pair(rows.v + d, sv.x, sv.y, rows.add);
 }
 
-// Finish job w (finish_warps), run by one warp: the finish kernel's body (job w = the grid's warp w), which Longformer's
-// fused backward runs in its last launch (longformer/fused_bwd_rows.h) beside the global rows' dq sum and dK/dV, from
-// the first table job on where the side keys' rows' owners take those.
+// Finish job w (finish_warps), run by one warp: the finish kernel's body (job w = the grid's warp w), which
+// Longformer's fused backward runs in its last launch (longformer/fused_bwd_rows.h) beside the global rows' dq sum and
+// dK/dV, from the first table job on where the side keys' rows' owners take those.
 template <typename T>
 __device__ __forceinline__ void band_side_bwd_finish_warp(const BandSideParams& p, int64_t w) {
   const FinishWarps jobs = finish_warps(p);

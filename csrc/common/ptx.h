@@ -136,6 +136,15 @@ __device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t x) {
   return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x));
 }
 
+// threadIdx.x read by an instruction of its own: what is derived from it is not merged (CSE) with the same values
+// derived from threadIdx.x elsewhere in the kernel, which would then stay live in registers in between (code run before
+// a tile body's loop, see longformer/fused_bwd_rows.h).
+__device__ __forceinline__ int thread_index_apart() {
+  int t;
+  asm volatile("mov.u32 %0, %%tid.x;" : "=r"(t));
+  return t;
+}
+
 template <typename T>
 __device__ __forceinline__ float to_float(T x);
 template <>

@@ -38,7 +38,7 @@ cudaError_t run_delta(const LongformerBwdParams& p, cudaStream_t stream) {
 
 cudaError_t run_longformer_bwd(LongformerBwdParams p, bool bf16, cudaStream_t stream) {
   // Launch 4: with shared k / v (the global rows' dK/dV added into the band pass's dk / dv) the side keys' finish warps
-  // are left to the key rows' owners (fused_bwd_rows.h KeyRowFinish).
+  // are left to the key rows' owners (fused_bwd_rows.h finish_owned_key_rows).
   const FinishWarps jobs = finish_warps(p.band);
   p.first_finish_warp = p.rows.dside_k_into != nullptr ? jobs.side_keys : 0;
   const RowsLaunch last = rows_launch(jobs.total() - p.first_finish_warp,

@@ -23,8 +23,8 @@
 // a global row (rowsum(dO * O) of the token, same lanes, same tree), so one launch computing both costs B * C * G * H
 // warps more than reading the band's delta at pos would, and changes no kernel. In launch 4 the side-key sum of a
 // global token's dk / dv row must precede its global rows' add; with shared k / v the CTA that owns the row adds both,
-// in that order (fused_bwd_rows.h KeyRowFinish), so that pair of adds needs no launch boundary (it had one: a finish
-// launch before the global rows' dK/dV).
+// in that order (fused_bwd_rows.h finish_owned_key_rows), so that pair of adds needs no launch boundary (it had one: a
+// finish launch before the global rows' dK/dV).
 // No dropout (the composed path runs it), no bias tables, no halo keys.
 #pragma once
 

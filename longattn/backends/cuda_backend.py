@@ -377,7 +377,7 @@ def longformer_backward(dout, q, k, v, q_global, k_global, v_global, out, lse, g
     band pass's dK/dV; one last grid (``csrc/longformer/fused_bwd_rows.h``) of the global rows' dK/dV, added into dk /
     dv (k / v shared) or stored per split (separate ``k_global`` and ``v_global``: ``KeySplits.unkeys`` of them, views
     unless the last split is padded), beside the band pass's finish (its side-key partials added into rows ``pos`` of
-    dk / dv: with k / v shared by the CTA that owns the row, just before its own add) and the splits' dq rows summed
+    dk / dv: with k / v shared by the CTA that owns the row, before its own add) and the splits' dq rows summed
     into rows ``pos`` of dq (or of dq_global, which the delta launch zeroes, with a separate ``q_global``). Bitwise the
     composed path's gradients (the same tile code, and every element's adds in the same order), in 4 launches instead
     of 8.

@@ -46,6 +46,7 @@ cudaError_t run_longformer_bwd(LongformerBwdParams p, bool bf16, cudaStream_t st
   p.n_finish_ctas = last.finish_ctas;
   p.n_add_ctas = last.add_ctas;
   p.n_key_tiles = static_cast<int>(last.key_tiles);
+  p.n_lead_x = last.lead_x;
   cudaError_t err = bf16 ? run_delta<__nv_bfloat16>(p, stream) : run_delta<__half>(p, stream);
   if (err == cudaSuccess)
     err = dispatch_traits(bf16, p.band.D,

@@ -54,6 +54,7 @@ struct LongformerBwdParams {
   int64_t first_finish_warp;  // 0, or the side keys' warps: lead warp w runs band finish job first_finish_warp + w
   int64_t n_add_ctas;
   int n_key_tiles;
+  int64_t n_lead_x;  // grid x past the key tiles (RowsLaunch::lead_x)
   // Separate global query projection: dq_global (add.rows, contiguous (B, S, H, D)), zeroed by the delta launch as
   // zero_count floats (grid-stride, as the band delta kernel zeroes bias partials) before launch 4 adds the
   // splits' dq sums into its slot rows; nullptr / 0: the sums go into band.dq.

@@ -98,11 +98,10 @@ __global__ void __launch_bounds__(Traits::kThreads) longformer_bwd_rows_kernel(c
 
 template <typename Traits>
 cudaError_t launch_longformer_bwd_rows(const LongformerBwdParams& p, cudaStream_t stream) {
-  const int64_t lead = p.n_finish_ctas + p.n_add_ctas, per_x = (int64_t)p.rows.B * p.rows.H;
-  if (per_x == 0 || p.n_key_tiles + lead == 0) return cudaSuccess;
-  const int64_t lead_x = (lead + per_x - 1) / per_x;  // rows_launch's
-  return launch_kernel(longformer_bwd_rows_kernel<Traits>, dim3((unsigned)(p.n_key_tiles + lead_x), p.rows.B, p.rows.H),
-                       Traits::kThreads, Traits::kBwdDkvRangesSmem, p, stream);
+  if ((int64_t)p.rows.B * p.rows.H == 0 || p.n_key_tiles + p.n_lead_x == 0) return cudaSuccess;
+  return launch_kernel(longformer_bwd_rows_kernel<Traits>,
+                       dim3((unsigned)(p.n_key_tiles + p.n_lead_x), p.rows.B, p.rows.H), Traits::kThreads,
+                       Traits::kBwdDkvRangesSmem, p, stream);
 }
 
 }  // namespace longattn
